@@ -1,0 +1,17 @@
+"""lucidlm: transformer language models you can run, extend and see into."""
+
+from .config import Config
+from .errors import LucidError
+from .model import GPT
+
+__all__ = ["Config", "GPT", "LLM", "LucidError"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM pulls in tokenizer/generation code; import it lazily so `import lucidlm` stays light
+    if name == "LLM":
+        from .api import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,95 @@
+"""The KV-cache contract between attention and cache policies, and the dense cache.
+
+Attention talks to one :class:`LayerCache` per layer in two steps:
+
+1. ``keys, values, key_pos = layer.extend(k, v, pos)`` hands over the new tokens' keys and values
+   (batch, n_query_groups, tokens, head_size) — keys already rotated at their true positions, never
+   re-rotated — and their positions (batch, tokens), and gets back everything the new queries may
+   attend to: the slots kept so far followed by the new tokens, with the true position of each
+   (-1 marks an empty slot or padding, which attention masks out).
+2. ``layer.settle(scores)`` after attention. ``scores`` is ``None`` unless ``layer.wants_scores``;
+   then it is the attention weight every returned key received, summed over the new queries and
+   averaged over the query heads of its KV group: shape (batch, n_query_groups, len(key_pos)).
+   The policy then evicts down to its budget.
+
+Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """One layer's slots. Subclasses implement a policy; this base is the contract."""
+
+    wants_scores: bool = False
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        raise NotImplementedError
+
+    def settle(self, scores: torch.Tensor | None) -> None:
+        """Called once after every ``extend``; the dense cache has nothing to do."""
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this layer's buffers (keys, values, positions, scales)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def buffers(self) -> list[torch.Tensor]:
+        return []
+
+
+class KVCache:
+    """A model's cache: one :class:`LayerCache` per layer, plus bookkeeping shared by all layers."""
+
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers = layers
+        self.next_position: torch.Tensor | None = None  # (batch,) position of the next token
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens a layer keeps between steps (None: unbounded)."""
+        return getattr(self.layers[0], "capacity", None)
+
+
+class DenseLayerCache(LayerCache):
+    """Keeps every token, in buffers preallocated for ``capacity`` tokens (no copies per step)."""
+
+    def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.k = torch.zeros(batch, groups, capacity, head_size, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.capacity, self.filled = capacity, 0
+
+    def extend(self, k, v, pos):
+        end = self.filled + k.shape[2]
+        if end > self.capacity:
+            from ..errors import CacheError
+
+            raise CacheError(f"dense cache full: {end} tokens > capacity {self.capacity}")
+        self.k[:, :, self.filled:end] = k
+        self.v[:, :, self.filled:end] = v
+        self.pos[:, self.filled:end] = pos
+        self.filled = end
+        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
+
+    def buffers(self):
+        return [self.k, self.v, self.pos]
+
+
+def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> KVCache:
+    """A dense cache for ``capacity`` tokens (default: the model's context length)."""
+    capacity = capacity or config.block_size
+    return KVCache([DenseLayerCache(batch, config.n_query_groups, config.head_size, capacity, dtype, device)
+                    for _ in range(config.n_layer)])

@@ -1,0 +1,156 @@
+"""Hugging Face checkpoint directories: ``config.json`` plus ``*.safetensors`` (sharded too).
+
+Loading never unpickles: safetensors, or ``torch.load(weights_only=True)`` for ``pytorch_model.bin``.
+Saving writes the same layout (atomically: temp files, then rename) so ``transformers`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..model import GPT
+from .layouts import hf_to_ours, ours_to_hf
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files, in the order its index lists them."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        files = [directory / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors (or pytorch_model.bin) weight files")
+    return files
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one file; a truncated or corrupt file raises CheckpointError naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
+
+
+def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32,
+                device: str | torch.device = "cpu") -> GPT:
+    """Build a :class:`GPT` from a Hugging Face directory (config.json + safetensors)."""
+    directory = Path(directory)
+    config = Config.from_hf(directory)
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for f in weight_files(directory):
+        tensors = read_tensors(f)
+        state.update(tensors)
+        origin.update(dict.fromkeys(tensors, f))
+    ours, unknown = hf_to_ours(state, config)
+    if unknown:
+        raise CheckpointError(f"{origin[unknown[0]]}: unexpected tensors for {config.family!r} layout: "
+                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    with torch.device("meta"):
+        model = GPT(config)
+    _check_tensors(model, ours, directory)
+    model = model.to_empty(device=device)
+    model.load_state_dict(ours, strict=False)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.eval()
+    for module in model.modules():  # non-persistent buffers (RoPE) were built on "meta"
+        if hasattr(module, "reset_rope"):
+            module.reset_rope()
+    return model.to(dtype) if dtype is not None else model
+
+
+def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        ours.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors for {model.config.name}: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(set(ours) - set(expected))
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensors: {', '.join(extra[:5])}")
+    for name, shape in expected.items():
+        if tuple(ours[name].shape) != tuple(shape):
+            raise CheckpointError(f"{directory}: tensor {name} has shape {tuple(ours[name].shape)}, "
+                                  f"expected {tuple(shape)} from config.json")
+
+
+def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write ``config.json`` and safetensors shards that ``transformers`` loads."""
+    config = model.config
+    if config.hf_config is None:
+        raise CheckpointError(f"{config.name}: only models loaded from a Hugging Face config can be saved back")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, config)
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_save(shards[0], directory / "model.safetensors")
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, directory / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        _atomic_write(directory / "model.safetensors.index.json",
+                      json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    hf_config = dict(config.hf_config)
+    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _atomic_write(directory / "config.json", json.dumps(hf_config, indent=2))
+    return directory
+
+
+def _shard(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,197 @@
+"""How each family names its tensors in a Hugging Face checkpoint, mapped onto our module names.
+
+A layout is a list of name templates (``{i}`` a layer, ``{e}`` an expert) matched as prefixes, plus
+fused tensors that one side stores as one matrix and we store as several (GPT-2 ``c_attn``,
+NeoX ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``) and GPT-2's transposed Conv1D weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import torch
+
+from ..config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """One HF tensor <-> several of ours (split along dim 0, in a layout the functions define)."""
+
+    hf: str
+    ours: tuple[str, ...]
+    split: Callable[[torch.Tensor, Config], list[torch.Tensor]]
+    fuse: Callable[[list[torch.Tensor], Config], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    renames: tuple[tuple[str, str], ...]  # (hf prefix template, our prefix template)
+    fused: tuple[Fused, ...] = ()
+    transposed: tuple[str, ...] = ()  # regexes of HF weights stored as (in, out) (GPT-2 Conv1D)
+    ignore: tuple[str, ...] = ()  # regexes of HF buffers that are not weights
+
+
+def _qkv_sizes(c: Config) -> list[int]:
+    return [c.n_head * c.head_size, c.n_query_groups * c.head_size, c.n_query_groups * c.head_size]
+
+
+def _split_qkv(t: torch.Tensor, c: Config) -> list[torch.Tensor]:
+    return list(t.split(_qkv_sizes(c), dim=0))
+
+
+def _split_halves(t: torch.Tensor, c: Config) -> list[torch.Tensor]:
+    return list(t.chunk(2, dim=0))
+
+
+def _cat(parts: list[torch.Tensor], c: Config) -> torch.Tensor:
+    return torch.cat(parts, dim=0)
+
+
+def _split_neox(t: torch.Tensor, c: Config) -> list[torch.Tensor]:
+    """NeoX interleaves per head: rows are [head][q|k|v][head_size]."""
+    per_head = t.reshape(c.n_head, 3, c.head_size, *t.shape[1:])
+    return [per_head[:, j].reshape(c.n_head * c.head_size, *t.shape[1:]) for j in range(3)]
+
+
+def _fuse_neox(parts: list[torch.Tensor], c: Config) -> torch.Tensor:
+    stacked = torch.stack([p.reshape(c.n_head, c.head_size, *p.shape[1:]) for p in parts], dim=1)
+    return stacked.reshape(3 * c.n_head * c.head_size, *parts[0].shape[1:])
+
+
+def _fused_pair(hf: str, ours: tuple[str, ...], split, fuse) -> tuple[Fused, ...]:
+    return tuple(Fused(f"{hf}.{s}", tuple(f"{o}.{s}" for o in ours), split, fuse) for s in ("weight", "bias"))
+
+
+_LAYER = "model.layers.{i}."
+_LLAMA_BODY = ((_LAYER + "self_attn.", "layers.{i}.attn."), (_LAYER + "mlp.", "layers.{i}.mlp."))
+_TOP = (("model.embed_tokens.", "embed."), ("model.norm.", "final_norm."), ("lm_head.", "lm_head."))
+_QKV = ("layers.{i}.attn.q_proj", "layers.{i}.attn.k_proj", "layers.{i}.attn.v_proj")
+
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
+    "mixtral": Layout(_TOP + (
+        (_LAYER + "self_attn.", "layers.{i}.attn."),
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "block_sparse_moe.gate.", "layers.{i}.mlp.router."),
+        (_LAYER + "block_sparse_moe.experts.{e}.w1.", "layers.{i}.mlp.experts.{e}.gate_proj."),
+        (_LAYER + "block_sparse_moe.experts.{e}.w3.", "layers.{i}.mlp.experts.{e}.up_proj."),
+        (_LAYER + "block_sparse_moe.experts.{e}.w2.", "layers.{i}.mlp.experts.{e}.down_proj."))),
+    "gemma": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
+        (_LAYER + "pre_feedforward_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "olmo2": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
+        (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "phi": Layout((("model.embed_tokens.", "embed."), ("model.final_layernorm.", "final_norm."),
+                   ("lm_head.", "lm_head."),
+                   (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+                   (_LAYER + "self_attn.dense.", "layers.{i}.attn.o_proj."),
+                   (_LAYER + "self_attn.", "layers.{i}.attn."),
+                   (_LAYER + "mlp.fc1.", "layers.{i}.mlp.up_proj."),
+                   (_LAYER + "mlp.fc2.", "layers.{i}.mlp.down_proj."))),
+    "phi3": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm.")),
+        fused=_fused_pair(_LAYER + "self_attn.qkv_proj", _QKV, _split_qkv, _cat)
+        + _fused_pair(_LAYER + "mlp.gate_up_proj", ("layers.{i}.mlp.gate_proj", "layers.{i}.mlp.up_proj"),
+                      _split_halves, _cat)),
+    "gpt2": Layout((("transformer.wte.", "embed."), ("transformer.wpe.", "pos_embed."),
+                    ("transformer.ln_f.", "final_norm."), ("lm_head.", "lm_head."),
+                    ("transformer.h.{i}.ln_1.", "layers.{i}.attn_norm."),
+                    ("transformer.h.{i}.ln_2.", "layers.{i}.mlp_norm."),
+                    ("transformer.h.{i}.attn.c_proj.", "layers.{i}.attn.o_proj."),
+                    ("transformer.h.{i}.mlp.c_fc.", "layers.{i}.mlp.up_proj."),
+                    ("transformer.h.{i}.mlp.c_proj.", "layers.{i}.mlp.down_proj.")),
+                   fused=_fused_pair("transformer.h.{i}.attn.c_attn", _QKV, _split_qkv, _cat),
+                   transposed=(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",),
+                   ignore=(r".*\.attn\.(masked_)?bias$",)),
+    "gpt_neox": Layout((("gpt_neox.embed_in.", "embed."), ("gpt_neox.final_layer_norm.", "final_norm."),
+                        ("embed_out.", "lm_head."), ("lm_head.", "lm_head."),
+                        ("gpt_neox.layers.{i}.input_layernorm.", "layers.{i}.attn_norm."),
+                        ("gpt_neox.layers.{i}.post_attention_layernorm.", "layers.{i}.mlp_norm."),
+                        ("gpt_neox.layers.{i}.attention.dense.", "layers.{i}.attn.o_proj."),
+                        ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.", "layers.{i}.mlp.up_proj."),
+                        ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "layers.{i}.mlp.down_proj.")),
+                       fused=_fused_pair("gpt_neox.layers.{i}.attention.query_key_value", _QKV, _split_neox, _fuse_neox),
+                       ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")),
+}
+
+
+def _regex(template: str, prefix: bool) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile("^" + pattern + ("(?P<rest>.*)$" if prefix else "$"))
+
+
+def _rename(name: str, pairs: list[tuple[str, str]]) -> str | None:
+    for src, dst in pairs:
+        m = _regex(src, prefix=True).match(name)
+        if m:
+            return dst.format(**{k: v for k, v in m.groupdict().items() if k != "rest"}) + m["rest"]
+    return None
+
+
+def hf_to_ours(state: dict[str, torch.Tensor], config: Config) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename/split an HF state dict into ours. Returns (our tensors, HF names we did not recognise)."""
+    layout = LAYOUTS[config.family]
+    pairs = sorted(layout.renames, key=lambda p: -len(p[0]))  # most specific prefix first
+    ours, unknown = {}, []
+    for name, tensor in state.items():
+        if any(re.match(rx, name) for rx in layout.ignore):
+            continue
+        if any(re.match(rx, name) for rx in layout.transposed):
+            tensor = tensor.t()
+        fused = _match_fused(name, layout.fused, hf_side=True)
+        if fused:
+            spec, groups = fused
+            for our_name, part in zip(spec.ours, spec.split(tensor, config)):
+                ours[our_name.format(**groups)] = part.contiguous()
+            continue
+        new = _rename(name, pairs)
+        if new is None:
+            unknown.append(name)
+        else:
+            ours[new] = tensor
+    return ours, unknown
+
+
+def _match_fused(name: str, fused: tuple[Fused, ...], hf_side: bool):
+    for spec in fused:
+        for template in ([spec.hf] if hf_side else [spec.ours[0]]):
+            m = _regex(template, prefix=False).match(name)
+            if m:
+                return spec, m.groupdict()
+    return None
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_to_ours` (used to save checkpoints ``transformers`` can load)."""
+    layout = LAYOUTS[config.family]
+    pairs = sorted(((o, h) for h, o in layout.renames), key=lambda p: -len(p[0]))
+    members = {m for spec in layout.fused for m in spec.ours}
+    out = {}
+    for name, tensor in state.items():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue
+        fused = _match_fused(name, layout.fused, hf_side=False)
+        if fused:
+            spec, groups = fused
+            parts = [state[o.format(**groups)] for o in spec.ours]
+            name, tensor = spec.hf.format(**groups), spec.fuse(parts, config)
+        elif any(_regex(m, prefix=False).match(name) for m in members):
+            continue  # emitted with its fused tensor
+        else:
+            name = _rename(name, pairs)
+            if name is None:
+                raise KeyError(f"no Hugging Face name for a tensor in layout {config.family!r}")
+        if any(re.match(rx, name) for rx in layout.transposed):
+            tensor = tensor.t()
+        out[name] = tensor.contiguous()
+    return out

@@ -1,0 +1,43 @@
+"""Typed errors. Every error names the file or argument at fault and what was expected."""
+
+from __future__ import annotations
+
+
+class LucidError(Exception):
+    """Base class of every error lucidlm raises on purpose."""
+
+
+class ConfigError(LucidError, ValueError):
+    """A configuration (ours or a Hugging Face ``config.json``) is invalid or unsupported."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture is not one lucidlm implements."""
+
+
+class CheckpointError(LucidError, ValueError):
+    """A checkpoint file is missing, truncated, or holds tensors of the wrong name or shape."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file is malformed or holds an architecture/quantisation we cannot read."""
+
+
+class TokenizerError(LucidError, ValueError):
+    """No usable tokenizer could be built, or a token is not in the vocabulary."""
+
+
+class ModelNotInstalledError(LucidError, FileNotFoundError):
+    """The embedded default model package is not installed."""
+
+
+class CacheError(LucidError, ValueError):
+    """A KV-cache request cannot be served (unknown policy, budget too small, context too long)."""
+
+
+class ExplainError(LucidError, ValueError):
+    """An explanation request is invalid (unknown method, bad target)."""
+
+
+class PatchError(LucidError, TypeError):
+    """A ``transformers``/torchvision model cannot be made explainable."""

@@ -1,0 +1,154 @@
+"""LRP rules for transformers as tiny autograd functions (the "efficient" gradient × input form).
+
+Every rule keeps the forward pass exact and only changes the backward pass, so that
+``input * input.grad`` at the embeddings *is* the relevance (one backward pass, no extra forward).
+
+References
+----------
+* AttnLRP: R. Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+  Transformers", ICML 2024 (proceedings.mlr.press/v235/achtibat24a).
+* CP-LRP: A. Ali et al., "XAI for Transformers: Better Explanations through Conservative
+  Propagation", ICML 2022 (proceedings.mlr.press/v162/ali22a).
+
+How the model uses them
+-----------------------
+The model calls the helpers at the end of this file (:func:`activation`, :func:`product`,
+:func:`normalizer`, :func:`attention_weights`). With no explanation running
+(:func:`current` is ``None``) each helper is the plain operation: the cost of the rules when
+explanations are off is one Python attribute read per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+METHODS = ("attnlrp", "cp-lrp", "inputxgrad")
+_active: str | None = None
+
+
+def current() -> str | None:
+    """The explanation method in force, or ``None`` for plain inference."""
+    return _active
+
+
+@contextlib.contextmanager
+def explaining(method: str) -> Iterator[None]:
+    """Switch the rules on for the duration of a ``with`` block.
+
+    >>> with explaining("attnlrp"):
+    ...     current()
+    'attnlrp'
+    """
+    global _active
+    if method not in METHODS:
+        from ..errors import ExplainError
+
+        raise ExplainError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    previous, _active = _active, method
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+class IdentityRule(torch.autograd.Function):
+    """Identity rule for element-wise non-linearities y = f(x) (AttnLRP, Sec. 3, "element-wise
+    non-linearities": relevance passes through unchanged, R_x = R_y).
+
+    In gradient × input form the backward multiplies the incoming gradient by y / x, so that
+    x · grad_x = y · grad_y. The ratio is formed in float32 with a zero where x == 0 (LXT divides by
+    x + 1e-10, which underflows in float16 and returns NaN); at x == 0 the relevance x · grad_x is 0
+    whatever the ratio, so zero is exact, not an approximation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y = ctx.saved_tensors
+        x32 = x.float()
+        nonzero = x32 != 0
+        ratio = torch.where(nonzero, y.float() / torch.where(nonzero, x32, 1.0), 0.0)
+        return (grad.float() * ratio).to(grad.dtype), None
+
+
+class DivideGradient(torch.autograd.Function):
+    """Uniform rule for a product of ``n`` factors (AttnLRP, Sec. 3, "uniform rule" for
+    multiplicative gates and the bilinear q·kᵀ and A·V matmuls): each factor receives 1/n of the
+    relevance. The forward is the identity; the backward divides the gradient by ``n``, applied to
+    the product's output (so every factor's gradient is divided once)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad / ctx.n, None
+
+
+def identity_rule(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` element-wise with the identity rule on its backward pass."""
+    return IdentityRule.apply(x, fn)
+
+
+def divide_gradient(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Identity forward; gradient divided by ``n`` on the way back (uniform rule)."""
+    return DivideGradient.apply(x, n)
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Treat ``x`` as a constant (CP-LRP, Ali et al. 2022, Sec. 3: LayerNorm normaliser and the
+    attention softmax are detached so that the rest of the network is locally linear and conserves
+    relevance; AttnLRP reuses it for the normaliser of LayerNorm/RMSNorm)."""
+    return x.detach()
+
+
+# ----- helpers called at the exact lines of the model -----------------------------------------
+def _lrp() -> bool:
+    return _active is not None and _active != "inputxgrad"
+
+
+def activation(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Element-wise non-linearity (SiLU, GELU, GELU-tanh, logit soft-capping ...)."""
+    return identity_rule(fn, x) if _lrp() else fn(x)
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise product of two activations (the gate of GLU MLPs): uniform rule."""
+    return divide_gradient(a * b, 2) if _lrp() else a * b
+
+
+def bilinear(x: torch.Tensor) -> torch.Tensor:
+    """Mark a bilinear matmul for the uniform rule (AttnLRP only): applied to q and k of q·kᵀ and
+    to the output of A·V. Under CP-LRP the softmax output A is a constant, so A·V is linear in V
+    and must keep its full gradient (halving it would break conservation)."""
+    return divide_gradient(x, 2) if _active == "attnlrp" else x
+
+
+def normalizer(x: torch.Tensor) -> torch.Tensor:
+    """The normaliser (1/rms or 1/std) of RMSNorm/LayerNorm: a constant for LRP (identity rule)."""
+    return stop_gradient(x) if _lrp() else x
+
+
+def attention_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Softmax output of attention: detached for CP-LRP, kept for AttnLRP (whose softmax rule is
+    the gradient × input of the softmax itself, with the uniform rule on the two matmuls)."""
+    return stop_gradient(weights) if _active == "cp-lrp" else weights
+
+
+def router_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts routing weights multiply each expert's output. We treat them as
+    constants for both LRP methods (like CP-LRP treats attention weights): all relevance flows
+    through the experts' computation, none through the router, which keeps conservation exact.
+    The alternative, the uniform rule, would hand half of every expert's relevance to the router
+    logits, i.e. to *which* expert was chosen rather than *what* it computed."""
+    return stop_gradient(weights) if _lrp() else weights

@@ -1,0 +1,126 @@
+"""Causal self-attention with grouped-query heads, explicit positions and a pluggable KV cache.
+
+Two kernels compute the same thing:
+
+* fused ``scaled_dot_product_attention`` (fast, returns no weights), used when nothing needs the
+  weights;
+* an explicit softmax path, used when the cache policy scores tokens by attention weight (H2O),
+  when the logits are soft-capped (Gemma 2), or when CP-LRP must detach the softmax.
+
+The LRP rules (uniform rule on q·kᵀ and A·V, stop-gradient on the softmax for CP-LRP) are applied
+at the kernel's inputs and outputs, so both kernels explain identically.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..cache.base import LayerCache
+from ..explain import rules
+from .norm import RMSNorm
+from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer: int) -> None:
+        super().__init__()
+        c = config
+        self.n_head, self.n_groups, self.head_size = c.n_head, c.n_query_groups, c.head_size
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_size, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
+        self.o_proj = nn.Linear(c.n_head * c.head_size, c.n_embd, bias=c.attn_out_bias)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm == "head":
+            self.q_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_unit_offset)
+            self.k_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_unit_offset)
+        elif c.qk_norm == "full":
+            self.q_norm = RMSNorm(c.n_head * c.head_size, c.norm_eps, c.norm_unit_offset)
+            self.k_norm = RMSNorm(c.n_query_groups * c.head_size, c.norm_eps, c.norm_unit_offset)
+        self.window = c.sliding_window if c.is_sliding(layer) else None
+        self.scale = c.attention_scale or c.head_size ** -0.5
+        self.softcap = c.attn_logit_softcapping
+        self.use_rope = c.position_embedding == "rope"
+        if self.use_rope:
+            local = c.rope_local_theta is not None and self.window is not None  # Gemma 3 local layers
+            theta = c.rope_local_theta if local else c.rope_theta
+            self._rope_args = (c.head_size, c.rotary_fraction, theta, None if local else c.rope_scaling)
+            # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+            self.inv_freq = inverse_frequencies(*self._rope_args)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE frequencies (after building the model on the meta device)."""
+        if self.use_rope:
+            self.inv_freq = inverse_frequencies(*self._rope_args)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x: (batch, tokens, n_embd); pos: (batch, tokens) true positions (-1 = padding)."""
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k = k.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = rope_cos_sin(self.inv_freq, pos, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, key_pos = cache.extend(k, v, pos)
+        else:
+            key_pos = pos
+        want_scores = cache is not None and cache.wants_scores
+        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None)
+        if cache is not None:
+            cache.settle(scores)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+    # ---- kernels --------------------------------------------------------------------------
+    def attend(self, q, k, v, q_pos, k_pos, want_scores: bool = False, causal_prefill: bool = False):
+        """Attention output (batch, heads, tokens, head_size) and, if asked, the per-key scores
+        (batch, groups, keys): weights summed over queries, averaged over a group's heads."""
+        q, k = rules.bilinear(q), rules.bilinear(k)
+        if want_scores or self.softcap is not None or rules.current() == "cp-lrp":
+            out, scores = self._explicit(q, k, v, self._mask(q_pos, k_pos), want_scores)
+        else:
+            out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill), None
+        return rules.bilinear(out), scores
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, queries, keys) bool: key is filled, not in the future, inside the window."""
+        qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+        allowed = (kp <= qp) & (kp >= 0)
+        if self.window is not None:
+            allowed &= qp - kp < self.window
+        # padding queries (position -1) see every filled key: their output is never used, and a
+        # row with no allowed key would turn into NaN inside softmax
+        allowed |= (qp < 0) & (kp >= 0)
+        return allowed[:, None]
+
+    def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool):
+        if causal_prefill and self.window is None and bool((q_pos >= 0).all()):
+            mask, causal = None, True  # plain prompt: the built-in causal mask is the fastest
+        elif q.shape[2] == 1 and self.window is None and bool((k_pos >= 0).all()):
+            mask, causal = None, False  # one-token decode over a full cache: every key is visible
+        else:
+            mask, causal = self._mask(q_pos, k_pos), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.n_groups != self.n_head)
+
+    def _explicit(self, q, k, v, mask, want_scores: bool):
+        B, H, T, D = q.shape
+        G = self.n_groups
+        qg = q.view(B, G, H // G, T, D)  # queries of one KV group share its keys without copies
+        logits = (qg * self.scale) @ k[:, :, None].transpose(-1, -2)
+        if self.softcap is not None:
+            cap = self.softcap
+            logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)
+        logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+        weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = weights.float().sum(3).mean(2) if want_scores else None
+        out = rules.attention_weights(weights) @ v[:, :, None]
+        return out.view(B, H, T, D), scores

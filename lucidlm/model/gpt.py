@@ -1,0 +1,112 @@
+"""The one model class. Every family is this code with different :class:`~lucidlm.Config` fields.
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> model = GPT(Config.from_name("tiny-llama"))
+>>> model(torch.tensor([[1, 2, 3]])).shape
+torch.Size([1, 3, 256])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache.base import KVCache
+from ..config import Config
+from ..explain import rules
+from .attention import CausalSelfAttention
+from .mlp import build_mlp
+from .norm import build_norm
+
+
+class Block(nn.Module):
+    """Pre-norm (or post-norm, OLMo-2), sequential or parallel residual, optional sandwich norms."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        c = config
+        self.attn_norm = build_norm(c) if c.pre_norm else None
+        self.attn = CausalSelfAttention(c, layer)
+        self.post_attn_norm = build_norm(c) if c.post_attention_norm else None
+        self.mlp_norm = build_norm(c) if c.pre_norm and not c.shared_attention_norm else None
+        self.mlp = build_mlp(c)
+        self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
+        self.parallel = c.parallel_residual
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
+        h = self.attn_norm(x) if self.attn_norm is not None else x
+        a = self.attn(h, pos, cache)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        if self.parallel:  # NeoX: separate norms on x; Phi-2: the attention's norm output is shared
+            m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else h)
+            return x + a + self._post_mlp(m)
+        x = x + a
+        m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
+        return x + self._post_mlp(m)
+
+    def _post_mlp(self, m: torch.Tensor) -> torch.Tensor:
+        return self.post_mlp_norm(m) if self.post_mlp_norm is not None else m
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.pos_embed = nn.Embedding(c.block_size, c.n_embd) if c.position_embedding == "learned" else None
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.final_norm = build_norm(c)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The hidden state entering the first block (what explanations attribute to)."""
+        x = self.embed(input_ids)
+        if self.config.scale_embeddings:  # Gemma: sqrt(n_embd), rounded to the weights' dtype
+            x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions.clamp(min=0))
+        return x
+
+    def positions_for(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Default positions: continue after what the cache has seen, else start at 0."""
+        B, T = input_ids.shape
+        steps = torch.arange(T, device=input_ids.device)
+        start = cache.next_position if cache is not None and cache.next_position is not None else None
+        return steps.expand(B, T) if start is None else start[:, None] + steps
+
+    def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) — (batch, 1, vocab) with ``last_only``.
+
+        ``positions`` (batch, tokens): true positions (-1 marks left padding); default consecutive.
+        ``cache``: a :class:`~lucidlm.cache.KVCache`; the new tokens are appended to it.
+        ``inputs_embeds``: replaces ``embed_tokens(input_ids)`` (the explainer's entry point).
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("forward needs input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if ref.shape[-1] == 0:
+            raise ValueError("input_ids has no tokens: expected shape (batch, tokens) with tokens >= 1")
+        if positions is None:
+            positions = self.positions_for(ref, cache)
+        elif positions.dim() == 1:
+            positions = positions.expand(ref.shape[0], -1)
+        x = self.embed_tokens(input_ids, positions) if inputs_embeds is None else inputs_embeds
+        for i, block in enumerate(self.layers):
+            x = block(x, positions, cache[i] if cache is not None else None)
+        if cache is not None:
+            cache.next_position = positions.max(dim=1).values + 1
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.final_norm(x))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)
+        return logits

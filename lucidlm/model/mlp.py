@@ -1,0 +1,74 @@
+"""Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family) and sparse MoE."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..explain import rules
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    """down(act(up(x)))."""
+
+    def __init__(self, config, bias: bool | None = None) -> None:
+        super().__init__()
+        bias = config.mlp_bias if bias is None else bias
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(rules.activation(self.act, self.up_proj(x)))
+
+
+class GLU(nn.Module):
+    """down(act(gate(x)) * up(x)): the gate product gets the uniform rule."""
+
+    def __init__(self, config, bias: bool | None = None) -> None:
+        super().__init__()
+        bias = config.mlp_bias if bias is None else bias
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = rules.product(rules.activation(self.act, self.gate_proj(x)), self.up_proj(x))
+        return self.down_proj(hidden)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of GLU experts (Mixtral): softmax router, top-k, renormalised weights."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(GLU(config, bias=False) for _ in range(config.n_expert))
+        self.k = config.n_expert_per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.k, dim=-1)
+        weights = rules.router_weights((weights / weights.sum(-1, keepdim=True)).to(x.dtype))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def build_mlp(config) -> nn.Module:
+    return {"mlp": MLP, "glu": GLU, "moe": MoE}[config.mlp](config)

@@ -1,0 +1,56 @@
+"""Normalisation layers. The normaliser (1/rms, 1/std) goes through ``rules.normalizer`` so that LRP
+treats it as a constant (AttnLRP/CP-LRP); with explanations off that call is the identity."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..explain import rules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. ``unit_offset``: Gemma scales by (1 + weight)."""
+
+    def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        inv_rms = rules.normalizer(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        weight = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        if self.unit_offset:  # Gemma multiplies in float32, then casts
+            return (x * inv_rms * weight).to(dtype)
+        return weight.to(dtype) * (x * inv_rms).to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with the normaliser exposed to the LRP rules."""
+
+    def __init__(self, size: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rules.current() is None:  # fast fused kernel for plain inference
+            return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        dtype = x.dtype
+        x = x.float()
+        centred = x - x.mean(-1, keepdim=True)
+        inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps))
+        out = centred * inv_std * self.weight.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(dtype)
+
+
+def build_norm(config, size: int | None = None) -> nn.Module:
+    size = size or config.n_embd
+    if config.norm == "layernorm":
+        return LayerNorm(size, config.norm_eps)
+    return RMSNorm(size, config.norm_eps, config.norm_unit_offset)

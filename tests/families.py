@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face configs for every family we claim, with the options real checkpoints use.
+
+Shared by the parity, cache and explanation tests: each entry builds a ``transformers`` config.
+"""
+
+from __future__ import annotations
+
+import transformers as T
+
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=16)
+
+
+def _cfg(cls, **kw):
+    return cls(**{**_COMMON, **kw})
+
+
+FAMILIES = {
+    "llama2": lambda: _cfg(T.LlamaConfig, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama3": lambda: _cfg(T.LlamaConfig, rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=False),
+    "smollm2": lambda: _cfg(T.LlamaConfig, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                            rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
+    "mistral": lambda: _cfg(T.MistralConfig, sliding_window=5, head_dim=24),
+    "mixtral": lambda: _cfg(T.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+    "qwen2": lambda: _cfg(T.Qwen2Config, tie_word_embeddings=True),
+    "qwen3": lambda: _cfg(T.Qwen3Config, head_dim=24, tie_word_embeddings=False),
+    "gemma2": lambda: _cfg(T.Gemma2Config, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                           attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gemma3": lambda: _cfg(T.Gemma3TextConfig, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                            "full_attention": dict(rope_type="linear", factor=4.0,
+                                                                   rope_theta=1000000.0)}),
+    "phi2": lambda: T.PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.4,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "phi3": lambda: _cfg(T.Phi3Config),
+    "gpt2": lambda: T.GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                                 bos_token_id=1, eos_token_id=2),
+    # rotary_pct 0.2 * head_size 16 = 3.2 -> dim 3 (odd): transformers rotates 4 dims
+    "pythia": lambda: T.GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.2,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    "pythia-sequential": lambda: T.GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                                 num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                                 use_parallel_residual=False, bos_token_id=1, eos_token_id=2,
+                                                 tie_word_embeddings=False),
+    "olmo2": lambda: _cfg(T.Olmo2Config),
+}
+
+
+def build_hf_model(family: str, seed: int = 0, dtype=None):
+    """A random ``transformers`` causal LM of ``family`` (eager attention, eval mode)."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config._attn_implementation = "eager"
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # random init leaves norms at 1/0 and biases at 0: perturb every tensor so no feature hides
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    return model.to(dtype) if dtype is not None else model
