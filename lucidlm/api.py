@@ -8,22 +8,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, TokenizerError
+from .generate import Sampling, generate_ids
 from .model import GPT
+
+Messages = str | Sequence[dict[str, Any]]
 
 
 class LLM:
     """A loaded model with its tokenizer (``None`` when the checkpoint ships none)."""
 
-    def __init__(self, model: GPT, tokenizer=None, source: str | None = None) -> None:
+    def __init__(self, model: GPT, tokenizer=None, source: str | None = None,
+                 directory: Path | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self.directory = directory  # the HF directory the weights came from (a cache dir for GGUF)
 
     @property
     def config(self) -> Config:
@@ -52,7 +59,130 @@ class LLM:
             raise CheckpointError(f"{path}: expected a Hugging Face directory (config.json + *.safetensors) "
                                   "or a .gguf file")
         model = load_hf_dir(directory, dtype=dtype, device=device)
-        return cls(model, _tokenizer_for(directory), source=str(path))
+        return cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
+
+    # ---- text generation -------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False,
+                 kv_cache: str = "dense", cache_tokens: int | None = None):
+        """Continue raw text (no chat template). Greedy when ``temperature == 0``.
+
+        ``prompt`` a string returns a string (an iterator of text pieces with ``stream=True``); a list
+        of strings is generated as one batch and returns a list. Generation stops at the checkpoint's
+        stop tokens, at any string in ``stop`` (not included in the output), or after
+        ``max_new_tokens``. ``kv_cache``/``cache_tokens`` pick the KV-cache policy and its budget.
+        """
+        tok = self._require_tokenizer("generate")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [tok.encode(p) for p in prompts]
+        return self._generate_from_ids(ids, isinstance(prompt, str), max_new_tokens,
+                                       Sampling(temperature, top_k, top_p, seed), stop, stream,
+                                       kv_cache, cache_tokens)
+
+    def chat(self, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: str | Sequence[str] | None = None, stream: bool = False,
+             kv_cache: str = "dense", cache_tokens: int | None = None):
+        """Reply to a conversation rendered with the checkpoint's own chat template.
+
+        ``messages``: a list of ``{"role": ..., "content": ...}`` dicts, or a string (one user turn).
+        """
+        tok = self._require_tokenizer("chat")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = [tok.encode_chat(list(messages), add_generation_prompt=True)]
+        return self._generate_from_ids(ids, True, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
+                                       stop, stream, kv_cache, cache_tokens)
+
+    def _generate_from_ids(self, ids, single: bool, max_new_tokens: int, sampling: Sampling, stop, stream: bool,
+                           kv_cache: str, cache_tokens: int | None):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        steps = generate_ids(self.model, ids, max_new_tokens, sampling, self.tokenizer.eos_ids,
+                             kv_cache=kv_cache, cache_tokens=cache_tokens)
+        if stream:
+            if not single:
+                raise ValueError("stream=True needs a single prompt")
+            return self._stream_text((step[0] for step in steps), stops)
+        outputs: list[list[int]] = [[] for _ in ids]
+        for step in steps:
+            for row, token in enumerate(step):
+                if token is not None:
+                    outputs[row].append(token)
+        texts = [_cut_at_stop(self._decode_reply(o), stops) for o in outputs]
+        return texts[0] if single else texts
+
+    def _decode_reply(self, ids: list[int]) -> str:
+        if ids and ids[-1] in self.tokenizer.eos_ids:
+            ids = ids[:-1]  # the stop token ends the reply; it is not part of it
+        return self.tokenizer.decode(ids)
+
+    def _stream_text(self, tokens: Iterator[int | None], stops: list[str]) -> Iterator[str]:
+        """Text pieces as tokens arrive; holds back text that might be the start of a stop string."""
+        from .tokenizer import IncrementalDecoder
+
+        decoder = IncrementalDecoder(self.tokenizer)
+        hold = max((len(s) for s in stops), default=1) - 1
+        pending = ""
+        for token in tokens:
+            if token is None or token in self.tokenizer.eos_ids:
+                break
+            pending += decoder.feed(token)
+            cut = _cut_at_stop(pending, stops)
+            if cut != pending:
+                if cut:
+                    yield cut
+                return
+            if len(pending) > hold:
+                yield pending[: len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        pending += decoder.flush()
+        if _cut_at_stop(pending, stops):
+            yield _cut_at_stop(pending, stops)
+
+    # ---- measurements and explanations ------------------------------------------------------
+    def perplexity(self, text: str | Sequence[int], kv_cache: str = "dense", cache_tokens: int | None = None,
+                   chunk_size: int = 256, progress: bool = False):
+        """Perplexity of ``text`` streamed through a KV cache of policy ``kv_cache`` holding
+        ``cache_tokens`` slots. Returns a :class:`~lucidlm.perplexity.PerplexityResult`."""
+        from .perplexity import perplexity
+
+        ids = self._require_tokenizer("perplexity").encode(text) if isinstance(text, str) else list(text)
+        return perplexity(self.model, ids, kv_cache=kv_cache, cache_tokens=cache_tokens, chunk_size=chunk_size,
+                          progress=progress)
+
+    def explain(self, prompt: str | Sequence[int], target: Any = None, method: str = "attnlrp",
+                layers: Any = None, kv_cache: str | None = None, cache_tokens: int | None = None):
+        """Relevance of every prompt token for the next-token prediction (one backward pass).
+
+        ``target``: None (the top next token), a token id or string, a contrast ``(a, b)``, or a
+        multi-token continuation. ``method``: ``"attnlrp"``, ``"cp-lrp"`` or ``"inputxgrad"``.
+        Returns an :class:`~lucidlm.explain.explanation.Explanation`.
+        """
+        from .explain.explainer import explain
+
+        kwargs = {}
+        if kv_cache is not None:
+            kwargs.update(kv_cache=kv_cache, cache_tokens=cache_tokens)
+        return explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers, **kwargs)
+
+    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
+        """Generate greedily and explain every generated token over all earlier tokens."""
+        from .explain.explainer import explain_generation
+
+        return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, method=method)
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.source}: no tokenizer.json in the checkpoint, so {what}() cannot "
+                                 "turn text into tokens; pass token ids or load a checkpoint with a tokenizer")
+        return self.tokenizer
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def _is_gguf(path: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import CheckpointError
@@ -97,7 +98,8 @@ def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -
                                   f"expected {tuple(shape)} from config.json")
 
 
-def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                progress: bool = False) -> Path:
     """Write ``config.json`` and safetensors shards that ``transformers`` loads."""
     config = model.config
     if config.hf_config is None:
@@ -106,14 +108,15 @@ def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 10
     directory.mkdir(parents=True, exist_ok=True)
     state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, config)
     shards = _shard(state, max_shard_bytes)
-    if len(shards) == 1:
-        _atomic_save(shards[0], directory / "model.safetensors")
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards, 1):
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="saving", disable=not progress) as bar:
+        for name, shard in zip(names, shards):
             _atomic_save(shard, directory / name)
-            weight_map.update(dict.fromkeys(shard, name))
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         _atomic_write(directory / "model.safetensors.index.json",
                       json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     hf_config = dict(config.hf_config)

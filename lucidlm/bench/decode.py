@@ -1,0 +1,132 @@
+"""``lucidlm bench decode``: lucidlm vs transformers on the same checkpoint, dtype and prompt.
+
+Each engine runs in its own subprocess (so peak RSS is its own, and one engine's allocations do not
+slow the other), with a manual greedy loop on both sides: one prefill forward over the prompt,
+then one-token decode steps with a KV cache. Prints one side-by-side table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--engine", choices=["lucidlm", "transformers"], help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    if args.engine:  # child process: measure one engine, print JSON
+        print(json.dumps(_measure(args)))
+        return 0
+    rows = [_child(args, engine) for engine in ("lucidlm", "transformers")]
+    print(format_table(rows, args))
+    return 0
+
+
+def _child(args, engine: str) -> dict:
+    cmd = [sys.executable, "-m", "lucidlm.cli", "bench", "decode", "--engine", engine, "--dtype", args.dtype,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"engine": engine, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _prompt_ids(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(PROMPT)
+    return ids[:n]
+
+
+def _measure(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..api import LLM, _dtype
+
+    llm = LLM.load(args.model)  # lucidlm's tokenizer and the GGUF->HF conversion serve both engines
+    ids = torch.tensor([_prompt_ids(llm.tokenizer, args.prompt_tokens)])
+    step = _lucidlm_steps(llm, _dtype(args.dtype)) if args.engine == "lucidlm" else _hf_steps(llm, args)
+    with torch.inference_mode():
+        step(ids[:, :16], None)  # warm-up (first-call allocations, thread pools)
+        t0 = time.perf_counter()
+        logits, state = step(ids, None)
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(args.new_tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            logits, state = step(token, state)
+        t2 = time.perf_counter()
+    return {"engine": args.engine, "prefill_tps": ids.shape[1] / (t1 - t0), "decode_tps": args.new_tokens / (t2 - t1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}
+
+
+def _lucidlm_steps(llm, dtype):
+    from ..cache import build_cache
+
+    model = llm.model.to(dtype)
+
+    def step(ids, cache):
+        if cache is None:
+            cache = build_cache(model.config, 1, "dense", ids.shape[1] + 1024, dtype=dtype)
+        return model(ids, cache=cache, last_only=True), cache
+
+    return step
+
+
+def _hf_steps(llm, args):
+    import transformers
+
+    source = Path(llm.source)
+    if source.suffix == ".gguf":  # transformers' own GGUF reader: an independent path to the weights
+        model = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                                  dtype=getattr(torch, args.dtype))
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
+    model.eval()
+
+    def step(ids, past):
+        out = model(ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        return out.logits, out.past_key_values
+
+    return step
+
+
+def format_table(rows: list[dict], args) -> str:
+    lines = [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, "
+             f"{args.prompt_tokens} prompt tokens, {args.new_tokens} greedy new tokens, torch threads "
+             f"{args.threads or torch.get_num_threads()}",
+             f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['engine']:<14}  failed: {r['error']}")
+        else:
+            lines.append(f"{r['engine']:<14}{r['prefill_tps']:>15.1f}{r['decode_tps']:>14.1f}{r['peak_rss_mb']:>13.0f}")
+    ok = [r for r in rows if "tokens" in r]
+    if len(ok) == 2:
+        same = ok[0]["tokens"] == ok[1]["tokens"]
+        first_diff = next((i for i, (a, b) in enumerate(zip(*(r["tokens"] for r in ok))) if a != b), None)
+        lines.append(f"greedy tokens agree: {'yes' if same else f'no (first difference at step {first_diff})'}")
+        lines.append(f"decode speed ratio lucidlm/transformers: {ok[0]['decode_tps'] / ok[1]['decode_tps']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,551 @@
+"""The result types of every explanation in lucidlm, with their renderings and JSON form.
+
+* :class:`Explanation`: relevance of each prompt token for one predicted target.
+* :class:`GenerationExplanation`: for each generated token, the relevance of every earlier token.
+* :class:`ImageExplanation`: relevance of each pixel of an image for one class.
+
+All three render to HTML (self-contained: inline CSS/JS, images as ``data:`` URIs, nothing fetched
+from the network), to PNG, and to JSON that reads back to an equal object; files are written
+atomically (see :func:`lucidlm.explain.heatmaps.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from ..errors import ExplainError
+from . import heatmaps as hm
+
+__all__ = ["Explanation", "GenerationExplanation", "ImageExplanation", "load_json"]
+
+PathLike = str | os.PathLike[str]
+_VERSION = 1
+_TENSOR, _FLOAT = "__tensor__", "__float__"
+
+
+# ----------------------------------------------------------------------------- JSON encoding
+# Strict JSON (no NaN literals, which browsers and most other parsers reject) that still round
+# trips exactly: tensors keep dtype and shape, non-finite floats are spelled as strings.
+
+
+def _encode(value: Any) -> Any:
+    """JSON-ready form of a field value (tensors, non-finite floats, nested lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        data = [str(x) if isinstance(x, float) and not math.isfinite(x) else x
+                for x in t.flatten().tolist()]
+        dtype = str(t.dtype).removeprefix("torch.")
+        return {_TENSOR: {"dtype": dtype, "shape": list(t.shape), "data": data}}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT: str(value)}
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    """Inverse of :func:`_encode`."""
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _FLOAT in value:
+        return float(value[_FLOAT])
+    if _TENSOR not in value:
+        return {k: _decode(v) for k, v in value.items()}
+    spec = value[_TENSOR]
+    dtype = getattr(torch, str(spec["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ExplainError(f"tensor dtype {spec['dtype']!r} in JSON: expected a torch dtype name")
+    data = [float(x) if isinstance(x, str) else x for x in spec["data"]]
+    return torch.tensor(data, dtype=dtype).reshape(spec["shape"])
+
+
+def _tensor(value: Any, dtype: torch.dtype, name: str, dims: int) -> torch.Tensor:
+    """``value`` as a CPU tensor of ``dtype`` with ``dims`` dimensions, or an ExplainError."""
+    t = torch.as_tensor(value).detach().to("cpu", dtype)
+    if t.dim() != dims:
+        raise ExplainError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_len(name: str, items: Any, n: int) -> None:
+    if items is not None and len(items) != n:
+        raise ExplainError(f"{name}: expected {n} entries, got {len(items)}")
+
+
+def _color_stdout() -> bool:
+    """Whether ``print(explanation)`` should use colour: a terminal, and NO_COLOR not set."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _target_title(target: str, logit: float, method: str) -> str:
+    return f"target {target!r} (logit {logit:.4g}) · method {method}"
+
+
+class _Result:
+    """JSON, files, equality and Jupyter display shared by the explanation types."""
+
+    def to_html(self, full_page: bool = True) -> str:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: ``type``, ``version`` and every field (tensors with dtype/shape)."""
+        spec = fields(self)  # type: ignore[arg-type]
+        encoded = {f.name: _encode(getattr(self, f.name)) for f in spec}
+        return {"type": type(self).__name__, "version": _VERSION, **encoded}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Rebuild from :meth:`to_dict`; ExplainError names what is wrong with ``data``."""
+        if not isinstance(data, dict) or data.get("type") != cls.__name__:
+            found = data.get("type") if isinstance(data, dict) else type(data).__name__
+            raise ExplainError(f"expected a serialised {cls.__name__}, got type {found!r}")
+        if data.get("version", _VERSION) > _VERSION:
+            raise ExplainError(
+                f"{cls.__name__} JSON version {data['version']} is newer than {_VERSION}")
+        spec = fields(cls)  # type: ignore[arg-type]
+        missing = [f.name for f in spec if f.name not in data and f.default is MISSING]
+        if missing:
+            raise ExplainError(f"{cls.__name__} JSON lacks field(s) {', '.join(missing)}")
+        try:
+            return cls(**{f.name: _decode(data[f.name]) for f in spec if f.name in data})
+        except ExplainError:
+            raise
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise ExplainError(f"{cls.__name__} JSON is malformed: {e}") from e
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Strict JSON text (see :meth:`to_dict`); :meth:`from_json` reads it back."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """Rebuild from :meth:`to_json` text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExplainError(f"{cls.__name__}.from_json: not JSON ({e})") from e
+        return cls.from_dict(data)
+
+    def save_json(self, path: PathLike) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically; returns the path."""
+        return hm.atomic_write(path, self.to_json(indent=1))
+
+    def save_html(self, path: PathLike) -> Path:
+        """Write the self-contained :meth:`to_html` page to ``path`` atomically."""
+        return hm.atomic_write(path, self.to_html())
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: the HTML rendering as a fragment (styles scoped to ``.lucidlm``)."""
+        return self.to_html(full_page=False)
+
+    def __eq__(self, other: object) -> bool:
+        # Field-wise == would compare tensors element-wise; equal JSON forms mean equal results
+        # (same values, dtypes and shapes).
+        return isinstance(other, _Result) and type(self) is type(other) \
+            and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every dataclass with eq
+
+
+def load_json(text: str) -> Explanation | GenerationExplanation | ImageExplanation:
+    """Read any explanation's JSON, whichever type it is.
+
+    >>> e = ImageExplanation(torch.zeros(2, 2), None, "cat", 1.0, "attnlrp")
+    >>> load_json(e.to_json()) == e
+    True
+    """
+    kinds = {k.__name__: k for k in (Explanation, GenerationExplanation, ImageExplanation)}
+    data = json.loads(text)
+    kind = kinds.get(data.get("type")) if isinstance(data, dict) else None
+    if kind is None:
+        raise ExplainError(f"load_json: expected one of {', '.join(kinds)} as 'type'")
+    return kind.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- Explanation
+
+
+@dataclass(eq=False, repr=False)
+class Explanation(_Result):
+    """Relevance of every prompt token for one predicted target.
+
+    ``evicted`` (bool per token) marks tokens a KV-cache policy dropped, so the model never saw
+    them for this prediction: they have relevance 0 and every rendering greys and strikes them
+    through. ``layers`` holds latent relevances, e.g. ``"layers.3.attn"`` -> ``(n_heads,)``.
+    ``token_ids`` may be empty when the ids are unknown.
+
+    >>> e = Explanation(tokens=["<s>", "The", " capital", " of", " France"],
+    ...                 token_ids=[1, 450, 7483, 310, 3444],
+    ...                 relevance=torch.tensor([4.0, 0.1, 0.8, -0.2, 1.6]),
+    ...                 target=" Paris", target_ids=[3681], target_logit=17.25, method="attnlrp")
+    >>> e.top(2, skip_first=True)
+    [(4, ' France', 1.600000023841858), (2, ' capital', 0.800000011920929)]
+    >>> print(e.to_terminal(color=False, width=80).splitlines()[2])
+    <s>[+4 sink]The[+0.1] capital[+0.8] of[-0.2] France[+1.6]
+    >>> Explanation.from_json(e.to_json()) == e
+    True
+    """
+
+    tokens: list[str]
+    token_ids: list[int]
+    relevance: torch.Tensor
+    target: str
+    target_ids: list[int]
+    target_logit: float
+    method: str
+    evicted: torch.Tensor | None = None
+    layers: dict[str, torch.Tensor] | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = [str(t) for t in self.tokens]
+        n = len(self.tokens)
+        self.token_ids = [int(i) for i in self.token_ids]
+        if self.token_ids:
+            _check_len("token_ids", self.token_ids, n)
+        self.relevance = _tensor(self.relevance, torch.float32, "relevance", 1)
+        _check_len("relevance", self.relevance, n)
+        self.target, self.method = str(self.target), str(self.method)
+        self.target_ids = [int(i) for i in self.target_ids]
+        self.target_logit = float(self.target_logit)
+        if self.evicted is not None:
+            self.evicted = _tensor(self.evicted, torch.bool, "evicted", 1)
+            _check_len("evicted", self.evicted, n)
+        if self.layers is not None:
+            self.layers = {str(k): torch.as_tensor(v).detach().cpu() for k, v in self.layers.items()}
+
+    def top(self, k: int = 5, skip_first: bool = False) -> list[tuple[int, str, float]]:
+        """The ``k`` most positively relevant tokens as ``(index, token, relevance)``, highest first.
+
+        Evicted tokens are left out (the model did not see them); so is token 0 with
+        ``skip_first`` (an attention sink tops every list and says little).
+        """
+        values = self.relevance.double().nan_to_num(nan=-math.inf)
+        keep = torch.ones_like(values, dtype=torch.bool) if self.evicted is None else ~self.evicted
+        if skip_first and len(keep) > 1:
+            keep[0] = False
+        order = [i for i in torch.argsort(values, descending=True, stable=True).tolist() if keep[i]]
+        return [(i, self.tokens[i], float(self.relevance[i])) for i in order[:k]]
+
+    def cells(self, skip_first: bool = True) -> tuple[list[hm.Cell], float]:
+        """Tokens ready to draw and the colour scale (the |relevance| drawn at full colour)."""
+        return hm.token_cells(self.tokens, self.relevance, self.evicted, skip_first)
+
+    def title(self) -> str:
+        """One-line header: target, logit and method."""
+        return _target_title(self.target, self.target_logit, self.method)
+
+    def to_terminal(self, skip_first: bool = True, width: int | None = None,
+                    color: bool = True) -> str:
+        """Header, tokens with 24-bit ANSI backgrounds (red +, blue −), and a colour bar.
+
+        ``width`` defaults to the terminal's; ``color=False`` gives plain text with each token's
+        value in brackets. ``skip_first`` leaves token 0 out of the colour scale (underlined).
+        """
+        cells, scale = self.cells(skip_first)
+        width = width or shutil.get_terminal_size((100, 24)).columns
+        header = "\n".join([self.title(), *hm.cell_notes(cells)])
+        body = hm.terminal_text(cells, width, color)
+        return "\n".join([header, body, hm.terminal_legend(scale, color)])
+
+    def to_html(self, skip_first: bool = True, full_page: bool = True) -> str:
+        """Self-contained HTML: header, tokens with tooltips showing their values, colour bar."""
+        cells, scale = self.cells(skip_first)
+        head = "".join(f"<div>{hm.esc(n)}</div>" for n in [self.title(), *hm.cell_notes(cells)])
+        body = (f'<div class="lucidlm-head">{head}</div>{hm.html_cells(cells)}'
+                + hm.html_legend(scale, "relevance (red supports the target, blue opposes it)"))
+        return hm.html_document(body, f"lucidlm: {self.target}", full_page)
+
+    def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
+        """PNG bytes: tokens as coloured boxes wrapped like text (``columns`` wide), colour bar."""
+        cells, scale = self.cells(skip_first)
+        return hm.tokens_png(cells, scale, "\n".join([self.title(), *hm.cell_notes(cells)]), columns)
+
+    def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
+        """Write :meth:`to_png` to ``path`` atomically."""
+        return hm.atomic_write(path, self.to_png(skip_first))
+
+    def __str__(self) -> str:
+        return self.to_terminal(color=_color_stdout())
+
+    def __repr__(self) -> str:
+        best = self.top(1, skip_first=True)
+        return (f"Explanation(target={self.target!r}, method={self.method!r}, "
+                f"n_tokens={len(self.tokens)}, top={best[0][1] if best else None!r})")
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(eq=False, repr=False)
+class GenerationExplanation(_Result):
+    """For each generated token, the relevance of every earlier token.
+
+    ``matrix[i, j]`` is the relevance of token j (prompt tokens first, then generated ones) for
+    generated token i; entries with ``j >= len(prompt_tokens) + i`` are not earlier tokens and are
+    ignored (0 or NaN). ``evicted`` (same shape, bool) marks tokens the KV cache had dropped when
+    token i was generated. Ids and logits are optional; :meth:`row` fills what it has.
+
+    >>> g = GenerationExplanation(["<s>", "Hi"], [" there", "!"],
+    ...     torch.tensor([[2.0, 1.0, 0.0, 0.0], [2.0, 0.5, -1.0, 0.0]]), "attnlrp")
+    >>> g.row(1).top(2, skip_first=True)
+    [(1, 'Hi', 0.5), (2, ' there', -1.0)]
+    >>> GenerationExplanation.from_json(g.to_json()) == g
+    True
+    """
+
+    prompt_tokens: list[str]
+    generated_tokens: list[str]
+    matrix: torch.Tensor
+    method: str
+    prompt_ids: list[int] | None = None
+    generated_ids: list[int] | None = None
+    target_logits: list[float] | None = None
+    evicted: torch.Tensor | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = [str(t) for t in self.prompt_tokens]
+        self.generated_tokens = [str(t) for t in self.generated_tokens]
+        self.method = str(self.method)
+        shape = (len(self.generated_tokens), len(self.tokens))
+        self.matrix = _tensor(self.matrix, torch.float32, "matrix", 2)
+        if tuple(self.matrix.shape) != shape:
+            raise ExplainError(f"matrix: expected shape (n_generated, n_prompt + n_generated) = "
+                               f"{shape}, got {tuple(self.matrix.shape)}")
+        if self.evicted is not None:
+            self.evicted = _tensor(self.evicted, torch.bool, "evicted", 2)
+            if tuple(self.evicted.shape) != shape:
+                raise ExplainError(
+                    f"evicted: expected shape {shape}, got {tuple(self.evicted.shape)}")
+        for name, n in (("prompt_ids", shape[1] - shape[0]), ("generated_ids", shape[0]),
+                        ("target_logits", shape[0])):
+            _check_len(name, getattr(self, name), n)
+        if self.prompt_ids is not None:
+            self.prompt_ids = [int(i) for i in self.prompt_ids]
+        if self.generated_ids is not None:
+            self.generated_ids = [int(i) for i in self.generated_ids]
+        if self.target_logits is not None:
+            self.target_logits = [float(x) for x in self.target_logits]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Prompt then generated tokens: the columns of :attr:`matrix`."""
+        return self.prompt_tokens + self.generated_tokens
+
+    def row(self, i: int) -> Explanation:
+        """The explanation of generated token ``i`` (negative counts from the end) over the
+        tokens before it."""
+        n_gen = len(self.generated_tokens)
+        if not -n_gen <= i < n_gen:
+            raise IndexError(f"row({i}): {n_gen} token(s) were generated")
+        i %= n_gen
+        n = len(self.prompt_tokens) + i
+        ids = self.prompt_ids + self.generated_ids if self.prompt_ids and self.generated_ids else []
+        return Explanation(
+            tokens=self.tokens[:n], token_ids=ids[:n], relevance=self.matrix[i, :n],
+            target=self.generated_tokens[i],
+            target_ids=[self.generated_ids[i]] if self.generated_ids else [],
+            target_logit=self.target_logits[i] if self.target_logits else math.nan,
+            method=self.method, evicted=None if self.evicted is None else self.evicted[i, :n],
+            prompt=self.prompt)
+
+    def rows(self) -> list[Explanation]:
+        """:meth:`row` for every generated token."""
+        return [self.row(i) for i in range(len(self.generated_tokens))]
+
+    def title(self) -> str:
+        """One-line header."""
+        return (f"{len(self.generated_tokens)} generated token(s) after "
+                f"{len(self.prompt_tokens)} prompt token(s) · method {self.method}")
+
+    def to_terminal(self, k: int = 5, skip_first: bool = True, color: bool = True) -> str:
+        """Compact view: one line per generated token with its ``k`` most relevant earlier tokens
+        (coloured on that row's own scale). ``row(i).to_terminal()`` shows a full row."""
+        lines = [self.title() + f" · top {k} earlier tokens each"
+                 + " (token 0 left out)" * skip_first]
+        for i, r in enumerate(self.rows()):
+            cells, _ = r.cells(skip_first)
+            tops = [hm.terminal_cell(cells[j], color) + f"({v:+.3g})" * color
+                    for j, _, v in r.top(k, skip_first)]
+            lines.append(f"{i:>4} {hm.visible(r.target)!r:<16} ← " + "  ".join(tops))
+        return "\n".join(lines)
+
+    def _rows_data(self, skip_first: bool) -> list[dict[str, Any]]:
+        # Colours are computed here, by the one colour map, and shipped to the page's script
+        # as compact hex strings (6 characters a token), so the script has no colour logic.
+        data = []
+        for r in self.rows():
+            cells, scale = r.cells(skip_first)
+            data.append({
+                "c": "".join(hm.hex_color(c.color)[1:] for c in cells),
+                "f": "".join("1" if c.fg == (255, 255, 255) else "0" for c in cells),
+                "v": [float(f"{c.value:.4g}") if math.isfinite(c.value) else None for c in cells],
+                "e": [c.index for c in cells if c.evicted],
+                "k": int(bool(cells) and cells[0].sink), "s": f"{scale:.3g}"})
+        return data
+
+    def to_html(self, skip_first: bool = True, full_page: bool = True) -> str:
+        """Self-contained interactive page: hover (or click, to pin) a generated token to see its
+        row as a heatmap over the earlier tokens. Inline JS and CSS only; without JS the page
+        shows the last generated token's row."""
+        n_prompt, n_gen = len(self.prompt_tokens), len(self.generated_tokens)
+        last = self.matrix[-1] if n_gen else torch.zeros(len(self.tokens))
+        last_evicted = self.evicted[-1] if self.evicted is not None and n_gen else None
+        cells, scale = hm.token_cells(self.tokens, last, last_evicted, skip_first)
+        cells = [c._replace(color=hm.NEUTRAL) if c.index == len(cells) - 1 and n_gen else c
+                 for c in cells]  # the last token is the one explained, not an input
+
+        def extra(cell: hm.Cell) -> dict[str, str]:
+            if cell.index < n_prompt:
+                return {}
+            current = " lucidlm-current" if cell.index == len(cells) - 1 else ""
+            return {"class": "lucidlm-gen" + current, "data-g": str(cell.index - n_prompt)}
+
+        data = {"p": n_prompt, "names": [c.name for c in cells],
+                "gen": [hm.visible(t) for t in self.generated_tokens],
+                "notes": {"evicted": hm.EVICTED_NOTE, "sink": hm.SINK_NOTE},
+                "rows": self._rows_data(skip_first)}
+        root = f"lucidlm-{uuid.uuid4().hex[:12]}"  # unique: several outputs share a notebook page
+        body = (f'<div id="{root}"><div class="lucidlm-head"><div>{hm.esc(self.title())}</div>'
+                f'<div class="lucidlm-info">{hm.esc(_INFO)}</div></div>'
+                + hm.html_cells(cells, extra)
+                + hm.html_legend(scale, "relevance, each row on its own scale")
+                + '<script type="application/json" class="lucidlm-data">'
+                + f"{hm.html_json(data)}</script>"
+                + f"<script>{_SCRIPT.replace('ROOT_ID', root)}</script></div>")
+        return hm.html_document(body, f"lucidlm: generation ({self.method})", full_page)
+
+    def to_png(self, skip_first: bool = True) -> bytes:
+        """PNG bytes: the matrix as an image (rows = generated tokens, columns = all tokens),
+        each row coloured on its own scale; later tokens light grey, evicted ones grey."""
+        n_gen, n_all = self.matrix.shape
+        if not n_gen:
+            raise ExplainError("GenerationExplanation.to_png: no token was generated")
+        colors = np.full((n_gen, n_all, 3), hm.FUTURE, dtype=np.uint8)
+        for i, r in enumerate(self.rows()):
+            colors[i, : len(r.tokens)] = [c.color for c in r.cells(skip_first)[0]]
+        return hm.matrix_png(colors, self.tokens, self.generated_tokens, self.title(),
+                             "relevance / row's colour scale")
+
+    def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
+        """Write :meth:`to_png` to ``path`` atomically."""
+        return hm.atomic_write(path, self.to_png(skip_first))
+
+    def __str__(self) -> str:
+        return self.to_terminal(color=_color_stdout())
+
+    def __repr__(self) -> str:
+        return (f"GenerationExplanation(method={self.method!r}, n_prompt={len(self.prompt_tokens)}, "
+                f"generated={''.join(self.generated_tokens)[:40]!r})")
+
+
+_INFO = "Hover a bold (generated) token to see what it relied on; click to pin. Showing the last one."
+
+# Recolours the token spans with row i of the data. Colours, values and notes all come from
+# Python (see GenerationExplanation._rows_data); this only applies them.
+_SCRIPT = """(function(){
+var root=document.getElementById("ROOT_ID");
+var D=JSON.parse(root.querySelector("script.lucidlm-data").textContent);
+var toks=root.querySelectorAll(".lucidlm-tok"),info=root.querySelector(".lucidlm-info"),pinned=-1;
+function show(i){
+ var r=D.rows[i],n=D.p+i;
+ for(var j=0;j<toks.length;j++){
+  var el=toks[j],seen=j<n,ev=seen&&r.e.indexOf(j)>=0,sink=seen&&j==0&&r.k==1;
+  el.classList.toggle("lucidlm-future",j>n);
+  el.classList.toggle("lucidlm-current",j==n);
+  el.classList.toggle("lucidlm-evicted",ev);
+  el.classList.toggle("lucidlm-sink",sink);
+  el.style.background=seen?"#"+r.c.substr(6*j,6):"";
+  el.style.color=seen?(r.f.charAt(j)=="1"?"#fff":"#000"):"";
+  el.title=D.names[j]+(seen?": "+(r.v[j]===null?"n/a":r.v[j]):"")
+   +(ev?"; "+D.notes.evicted:"")+(sink?"; "+D.notes.sink:"");
+ }
+ info.textContent="Relevance for generated token "+i+" "+JSON.stringify(D.gen[i])
+  +" (colour scale \\u00b1"+r.s+")"
+  +(pinned>=0?" - pinned, click it again to unpin":" - click to pin");
+}
+root.querySelectorAll(".lucidlm-gen").forEach(function(el){
+ var i=+el.getAttribute("data-g");
+ el.addEventListener("mouseenter",function(){if(pinned<0)show(i);});
+ el.addEventListener("click",function(){pinned=pinned==i?-1:i;show(i);});
+});
+root.addEventListener("mouseleave",function(){if(pinned<0&&D.rows.length)show(D.rows.length-1);});
+})();"""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass(eq=False, repr=False)
+class ImageExplanation(_Result):
+    """Relevance of each pixel (``relevance``: (H, W)) for one class of an image model.
+
+    ``image`` is the input, (3, H, W) (or (1, H, W)) in [0, 1], or None.
+
+    >>> e = ImageExplanation(torch.randn(8, 8), torch.rand(3, 8, 8), "tabby cat", 9.5, "attnlrp")
+    >>> e.to_png()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+    True
+    """
+
+    relevance: torch.Tensor
+    image: torch.Tensor | None
+    target: str
+    target_logit: float
+    method: str
+
+    def __post_init__(self) -> None:
+        self.relevance = _tensor(self.relevance, torch.float32, "relevance", 2)
+        self.target, self.method = str(self.target), str(self.method)
+        self.target_logit = float(self.target_logit)
+        if self.image is None:
+            return
+        self.image = _tensor(self.image, torch.float32, "image", 3)
+        if self.image.shape[0] not in (1, 3) or self.image.shape[1:] != self.relevance.shape:
+            h, w = self.relevance.shape
+            raise ExplainError(f"image: expected shape (3, {h}, {w}) to match relevance, "
+                               f"got {tuple(self.image.shape)}")
+
+    def title(self) -> str:
+        """One-line header."""
+        return _target_title(self.target, self.target_logit, self.method)
+
+    def to_png(self, overlay: bool = True) -> bytes:
+        """PNG bytes: the heatmap (colour map symmetric around 0), over the image if ``overlay``
+        (opacity follows |relevance|) or beside it."""
+        image = None
+        if self.image is not None:  # (C, H, W) -> (H, W, 3) for matplotlib
+            image = self.image.clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()
+        return hm.image_png(self.relevance.numpy(), image, overlay, self.title())
+
+    def save_png(self, path: PathLike, overlay: bool = True) -> Path:
+        """Write :meth:`to_png` to ``path`` atomically."""
+        return hm.atomic_write(path, self.to_png(overlay))
+
+    def to_html(self, full_page: bool = True, overlay: bool = True) -> str:
+        """Self-contained HTML: header and the PNG inline as a ``data:`` URI."""
+        img = f'<img alt="{hm.esc(self.title())}" src="{hm.png_data_uri(self.to_png(overlay))}">'
+        body = f'<div class="lucidlm-head">{hm.esc(self.title())}</div>{img}'
+        return hm.html_document(body, f"lucidlm: {self.target}", full_page)
+
+    def __str__(self) -> str:
+        return f"{self.title()} · {tuple(self.relevance.shape)} pixels"
+
+    def __repr__(self) -> str:
+        return (f"ImageExplanation(target={self.target!r}, method={self.method!r}, "
+                f"shape={tuple(self.relevance.shape)})")

@@ -1,0 +1,511 @@
+"""Rendering helpers behind every explanation: colours, token display, ANSI, HTML, PNG, file writes.
+
+One colour map is used everywhere (terminal, HTML, PNG): a linear blend from blue (negative)
+through white (zero) to red (positive), the same as matplotlib's ``bwr``, so a value looks the
+same in every rendering. ``scale`` is the value drawn at full colour (see :func:`color_scale`).
+
+matplotlib is imported inside the PNG functions only: importing lucidlm must stay cheap, and we
+never touch pyplot's global state or the user's interactive backend (figures are drawn with the
+Agg canvas directly).
+
+>>> cells, scale = token_cells(["<s>", " Hello", " world"], torch.tensor([9.0, 1.0, -0.5]))
+>>> scale, cells[1].color, cells[2].color, cells[0].sink
+(1.0, (255, 0, 0), (128, 128, 255), True)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import functools
+import html
+import io
+import json
+import math
+import os
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+RGB = tuple[int, int, int]
+POSITIVE: RGB = (255, 0, 0)
+NEGATIVE: RGB = (0, 0, 255)
+NEUTRAL: RGB = (255, 255, 255)
+EVICTED: RGB = (215, 215, 215)  # grey: no sign, so it cannot be mistaken for a relevance colour
+EVICTED_TEXT: RGB = (110, 110, 110)
+FUTURE: RGB = (245, 245, 245)  # matrix cells a generated token could not see
+
+SINK_NOTE = "attention sink, excluded from the colour scale"
+EVICTED_NOTE = "evicted from the KV cache: the model no longer saw this token"
+
+
+# ----------------------------------------------------------------------------- colours
+
+
+def color_scale(values: torch.Tensor, skip_first: bool = True) -> float:
+    """The |value| drawn at full colour: the largest finite |value|, leaving out token 0 if asked.
+
+    >>> color_scale(torch.tensor([5.0, -2.0, 1.0])), color_scale(torch.tensor([5.0, -2.0]), False)
+    (2.0, 5.0)
+    """
+    v = values.detach().double().flatten()
+    if skip_first and v.numel() > 1:  # a one-token prompt has nothing else to scale by
+        v = v[1:]
+    v = v[torch.isfinite(v)].abs()
+    top = float(v.max()) if v.numel() else 0.0
+    return top if top > 0 else 1.0  # all-zero relevance: any scale draws it white
+
+
+def rgb_array(values: np.ndarray, scale: float) -> np.ndarray:
+    """Colours (uint8, shape ``values.shape + (3,)``) of ``values``; the one colour map of lucidlm.
+
+    |value| >= scale is full red/blue; NaN is white.
+
+    >>> rgb_array(np.array([1.0, -0.5, 0.0, np.nan]), 1.0).tolist()
+    [[255, 0, 0], [128, 128, 255], [255, 255, 255], [255, 255, 255]]
+    """
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    t = np.clip(np.abs(v) / scale, 0.0, 1.0)[..., None]
+    end = np.where((v > 0)[..., None], POSITIVE, NEGATIVE)
+    return np.rint(np.asarray(NEUTRAL) + (end - np.asarray(NEUTRAL)) * t).astype(np.uint8)
+
+
+def rgb(value: float, scale: float) -> RGB:
+    """Colour of one value (see :func:`rgb_array`).
+
+    >>> rgb(2.0, 1.0), rgb(-1.0, 1.0)
+    ((255, 0, 0), (0, 0, 255))
+    """
+    r, g, b = rgb_array(np.array([value]), scale)[0].tolist()
+    return r, g, b
+
+
+def text_rgb(background: RGB) -> RGB:
+    """Black or white text, whichever reads better on ``background`` (full blue needs white).
+
+    >>> text_rgb((255, 255, 255)), text_rgb((0, 0, 255))
+    ((0, 0, 0), (255, 255, 255))
+    """
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b >= 128 else (255, 255, 255)
+
+
+def hex_color(color: RGB) -> str:
+    """``#rrggbb``.
+
+    >>> hex_color((255, 0, 16))
+    '#ff0010'
+    """
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+def colormap():
+    """The matplotlib colormap equal to :func:`rgb_array` (used for colour bars and images)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    stops = [tuple(c / 255 for c in color) for color in (NEGATIVE, NEUTRAL, POSITIVE)]
+    return LinearSegmentedColormap.from_list("lucidlm", stops)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def _control_map() -> dict[int, str]:
+    # Control characters are drawn as Unicode "control pictures": an ESC inside a token must not
+    # reach the terminal as an escape sequence, and none of them has a visible glyph of its own.
+    table = {code: chr(0x2400 + code) for code in range(32)}
+    table.update({127: "\u2421", **{code: "\ufffd" for code in range(0x80, 0xA0)}})
+    table.update({ord("\n"): "\u21b5", ord("\t"): "\u21e5", ord("\r"): "\u240d"})
+    return table
+
+
+_VISIBLE = str.maketrans(_control_map())
+
+
+def visible(token: str) -> str:
+    """How a token is displayed: newline as ↵, tab as ⇥, other control characters as symbols.
+
+    Spaces stay spaces (the coloured background shows them); an empty token shows as ∅.
+
+    >>> visible(" a\\nb\\t"), visible("\\x1b[31m"), visible("")
+    (' a↵b⇥', '␛[31m', '∅')
+    """
+    return token.translate(_VISIBLE) or "\u2205"
+
+
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters count 2, combining marks 0.
+
+    >>> display_width("ab"), display_width("日本"), display_width("e\\u0301")
+    (2, 4, 1)
+    """
+    wide = sum(unicodedata.east_asian_width(ch) in "WF" for ch in text)
+    combining = sum(unicodedata.combining(ch) != 0 for ch in text)
+    return len(text) + wide - combining
+
+
+class Cell(NamedTuple):
+    """One token ready to draw."""
+
+    index: int
+    token: str  # as given
+    text: str  # as displayed (see :func:`visible`)
+    value: float
+    color: RGB  # background
+    evicted: bool
+    sink: bool  # token 0 left out of the colour scale
+    breaks: int  # line breaks after the token (its newlines)
+
+    @property
+    def fg(self) -> RGB:
+        """Text colour."""
+        return EVICTED_TEXT if self.evicted else text_rgb(self.color)
+
+    @property
+    def name(self) -> str:
+        """Position and token, e.g. ``#3 ' cat'``."""
+        return f"#{self.index} {self.token!r}"
+
+    def label(self) -> str:
+        """Tooltip text: position, token and value, plus what is special about it."""
+        notes = [EVICTED_NOTE] * self.evicted + [SINK_NOTE] * self.sink
+        return "; ".join([f"{self.name}: {self.value:+.4g}", *notes])
+
+
+def cell_notes(cells: Sequence[Cell]) -> list[str]:
+    """Sentences explaining the marked tokens (sink, evicted), for headers of every rendering."""
+    notes = [f"token 0 {c.token!r} ({c.value:+.3g}) is an {SINK_NOTE}" for c in cells if c.sink]
+    evicted = sum(c.evicted for c in cells)
+    if evicted:
+        notes.append(f"{evicted} token(s) evicted from the KV cache (grey, struck through)")
+    return notes
+
+
+def token_cells(
+    tokens: Sequence[str],
+    values: torch.Tensor,
+    evicted: torch.Tensor | None = None,
+    skip_first: bool = True,
+) -> tuple[list[Cell], float]:
+    """Cells for a heatmap over ``tokens`` and the colour scale they were coloured with."""
+    values = values.detach().double().flatten()
+    scale = color_scale(values, skip_first)
+    colors = rgb_array(values.numpy(), scale).tolist()
+    gone = [False] * len(tokens) if evicted is None else [bool(e) for e in evicted.tolist()]
+    cells = [
+        Cell(i, tok, visible(tok), float(v), EVICTED if out else tuple(c), out,
+             skip_first and i == 0 and len(tokens) > 1, tok.count("\n"))
+        for i, (tok, v, c, out) in enumerate(zip(tokens, values.tolist(), colors, gone))
+    ]
+    return cells, scale
+
+
+def layout(widths: Sequence[int], breaks: Sequence[int], width: int) -> list[tuple[int, int]]:
+    """Greedy wrap of items ``widths`` wide into lines ``width`` wide: ``(line, column)`` per item.
+
+    ``breaks[i]`` forced line breaks follow item i (its newlines). An item wider than a line gets
+    a line of its own.
+
+    >>> layout([3, 3, 3], [0, 1, 0], 7)
+    [(0, 0), (0, 3), (1, 0)]
+    >>> layout([3, 3, 3], [0, 0, 0], 5)
+    [(0, 0), (1, 0), (2, 0)]
+    """
+    line, col, out = 0, 0, []
+    for w, n in zip(widths, breaks):
+        if col and col + w > width:
+            line, col = line + 1, 0
+        out.append((line, col))
+        col += w
+        if n:
+            line, col = line + n, 0
+    return out
+
+
+# ----------------------------------------------------------------------------- terminal
+
+RESET = "\x1b[0m"
+
+
+def ansi(text: str, background: RGB, foreground: RGB, *, strike: bool = False,
+         underline: bool = False) -> str:
+    """``text`` with a 24-bit background/foreground colour (and strike-through/underline).
+
+    >>> ansi("a", (255, 0, 0), (0, 0, 0))
+    '\\x1b[48;2;255;0;0m\\x1b[38;2;0;0;0ma\\x1b[0m'
+    """
+    style = "\x1b[9m" * strike + "\x1b[4m" * underline
+    bg, fg = ";".join(map(str, background)), ";".join(map(str, foreground))
+    return f"{style}\x1b[48;2;{bg}m\x1b[38;2;{fg}m{text}{RESET}"
+
+
+def terminal_cell(cell: Cell, color: bool) -> str:
+    """One token for the terminal: coloured, or plain text with its value in brackets."""
+    if color:
+        return ansi(cell.text, cell.color, cell.fg, strike=cell.evicted, underline=cell.sink)
+    note = "evicted" if cell.evicted else f"{cell.value:+.3g}" + " sink" * cell.sink
+    return f"~{cell.text}~[{note}]" if cell.evicted else f"{cell.text}[{note}]"
+
+
+def terminal_text(cells: Sequence[Cell], width: int, color: bool) -> str:
+    """Tokens wrapped into lines at most ``width`` columns wide (tokens keep their own spaces)."""
+    pieces = [terminal_cell(c, color) for c in cells]
+    widths = [display_width(c.text) if color else display_width(p) for c, p in zip(cells, pieces)]
+    lines: list[str] = [""]
+    for piece, (line, _) in zip(pieces, layout(widths, [c.breaks for c in cells], width)):
+        lines.extend([""] * (line + 1 - len(lines)))
+        lines[line] += piece
+    return "\n".join(lines)
+
+
+def terminal_legend(scale: float, color: bool, steps: int = 21) -> str:
+    """``-s ▕bar▏ +s``: the colour bar of a terminal rendering."""
+    if not color:
+        return f"colour scale ±{scale:.3g} (red positive, blue negative)"
+    stops = rgb_array(np.linspace(-scale, scale, steps), scale).tolist()
+    bar = "".join(ansi(" ", tuple(c), (0, 0, 0)) for c in stops)
+    return f"{-scale:+.3g} {bar} {scale:+.3g}"
+
+
+# ----------------------------------------------------------------------------- HTML
+
+CSS = """
+.lucidlm{font-family:system-ui,sans-serif;line-height:1.9;max-width:60em}
+.lucidlm-head{margin-bottom:.4em}
+.lucidlm-text{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
+ word-break:break-word;border:1px solid #ddd;padding:.5em;border-radius:4px}
+.lucidlm-tok{border-radius:3px;padding:.1em 0;box-shadow:inset 0 0 0 .5px #e0e0e0}
+.lucidlm-evicted{background:#d7d7d7!important;color:#6e6e6e!important;text-decoration:line-through}
+.lucidlm-sink{outline:1.5px dashed #555;outline-offset:-1px}
+.lucidlm-future{opacity:.35}
+.lucidlm-current{outline:2px solid #000}
+.lucidlm-gen{cursor:pointer;font-weight:bold}
+.lucidlm-legend{display:flex;align-items:center;gap:.5em;margin-top:.5em;font-size:.85em}
+.lucidlm-bar{width:16em;height:.9em;border:1px solid #999;
+ background:linear-gradient(to right,%(neg)s,%(mid)s,%(pos)s)}
+.lucidlm img{max-width:100%%}
+""" % {"neg": hex_color(NEGATIVE), "mid": hex_color(NEUTRAL), "pos": hex_color(POSITIVE)}
+
+
+def esc(text: str) -> str:
+    """HTML-escape text and attribute values.
+
+    >>> esc('<script>"')
+    '&lt;script&gt;&quot;'
+    """
+    return html.escape(text, quote=True)
+
+
+def html_cell(cell: Cell, extra: dict[str, str] | None = None) -> str:
+    """One ``<span>`` with the token's colour, a tooltip, and a ``<br>`` per newline.
+
+    ``extra`` adds attributes; its ``class`` is appended to the token's own classes.
+    """
+    extra = dict(extra or {})
+    classes = " ".join(["lucidlm-tok"] + ["lucidlm-evicted"] * cell.evicted
+                       + ["lucidlm-sink"] * cell.sink + [extra.pop("class", "")]).strip()
+    style = f"background:{hex_color(cell.color)};color:{hex_color(cell.fg)}"
+    attrs = {"class": classes, "style": style, "title": cell.label(), **extra}
+    rendered = "".join(f' {k}="{esc(v)}"' for k, v in attrs.items())
+    return f"<span{rendered}>{esc(cell.text)}</span>" + "<br>" * cell.breaks
+
+
+def html_cells(cells: Sequence[Cell], extra: Callable[[Cell], dict[str, str]] | None = None) -> str:
+    """The spans of all cells inside the monospace text box; ``extra`` adds per-cell attributes."""
+    spans = "".join(html_cell(c, extra(c) if extra else None) for c in cells)
+    return f'<div class="lucidlm-text">{spans}</div>'
+
+
+def html_legend(scale: float, note: str = "") -> str:
+    """The colour bar from ``-scale`` to ``+scale``."""
+    return (f'<div class="lucidlm-legend"><span>{-scale:+.3g}</span><span class="lucidlm-bar">'
+            f"</span><span>{scale:+.3g}</span><span>{esc(note)}</span></div>")
+
+
+def html_json(data: object) -> str:
+    """JSON safe inside ``<script type="application/json">`` ("</script>" cannot end it early)."""
+    return json.dumps(data, ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
+
+
+def html_document(body: str, title: str, full_page: bool = True) -> str:
+    """Wrap ``body`` with the inline stylesheet: a whole page, or a fragment for Jupyter."""
+    fragment = f"<style>{CSS}</style>\n<div class=\"lucidlm\">{body}</div>"
+    if not full_page:
+        return fragment
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"</head><body>\n{fragment}\n</body></html>\n")
+
+
+def png_data_uri(png: bytes) -> str:
+    """``data:`` URI of a PNG, so pages embed images without files or network."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- PNG
+
+FONT = {"family": "DejaVu Sans Mono", "size": 11}  # ships with matplotlib; monospace => no measuring
+CHAR_W, LINE_H = 0.0085 * FONT["size"], 0.024 * FONT["size"]  # inches per column / per line
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure drawn by the Agg canvas, outside pyplot (no global state, any backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (written to disk by :func:`atomic_write`, never directly)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # a token in a script the font lacks draws as boxes: expected
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        # "tight" grows the canvas to every label and title, so long ones are never cut off.
+        fig.savefig(buf, format="png", facecolor="white", bbox_inches="tight", pad_inches=0.15)
+    return buf.getvalue()
+
+
+def add_colorbar(fig: Figure, rect: Sequence[float], scale: float, label: str) -> None:
+    """A horizontal colour bar from ``-scale`` to ``+scale`` in the figure region ``rect``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(Normalize(-scale, scale), colormap())
+    fig.colorbar(mappable, cax=fig.add_axes(rect), orientation="horizontal", label=label)
+
+
+def tokens_png(cells: Sequence[Cell], scale: float, title: str, columns: int = 80) -> bytes:
+    """Tokens as coloured boxes wrapped like text, a title line and a colour bar."""
+    from matplotlib.patches import Rectangle
+
+    places = layout([display_width(c.text) for c in cells], [c.breaks for c in cells], columns)
+    lines = (places[-1][0] + 1) if places else 1
+    head, foot = 0.5, 0.8  # inches for the title and the colour bar
+    height = head + lines * LINE_H + foot
+    fig = new_figure(columns * CHAR_W + 0.4, height)
+    fig.text(0.5, 1 - 0.25 / height, title, ha="center", va="center", parse_math=False)
+    ax = fig.add_axes((0.2 / fig.get_figwidth(), foot / height,
+                       columns * CHAR_W / fig.get_figwidth(), lines * LINE_H / height))
+    ax.set_xlim(0, columns)
+    ax.set_ylim(lines, 0)
+    ax.set_axis_off()
+    for cell, (line, col) in zip(cells, places):
+        w = display_width(cell.text)
+        ax.add_patch(Rectangle((col, line + 0.1), w, 0.8, facecolor=np.divide(cell.color, 255),
+                               edgecolor="0.3" if cell.sink else "0.85",
+                               linestyle="--" if cell.sink else "-", linewidth=0.6,
+                               hatch="//" if cell.evicted else None))
+        ax.text(col, line + 0.5, cell.text, fontdict=FONT, va="center", ha="left",
+                color=np.divide(cell.fg, 255), parse_math=False)
+        if cell.evicted:  # strike-through, as in the terminal and HTML
+            ax.plot([col, col + w], [line + 0.5] * 2, color=np.divide(EVICTED_TEXT, 255), lw=1)
+    add_colorbar(fig, (0.3, 0.35 / height, 0.4, 0.15 / height), scale, "relevance")
+    return figure_png(fig)
+
+
+def matrix_png(colors: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str],
+               title: str, label: str) -> bytes:
+    """A pre-coloured (rows, cols, 3) uint8 matrix with token labels and a colour bar of ±1."""
+    rows, cols = colors.shape[:2]
+    # Inches per cell: room for a label each, until the figure would pass ~14 x 12 inches (beyond
+    # that labels are thinned anyway and a huge canvas only costs time and memory).
+    cell = min(0.22, 12.0 / max(cols, 1), 9.5 / max(rows, 1))
+    fig = new_figure(max(4.0, 2.0 + cols * cell), max(3.0, 2.6 + rows * cell))
+    ax = fig.add_axes((0.15, 0.3, 0.8, 0.6))
+    ax.imshow(colors, aspect="auto", interpolation="nearest")
+    ax.set_title(title, fontsize=10, parse_math=False)
+    for setter, labels in ((ax.set_xticks, xlabels), (ax.set_yticks, ylabels)):
+        step = max(1, math.ceil(len(labels) / 60))  # thin the labels of long sequences
+        setter(range(0, len(labels), step), [visible(t) for t in labels[::step]],
+               fontsize=7, fontfamily="DejaVu Sans Mono")
+    ax.tick_params(axis="x", rotation=90)
+    add_colorbar(fig, (0.3, 0.06, 0.4, 0.025), 1.0, label)
+    return figure_png(fig)
+
+
+def image_png(relevance: np.ndarray, image: np.ndarray | None, overlay: bool, title: str) -> bytes:
+    """Pixel relevance ``(H, W)`` as a heatmap symmetric around 0, over or beside ``(H, W, 3)``."""
+    scale = color_scale(torch.from_numpy(relevance), skip_first=False)
+    panels = 1 if image is None or overlay else 2
+    fig = new_figure(4.0 * panels, 4.6)
+    fig.suptitle(title, fontsize=10)
+    axes = [fig.add_axes((0.05 + i / panels, 0.2, 0.9 / panels, 0.7)) for i in range(panels)]
+    heat = {"cmap": colormap(), "vmin": -scale, "vmax": scale, "interpolation": "nearest"}
+    if image is not None:
+        axes[0].imshow(image, interpolation="nearest")
+    if image is not None and overlay:  # opacity follows |r|: irrelevant pixels show the image
+        alpha = np.clip(np.abs(relevance) / scale, 0, 1) * 0.85
+        axes[0].imshow(relevance, alpha=alpha, **heat)
+    else:
+        axes[-1].imshow(relevance, **heat)
+    for ax in axes:
+        ax.set_axis_off()
+    add_colorbar(fig, (0.2, 0.08, 0.6, 0.04), scale, "relevance")
+    return figure_png(fig)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def check_target(path: str | os.PathLike[str]) -> Path:
+    """The path to write, after checking it can be: its directory exists and it is not one."""
+    path = Path(path).expanduser()
+    parent = path.parent
+    if not parent.exists():
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot write {path}: directory {parent} does not exist", str(path))
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {parent} is not a directory",
+                                 str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory", str(path))
+    return path
+
+
+@functools.cache
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back; cached so this
+    # (process-wide, racy) dance happens once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` all at once: readers see the old file or the new
+    one, never a partial file; on any error the temporary file is removed.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> atomic_write(os.path.join(d, "a.txt"), "hi").read_text(), os.listdir(d)
+    ('hi', ['a.txt'])
+    """
+    path = check_target(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    # Same directory as the target so os.replace is a rename within one file system.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would have.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

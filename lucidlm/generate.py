@@ -1,0 +1,115 @@
+"""Token generation: sampling, batched prompts (left padding with explicit positions), any KV-cache
+policy, stop tokens. Text-level concerns (chat templates, stop strings, streaming text) live in
+``api.py``; this module works on token ids.
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> model = GPT(Config.from_name("tiny-llama")).eval()
+>>> steps = list(generate_ids(model, [[1, 2, 3]], max_new_tokens=4))
+>>> len(steps), len(steps[0])
+(4, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import CacheError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when ``temperature == 0``."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: expected a value >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: expected an integer >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (batch,) from last-position logits (batch, vocab)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = _nucleus(logits, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (always the top one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch prompts of different lengths: ids (B, T) and positions (B, T), -1 on the padding."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pos = torch.full((len(prompts), longest), -1, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        pos[row, longest - len(p):] = torch.arange(len(p))
+    return ids, pos
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
+                 kv_cache: str = "dense", cache_tokens: int | None = None,
+                 chunk_size: int = 256) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each prompt (``None`` once that sequence has stopped).
+
+    A sequence stops at a token in ``stop_ids`` (which is yielded), after ``max_new_tokens``, or at
+    the model's context length.
+    """
+    from .cache import build_cache, prefill
+
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+    config = model.config
+    ids, pos = left_pad(prompts)
+    longest = max(len(p) for p in prompts)
+    if longest >= config.block_size:
+        raise CacheError(f"prompt of {longest} tokens does not fit the model's context length "
+                         f"({config.block_size} tokens)")
+    max_new_tokens = min(max_new_tokens, config.block_size - longest)
+    if kv_cache.split("+")[0] == "dense" and cache_tokens is None:
+        cache_tokens = ids.shape[1] + max_new_tokens  # room for exactly this generation
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
+    next_pos = pos.max(dim=1).values.to(device) + 1
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        token = sample(logits, sampling, generator)
+        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        logits = model(token[:, None], positions=next_pos[:, None], cache=cache, last_only=True)[:, -1]
+        next_pos = next_pos + 1
