@@ -101,3 +101,15 @@ def test_config_registry_and_from_name():
     assert cfg.n_layer == 3 and cfg.head_size == 16
     with pytest.raises(ConfigError, match="unknown config name 'nope'"):
         lucidlm.Config.from_name("nope")
+
+
+def test_checkpoint_saved_from_bare_base_model_loads(hf_checkpoint, tmp_path):
+    """The original "gpt2" checkpoint names tensors "h.0.attn..." without the "transformer." prefix."""
+    hf_model, directory = hf_checkpoint("gpt2")
+    tensors = load_file(directory / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    save_file(bare, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((directory / "config.json").read_bytes())
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(lucidlm.LLM.load(tmp_path).model(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)

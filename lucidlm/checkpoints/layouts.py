@@ -32,6 +32,9 @@ class Layout:
     fused: tuple[Fused, ...] = ()
     transposed: tuple[str, ...] = ()  # regexes of HF weights stored as (in, out) (GPT-2 Conv1D)
     ignore: tuple[str, ...] = ()  # regexes of HF buffers that are not weights
+    # the base model's prefix: checkpoints saved from the bare model (e.g. the original "gpt2")
+    # omit it, and transformers adds it back; so do we
+    prefix: str = "model."
 
 
 def _qkv_sizes(c: Config) -> list[int]:
@@ -112,7 +115,7 @@ LAYOUTS: dict[str, Layout] = {
                     ("transformer.h.{i}.mlp.c_proj.", "layers.{i}.mlp.down_proj.")),
                    fused=_fused_pair("transformer.h.{i}.attn.c_attn", _QKV, _split_qkv, _cat),
                    transposed=(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",),
-                   ignore=(r".*\.attn\.(masked_)?bias$",)),
+                   ignore=(r".*\.attn\.(masked_)?bias$",), prefix="transformer."),
     "gpt_neox": Layout((("gpt_neox.embed_in.", "embed."), ("gpt_neox.final_layer_norm.", "final_norm."),
                         ("embed_out.", "lm_head."), ("lm_head.", "lm_head."),
                         ("gpt_neox.layers.{i}.input_layernorm.", "layers.{i}.attn_norm."),
@@ -121,7 +124,7 @@ LAYOUTS: dict[str, Layout] = {
                         ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.", "layers.{i}.mlp.up_proj."),
                         ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "layers.{i}.mlp.down_proj.")),
                        fused=_fused_pair("gpt_neox.layers.{i}.attention.query_key_value", _QKV, _split_neox, _fuse_neox),
-                       ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")),
+                       ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$"), prefix="gpt_neox."),
 }
 
 
@@ -143,7 +146,10 @@ def hf_to_ours(state: dict[str, torch.Tensor], config: Config) -> tuple[dict[str
     layout = LAYOUTS[config.family]
     pairs = sorted(layout.renames, key=lambda p: -len(p[0]))  # most specific prefix first
     ours, unknown = {}, []
+    bare = not any(name.startswith(layout.prefix) for name in state)
     for name, tensor in state.items():
+        if bare and not name.startswith(("lm_head.", "embed_out.")):
+            name = layout.prefix + name
         if any(re.match(rx, name) for rx in layout.ignore):
             continue
         if any(re.match(rx, name) for rx in layout.transposed):
