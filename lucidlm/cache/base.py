@@ -13,6 +13,9 @@ Attention talks to one :class:`LayerCache` per layer in two steps:
    The policy then evicts down to its budget.
 
 Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
+Every layer cache has ``capacity``: the most slots it keeps between steps (None: unbounded).
+:mod:`lucidlm.cache.policies` holds the evicting policies, :func:`lucidlm.cache.build_cache` builds
+any of them by name.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class LayerCache:
         raise NotImplementedError
 
     def settle(self, scores: torch.Tensor | None) -> None:
-        """Called once after every ``extend``; the dense cache has nothing to do."""
+        """Called once after every ``extend``; evicting policies drop slots here."""
 
     def memory_bytes(self) -> int:
         """Bytes held by this layer's buffers (keys, values, positions, scales)."""
@@ -37,6 +40,10 @@ class LayerCache:
 
     def buffers(self) -> list[torch.Tensor]:
         return []
+
+    def positions(self) -> torch.Tensor:
+        """(batch, slots) true positions of the kept tokens (-1: empty or padding)."""
+        return self.pos
 
 
 class KVCache:
@@ -55,6 +62,14 @@ class KVCache:
     def memory_bytes(self) -> int:
         return sum(layer.memory_bytes() for layer in self.layers)
 
+    def kept_positions(self, sequence: int = 0) -> list[set[int]]:
+        """Per layer, the positions of ``sequence`` still in the cache (what the model still sees).
+
+        Window and sink keep the same tokens in every layer; H2O decides per layer, so a token can be
+        gone from some layers only. An explanation shows tokens in no layer's set as evicted.
+        """
+        return [{p for p in layer.positions()[sequence].tolist() if p >= 0} for layer in self.layers]
+
     @property
     def capacity(self) -> int | None:
         """Most tokens a layer keeps between steps (None: unbounded)."""
@@ -69,22 +84,36 @@ class DenseLayerCache(LayerCache):
         self.k = torch.zeros(batch, groups, capacity, head_size, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
-        self.capacity, self.filled = capacity, 0
+        self.capacity, self.filled, self._last = capacity, 0, 0
 
     def extend(self, k, v, pos):
         end = self.filled + k.shape[2]
         if end > self.capacity:
             from ..errors import CacheError
 
-            raise CacheError(f"dense cache full: {end} tokens > capacity {self.capacity}")
+            raise CacheError(f"dense cache full: {end} tokens > capacity {self.capacity}; use an evicting "
+                             "policy (window, sink, h2o) or a larger cache_tokens")
         self.k[:, :, self.filled:end] = k
         self.v[:, :, self.filled:end] = v
         self.pos[:, self.filled:end] = pos
-        self.filled = end
+        self.filled, self._last = end, k.shape[2]
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
+
+    def settle(self, scores):
+        # padding tokens whose queries saw no key (a chunk of pure left padding) hold NaN: zero
+        # them once attention is done, so later queries multiply a masked slot by 0, not by NaN
+        start = self.filled - self._last
+        pad = self.pos[:, start:self.filled] < 0
+        if bool(pad.any()):
+            pad = pad[:, None, :, None]
+            self.k[:, :, start:self.filled].masked_fill_(pad, 0)
+            self.v[:, :, start:self.filled].masked_fill_(pad, 0)
 
     def buffers(self):
         return [self.k, self.v, self.pos]
+
+    def positions(self):
+        return self.pos[:, :self.filled]
 
 
 def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,

@@ -85,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         (batch, groups, keys): weights summed over queries, averaged over a group's heads."""
         q, k = rules.bilinear(q), rules.bilinear(k)
         if want_scores or self.softcap is not None or rules.current() == "cp-lrp":
-            out, scores = self._explicit(q, k, v, self._mask(q_pos, k_pos), want_scores)
+            out, scores = self._explicit(q, k, v, q_pos, self._mask(q_pos, k_pos), want_scores)
         else:
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill), None
         return rules.bilinear(out), scores
@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.n_groups != self.n_head)
 
-    def _explicit(self, q, k, v, mask, want_scores: bool):
+    def _explicit(self, q, k, v, q_pos, mask, want_scores: bool):
         B, H, T, D = q.shape
         G = self.n_groups
         qg = q.view(B, G, H // G, T, D)  # queries of one KV group share its keys without copies
@@ -121,6 +121,12 @@ class CausalSelfAttention(nn.Module):
             logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
         weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-        scores = weights.float().sum(3).mean(2) if want_scores else None
+        scores = self._scores(weights, q_pos) if want_scores else None
         out = rules.attention_weights(weights) @ v[:, :, None]
         return out.view(B, H, T, D), scores
+
+    @staticmethod
+    def _scores(weights: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Weight each key received, summed over the (non-padding) queries, averaged over a group."""
+        real_queries = (q_pos >= 0)[:, None, None, :, None]  # padding queries' weights don't count
+        return (weights.float() * real_queries).sum(3).mean(2)

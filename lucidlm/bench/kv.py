@@ -1,0 +1,134 @@
+"""``lucidlm bench kv``: what each KV-cache policy costs on real text.
+
+One 4096-token text (by default the license texts every Debian machine has in
+``/usr/share/common-licenses``; ``--text FILE`` for another) is streamed through the model in
+chunks with each policy and a cache of 12.5%, 25% and 50% of the text. Per row: perplexity (and its
+change against the dense cache), the cache's peak memory, and decode tokens/s (greedy one-token steps
+after the whole text went into the cache).
+
+>>> print(format_table([dict(policy="dense", cache_tokens=4096, fraction=1.0, perplexity=10.0,
+...                          delta=0.0, memory_bytes=2 ** 20, decode_tps=50.0)]))
+| policy | cache tokens | of text | perplexity | vs dense | cache MiB | decode tok/s |
+|---|---:|---:|---:|---:|---:|---:|
+| dense | 4096 | 100% | 10.00 | +0.0% | 1.0 | 50.0 |
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+LICENSES = Path("/usr/share/common-licenses")
+DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", type=Path, action="append", default=None,
+                   help=f"text file to measure on (repeatable; default: the files in {LICENSES})")
+    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokens", type=int, default=4096, help="text length in tokens (default 4096)")
+    p.add_argument("--fractions", default="0.125,0.25,0.5", help="cache budgets as fractions of the text")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def run(args) -> int:
+    from lucidlm import LLM
+    from lucidlm.errors import LucidError
+
+    try:
+        text = load_text(args.text)
+        llm = LLM.load(args.model, dtype=args.dtype, device=args.device)
+        ids = token_ids(llm, text, args.tokens)
+    except (LucidError, OSError) as exc:
+        print(f"lucidlm bench kv: {exc}")
+        return 1
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip() and p.strip() != "dense"]
+    rows = measure(llm.model, ids, policies, fractions, args.chunk_size, args.decode_steps)
+    print(f"{llm.source}: {len(ids)} tokens, chunk {args.chunk_size}, {args.decode_steps} decode steps, "
+          f"{args.device} {args.dtype}")
+    print(format_table(rows))
+    return 0
+
+
+def load_text(paths: list[Path] | None = None) -> str:
+    """The texts of ``paths``, or of every license file in /usr/share/common-licenses, concatenated."""
+    from lucidlm.errors import LucidError
+
+    if not paths:
+        if not LICENSES.is_dir():
+            raise LucidError(f"{LICENSES} does not exist on this machine: pass a text with --text FILE")
+        # the directory has symlinks (GPL -> GPL-3): read each real file once, in a fixed order
+        paths = sorted({p.resolve() for p in LICENSES.iterdir() if p.is_file()})
+    return "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
+
+
+def token_ids(llm, text: str, n: int) -> list[int]:
+    """The first ``n`` tokens of ``text``; a clear error when the text or the model is too short."""
+    from lucidlm.errors import CacheError
+
+    ids = llm.tokenizer.encode(text)
+    if len(ids) < n:
+        raise CacheError(f"the text has {len(ids)} tokens, fewer than --tokens {n}: add text or lower --tokens")
+    if n + 64 > llm.config.block_size:
+        raise CacheError(f"--tokens {n} plus decode steps exceed the context length {llm.config.block_size}")
+    return ids[:n]
+
+
+def measure(model, ids: list[int], policies: list[str], fractions: list[float], chunk_size: int = 256,
+            decode_steps: int = 64) -> list[dict]:
+    """One row per (policy, budget), dense (room for the whole text) first."""
+    from tqdm.auto import tqdm
+
+    runs = [("dense", len(ids) + decode_steps, 1.0)]
+    runs += [(p, max(1, round(f * len(ids))), f) for f in fractions for p in policies]
+    rows = []
+    for policy, budget, fraction in tqdm(runs, desc="bench kv", unit="run"):
+        rows.append(measure_one(model, ids, policy, budget, chunk_size, decode_steps) | {"fraction": fraction})
+    dense = rows[0]["perplexity"]
+    for row in rows:
+        row["delta"] = row["perplexity"] / dense - 1
+    return rows
+
+
+@torch.no_grad()
+def measure_one(model, ids: list[int], policy: str, budget: int, chunk_size: int, decode_steps: int) -> dict:
+    """Perplexity and peak cache memory streaming ``ids``, then greedy decode speed on that cache."""
+    from lucidlm.cache import build_cache
+    from lucidlm.perplexity import score
+
+    param = next(model.parameters())
+    cache = build_cache(model.config, 1, policy, budget, dtype=param.dtype, device=param.device)
+    tensor = torch.tensor([ids], device=param.device)
+    result, last = score(model, tensor, cache, chunk_size, progress=True)
+    token = last.argmax(-1, keepdim=True)
+    _sync(param.device)
+    start = time.perf_counter()
+    for _ in range(decode_steps):
+        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    _sync(param.device)
+    tps = decode_steps / (time.perf_counter() - start)
+    return dict(policy=policy, cache_tokens=budget, perplexity=result.perplexity,
+                memory_bytes=max(result.cache_memory_bytes, cache.memory_bytes()), decode_tps=tps)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table (what the README shows)."""
+    lines = ["| policy | cache tokens | of text | perplexity | vs dense | cache MiB | decode tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['cache_tokens']} | {100 * r['fraction']:g}% | {r['perplexity']:.2f} | "
+                     f"{r['delta']:+.1%} | {r['memory_bytes'] / 2 ** 20:.1f} | {r['decode_tps']:.1f} |")
+    return "\n".join(lines)

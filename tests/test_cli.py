@@ -1,0 +1,57 @@
+"""The command line: real subprocesses on the embedded model and tiny checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+
+def cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "lucidlm.cli", *map(str, args)], capture_output=True,
+                          text=True, input=input, timeout=600)
+
+
+def test_generate_prints_only_the_completion():
+    done = cli("generate", "The capital of France is", "--max-new-tokens", "6")
+    assert done.returncode == 0, done.stderr
+    assert "The capital of France is" not in done.stdout and done.stdout.strip()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "hi", "--max-new-tokens", "zero"], "--max-new-tokens"),
+    (["generate", "hi", "--model", "/no/such/model"], "/no/such/model"),
+    (["explain", "hi", "--method", "nope"], "--method"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, needle):
+    done = cli(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_models_lists_registry_and_architectures():
+    done = cli("models")
+    assert done.returncode == 0
+    assert "SmolLM2-135M" in done.stdout and "GPTNeoXForCausalLM" in done.stdout
+
+
+def test_convert_hf_dir_roundtrip(hf_checkpoint, tmp_path):
+    hf_model, directory = hf_checkpoint("phi3")
+    out = tmp_path / "converted"
+    done = cli("convert", directory, out)
+    assert done.returncode == 0, done.stderr
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf_model(ids).logits, atol=0, rtol=0)
+    assert cli("convert", directory, out).returncode == 2  # refuses to overwrite a non-empty dir
+
+
+def test_chat_reads_turns_from_stdin():
+    done = cli("chat", "--max-new-tokens", "12", input="Hello!\n\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
