@@ -122,19 +122,28 @@ class Config:
 
     @classmethod
     def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> "Config":
-        """Map a Hugging Face ``config.json`` (a path, a directory holding it, or the dict)."""
-        hf, source = _read_hf_config(path_or_dict)
-        arch = (hf.get("architectures") or [None])[0]
+        """Map a Hugging Face ``config.json`` (a path, a directory holding it, or the dict).
+
+        Keys missing from the file take the family's transformers default (``FAMILIES[...]
+        ["defaults"]``), so a sparse config means what it means to transformers.
+        """
+        raw, source = _read_hf_config(path_or_dict)
+        arch = (raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type"))])[0]
         if arch not in FAMILIES:
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {arch!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
             )
         family = FAMILIES[arch]
-        fields = {**family["traits"], **_generic_fields(hf, family["traits"])}
-        fields.update(family.get("extra", lambda h: {})(hf))
+        hf = {**family.get("defaults", {}), **raw}
+        try:
+            fields = {**family["traits"], **_generic_fields(hf, family["traits"])}
+            for extra in family.get("extra", ()):
+                fields.update(extra(hf))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
         fields = {k: v for k, v in fields.items() if v is not None or k in _NULLABLE}
         try:
-            return cls(name=hf.get("_name_or_path") or arch, family=family["layout"], hf_config=hf, **fields)
+            return cls(name=raw.get("_name_or_path") or arch, family=family["layout"], hf_config=raw, **fields)
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
@@ -165,15 +174,17 @@ def _first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 
 def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 keeps RoPE settings in ``rope_parameters``; 4.x used rope_theta/rope_scaling."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per layer type (Gemma 3)
+    """RoPE settings with transformers' precedence: ``rope_scaling`` (4.x), else ``rope_parameters``
+    (5.x; per layer type for Gemma 3), then the top-level ``rope_theta``/``partial_rotary_factor``."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # per layer type (Gemma 3)
         params = params["full_attention"]
-    if params is None:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", _first(hf, "rope_theta", "rotary_emb_base", default=10000.0))
-        if "type" in params and "rope_type" not in params:
-            params["rope_type"] = params.pop("type")
+    params = dict(params)
+    params.setdefault("rope_theta", _first(hf, "rope_theta", "rotary_emb_base", default=10000.0))
+    fraction = _first(hf, "partial_rotary_factor", "rotary_pct")
+    if fraction is not None:
+        params.setdefault("partial_rotary_factor", fraction)
+    params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
     return params
 
 
@@ -182,13 +193,13 @@ _SUPPORTED_ROPE = ("default", "llama3", "linear")
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     params = _rope_parameters(hf)
-    rope_type = params.get("rope_type", "default")
+    rope_type = params["rope_type"]
     if rope_type not in _SUPPORTED_ROPE:
         raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE)}")
-    fraction = _first(hf, "partial_rotary_factor", "rotary_pct", default=params.get("partial_rotary_factor", 1.0))
-    scaling = None if rope_type == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
-    return {"rope_theta": float(params.get("rope_theta", 10000.0)), "rotary_fraction": float(fraction),
-            "rope_scaling": scaling}
+    scaling = None if rope_type == "default" else {
+        k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"rope_theta": float(params["rope_theta"]),
+            "rotary_fraction": float(params.get("partial_rotary_factor", 1.0)), "rope_scaling": scaling}
 
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -203,7 +214,8 @@ def _activation(hf: dict[str, Any]) -> str:
 
 
 def _generic_fields(hf: dict[str, Any], traits: dict[str, Any]) -> dict[str, Any]:
-    """Keys that mean the same thing in every family's config.json."""
+    """Keys that mean the same thing in every family's config.json (sliding windows, biases and
+    soft-caps are read per family: transformers ignores them where the family has no such option)."""
     n_embd = _first(hf, "hidden_size", "n_embd")
     n_head = _first(hf, "num_attention_heads", "n_head")
     fields = {
@@ -216,93 +228,141 @@ def _generic_fields(hf: dict[str, Any], traits: dict[str, Any]) -> dict[str, Any
         "intermediate_size": _first(hf, "intermediate_size", "n_inner"),
         "block_size": _first(hf, "max_position_embeddings", "n_positions", default=4096),
         "norm_eps": _first(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
-        "tie_embeddings": hf.get("tie_word_embeddings", True),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "activation": _activation(hf),
-        "sliding_window": hf.get("sliding_window"),
-        "layer_types": hf.get("layer_types"),
-        "attn_logit_softcapping": hf.get("attn_logit_softcapping"),
-        "final_logit_softcapping": hf.get("final_logit_softcapping"),
     }
-    if "attention_bias" in hf and "attn_bias" not in traits:
-        fields["attn_bias"] = fields["attn_out_bias"] = bool(hf["attention_bias"])
-    if "mlp_bias" in hf and "mlp_bias" not in traits:
-        fields["mlp_bias"] = bool(hf["mlp_bias"])
     if traits.get("position_embedding", "rope") == "rope":
         fields.update(_rope_fields(hf))
-    if hf.get("query_pre_attn_scalar"):
-        fields["attention_scale"] = float(hf["query_pre_attn_scalar"]) ** -0.5
-    if not (hf.get("sliding_window") and hf.get("use_sliding_window", True)):
-        fields["sliding_window"] = None
     return fields
 
 
-def _qwen2_extra(hf: dict[str, Any]) -> dict[str, Any]:
-    # Qwen2 uses the window only above max_window_layers when use_sliding_window is set
-    if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
-        return {"sliding_window": None, "layer_types": None}
-    return {}
+# ---- per-family readers: each returns the fields one family derives from its own keys ----------
+def _n_layer(hf: dict[str, Any]) -> int:
+    return _first(hf, "num_hidden_layers", "n_layer")
 
 
-def _gemma3_extra(hf: dict[str, Any]) -> dict[str, Any]:
+def _bias(hf: dict[str, Any]) -> dict[str, Any]:  # attention_bias: q, k, v and o
+    return {"attn_bias": bool(hf.get("attention_bias")), "attn_out_bias": bool(hf.get("attention_bias"))}
+
+
+def _mlp_bias(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"mlp_bias": bool(hf.get("mlp_bias"))}
+
+
+def _window_everywhere(hf: dict[str, Any]) -> dict[str, Any]:
+    # Mistral, Mixtral, Phi-3: the window, when set, applies to every layer (layer_types is ignored)
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": None}
+
+
+def _qwen_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # the window only counts with use_sliding_window, and then for layers >= max_window_layers
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= first
+                                      else "full_attention" for i in range(_n_layer(hf))]
+    return {"sliding_window": window, "layer_types": types}
+
+
+def _gemma(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3: every ``sliding_window_pattern``-th layer is global (Gemma 2: every 2nd)."""
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=True is not supported (lucidlm is causal only)")
+    pattern = hf["sliding_window_pattern"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                      for i in range(_n_layer(hf))]
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
+            "attn_logit_softcapping": hf.get("attn_logit_softcapping"),
+            "final_logit_softcapping": hf.get("final_logit_softcapping"),
+            "attention_scale": float(hf["query_pre_attn_scalar"]) ** -0.5}
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> dict[str, Any]:
     params = hf.get("rope_parameters") or {}
-    local = params.get("sliding_attention", {}).get("rope_theta") if isinstance(params, dict) else None
-    return {"rope_local_theta": float(local or hf.get("rope_local_base_freq") or 10000.0)}
+    local = params.get("sliding_attention", {}).get("rope_theta") if "sliding_attention" in params else None
+    return {"rope_local_theta": float(local or hf["rope_local_base_freq"])}
 
 
-def _moe_extra(hf: dict[str, Any]) -> dict[str, Any]:
+def _moe(hf: dict[str, Any]) -> dict[str, Any]:
     return {"n_expert": hf.get("num_local_experts"), "n_expert_per_token": hf.get("num_experts_per_tok")}
 
 
-def _mistral_extra(hf: dict[str, Any]) -> dict[str, Any]:
-    return {"layer_types": None}  # Mistral: the window, when set, applies to every layer
+def _gpt2(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        raise ConfigError("GPT2LMHeadModel with scale_attn_by_inverse_layer_idx=True is not supported")
+    # GPT-2 reads neither head_dim nor intermediate_size (n_inner or 4 * n_embd)
+    return {"head_size": None, "intermediate_size": hf.get("n_inner"),
+            "attention_scale": None if hf.get("scale_attn_weights", True) else 1.0}
 
 
-def _gpt2_extra(hf: dict[str, Any]) -> dict[str, Any]:
-    return {"tie_embeddings": True}
+def _neox(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"parallel_residual": bool(hf["use_parallel_residual"]), "head_size": None, **_bias(hf)}
+
+
+def _phi(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("qk_layernorm"):
+        raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
+    return {}
 
 
 _LLAMA = dict(norm="rmsnorm", mlp="glu")
 _GEMMA = dict(norm="rmsnorm", mlp="glu", norm_unit_offset=True, scale_embeddings=True,
               post_attention_norm=True, post_mlp_norm=True)
+#: transformers' config-class defaults for the keys we read (a key missing from config.json)
+_LLAMA_DEFAULTS = dict(tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu")
+_GEMMA_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256, query_pre_attn_scalar=256,
+                       hidden_activation="gelu_pytorch_tanh", sliding_window=4096)
+_QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
 
-#: Hugging Face ``architectures[0]`` -> fixed traits of the family and its checkpoint layout.
+
+#: Hugging Face ``architectures[0]`` -> fixed traits of the family, its checkpoint layout, the
+#: transformers defaults of the keys it reads, and the readers of its family-specific keys.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "LlamaForCausalLM": {"layout": "llama", "traits": _LLAMA},
-    "MistralForCausalLM": {"layout": "llama", "traits": _LLAMA, "extra": _mistral_extra},
-    "MixtralForCausalLM": {"layout": "mixtral", "traits": dict(_LLAMA, mlp="moe"),
-                           "extra": lambda hf: {**_moe_extra(hf), **_mistral_extra(hf)}},
-    "Qwen2ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, attn_bias=True), "extra": _qwen2_extra},
-    "Qwen3ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, qk_norm="head"), "extra": _qwen2_extra},
-    "Gemma2ForCausalLM": {"layout": "gemma", "traits": _GEMMA},
-    "Gemma3ForCausalLM": {"layout": "gemma", "traits": dict(_GEMMA, qk_norm="head"), "extra": _gemma3_extra},
+    "LlamaForCausalLM": {"layout": "llama", "traits": _LLAMA, "defaults": _LLAMA_DEFAULTS,
+                         "extra": (_bias, _mlp_bias)},
+    "MistralForCausalLM": {"layout": "llama", "traits": _LLAMA, "extra": (_window_everywhere,),
+                           "defaults": dict(_LLAMA_DEFAULTS, sliding_window=4096)},
+    "MixtralForCausalLM": {"layout": "mixtral", "traits": dict(_LLAMA, mlp="moe"), "extra": (_moe, _window_everywhere),
+                           "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, rope_theta=1e6,
+                                            num_local_experts=8, num_experts_per_tok=2)},
+    "Qwen2ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, attn_bias=True), "defaults": _QWEN_DEFAULTS,
+                         "extra": (_qwen_windows,)},
+    "Qwen3ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, qk_norm="head"), "extra": (_bias, _qwen_windows),
+                         "defaults": dict(_QWEN_DEFAULTS, head_dim=128)},
+    "Gemma2ForCausalLM": {"layout": "gemma", "traits": _GEMMA,
+                          "extra": (_bias, lambda hf: _gemma({**hf, "sliding_window_pattern": 2})),
+                          "defaults": dict(_GEMMA_DEFAULTS, attn_logit_softcapping=50.0,
+                                           final_logit_softcapping=30.0)},
+    "Gemma3ForCausalLM": {"layout": "gemma", "traits": dict(_GEMMA, qk_norm="head"), "extra": (_bias, _gemma, _gemma3_rope),
+                          "defaults": dict(_GEMMA_DEFAULTS, sliding_window_pattern=6, rope_theta=1e6,
+                                           rope_local_base_freq=10000.0)},
     "Olmo2ForCausalLM": {"layout": "olmo2", "traits": dict(_LLAMA, pre_norm=False, post_attention_norm=True,
-                                                         post_mlp_norm=True, qk_norm="full")},
+                                                         post_mlp_norm=True, qk_norm="full"),
+                         "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), "extra": (_bias,)},
     "PhiForCausalLM": {"layout": "phi", "traits": dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True,
                                                       mlp_bias=True, lm_head_bias=True, parallel_residual=True,
-                                                      shared_attention_norm=True)},
-    "Phi3ForCausalLM": {"layout": "phi3", "traits": _LLAMA},
+                                                      shared_attention_norm=True),
+                       "defaults": dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu_new",
+                                        partial_rotary_factor=0.5), "extra": (_phi,)},
+    "Phi3ForCausalLM": {"layout": "phi3", "traits": _LLAMA, "extra": (_window_everywhere,),
+                        "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5)},
     "GPT2LMHeadModel": {"layout": "gpt2", "traits": dict(norm="layernorm", mlp="mlp", position_embedding="learned",
                                                         attn_bias=True, attn_out_bias=True, mlp_bias=True),
-                        "extra": _gpt2_extra},
-    "GPTNeoXForCausalLM": {"layout": "gpt_neox", "traits": dict(norm="layernorm", mlp="mlp", attn_bias=True,
-                                                               attn_out_bias=True, mlp_bias=True)},
+                        "defaults": dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5,
+                                         activation_function="gelu_new", n_positions=1024),
+                        "extra": (_gpt2,)},
+    "GPTNeoXForCausalLM": {"layout": "gpt_neox", "traits": dict(norm="layernorm", mlp="mlp", mlp_bias=True),
+                           "defaults": dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu",
+                                            rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
+                                            attention_bias=True),
+                           "extra": (_neox,)},
 }
 
-
-def _neox_extra(hf: dict[str, Any]) -> dict[str, Any]:
-    return {"parallel_residual": hf.get("use_parallel_residual", True), "tie_embeddings": hf.get("tie_word_embeddings", False)}
-
-
-FAMILIES["GPTNeoXForCausalLM"]["extra"] = _neox_extra
-
-
-def _phi_extra(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("qk_layernorm"):
-        raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
-    return {"tie_embeddings": hf.get("tie_word_embeddings", False)}
-
-
-FAMILIES["PhiForCausalLM"]["extra"] = _phi_extra
+#: ``model_type`` -> architecture, for a config.json without ``architectures`` (transformers' Auto
+#: classes go by model_type)
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi": "PhiForCausalLM",
+                "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
 
 #: Named configs (``lucidlm models`` lists them). Real sizes of the families we test against.
 REGISTRY: dict[str, dict[str, Any]] = {

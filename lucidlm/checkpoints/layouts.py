@@ -128,6 +128,10 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+#: buffers older checkpoints saved (transformers < 4.31 made RoPE's inv_freq non-persistent); loaders skip them
+_ALWAYS_IGNORED = (r".*\.rotary_emb\.inv_freq$",)
+
+
 def _regex(template: str, prefix: bool) -> re.Pattern[str]:
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile("^" + pattern + ("(?P<rest>.*)$" if prefix else "$"))
@@ -150,7 +154,7 @@ def hf_to_ours(state: dict[str, torch.Tensor], config: Config) -> tuple[dict[str
     for name, tensor in state.items():
         if bare and not name.startswith(("lm_head.", "embed_out.")):
             name = layout.prefix + name
-        if any(re.match(rx, name) for rx in layout.ignore):
+        if any(re.match(rx, name) for rx in layout.ignore + _ALWAYS_IGNORED):
             continue
         if any(re.match(rx, name) for rx in layout.transposed):
             tensor = tensor.t()

@@ -1,0 +1,271 @@
+"""Real ``config.json`` files of the checkpoints we claim, read exactly as transformers reads them.
+
+``tests/data/real_configs/*.json`` are the published configs (transformers-4 keys, as they sit on
+disk). For each one:
+
+* :func:`test_fields_match_transformers`: ``Config.from_hf`` derives what transformers' config class
+  derives (sizes, RoPE frequencies, per-layer sliding windows, soft-caps, tying, eps, activation);
+* :func:`test_shrunk_checkpoint_logits_match`: the same dict with small sizes and every other option
+  kept becomes a random transformers model, saved and loaded by ``lucidlm.LLM.load``, whose logits
+  must equal transformers' on sequences longer than the (shrunk) sliding window. It is loaded twice:
+  with the original-style ``config.json`` and with the one transformers 5 writes back.
+
+Variants (:data:`VARIANTS`) drop or flip keys the way other real checkpoints do, so that per-family
+defaults (transformers fills a missing key from its config class) are exercised too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.activations import ACT2FN
+
+import lucidlm
+from lucidlm.config import Config
+from lucidlm.errors import ConfigError
+from lucidlm.model.mlp import ACTIVATIONS
+from lucidlm.model.rope import inverse_frequencies
+
+DATA = Path(__file__).parent / "data" / "real_configs"
+REAL = {p.stem: json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))}
+UNSUPPORTED = {"Phi-3-mini-128k-instruct": "longrope"}
+_DROP = object()
+
+#: name -> (real config, changes): keys other real checkpoints set differently or leave out
+VARIANTS = {
+    "Qwen2.5-7B+sliding": ("Qwen2.5-7B", {"use_sliding_window": True, "max_window_layers": 1}),
+    "Qwen3-0.6B+sliding": ("Qwen3-0.6B", {"use_sliding_window": True, "sliding_window": 4096,
+                                          "max_window_layers": 2}),
+    "Qwen3-0.6B-no-head_dim": ("Qwen3-0.6B", {"head_dim": _DROP}),  # class default 128, not hidden/heads
+    "gemma-3-4b-linear-rope": ("gemma-3-1b-it", {"rope_scaling": {"factor": 8.0, "rope_type": "linear"}}),
+    "gemma-3-no-pattern": ("gemma-3-1b-it", {"sliding_window_pattern": _DROP, "rope_theta": _DROP,
+                                             "rope_local_base_freq": _DROP}),
+    "gemma-2-defaults": ("gemma-2-2b-it", {"attn_logit_softcapping": _DROP, "final_logit_softcapping": _DROP,
+                                           "query_pre_attn_scalar": _DROP, "hidden_act": _DROP,
+                                           "hidden_activation": _DROP, "tie_word_embeddings": _DROP}),
+    "Llama-2-linear-rope": ("Llama-2-7b-hf", {"rope_scaling": {"type": "linear", "factor": 2.0},
+                                              "tie_word_embeddings": _DROP}),
+    "Llama-3.2-bias": ("Llama-3.2-1B", {"attention_bias": True, "mlp_bias": True}),
+    "Mistral-no-window-key": ("Mistral-7B-v0.1", {"sliding_window": _DROP, "tie_word_embeddings": _DROP}),
+    "Mixtral-no-theta": ("Mixtral-8x7B-v0.1", {"rope_theta": _DROP}),  # class default 1e6
+    "Phi-3-no-window": ("Phi-3-mini-4k-instruct", {"sliding_window": None}),
+    "phi-2-defaults": ("phi-2", {"partial_rotary_factor": _DROP, "tie_word_embeddings": _DROP}),  # 0.5
+    "pythia-sequential": ("pythia-70m", {"use_parallel_residual": False, "rotary_pct": 0.2}),
+    "pythia-defaults": ("pythia-160m", {"rotary_pct": _DROP, "rotary_emb_base": _DROP}),  # 0.25, 10000
+    "gpt2-n_inner": ("gpt2", {"n_inner": 3072, "activation_function": "gelu"}),
+    "OLMo-2-tied": ("OLMo-2-0425-1B", {"tie_word_embeddings": True}),
+}
+REJECTED = {  # options transformers supports and we do not: a ConfigError naming the option
+    "Llama-dynamic-rope": ("Llama-2-7b-hf", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+    "Llama-yarn-rope": ("Llama-3.2-1B", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                          "original_max_position_embeddings": 8192}}, "yarn"),
+    "gpt2-inverse-layer-scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    "phi-2-qk-layernorm": ("phi-2", {"qk_layernorm": True}, "qk_layernorm"),
+}
+
+
+def _apply(base: dict, changes: dict) -> dict:
+    d = copy.deepcopy(base)
+    for k, v in changes.items():
+        if v is _DROP:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return d
+
+
+CASES = {**{n: d for n, d in REAL.items() if n not in UNSUPPORTED},
+         **{n: _apply(REAL[b], ch) for n, (b, ch) in VARIANTS.items()}}
+
+
+def hf_config(d: dict):
+    """The transformers config class reading ``d`` (as ``from_pretrained`` would)."""
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def _rotary(cfg):
+    cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    module = sys.modules[cls.__module__]
+    name = next(k for k in dir(module) if k.endswith("RotaryEmbedding"))
+    return getattr(module, name)(config=cfg)
+
+
+def expected_fields(c) -> dict:
+    """What transformers' modelling code uses, read off its config object."""
+    mt = c.model_type
+    n_embd, n_head = c.hidden_size, c.num_attention_heads
+    gemma = mt in ("gemma2", "gemma3_text")
+    head = n_embd // n_head if mt in ("gpt2", "gpt_neox") else (getattr(c, "head_dim", None) or n_embd // n_head)
+    window = getattr(c, "sliding_window", None)
+    n_layer = c.num_hidden_layers
+    if mt in ("mistral", "mixtral", "phi3"):
+        windows = [window] * n_layer
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+        windows = [window if t == "sliding_attention" else None for t in c.layer_types]
+    else:
+        windows = [None] * n_layer
+    act = c.hidden_activation if gemma else c.activation_function if mt == "gpt2" else c.hidden_act
+    return dict(
+        vocab_size=c.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_query_groups=getattr(c, "num_key_value_heads", None) or n_head, head_size=head,
+        intermediate_size=(c.n_inner or 4 * n_embd) if mt == "gpt2" else c.intermediate_size,
+        block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
+        norm_eps=next(getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+                      if getattr(c, k, None) is not None),
+        windows=windows,
+        final_logit_softcapping=c.final_logit_softcapping if gemma else None,
+        attn_logit_softcapping=c.attn_logit_softcapping if gemma else None,
+        scale=c.query_pre_attn_scalar ** -0.5 if gemma else head ** -0.5,
+        activation=act,
+        n_expert=getattr(c, "num_local_experts", 0) if mt == "mixtral" else 0,
+        n_expert_per_token=getattr(c, "num_experts_per_tok", 0) if mt == "mixtral" else 0,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fields_match_transformers(name):
+    d = CASES[name]
+    ours, theirs = Config.from_hf(d), hf_config(d)
+    want = expected_fields(theirs)
+    got = dict(vocab_size=ours.vocab_size, n_embd=ours.n_embd, n_layer=ours.n_layer, n_head=ours.n_head,
+               n_query_groups=ours.n_query_groups, head_size=ours.head_size,
+               intermediate_size=ours.intermediate_size, block_size=ours.block_size,
+               tie_embeddings=ours.tie_embeddings, norm_eps=ours.norm_eps,
+               windows=[ours.sliding_window if ours.is_sliding(i) else None for i in range(ours.n_layer)],
+               final_logit_softcapping=ours.final_logit_softcapping,
+               attn_logit_softcapping=ours.attn_logit_softcapping,
+               scale=ours.attention_scale or ours.head_size ** -0.5, activation=want["activation"],
+               n_expert=ours.n_expert, n_expert_per_token=ours.n_expert_per_token)
+    assert got.pop("scale") == pytest.approx(want.pop("scale"), rel=1e-12)
+    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(ACTIVATIONS[ours.activation](x), ACT2FN[want["activation"]](x), atol=1e-6, rtol=0)
+    if ours.position_embedding == "learned":
+        assert theirs.model_type == "gpt2"
+        return
+    rot = _rotary(theirs)
+    assert getattr(rot, "attention_scaling", 1.0) == 1.0
+    mine = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
+    if theirs.model_type == "gemma3_text":
+        torch.testing.assert_close(mine, rot.full_attention_inv_freq, atol=0, rtol=1e-6)
+        local = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_local_theta)
+        torch.testing.assert_close(local, rot.sliding_attention_inv_freq, atol=0, rtol=1e-6)
+    else:
+        torch.testing.assert_close(mine, rot.inv_freq, atol=0, rtol=1e-6)
+
+
+# ---- shrunk checkpoints: every option kept, small sizes ------------------------------------------
+SEQ = 40
+
+
+def shrink(d: dict) -> dict:
+    d = copy.deepcopy(d)
+    heads_key = "n_head" if "n_head" in d else "num_attention_heads"
+    ratio = d[heads_key] // (d.get("num_key_value_heads") or d[heads_key])
+    sizes = {"hidden_size": 64, "n_embd": 64, heads_key: 4, "intermediate_size": 96, "vocab_size": 128}
+    d.update({k: v for k, v in sizes.items() if k in d})
+    if d.get("num_key_value_heads"):
+        d["num_key_value_heads"] = max(1, 4 // ratio)
+    if d.get("head_dim"):
+        d["head_dim"] = 16
+    if d.get("n_inner"):
+        d["n_inner"] = 96
+    layers_key = "n_layer" if "n_layer" in d else "num_hidden_layers"
+    pattern = d.get("sliding_window_pattern", 6) if d.get("model_type") == "gemma3_text" else 4
+    d[layers_key] = min(d[layers_key], max(3, pattern))
+    if d.get("layer_types"):
+        d["layer_types"] = d["layer_types"][:d[layers_key]]
+    if d.get("sliding_window"):
+        d["sliding_window"] = 5
+    if d.get("num_local_experts"):
+        d["num_local_experts"] = 4
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids must exist in the small vocabulary
+        if isinstance(d.get(k), int):
+            d[k] = d[k] % 128
+        elif isinstance(d.get(k), list):
+            d[k] = [i % 128 for i in d[k]]
+    return d
+
+
+def shrunk_model(d: dict, directory: Path):
+    """A random transformers model of the shrunk config (written to ``directory``), its test batch
+    and its logits."""
+    small = shrink(d)
+    (directory / "config.json").write_text(json.dumps(small))
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    return small, model, ids, expected
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_shrunk_checkpoint_logits_match(name, tmp_path):
+    small, model, ids, expected = shrunk_model(CASES[name], tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    for config_json in ("transformers 5", "original"):
+        if config_json == "original":
+            (tmp_path / "config.json").write_text(json.dumps(small))
+        llm = lucidlm.LLM.load(tmp_path)
+        with torch.no_grad():
+            got = llm.model(ids)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"{config_json}: {m}")
+
+
+#: how the original uploads store their weights: GPT-2 without the ``transformer.`` prefix, no
+#: lm_head and with its causal-mask buffers; older Llama/NeoX exports with RoPE ``inv_freq`` buffers
+LEGACY = {
+    "gpt2": lambda sd, c: {**{k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"},
+                           **{f"h.{i}.attn.bias": torch.ones(1, 1, 8, 8) for i in range(c["n_layer"])}},
+    "Llama-2-7b-hf": lambda sd, c: {**sd, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8)
+                                            for i in range(c["num_hidden_layers"])}},
+    "pythia-160m": lambda sd, c: {**sd, **{f"gpt_neox.layers.{i}.attention.{b}": torch.ones(1)
+                                          for i in range(c["num_hidden_layers"])
+                                          for b in ("bias", "masked_bias", "rotary_emb.inv_freq")}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY))
+def test_legacy_weight_files_load(name, tmp_path):
+    small, model, ids, expected = shrunk_model(REAL[name], tmp_path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(LEGACY[name](state, small), tmp_path / "pytorch_model.bin")
+    with torch.no_grad():
+        got = lucidlm.LLM.load(tmp_path).model(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_unsupported_options_are_named(name):
+    base, changes, option = REJECTED[name]
+    with pytest.raises(ConfigError, match=option):
+        Config.from_hf(_apply(REAL[base], changes))
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_real_configs_are_named(name):
+    hf_config(REAL[name])  # transformers reads it
+    with pytest.raises(ConfigError, match=UNSUPPORTED[name]):
+        Config.from_hf(REAL[name])
+
+
+def test_every_claimed_family_has_a_real_config():
+    from lucidlm.config import FAMILIES
+
+    covered = {d["architectures"][0] for d in REAL.values()}
+    assert set(FAMILIES) <= covered, set(FAMILIES) - covered
+    assert transformers.__version__
