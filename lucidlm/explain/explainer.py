@@ -1,0 +1,327 @@
+"""Explain a prediction with one forward and one backward pass.
+
+The model applies the LRP rules itself (see :mod:`lucidlm.explain.rules`), so an explanation is:
+
+1. ``h0 = model.embed_tokens(ids)``, detached and marked ``requires_grad``;
+2. a forward from ``h0`` under ``rules.explaining(method)``;
+3. one backward of the explained score (a logit, a logit difference, or a continuation's
+   log-probability) to ``h0``;
+4. relevance of token t = Σ_d h0[t, d] · ∂score/∂h0[t, d].
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> model = GPT(Config.from_name("tiny-llama")).eval()
+>>> e = explain(model, None, [1, 5, 7, 9], target=3)
+>>> e.relevance.shape, e.target_ids
+(torch.Size([4]), [3])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ExplainError
+from . import rules
+from .explanation import Explanation, GenerationExplanation
+from .latent import LatentRecorder
+
+Target = int | str | tuple | Sequence[int] | None
+OBJECTIVES = ("logprob", "logit")
+
+
+# ----------------------------------------------------------------------------- public API
+def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
+            method: str = "attnlrp", layers: str | Sequence[int] | None = None, cache=None,
+            objective: str = "logprob", kv_cache: str | None = None,
+            cache_tokens: int | None = None) -> Explanation:
+    """Relevance of every prompt token for ``target`` (one forward + one backward).
+
+    ``target``:
+
+    * ``None``: the model's top next token;
+    * ``int``: that token id's logit;
+    * ``str``: one token's text (``" Paris"``); if it tokenises to several tokens it is a
+      continuation (below);
+    * ``(a, b)`` (ids or single-token strings): the contrast logit(a) − logit(b), "why a rather
+      than b";
+    * a continuation (a multi-token ``str`` or a ``list`` of ids, of any length): the sum of the
+      log-probabilities of its tokens, each given the prompt and the continuation before it.
+      The backward starts at the logits with the gradient of log-softmax, so under a conservative
+      method the relevances sum to Σ_i (z_i[t_i] − E_{p_i}[z_i]): each target logit against the
+      model's expected logit at that step (log-softmax itself has no conservative rule).
+      Relevance that reaches the continuation's own tokens is not returned (the explanation is
+      over the prompt). ``objective="logit"`` explains Σ_i z_i[t_i] instead.
+
+    ``method``: ``"attnlrp"`` (default), ``"cp-lrp"`` or ``"inputxgrad"`` (plain gradient × input).
+    ``layers``: ``None``, ``"all"`` or layer indices: also return latent relevances in
+    ``Explanation.layers`` (see :mod:`lucidlm.explain.latent`).
+    ``cache``: reserved for explanations under a KV-cache eviction policy (the ``evicted`` mask);
+    ignored for now. ``kv_cache``/``cache_tokens`` (what ``LLM.explain`` forwards): a policy other
+    than ``None`` raises ExplainError until explanations under eviction exist.
+
+    ``Explanation.target_logit`` is the explained score: the logit, the logit difference, or the
+    continuation's summed log-probability (summed logit with ``objective="logit"``).
+
+    >>> import torch
+    >>> from lucidlm import Config, GPT
+    >>> model = GPT(Config.from_name("tiny-llama")).eval()
+    >>> e = explain(model, None, [1, 5, 7, 9], target=(3, 4), method="cp-lrp")
+    >>> e.target, len(e.relevance)
+    ('3 vs 4', 4)
+    """
+    _check_method(method)
+    if kv_cache is not None:
+        raise ExplainError(f"kv_cache={kv_cache!r}: explanations under a KV-cache eviction policy are not "
+                           "supported yet; explain with the full context (kv_cache=None)")
+    if objective not in OBJECTIVES:
+        raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    ids = prompt_ids(tokenizer, prompt)
+    spec = resolve_target(tokenizer, target, model.config.vocab_size)
+    n_prompt = len(ids)
+    inputs = ids + spec.continuation[:-1]  # the continuation's last token is never an input
+    recorder = LatentRecorder(model, layers)
+    with _explain_mode(method), recorder:
+        h0, logits = _forward(model, inputs, first_scored=n_prompt - 1 if spec.continuation else None)
+        score, target_ids = spec.score(logits[0], objective)
+        grads = torch.autograd.grad(score, [h0, *recorder.tensors()], allow_unused=True)
+    relevance = _token_relevance(h0, grads[0])[:n_prompt]
+    evicted = None  # a cache policy will mark the tokens it dropped here (relevance 0 there)
+    return Explanation(
+        tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=relevance,
+        target=spec.label(tokenizer, target_ids), target_ids=target_ids,
+        target_logit=float(score.detach()), method=method, evicted=evicted,
+        layers=recorder.relevances(grads[1:]) if layers is not None else None,
+        prompt=prompt if isinstance(prompt, str) else None)
+
+
+def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20,
+                       method: str = "attnlrp") -> GenerationExplanation:
+    """Greedy-generate up to ``max_new_tokens`` tokens, then explain each generated token over every
+    token before it (prompt and earlier generated tokens).
+
+    One forward under the rules over prompt + generated tokens, then one backward per generated
+    token (``retain_graph``): row i of the matrix is the relevance for generated token i; by
+    causality its entries at and after column ``n_prompt + i`` are 0.
+
+    >>> import torch
+    >>> from lucidlm import Config, GPT
+    >>> model = GPT(Config.from_name("tiny-llama")).eval()
+    >>> g = explain_generation(model, None, [1, 5, 7], max_new_tokens=3)
+    >>> tuple(g.matrix.shape)
+    (3, 6)
+    """
+    _check_method(method)
+    if max_new_tokens < 1:
+        raise ExplainError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+    ids = prompt_ids(tokenizer, prompt)
+    generated = greedy(model, ids, max_new_tokens, stop_ids=getattr(tokenizer, "eos_ids", None) or ())
+    n_prompt, n_gen = len(ids), len(generated)
+    matrix = torch.zeros(n_gen, n_prompt + n_gen)
+    logits_out: list[float] = []
+    with _explain_mode(method):
+        h0, logits = _forward(model, ids + generated[:-1], first_scored=n_prompt - 1)
+        for i, token in enumerate(generated):
+            score = logits[0, i, token]
+            (grad,) = torch.autograd.grad(score, h0, retain_graph=i < n_gen - 1)
+            matrix[i, : n_prompt + n_gen - 1] = _token_relevance(h0, grad)
+            logits_out.append(float(score.detach()))
+    return GenerationExplanation(
+        prompt_tokens=token_strings(tokenizer, ids), generated_tokens=token_strings(tokenizer, generated),
+        matrix=matrix, method=method, prompt_ids=ids, generated_ids=generated, target_logits=logits_out,
+        prompt=prompt if isinstance(prompt, str) else None)
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclass
+class TargetSpec:
+    """What to explain: ``ids`` (one id; two for a contrast; ``None`` = the top token) or a
+    ``continuation`` (token ids appended to the prompt)."""
+
+    ids: list[int] | None = None
+    contrast: bool = False
+    continuation: list[int] = field(default_factory=list)
+
+    def score(self, logits: torch.Tensor, objective: str = "logprob") -> tuple[torch.Tensor, list[int]]:
+        """The scalar to explain and the target ids, from logits (positions, vocab) whose rows are
+        the scored positions (the last prompt token onwards)."""
+        if self.continuation:
+            rows = torch.arange(len(self.continuation), device=logits.device)
+            cols = torch.tensor(self.continuation, device=logits.device)
+            # log_softmax in float32: half-precision logsumexp over a large vocabulary loses digits
+            chosen = _wide(logits).log_softmax(-1) if objective == "logprob" else _wide(logits)
+            return chosen[rows, cols].sum(), list(self.continuation)
+        last = logits[-1]
+        ids = self.ids if self.ids is not None else [int(last.argmax())]
+        if self.contrast:
+            return _wide(last[ids[0]]) - _wide(last[ids[1]]), ids
+        return _wide(last[ids[0]]), ids
+
+    def label(self, tokenizer, target_ids: list[int]) -> str:
+        """Display string of the target."""
+        if self.contrast:
+            a, b = token_strings(tokenizer, target_ids)
+            return f"{a} vs {b}"
+        if tokenizer is None:
+            return " ".join(map(str, target_ids))
+        return tokenizer.decode(target_ids)
+
+
+def resolve_target(tokenizer, target: Target, vocab_size: int) -> TargetSpec:
+    """Turn the user's ``target`` into a :class:`TargetSpec` (ExplainError if malformed).
+
+    >>> resolve_target(None, 7, 100)
+    TargetSpec(ids=[7], contrast=False, continuation=[])
+    >>> resolve_target(None, [7, 8], 100).continuation
+    [7, 8]
+    """
+    if target is None:
+        return TargetSpec()
+    if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ExplainError(f"target={target!r}: a contrast is a pair (a, b) of token ids or strings")
+        return TargetSpec(ids=[_single_token(tokenizer, t, vocab_size) for t in target], contrast=True)
+    if isinstance(target, str):
+        ids = _encode_text(tokenizer, target)
+        return TargetSpec(ids=ids) if len(ids) == 1 else TargetSpec(continuation=ids)
+    if _is_int(target):
+        return TargetSpec(ids=[_check_id(int(target), vocab_size)])
+    if isinstance(target, (list, torch.Tensor)) or (isinstance(target, Sequence) and not isinstance(target, bytes)):
+        ids = [int(t) for t in (target.tolist() if isinstance(target, torch.Tensor) else target)]
+        if not ids:
+            raise ExplainError("target=[]: a continuation needs at least one token id")
+        return TargetSpec(continuation=[_check_id(i, vocab_size) for i in ids])
+    raise ExplainError(f"target={target!r}: expected None, a token id, a string, a pair (a, b) "
+                       "or a list of token ids")
+
+
+def _single_token(tokenizer, t, vocab_size: int) -> int:
+    if _is_int(t):
+        return _check_id(int(t), vocab_size)
+    if isinstance(t, str):
+        ids = _encode_text(tokenizer, t)
+        if len(ids) != 1:
+            raise ExplainError(f"contrast target {t!r} tokenises to {len(ids)} tokens {ids}: "
+                               "each side of a contrast must be one token")
+        return ids[0]
+    raise ExplainError(f"contrast target {t!r}: expected a token id or a one-token string")
+
+
+def _is_int(t) -> bool:
+    """A Python/NumPy integer or a 0-d integer tensor (not a bool)."""
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _check_id(i: int, vocab_size: int) -> int:
+    if not 0 <= i < vocab_size:
+        raise ExplainError(f"token id {i} is out of range: the vocabulary has {vocab_size} tokens")
+    return i
+
+
+# ----------------------------------------------------------------------------- tokens
+def prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """The prompt as token ids (encoded with the tokenizer's special tokens, e.g. BOS)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ExplainError("prompt is text but the model has no tokenizer: pass token ids")
+        ids = list(tokenizer.encode(prompt))
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt.flatten().tolist()
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise ExplainError("the prompt has no tokens: there is nothing to explain")
+    return ids
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Display string of each token: ``tokenizer.decode([id])``, or ``str(id)`` without one."""
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """A target's ids, without the BOS/EOS the tokenizer adds to a prompt."""
+    if tokenizer is None:
+        raise ExplainError(f"target={text!r} is text but the model has no tokenizer: pass token ids")
+    try:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:  # a tokenizer without the keyword
+        ids = list(tokenizer.encode(text))
+    if not ids:
+        raise ExplainError(f"target={text!r} tokenises to no tokens")
+    return ids
+
+
+# ----------------------------------------------------------------------------- mechanics
+def _check_method(method: str) -> None:
+    if method not in rules.METHODS:
+        raise ExplainError(f"method={method!r}: expected one of {', '.join(rules.METHODS)}")
+
+
+@contextlib.contextmanager
+def _explain_mode(method: str) -> Iterator[None]:
+    # grad mode on even inside a caller's torch.no_grad(); the rules only touch the backward
+    with torch.enable_grad(), rules.explaining(method):
+        yield
+
+
+def _forward(model: nn.Module, ids: list[int], first_scored: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h0`` (1, T, n_embd, requires grad) and the logits from it.
+
+    ``first_scored=None``: only the last position's logits (1, 1, vocab); otherwise the logits of
+    positions ``first_scored`` onwards (lm_head runs on those rows only, not on the whole prompt).
+    """
+    param = next(model.parameters())
+    x = torch.tensor([ids], device=param.device)
+    positions = torch.arange(len(ids), device=param.device)[None]
+    h0 = model.embed_tokens(x, positions).detach().requires_grad_(True)
+    if first_scored is None:
+        return h0, model(inputs_embeds=h0, positions=positions, last_only=True)
+    hook = model.final_norm.register_forward_pre_hook(lambda _, args: (args[0][:, first_scored:],))
+    try:
+        return h0, model(inputs_embeds=h0, positions=positions)
+    finally:
+        hook.remove()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 models keep float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _token_relevance(h0: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Σ_d h0 · grad per token, in float32 (the product of two half-precision numbers and a sum
+    over thousands of them would otherwise round or overflow)."""
+    if grad is None:
+        return torch.zeros(h0.shape[1])
+    return (h0.detach().float() * grad.float()).sum(-1)[0].cpu()
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy continuation of ``ids`` (full forwards, no cache: meant for short generations).
+    Stops after a token in ``stop_ids`` (which is kept)."""
+    device = next(model.parameters()).device
+    seq, out = list(ids), []
+    block = getattr(model.config, "block_size", math.inf)
+    for _ in range(max_new_tokens):
+        if len(seq) >= block:
+            break
+        token = int(model(torch.tensor([seq], device=device), last_only=True)[0, -1].argmax())
+        seq.append(token)
+        out.append(token)
+        if token in stop_ids:
+            break
+    if not out:
+        raise ExplainError(f"the prompt already fills the model's context ({block} tokens): nothing to generate")
+    return out

@@ -1,0 +1,300 @@
+"""Patch factories: each turns one module *instance* into its explainable twin.
+
+A factory has the signature ``factory(module, rules) -> forward | None``. It returns the function
+that replaces that instance's ``forward`` (same arguments, same result up to rounding, only the
+backward pass changes), or ``None`` when the module needs no change for this method. It never
+touches the module's class.
+
+``rules`` is a :class:`Rules`: the chosen method plus the helpers of
+:mod:`lucidlm.explain.rules` bound to it, so a patch reads exactly like lucidlm's own model code
+(``rules.activation(fn, x)``, ``rules.product(a, b)``, ``rules.normalizer(inv_rms)`` ...).
+
+>>> import torch
+>>> from torch import nn
+>>> act = nn.SiLU()
+>>> forward = activation(act, Rules("attnlrp"))
+>>> x = torch.tensor([-1.0, 2.0], requires_grad=True)
+>>> y = forward(x); y.sum().backward()
+>>> torch.allclose(x * x.grad, y)  # identity rule: relevance passes through unchanged
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ExplainError
+from ..explain import rules as lrp
+from .attention import LRPAttentionMode, lrp_attention, sdpa_config, swapped
+
+Forward = Callable[..., Any]
+PatchFactory = Callable[[nn.Module, "Rules"], Forward | None]
+
+TEXT_METHODS = ("attnlrp", "cp-lrp", "inputxgrad")
+IMAGE_METHODS = ("attnlrp", "cp-lrp", "gamma", "inputxgrad")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The explanation method a patched model runs with, and the LRP helpers bound to it.
+
+    ``method="gamma"`` (images) is CP-LRP plus the LRP-γ rule on linear and convolution layers,
+    the pairing LXT uses for ViTs; ``gamma_conv``/``gamma_linear`` are its γ values.
+    """
+
+    method: str
+    gamma_conv: float = 0.25
+    gamma_linear: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.method not in IMAGE_METHODS:
+            raise ExplainError(f"method={self.method!r}: expected one of {', '.join(IMAGE_METHODS)}")
+
+    @property
+    def base(self) -> str:
+        """The :mod:`lucidlm.explain.rules` method behind ``method``."""
+        return "cp-lrp" if self.method == "gamma" else self.method
+
+    @property
+    def gamma(self) -> bool:
+        return self.method == "gamma"
+
+    def activation(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.activation(fn, x)
+
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.product(a, b)
+
+    def bilinear(self, x: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.bilinear(x)
+
+    def normalizer(self, x: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.normalizer(x)
+
+    def attention_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.attention_weights(weights)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **sdpa_kwargs: Any) -> torch.Tensor:
+        """``F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)`` with this method's rules."""
+        return lrp_attention(q, k, v, **sdpa_kwargs, method=self.base)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Norm statistics in float32 for half precision (as ``transformers`` does), but never *down*
+    to float32: float64 runs stay float64, which the conservation checks rely on."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ----------------------------------------------------------------------------- element-wise
+
+
+def activation(module: nn.Module, rules: Rules) -> Forward:
+    """Identity rule around the module's own forward (SiLU, GELU, GELU-tanh, tanh ...)."""
+    original = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fn = (lambda t: original(t, *args, **kwargs)) if args or kwargs else original
+        return rules.activation(fn, x)
+
+    return forward
+
+
+def unchanged(module: nn.Module, rules: Rules) -> None:
+    """For modules whose plain gradient already is the LRP rule (ReLU, Identity): nothing to do."""
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _eps(module: nn.Module, x: torch.Tensor) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    return torch.finfo(x.dtype).eps  # torch.nn.RMSNorm(eps=None)
+
+
+def rms_norm(unit_offset: bool = False, cast_last: bool | None = None) -> PatchFactory:
+    """RMSNorm with the normaliser 1/rms detached. ``unit_offset``: Gemma's ``x·(1 + weight)``.
+    ``cast_last``: multiply by the weight before casting back to the input dtype (Gemma, OLMo 2)
+    rather than after (Llama); it only matters in half precision. Defaults to ``unit_offset``."""
+    cast_last = unit_offset if cast_last is None else cast_last
+
+    def factory(module: nn.Module, rules: Rules) -> Forward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            dtype, xs = x.dtype, _upcast(x)
+            normed = xs * rules.normalizer(torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + _eps(module, x)))
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                return normed.to(dtype)
+            if unit_offset:
+                weight = 1.0 + weight.to(xs.dtype)
+            return (normed * weight).to(dtype) if cast_last else weight * normed.to(dtype)
+
+        return forward
+
+    return factory
+
+
+def layer_norm(module: nn.Module, rules: Rules) -> Forward:
+    """``nn.LayerNorm`` with the normaliser 1/std detached; the centring stays (it is linear)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dtype, xs = x.dtype, _upcast(x)
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        centred = xs - xs.mean(dims, keepdim=True)
+        inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + module.eps))
+        out = centred * inv_std
+        if module.weight is not None:
+            out = out * module.weight.to(out.dtype)
+        if module.bias is not None:
+            out = out + module.bias.to(out.dtype)
+        return out.to(dtype)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+def _call_act(act: Any, rules: Rules, x: torch.Tensor) -> torch.Tensor:
+    # an activation *module* carries its own patch; a bare function gets the identity rule here
+    return act(x) if isinstance(act, nn.Module) else rules.activation(act, x)
+
+
+def glu_mlp(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
+            act: str = "act_fn") -> PatchFactory:
+    """``down(act(gate(x)) * up(x))`` with the uniform rule on the gated product (Llama family).
+    The arguments name the module's attributes."""
+
+    def factory(module: nn.Module, rules: Rules) -> Forward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            gated = _call_act(getattr(module, act), rules, getattr(module, gate)(x))
+            return getattr(module, down)(rules.product(gated, getattr(module, up)(x)))
+
+        return forward
+
+    return factory
+
+
+def fused_glu_mlp(gate_up: str = "gate_up_proj", down: str = "down_proj",
+                  act: str = "activation_fn") -> PatchFactory:
+    """GLU whose gate and up projections are one matrix, gate half first (Phi-3)."""
+
+    def factory(module: nn.Module, rules: Rules) -> Forward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            gate_states, up_states = getattr(module, gate_up)(x).chunk(2, dim=-1)
+            gated = _call_act(getattr(module, act), rules, gate_states)
+            return getattr(module, down)(rules.product(up_states, gated))
+
+        return forward
+
+    return factory
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def sdpa_attention(module: nn.Module, rules: Rules) -> Forward:
+    """Any attention module that ends in ``F.scaled_dot_product_attention`` — every
+    ``transformers`` 5.x attention that dispatches through ``ALL_ATTENTION_FUNCTIONS``, whatever
+    implementation it was loaded with (see :mod:`lucidlm.hf.attention`)."""
+    original = module.forward
+    config = sdpa_config(module.__dict__.get("config"))
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with swapped(module, "config", config), LRPAttentionMode(rules.base):
+            return original(*args, **kwargs)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- model level
+
+
+def _map_logits(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if hasattr(out, "logits"):
+        out.logits = fn(out.logits)
+        return out
+    return (fn(out[0]), *out[1:])
+
+
+def softcapped_logits(attr: str = "final_logit_softcapping") -> PatchFactory:
+    """Final-logit soft-capping ``cap·tanh(z/cap)`` (Gemma) with the identity rule. It lives inside
+    the model's own forward, so we run that forward with a config copy that has no cap and apply
+    the cap ourselves. With ``labels`` (a loss) the original path runs unchanged."""
+
+    def factory(model: nn.Module, rules: Rules) -> Forward | None:
+        cap = getattr(model.config, attr, None)
+        if cap is None:
+            return None
+        original = model.forward
+        uncapped = copy.copy(model.config)
+        uncapped.__dict__[attr] = None
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("labels") is not None:
+                return original(*args, **kwargs)
+            with swapped(model, "config", uncapped):
+                out = original(*args, **kwargs)
+            return _map_logits(out, lambda z: rules.activation(lambda t: torch.tanh(t / cap) * cap, z))
+
+        return forward
+
+    return factory
+
+
+# ----------------------------------------------------------------------------- LRP-gamma
+
+
+def _stabilize(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return z + ((z == 0).to(z.dtype) + z.sign()) * eps
+
+
+def gamma_rule(fn: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """``fn(x, weight, bias)`` (a linear map) whose backward is the LRP-γ rule.
+
+    Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview", Sec. 10.2.2, in the
+    sign-aware form of zennit's ``Gamma``: positive outputs are explained by the contributions
+    ``x⁺·(w + γw⁺) + x⁻·(w + γw⁻)``, negative ones by ``x⁺·(w + γw⁻) + x⁻·(w + γw⁺)``. The
+    forward value is exactly ``fn(x, weight, bias)``: ``y + (a − a.detach())`` adds an exact zero
+    whose gradient is the rule's.
+    """
+    y = fn(x, weight, bias)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = weight + gamma * weight.clamp(min=0), weight + gamma * weight.clamp(max=0)
+    bp = None if bias is None else bias + gamma * bias.clamp(min=0)
+    bn = None if bias is None else bias + gamma * bias.clamp(max=0)
+    z_pos = fn(xp, wp, bp) + fn(xn, wn, None)
+    z_neg = fn(xp, wn, bn) + fn(xn, wp, None)
+    z = torch.where(y > 0, z_pos, torch.where(y < 0, z_neg, torch.zeros_like(y)))
+    ratio = (y / _stabilize(z)).detach()
+    modified = z * ratio
+    return y.detach() + (modified - modified.detach())
+
+
+def gamma_linear(module: nn.Module, rules: Rules) -> Forward | None:
+    """LRP-γ on ``nn.Linear`` (γ = ``rules.gamma_linear``) when the method is ``"gamma"``."""
+    if not rules.gamma:
+        return None
+    return lambda x: gamma_rule(F.linear, x, module.weight, module.bias, rules.gamma_linear)
+
+
+def gamma_conv(module: nn.Module, rules: Rules) -> Forward | None:
+    """LRP-γ on ``nn.Conv1d/2d/3d`` (γ = ``rules.gamma_conv``) when the method is ``"gamma"``."""
+    if not rules.gamma:
+        return None
+    return lambda x: gamma_rule(module._conv_forward, x, module.weight, module.bias, rules.gamma_conv)

@@ -1,0 +1,142 @@
+"""Which models lucidlm.hf can explain, and which patch each of their module classes gets.
+
+Classes are named by their fully qualified name (``"transformers.models.llama.modeling_llama.
+LlamaRMSNorm"``) so that the table needs neither ``transformers`` nor ``torchvision`` imported;
+:func:`register` also takes the class object. Lookups walk the MRO, so a subclass inherits its
+parent's entry (``LlamaForCausalLM`` finds the ``LlamaPreTrainedModel`` entry).
+
+>>> from torch import nn
+>>> class Tiny(nn.Module): ...
+>>> _ = register(Tiny, {nn.LayerNorm: patches.layer_norm}, name="Tiny")
+>>> find_model(Tiny()).name
+'Tiny'
+>>> unregister(Tiny)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import PatchError
+from . import patches
+from .patches import PatchFactory
+
+ClassKey = type | str
+
+
+def qualname(cls: type) -> str:
+    """``module.QualName`` of a class: the key the registry stores."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _key(cls: ClassKey) -> str:
+    return cls if isinstance(cls, str) else qualname(cls)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to make one model family explainable.
+
+    * ``name``: shown in messages and in :func:`supported`.
+    * ``modules``: class name -> patch factory for the family's own modules (its attention, norm,
+      MLP ...). Generic modules (``nn.LayerNorm``, ``nn.GELU``, ``transformers`` activations ...)
+      are covered by :data:`COMMON` for every family.
+    * ``blocks``: dotted path to the list of transformer blocks, whose first block's input is the
+      hidden state that token relevances are read from; ``None`` finds it (the first
+      ``nn.ModuleList``).
+    * ``forward``: optional patch factory for the model's own forward (e.g. logit soft-capping).
+    * ``kind``: ``"text"`` (token relevances) or ``"image"`` (pixel relevances).
+    """
+
+    name: str
+    modules: Mapping[str, PatchFactory] = field(default_factory=dict)
+    blocks: str | None = None
+    forward: PatchFactory | None = None
+    kind: str = "text"
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+_TF_ACT = "transformers.activations."
+_NN = "torch.nn.modules."
+#: Patches every registered model gets for generic modules (its own ``modules`` win over these).
+COMMON: dict[str, PatchFactory] = {
+    **{_NN + f"activation.{name}": patches.activation
+       for name in ("SiLU", "GELU", "Tanh", "Sigmoid", "Mish", "Hardswish", "Softplus")},
+    **{_NN + f"activation.{name}": patches.unchanged for name in ("ReLU", "LeakyReLU")},
+    _NN + "linear.Identity": patches.unchanged,
+    _NN + "normalization.LayerNorm": patches.layer_norm,
+    _NN + "normalization.RMSNorm": patches.rms_norm(),
+    **{_TF_ACT + name: patches.activation
+       for name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUActivation",
+                    "SiLUActivation", "FastGELUActivation", "QuickGELUActivation",
+                    "AccurateGELUActivation", "MishActivation", "ClippedGELUActivation",
+                    "LaplaceActivation", "ReLUSquaredActivation")},
+    _TF_ACT + "LinearActivation": patches.unchanged,
+}
+
+
+def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = None, *,
+             name: str | None = None, blocks: str | None = None,
+             forward: PatchFactory | None = None, kind: str = "text") -> ModelSpec:
+    """Make a model class (and its subclasses) explainable by :func:`lucidlm.hf.explainable`.
+
+    ``modules`` maps the model's module classes to patch factories from
+    :mod:`lucidlm.hf.patches` (or your own, see docs/explaining-new-models.md). Registering a
+    class again replaces its entry.
+
+    >>> from torch import nn
+    >>> class Net(nn.Module): ...
+    >>> register(Net, {nn.LayerNorm: patches.layer_norm}).name
+    'Net'
+    >>> unregister(Net)
+    """
+    if kind not in ("text", "image"):
+        raise PatchError(f"kind={kind!r}: expected 'text' or 'image'")
+    key = _key(model)
+    spec = ModelSpec(name or key.rsplit(".", 1)[-1], {_key(c): f for c, f in (modules or {}).items()},
+                     blocks, forward, kind)
+    _MODELS[key] = spec
+    return spec
+
+
+def unregister(model: ClassKey) -> None:
+    """Forget a model class registered with :func:`register` (no error if it was not)."""
+    _MODELS.pop(_key(model), None)
+
+
+def _builtin() -> None:
+    from . import models  # noqa: F401  (the built-in table registers itself on first import)
+
+
+def find_model(model: nn.Module) -> ModelSpec | None:
+    """The spec registered for ``model``'s class or its nearest registered base class."""
+    _builtin()
+    for cls in type(model).__mro__:
+        spec = _MODELS.get(qualname(cls))
+        if spec is not None:
+            return spec
+    return None
+
+
+def find_patch(spec: ModelSpec, module: nn.Module) -> PatchFactory | None:
+    """The factory for ``module`` under ``spec`` (its own table first, then :data:`COMMON`)."""
+    for cls in type(module).__mro__:
+        key = qualname(cls)
+        factory = spec.modules.get(key) or COMMON.get(key)
+        if factory is not None:
+            return factory
+    return None
+
+
+def supported() -> list[str]:
+    """Names of the registered model families, in registration order.
+
+    >>> "Llama" in supported()
+    True
+    """
+    _builtin()
+    return list(dict.fromkeys(spec.name for spec in _MODELS.values()))
