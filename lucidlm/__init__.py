@@ -4,7 +4,7 @@ from .config import Config
 from .errors import LucidError
 from .model import GPT
 
-__all__ = ["Config", "GPT", "LLM", "LucidError"]
+__all__ = ["Config", "GPT", "LLM", "LucidError", "hf"]
 __version__ = "0.1.0"
 
 
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from .api import LLM
 
         return LLM
-    raise AttributeError(name)
+    if name == "hf":  # `lucidlm.hf.explainable(...)` without a separate import
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'lucidlm' has no attribute {name!r}")
