@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from lucidlm.chat import render_chat
-from lucidlm.checkpoints.embedded import default_model_path
-from lucidlm.checkpoints.gguf import gguf_to_hf_dir
 from lucidlm.errors import TokenizerError
 from lucidlm.tokenizer import Tokenizer
 
@@ -27,24 +25,6 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "4"},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "lucidlm-cache"
-    return gguf_to_hf_dir(default_model_path(), cache_dir=cache, progress=False)
-
-
-@pytest.fixture(scope="module")
-def ours(converted):
-    return Tokenizer.from_dir(converted)
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    transformers = pytest.importorskip("transformers")
-    path = default_model_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

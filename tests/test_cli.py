@@ -1,6 +1,5 @@
 """The command line: real subprocesses on the embedded model and tiny checkpoints."""
 
-import json
 import subprocess
 import sys
 

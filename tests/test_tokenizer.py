@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from lucidlm.checkpoints.embedded import default_model_path
-from lucidlm.checkpoints.gguf import gguf_to_hf_dir
 from lucidlm.errors import TokenizerError
 from lucidlm.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -30,25 +28,6 @@ TEXTS = [
     " ",
     "Ωμέγα русский текст עברית العربية",
 ]
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The embedded GGUF converted once into a cache shared by the test modules of this run."""
-    cache = tmp_path_factory.getbasetemp() / "lucidlm-cache"
-    return gguf_to_hf_dir(default_model_path(), cache_dir=cache, progress=False)
-
-
-@pytest.fixture(scope="module")
-def ours(converted):
-    return Tokenizer.from_dir(converted)
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    transformers = pytest.importorskip("transformers")
-    path = default_model_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.mark.parametrize("text", TEXTS)
