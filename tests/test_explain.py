@@ -226,8 +226,17 @@ def test_bad_arguments_raise(hf_checkpoint):
         explain(model, None, PROMPT, layers=[7])
     with pytest.raises(ExplainError):
         explain_generation(model, None, PROMPT, method="lrp")
-    with pytest.raises(ExplainError, match="kv_cache"):  # not supported yet: say so, do not ignore
-        explain(model, None, PROMPT, kv_cache="h2o", cache_tokens=4)
+    with pytest.raises(ExplainError, match="kv_cache"):
+        explain(model, None, PROMPT, kv_cache="h2o", cache_tokens=4, layers="all")
+
+
+def test_kv_cache_delegates_to_the_cached_explainer(hf_checkpoint):
+    from lucidlm.explain.cached import explain_cached
+
+    model = load(hf_checkpoint, "llama3")
+    e = explain(model, None, PROMPT, target=5, kv_cache="window", cache_tokens=4)
+    assert e == explain_cached(model, None, PROMPT, target=5, kv_cache="window", cache_tokens=4)
+    assert e.evicted.any()
 
 
 # --------------------------------------------------------------------------- latent relevances

@@ -19,7 +19,6 @@ The model applies the LRP rules itself (see :mod:`lucidlm.explain.rules`), so an
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,9 +61,9 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     ``method``: ``"attnlrp"`` (default), ``"cp-lrp"`` or ``"inputxgrad"`` (plain gradient × input).
     ``layers``: ``None``, ``"all"`` or layer indices: also return latent relevances in
     ``Explanation.layers`` (see :mod:`lucidlm.explain.latent`).
-    ``cache``: reserved for explanations under a KV-cache eviction policy (the ``evicted`` mask);
-    ignored for now. ``kv_cache``/``cache_tokens`` (what ``LLM.explain`` forwards): a policy other
-    than ``None`` raises ExplainError until explanations under eviction exist.
+    ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy
+    (delegates to :func:`lucidlm.explain.cached.explain_cached`; evicted tokens are marked).
+    ``cache``: unused, kept for compatibility.
 
     ``Explanation.target_logit`` is the explained score: the logit, the logit difference, or the
     continuation's summed log-probability (summed logit with ``objective="logit"``).
@@ -77,9 +76,13 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     ('3 vs 4', 4)
     """
     _check_method(method)
-    if kv_cache is not None:
-        raise ExplainError(f"kv_cache={kv_cache!r}: explanations under a KV-cache eviction policy are not "
-                           "supported yet; explain with the full context (kv_cache=None)")
+    if kv_cache is not None:  # the prediction made through an eviction policy: see explain.cached
+        if layers is not None:
+            raise ExplainError("layers= (latent relevances) is not available under a kv_cache policy")
+        from .cached import explain_cached
+
+        return explain_cached(model, tokenizer, prompt, target=target, method=method, kv_cache=kv_cache,
+                              cache_tokens=cache_tokens)
     if objective not in OBJECTIVES:
         raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
     ids = prompt_ids(tokenizer, prompt)
@@ -307,21 +310,13 @@ def _token_relevance(h0: torch.Tensor, grad: torch.Tensor | None) -> torch.Tenso
     return (h0.detach().float() * grad.float()).sum(-1)[0].cpu()
 
 
-@torch.no_grad()
 def greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy continuation of ``ids`` (full forwards, no cache: meant for short generations).
+    """Greedy continuation of ``ids`` with the library's generation loop (KV cache, no rules).
     Stops after a token in ``stop_ids`` (which is kept)."""
-    device = next(model.parameters()).device
-    seq, out = list(ids), []
-    block = getattr(model.config, "block_size", math.inf)
-    for _ in range(max_new_tokens):
-        if len(seq) >= block:
-            break
-        token = int(model(torch.tensor([seq], device=device), last_only=True)[0, -1].argmax())
-        seq.append(token)
-        out.append(token)
-        if token in stop_ids:
-            break
-    if not out:
-        raise ExplainError(f"the prompt already fills the model's context ({block} tokens): nothing to generate")
-    return out
+    from ..errors import CacheError
+    from ..generate import generate_ids
+
+    try:
+        return [step[0] for step in generate_ids(model, [ids], max_new_tokens, stop_ids=stop_ids)]
+    except CacheError as exc:
+        raise ExplainError(f"nothing to generate: {exc}") from exc

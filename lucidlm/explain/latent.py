@@ -88,7 +88,7 @@ class LatentRecorder:
         for i in self.indices:  # every requested key exists, even if no token reached an expert
             block = self.model.layers[i]
             experts = getattr(block.mlp, "experts", None)
-            size = block.mlp.experts[0].down_proj.in_features if experts is not None else block.mlp.down_proj.in_features
+            size = (experts[0] if experts is not None else block.mlp).down_proj.in_features
             out[f"layers.{i}.attn"] = torch.zeros(block.attn.n_head)
             out[f"layers.{i}.mlp"] = torch.zeros((len(experts), size) if experts is not None else size)
         for r, g in zip(self.records, grads):

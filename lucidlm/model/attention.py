@@ -120,7 +120,7 @@ class CausalSelfAttention(nn.Module):
             cap = self.softcap
             logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
-        weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         scores = self._scores(weights, q_pos) if want_scores else None
         out = rules.attention_weights(weights) @ v[:, :, None]
         return out.view(B, H, T, D), scores

@@ -9,6 +9,11 @@ from torch import nn
 from ..explain import rules
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Norms compute in float32 at least (float64 models stay float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. ``unit_offset``: Gemma scales by (1 + weight)."""
 
@@ -19,9 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(_wide(dtype))
         inv_rms = rules.normalizer(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        weight = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        weight = self.weight.to(x.dtype) + 1.0 if self.unit_offset else self.weight.to(x.dtype)
         if self.unit_offset:  # Gemma multiplies in float32, then casts
             return (x * inv_rms * weight).to(dtype)
         return weight.to(dtype) * (x * inv_rms).to(dtype)
@@ -40,12 +45,12 @@ class LayerNorm(nn.Module):
         if rules.current() is None:  # fast fused kernel for plain inference
             return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         dtype = x.dtype
-        x = x.float()
+        x = x.to(_wide(dtype))
         centred = x - x.mean(-1, keepdim=True)
         inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps))
-        out = centred * inv_std * self.weight.float()
+        out = centred * inv_std * self.weight.to(x.dtype)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + self.bias.to(x.dtype)
         return out.to(dtype)
 
 

@@ -1,0 +1,192 @@
+"""``lucidlm bench explain``: what an explanation costs next to a plain forward and forward+backward.
+
+Rows, for each prompt length (default 256 and 1024 tokens):
+
+* ``forward``: ``model(ids, last_only=True)`` under ``torch.inference_mode`` (a prefill);
+* ``forward+backward``: the same forward with the embeddings requiring grad, then the gradient of
+  the top logit with respect to them (plain autograd, no rules, no weight gradients): the least any
+  gradient-based explanation can cost;
+* ``attnlrp`` (and any other ``--methods``): :func:`lucidlm.explain.explainer.explain`, i.e. the
+  rules' forward + one backward + the bookkeeping around them.
+
+How it measures
+---------------
+Each (row, length) runs in its own fresh subprocess, so one measurement's memory (and the C
+allocator's cached pages) cannot hide in another's. Inside it: load the model, warm up on 16
+tokens, reset the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``, Linux), run once at
+full length and report **peak RSS − RSS before the run**: everything the run touched (activations,
+autograd's saved tensors, temporaries), seen by the OS, with torch's own CPU allocations included
+(``tracemalloc`` sees none of them). The children run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
+every tensor-sized block is mapped on allocation and unmapped on free: RSS then follows the live
+tensors instead of glibc's heap history. Then ``--repeats`` more runs give the **time**
+(median). Without ``/proc/self/clear_refs`` (not Linux) memory reads ``n/a``.
+
+>>> import argparse
+>>> p = argparse.ArgumentParser(); add_arguments(p)
+>>> p.parse_args(["--lengths", "32"]).lengths
+'32'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = ("forward", "forward+backward")
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--lengths", default="256,1024", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--methods", default="attnlrp", help="explanation methods to time (comma-separated)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    if args.child:
+        print(json.dumps(measure(args, args.child, args.length)))
+        return 0
+    rows = ROWS + tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    lengths = [int(n) for n in args.lengths.split(",")]
+    results = {(row, n): _child(args, row, n) for n in lengths for row in rows}
+    print(format_table(results, rows, lengths, args))
+    return 0
+
+
+def _child(args, row: str, length: int) -> dict:
+    cmd = [sys.executable, "-m", "lucidlm.bench.explain", "--child", row, "--length", str(length),
+           "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    cmd += ["--model", str(args.model)] if args.model else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    # every block of 64 KiB or more gets its own mmap, returned to the OS when freed: otherwise glibc
+    # raises its mmap threshold as it goes and serves big tensors from a heap that never shrinks, so
+    # peak RSS would measure the allocator's history as much as the run's live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- one measurement
+def measure(args, row: str, length: int) -> dict:
+    """Peak memory of one run and median time of ``args.repeats`` runs of ``row`` at ``length``."""
+    from ..api import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM.load(args.model, dtype=args.dtype)
+    llm.model.eval()
+    ids = prompt_ids(llm.tokenizer, length, llm.config.vocab_size)
+    step = _step(llm, row)
+    step(ids[:16])  # warm-up: thread pools, first-call allocations
+    rss0 = _reset_peak()
+    step(ids)
+    peak = _peak_kib()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step(ids)
+        times.append(time.perf_counter() - t0)
+    mib = None if rss0 is None or peak is None else (peak - rss0) / 1024
+    return {"seconds": statistics.median(times), "peak_mib": mib, "threads": torch.get_num_threads()}
+
+
+def _step(llm, row: str):
+    model = llm.model
+    if row == "forward":
+        def forward(ids):
+            with torch.inference_mode():
+                return model(torch.tensor([ids]), last_only=True)
+        return forward
+    if row == "forward+backward":
+        def forward_backward(ids):
+            pos = torch.arange(len(ids))[None]
+            h0 = model.embed_tokens(torch.tensor([ids]), pos).detach().requires_grad_()
+            logits = model(inputs_embeds=h0, positions=pos, last_only=True)[0, -1]
+            return torch.autograd.grad(logits[logits.argmax()], h0)
+        return forward_backward
+    from ..explain.explainer import explain
+
+    return lambda ids: explain(model, llm.tokenizer, ids, method=row)
+
+
+def prompt_ids(tokenizer, n: int, vocab_size: int) -> list[int]:
+    """``n`` token ids of English text (repeated), or fixed pseudo-random ids without a tokenizer."""
+    if tokenizer is None:
+        return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT)
+    return ids[:n]
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak() -> int | None:
+    """Reset the peak-RSS counter to the current RSS; returns that RSS (KiB) or None if unsupported."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def _peak_kib() -> int | None:
+    return _status_kib("VmHWM")
+
+
+# ----------------------------------------------------------------------------- table
+def format_table(results: dict, rows, lengths, args) -> str:
+    """Side by side per length: seconds, peak MiB, and the ratios to forward+backward."""
+    threads = next((r["threads"] for r in results.values() if "threads" in r), "?")
+    lines = [f"explanation cost: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, CPU, "
+             f"torch threads {threads}; time = median of {args.repeats}, memory = peak RSS increase of "
+             "one run (own process)"]
+    head = f"{'':<18}" + "".join(f"{f'{n} tokens':>34}" for n in lengths)
+    sub = f"{'':<18}" + f"{'s':>9}{'×f+b':>7}{'MiB':>10}{'×f+b':>8}" * len(lengths)
+    lines += [head, sub]
+    for row in rows:
+        cells = []
+        for n in lengths:
+            r, base = results[(row, n)], results[("forward+backward", n)]
+            if "error" in r:
+                cells.append(f"{'failed: ' + r['error'][:24]:>34}")
+                continue
+            t_ratio = r["seconds"] / base["seconds"] if "seconds" in base else float("nan")
+            mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+            m_ratio = (r["peak_mib"] / base["peak_mib"]
+                       if r["peak_mib"] is not None and base.get("peak_mib") else float("nan"))
+            cells.append(f"{r['seconds']:>9.3f}{t_ratio:>7.2f}{mem:>10}{m_ratio:>8.2f}")
+        lines.append(f"{row:<18}" + "".join(cells))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
