@@ -2,7 +2,8 @@
 
 Each engine runs in its own subprocess (so peak RSS is its own, and one engine's allocations do not
 slow the other), with a manual greedy loop on both sides: one prefill forward over the prompt,
-then one-token decode steps with a KV cache. Prints one side-by-side table.
+then one-token decode steps with a KV cache. The engines alternate for ``--rounds`` rounds and the
+table reports each engine's median, so a noisy neighbour on the machine hits both alike.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")
     p.add_argument("--engine", choices=["lucidlm", "transformers"], help=argparse.SUPPRESS)
 
 
@@ -34,9 +37,23 @@ def run(args) -> int:
     if args.engine:  # child process: measure one engine, print JSON
         print(json.dumps(_measure(args)))
         return 0
-    rows = [_child(args, engine) for engine in ("lucidlm", "transformers")]
-    print(format_table(rows, args))
+    runs: dict[str, list[dict]] = {"lucidlm": [], "transformers": []}
+    for _ in range(max(1, args.rounds)):
+        for engine in runs:
+            runs[engine].append(_child(args, engine))
+    print(format_table([_median(r) for r in runs.values()], args))
     return 0
+
+
+def _median(rows: list[dict]) -> dict:
+    """Median of each measurement over the rounds (the first error, if any run failed)."""
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(rows[0])
+    for key in ("prefill_tps", "decode_tps", "peak_rss_mb"):
+        out[key] = statistics.median(r[key] for r in rows)
+    return out
 
 
 def _child(args, engine: str) -> dict:
@@ -116,7 +133,7 @@ def _hf_steps(llm, args):
 def format_table(rows: list[dict], args) -> str:
     lines = [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, "
              f"{args.prompt_tokens} prompt tokens, {args.new_tokens} greedy new tokens, torch threads "
-             f"{args.threads or torch.get_num_threads()}",
+             f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds",
              f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"]
     for r in rows:
         if "error" in r:

@@ -55,8 +55,11 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope:
             self.inv_freq = inverse_frequencies(*self._rope_args)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x: (batch, tokens, n_embd); pos: (batch, tokens) true positions (-1 = padding)."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None,
+                rope_memo: dict | None = None) -> torch.Tensor:
+        """x: (batch, tokens, n_embd); pos: (batch, tokens) true positions (-1 = padding).
+        ``rope_memo``: a dict shared by the layers of one forward, so that cos/sin are computed once
+        per distinct set of frequencies rather than once per layer."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -67,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            cos, sin = rope_cos_sin(self.inv_freq, pos, q.dtype)
+            cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
@@ -78,6 +81,12 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+    def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
+        key = self._rope_args[:3] + (repr(self._rope_args[3]),)  # layers with equal RoPE share it
+        if key not in memo:
+            memo[key] = rope_cos_sin(self.inv_freq, pos, dtype)
+        return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------
     def attend(self, q, k, v, q_pos, k_pos, want_scores: bool = False, causal_prefill: bool = False):

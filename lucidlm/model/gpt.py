@@ -36,9 +36,9 @@ class Block(nn.Module):
         self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
         self.parallel = c.parallel_residual
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None, rope_memo: dict | None = None) -> torch.Tensor:
         h = self.attn_norm(x) if self.attn_norm is not None else x
-        a = self.attn(h, pos, cache)
+        a = self.attn(h, pos, cache, rope_memo)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         if self.parallel:  # NeoX: separate norms on x; Phi-2: the attention's norm output is shared
@@ -99,8 +99,9 @@ class GPT(nn.Module):
         elif positions.dim() == 1:
             positions = positions.expand(ref.shape[0], -1)
         x = self.embed_tokens(input_ids, positions) if inputs_embeds is None else inputs_embeds
+        rope_memo: dict = {}  # cos/sin of these positions, computed once and shared by the layers
         for i, block in enumerate(self.layers):
-            x = block(x, positions, cache[i] if cache is not None else None)
+            x = block(x, positions, cache[i] if cache is not None else None, rope_memo)
         if cache is not None:
             cache.next_position = positions.max(dim=1).values + 1
         if last_only:
