@@ -168,7 +168,7 @@ def cmd_explain(args) -> int:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     explanation = llm.explain(prompt, target=args.target, method=args.method, **_cache_kwargs(args))
     skip_first = not args.keep_first
-    print(explanation.to_terminal(skip_first=skip_first))
+    print(explanation.to_terminal(skip_first=skip_first, color=sys.stdout.isatty()))
     for path, save in ((args.html, explanation.save_html), (args.json, explanation.save_json)):
         if path is not None:
             save(path)

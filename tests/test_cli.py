@@ -54,3 +54,14 @@ def test_chat_reads_turns_from_stdin():
     done = cli("chat", "--max-new-tokens", "12", input="Hello!\n\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_explain_writes_heatmaps(tmp_path):
+    html, js, png = tmp_path / "e.html", tmp_path / "e.json", tmp_path / "e.png"
+    done = cli("explain", "The capital of France is", "--html", html, "--json", js, "--png", png)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "\x1b[" not in done.stdout  # no colour codes when piped
+    assert html.read_text().count("France") >= 1 and png.read_bytes()[:4] == b"\x89PNG"
+    from lucidlm.explain.explanation import Explanation
+
+    assert len(Explanation.from_json(js.read_text()).relevance) == 5  # one value per prompt token
