@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import LucidError
+from .errors import CheckpointError, LucidError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,7 +185,7 @@ def cmd_convert(args) -> int:
 
     out = args.out_dir
     if out.exists() and any(out.iterdir()):
-        raise _usage_error(f"OUT_DIR {out} exists and is not empty")
+        raise CheckpointError(f"OUT_DIR {out} exists and is not empty: choose a new directory")
     llm = LLM.load(args.src, dtype=args.dtype, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -205,12 +205,6 @@ def cmd_convert(args) -> int:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
-
-
-def _usage_error(message: str) -> LucidError:
-    from .errors import CheckpointError
-
-    return CheckpointError(message)
 
 
 def cmd_models(args) -> int:
