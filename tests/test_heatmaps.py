@@ -16,6 +16,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from lucidlm import fileio
 from lucidlm.errors import ExplainError
 from lucidlm.explain import explanation as ex
 from lucidlm.explain import heatmaps as hm
@@ -208,7 +209,7 @@ def test_png_valid(tmp_path):
 
 def test_atomic_write(tmp_path, monkeypatch):
     target = tmp_path / "out.txt"
-    hm.atomic_write(target, "old")
+    fileio.atomic_write(target, "old")
     umask = os.umask(0o022)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would, not mkstemp's 0600
@@ -218,7 +219,7 @@ def test_atomic_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        hm.atomic_write(target, "new")
+        fileio.atomic_write(target, "new")
     monkeypatch.undo()
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]  # no temp left
 

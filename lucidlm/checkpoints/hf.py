@@ -7,8 +7,6 @@ Saving writes the same layout (atomically: temp files, then rename) so ``transfo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import CheckpointError
+from ..fileio import atomic_path, atomic_write
 from ..model import GPT
 from .layouts import hf_to_ours, ours_to_hf
 
@@ -117,11 +116,11 @@ def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 10
             bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        _atomic_write(directory / "model.safetensors.index.json",
+        atomic_write(directory / "model.safetensors.index.json",
                       json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     hf_config = dict(config.hf_config)
     hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    _atomic_write(directory / "config.json", json.dumps(hf_config, indent=2))
+    atomic_write(directory / "config.json", json.dumps(hf_config, indent=2))
     return directory
 
 
@@ -138,22 +137,5 @@ def _shard(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.T
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})

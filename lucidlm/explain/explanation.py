@@ -6,7 +6,7 @@
 
 All three render to HTML (self-contained: inline CSS/JS, images as ``data:`` URIs, nothing fetched
 from the network), to PNG, and to JSON that reads back to an equal object; files are written
-atomically (see :func:`lucidlm.explain.heatmaps.atomic_write`).
+atomically (see :func:`lucidlm.fileio.atomic_write`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ExplainError
+from ..fileio import atomic_write
 from . import heatmaps as hm
 
 __all__ = ["Explanation", "GenerationExplanation", "ImageExplanation", "load_json"]
@@ -143,11 +144,11 @@ class _Result:
 
     def save_json(self, path: PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically; returns the path."""
-        return hm.atomic_write(path, self.to_json(indent=1))
+        return atomic_write(path, self.to_json(indent=1))
 
     def save_html(self, path: PathLike) -> Path:
         """Write the self-contained :meth:`to_html` page to ``path`` atomically."""
-        return hm.atomic_write(path, self.to_html())
+        return atomic_write(path, self.to_html())
 
     def _repr_html_(self) -> str:
         """Jupyter display: the HTML rendering as a fragment (styles scoped to ``.lucidlm``)."""
@@ -278,7 +279,7 @@ class Explanation(_Result):
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
-        return hm.atomic_write(path, self.to_png(skip_first))
+        return atomic_write(path, self.to_png(skip_first))
 
     def __str__(self) -> str:
         return self.to_terminal(color=_color_stdout())
@@ -445,7 +446,7 @@ class GenerationExplanation(_Result):
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
-        return hm.atomic_write(path, self.to_png(skip_first))
+        return atomic_write(path, self.to_png(skip_first))
 
     def __str__(self) -> str:
         return self.to_terminal(color=_color_stdout())
@@ -535,7 +536,7 @@ class ImageExplanation(_Result):
 
     def save_png(self, path: PathLike, overlay: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
-        return hm.atomic_write(path, self.to_png(overlay))
+        return atomic_write(path, self.to_png(overlay))
 
     def to_html(self, full_page: bool = True, overlay: bool = True) -> str:
         """Self-contained HTML: header and the PNG inline as a ``data:`` URI."""

@@ -16,19 +16,13 @@ Agg canvas directly).
 from __future__ import annotations
 
 import base64
-import contextlib
-import errno
-import functools
 import html
 import io
 import json
 import math
-import os
-import tempfile
 import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -368,7 +362,7 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def figure_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (written to disk by :func:`atomic_write`, never directly)."""
+    """The figure as PNG bytes (written to disk by :func:`lucidlm.fileio.atomic_write`, never directly)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():  # a token in a script the font lacks draws as boxes: expected
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -456,56 +450,3 @@ def image_png(relevance: np.ndarray, image: np.ndarray | None, overlay: bool, ti
     return figure_png(fig)
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def check_target(path: str | os.PathLike[str]) -> Path:
-    """The path to write, after checking it can be: its directory exists and it is not one."""
-    path = Path(path).expanduser()
-    parent = path.parent
-    if not parent.exists():
-        raise FileNotFoundError(
-            errno.ENOENT, f"cannot write {path}: directory {parent} does not exist", str(path))
-    if not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {parent} is not a directory",
-                                 str(path))
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory", str(path))
-    return path
-
-
-@functools.cache
-def _umask() -> int:
-    # The only portable way to read the umask is to set it and put it back; cached so this
-    # (process-wide, racy) dance happens once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` all at once: readers see the old file or the new
-    one, never a partial file; on any error the temporary file is removed.
-
-    >>> import tempfile, os
-    >>> d = tempfile.mkdtemp()
-    >>> atomic_write(os.path.join(d, "a.txt"), "hi").read_text(), os.listdir(d)
-    ('hi', ['a.txt'])
-    """
-    path = check_target(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    # Same directory as the target so os.replace is a rename within one file system.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would have.
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path

@@ -1,0 +1,73 @@
+"""Atomic file writes: readers see the old file or the new one, never a partial file.
+
+Used by everything that writes a user-visible file (heatmaps, JSON, saved checkpoints).
+
+>>> import tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> atomic_write(os.path.join(d, "a.txt"), "hi").read_text(), os.listdir(d)
+('hi', ['a.txt'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; when the block succeeds it is renamed over
+    ``path`` (with the mode a plain ``open()`` would give), on any error it is removed."""
+    path = check_target(path)
+    # same directory as the target so os.replace is a rename within one file system
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would have
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_target(path: str | os.PathLike[str]) -> Path:
+    """The path to write, after checking it can be: its directory exists and it is not one."""
+    path = Path(path).expanduser()
+    parent = path.parent
+    if not parent.exists():
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot write {path}: directory {parent} does not exist", str(path))
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {parent} is not a directory",
+                                 str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory", str(path))
+    return path
+
+
+@functools.cache
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back; cached so this
+    # (process-wide, racy) dance happens once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` all at once; on any error nothing is left behind."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    return check_target(path)
