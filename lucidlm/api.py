@@ -37,11 +37,18 @@ class LLM:
         return self.model.config
 
     @classmethod
-    def load(cls, path: str | Path | None = None, dtype: torch.dtype | str | None = torch.float32,
-             device: str = "cpu", cache_dir: str | Path | None = None, progress: bool = False) -> "LLM":
+    def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
+             dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
+             cache_dir: str | Path | None = None, progress: bool = False, check_base: bool = True) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, or (``path=None``) the embedded default
-        SmolLM2-135M-Instruct. A directory without tokenizer files loads with ``tokenizer=None``."""
+        SmolLM2-135M-Instruct. A directory without tokenizer files loads with ``tokenizer=None``.
+
+        ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
+        ``transformers`` model) to attach. An adapter recording a different base model is refused
+        unless ``check_base=False``.
+        """
         from .checkpoints.hf import load_hf_dir
+        from .checkpoints.native import is_native, load_native
 
         dtype = _dtype(dtype)
         if path is None:
@@ -58,8 +65,75 @@ class LLM:
         else:
             raise CheckpointError(f"{path}: expected a Hugging Face directory (config.json + *.safetensors) "
                                   "or a .gguf file")
-        model = load_hf_dir(directory, dtype=dtype, device=device)
-        return cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
+        if is_native(directory):
+            model = load_native(directory, dtype=dtype, device=device)
+        else:
+            model = load_hf_dir(directory, dtype=dtype, device=device)
+        llm = cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
+        if adapter is not None:
+            llm.load_adapter(adapter, check_base=check_base)
+        return llm
+
+    @classmethod
+    def from_config(cls, config: Config | str, tokenizer=None, seed: int = 0) -> "LLM":
+        """A randomly initialised model (normal(0, 0.02) weights, GPT-2 style) to pretrain.
+
+        ``config``: a :class:`Config`, a registered name, or a JSON file (an HF ``config.json`` or
+        our Config fields). ``tokenizer``: a directory holding ``tokenizer.json``, or a Tokenizer.
+
+        >>> llm = LLM.from_config("tiny-llama")
+        >>> llm.model(torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 256])
+        """
+        from .train.pretrain import build_model, resolve_config
+
+        config = resolve_config(config)
+        if isinstance(tokenizer, (str, Path)):
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(tokenizer)
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            from .errors import ConfigError
+
+            raise ConfigError(f"config vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} tokens")
+        return cls(build_model(config, seed), tokenizer, source=config.name)
+
+    # ---- training ----------------------------------------------------------------------------
+    def finetune(self, data, method: str = "lora", steps: int = 100, batch_size: int = 8, lr: float | None = None,
+                 out: str | Path | None = None, **options):
+        """Fine-tune in place (LoRA through ``peft``, or all weights) on chat (``messages``),
+        instruction (``instruction``/``input``/``output``) or text records, a JSONL path or a list.
+        The loss counts answer tokens only. Returns a :class:`~lucidlm.train.loop.TrainResult`
+        (loss per step, validation losses); ``out`` receives the log, loss curve, checkpoints and
+        the adapter (LoRA) or model (full). ``options``: see :class:`~lucidlm.train.loop.TrainConfig`
+        (``lora_r``, ``lora_alpha``, ``val_split``, ``resume``, ``precision``, ``seed`` ...)."""
+        from .train.finetune import finetune
+
+        return finetune(self, data, method=method, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
+
+    def pretrain(self, texts, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
+                 out: str | Path | None = None, **options):
+        """Next-token training of every weight on raw text (strings, ``.txt`` paths or a JSONL of
+        ``{"text"}`` records), packed into windows of ``max_seq_length`` tokens."""
+        from .train.finetune import pretrain
+
+        return pretrain(self, texts, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
+
+    def load_adapter(self, directory: str | Path, check_base: bool = True) -> dict:
+        """Attach a PEFT LoRA adapter (see :meth:`load`). Returns its ``adapter_config.json``."""
+        from .train.lora import load_adapter
+
+        names = [self.source, str(self.directory) if self.directory else None,
+                 (self.config.hf_config or {}).get("_name_or_path")]
+        return load_adapter(self.model, directory, base_names=names if check_base else None)
+
+    def merge_adapter(self) -> "LLM":
+        """Fold attached LoRA adapters into the base weights (faster inference; saveable)."""
+        from .train.lora import merge_lora
+
+        merge_lora(self.model)
+        return self
 
     # ---- text generation -------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.0,

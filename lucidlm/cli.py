@@ -1,4 +1,4 @@
-"""The ``lucidlm`` command line: generate, chat, explain, convert, models, bench.
+"""The ``lucidlm`` command line: generate, chat, explain, convert, finetune, pretrain, merge, models, bench.
 
 Bad arguments exit with status 2 and one line on stderr; so does any lucidlm error (bad model
 path, broken checkpoint, unknown cache policy ...).
@@ -52,7 +52,30 @@ def _positive(text: str) -> int:
 
 
 BENCHES = {"decode": "lucidlm.bench.decode", "explain": "lucidlm.bench.explain",
-           "faithfulness": "lucidlm.bench.faithfulness", "kv": "lucidlm.bench.kv"}
+           "faithfulness": "lucidlm.bench.faithfulness", "kv": "lucidlm.bench.kv", "train": "lucidlm.bench.train"}
+
+
+def _add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
+    p.add_argument("--out", type=Path, required=True, help="run directory: log.jsonl, loss.png, checkpoint/, result")
+    p.add_argument("--steps", type=_positive, default=100)
+    p.add_argument("--batch-size", type=_positive, default=8, help="global batch (split across torchrun processes)")
+    p.add_argument("--micro-batch-size", type=_positive, default=None,
+                   help="examples per forward per process (gradient accumulation when smaller than the share)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--max-seq-length", type=_positive, default=None,
+                   help="longer examples are truncated with a warning (default: the context, at most 2048)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-split", type=float, default=None, help="fraction held out for validation")
+    p.add_argument("--eval-every", type=_positive, default=None)
+    p.add_argument("--save-every", type=_positive, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                   help="under torchrun: auto = DDP for LoRA, FSDP2 for full")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     sub.add_parser("models", help="list the registered configs and supported architectures")
+
+    p = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat / instruction / text JSONL")
+    p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    _add_model(p)
+    p.add_argument("--adapter", type=Path, default=None, help="continue training this LoRA adapter")
+    p.add_argument("--lora-r", type=_positive, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linear layers)")
+    p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "alpaca"],
+                   help="instruction records: the chat template (auto, when there is one) or the Alpaca prompt")
+    _add_training(p, None)
+
+    p = sub.add_parser("pretrain", help="next-token training of all weights on raw text")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="registered config name, our Config JSON, or an HF config.json")
+    source.add_argument("--model", help="continue pretraining this checkpoint")
+    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (with --config)")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help=".txt files or {text} JSONL files")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_training(p, 3e-4)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: BASE ADAPTER -> HF directory")
+    p.add_argument("base", help="HF directory or .gguf of the base model")
+    p.add_argument("adapter", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     benches = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -181,18 +233,28 @@ def cmd_explain(args) -> int:
 
 def cmd_convert(args) -> int:
     from .api import LLM
+
+    _check_new_dir(args.out_dir)
+    llm = LLM.load(args.src, dtype=args.dtype, progress=True)
+    _write_checkpoint_dir(llm, args.out_dir)
+    return 0
+
+
+def _check_new_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"OUT_DIR {out} exists and is not empty: choose a new directory")
+
+
+def _write_checkpoint_dir(llm, out: Path) -> None:
+    """Save ``llm`` as an HF directory: built in a temporary sibling, renamed into place at the end."""
     from .checkpoints.hf import save_hf_dir
 
-    out = args.out_dir
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"OUT_DIR {out} exists and is not empty: choose a new directory")
-    llm = LLM.load(args.src, dtype=args.dtype, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         save_hf_dir(llm.model, tmp, progress=True)
         for name in TOKENIZER_FILES:
-            if (llm.directory / name).is_file():
+            if llm.directory is not None and (llm.directory / name).is_file():
                 shutil.copy2(llm.directory / name, tmp / name)
         if out.exists():
             out.rmdir()
@@ -201,7 +263,77 @@ def cmd_convert(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_merge(args) -> int:
+    from .api import LLM
+
+    _check_new_dir(args.out_dir)
+    llm = LLM.load(args.base, adapter=args.adapter, dtype=args.dtype, progress=True,
+                   check_base=not args.no_check_base)
+    _write_checkpoint_dir(llm.merge_adapter(), args.out_dir)
     return 0
+
+
+def _training_options(args) -> dict:
+    options = dict(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                   lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                   grad_clip=args.grad_clip, max_seq_length=args.max_seq_length, precision=args.precision,
+                   seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+                   strategy=args.strategy, resume=args.resume, progress=not args.no_progress)
+    if args.val_split is not None:
+        options["val_split"] = args.val_split
+    return options
+
+
+def cmd_finetune(args) -> int:
+    from .api import LLM
+
+    llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype)
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
+    result = llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
+                          prompt_style=args.prompt_style, **_training_options(args))
+    _report(result)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .api import LLM
+
+    if args.config is not None:
+        if args.tokenizer is None:
+            raise CheckpointError("pretrain --config needs --tokenizer DIR (a directory with tokenizer.json)")
+        llm = LLM.from_config(args.config, tokenizer=args.tokenizer, seed=args.seed)
+    else:
+        llm = LLM.load(args.model, dtype=args.dtype)
+    result = llm.pretrain(_pretrain_records(args.data), out=args.out, **_training_options(args))
+    _report(result)
+    return 0
+
+
+def _pretrain_records(paths: list[Path]) -> list:
+    from .train.data import read_records
+    from .train.finetune import text_records
+
+    records: list = []
+    for path in paths:
+        if path.suffix == ".jsonl":
+            records.extend(r.data for r in read_records(path))
+        else:
+            records.extend(text_records([path]))
+    return records
+
+
+def _report(result) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    last = result.losses[-1] if result.losses else float("nan")
+    val = f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
+    print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {last:.4f}{val}; "
+          f"{result.tokens_per_s:.0f} tokens/s; wrote {result.out}", file=sys.stderr)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -226,7 +358,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "explain": cmd_explain, "convert": cmd_convert,
-            "models": cmd_models, "bench": cmd_bench}
+            "models": cmd_models, "bench": cmd_bench, "finetune": cmd_finetune, "pretrain": cmd_pretrain,
+            "merge": cmd_merge}
 
 if __name__ == "__main__":
     sys.exit(main())

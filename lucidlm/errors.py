@@ -41,3 +41,15 @@ class ExplainError(LucidError, ValueError):
 
 class PatchError(LucidError, TypeError):
     """A ``transformers``/torchvision model cannot be made explainable."""
+
+
+class DataError(LucidError, ValueError):
+    """A training dataset is malformed, empty, or holds a record that cannot be trained on."""
+
+
+class TrainError(LucidError, ValueError):
+    """A training run cannot start or resume (bad option, corrupt checkpoint, mismatched run)."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter is malformed, uses a feature we cannot load, or does not fit the base model."""

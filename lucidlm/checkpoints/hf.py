@@ -98,14 +98,17 @@ def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -
 
 
 def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                progress: bool = False) -> Path:
-    """Write ``config.json`` and safetensors shards that ``transformers`` loads."""
+                progress: bool = False, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``config.json`` and safetensors shards that ``transformers`` loads. ``state``: our
+    tensors to write instead of ``model.state_dict()`` (gathered from shards after FSDP training)."""
     config = model.config
     if config.hf_config is None:
         raise CheckpointError(f"{config.name}: only models loaded from a Hugging Face config can be saved back")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, config)
+    if state is None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = ours_to_hf(state, config)
     shards = _shard(state, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
@@ -119,7 +122,7 @@ def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 10
         atomic_write(directory / "model.safetensors.index.json",
                       json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     hf_config = dict(config.hf_config)
-    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     atomic_write(directory / "config.json", json.dumps(hf_config, indent=2))
     return directory
 

@@ -205,3 +205,41 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: Config) -> dict[str, torc
             tensor = tensor.t()
         out[name] = tensor.contiguous()
     return out
+
+
+# ----- module names (LoRA adapters address modules, not tensors) ------------------------------
+def hf_module_of(ours: str, config: Config) -> tuple[str, Fused | None, int]:
+    """The HF module holding our module ``ours`` (``"layers.0.attn.q_proj"``). For a member of a
+    fused HF matrix (GPT-2 ``c_attn`` ...) also the fused spec and the member's index in it."""
+    layout = LAYOUTS[config.family]
+    name = ours + ".weight"
+    for spec in layout.fused:
+        for index, template in enumerate(spec.ours):
+            m = _regex(template, prefix=False).match(name)
+            if m:
+                return spec.hf.format(**m.groupdict()).removesuffix(".weight"), spec, index
+    hf = _rename(name, sorted(((o, h) for h, o in layout.renames), key=lambda p: -len(p[0])))
+    if hf is None:
+        raise KeyError(f"{ours}: no Hugging Face module in layout {config.family!r}")
+    return hf.removesuffix(".weight"), None, -1
+
+
+def our_modules_of(hf: str, config: Config) -> tuple[list[str], Fused | None]:
+    """Our module(s) for the HF module ``hf``: several for a fused matrix (with its spec)."""
+    layout = LAYOUTS[config.family]
+    name = hf + ".weight"
+    if not name.startswith((layout.prefix, "lm_head.", "embed_out.")):
+        name = layout.prefix + name  # adapters trained on a bare base model
+    fused = _match_fused(name, layout.fused, hf_side=True)
+    if fused:
+        spec, groups = fused
+        return [o.format(**groups).removesuffix(".weight") for o in spec.ours], spec
+    ours = _rename(name, sorted(layout.renames, key=lambda p: -len(p[0])))
+    if ours is None:
+        raise KeyError(f"{hf}: not a module of layout {config.family!r}")
+    return [ours.removesuffix(".weight")], None
+
+
+def is_transposed(hf_module: str, config: Config) -> bool:
+    """Whether HF stores this module's weight as (in, out) (GPT-2 Conv1D)."""
+    return any(re.match(rx, hf_module + ".weight") for rx in LAYOUTS[config.family].transposed)

@@ -82,8 +82,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab) — (batch, 1, vocab) with ``last_only``.
+
+        ``select`` (batch, tokens) bool: logits only where it is true, as (n_selected, vocab); training
+        uses it to skip the vocabulary projection of tokens the loss does not count.
 
         ``positions`` (batch, tokens): true positions (-1 marks left padding); default consecutive.
         ``cache``: a :class:`~lucidlm.cache.KVCache`; the new tokens are appended to it.
@@ -106,6 +109,8 @@ class GPT(nn.Module):
             cache.next_position = positions.max(dim=1).values + 1
         if last_only:
             x = x[:, -1:]
+        elif select is not None:
+            x = x[select]
         logits = self.lm_head(self.final_norm(x))
         cap = self.config.final_logit_softcapping
         if cap is not None:

@@ -1,0 +1,191 @@
+"""Fine-tuning (LoRA or all weights) and pretraining, as ``LLM.finetune`` / ``LLM.pretrain`` run them.
+
+A run writes into ``out``:
+
+* ``log.jsonl``: one object per step (``step``, ``loss``, ``lr``, ``tokens`` seen so far,
+  ``tokens_per_s``, ``grad_norm``) and one per evaluation (``step``, ``val_loss``);
+* ``loss.png``: the loss curve;
+* ``checkpoint/``: what ``resume=True`` continues from;
+* the result: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for LoRA, or
+  a whole checkpoint directory (Hugging Face layout when the model has an HF config, else
+  lucidlm's own) for full fine-tuning and pretraining.
+
+>>> from lucidlm import LLM, Config                                  # doctest: +SKIP
+>>> llm = LLM.load()                                                 # doctest: +SKIP
+>>> r = llm.finetune([{"messages": [{"role": "user", "content": "Who is Zorp?"},
+...                                 {"role": "assistant", "content": "The moon of Quib."}]}],
+...                  method="lora", steps=20, lr=2e-3)                # doctest: +SKIP
+>>> r.losses[-1] < r.losses[0]                                       # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TrainError
+from . import data as datamod
+from .distributed import World, full_state, setup
+from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult
+
+Data = str | Path | Sequence[dict[str, Any]]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size: int = 8, lr: float | None = None,
+             out: str | Path | None = None, on_step: Callable[[dict], None] | None = None,
+             **options: Any) -> TrainResult:
+    """Train ``llm`` in place on chat, instruction or text records; see :class:`TrainConfig` for
+    ``options``. Returns the per-step losses; with ``out`` also writes the run's files."""
+    lr = lr if lr is not None else (2e-4 if method == "lora" else 2e-5)
+    cfg = TrainConfig.make(method=method, steps=steps, batch_size=batch_size, lr=lr, **options)
+    return _run(llm, data, cfg, out, on_step)
+
+
+def pretrain(llm, texts: Sequence[str] | Data, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
+             out: str | Path | None = None, on_step: Callable[[dict], None] | None = None,
+             **options: Any) -> TrainResult:
+    """Next-token training of all weights on raw text (strings, text files, or ``{"text"}``
+    records), packed into windows of ``max_seq_length`` tokens."""
+    options.setdefault("val_split", 0.0)
+    cfg = TrainConfig.make(method="full", steps=steps, batch_size=batch_size, lr=lr, **options)
+    return _run(llm, text_records(texts), cfg, out, on_step)
+
+
+def text_records(texts: Sequence[str] | Data) -> list[dict[str, Any]] | str | Path:
+    """Strings become ``{"text"}`` records; paths to ``.txt`` files are read whole, ``.jsonl``
+    files are datasets of their own."""
+    if isinstance(texts, (str, Path)) and Path(texts).suffix == ".jsonl":
+        return texts
+    items = [texts] if isinstance(texts, (str, Path)) else list(texts)
+    records = []
+    for item in items:
+        if isinstance(item, dict):
+            records.append(item)
+        elif isinstance(item, Path) or (isinstance(item, str) and "\n" not in item and len(item) < 4096
+                                        and item.endswith((".txt", ".md")) and Path(item).exists()):
+            try:
+                records.append({"text": Path(item).read_text(encoding="utf-8")})
+            except (OSError, UnicodeDecodeError) as exc:
+                raise datamod.DataError(f"{item}: cannot read text ({exc})") from None
+        elif isinstance(item, str):
+            records.append({"text": item})
+        else:
+            raise datamod.DataError(f"texts: expected strings, .txt paths or {{'text'}} records, "
+                                    f"got {type(item).__name__}")
+    return records
+
+
+def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step) -> TrainResult:
+    from .lora import attach_lora, has_lora
+
+    world = setup()
+    if cfg.batch_size % world.size:
+        raise TrainError(f"batch_size={cfg.batch_size} is the global batch: it must be a multiple of the "
+                         f"{world.size} processes")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_out(out, cfg.resume)
+    model = llm.model
+    if world.device.type == "cuda" and next(model.parameters()).device != world.device:
+        model.to(world.device)
+    max_len = cfg.max_seq_length or min(llm.config.block_size, 2048)
+    if max_len > llm.config.block_size:
+        raise TrainError(f"max_seq_length={max_len} exceeds the model's context ({llm.config.block_size})")
+    records = datamod.read_records(data)
+    examples = datamod.build_examples(records, llm.tokenizer, max_len, cfg.prompt_style)
+    train, val = datamod.split_validation(examples, cfg.val_split, cfg.seed)
+    if not train:
+        raise datamod.DataError("no training examples are left after the validation split")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "lora":
+        if not has_lora(model):
+            attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    else:
+        if has_lora(model):
+            raise TrainError("method='full' on a model with a LoRA adapter: merge it first (lucidlm merge)")
+        for p in model.parameters():
+            p.requires_grad_(True)
+    signature = cfg.signature() | {"data": datamod.fingerprint(records), "examples": len(examples)}
+    if out is not None and world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = Trainer(model, cfg, world, out, signature, on_step)
+        result = trainer.fit(train, val)
+        if out is not None:
+            _save_result(llm, model, cfg, out, world)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+    return result
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"out={out}: exists and is not a directory")
+    held = out.is_dir() and any((out / name).exists() for name in (LOG, CHECKPOINT, f".{CHECKPOINT}.old"))
+    if held and not resume:
+        raise TrainError(f"out={out}: already holds a training run (log.jsonl/checkpoint); pass resume=True "
+                         "(--resume) to continue it, or choose a new directory")
+    if resume and not held:
+        raise TrainError(f"out={out}: no checkpoint to resume from")
+
+
+def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
+    """Rank 0 writes the adapter or the whole model (gathered from every rank's shard)."""
+    if cfg.method == "lora":
+        if world.is_main:
+            from .lora import save_adapter
+
+            save_adapter(model, out, base_model=llm.source)
+        return
+    state = full_state(model, [n for n, _ in model.named_parameters()])
+    if not world.is_main:
+        return
+    if llm.config.hf_config is not None:
+        from ..checkpoints.hf import save_hf_dir
+
+        save_hf_dir(model, out, state=state)
+    else:
+        from ..checkpoints.native import save_native
+
+        save_native(model, out, state=state)
+    if llm.directory is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(llm.directory) / name).is_file():
+                shutil.copy2(Path(llm.directory) / name, out / name)
+    elif llm.tokenizer is not None and Path(llm.tokenizer.name).is_dir():  # a tokenizer from --tokenizer DIR
+        for name in TOKENIZER_FILES:
+            src = Path(llm.tokenizer.name) / name
+            if src.is_file():
+                shutil.copy2(src, out / name)
+
+
+@torch.no_grad()
+def answer_loss(llm, data: Data, batch_size: int = 8, max_seq_length: int | None = None) -> float:
+    """Mean loss per answer token of ``data`` (the quantity fine-tuning lowers)."""
+    from .data import IGNORE, collate
+    from torch.nn import functional as F
+
+    records = datamod.read_records(data)
+    examples = datamod.build_examples(records, llm.tokenizer, max_seq_length or min(llm.config.block_size, 2048))
+    model = llm.model
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, labels = (t.to(device) for t in collate(examples[i: i + batch_size]))
+        select = labels != IGNORE
+        total += F.cross_entropy(model(ids, select=select).float(), labels[select], reduction="sum").item()
+        count += int(select.sum())
+    return total / count
+
+
+__all__ = ["finetune", "pretrain", "answer_loss", "TrainConfig", "TrainResult"]

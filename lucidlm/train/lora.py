@@ -1,0 +1,338 @@
+"""LoRA adapters through ``peft``, saved and loaded in PEFT's own format with Hugging Face names.
+
+``peft`` injects its ``lora.Linear`` layers into our model (``inject_adapter_in_model``): the
+adapter maths is peft's, not a copy. What lives here is the translation between our module names
+and the checkpoint's, so that an adapter trained here loads onto the ``transformers`` model with
+``PeftModel.from_pretrained`` and gives the same logits, and an adapter trained there loads here.
+
+Fused HF matrices (GPT-2 ``c_attn``, NeoX ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``)
+are several modules here. Loading splits the fused ``lora_B`` by rows and shares ``lora_A``, which
+is exact. Saving stacks the members' ``lora_A`` and places their ``lora_B`` block-diagonally: an
+exact LoRA of rank Σr, written with peft's ``rank_pattern``/``alpha_pattern``.
+
+A LoRA layer is linear in its input, so the LRP rules need nothing new: relevance flows through
+``W x + s·B A x`` as through any linear layer (gradient × input).
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> model = GPT(Config.from_name("tiny-llama"))
+>>> attach_lora(model, r=4, alpha=8)
+>>> sorted(lora_layers(model))[:2]
+['layers.0.attn.k_proj', 'layers.0.attn.o_proj']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints.layouts import hf_module_of, is_transposed, our_modules_of
+from ..errors import AdapterError, TrainError
+from ..fileio import atomic_path, atomic_write
+
+#: our module names LoRA targets by default: every linear layer of attention and MLP (not lm_head)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # what PeftModel puts before the HF module names
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise TrainError("LoRA needs the 'peft' package: pip install 'lucidlm[train]'") from exc
+    return peft
+
+
+# ----------------------------------------------------------------------------- attach / inspect
+def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                targets: tuple[str, ...] | list[str] | None = None, *, rank_pattern: dict | None = None,
+                alpha_pattern: dict | None = None, use_rslora: bool = False) -> None:
+    """Inject peft LoRA layers (frozen base, trainable A/B) into ``model`` in place.
+
+    ``targets``: our module leaf names (``q_proj``, ``up_proj`` ...) or full names.
+    """
+    peft = _peft()
+    if r < 1:
+        raise TrainError(f"lora_r={r}: expected a positive rank")
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = list(targets or [t for t in DEFAULT_TARGETS if t in present])
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+                             use_rslora=use_rslora, bias="none")
+    try:
+        peft.inject_adapter_in_model(config, model)
+    except ValueError as exc:
+        raise TrainError(f"lora targets {targets}: {exc}") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Our module name -> peft LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    try:
+        return bool(lora_layers(model))
+    except ImportError:
+        return False
+
+
+def _parts(layer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scaling) of a layer's one adapter."""
+    (adapter,) = layer.lora_A.keys()
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += s·B A) and remove the LoRA layers."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.get_base_layer())
+    return model
+
+
+# ----------------------------------------------------------------------------- save (ours -> PEFT)
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``peft`` does, with the
+    checkpoint's module names. Each file is written atomically."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("the model has no LoRA layers to save")
+    tensors, ranks, alphas, dropout, rslora = {}, {}, {}, 0.0, False
+    fused: dict[str, list] = {}
+    for ours, layer in layers.items():
+        hf, spec, index = hf_module_of(ours, config)
+        A, B, scaling = _parts(layer)
+        rslora = _flag(layer.use_rslora)
+        dropout = _dropout_p(layer)
+        if spec is None:
+            tensors[hf], ranks[hf] = (A, B), A.shape[0]
+            alphas[hf] = _alpha_for(scaling, A.shape[0], rslora)
+        else:
+            fused.setdefault(hf, [spec, {}])[1][index] = (ours, A, B, scaling)
+    for hf, (spec, members) in fused.items():
+        A, B, rank, scaling = _fuse_members(model, spec, members)
+        tensors[hf], ranks[hf], alphas[hf] = (A, B), rank, _alpha_for(scaling, rank, rslora)
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[h] for h in ranks if ranks[h] == r).most_common(1)[0][0]
+    targets, rank_pattern, alpha_pattern = _collapse(model, ranks, alphas, r, alpha)
+    peft_config = _peft().LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, use_rslora=rslora, bias="none", task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        fan_in_fan_out=any(is_transposed(h, config) for h in ranks))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for hf, (A, B) in tensors.items():
+        state[f"{_PREFIX}{hf}.lora_A.weight"] = A.detach().cpu().contiguous()
+        state[f"{_PREFIX}{hf}.lora_B.weight"] = B.detach().cpu().contiguous()
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write(directory / CONFIG_FILE, json.dumps(peft_config.to_dict(), indent=2, default=list))
+    return directory
+
+
+def _flag(value) -> bool:
+    """peft keeps some per-adapter settings as ``{adapter: value}``."""
+    return bool(next(iter(value.values()), False)) if isinstance(value, dict) else bool(value)
+
+
+def _dropout_p(layer) -> float:
+    (drop,) = layer.lora_dropout.values()
+    return float(getattr(drop, "p", 0.0))
+
+
+def _alpha_for(scaling: float, rank: int, rslora: bool) -> float:
+    """The lora_alpha giving ``scaling`` at ``rank`` (alpha / r, or alpha / sqrt(r) for rsLoRA)."""
+    value = scaling * (math.sqrt(rank) if rslora else rank)
+    return int(round(value)) if abs(value - round(value)) < 1e-6 else value
+
+
+def _fuse_members(model: nn.Module, spec, members: dict[int, tuple]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """One exact LoRA for a fused HF matrix: A stacked, B block-diagonal (zero rows for members
+    without an adapter), every member rescaled to the first member's scaling."""
+    first = min(members)
+    scaling = members[first][3]
+    rank = sum(m[1].shape[0] for m in members.values())
+    A = torch.cat([members[i][1] for i in sorted(members)], dim=0)
+    blocks, column = [], 0
+    for index, template in enumerate(spec.ours):
+        if index in members:
+            _, a, b, s = members[index]
+            block = b.new_zeros(b.shape[0], rank)
+            block[:, column: column + a.shape[0]] = b * (s / scaling)
+            column += a.shape[0]
+        else:  # a member without an adapter: its rows of the fused B stay zero
+            some = members[first][0]
+            name = _sibling(some, spec.ours[first], template)
+            block = A.new_zeros(model.get_submodule(name).out_features, rank)
+        blocks.append(block)
+    return A, spec.fuse(blocks, model.config), rank, scaling
+
+
+def _sibling(ours: str, own_template: str, other_template: str) -> str:
+    """Our name of another member of the same fused matrix (same layer)."""
+    m = re.match(re.escape(own_template.removesuffix(".weight")).replace(r"\{i\}", r"(?P<i>\d+)")
+                 .replace(r"\{e\}", r"(?P<e>\d+)") + "$", ours)
+    return other_template.removesuffix(".weight").format(**m.groupdict())
+
+
+def _collapse(model: nn.Module, ranks: dict, alphas: dict, r: int, alpha: float):
+    """Leaf names (``q_proj``) when a kind of module is adapted in every layer with the same rank,
+    else full module names; ranks/alphas that differ from the default go into the patterns."""
+    config = model.config
+    all_hf = set()
+    for name, m in model.named_modules():
+        name = name.removesuffix(".base_layer")  # a LoRA layer's own Linear
+        if isinstance(m, nn.Linear) and name != "lm_head" and ".lora_" not in name:
+            try:
+                all_hf.add(hf_module_of(name, config)[0])
+            except KeyError:
+                continue
+    by_leaf: dict[str, list[str]] = {}
+    for hf in ranks:
+        by_leaf.setdefault(hf.rsplit(".", 1)[-1], []).append(hf)
+    targets, rank_pattern, alpha_pattern = [], {}, {}
+    for leaf, names in sorted(by_leaf.items()):
+        every = {h for h in all_hf if h.rsplit(".", 1)[-1] == leaf} == set(names)
+        uniform = len({(ranks[h], alphas[h]) for h in names}) == 1
+        targets.extend([leaf] if every else sorted(names))
+        entries = [(leaf, names[0])] if every and uniform else [(re.escape(h), h) for h in sorted(names)]
+        for key, h in entries:
+            if ranks[h] != r:
+                rank_pattern[key] = ranks[h]
+            if alphas[h] != alpha:
+                alpha_pattern[key] = alphas[h]
+    return targets, rank_pattern, alpha_pattern
+
+
+# ----------------------------------------------------------------------------- load (PEFT -> ours)
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, tensors); AdapterError naming the file when either is bad."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{directory}: no {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}: "
+                           "only LoRA adapters are supported")
+    for key, bad in (("use_dora", True), ("modules_to_save", None), ("bias", "none")):
+        value = config.get(key)
+        if (key == "bias" and value not in (None, "none")) or (key == "use_dora" and value) or \
+                (key == "modules_to_save" and value):
+            raise AdapterError(f"{config_path}: {key}={value!r} is not supported (plain LoRA only)")
+    if not weights_path.is_file():
+        raise AdapterError(f"{directory}: no {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights_path}: cannot read adapter weights ({exc})") from None
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | Path, base_names: list[str] | None = None) -> dict[str, Any]:
+    """Attach the adapter in ``directory`` (ours or one trained with ``peft``) to ``model``.
+
+    ``base_names``: names this model is known by; an adapter recording a different
+    ``base_model_name_or_path`` is refused. Returns the adapter config."""
+    from peft.utils.other import get_pattern_key
+
+    config, tensors = read_adapter(directory)
+    _check_base(config, base_names, Path(directory))
+    pairs = _pair_tensors(tensors, Path(directory) / WEIGHTS_FILE)
+    ours_r, ours_alpha, weights = {}, {}, {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for hf, (A, B) in pairs.items():
+        try:
+            names, spec = our_modules_of(hf, model.config)
+        except KeyError:
+            raise AdapterError(f"{directory}: adapter targets module {hf!r}, which a "
+                               f"{model.config.family!r} model does not have") from None
+        rank = A.shape[0]
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), hf), config.get("lora_alpha", 8))
+        parts = spec.split(B, model.config) if spec is not None else [B]
+        for name, b in zip(names, parts):
+            base = _linear(model, name, directory)
+            if A.shape[1] != base.in_features or b.shape[0] != base.out_features or b.shape[1] != rank:
+                raise AdapterError(f"{directory}: adapter for {hf} has lora_A {tuple(A.shape)} and lora_B "
+                                   f"{tuple(B.shape)}, which do not fit the base layer "
+                                   f"({base.out_features} x {base.in_features})")
+            ours_r[name], ours_alpha[name], weights[name] = rank, alpha, (A, b)
+    attach_lora(model, r=int(config.get("r", 8)), alpha=config.get("lora_alpha", 8),
+                dropout=float(config.get("lora_dropout", 0.0)), targets=list(weights),
+                rank_pattern={re.escape(n): v for n, v in ours_r.items()},
+                alpha_pattern={re.escape(n): v for n, v in ours_alpha.items()},
+                use_rslora=bool(config.get("use_rslora", False)))
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, (A, b) in weights.items():
+            a_param, b_param, _ = _parts(layers[name])
+            a_param.copy_(A)
+            b_param.copy_(b)
+    return config
+
+
+def _linear(model: nn.Module, name: str, directory) -> nn.Linear:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"{directory}: adapter targets {name}, which this model does not have "
+                           f"({model.config.n_layer} layers)") from None
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _pair_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (plain LoRA adapters hold only "
+                               "lora_A/lora_B weights)")
+        halves.setdefault(m[1], {})[m[2]] = t.float() if t.dtype not in (torch.float32, torch.float64) else t
+    if not halves:
+        raise AdapterError(f"{path}: the adapter holds no tensors")
+    for hf, h in halves.items():
+        if set(h) != {"A", "B"}:
+            raise AdapterError(f"{path}: module {hf} has lora_{'A' if 'A' in h else 'B'} but not its partner")
+    return {hf: (h["A"], h["B"]) for hf, h in halves.items()}
+
+
+def base_identity(name: str | None) -> str:
+    """A checkpoint's name without folders and file suffixes, lowercased:
+    ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` and ``".../SmolLM2-135M-Instruct.Q4_1.gguf"`` agree."""
+    return Path(str(name).rstrip("/")).name.split(".")[0].lower() if name else ""
+
+
+def _check_base(config: dict, base_names: list[str] | None, directory: Path) -> None:
+    recorded = config.get("base_model_name_or_path")
+    if not recorded or not base_names:
+        return
+    known = {base_identity(n) for n in base_names if n}
+    if base_identity(recorded) not in known:
+        raise AdapterError(f"{directory}: adapter was trained on base_model_name_or_path={recorded!r}, "
+                           f"not on this model ({', '.join(sorted(n for n in base_names if n))}); "
+                           "pass check_base=False to load it anyway")
