@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle  # only for its error type: checkpoints load with weights_only=True
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -373,7 +374,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
             torch.set_rng_state(saved["rng"])
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError, TypeError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, TypeError, pickle.UnpicklingError) as exc:
             raise TrainError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {exc})") from None
 
 

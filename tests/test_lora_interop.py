@@ -1,0 +1,146 @@
+"""LoRA adapters against the oracle, transformers + peft, both ways, on every layout kind we map
+(separate projections, GPT-2's transposed fused c_attn, NeoX's interleaved query_key_value, Phi-3's
+fused qkv_proj/gate_up_proj); explanations hold through LoRA layers; ``lucidlm merge``."""
+
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+
+import lucidlm  # noqa: E402
+from lucidlm.cli import main  # noqa: E402
+from lucidlm.errors import AdapterError  # noqa: E402
+from lucidlm.train.lora import attach_lora, lora_layers, save_adapter  # noqa: E402
+from families import build_hf_model  # noqa: E402
+
+FAMILIES = ["smollm2", "qwen2", "gpt2", "pythia", "phi3", "phi2"]
+TARGETS = {"phi2": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}  # Phi-2 has no gate
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def randomise_b(model, seed: int = 0) -> None:
+    """LoRA starts with B = 0 (a no-op); random B makes every adapter matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for b in layer.lora_B.values():
+                b.weight.copy_(torch.randn(b.weight.shape, generator=g) * 0.1)
+
+
+def ids_for(vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_adapter_loads_in_peft_with_our_logits(family, hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint(family)
+    llm = lucidlm.LLM.load(directory)
+    torch.manual_seed(0)
+    # v_proj with its own rank and alpha: exercises rank_pattern/alpha_pattern in adapter_config.json
+    attach_lora(llm.model, r=4, alpha=8, targets=TARGETS.get(family), rank_pattern={"v_proj": 2},
+                alpha_pattern={"v_proj": 3})
+    randomise_b(llm.model)
+    save_adapter(llm.model, tmp_path, base_model=str(directory))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    hf = build_hf_model(family)  # same seed: the same weights as the saved checkpoint
+    model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    ids = ids_for(llm.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = llm.model(ids), model(ids).logits
+        base = build_hf_model(family)(ids).logits
+    assert rel_err(theirs, base) > 1e-3  # the adapter matters
+    assert rel_err(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_loads_here_with_peft_logits(family, hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint(family)
+    hf = build_hf_model(family)
+    targets = "all-linear" if family not in TARGETS else TARGETS[family]
+    if family == "phi2":
+        targets = ["q_proj", "v_proj", "dense", "fc1", "fc2"]
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False,
+                             rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 7})
+    model = peft.get_peft_model(hf, config).eval()
+    model.save_pretrained(tmp_path)
+    llm = lucidlm.LLM.load(directory, adapter=tmp_path)
+    ids = ids_for(llm.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = llm.model(ids), model(ids).logits
+        base = build_hf_model(family)(ids).logits
+    assert rel_err(theirs, base) > 1e-3  # the adapter matters
+    assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_merge_cli_writes_a_checkpoint_transformers_loads(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("smollm2")
+    llm = lucidlm.LLM.load(directory)
+    attach_lora(llm.model, r=4, alpha=8)
+    randomise_b(llm.model)
+    save_adapter(llm.model, tmp_path / "adapter", base_model=str(directory))
+    assert main(["merge", str(directory), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = peft.PeftModel.from_pretrained(build_hf_model("smollm2"), tmp_path / "adapter").eval()
+    ids = ids_for(llm.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(merged(ids).logits, expected(ids).logits) <= 1e-4
+    assert main(["merge", str(directory), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2  # not empty
+
+
+def test_explanations_hold_through_lora(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("llama2")  # no biases: CP-LRP conserves exactly
+    llm = lucidlm.LLM.load(directory, dtype=torch.float64)
+    attach_lora(llm.model, r=4, alpha=8)
+    randomise_b(llm.model)
+    prompt = [5, 17, 33, 8, 61, 12]
+    exp = llm.explain(prompt, target=7, method="cp-lrp")
+    with torch.no_grad():
+        logit = llm.model(torch.tensor([prompt]))[0, -1, 7].item()
+    assert exp.target_logit == pytest.approx(logit, rel=1e-9)
+    assert exp.relevance.double().sum().item() == pytest.approx(logit, rel=1e-4)
+    with_lora = llm.explain(prompt, target=7, method="attnlrp").relevance
+    llm.merge_adapter()
+    assert not lora_layers(llm.model)
+    merged = llm.explain(prompt, target=7, method="attnlrp").relevance
+    torch.testing.assert_close(with_lora, merged, rtol=1e-6, atol=1e-9)
+
+
+def test_adapter_for_another_base_is_refused(hf_checkpoint, tiny_lm_dir, tmp_path):
+    _, directory = hf_checkpoint("smollm2")
+    llm = lucidlm.LLM.load(directory)
+    attach_lora(llm.model, r=2, alpha=4)
+    save_adapter(llm.model, tmp_path / "a", base_model=str(directory))
+    with pytest.raises(AdapterError, match=r"do not fit the base layer"):
+        lucidlm.LLM.load(tiny_lm_dir, adapter=tmp_path / "a", check_base=False)  # shapes differ
+    with pytest.raises(AdapterError, match=r"base_model_name_or_path=.*smollm2"):
+        lucidlm.LLM.load(tiny_lm_dir, adapter=tmp_path / "a")  # the recorded base differs
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
+    (lambda d: (d / "adapter_config.json").write_text("{nope"), "adapter_config.json: not valid JSON"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 5), "cannot read adapter weights"),
+    (lambda d: _edit_config(d, peft_type="PREFIX_TUNING"), "only LoRA adapters are supported"),
+    (lambda d: _edit_config(d, use_dora=True), "use_dora=True is not supported"),
+])
+def test_broken_adapters_raise_typed_errors(hf_checkpoint, tmp_path, damage, message):
+    _, directory = hf_checkpoint("smollm2")
+    llm = lucidlm.LLM.load(directory)
+    attach_lora(llm.model, r=2, alpha=4)
+    save_adapter(llm.model, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(AdapterError, match=message):
+        lucidlm.LLM.load(directory, adapter=tmp_path)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
