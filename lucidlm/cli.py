@@ -247,15 +247,13 @@ def _check_new_dir(out: Path) -> None:
 
 def _write_checkpoint_dir(llm, out: Path) -> None:
     """Save ``llm`` as an HF directory: built in a temporary sibling, renamed into place at the end."""
-    from .checkpoints.hf import save_hf_dir
+    from .checkpoints.hf import copy_tokenizer_files, save_hf_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         save_hf_dir(llm.model, tmp, progress=True)
-        for name in TOKENIZER_FILES:
-            if llm.directory is not None and (llm.directory / name).is_file():
-                shutil.copy2(llm.directory / name, tmp / name)
+        copy_tokenizer_files(llm.directory, tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -334,9 +332,6 @@ def _report(result) -> None:
     val = f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
     print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {last:.4f}{val}; "
           f"{result.tokens_per_s:.0f} tokens/s; wrote {result.out}", file=sys.stderr)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
 def cmd_models(args) -> int:

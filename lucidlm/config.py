@@ -13,12 +13,12 @@ laid out differently, one entry in ``checkpoints/hf.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, UnsupportedArchitectureError
+from .fileio import read_json
 
 
 @dataclasses.dataclass
@@ -158,12 +158,7 @@ def _read_hf_config(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str
     path = Path(path_or_dict)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file (expected a Hugging Face config.json)")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json(path, ConfigError, "a Hugging Face config.json"), str(path)
 
 
 def _first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:

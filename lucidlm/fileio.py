@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the new one, never a partial file.
+"""Atomic file writes (readers see the old file or the new one, never a partial file) and JSON
+reading with a typed error that names the file.
 
 Used by everything that writes a user-visible file (heatmaps, JSON, saved checkpoints).
 
@@ -14,9 +15,11 @@ import contextlib
 import errno
 import functools
 import os
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -71,3 +74,14 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return check_target(path)
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception], expected: str = "a JSON file") -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises ``error`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file (expected {expected})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: not valid JSON ({exc})") from None

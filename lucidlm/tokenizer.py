@@ -7,7 +7,6 @@ rendered with the checkpoint's chat template (see :mod:`lucidlm.chat`).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -15,6 +14,7 @@ from typing import Any
 
 from lucidlm.chat import render_chat
 from lucidlm.errors import TokenizerError
+from lucidlm.fileio import read_json
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -206,12 +206,7 @@ class IncrementalDecoder:
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, TokenizerError) if path.is_file() else {}
 
 
 def _token_content(value: Any) -> str | None:

@@ -52,25 +52,20 @@ def oracle():
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
-
-
 def build_tiny_lm(directory, converted_dir, seed: int = 0):
     """A tiny random Llama (2 layers, width 32) with the embedded model's real tokenizer, saved by
     transformers: fast to train, and every path that needs text works on it."""
-    import shutil
-
     import torch
     import transformers as T
+
+    from lucidlm.checkpoints.hf import copy_tokenizer_files
 
     torch.manual_seed(seed)
     config = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     T.LlamaForCausalLM(config).save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        if (converted_dir / name).is_file():
-            shutil.copy2(converted_dir / name, directory / name)
+    copy_tokenizer_files(converted_dir, directory)
     return directory
 
 

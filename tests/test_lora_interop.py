@@ -125,7 +125,7 @@ def test_adapter_for_another_base_is_refused(hf_checkpoint, tiny_lm_dir, tmp_pat
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
+    (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json: no such file"),
     (lambda d: (d / "adapter_config.json").write_text("{nope"), "adapter_config.json: not valid JSON"),
     (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 5), "cannot read adapter weights"),
     (lambda d: _edit_config(d, peft_type="PREFIX_TUNING"), "only LoRA adapters are supported"),
@@ -144,3 +144,30 @@ def test_broken_adapters_raise_typed_errors(hf_checkpoint, tmp_path, damage, mes
 def _edit_config(directory, **changes):
     path = directory / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_mixtral_attention_adapter_round_trips_and_experts_are_refused(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("mixtral")
+    llm = lucidlm.LLM.load(directory)
+    attach_lora(llm.model, r=4, alpha=8)  # default on MoE: attention projections only
+    assert not any(".experts." in name for name in lora_layers(llm.model))
+    randomise_b(llm.model)
+    save_adapter(llm.model, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build_hf_model("mixtral"), tmp_path / "a").eval()
+    ids = ids_for(llm.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(llm.model(ids), theirs(ids).logits) <= 1e-4
+    other = lucidlm.LLM.load(directory)
+    attach_lora(other.model, r=2, alpha=4, targets=["gate_proj"])
+    with pytest.raises(AdapterError, match="mixture-of-experts"):
+        save_adapter(other.model, tmp_path / "b")
+
+
+def test_latent_relevances_through_lora(hf_checkpoint):
+    _, directory = hf_checkpoint("llama2")
+    llm = lucidlm.LLM.load(directory)
+    attach_lora(llm.model, r=4, alpha=8)
+    randomise_b(llm.model)
+    e = llm.explain([5, 17, 33, 8], target=7, method="attnlrp", layers="all")
+    assert e.relevance.shape == (4,)
+    assert e.layers and all(torch.isfinite(torch.as_tensor(v)).all() for v in e.layers.values())

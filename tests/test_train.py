@@ -204,3 +204,26 @@ def test_cli_finetune_then_generate_with_the_adapter(tiny_lm_dir, tmp_path, caps
     assert main(["finetune", str(tmp_path / "missing.jsonl"), "--model", str(tiny_lm_dir),
                  "--out", str(tmp_path / "x")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_cli_pretrain_from_a_config_file(tiny_lm_dir, tmp_path, capsys):
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(dict(name="micro", vocab_size=49152, n_embd=32, n_layer=1, n_head=2,
+                                      intermediate_size=64, block_size=64, tie_embeddings=True)))
+    text = tmp_path / "notes.txt"
+    text.write_text(open("/usr/share/common-licenses/GPL-3").read()[:3000])
+    out = tmp_path / "pt"
+    assert main(["pretrain", "--config", str(config), "--tokenizer", str(tiny_lm_dir), "--data", str(text),
+                 "--out", str(out), "--steps", "3", "--batch-size", "2", "--max-seq-length", "32",
+                 "--precision", "fp32", "--no-progress"]) == 0
+    llm = lucidlm.LLM.load(out)
+    assert llm.config.n_embd == 32 and llm.tokenizer is not None
+    assert len([line for line in (out / "log.jsonl").read_text().splitlines()]) == 3
+    # a registered config whose vocabulary is smaller than the tokenizer's: one clear line, exit 2
+    assert main(["pretrain", "--config", "tiny-llama", "--tokenizer", str(tiny_lm_dir), "--data", str(text),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "vocab_size=256 is smaller than the tokenizer's 49152 tokens" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "nope.json"), "--tokenizer", str(tiny_lm_dir),
+                 "--data", str(text), "--out", str(tmp_path / "bad")]) == 2
+    assert "nope.json: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -21,6 +21,19 @@ from ..model import GPT
 from .layouts import hf_to_ours, ours_to_hf
 
 
+#: the files besides the weights that make a checkpoint directory usable (copied when one is derived)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(source: Path | None, target: Path) -> None:
+    """Copy the tokenizer/generation files of ``source`` (if any) into ``target``."""
+    import shutil
+
+    for name in TOKENIZER_FILES if source is not None else ():
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(target) / name)
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The checkpoint's weight files, in the order its index lists them."""
     index = directory / "model.safetensors.index.json"

@@ -13,7 +13,7 @@ import torch
 
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_path, atomic_write
+from ..fileio import atomic_path, atomic_write, read_json
 from ..model import GPT
 
 CONFIG_FILE, WEIGHTS_FILE = "lucidlm_config.json", "model.safetensors"
@@ -64,10 +64,7 @@ def load_native(directory: str | Path, dtype: torch.dtype | None = torch.float32
 
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    try:
-        config = config_from_dict(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    config = config_from_dict(read_json(path, ConfigError), str(path))
     state = read_tensors(directory / WEIGHTS_FILE)
     model = GPT(config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())

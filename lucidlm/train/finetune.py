@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from .distributed import World, full_state, setup
 from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult
 
 Data = str | Path | Sequence[dict[str, Any]]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
 def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size: int = 8, lr: float | None = None,
@@ -158,15 +156,12 @@ def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
         from ..checkpoints.native import save_native
 
         save_native(model, out, state=state)
+    from ..checkpoints.hf import copy_tokenizer_files
+
     if llm.directory is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(llm.directory) / name).is_file():
-                shutil.copy2(Path(llm.directory) / name, out / name)
+        copy_tokenizer_files(Path(llm.directory), out)
     elif llm.tokenizer is not None and Path(llm.tokenizer.name).is_dir():  # a tokenizer from --tokenizer DIR
-        for name in TOKENIZER_FILES:
-            src = Path(llm.tokenizer.name) / name
-            if src.is_file():
-                shutil.copy2(src, out / name)
+        copy_tokenizer_files(Path(llm.tokenizer.name), out)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checkpoints.layouts import hf_module_of, is_transposed, our_modules_of
 from ..errors import AdapterError, TrainError
-from ..fileio import atomic_path, atomic_write
+from ..fileio import atomic_path, atomic_write, read_json
 
 #: our module names LoRA targets by default: every linear layer of attention and MLP (not lm_head)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,7 +62,10 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
     peft = _peft()
     if r < 1:
         raise TrainError(f"lora_r={r}: expected a positive rank")
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".experts." not in name}
+    # MoE experts are left out by default: transformers 5 stores them as fused parameters that a
+    # peft adapter cannot address, so an adapter on them would not load there
     targets = list(targets or [t for t in DEFAULT_TARGETS if t in present])
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
@@ -117,6 +120,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     tensors, ranks, alphas, dropout, rslora = {}, {}, {}, 0.0, False
     fused: dict[str, list] = {}
     for ours, layer in layers.items():
+        if ".experts." in ours:
+            raise AdapterError(f"{ours}: LoRA on mixture-of-experts experts cannot be saved in PEFT's format "
+                               "(transformers stores the experts as fused parameters); train with "
+                               "lora_targets=('q_proj', 'k_proj', 'v_proj', 'o_proj'), or merge instead")
         hf, spec, index = hf_module_of(ours, config)
         A, B, scaling = _parts(layer)
         rslora = _flag(layer.use_rslora)
@@ -231,12 +238,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{directory}: no {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json(config_path, AdapterError, "a PEFT LoRA adapter directory")
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}: "
                            "only LoRA adapters are supported")

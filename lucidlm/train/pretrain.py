@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..fileio import read_json
 from ..model import GPT
 
 
@@ -24,12 +24,7 @@ def resolve_config(config: Config | str | Path) -> Config:
         return config
     path = Path(config)
     if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path, ConfigError, "a config: an HF config.json or lucidlm Config fields")
         if isinstance(data, dict) and ("architectures" in data or "model_type" in data):
             return Config.from_hf(data)
         from ..checkpoints.native import config_from_dict
