@@ -171,3 +171,23 @@ def test_latent_relevances_through_lora(hf_checkpoint):
     e = llm.explain([5, 17, 33, 8], target=7, method="attnlrp", layers="all")
     assert e.relevance.shape == (4,)
     assert e.layers and all(torch.isfinite(torch.as_tensor(v)).all() for v in e.layers.values())
+
+
+def test_peft_adapter_on_the_real_smollm2_loads_onto_the_embedded_gguf(tmp_path):
+    """transformers reads the embedded GGUF itself; peft adapts it; we load that adapter onto our
+    own conversion of the same file (a different path: the base check must still accept it)."""
+    import transformers
+
+    from lucidlm.checkpoints.embedded import default_model_path
+
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)
+    adapted = peft.get_peft_model(hf, config).eval()
+    adapted.save_pretrained(tmp_path)
+    llm = lucidlm.LLM.load(adapter=tmp_path)
+    ids = torch.tensor([llm.tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        assert rel_err(llm.model(ids), adapted(ids).logits) <= 1e-4

@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, directory: str | Path, base_names: list[str] 
     from peft.utils.other import get_pattern_key
 
     config, tensors = read_adapter(directory)
-    _check_base(config, base_names, Path(directory))
+    _check_base(config, base_names, Path(directory), model.config)
     pairs = _pair_tensors(tensors, Path(directory) / WEIGHTS_FILE)
     ours_r, ours_alpha, weights = {}, {}, {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -329,12 +329,37 @@ def base_identity(name: str | None) -> str:
     return Path(str(name).rstrip("/")).name.split(".")[0].lower() if name else ""
 
 
-def _check_base(config: dict, base_names: list[str] | None, directory: Path) -> None:
+def _check_base(config: dict, base_names: list[str] | None, directory: Path, model_config) -> None:
     recorded = config.get("base_model_name_or_path")
-    if not recorded or not base_names:
+    if not recorded or not base_names or _same_base(str(recorded), [n for n in base_names if n], model_config):
         return
-    known = {base_identity(n) for n in base_names if n}
-    if base_identity(recorded) not in known:
-        raise AdapterError(f"{directory}: adapter was trained on base_model_name_or_path={recorded!r}, "
-                           f"not on this model ({', '.join(sorted(n for n in base_names if n))}); "
-                           "pass check_base=False to load it anyway")
+    raise AdapterError(f"{directory}: adapter was trained on base_model_name_or_path={recorded!r}, "
+                       f"not on this model ({', '.join(sorted(n for n in base_names if n))}); "
+                       "pass check_base=False to load it anyway")
+
+
+_SHAPE_FIELDS = ("family", "vocab_size", "n_embd", "n_layer", "n_head", "n_query_groups", "head_size",
+                 "intermediate_size")
+
+
+def _same_base(recorded: str, names: list[str], model_config) -> bool:
+    """Whether ``recorded`` names this model: the same name (``org/Model`` and ``.../Model.Q4.gguf``
+    agree), the same local file, or a local checkpoint directory of the same architecture and size
+    (a copy or conversion of it)."""
+    if base_identity(recorded) in {base_identity(n) for n in names}:
+        return True
+    path = Path(recorded)
+    if not path.exists():
+        return False
+    ours = {Path(n).resolve() for n in names if Path(n).exists()}
+    if path.resolve() in ours or any(p.resolve() in ours for p in path.glob("*.gguf")):
+        return True
+    if (path / "config.json").is_file():
+        from ..config import Config
+
+        try:
+            theirs = Config.from_hf(path)
+        except Exception:  # an unreadable config cannot vouch for the adapter
+            return False
+        return all(getattr(theirs, f) == getattr(model_config, f) for f in _SHAPE_FIELDS)
+    return False
