@@ -227,3 +227,10 @@ def test_cli_pretrain_from_a_config_file(tiny_lm_dir, tmp_path, capsys):
                  "--data", str(text), "--out", str(tmp_path / "bad")]) == 2
     assert "nope.json: no such file" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_train_prints_a_side_by_side_table(capsys):
+    assert main(["bench", "train", "--methods", "lora", "--steps", "2", "--batch-size", "1", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"lora\s+lucidlm\s+[\d.]+\s+\d+", out) and re.search(r"lora\s+transformers\+peft\s+[\d.]+", out)
+    assert "lora: losses agree: yes" in out
