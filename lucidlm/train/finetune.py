@@ -42,7 +42,7 @@ def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size
     ``options``. Returns the per-step losses; with ``out`` also writes the run's files."""
     lr = lr if lr is not None else (2e-4 if method == "lora" else 2e-5)
     cfg = TrainConfig.make(method=method, steps=steps, batch_size=batch_size, lr=lr, **options)
-    return _run(llm, data, cfg, out, on_step)
+    return _run(llm, data, cfg, out, on_step, task=f"{'LoRA' if method == 'lora' else 'full'} fine-tuning")
 
 
 def pretrain(llm, texts: Sequence[str] | Data, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
@@ -52,7 +52,7 @@ def pretrain(llm, texts: Sequence[str] | Data, steps: int = 100, batch_size: int
     records), packed into windows of ``max_seq_length`` tokens."""
     options.setdefault("val_split", 0.0)
     cfg = TrainConfig.make(method="full", steps=steps, batch_size=batch_size, lr=lr, **options)
-    return _run(llm, text_records(texts), cfg, out, on_step)
+    return _run(llm, text_records(texts), cfg, out, on_step, task="pretraining")
 
 
 def text_records(texts: Sequence[str] | Data) -> list[dict[str, Any]] | str | Path:
@@ -79,7 +79,7 @@ def text_records(texts: Sequence[str] | Data) -> list[dict[str, Any]] | str | Pa
     return records
 
 
-def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step) -> TrainResult:
+def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, task: str) -> TrainResult:
     from .lora import attach_lora, has_lora
 
     world = setup()
@@ -116,7 +116,7 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step) -> 
     if out is not None and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        trainer = Trainer(model, cfg, world, out, signature, on_step)
+        trainer = Trainer(model, cfg, world, out, signature, on_step, task)
         result = trainer.fit(train, val)
         if out is not None:
             _save_result(llm, model, cfg, out, world)

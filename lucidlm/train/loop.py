@@ -179,8 +179,9 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- the loop
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, out: Path | None,
-                 signature: dict[str, Any], on_step: Callable[[dict], None] | None = None) -> None:
-        self.model, self.cfg, self.world, self.out = model, cfg, world, out
+                 signature: dict[str, Any], on_step: Callable[[dict], None] | None = None,
+                 task: str = "training") -> None:
+        self.model, self.cfg, self.world, self.out, self.task = model, cfg, world, out, task
         self.signature, self.on_step = signature, on_step
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.names:
@@ -258,7 +259,7 @@ class Trainer:
         eval_every = cfg.eval_every or max(1, cfg.steps // 10)
         self.model.train()
         started, tokens_before = time.perf_counter(), self.tokens
-        bar = tqdm(total=cfg.steps, initial=self.start, desc=f"{cfg.method} fine-tuning" if cfg.method else "training",
+        bar = tqdm(total=cfg.steps, initial=self.start, desc=self.task,
                    unit="step", disable=not (cfg.progress and main), dynamic_ncols=True)
         try:
             for step in range(self.start, cfg.steps):
