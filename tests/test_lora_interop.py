@@ -130,6 +130,11 @@ def test_adapter_for_another_base_is_refused(hf_checkpoint, tiny_lm_dir, tmp_pat
     (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 5), "cannot read adapter weights"),
     (lambda d: _edit_config(d, peft_type="PREFIX_TUNING"), "only LoRA adapters are supported"),
     (lambda d: _edit_config(d, use_dora=True), "use_dora=True is not supported"),
+    (lambda d: _edit_config(d, bias="all"), "bias='all' is not supported"),
+    (lambda d: _edit_tensors(d, lambda t: t.pop(sorted(k for k in t if "lora_B" in k)[0])), "but not its partner"),
+    (lambda d: _edit_tensors(d, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A":
+                                                   torch.zeros(2, 3)})), "unexpected tensor"),
+    (lambda d: _edit_config(d, modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\] is not supported"),
 ])
 def test_broken_adapters_raise_typed_errors(hf_checkpoint, tmp_path, damage, message):
     _, directory = hf_checkpoint("smollm2")
@@ -191,3 +196,12 @@ def test_peft_adapter_on_the_real_smollm2_loads_onto_the_embedded_gguf(tmp_path)
     ids = torch.tensor([llm.tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         assert rel_err(llm.model(ids), adapted(ids).logits) <= 1e-4
+
+
+def _edit_tensors(directory, change):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)

@@ -242,11 +242,11 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}: "
                            "only LoRA adapters are supported")
-    for key, bad in (("use_dora", True), ("modules_to_save", None), ("bias", "none")):
-        value = config.get(key)
-        if (key == "bias" and value not in (None, "none")) or (key == "use_dora" and value) or \
-                (key == "modules_to_save" and value):
-            raise AdapterError(f"{config_path}: {key}={value!r} is not supported (plain LoRA only)")
+    unsupported = {"use_dora": bool(config.get("use_dora")), "modules_to_save": bool(config.get("modules_to_save")),
+                   "bias": config.get("bias") not in (None, "none")}
+    for key, present in unsupported.items():
+        if present:
+            raise AdapterError(f"{config_path}: {key}={config[key]!r} is not supported (plain LoRA only)")
     if not weights_path.is_file():
         raise AdapterError(f"{directory}: no {WEIGHTS_FILE}")
     try:
