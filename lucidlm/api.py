@@ -36,12 +36,35 @@ class LLM:
     def config(self) -> Config:
         return self.model.config
 
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where the tokenizer files live (the checkpoint directory, or a tokenizer's own folder)."""
+        if self.directory is not None:
+            return Path(self.directory)
+        name = getattr(self.tokenizer, "name", None)
+        return Path(name) if name and Path(name).is_dir() else None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a checkpoint directory that :meth:`load` reads back: the Hugging Face layout
+        (``transformers`` loads it) for models from an HF config, lucidlm's own format for a
+        custom :class:`Config`; tokenizer files are copied along. Attached LoRA adapters are
+        merged into the written weights, not into this model."""
+        import copy
+
+        from .checkpoints import save_model
+        from .train.lora import has_lora, merge_lora
+
+        model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
+        return save_model(model, directory, tokenizer_dir=self.tokenizer_dir)
+
     @classmethod
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
              cache_dir: str | Path | None = None, progress: bool = False, check_base: bool = True) -> "LLM":
-        """Load a Hugging Face directory, a ``.gguf`` file, or (``path=None``) the embedded default
-        SmolLM2-135M-Instruct. A directory without tokenizer files loads with ``tokenizer=None``.
+        """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
+        downloaded once into the Hugging Face cache, safetensors only), or (``path=None``) the
+        embedded default SmolLM2-135M-Instruct. A directory without tokenizer files loads with
+        ``tokenizer=None``.
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
         ``transformers`` model) to attach. An adapter recording a different base model is refused
@@ -55,6 +78,10 @@ class LLM:
             from .checkpoints.embedded import default_model_path
 
             path = default_model_path()
+        elif isinstance(path, str):
+            from .checkpoints.hub import resolve
+
+            path = resolve(path, progress=progress)  # "org/name": the hub's safetensors, cached
         path = Path(path)
         if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
             from .checkpoints.gguf import gguf_to_hf_dir

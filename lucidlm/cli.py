@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import CheckpointError, LucidError
+from .model import rules
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_model(p)
     p.add_argument("--target", default=None, help="token to explain (default: the model's top prediction)")
-    p.add_argument("--method", default="attnlrp", choices=["attnlrp", "cp-lrp", "inputxgrad"])
+    p.add_argument("--method", default="attnlrp", choices=rules.METHODS)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
     p.add_argument("--keep-first", action="store_true", help="include the first token in the colour scale")
     p.add_argument("--html", type=Path, help="write a self-contained HTML heatmap")
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     sub.add_parser("models", help="list the registered configs and supported architectures")
+
+    p = sub.add_parser("download", help="fetch a Hugging Face repo's safetensors checkpoint (never pickles)")
+    p.add_argument("repo_id", help="org/name on the Hugging Face hub")
+    p.add_argument("--dir", type=Path, default=None, help="copy into this directory (default: the HF cache)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit")
+    p.add_argument("--force", action="store_true", help="fetch again files the cache holds (after a corrupt download)")
 
     p = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat / instruction / text JSONL")
     p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
@@ -247,13 +254,10 @@ def _check_new_dir(out: Path) -> None:
 
 def _write_checkpoint_dir(llm, out: Path) -> None:
     """Save ``llm`` as an HF directory: built in a temporary sibling, renamed into place at the end."""
-    from .checkpoints.hf import copy_tokenizer_files, save_hf_dir
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_hf_dir(llm.model, tmp, progress=True)
-        copy_tokenizer_files(llm.directory, tmp)
+        llm.save(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -261,6 +265,13 @@ def _write_checkpoint_dir(llm, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_download(args) -> int:
+    from .checkpoints.hub import download
+
+    print(download(args.repo_id, directory=args.dir, revision=args.revision, progress=True, force=args.force))
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -354,7 +365,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "explain": cmd_explain, "convert": cmd_convert,
             "models": cmd_models, "bench": cmd_bench, "finetune": cmd_finetune, "pretrain": cmd_pretrain,
-            "merge": cmd_merge}
+            "merge": cmd_merge, "download": cmd_download}
 
 if __name__ == "__main__":
     sys.exit(main())

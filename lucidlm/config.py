@@ -69,6 +69,11 @@ class Config:
     mlp_bias: bool = False
     n_expert: int = 0
     n_expert_per_token: int = 0
+    # custom components (see docs/custom-models.md): classes built as cls(config, layer) for
+    # attention and blocks, cls(config) for the MLP; None = the built-in ones
+    attention_class: type | None = None
+    mlp_class: type | None = None
+    block_class: type | None = None
     # the Hugging Face config this came from, kept verbatim so saving writes it back
     hf_config: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -115,10 +120,14 @@ class Config:
     # ---- constructors --------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
-        """A registered config by name (see :data:`REGISTRY`), with optional field overrides."""
+        """A registered config by name (see :data:`REGISTRY`, :func:`register_config`), with
+        optional field overrides. A config registered as an instance keeps its own class."""
         if name not in REGISTRY:
             raise ConfigError(f"unknown config name {name!r}; registered: {', '.join(sorted(REGISTRY))}")
-        return cls(**{**REGISTRY[name], **overrides})
+        entry = REGISTRY[name]
+        if isinstance(entry, Config):
+            return dataclasses.replace(entry, **overrides)
+        return cls(**{**entry, **overrides})
 
     @classmethod
     def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> "Config":
@@ -360,7 +369,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "m
                 "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
 
 #: Named configs (``lucidlm models`` lists them). Real sizes of the families we test against.
-REGISTRY: dict[str, dict[str, Any]] = {
+REGISTRY: dict[str, dict[str, Any] | Config] = {
     "tiny-llama": dict(name="tiny-llama", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_query_groups=2,
                        intermediate_size=128, block_size=256),
     "SmolLM2-135M": dict(name="SmolLM2-135M", vocab_size=49152, n_embd=576, n_layer=30, n_head=9,
@@ -382,3 +391,47 @@ REGISTRY: dict[str, dict[str, Any]] = {
                  block_size=1024, norm="layernorm", mlp="mlp", activation="gelu_tanh", position_embedding="learned",
                  attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
 }
+
+
+#: classes a checkpoint may name (config subclasses and custom components), by qualified name;
+#: filled by :func:`register_config`/:func:`register_component`. Loading never imports a module
+#: a file names: an unregistered class is an error.
+COMPONENTS: dict[str, type] = {}
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_component(cls: type) -> type:
+    """Allow checkpoints to name ``cls`` (a Config subclass or a custom module); usable as a decorator."""
+    COMPONENTS[qualified_name(cls)] = cls
+    return cls
+
+
+def register_config(config: Config | dict[str, Any], name: str | None = None) -> Config | dict[str, Any]:
+    """Make ``config`` available as ``Config.from_name(name)`` (default: ``config.name``) and
+    ``lucidlm models``; its class and custom components become loadable from checkpoints.
+
+    >>> @dataclasses.dataclass
+    ... class Mine(Config):
+    ...     custom_param: float = 0.1
+    >>> _ = register_config(Mine(name="mine-tiny", vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    >>> Config.from_name("mine-tiny").custom_param
+    0.1
+    """
+    if isinstance(config, Config):
+        name = name or config.name
+        register_component(type(config))
+        for cls in (config.attention_class, config.mlp_class, config.block_class):
+            if cls is not None:
+                register_component(cls)
+    elif isinstance(config, dict):
+        name = name or config.get("name")
+        Config(**config)  # validate now, not at first use
+    else:
+        raise ConfigError(f"register_config: expected a Config or a dict of its fields, got {type(config).__name__}")
+    if not name:
+        raise ConfigError("register_config: the config needs a name (pass name=...)")
+    REGISTRY[name] = config
+    return config

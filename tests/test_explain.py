@@ -9,7 +9,7 @@ import torch
 import lucidlm
 from conftest import ALL_FAMILIES
 from lucidlm.errors import ExplainError
-from lucidlm.explain import rules
+from lucidlm import rules
 from lucidlm.explain.explainer import explain, explain_generation
 
 PROMPT = [1, 17, 42, 5, 63, 8, 29, 77, 11]

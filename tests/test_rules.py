@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from lucidlm.errors import ExplainError
-from lucidlm.explain import rules
+from lucidlm import rules
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

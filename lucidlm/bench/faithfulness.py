@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("attnlrp", "cp-lrp", "inputxgrad", "random")
+from ..model import rules
+
+METHODS = (*rules.METHODS, "random")  # random: the baseline every method must beat
 PROMPT_FILE = "faithfulness_prompts.txt"
 
 

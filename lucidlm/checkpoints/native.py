@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import COMPONENTS, Config, qualified_name
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, atomic_write, read_json
 from ..model import GPT
@@ -23,24 +23,42 @@ def is_native(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file() and not (directory / "config.json").is_file()
 
 
+CLASS_KEY = "config_class"  # a Config subclass, by qualified name
+
+
 def config_to_dict(config: Config) -> dict:
-    d = dataclasses.asdict(config)
-    d.pop("hf_config", None)
+    """The config as JSON-able fields; classes (a Config subclass, custom components) by name."""
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "hf_config"}
+    d = {k: qualified_name(v) if isinstance(v, type) else v for k, v in d.items()}
+    if type(config) is not Config:
+        d[CLASS_KEY] = qualified_name(type(config))
     return d
+
+
+def _registered(name: str, source: str) -> type:
+    if name not in COMPONENTS:
+        raise ConfigError(f"{source}: names the class {name!r}, which is not registered; call "
+                          "lucidlm.register_config(...) or lucidlm.register_component(cls) first "
+                          "(lucidlm never imports code that a checkpoint names)")
+    return COMPONENTS[name]
 
 
 def config_from_dict(d: dict, source: str) -> Config:
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object of Config fields")
-    fields = {f.name for f in dataclasses.fields(Config)} - {"hf_config"}
+    d = dict(d)
+    cls = _registered(d.pop(CLASS_KEY), source) if CLASS_KEY in d else Config
+    fields = {f.name for f in dataclasses.fields(cls)} - {"hf_config"}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"{source}: unknown Config field(s) {', '.join(unknown)}")
-    d = dict(d)
+        raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {', '.join(unknown)}")
+    for key in ("attention_class", "mlp_class", "block_class"):
+        if isinstance(d.get(key), str):
+            d[key] = _registered(d[key], source)
     if d.get("layer_types") is not None:
         d["layer_types"] = tuple(d["layer_types"])
     try:
-        return Config(**d)
+        return cls(**d)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

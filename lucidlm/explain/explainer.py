@@ -1,6 +1,6 @@
 """Explain a prediction with one forward and one backward pass.
 
-The model applies the LRP rules itself (see :mod:`lucidlm.explain.rules`), so an explanation is:
+The model applies the LRP rules itself (see :mod:`lucidlm.rules`), so an explanation is:
 
 1. ``h0 = model.embed_tokens(ids)``, detached and marked ``requires_grad``;
 2. a forward from ``h0`` under ``rules.explaining(method)``;
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
-from . import rules
+from ..model import rules
 from .explanation import Explanation, GenerationExplanation
 from .latent import LatentRecorder
 

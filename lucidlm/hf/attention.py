@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..explain import rules
+from ..model import rules
 
 SDPA = F.scaled_dot_product_attention
 

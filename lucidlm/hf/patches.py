@@ -6,7 +6,7 @@ backward pass changes), or ``None`` when the module needs no change for this met
 touches the module's class.
 
 ``rules`` is a :class:`Rules`: the chosen method plus the helpers of
-:mod:`lucidlm.explain.rules` bound to it, so a patch reads exactly like lucidlm's own model code
+:mod:`lucidlm.rules` bound to it, so a patch reads exactly like lucidlm's own model code
 (``rules.activation(fn, x)``, ``rules.product(a, b)``, ``rules.normalizer(inv_rms)`` ...).
 
 >>> import torch
@@ -31,14 +31,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ExplainError
-from ..explain import rules as lrp
+from ..model import rules as lrp
 from .attention import LRPAttentionMode, lrp_attention, sdpa_config, swapped
 
 Forward = Callable[..., Any]
 PatchFactory = Callable[[nn.Module, "Rules"], Forward | None]
 
-TEXT_METHODS = ("attnlrp", "cp-lrp", "inputxgrad")
-IMAGE_METHODS = ("attnlrp", "cp-lrp", "gamma", "inputxgrad")
+TEXT_METHODS = lrp.METHODS
+IMAGE_METHODS = (*lrp.METHODS, "gamma")  # LRP-γ for convolutions and linear layers of vision models
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Rules:
 
     @property
     def base(self) -> str:
-        """The :mod:`lucidlm.explain.rules` method behind ``method``."""
+        """The :mod:`lucidlm.rules` method behind ``method``."""
         return "cp-lrp" if self.method == "gamma" else self.method
 
     @property

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..cache.base import LayerCache
-from ..explain import rules
+from . import rules
 from .norm import RMSNorm
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -61,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         ``rope_memo``: a dict shared by the layers of one forward, so that cos/sin are computed once
         per distinct set of frequencies rather than once per layer."""
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
@@ -81,6 +81,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values, (batch, tokens, heads * head_size) each: the place a custom
+        attention changes what it attends with (see docs/custom-models.md)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
         key = self._rope_args[:3] + (repr(self._rope_args[3]),)  # layers with equal RoPE share it

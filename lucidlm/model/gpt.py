@@ -16,7 +16,7 @@ from torch import nn
 
 from ..cache.base import KVCache
 from ..config import Config
-from ..explain import rules
+from . import rules
 from .attention import CausalSelfAttention
 from .mlp import build_mlp
 from .norm import build_norm
@@ -29,10 +29,10 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.attn_norm = build_norm(c) if c.pre_norm else None
-        self.attn = CausalSelfAttention(c, layer)
+        self.attn = (c.attention_class or CausalSelfAttention)(c, layer)
         self.post_attn_norm = build_norm(c) if c.post_attention_norm else None
         self.mlp_norm = build_norm(c) if c.pre_norm and not c.shared_attention_norm else None
-        self.mlp = build_mlp(c)
+        self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c)
         self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
         self.parallel = c.parallel_residual
 
@@ -58,7 +58,7 @@ class GPT(nn.Module):
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embed = nn.Embedding(c.block_size, c.n_embd) if c.position_embedding == "learned" else None
-        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.layers = nn.ModuleList((c.block_class or Block)(c, i) for i in range(c.n_layer))
         self.final_norm = build_norm(c)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
         if c.tie_embeddings:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..explain import rules
+from . import rules
 
 ACTIVATIONS = {
     "silu": F.silu,

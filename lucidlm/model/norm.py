@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..explain import rules
+from . import rules
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -148,20 +148,9 @@ def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
     state = full_state(model, [n for n, _ in model.named_parameters()])
     if not world.is_main:
         return
-    if llm.config.hf_config is not None:
-        from ..checkpoints.hf import save_hf_dir
+    from ..checkpoints import save_model
 
-        save_hf_dir(model, out, state=state)
-    else:
-        from ..checkpoints.native import save_native
-
-        save_native(model, out, state=state)
-    from ..checkpoints.hf import copy_tokenizer_files
-
-    if llm.directory is not None:
-        copy_tokenizer_files(Path(llm.directory), out)
-    elif llm.tokenizer is not None and Path(llm.tokenizer.name).is_dir():  # a tokenizer from --tokenizer DIR
-        copy_tokenizer_files(Path(llm.tokenizer.name), out)
+    save_model(model, out, state=state, tokenizer_dir=llm.tokenizer_dir)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 Every rule keeps the forward pass exact and only changes the backward pass, so that
 ``input * input.grad`` at the embeddings *is* the relevance (one backward pass, no extra forward).
+Public as :mod:`lucidlm.rules`: a custom component is explainable when it calls these helpers at
+the lines where its non-linearities act (check it with :func:`lucidlm.explain.check`).
 
 References
 ----------
@@ -13,45 +15,57 @@ References
 How the model uses them
 -----------------------
 The model calls the helpers at the end of this file (:func:`activation`, :func:`product`,
-:func:`normalizer`, :func:`attention_weights`). With no explanation running
-(:func:`current` is ``None``) each helper is the plain operation: the cost of the rules when
-explanations are off is one Python attribute read per call.
+:func:`normalizer`, :func:`attention_weights` ...). With no explanation running (:func:`current`
+is ``None``) each helper is the plain operation.
+
+The method in force lives in a :class:`contextvars.ContextVar`, not a module global: each thread
+(and each asyncio task) sees only the method its own ``with explaining(...)`` set, so a server
+can explain in one thread while it generates in another.
+
+>>> import torch
+>>> x = torch.tensor([1.0, -2.0], requires_grad=True)
+>>> with explaining("attnlrp"):
+...     y = activation(torch.tanh, x)
+>>> y.sum().backward()
+>>> torch.allclose(x * x.grad, torch.tanh(x.detach()))  # identity rule: relevance passes unchanged
+True
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
 
+#: every explanation method lucidlm implements (the one list: CLI, benches and patches use it)
 METHODS = ("attnlrp", "cp-lrp", "inputxgrad")
-_active: str | None = None
+_active: contextvars.ContextVar[str | None] = contextvars.ContextVar("lucidlm_lrp_method", default=None)
 
 
 def current() -> str | None:
-    """The explanation method in force, or ``None`` for plain inference."""
-    return _active
+    """The explanation method in force in this thread/task, or ``None`` for plain inference."""
+    return _active.get()
 
 
 @contextlib.contextmanager
 def explaining(method: str) -> Iterator[None]:
-    """Switch the rules on for the duration of a ``with`` block.
+    """Switch the rules on for the duration of a ``with`` block (in this thread/task only).
 
     >>> with explaining("attnlrp"):
     ...     current()
     'attnlrp'
     """
-    global _active
     if method not in METHODS:
         from ..errors import ExplainError
 
         raise ExplainError(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    previous, _active = _active, method
+    token = _active.set(method)
     try:
         yield
     finally:
-        _active = previous
+        _active.reset(token)
 
 
 class IdentityRule(torch.autograd.Function):
@@ -114,7 +128,8 @@ def stop_gradient(x: torch.Tensor) -> torch.Tensor:
 
 # ----- helpers called at the exact lines of the model -----------------------------------------
 def _lrp() -> bool:
-    return _active is not None and _active != "inputxgrad"
+    method = _active.get()
+    return method is not None and method != "inputxgrad"
 
 
 def activation(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +146,7 @@ def bilinear(x: torch.Tensor) -> torch.Tensor:
     """Mark a bilinear matmul for the uniform rule (AttnLRP only): applied to q and k of q·kᵀ and
     to the output of A·V. Under CP-LRP the softmax output A is a constant, so A·V is linear in V
     and must keep its full gradient (halving it would break conservation)."""
-    return divide_gradient(x, 2) if _active == "attnlrp" else x
+    return divide_gradient(x, 2) if _active.get() == "attnlrp" else x
 
 
 def normalizer(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +157,7 @@ def normalizer(x: torch.Tensor) -> torch.Tensor:
 def attention_weights(weights: torch.Tensor) -> torch.Tensor:
     """Softmax output of attention: detached for CP-LRP, kept for AttnLRP (whose softmax rule is
     the gradient × input of the softmax itself, with the uniform rule on the two matmuls)."""
-    return stop_gradient(weights) if _active == "cp-lrp" else weights
+    return stop_gradient(weights) if _active.get() == "cp-lrp" else weights
 
 
 def router_weights(weights: torch.Tensor) -> torch.Tensor:
