@@ -1,10 +1,29 @@
 """lucidlm: transformer language models you can run, extend and see into."""
 
-from .config import Config, register_config
+from .config import Config, Family, register_config
 from .errors import LucidError
 from .model import GPT, rules
 
-__all__ = ["Config", "GPT", "LLM", "LucidError", "explain", "hf", "register_config", "rules"]
+__all__ = ["Config", "Family", "GPT", "LLM", "LucidError", "explain", "hf", "register_config", "register_family",
+           "rules"]
+
+
+def register_family(family: Family, layout=None) -> Family:
+    """Support a new Hugging Face architecture without editing lucidlm: ``family`` maps its
+    config.json (see :class:`~lucidlm.config.Family`), ``layout`` (a
+    :class:`~lucidlm.checkpoints.layouts.Layout`, when its weights are named unlike an existing
+    layout) maps its tensor names; register it under ``family.layout``."""
+    from .checkpoints.layouts import LAYOUTS, register_layout
+    from .config import register_family as register_config_family
+
+    if layout is not None:
+        register_layout(family.layout, layout)
+    elif family.layout not in LAYOUTS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"register_family: layout {family.layout!r} is unknown; pass layout=Layout(...) "
+                          f"or use one of {', '.join(sorted(LAYOUTS))}")
+    return register_config_family(family)
 __version__ = "0.1.0"
 
 

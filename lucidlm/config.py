@@ -1,9 +1,10 @@
 """One dataclass describes every architecture; a family is a set of field values.
 
-Hugging Face ``config.json`` files map onto :class:`Config` through :data:`FAMILIES` (one entry per
-``architectures[0]``: the fixed traits of the family) plus the generic keys read by
-:meth:`Config.from_hf`. Adding a family is one entry in :data:`FAMILIES` and, if its weights are
-laid out differently, one entry in ``checkpoints/hf.py``.
+Hugging Face ``config.json`` files map onto :class:`Config` through :data:`FAMILIES` (one typed
+:class:`Family` per ``architectures[0]``: the fixed traits of the family) plus the generic keys read
+by :meth:`Config.from_hf`. Adding a family is one :class:`Family` and, if its weights are named
+differently, one layout in ``checkpoints/layouts.py``; from outside the package,
+:func:`lucidlm.register_family` registers both.
 
 >>> cfg = Config.from_name("tiny-llama")
 >>> cfg.n_layer, cfg.n_query_groups, cfg.mlp
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from .errors import ConfigError, UnsupportedArchitectureError
@@ -26,7 +28,7 @@ class Config:
     """Architecture switches. Names follow LitGPT where a LitGPT field exists."""
 
     name: str = "custom"
-    family: str = "llama"  # key in FAMILIES (also decides the checkpoint layout)
+    family: str = "llama"  # the checkpoint layout (checkpoints/layouts.py): how the weights are named
     vocab_size: int = 32000
     n_embd: int = 4096
     n_layer: int = 32
@@ -133,26 +135,26 @@ class Config:
     def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> "Config":
         """Map a Hugging Face ``config.json`` (a path, a directory holding it, or the dict).
 
-        Keys missing from the file take the family's transformers default (``FAMILIES[...]
-        ["defaults"]``), so a sparse config means what it means to transformers.
+        Keys missing from the file take the family's transformers default (``Family.defaults``),
+        so a sparse config means what it means to transformers.
         """
         raw, source = _read_hf_config(path_or_dict)
-        arch = (raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type"))])[0]
+        arch = _architecture_of(raw)
         if arch not in FAMILIES:
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {arch!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
             )
         family = FAMILIES[arch]
-        hf = {**family.get("defaults", {}), **raw}
+        hf = {**family.defaults, **raw}
         try:
-            fields = {**family["traits"], **_generic_fields(hf, family["traits"])}
-            for extra in family.get("extra", ()):
-                fields.update(extra(hf))
+            fields = {**family.traits, **_generic_fields(hf, family.traits)}
+            for reader in family.readers:
+                fields.update(reader(hf))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
         fields = {k: v for k, v in fields.items() if v is not None or k in _NULLABLE}
         try:
-            return cls(name=raw.get("_name_or_path") or arch, family=family["layout"], hf_config=raw, **fields)
+            return cls(name=raw.get("_name_or_path") or arch, family=family.layout, hf_config=raw, **fields)
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
@@ -318,55 +320,82 @@ _GEMMA_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256
 _QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
 
 
-#: Hugging Face ``architectures[0]`` -> fixed traits of the family, its checkpoint layout, the
-#: transformers defaults of the keys it reads, and the readers of its family-specific keys.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "LlamaForCausalLM": {"layout": "llama", "traits": _LLAMA, "defaults": _LLAMA_DEFAULTS,
-                         "extra": (_bias, _mlp_bias)},
-    "MistralForCausalLM": {"layout": "llama", "traits": _LLAMA, "extra": (_window_everywhere,),
-                           "defaults": dict(_LLAMA_DEFAULTS, sliding_window=4096)},
-    "MixtralForCausalLM": {"layout": "mixtral", "traits": dict(_LLAMA, mlp="moe"), "extra": (_moe, _window_everywhere),
-                           "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, rope_theta=1e6,
-                                            num_local_experts=8, num_experts_per_tok=2)},
-    "Qwen2ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, attn_bias=True), "defaults": _QWEN_DEFAULTS,
-                         "extra": (_qwen_windows,)},
-    "Qwen3ForCausalLM": {"layout": "llama", "traits": dict(_LLAMA, qk_norm="head"), "extra": (_bias, _qwen_windows),
-                         "defaults": dict(_QWEN_DEFAULTS, head_dim=128)},
-    "Gemma2ForCausalLM": {"layout": "gemma", "traits": _GEMMA,
-                          "extra": (_bias, lambda hf: _gemma({**hf, "sliding_window_pattern": 2})),
-                          "defaults": dict(_GEMMA_DEFAULTS, attn_logit_softcapping=50.0,
-                                           final_logit_softcapping=30.0)},
-    "Gemma3ForCausalLM": {"layout": "gemma", "traits": dict(_GEMMA, qk_norm="head"), "extra": (_bias, _gemma, _gemma3_rope),
-                          "defaults": dict(_GEMMA_DEFAULTS, sliding_window_pattern=6, rope_theta=1e6,
-                                           rope_local_base_freq=10000.0)},
-    "Olmo2ForCausalLM": {"layout": "olmo2", "traits": dict(_LLAMA, pre_norm=False, post_attention_norm=True,
-                                                         post_mlp_norm=True, qk_norm="full"),
-                         "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), "extra": (_bias,)},
-    "PhiForCausalLM": {"layout": "phi", "traits": dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True,
-                                                      mlp_bias=True, lm_head_bias=True, parallel_residual=True,
-                                                      shared_attention_norm=True),
-                       "defaults": dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu_new",
-                                        partial_rotary_factor=0.5), "extra": (_phi,)},
-    "Phi3ForCausalLM": {"layout": "phi3", "traits": _LLAMA, "extra": (_window_everywhere,),
-                        "defaults": dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5)},
-    "GPT2LMHeadModel": {"layout": "gpt2", "traits": dict(norm="layernorm", mlp="mlp", position_embedding="learned",
-                                                        attn_bias=True, attn_out_bias=True, mlp_bias=True),
-                        "defaults": dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5,
-                                         activation_function="gelu_new", n_positions=1024),
-                        "extra": (_gpt2,)},
-    "GPTNeoXForCausalLM": {"layout": "gpt_neox", "traits": dict(norm="layernorm", mlp="mlp", mlp_bias=True),
-                           "defaults": dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu",
-                                            rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
-                                            attention_bias=True),
-                           "extra": (_neox,)},
-}
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture: how its ``config.json`` maps onto :class:`Config`.
 
-#: ``model_type`` -> architecture, for a config.json without ``architectures`` (transformers' Auto
-#: classes go by model_type)
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi": "PhiForCausalLM",
-                "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+    ``architecture``: ``architectures[0]`` in config.json; ``layout``: the weight-name layout
+    (``checkpoints/layouts.py``, or one registered with :func:`lucidlm.register_family`);
+    ``traits``: the Config fields every model of the family shares; ``defaults``: transformers'
+    config-class defaults of the keys we read (a missing key means what it means there);
+    ``readers``: functions ``config.json dict -> Config fields`` for the family's own keys;
+    ``model_type``: its ``model_type`` (for a config.json that names no architecture).
+    """
+
+    architecture: str
+    layout: str
+    traits: dict[str, Any]
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    readers: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = ()
+    model_type: str | None = None
+
+
+#: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Teach :meth:`Config.from_hf` a new architecture. Its weight layout is registered with
+    :func:`lucidlm.checkpoints.layouts.register_layout`; :func:`lucidlm.register_family` does both."""
+    if not isinstance(family, Family):
+        raise ConfigError(f"register_family: expected a Family, got {type(family).__name__}")
+    FAMILIES[family.architecture] = family
+    return family
+
+
+for _family in (
+    Family("LlamaForCausalLM", "llama", _LLAMA, _LLAMA_DEFAULTS, (_bias, _mlp_bias), "llama"),
+    Family("MistralForCausalLM", "llama", _LLAMA, dict(_LLAMA_DEFAULTS, sliding_window=4096), (_window_everywhere,),
+           "mistral"),
+    Family("MixtralForCausalLM", "mixtral", dict(_LLAMA, mlp="moe"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2),
+           (_moe, _window_everywhere), "mixtral"),
+    Family("Qwen2ForCausalLM", "llama", dict(_LLAMA, attn_bias=True), _QWEN_DEFAULTS, (_qwen_windows,), "qwen2"),
+    Family("Qwen3ForCausalLM", "llama", dict(_LLAMA, qk_norm="head"), dict(_QWEN_DEFAULTS, head_dim=128),
+           (_bias, _qwen_windows), "qwen3"),
+    Family("Gemma2ForCausalLM", "gemma", _GEMMA,
+           dict(_GEMMA_DEFAULTS, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+           (_bias, lambda hf: _gemma({**hf, "sliding_window_pattern": 2})), "gemma2"),
+    Family("Gemma3ForCausalLM", "gemma", dict(_GEMMA, qk_norm="head"),
+           dict(_GEMMA_DEFAULTS, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0),
+           (_bias, _gemma, _gemma3_rope), "gemma3_text"),
+    Family("Olmo2ForCausalLM", "olmo2",
+           dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), (_bias,), "olmo2"),
+    Family("PhiForCausalLM", "phi",
+           dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True, mlp_bias=True, lm_head_bias=True,
+                parallel_residual=True, shared_attention_norm=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu_new", partial_rotary_factor=0.5),
+           (_phi,), "phi"),
+    Family("Phi3ForCausalLM", "phi3", _LLAMA, dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), (_window_everywhere,), "phi3"),
+    Family("GPT2LMHeadModel", "gpt2",
+           dict(norm="layernorm", mlp="mlp", position_embedding="learned", attn_bias=True, attn_out_bias=True,
+                mlp_bias=True),
+           dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5, activation_function="gelu_new", n_positions=1024),
+           (_gpt2,), "gpt2"),
+    Family("GPTNeoXForCausalLM", "gpt_neox", dict(norm="layernorm", mlp="mlp", mlp_bias=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
+                rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),
+           (_neox,), "gpt_neox"),
+):
+    register_family(_family)
+
+
+def _architecture_of(raw: dict[str, Any]) -> str | None:
+    """``architectures[0]``, or the architecture registered for ``model_type``."""
+    if raw.get("architectures"):
+        return raw["architectures"][0]
+    return next((f.architecture for f in FAMILIES.values() if f.model_type == raw.get("model_type")), None)
 
 #: Named configs (``lucidlm models`` lists them). Real sizes of the families we test against.
 REGISTRY: dict[str, dict[str, Any] | Config] = {

@@ -13,6 +13,17 @@ def python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """The guides register configs and components process-wide: undo it for the other tests."""
+    from lucidlm.config import COMPONENTS, REGISTRY
+
+    saved = dict(REGISTRY), dict(COMPONENTS)
+    yield
+    REGISTRY.clear(), REGISTRY.update(saved[0])
+    COMPONENTS.clear(), COMPONENTS.update(saved[1])
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_code_block_runs(page, tmp_path, monkeypatch):
     blocks = python_blocks(DOCS / page)

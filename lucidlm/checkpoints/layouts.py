@@ -128,6 +128,14 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+def register_layout(name: str, layout: Layout) -> Layout:
+    """Add the weight-name layout ``name`` (a :class:`~lucidlm.config.Family` refers to it)."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"register_layout: expected a Layout, got {type(layout).__name__}")
+    LAYOUTS[name] = layout
+    return layout
+
+
 #: buffers older checkpoints saved (transformers < 4.31 made RoPE's inv_freq non-persistent); loaders skip them
 _ALWAYS_IGNORED = (r".*\.rotary_emb\.inv_freq$",)
 
