@@ -346,12 +346,21 @@ def _report(result) -> None:
 
 
 def cmd_models(args) -> int:
+    from .catalogue import CATALOGUE, human, parameter_count
     from .config import FAMILIES, REGISTRY, Config
 
+    def row(name: str, repo: str) -> str:
+        c = Config.from_name(name)
+        arch = (c.hf_config or {}).get("architectures", [c.family])[0].removesuffix("ForCausalLM")
+        return (f"  {name:<26} {repo:<38} {arch:<15} {human(parameter_count(c)):>7}  layers={c.n_layer:<3} "
+                f"d={c.n_embd:<5} heads={c.n_head}/{c.n_query_groups}")
+
+    print("Catalogue (real checkpoints; LLM.load(REPO) or lucidlm download REPO):")
+    for name in sorted(CATALOGUE, key=str.lower):
+        print(row(name, CATALOGUE[name]))
     print("Registered configs:")
     for name in sorted(REGISTRY):
-        c = Config.from_name(name)
-        print(f"  {name:<16} {c.family:<9} layers={c.n_layer:<3} d={c.n_embd:<5} heads={c.n_head}/{c.n_query_groups}")
+        print(row(name, "-"))
     print("Hugging Face architectures:")
     for arch in sorted(FAMILIES):
         print(f"  {arch}")

@@ -122,10 +122,16 @@ class Config:
     # ---- constructors --------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
-        """A registered config by name (see :data:`REGISTRY`, :func:`register_config`), with
-        optional field overrides. A config registered as an instance keeps its own class."""
+        """A config by name: registered (:data:`REGISTRY`, :func:`register_config`) or a real
+        checkpoint of the catalogue (:mod:`lucidlm.catalogue`), with optional field overrides. A
+        config registered as an instance keeps its own class."""
         if name not in REGISTRY:
-            raise ConfigError(f"unknown config name {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+            from .catalogue import CATALOGUE, config
+
+            if name in CATALOGUE:
+                return dataclasses.replace(config(name), **overrides)
+            raise ConfigError(f"unknown config name {name!r}; registered: {', '.join(sorted(REGISTRY))}; "
+                              f"catalogue: {', '.join(sorted(CATALOGUE))}")
         entry = REGISTRY[name]
         if isinstance(entry, Config):
             return dataclasses.replace(entry, **overrides)
@@ -397,28 +403,10 @@ def _architecture_of(raw: dict[str, Any]) -> str | None:
         return raw["architectures"][0]
     return next((f.architecture for f in FAMILIES.values() if f.model_type == raw.get("model_type")), None)
 
-#: Named configs (``lucidlm models`` lists them). Real sizes of the families we test against.
+#: Named configs besides the catalogue's real checkpoints (``lucidlm models`` lists both).
 REGISTRY: dict[str, dict[str, Any] | Config] = {
     "tiny-llama": dict(name="tiny-llama", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_query_groups=2,
                        intermediate_size=128, block_size=256),
-    "SmolLM2-135M": dict(name="SmolLM2-135M", vocab_size=49152, n_embd=576, n_layer=30, n_head=9,
-                         n_query_groups=3, intermediate_size=1536, block_size=8192, rope_theta=100000.0,
-                         norm_eps=1e-5, tie_embeddings=True),
-    "Llama-3.2-1B": dict(name="Llama-3.2-1B", vocab_size=128256, n_embd=2048, n_layer=16, n_head=32,
-                         n_query_groups=8, head_size=64, intermediate_size=8192, block_size=131072,
-                         rope_theta=500000.0, tie_embeddings=True,
-                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "Qwen2.5-0.5B": dict(name="Qwen2.5-0.5B", vocab_size=151936, n_embd=896, n_layer=24, n_head=14,
-                         n_query_groups=2, intermediate_size=4864, block_size=32768, attn_bias=True,
-                         rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True),
-    "pythia-160m": dict(name="pythia-160m", family="gpt_neox", vocab_size=50304, n_embd=768, n_layer=12,
-                        n_head=12, intermediate_size=3072, block_size=2048, norm="layernorm", mlp="mlp",
-                        activation="gelu", attn_bias=True, attn_out_bias=True, mlp_bias=True,
-                        parallel_residual=True, rotary_fraction=0.25),
-    "gpt2": dict(name="gpt2", family="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12,
-                 block_size=1024, norm="layernorm", mlp="mlp", activation="gelu_tanh", position_embedding="learned",
-                 attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
 }
 
 

@@ -1,6 +1,6 @@
 """Real ``config.json`` files of the checkpoints we claim, read exactly as transformers reads them.
 
-``tests/data/real_configs/*.json`` are the published configs (transformers-4 keys, as they sit on
+``lucidlm/catalogue/configs/*.json`` (the model catalogue) are the published configs (transformers-4 keys, as they sit on
 disk). For each one:
 
 * :func:`test_fields_match_transformers`: ``Config.from_hf`` derives what transformers' config class
@@ -33,7 +33,7 @@ from lucidlm.errors import ConfigError
 from lucidlm.model.mlp import ACTIVATIONS
 from lucidlm.model.rope import inverse_frequencies
 
-DATA = Path(__file__).parent / "data" / "real_configs"
+DATA = Path(lucidlm.__file__).parent / "catalogue" / "configs"  # the catalogue's published configs
 REAL = {p.stem: json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))}
 UNSUPPORTED = {"Phi-3-mini-128k-instruct": "longrope"}
 _DROP = object()

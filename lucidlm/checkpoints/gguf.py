@@ -1,13 +1,22 @@
-"""Convert a Llama-family GGUF file into a cached Hugging Face checkpoint directory.
+"""Convert a GGUF file into a cached Hugging Face checkpoint directory.
 
 The directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` and ``generation_config.json`` with the values and tensor names that
 ``transformers`` derives from the same GGUF file, so the rest of lucidlm only has to read one
 checkpoint layout.
+
+Each GGUF ``general.architecture`` that llama.cpp exports and transformers' GGUF loader reads, and
+that lucidlm's model implements, has one :class:`_Family` entry in :data:`_FAMILIES`: the
+``config.json`` it becomes, the Hugging Face name of every GGUF tensor, and the undoing of what
+llama.cpp's converter did to the weights (Llama's Q/K row permutation, Gemma's ``1 + w`` norms,
+GPT-2's transposed Conv1D matrices). Where transformers' loader drops a value the file carries
+(Qwen3/Gemma ``attention.key_length``, Gemma soft-caps, linear RoPE scaling, Phi-3 partial
+rotary) we read it as llama.cpp does; the two agree on every checkpoint those families publish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +24,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,12 +32,11 @@ import torch
 
 from lucidlm.errors import GGUFError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TOKENIZERS = ("gpt2",)
 GGUF_MAGIC = b"GGUF"
 
 # Bump when the layout or content of the converted directory changes, so stale caches are ignored.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Quantisations that gguf.quants.dequantize implements and that we have checked by hand.
 SUPPORTED_QUANTS = (
@@ -36,22 +44,15 @@ SUPPORTED_QUANTS = (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
 
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# llama.cpp stores precomputed RoPE frequency factors; transformers recomputes them from the config.
-_IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+# Tensors that change what the model computes in a way lucidlm cannot reproduce: refuse the file
+# rather than silently drop them (transformers' loader drops them).
+_UNSUPPORTED_TENSORS = {
+    "rope_factors_long.weight": "LongRoPE scaling (Phi-3 128k context)",
+    "rope_factors_short.weight": "LongRoPE scaling (Phi-3 128k context)",
+}
 
 # Pre-tokenizer regexes for the GGUF ``tokenizer.ggml.pre`` values whose merges were not learned
 # with GPT-2's split; the same table transformers uses. Unlisted values keep GPT-2's ByteLevel split.
@@ -67,6 +68,257 @@ _PRE_TOKENIZER_SPLITS = {
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
+# ----------------------------------------------------------------------------- metadata
+
+
+_REQUIRED = object()
+
+
+class _Keys:
+    """``{arch}.<name>`` lookups in a GGUF's metadata.
+
+    A required key that is missing, or a value of the wrong type, raises GGUFError naming the file
+    and the full key.
+    """
+
+    def __init__(self, meta: Mapping[str, Any], path: str | os.PathLike[str]):
+        self.meta, self.path = meta, path
+        self.arch = meta["general.architecture"]
+
+    def integer(self, name: str, default: Any = _REQUIRED) -> Any:
+        return self._get(name, default, (int,), "one integer")
+
+    def number(self, name: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(name, default, (int, float), "one number")
+        return value if value is default else float(value)
+
+    def text(self, name: str, default: Any = _REQUIRED) -> Any:
+        return self._get(name, default, (str,), "a string")
+
+    def error(self, name: str, value: Any, expected: str) -> GGUFError:
+        return GGUFError(f"{self.path}: metadata key '{self.arch}.{name}' is {value!r}; expected {expected}")
+
+    def _get(self, name: str, default: Any, types: tuple[type, ...], expected: str) -> Any:
+        key = f"{self.arch}.{name}"
+        if key not in self.meta:
+            if default is _REQUIRED:
+                raise GGUFError(f"{self.path} lacks the metadata key {key!r}, which a {self.arch!r} model needs")
+            return default
+        value = self.meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):  # bool is an int to Python, not to GGUF
+            raise self.error(name, value, expected)
+        return value
+
+
+# ----------------------------------------------------------------------------- families: config.json
+
+
+def _has(names: frozenset[str], leaf: str) -> bool:
+    """Whether any block holds ``leaf`` (``"attn_q.bias"``)."""
+    return any(name.endswith("." + leaf) for name in names)
+
+
+def _rope_parameters(k: _Keys, theta: float) -> dict[str, Any]:
+    """RoPE settings from ``rope.scaling.*``: none or linear (what llama.cpp writes for those)."""
+    kind = k.text("rope.scaling.type", "linear" if k.number("rope.scale_linear", None) else "none")
+    if kind == "none":
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind == "linear":
+        factor = k.number("rope.scaling.factor", None) or k.number("rope.scale_linear")
+        return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    raise k.error("rope.scaling.type", kind, "'none' or 'linear' (lucidlm implements no other RoPE scaling)")
+
+
+def _decoder_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    """The keys every RoPE decoder family (Llama, Qwen, Phi-3, Gemma) spells alike."""
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    theta = k.number("rope.freq_base", 10000.0)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": k.integer("feed_forward_length"),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": k.integer("attention.head_count_kv", heads),
+        "head_dim": k.integer("attention.key_length", hidden // heads),
+        "rms_norm_eps": k.number("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta),
+        "max_position_embeddings": k.integer("context_length", None),
+    }
+
+
+def _llama_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    config = _decoder_config(k, names)
+    # older files name the head size only through the RoPE width, which equals it for Llama models
+    head_dim = k.integer("attention.key_length", k.integer("rope.dimension_count", config["head_dim"]))
+    return config | {
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "attention_bias": _has(names, "attn_q.bias"),
+        "mlp_bias": _has(names, "ffn_up.bias"),
+    }
+
+
+def _qwen_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Qwen2 always has q/k/v biases; Qwen3 has none unless the file holds them. llama.cpp ignores
+    # sliding windows for both (Qwen ships them disabled).
+    return _decoder_config(k, names) | {
+        "hidden_act": "silu",
+        "attention_bias": _has(names, "attn_q.bias"),
+        "use_sliding_window": False,
+    }
+
+
+def _phi3_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    config = _decoder_config(k, names)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    config |= {"head_dim": head_dim, "hidden_act": "silu"}
+    # Phi-4-mini rotates part of each head; llama.cpp and transformers both ignore Phi-3's
+    # ``attention.sliding_window`` (0 on Phi-4)
+    rotary = k.integer("rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        config["partial_rotary_factor"] = rotary / head_dim
+        config["rope_parameters"]["partial_rotary_factor"] = rotary / head_dim
+    return config
+
+
+def _layer_types(n_layer: int, every: int) -> list[str]:
+    """Every ``every``-th layer global, the others sliding (llama.cpp's ``set_swa_pattern``)."""
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
+
+
+def _gemma_config(k: _Keys, names: frozenset[str], layers_27b: int) -> dict[str, Any]:
+    config = _decoder_config(k, names)
+    # llama.cpp scales attention by 1/sqrt(head_dim), except in the 27B models (recognised by
+    # their layer count), which use 1/sqrt(hidden / heads): Gemma's query_pre_attn_scalar
+    scalar = config["head_dim"]
+    if config["num_hidden_layers"] == layers_27b:
+        scalar = config["hidden_size"] // config["num_attention_heads"]
+    return config | {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar}
+
+
+def _gemma2_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    config = _gemma_config(k, names, layers_27b=46)
+    return config | {
+        "sliding_window": k.integer("attention.sliding_window", 4096),
+        "layer_types": _layer_types(config["num_hidden_layers"], every=2),
+        # llama.cpp's defaults when the keys are absent
+        "attn_logit_softcapping": k.number("attn_logit_softcapping", 50.0),
+        "final_logit_softcapping": k.number("final_logit_softcapping", 30.0),
+    }
+
+
+def _gemma3_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    config = _gemma_config(k, names, layers_27b=62)
+    window = k.integer("attention.sliding_window", 0)
+    # five sliding layers per global one when the file names a window, else all global; the
+    # sliding layers use RoPE base 10000 without scaling (llama.cpp hard-codes both)
+    local = {"rope_type": "default", "rope_theta": k.number("rope.freq_base_swa", 10000.0)}
+    config |= {
+        "layer_types": _layer_types(config["num_hidden_layers"], every=6 if window > 0 else 1),
+        "rope_parameters": {"sliding_attention": local, "full_attention": config["rope_parameters"]},
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": k.number("final_logit_softcapping", None),
+    }
+    return config | ({"sliding_window": window} if window > 0 else {})
+
+
+def _gpt2_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    context = k.integer("context_length")
+    return {
+        "n_embd": k.integer("embedding_length"),
+        "n_layer": k.integer("block_count"),
+        "n_head": k.integer("attention.head_count"),
+        "n_positions": context,
+        "n_ctx": context,
+        "n_inner": k.integer("feed_forward_length", None),
+        "layer_norm_epsilon": k.number("attention.layer_norm_epsilon", 1e-5),
+        "activation_function": "gelu_new",
+    }
+
+
+# ----------------------------------------------------------------------------- families: tensors
+
+
+_LLAMA_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ATTENTION = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GLU = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LLAMA_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTENTION, **_GLU}
+# Phi-3 keeps transformers' fused matrices: attn_qkv = [q; k; v], ffn_up = [gate; up]
+_PHI3_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma's sandwich norms: GGUF's ffn_norm is the norm *before* the MLP
+_GEMMA_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    **_ATTENTION,
+    **_GLU,
+}
+_GPT2_GLOBALS = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+_GPT2_BLOCKS = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How one GGUF ``general.architecture`` becomes a Hugging Face checkpoint."""
+
+    architecture: str  # config.json ``architectures[0]``
+    model_type: str
+    config: Callable[[_Keys, frozenset[str]], dict[str, Any]]  # the family's config.json keys
+    blocks: Mapping[str, str]  # ``blk.N.<leaf>`` -> module under ``{layers}.N.``
+    globals: Mapping[str, str] = dataclasses.field(default_factory=lambda: _LLAMA_GLOBALS)
+    layers: str = "model.layers"
+    permuted_qk: bool = False  # llama.cpp reordered Q/K rows for its interleaved RoPE
+    norm_offset: float = 0.0  # GGUF ``*norm.weight`` = HF weight + offset (Gemma scales by 1 + w)
+    conv1d: frozenset[str] = frozenset()  # leaves HF stores (in, out) and llama.cpp transposed
+    ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
+
+
+_FAMILIES: dict[str, _Family] = {
+    # Mistral and Mixtral GGUFs are "llama" too; llama.cpp keeps no sliding window for them, so
+    # they load as Llama (transformers picks MistralForCausalLM only for general.name == "mistral",
+    # with the same weights and, below its 4096-token default window, the same outputs)
+    "llama": _Family("LlamaForCausalLM", "llama", _llama_config, _LLAMA_BLOCKS, permuted_qk=True,
+                     ignored=frozenset({"rope_freqs.weight"})),
+    "qwen2": _Family("Qwen2ForCausalLM", "qwen2", _qwen_config, _LLAMA_BLOCKS),
+    "qwen3": _Family("Qwen3ForCausalLM", "qwen3", _qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "phi3": _Family("Phi3ForCausalLM", "phi3", _phi3_config, _PHI3_BLOCKS),
+    "gemma2": _Family("Gemma2ForCausalLM", "gemma2", _gemma2_config, _GEMMA_BLOCKS, norm_offset=1.0),
+    "gemma3": _Family("Gemma3ForCausalLM", "gemma3_text", _gemma3_config, {**_GEMMA_BLOCKS, **_QK_NORMS},
+                      norm_offset=1.0),
+    "gpt2": _Family("GPT2LMHeadModel", "gpt2", _gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
+                    layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
+}
+
+SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -76,7 +328,7 @@ def gguf_to_hf_dir(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> pathlib.Path:
-    """Convert a Llama-family GGUF file into a Hugging Face checkpoint directory, cached.
+    """Convert a GGUF file (see :data:`SUPPORTED_ARCHITECTURES`) into a Hugging Face checkpoint directory, cached.
 
     Args:
         path: the ``.gguf`` file.
@@ -145,16 +397,14 @@ def _open_reader(path: pathlib.Path):
 def _validate(reader, path: pathlib.Path) -> None:
     """Check architecture, tensor bounds, quantisations and names before writing anything."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in _FAMILIES:
         raise GGUFError(
             f"{path} holds a model of architecture {arch!r}, which lucidlm cannot convert; "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     _check_bounds(reader, path)
     _check_quants(reader, path)
-    for tensor in reader.tensors:
-        if tensor.name not in _IGNORED_TENSORS:
-            _hf_name(tensor.name, path)
+    _check_names([t.name for t in reader.tensors], arch, path)
 
 
 def _check_bounds(reader, path: pathlib.Path) -> None:
@@ -176,6 +426,26 @@ def _check_quants(reader, path: pathlib.Path) -> None:
         raise GGUFError(
             f"{path} uses unsupported quantisation {', '.join(bad)}; supported: {', '.join(SUPPORTED_QUANTS)}"
         )
+
+
+def _check_names(names: list[str], arch: str, path: pathlib.Path) -> None:
+    """Every tensor must have a place in the architecture's Hugging Face model."""
+    for name in names:
+        if name in _UNSUPPORTED_TENSORS:
+            raise GGUFError(
+                f"{path} holds tensor {name!r}: the model uses {_UNSUPPORTED_TENSORS[name]}, "
+                "which lucidlm does not implement"
+            )
+    misplaced = [n for n in names if not _fits(n, _FAMILIES[arch])]
+    if misplaced:
+        # a file mislabelled by hand or by a custom exporter: say which architecture it looks like
+        fits = [a for a, family in _FAMILIES.items() if a != arch and all(_fits(n, family) for n in names)]
+        hint = f"; its tensor names fit these supported architectures instead: {', '.join(fits)}" if fits else ""
+        raise GGUFError(f"{path} holds tensor {misplaced[0]!r}, which has no place in a {arch!r} model{hint}")
+
+
+def _fits(name: str, family: _Family) -> bool:
+    return name in family.ignored or _hf_name(name, family) is not None
 
 
 # ----------------------------------------------------------------------------- cache
@@ -227,7 +497,7 @@ def _write_hf_dir(reader, path: pathlib.Path, out: pathlib.Path, dtype: torch.dt
 
     meta = _metadata(reader)
     names = [t.name for t in reader.tensors]
-    config = _hf_config(meta, names, dtype)
+    config = _hf_config(meta, names, dtype, path)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(meta))
     tokenizer = build_tokenizer(meta, path)
@@ -250,40 +520,31 @@ def _metadata(reader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def _hf_config(meta: dict[str, Any], tensor_names: list[str], dtype: torch.dtype) -> dict[str, Any]:
-    """``config.json`` for LlamaForCausalLM with the values transformers derives from the GGUF."""
-    arch = meta["general.architecture"]
+def _hf_config(
+    meta: dict[str, Any], tensor_names: list[str], dtype: torch.dtype, path: str | os.PathLike[str] = "<gguf>"
+) -> dict[str, Any]:
+    """``config.json`` of the architecture's transformers model, from the GGUF metadata.
 
-    def key(name: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{name}", default)
-
-    hidden, heads = key("embedding_length"), key("attention.head_count")
-    rope_theta = float(key("rope.freq_base", 10000.0))
+    Raises:
+        GGUFError: a key the architecture needs is missing or of the wrong type, or the file asks
+            for RoPE scaling lucidlm does not implement.
+    """
+    keys = _Keys(meta, path)
+    family = _FAMILIES[keys.arch]
+    names = frozenset(tensor_names)
     dtype_name = str(dtype).removeprefix("torch.")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": key("attention.head_count_kv", heads),
-        # transformers takes head_dim from the RoPE width, which equals it for Llama models
-        "head_dim": key("rope.dimension_count", hidden // heads),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
-        "max_position_embeddings": key("context_length"),
-        "vocab_size": key("vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
-        "hidden_act": "silu",
-        "attention_bias": any(n.endswith(".attn_q.bias") for n in tensor_names),
-        "mlp_bias": any(n.endswith(".ffn_up.bias") for n in tensor_names),
-        # llama.cpp writes output.weight only when it differs from the embedding matrix
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+    tokens = meta.get("tokenizer.ggml.tokens", ())
+    return {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        **family.config(keys, names),
+        "vocab_size": keys.integer("vocab_size", len(tokens)),
+        # llama.cpp writes output.weight only when it differs from the embedding matrix (GPT-2: always)
+        "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
+        **_special_ids(meta),
     }
-    return config | _special_ids(meta)
 
 
 def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
@@ -331,17 +592,17 @@ def _tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _hf_name(gguf_name: str, path: pathlib.Path) -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+def _hf_name(gguf_name: str, family: _Family) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if it has no place."""
     if match := _BLOCK_RE.fullmatch(gguf_name):
         layer, leaf, suffix = match.groups()
-        if leaf in _BLOCK_TENSORS:
-            return f"model.layers.{layer}.{_BLOCK_TENSORS[leaf]}.{suffix}"
+        if leaf in family.blocks:
+            return f"{family.layers}.{layer}.{family.blocks[leaf]}.{suffix}"
     elif match := _GLOBAL_RE.fullmatch(gguf_name):
         leaf, suffix = match.groups()
-        if leaf in _GLOBAL_TENSORS:
-            return f"{_GLOBAL_TENSORS[leaf]}.{suffix}"
-    raise GGUFError(f"{path} holds tensor {gguf_name!r}, which has no place in a Llama model")
+        if leaf in family.globals:
+            return f"{family.globals[leaf]}.{suffix}"
+    return None
 
 
 def _unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -367,23 +628,33 @@ def _dequantize(tensor) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
 
 
+def _restore(value: torch.Tensor, name: str, family: _Family, config: dict) -> torch.Tensor:
+    """Undo what llama.cpp's converter did to one tensor of ``family`` (float32 in, float32 out)."""
+    leaf = name.split(".")[-2]
+    if family.permuted_qk and leaf in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if leaf == "attn_q" else config["num_key_value_heads"]
+        value = _unpermute_rows(value, heads)
+    if family.norm_offset and name.endswith("norm.weight"):
+        value = value - family.norm_offset
+    if leaf in family.conv1d and value.ndim == 2:
+        value = value.t()
+    return value
+
+
 def _convert_tensors(reader, path, config: dict, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
-    """Dequantise, rename and un-permute every tensor into an HF state dict."""
+    """Dequantise, rename and restore every tensor into an HF state dict."""
     from tqdm.auto import tqdm
 
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    family = _FAMILIES[_field(reader, "general.architecture")]
     out: dict[str, torch.Tensor] = {}
     tensors: Iterable = tqdm(
         reader.tensors, desc=f"Converting {path.name}", unit="tensor", disable=not progress
     )
     for tensor in tensors:
-        if tensor.name in _IGNORED_TENSORS:
+        if tensor.name in family.ignored:
             continue
-        value = torch.from_numpy(_dequantize(tensor))
-        leaf = tensor.name.split(".")[-2]
-        if leaf in heads:
-            value = _unpermute_rows(value, heads[leaf])
-        out[_hf_name(tensor.name, path)] = value.to(dtype).contiguous()
+        value = _restore(torch.from_numpy(_dequantize(tensor)), tensor.name, family, config)
+        out[_hf_name(tensor.name, family)] = value.to(dtype).contiguous()
     return out
 
 

@@ -1,0 +1,74 @@
+"""The model catalogue: named configs of real checkpoints, from their published ``config.json``.
+
+Each entry is the official config file (``configs/NAME.json``, as it sits on the hub) and its
+Hugging Face repo id; ``Config.from_name(NAME)`` reads it through :meth:`Config.from_hf`, so the
+catalogue and checkpoint loading can never disagree. ``lucidlm models`` lists them with their
+parameter counts.
+
+>>> from lucidlm.catalogue import CATALOGUE, config, parameter_count
+>>> CATALOGUE["SmolLM2-135M-Instruct"]
+'HuggingFaceTB/SmolLM2-135M-Instruct'
+>>> c = config("SmolLM2-135M-Instruct"); c.n_layer, c.n_embd, c.name
+(30, 576, 'SmolLM2-135M-Instruct')
+>>> round(parameter_count(c) / 1e6)
+135
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+
+#: catalogue name -> Hugging Face repo id (the name is the file name of its config in configs/)
+CATALOGUE: dict[str, str] = {
+    "Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf",
+    "Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+    "Llama-3.2-1B": "meta-llama/Llama-3.2-1B",
+    "Mistral-7B-v0.1": "mistralai/Mistral-7B-v0.1",
+    "Mistral-7B-Instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+    "Mixtral-8x7B-v0.1": "mistralai/Mixtral-8x7B-v0.1",
+    "OLMo-2-0425-1B": "allenai/OLMo-2-0425-1B",
+    "Phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-2": "microsoft/phi-2",
+    "Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-7B": "Qwen/Qwen2.5-7B",
+    "Qwen3-0.6B": "Qwen/Qwen3-0.6B",
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-1.7B-Instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
+    "gpt2": "openai-community/gpt2",
+    "pythia-70m": "EleutherAI/pythia-70m",
+    "pythia-160m": "EleutherAI/pythia-160m",
+}
+
+
+def config(name: str):
+    """The :class:`~lucidlm.config.Config` of catalogue entry ``name``."""
+    from ..config import Config
+
+    return dataclasses.replace(Config.from_hf(CONFIGS / f"{name}.json"), name=name)
+
+
+def parameter_count(config) -> int:
+    """Parameters of a model of ``config`` (tied embeddings counted once), built on the meta device."""
+    import torch
+
+    from ..model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def human(n: int) -> str:
+    """``135M``, ``1.24B``, ``180K``.
+
+    >>> human(999_885_952), human(134_515_008), human(180_224)
+    ('1.00B', '135M', '180K')
+    """
+    if n >= 0.995e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"

@@ -1,0 +1,31 @@
+"""The catalogue: every entry's published config loads by name, and parameter counts equal the
+published model sizes (counted by transformers and on the model cards)."""
+
+import pytest
+
+from lucidlm.catalogue import CATALOGUE, CONFIGS, config, parameter_count
+from lucidlm.cli import main
+from lucidlm.config import Config
+
+#: parameters as transformers counts them (num_parameters(), tied embeddings once)
+PUBLISHED = {"SmolLM2-135M-Instruct": 134_515_008, "gpt2": 124_439_808, "Llama-3.2-1B": 1_235_814_400,
+             "Qwen2.5-0.5B-Instruct": 494_032_768, "pythia-70m": 70_426_624}
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_entry_loads_by_name(name):
+    assert (CONFIGS / f"{name}.json").is_file()
+    c = Config.from_name(name)
+    assert c.name == name and c.hf_config is not None
+    assert "/" in CATALOGUE[name]
+
+
+@pytest.mark.parametrize("name, count", sorted(PUBLISHED.items()))
+def test_parameter_counts_match_the_published_sizes(name, count):
+    assert parameter_count(config(name)) == count
+
+
+def test_models_lists_the_catalogue_with_sizes(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "135M" in out and "1.24B" in out
