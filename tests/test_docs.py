@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).parent.parent / "docs"
-PAGES = ["custom-models.md"]
+PAGES = ["custom-models.md", "adding-a-family.md"]
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -15,13 +15,16 @@ def python_blocks(page: Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def restore_registries():
-    """The guides register configs and components process-wide: undo it for the other tests."""
-    from lucidlm.config import COMPONENTS, REGISTRY
+    """The guides register configs, components and families process-wide: undo it for the other tests."""
+    from lucidlm.checkpoints.layouts import LAYOUTS
+    from lucidlm.config import COMPONENTS, FAMILIES, REGISTRY
 
-    saved = dict(REGISTRY), dict(COMPONENTS)
+    registries = (REGISTRY, COMPONENTS, FAMILIES, LAYOUTS)
+    saved = [dict(r) for r in registries]
     yield
-    REGISTRY.clear(), REGISTRY.update(saved[0])
-    COMPONENTS.clear(), COMPONENTS.update(saved[1])
+    for registry, before in zip(registries, saved):
+        registry.clear()
+        registry.update(before)
 
 
 @pytest.mark.parametrize("page", PAGES)
