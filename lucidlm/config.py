@@ -40,6 +40,9 @@ class Config:
     # embeddings / head
     position_embedding: Literal["rope", "learned"] = "rope"
     scale_embeddings: bool = False  # Gemma: multiply embeddings by sqrt(n_embd)
+    embedding_multiplier: float = 1.0  # Granite: embeddings times this constant
+    residual_multiplier: float = 1.0  # Granite: each sublayer's output times this before the residual add
+    logit_scale: float = 1.0  # Cohere: logits times this; Granite: 1 / logits_scaling
     tie_embeddings: bool = False
     lm_head_bias: bool = False
     final_logit_softcapping: float | None = None
@@ -47,6 +50,8 @@ class Config:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     norm_unit_offset: bool = False  # Gemma: scale by (1 + weight)
+    norm_affine: bool = True  # False: OLMo's LayerNorm with neither weight nor bias
+    norm_bias: bool = True  # LayerNorm: False for Cohere's bias-free LayerNorm
     pre_norm: bool = True  # False: OLMo-2 normalises only the sublayer outputs
     post_attention_norm: bool = False  # Gemma 2/3, OLMo-2 sandwich norms
     post_mlp_norm: bool = False
@@ -55,16 +60,21 @@ class Config:
     # attention
     attn_bias: bool = False  # bias on q, k, v
     attn_out_bias: bool = False  # bias on the output projection
-    qk_norm: Literal[None, "head", "full"] = None  # Qwen3/Gemma3: per head; OLMo-2: whole projection
+    qk_norm: Literal[None, "head", "full", "layernorm_per_head", "layernorm_head_weights"] = None
+    # Qwen3/Gemma3: RMSNorm per head; OLMo-2: over the whole projection; StableLM: a bias-free LayerNorm
+    # module per head; Cohere: one bias-free LayerNorm over head_size with a (heads, head_size) weight
+    clip_qkv: float | None = None  # OLMo: clamp q, k and v to [-clip_qkv, clip_qkv]
     attention_scale: float | None = None  # None = head_size ** -0.5 (Gemma: query_pre_attn_scalar)
     attn_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention"/"sliding_attention"
     # rotary embeddings
     rope_theta: float = 10000.0
+    rope_interleaved: bool = False  # Cohere, GPT-J: rotate pairs (0,1), (2,3) ... instead of halves
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, Phi partial_rotary_factor)
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}
     rope_local_theta: float | None = None  # Gemma 3: base of the sliding-window layers
+    rope_layers: tuple[bool, ...] | None = None  # per layer: whether it rotates (SmolLM3); None = all
     # MLP
     mlp: Literal["glu", "mlp", "moe"] = "glu"
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
@@ -96,6 +106,10 @@ class Config:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.n_layer:
                 raise ConfigError(f"layer_types has {len(self.layer_types)} entries, expected n_layer={self.n_layer}")
+        if self.rope_layers is not None:
+            self.rope_layers = tuple(bool(r) for r in self.rope_layers)
+            if len(self.rope_layers) != self.n_layer:
+                raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries, expected n_layer={self.n_layer}")
         if self.mlp == "moe" and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError("a 'moe' MLP needs 0 < n_expert_per_token <= n_expert")
 
@@ -166,7 +180,8 @@ class Config:
 
 
 _NULLABLE = {"sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping",
-             "final_logit_softcapping", "attention_scale", "qk_norm", "rope_local_theta"}
+             "final_logit_softcapping", "attention_scale", "qk_norm", "rope_local_theta", "clip_qkv",
+             "rope_layers"}
 
 
 def _read_hf_config(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -310,6 +325,53 @@ def _neox(hf: dict[str, Any]) -> dict[str, Any]:
     return {"parallel_residual": bool(hf["use_parallel_residual"]), "head_size": None, **_bias(hf)}
 
 
+def _gemma1(hf: dict[str, Any]) -> dict[str, Any]:
+    # GemmaConfig reads hidden_act only (not hidden_activation) and turns the legacy "gelu" into tanh
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=True is not supported (lucidlm is causal only)")
+    act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+    return {"activation": _activation({"hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act})}
+
+
+def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
+    # StableLM ignores head_dim; the shared input norm feeds both branches of the parallel block
+    parallel = bool(hf.get("use_parallel_residual"))
+    return {"head_size": None, "attn_bias": bool(hf.get("use_qkv_bias")), "parallel_residual": parallel,
+            "shared_attention_norm": parallel, "qk_norm": "layernorm_per_head" if hf.get("qk_layernorm") else None}
+
+
+def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
+    """SmolLM3: ``no_rope_layers`` (1 = the layer rotates; default every ``no_rope_layer_interval``-th
+    layer does not); sliding windows only on layers without RoPE, and only with use_sliding_window."""
+    n = _n_layer(hf)
+    interval = hf["no_rope_layer_interval"]
+    rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types") or [
+        "sliding_attention" if hf.get("use_sliding_window") and window is not None and not rope[i]
+        else "full_attention" for i in range(n)]
+    if "sliding_attention" not in types:
+        window = None
+    return {"rope_layers": tuple(bool(r) for r in rope[:n]), "sliding_window": window, "layer_types": types}
+
+
+def _olmo(hf: dict[str, Any]) -> dict[str, Any]:
+    # OlmoLayerNorm has a fixed eps of 1e-5 and no parameters
+    clip = hf.get("clip_qkv")
+    return {"norm_eps": 1e-5, "clip_qkv": None if clip is None else float(clip), **_bias(hf)}
+
+
+def _granite(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"embedding_multiplier": float(hf["embedding_multiplier"]),
+            "residual_multiplier": float(hf["residual_multiplier"]),
+            "attention_scale": float(hf["attention_multiplier"]), "logit_scale": 1.0 / float(hf["logits_scaling"])}
+
+
+def _cohere(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"logit_scale": float(hf["logit_scale"]), **_bias(hf),
+            "qk_norm": "layernorm_head_weights" if hf.get("use_qk_norm") else None}
+
+
 def _phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
@@ -375,6 +437,28 @@ for _family in (
     Family("Gemma3ForCausalLM", "gemma", dict(_GEMMA, qk_norm="head"),
            dict(_GEMMA_DEFAULTS, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0),
            (_bias, _gemma, _gemma3_rope), "gemma3_text"),
+    Family("GemmaForCausalLM", "llama", dict(_LLAMA, norm_unit_offset=True, scale_embeddings=True),
+           dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256, hidden_act="gelu_pytorch_tanh"),
+           (_bias, _gemma1), "gemma"),
+    Family("StableLmForCausalLM", "stablelm", dict(norm="layernorm", mlp="glu"),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="silu", partial_rotary_factor=0.25,
+                use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False),
+           (_stablelm,), "stablelm"),
+    Family("SmolLM3ForCausalLM", "llama", _LLAMA,
+           dict(_LLAMA_DEFAULTS, tie_word_embeddings=True, no_rope_layer_interval=4, use_sliding_window=False),
+           (_bias, _mlp_bias, _smollm3), "smollm3"),
+    Family("OlmoForCausalLM", "llama", dict(_LLAMA, norm="layernorm", norm_affine=False),
+           dict(tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=2048), (_olmo,), "olmo"),
+    Family("GraniteForCausalLM", "llama", _LLAMA,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=2048, embedding_multiplier=1.0, residual_multiplier=1.0,
+                attention_multiplier=1.0, logits_scaling=1.0),
+           (_bias, _mlp_bias, _granite), "granite"),
+    Family("CohereForCausalLM", "llama",
+           dict(norm="layernorm", norm_bias=False, mlp="glu", parallel_residual=True, shared_attention_norm=True,
+                rope_interleaved=True),
+           dict(tie_word_embeddings=True, layer_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
+                logit_scale=0.0625, use_qk_norm=False),
+           (_cohere,), "cohere"),
     Family("Olmo2ForCausalLM", "olmo2",
            dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"),
            dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), (_bias,), "olmo2"),

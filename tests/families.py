@@ -50,6 +50,23 @@ FAMILIES = {
                                                  use_parallel_residual=False, bos_token_id=1, eos_token_id=2,
                                                  tie_word_embeddings=False),
     "olmo2": lambda: _cfg(T.Olmo2Config),
+    # c4ai-command-r-v01: no qk norm; c4ai-command-r-plus: use_qk_norm
+    "cohere": lambda: _cfg(T.CohereConfig, logit_scale=0.0625, tie_word_embeddings=True),
+    "cohere-qk-norm": lambda: _cfg(T.CohereConfig, logit_scale=0.8333, use_qk_norm=True, tie_word_embeddings=True),
+    # granite-3.x: multipliers of the published configs (attention_multiplier is the scale)
+    "granite": lambda: _cfg(T.GraniteConfig, embedding_multiplier=12.0, residual_multiplier=0.22,
+                            attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True),
+    # OLMo-1B-hf: no clip; OLMo-7B-0424-hf: clip_qkv=8 (here small enough to clamp random weights)
+    "olmo": lambda: _cfg(T.OlmoConfig, num_key_value_heads=4, clip_qkv=0.5),
+    # SmolLM3-3B: every 4th layer without RoPE; here every 2nd, and the window on the NoPE layers
+    "smollm3": lambda: _cfg(T.SmolLM3Config, num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True,
+                            sliding_window=5, rope_parameters=dict(rope_type="default", rope_theta=5000000.0)),
+    "gemma": lambda: _cfg(T.GemmaConfig, head_dim=16, num_key_value_heads=1, hidden_act="gelu"),
+    # stablelm-2-1_6b: qkv bias, sequential; stablelm-2-12b: parallel residual with per-head qk norm
+    "stablelm": lambda: _cfg(T.StableLmConfig, num_key_value_heads=4, use_qkv_bias=True,
+                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+    "stablelm-parallel": lambda: _cfg(T.StableLmConfig, use_qkv_bias=False, use_parallel_residual=True,
+                                      qk_layernorm=True, partial_rotary_factor=0.25),
 }
 
 

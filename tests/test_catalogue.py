@@ -29,3 +29,9 @@ def test_models_lists_the_catalogue_with_sizes(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "135M" in out and "1.24B" in out
+
+
+def test_unverified_configs_stay_out_of_the_catalogue():
+    from lucidlm.catalogue import UNVERIFIED
+
+    assert all((CONFIGS / f"{name}.json").is_file() and name not in CATALOGUE for name in UNVERIFIED)

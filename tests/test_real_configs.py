@@ -61,6 +61,18 @@ VARIANTS = {
     "pythia-defaults": ("pythia-160m", {"rotary_pct": _DROP, "rotary_emb_base": _DROP}),  # 0.25, 10000
     "gpt2-n_inner": ("gpt2", {"n_inner": 3072, "activation_function": "gelu"}),
     "OLMo-2-tied": ("OLMo-2-0425-1B", {"tie_word_embeddings": True}),
+    "OLMo-7B-0424-clip": ("OLMo-1B-hf", {"clip_qkv": 0.5, "tie_word_embeddings": False}),
+    "stablelm-2-12b-style": ("stablelm-2-1_6b", {"use_qkv_bias": False, "use_parallel_residual": True,
+                                                 "qk_layernorm": True, "num_key_value_heads": 8}),
+    "stablelm-defaults": ("stablelm-2-1_6b", {"partial_rotary_factor": _DROP, "use_qkv_bias": _DROP}),
+    "gemma-1.1-activation": ("gemma-2b", {"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": _DROP}),
+    "granite-defaults": ("granite-3.0-2b-instruct", {"attention_multiplier": _DROP, "logits_scaling": _DROP,
+                                                     "tie_word_embeddings": _DROP, "rms_norm_eps": _DROP}),
+    "command-r-plus-style": ("c4ai-command-r-v01", {"use_qk_norm": True, "num_key_value_heads": 8,
+                                                    "logit_scale": 0.8333333333333334}),
+    "cohere-defaults": ("c4ai-command-r-v01", {"logit_scale": _DROP, "tie_word_embeddings": _DROP}),
+    "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
+                                       "no_rope_layers": _DROP}),
 }
 REJECTED = {  # options transformers supports and we do not: a ConfigError naming the option
     "Llama-dynamic-rope": ("Llama-2-7b-hf", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
@@ -108,7 +120,7 @@ def expected_fields(c) -> dict:
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3"):
         windows = [window] * n_layer
-    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer
@@ -118,12 +130,13 @@ def expected_fields(c) -> dict:
         n_query_groups=getattr(c, "num_key_value_heads", None) or n_head, head_size=head,
         intermediate_size=(c.n_inner or 4 * n_embd) if mt == "gpt2" else c.intermediate_size,
         block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
-        norm_eps=next(getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
-                      if getattr(c, k, None) is not None),
+        norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+                       if getattr(c, k, None) is not None), 1e-5 if mt == "olmo" else None),  # OLMo: fixed
         windows=windows,
         final_logit_softcapping=c.final_logit_softcapping if gemma else None,
         attn_logit_softcapping=c.attn_logit_softcapping if gemma else None,
-        scale=c.query_pre_attn_scalar ** -0.5 if gemma else head ** -0.5,
+        scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt == "granite"
+        else head ** -0.5,
         activation=act,
         n_expert=getattr(c, "num_local_experts", 0) if mt == "mixtral" else 0,
         n_expert_per_token=getattr(c, "num_experts_per_tok", 0) if mt == "mixtral" else 0,

@@ -95,6 +95,9 @@ class _Keys:
     def text(self, name: str, default: Any = _REQUIRED) -> Any:
         return self._get(name, default, (str,), "a string")
 
+    def flag(self, name: str, default: Any = _REQUIRED) -> Any:
+        return self._get(name, default, (bool,), "true or false")
+
     def error(self, name: str, value: Any, expected: str) -> GGUFError:
         return GGUFError(f"{self.path}: metadata key '{self.arch}.{name}' is {value!r}; expected {expected}")
 
@@ -105,7 +108,7 @@ class _Keys:
                 raise GGUFError(f"{self.path} lacks the metadata key {key!r}, which a {self.arch!r} model needs")
             return default
         value = self.meta[key]
-        if isinstance(value, bool) or not isinstance(value, types):  # bool is an int to Python, not to GGUF
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is no int here
             raise self.error(name, value, expected)
         return value
 
@@ -223,6 +226,29 @@ def _gemma3_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
     return config | ({"sliding_window": window} if window > 0 else {})
 
 
+def _gemma1_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    return _decoder_config(k, names) | {"hidden_act": "gelu_pytorch_tanh"}
+
+
+def _stablelm_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]  # StableLM normalises with LayerNorm
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    fraction = k.integer("rope.dimension_count", head_dim // 4) / head_dim
+    config["rope_parameters"]["partial_rotary_factor"] = fraction
+    # a parallel block has no norm before its MLP, so older files without the key still say which
+    parallel = k.flag("use_parallel_residual", not _has(names, "ffn_norm.weight"))
+    return config | {
+        "head_dim": head_dim,
+        "partial_rotary_factor": fraction,
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "hidden_act": "silu",
+        "use_qkv_bias": _has(names, "attn_q.bias"),
+        "use_parallel_residual": parallel,
+        "qk_layernorm": _has(names, "attn_q_norm.weight"),
+    }
+
+
 def _gpt2_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
     context = k.integer("context_length")
     return {
@@ -268,6 +294,12 @@ _GEMMA_BLOCKS = {
     **_ATTENTION,
     **_GLU,
 }
+# StableLM 2 12B normalises each head separately; llama.cpp stacks those norms into one (heads, head_dim)
+_STABLELM_BLOCKS = {
+    **_LLAMA_BLOCKS,
+    "attn_q_norm": "self_attn.q_layernorm.norms",
+    "attn_k_norm": "self_attn.k_layernorm.norms",
+}
 _GPT2_GLOBALS = {
     "token_embd": "transformer.wte",
     "position_embd": "transformer.wpe",
@@ -297,6 +329,7 @@ class _Family:
     permuted_qk: bool = False  # llama.cpp reordered Q/K rows for its interleaved RoPE
     norm_offset: float = 0.0  # GGUF ``*norm.weight`` = HF weight + offset (Gemma scales by 1 + w)
     conv1d: frozenset[str] = frozenset()  # leaves HF stores (in, out) and llama.cpp transposed
+    per_head: frozenset[str] = frozenset()  # leaves llama.cpp stacked from HF's ``<module>.<head>`` tensors
     ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
 
 
@@ -309,9 +342,12 @@ _FAMILIES: dict[str, _Family] = {
     "qwen2": _Family("Qwen2ForCausalLM", "qwen2", _qwen_config, _LLAMA_BLOCKS),
     "qwen3": _Family("Qwen3ForCausalLM", "qwen3", _qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
     "phi3": _Family("Phi3ForCausalLM", "phi3", _phi3_config, _PHI3_BLOCKS),
+    "gemma": _Family("GemmaForCausalLM", "gemma", _gemma1_config, _LLAMA_BLOCKS, norm_offset=1.0),
     "gemma2": _Family("Gemma2ForCausalLM", "gemma2", _gemma2_config, _GEMMA_BLOCKS, norm_offset=1.0),
     "gemma3": _Family("Gemma3ForCausalLM", "gemma3_text", _gemma3_config, {**_GEMMA_BLOCKS, **_QK_NORMS},
                       norm_offset=1.0),
+    "stablelm": _Family("StableLmForCausalLM", "stablelm", _stablelm_config, _STABLELM_BLOCKS,
+                        per_head=frozenset({"attn_q_norm", "attn_k_norm"})),
     "gpt2": _Family("GPT2LMHeadModel", "gpt2", _gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
                     layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
 }
@@ -654,7 +690,12 @@ def _convert_tensors(reader, path, config: dict, dtype: torch.dtype, progress: b
         if tensor.name in family.ignored:
             continue
         value = _restore(torch.from_numpy(_dequantize(tensor)), tensor.name, family, config)
-        out[_hf_name(tensor.name, family)] = value.to(dtype).contiguous()
+        name = _hf_name(tensor.name, family)
+        if tensor.name.split(".")[-2] in family.per_head:  # one (heads, head_dim) -> heads tensors
+            stem, suffix = name.rsplit(".", 1)
+            out.update({f"{stem}.{h}.{suffix}": row.to(dtype).contiguous() for h, row in enumerate(value)})
+        else:
+            out[name] = value.to(dtype).contiguous()
     return out
 
 

@@ -90,6 +90,11 @@ LAYOUTS: dict[str, Layout] = {
         (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
         (_LAYER + "pre_feedforward_layernorm.", "layers.{i}.mlp_norm."),
         (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "stablelm": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "self_attn.q_layernorm.norms.{e}.", "layers.{i}.attn.q_norm.norms.{e}."),
+        (_LAYER + "self_attn.k_layernorm.norms.{e}.", "layers.{i}.attn.k_norm.norms.{e}."))),
     "olmo2": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
         (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),

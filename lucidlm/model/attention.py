@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..cache.base import LayerCache
 from . import rules
-from .norm import RMSNorm
+from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 
@@ -39,14 +39,20 @@ class CausalSelfAttention(nn.Module):
         elif c.qk_norm == "full":
             self.q_norm = RMSNorm(c.n_head * c.head_size, c.norm_eps, c.norm_unit_offset)
             self.k_norm = RMSNorm(c.n_query_groups * c.head_size, c.norm_eps, c.norm_unit_offset)
+        elif c.qk_norm in ("layernorm_per_head", "layernorm_head_weights"):
+            cls = PerHeadNorm if c.qk_norm == "layernorm_per_head" else HeadWeightsLayerNorm
+            self.q_norm = cls(c.n_head, c.head_size, c.norm_eps)
+            self.k_norm = cls(c.n_query_groups, c.head_size, c.norm_eps)
         self.window = c.sliding_window if c.is_sliding(layer) else None
         self.scale = c.attention_scale or c.head_size ** -0.5
         self.softcap = c.attn_logit_softcapping
-        self.use_rope = c.position_embedding == "rope"
+        self.clip = c.clip_qkv
+        self.use_rope = c.position_embedding == "rope" and (c.rope_layers is None or c.rope_layers[layer])
         if self.use_rope:
             local = c.rope_local_theta is not None and self.window is not None  # Gemma 3 local layers
             theta = c.rope_local_theta if local else c.rope_theta
             self._rope_args = (c.head_size, c.rotary_fraction, theta, None if local else c.rope_scaling)
+            self.rope_interleaved = c.rope_interleaved
             # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
             self.inv_freq = inverse_frequencies(*self._rope_args)
 
@@ -62,16 +68,19 @@ class CausalSelfAttention(nn.Module):
         per distinct set of frequencies rather than once per layer."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
+        if self.clip is not None:  # OLMo: an element-wise non-linearity (identity rule)
+            clip = self.clip
+            q, k, v = (rules.activation(lambda t: t.clamp(-clip, clip), t) for t in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
-        if self.qk_norm == "head":
+        if self.qk_norm in ("head", "layernorm_per_head", "layernorm_head_weights"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
         else:
@@ -88,9 +97,9 @@ class CausalSelfAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
-        key = self._rope_args[:3] + (repr(self._rope_args[3]),)  # layers with equal RoPE share it
+        key = self._rope_args[:3] + (repr(self._rope_args[3]), self.rope_interleaved)  # equal RoPE: shared
         if key not in memo:
-            memo[key] = rope_cos_sin(self.inv_freq, pos, dtype)
+            memo[key] = rope_cos_sin(self.inv_freq, pos, dtype, self.rope_interleaved)
         return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------

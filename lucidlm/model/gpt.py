@@ -35,12 +35,15 @@ class Block(nn.Module):
         self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c)
         self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
         self.parallel = c.parallel_residual
+        self.residual_multiplier = c.residual_multiplier  # Granite
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None, rope_memo: dict | None = None) -> torch.Tensor:
         h = self.attn_norm(x) if self.attn_norm is not None else x
         a = self.attn(h, pos, cache, rope_memo)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
+        if self.residual_multiplier != 1.0:
+            a = a * self.residual_multiplier
         if self.parallel:  # NeoX: separate norms on x; Phi-2: the attention's norm output is shared
             m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else h)
             return x + a + self._post_mlp(m)
@@ -49,7 +52,8 @@ class Block(nn.Module):
         return x + self._post_mlp(m)
 
     def _post_mlp(self, m: torch.Tensor) -> torch.Tensor:
-        return self.post_mlp_norm(m) if self.post_mlp_norm is not None else m
+        m = self.post_mlp_norm(m) if self.post_mlp_norm is not None else m
+        return m * self.residual_multiplier if self.residual_multiplier != 1.0 else m
 
 
 class GPT(nn.Module):
@@ -69,6 +73,8 @@ class GPT(nn.Module):
         x = self.embed(input_ids)
         if self.config.scale_embeddings:  # Gemma: sqrt(n_embd), rounded to the weights' dtype
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions.clamp(min=0))
         return x
@@ -112,6 +118,8 @@ class GPT(nn.Module):
         elif select is not None:
             x = x[select]
         logits = self.lm_head(self.final_norm(x))
+        if self.config.logit_scale != 1.0:  # Cohere logit_scale, Granite 1 / logits_scaling
+            logits = logits * self.config.logit_scale
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)

@@ -42,18 +42,23 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape (batch, 1, tokens, 2 * len(inv_freq)) for integer ``positions`` (batch, tokens)."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False):
+    """cos/sin of shape (batch, 1, tokens, 2 * len(inv_freq)) for integer ``positions`` (batch, tokens);
+    ``interleaved`` (Cohere, GPT-J): each frequency repeated in place (f0, f0, f1, f1 ...)."""
     freqs = positions.clamp(min=0)[..., None].float() * inv_freq.to(positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    emb = (freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1))[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (batch, heads, tokens, head_size)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (batch, heads, tokens, head_size): as two halves,
+    or (``interleaved``: Cohere, GPT-J) as adjacent pairs."""
     n = cos.shape[-1]
     rot, rest = x[..., :n], x[..., n:]
     half = n // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    if interleaved:
+        rotated = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     out = rot * cos + rotated * sin
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
