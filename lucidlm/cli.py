@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat / instruction / text JSONL")
     p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
-    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"],
+                   help="qlora: LoRA over int8 base weights")
     _add_model(p)
     p.add_argument("--adapter", type=Path, default=None, help="continue training this LoRA adapter")
     p.add_argument("--lora-r", type=_positive, default=8)

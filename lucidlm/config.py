@@ -81,6 +81,10 @@ class Config:
     mlp_bias: bool = False
     n_expert: int = 0
     n_expert_per_token: int = 0
+    moe_intermediate_size: int | None = None  # each expert's hidden size; None = intermediate_size
+    moe_norm_topk: bool = True  # renormalise the top-k routing weights (Mixtral; Qwen-MoE norm_topk_prob)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
+    moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
     # custom components (see docs/custom-models.md): classes built as cls(config, layer) for
     # attention and blocks, cls(config) for the MLP; None = the built-in ones
     attention_class: type | None = None
@@ -110,6 +114,10 @@ class Config:
             self.rope_layers = tuple(bool(r) for r in self.rope_layers)
             if len(self.rope_layers) != self.n_layer:
                 raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries, expected n_layer={self.n_layer}")
+        if self.moe_layers is not None:
+            self.moe_layers = tuple(bool(m) for m in self.moe_layers)
+            if len(self.moe_layers) != self.n_layer:
+                raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
         if self.mlp == "moe" and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError("a 'moe' MLP needs 0 < n_expert_per_token <= n_expert")
 
@@ -181,7 +189,7 @@ class Config:
 
 _NULLABLE = {"sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping",
              "final_logit_softcapping", "attention_scale", "qk_norm", "rope_local_theta", "clip_qkv",
-             "rope_layers"}
+             "rope_layers", "moe_layers", "moe_intermediate_size"}
 
 
 def _read_hf_config(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -319,6 +327,53 @@ def _gpt2(hf: dict[str, Any]) -> dict[str, Any]:
     # GPT-2 reads neither head_dim nor intermediate_size (n_inner or 4 * n_embd)
     return {"head_size": None, "intermediate_size": hf.get("n_inner"),
             "attention_scale": None if hf.get("scale_attn_weights", True) else 1.0}
+
+
+def _gptj(hf: dict[str, Any]) -> dict[str, Any]:
+    """GPT-J: ``rotary_dim`` dimensions of each head rotate (None: all of ``n_embd``, which only fits
+    one head); neither head_dim nor intermediate_size is read (n_inner or 4 * n_embd)."""
+    n_embd, n_head = _first(hf, "n_embd", "hidden_size"), _first(hf, "n_head", "num_attention_heads")
+    head_size = n_embd // n_head
+    rotary_dim = hf.get("rotary_dim") or n_embd
+    if rotary_dim > head_size or rotary_dim % 2:
+        raise ConfigError(f"GPTJForCausalLM with rotary_dim={rotary_dim} is not supported "
+                          f"(expected an even number <= head size {head_size})")
+    fraction = rotary_dim / head_size
+    if int(head_size * fraction) != rotary_dim:
+        raise ConfigError(f"GPTJForCausalLM: rotary_dim={rotary_dim} is not representable as a fraction of {head_size}")
+    return {"head_size": None, "intermediate_size": hf.get("n_inner"), "rotary_fraction": fraction,
+            "rope_theta": 10000.0, "rope_scaling": None}
+
+
+def _qwen_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-/Qwen3-MoE: layer i is sparse unless it is in ``mlp_only_layers`` or
+    ``(i + 1) % decoder_sparse_step``; experts of ``moe_intermediate_size``; Qwen2-MoE adds a gated
+    shared expert (``shared_expert_intermediate_size``)."""
+    n_expert = _first(hf, "num_experts", "num_local_experts", default=0)  # Qwen3-MoE 5.x writes the latter
+    dense = set(hf.get("mlp_only_layers") or ())
+    step = hf["decoder_sparse_step"]
+    sparse = [i not in dense and n_expert > 0 and (i + 1) % step == 0 for i in range(_n_layer(hf))]
+    if not any(sparse):
+        return {"mlp": "glu", "n_expert": 0, "n_expert_per_token": 0}
+    return {"n_expert": n_expert, "n_expert_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["moe_intermediate_size"], "moe_norm_topk": bool(hf["norm_topk_prob"]),
+            "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size") or 0,
+            "moe_layers": None if all(sparse) else tuple(sparse)}
+
+
+def _qwen2_moe_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # Qwen2-MoE: with use_sliding_window, the even layers below max_window_layers slide
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if window and (i + 1) % 2 and i < first
+                                      else "full_attention" for i in range(_n_layer(hf))]
+    return {"sliding_window": window or None, "layer_types": types}
+
+
+def _qwen3_moe_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # Qwen3-MoE: the window, with use_sliding_window, applies to every layer
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return {"sliding_window": window or None, "layer_types": None}
 
 
 def _neox(hf: dict[str, Any]) -> dict[str, Any]:
@@ -473,6 +528,21 @@ for _family in (
                 mlp_bias=True),
            dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5, activation_function="gelu_new", n_positions=1024),
            (_gpt2,), "gpt2"),
+    Family("GPTJForCausalLM", "gptj",
+           dict(norm="layernorm", mlp="mlp", mlp_bias=True, lm_head_bias=True, parallel_residual=True,
+                shared_attention_norm=True, rope_interleaved=True),
+           dict(tie_word_embeddings=False, layer_norm_epsilon=1e-5, activation_function="gelu_new", n_positions=2048,
+                rotary_dim=64),
+           (_gptj,), "gptj"),
+    Family("Qwen2MoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", attn_bias=True),
+           dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60, norm_topk_prob=False,
+                qkv_bias=True),
+           (lambda hf: {"attn_bias": bool(hf["qkv_bias"])}, _qwen_moe, _qwen2_moe_windows), "qwen2_moe"),
+    Family("Qwen3MoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", qk_norm="head"),
+           dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=768,
+                num_experts_per_tok=8, num_local_experts=128, norm_topk_prob=False),
+           (_bias, _qwen_moe, _qwen3_moe_windows), "qwen3_moe"),
     Family("GPTNeoXForCausalLM", "gpt_neox", dict(norm="layernorm", mlp="mlp", mlp_bias=True),
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
                 rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),

@@ -67,6 +67,16 @@ FAMILIES = {
                              rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
     "stablelm-parallel": lambda: _cfg(T.StableLmConfig, use_qkv_bias=False, use_parallel_residual=True,
                                       qk_layernorm=True, partial_rotary_factor=0.25),
+    # gpt-j-6b: rotary_dim 64 of head 256 (a quarter); here 6 of 16, interleaved pairs
+    "gptj": lambda: T.GPTJConfig(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=128, rotary_dim=6,
+                                 bos_token_id=1, eos_token_id=2),
+    # Qwen1.5-MoE-A2.7B: 60 experts, top-4, unnormalised, a gated shared expert; layer 1 dense here
+    "qwen2-moe": lambda: _cfg(T.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1]),
+    # Qwen3-30B-A3B: 128 experts, top-8, normalised, no shared expert; decoder_sparse_step 2 here
+    "qwen3-moe": lambda: _cfg(T.Qwen3MoeConfig, head_dim=24, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2,
+                              tie_word_embeddings=False),
 }
 
 

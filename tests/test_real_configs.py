@@ -71,6 +71,12 @@ VARIANTS = {
     "command-r-plus-style": ("c4ai-command-r-v01", {"use_qk_norm": True, "num_key_value_heads": 8,
                                                     "logit_scale": 0.8333333333333334}),
     "cohere-defaults": ("c4ai-command-r-v01", {"logit_scale": _DROP, "tie_word_embeddings": _DROP}),
+    "gpt-j-defaults": ("gpt-j-6b", {"n_inner": 3072, "tie_word_embeddings": _DROP, "layer_norm_epsilon": _DROP,
+                                    "activation_function": _DROP}),
+    "Qwen1.5-MoE-dense-layers": ("Qwen1.5-MoE-A2.7B", {"mlp_only_layers": [1], "norm_topk_prob": True}),
+    "Qwen1.5-MoE+sliding": ("Qwen1.5-MoE-A2.7B", {"use_sliding_window": True, "max_window_layers": 2}),
+    "Qwen3-MoE-sparse-step": ("Qwen3-30B-A3B", {"decoder_sparse_step": 2, "norm_topk_prob": False}),
+    "Qwen3-MoE+sliding": ("Qwen3-30B-A3B", {"use_sliding_window": True, "sliding_window": 4096}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }
@@ -115,20 +121,22 @@ def expected_fields(c) -> dict:
     mt = c.model_type
     n_embd, n_head = c.hidden_size, c.num_attention_heads
     gemma = mt in ("gemma2", "gemma3_text")
-    head = n_embd // n_head if mt in ("gpt2", "gpt_neox") else (getattr(c, "head_dim", None) or n_embd // n_head)
+    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj") else (getattr(c, "head_dim", None) or n_embd // n_head)
     window = getattr(c, "sliding_window", None)
     n_layer = c.num_hidden_layers
-    if mt in ("mistral", "mixtral", "phi3"):
+    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):
         windows = [window] * n_layer
-    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3"):
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer
-    act = c.hidden_activation if gemma else c.activation_function if mt == "gpt2" else c.hidden_act
+    act = c.hidden_activation if gemma else c.activation_function if mt in ("gpt2", "gptj") else c.hidden_act
+    moe = mt in ("qwen2_moe", "qwen3_moe")
+    sparse = [i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0 for i in range(n_layer)] if moe else 0
     return dict(
         vocab_size=c.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_query_groups=getattr(c, "num_key_value_heads", None) or n_head, head_size=head,
-        intermediate_size=(c.n_inner or 4 * n_embd) if mt == "gpt2" else c.intermediate_size,
+        intermediate_size=(c.n_inner or 4 * n_embd) if mt in ("gpt2", "gptj") else c.intermediate_size,
         block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
         norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
                        if getattr(c, k, None) is not None), 1e-5 if mt == "olmo" else None),  # OLMo: fixed
@@ -138,8 +146,10 @@ def expected_fields(c) -> dict:
         scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt == "granite"
         else head ** -0.5,
         activation=act,
-        n_expert=getattr(c, "num_local_experts", 0) if mt == "mixtral" else 0,
-        n_expert_per_token=getattr(c, "num_experts_per_tok", 0) if mt == "mixtral" else 0,
+        n_expert=getattr(c, "num_local_experts", 0) if mt == "mixtral" else c.num_experts if moe else 0,
+        n_expert_per_token=getattr(c, "num_experts_per_tok", 0) if mt in ("mixtral", "qwen2_moe", "qwen3_moe") else 0,
+        moe=(c.moe_intermediate_size, getattr(c, "shared_expert_intermediate_size", 0), c.norm_topk_prob, sparse)
+        if moe else None,
     )
 
 
@@ -156,7 +166,10 @@ def test_fields_match_transformers(name):
                final_logit_softcapping=ours.final_logit_softcapping,
                attn_logit_softcapping=ours.attn_logit_softcapping,
                scale=ours.attention_scale or ours.head_size ** -0.5, activation=want["activation"],
-               n_expert=ours.n_expert, n_expert_per_token=ours.n_expert_per_token)
+               n_expert=ours.n_expert, n_expert_per_token=ours.n_expert_per_token,
+               moe=(ours.moe_intermediate_size, ours.shared_expert_intermediate_size, ours.moe_norm_topk,
+                    list(ours.moe_layers or [True] * ours.n_layer))
+               if ours.moe_intermediate_size is not None else None)
     assert got.pop("scale") == pytest.approx(want.pop("scale"), rel=1e-12)
     assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     x = torch.linspace(-4, 4, 101)
@@ -165,6 +178,12 @@ def test_fields_match_transformers(name):
         assert theirs.model_type == "gpt2"
         return
     rot = _rotary(theirs)
+    if theirs.model_type == "gptj":  # a sin/cos table of rotary_dim, interleaved pairs
+        assert ours.rope_interleaved and ours.rope_n_elem == theirs.rotary_dim
+        freqs = torch.arange(theirs.n_positions).float()[:, None] * inverse_frequencies(
+            ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
+        torch.testing.assert_close(torch.cat((freqs.sin(), freqs.cos()), 1), rot.embed_positions, atol=0, rtol=0)
+        return
     assert getattr(rot, "attention_scaling", 1.0) == 1.0
     mine = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
     if theirs.model_type == "gemma3_text":
@@ -200,6 +219,12 @@ def shrink(d: dict) -> dict:
         d["sliding_window"] = 5
     if d.get("num_local_experts"):
         d["num_local_experts"] = 4
+    if d.get("num_experts"):  # Qwen-MoE
+        d.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if d.get("shared_expert_intermediate_size"):
+            d["shared_expert_intermediate_size"] = 48
+    if d.get("rotary_dim"):  # GPT-J: a quarter of each head, as gpt-j-6b (64 of 256)
+        d["rotary_dim"] = 4
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids must exist in the small vocabulary
         if isinstance(d.get(k), int):
             d[k] = d[k] % 128

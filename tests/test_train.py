@@ -151,7 +151,7 @@ def test_pretraining_from_scratch_memorises_a_text(tiny_lm_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("options, message", [
-    (dict(method="qlora-9000"), "method='qlora-9000': expected 'lora' or 'full'"),
+    (dict(method="qlora-9000"), "method='qlora-9000': expected one of lora, qlora, full"),
     (dict(steps=0), "steps=0: expected a positive integer"),
     (dict(lr=-1.0), "lr=-1.0: expected a positive number"),
     (dict(precision="fp8"), "precision='fp8'"),
@@ -234,3 +234,27 @@ def test_bench_train_prints_a_side_by_side_table(capsys):
     out = capsys.readouterr().out
     assert re.search(r"lora\s+lucidlm\s+[\d.]+\s+\d+", out) and re.search(r"lora\s+transformers\+peft\s+[\d.]+", out)
     assert "lora: losses agree: yes" in out
+
+
+def test_qlora_trains_adapters_over_int8_base_weights(tiny_lm_dir, tmp_path):
+    from lucidlm.train.lora import lora_layers
+    from lucidlm.train.quant import Int8Linear
+
+    llm = lucidlm.LLM.load(tiny_lm_dir)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        float_logits = llm.model(ids)
+    result = llm.finetune(ARITHMETIC, method="qlora", steps=6, batch_size=4, lr=1e-2, out=tmp_path / "q",
+                          val_split=0.0, **EXACT)
+    bases = [layer.get_base_layer() for layer in lora_layers(llm.model).values()]
+    assert bases and all(isinstance(b, Int8Linear) and b.qweight.dtype == torch.int8 for b in bases)
+    assert result.losses[-1] < result.losses[0]
+    with torch.no_grad():
+        trained = llm.model(ids)
+    llm.merge_adapter()  # int8 bases merge in float: the adapted function is unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), trained, rtol=1e-4, atol=1e-4)
+    # the saved adapter is a plain PEFT adapter: it loads onto the float base
+    reloaded = lucidlm.LLM.load(tiny_lm_dir, adapter=tmp_path / "q")
+    with torch.no_grad():
+        assert not torch.equal(reloaded.model(ids), float_logits)

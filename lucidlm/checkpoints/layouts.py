@@ -121,6 +121,17 @@ LAYOUTS: dict[str, Layout] = {
                    fused=_fused_pair("transformer.h.{i}.attn.c_attn", _QKV, _split_qkv, _cat),
                    transposed=(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",),
                    ignore=(r".*\.attn\.(masked_)?bias$",), prefix="transformer."),
+    "qwen_moe": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "mlp.gate.", "layers.{i}.mlp.router."))),  # experts, shared_expert(_gate): same names
+    "gptj": Layout((("transformer.wte.", "embed."), ("transformer.ln_f.", "final_norm."), ("lm_head.", "lm_head."),
+                    ("transformer.h.{i}.ln_1.", "layers.{i}.attn_norm."),
+                    ("transformer.h.{i}.attn.out_proj.", "layers.{i}.attn.o_proj."),
+                    ("transformer.h.{i}.attn.", "layers.{i}.attn."),
+                    ("transformer.h.{i}.mlp.fc_in.", "layers.{i}.mlp.up_proj."),
+                    ("transformer.h.{i}.mlp.fc_out.", "layers.{i}.mlp.down_proj.")),
+                   ignore=(r".*\.attn\.(masked_)?bias$", r".*embed_positions$"), prefix="transformer."),
     "gpt_neox": Layout((("gpt_neox.embed_in.", "embed."), ("gpt_neox.final_layer_norm.", "final_norm."),
                         ("embed_out.", "lm_head."), ("lm_head.", "lm_head."),
                         ("gpt_neox.layers.{i}.input_layernorm.", "layers.{i}.attn_norm."),

@@ -19,9 +19,7 @@ The model applies the LRP rules itself (see :mod:`lucidlm.rules`), so an explana
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,8 +28,8 @@ from ..errors import ExplainError
 from ..model import rules
 from .explanation import Explanation, GenerationExplanation
 from .latent import LatentRecorder
+from .targets import Target, TargetSpec, resolve_target, token_strings  # noqa: F401 (re-exported)
 
-Target = int | str | tuple | Sequence[int] | None
 OBJECTIVES = ("logprob", "logit")
 
 
@@ -141,94 +139,6 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
         prompt=prompt if isinstance(prompt, str) else None)
 
 
-# ----------------------------------------------------------------------------- targets
-@dataclass
-class TargetSpec:
-    """What to explain: ``ids`` (one id; two for a contrast; ``None`` = the top token) or a
-    ``continuation`` (token ids appended to the prompt)."""
-
-    ids: list[int] | None = None
-    contrast: bool = False
-    continuation: list[int] = field(default_factory=list)
-
-    def score(self, logits: torch.Tensor, objective: str = "logprob") -> tuple[torch.Tensor, list[int]]:
-        """The scalar to explain and the target ids, from logits (positions, vocab) whose rows are
-        the scored positions (the last prompt token onwards)."""
-        if self.continuation:
-            rows = torch.arange(len(self.continuation), device=logits.device)
-            cols = torch.tensor(self.continuation, device=logits.device)
-            # log_softmax in float32: half-precision logsumexp over a large vocabulary loses digits
-            chosen = _wide(logits).log_softmax(-1) if objective == "logprob" else _wide(logits)
-            return chosen[rows, cols].sum(), list(self.continuation)
-        last = logits[-1]
-        ids = self.ids if self.ids is not None else [int(last.argmax())]
-        if self.contrast:
-            return _wide(last[ids[0]]) - _wide(last[ids[1]]), ids
-        return _wide(last[ids[0]]), ids
-
-    def label(self, tokenizer, target_ids: list[int]) -> str:
-        """Display string of the target."""
-        if self.contrast:
-            a, b = token_strings(tokenizer, target_ids)
-            return f"{a} vs {b}"
-        if tokenizer is None:
-            return " ".join(map(str, target_ids))
-        return tokenizer.decode(target_ids)
-
-
-def resolve_target(tokenizer, target: Target, vocab_size: int) -> TargetSpec:
-    """Turn the user's ``target`` into a :class:`TargetSpec` (ExplainError if malformed).
-
-    >>> resolve_target(None, 7, 100)
-    TargetSpec(ids=[7], contrast=False, continuation=[])
-    >>> resolve_target(None, [7, 8], 100).continuation
-    [7, 8]
-    """
-    if target is None:
-        return TargetSpec()
-    if isinstance(target, tuple):
-        if len(target) != 2:
-            raise ExplainError(f"target={target!r}: a contrast is a pair (a, b) of token ids or strings")
-        return TargetSpec(ids=[_single_token(tokenizer, t, vocab_size) for t in target], contrast=True)
-    if isinstance(target, str):
-        ids = _encode_text(tokenizer, target)
-        return TargetSpec(ids=ids) if len(ids) == 1 else TargetSpec(continuation=ids)
-    if _is_int(target):
-        return TargetSpec(ids=[_check_id(int(target), vocab_size)])
-    if isinstance(target, (list, torch.Tensor)) or (isinstance(target, Sequence) and not isinstance(target, bytes)):
-        ids = [int(t) for t in (target.tolist() if isinstance(target, torch.Tensor) else target)]
-        if not ids:
-            raise ExplainError("target=[]: a continuation needs at least one token id")
-        return TargetSpec(continuation=[_check_id(i, vocab_size) for i in ids])
-    raise ExplainError(f"target={target!r}: expected None, a token id, a string, a pair (a, b) "
-                       "or a list of token ids")
-
-
-def _single_token(tokenizer, t, vocab_size: int) -> int:
-    if _is_int(t):
-        return _check_id(int(t), vocab_size)
-    if isinstance(t, str):
-        ids = _encode_text(tokenizer, t)
-        if len(ids) != 1:
-            raise ExplainError(f"contrast target {t!r} tokenises to {len(ids)} tokens {ids}: "
-                               "each side of a contrast must be one token")
-        return ids[0]
-    raise ExplainError(f"contrast target {t!r}: expected a token id or a one-token string")
-
-
-def _is_int(t) -> bool:
-    """A Python/NumPy integer or a 0-d integer tensor (not a bool)."""
-    if isinstance(t, torch.Tensor):
-        return t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
-
-
-def _check_id(i: int, vocab_size: int) -> int:
-    if not 0 <= i < vocab_size:
-        raise ExplainError(f"token id {i} is out of range: the vocabulary has {vocab_size} tokens")
-    return i
-
-
 # ----------------------------------------------------------------------------- tokens
 def prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """The prompt as token ids (encoded with the tokenizer's special tokens, e.g. BOS)."""
@@ -242,26 +152,6 @@ def prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
         ids = [int(i) for i in prompt]
     if not ids:
         raise ExplainError("the prompt has no tokens: there is nothing to explain")
-    return ids
-
-
-def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Display string of each token: ``tokenizer.decode([id])``, or ``str(id)`` without one."""
-    if tokenizer is None:
-        return [str(i) for i in ids]
-    return [tokenizer.decode([i]) for i in ids]
-
-
-def _encode_text(tokenizer, text: str) -> list[int]:
-    """A target's ids, without the BOS/EOS the tokenizer adds to a prompt."""
-    if tokenizer is None:
-        raise ExplainError(f"target={text!r} is text but the model has no tokenizer: pass token ids")
-    try:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:  # a tokenizer without the keyword
-        ids = list(tokenizer.encode(text))
-    if not ids:
-        raise ExplainError(f"target={text!r} tokenises to no tokens")
     return ids
 
 
@@ -295,11 +185,6 @@ def _forward(model: nn.Module, ids: list[int], first_scored: int | None) -> tupl
         return h0, model(inputs_embeds=h0, positions=positions)
     finally:
         hook.remove()
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 models keep float64)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _token_relevance(h0: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:

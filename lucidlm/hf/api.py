@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ExplainError
 from ..explain.explanation import Explanation, ImageExplanation
+from ..explain.targets import text_ids, token_strings
 from .patch import active, explainable, require_spec
 from .registry import ModelSpec
 from .vision import display_image, pixel_batch
@@ -193,8 +194,8 @@ def _label_index(name: str, model: nn.Module, labels: Sequence[str] | None, toke
     label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
     if name in label2id and "Classification" in type(model).__name__:
         return int(label2id[name])
-    if tokenizer is not None:
-        ids = tokenizer.encode(name, add_special_tokens=False)
+    if tokenizer is not None:  # a single token, as lucidlm's own explain reads a text target
+        ids = text_ids(tokenizer, name)
         if len(ids) == 1:
             return int(ids[0])
         vocab = tokenizer.get_vocab()
@@ -210,7 +211,7 @@ def _target_name(tid: int, model: nn.Module, tokenizer: Any, classifier: bool,
     if classifier:
         id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
         return str(id2label.get(tid, tid))
-    return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+    return token_strings(tokenizer, [tid])[0]
 
 
 # ----------------------------------------------------------------------------- public
@@ -296,7 +297,7 @@ def explain(model: nn.Module, tokenizer_or_inputs: Any, target: int | str | None
                                 _target_name(result.target, model, None, True, labels),
                                 float(result.logit), result.method)
     ids = result.input_ids.tolist()
-    tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
+    tokens = token_strings(tokenizer, ids)
     classifier = result.position is None
     return Explanation(tokens=tokens, token_ids=ids, relevance=result.relevance.float(),
                        target=_target_name(result.target, model, tokenizer, classifier, labels),

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..model import rules
+from ..model.kernels import explicit_attention, position_mask
 
 SDPA = F.scaled_dot_product_attention
 
@@ -36,45 +37,28 @@ def lrp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   *, method: str) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention`` whose backward follows ``method``'s rules.
 
-    The forward equals SDPA's up to rounding (softmax taken in at least float32, as
-    ``transformers``' eager path does).
+    The forward equals SDPA's up to rounding; the one explicit kernel
+    (:func:`lucidlm.model.kernels.explicit_attention`) computes it, as for lucidlm's own model.
 
     >>> q = torch.randn(1, 2, 4, 8)
     >>> torch.allclose(lrp_attention(q, q, q, is_causal=True, method="cp-lrp"),
     ...                SDPA(q, q, q, is_causal=True), atol=1e-6)
     True
     """
+    if is_causal:  # SDPA's top-left aligned causal mask, on top of attn_mask if both are given
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        causal = position_mask(torch.arange(n_q, device=query.device)[None],
+                               torch.arange(n_k, device=query.device)[None])[0, 0]
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            attn_mask = causal if attn_mask is None else attn_mask & causal
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, torch.finfo(attn_mask.dtype).min)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     with rules.explaining(method):
-        q, k = rules.bilinear(query), rules.bilinear(key)
-        v = value
-        if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query heads share keys and values
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q * scale) @ k.transpose(-1, -2)
-        logits = _apply_mask(logits, attn_mask, is_causal)
-        # float32 softmax for half precision (as transformers' eager path); float64 stays float64
-        weights = F.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        out = rules.attention_weights(weights) @ v
+        # enable_gqa: the kernel shares a group's keys and values between its query heads
+        out, _ = explicit_attention(rules.bilinear(query), rules.bilinear(key), value, attn_mask, scale,
+                                    dropout_p=dropout_p)
         return rules.bilinear(out)
-
-
-def _apply_mask(logits: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """SDPA's mask semantics: bool masks say *may attend*, float masks are added; ``is_causal`` is
-    aligned top-left like SDPA's. A masked logit becomes the dtype's minimum rather than -inf, so a
-    row with no visible key gives uniform weights instead of NaN."""
-    low = torch.finfo(logits.dtype).min
-    if is_causal:
-        n_q, n_k = logits.shape[-2:]
-        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=logits.device).tril()
-        logits = logits.masked_fill(~causal, low)
-    if mask is None:
-        return logits
-    if mask.dtype == torch.bool:
-        return logits.masked_fill(~mask, low)
-    return logits + mask
 
 
 class LRPAttentionMode(TorchFunctionMode):

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ExplainError
+from ..model import norm as norms
 from ..model import rules as lrp
 from .attention import LRPAttentionMode, lrp_attention, sdpa_config, swapped
 
@@ -91,12 +92,6 @@ class Rules:
         return lrp_attention(q, k, v, **sdpa_kwargs, method=self.base)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Norm statistics in float32 for half precision (as ``transformers`` does), but never *down*
-    to float32: float64 runs stay float64, which the conservation checks rely on."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 # ----------------------------------------------------------------------------- element-wise
 
 
@@ -127,21 +122,15 @@ def _eps(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def rms_norm(unit_offset: bool = False, cast_last: bool | None = None) -> PatchFactory:
-    """RMSNorm with the normaliser 1/rms detached. ``unit_offset``: Gemma's ``x·(1 + weight)``.
-    ``cast_last``: multiply by the weight before casting back to the input dtype (Gemma, OLMo 2)
-    rather than after (Llama); it only matters in half precision. Defaults to ``unit_offset``."""
-    cast_last = unit_offset if cast_last is None else cast_last
+    """RMSNorm with the normaliser 1/rms detached (:func:`lucidlm.model.norm.rms_norm`).
+    ``unit_offset``: Gemma's ``x·(1 + weight)``. ``cast_last``: multiply by the weight before
+    casting back to the input dtype (Gemma, OLMo 2) rather than after (Llama); it only matters in
+    half precision. Defaults to ``unit_offset``."""
 
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            dtype, xs = x.dtype, _upcast(x)
-            normed = xs * rules.normalizer(torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + _eps(module, x)))
-            weight = getattr(module, "weight", None)
-            if weight is None:
-                return normed.to(dtype)
-            if unit_offset:
-                weight = 1.0 + weight.to(xs.dtype)
-            return (normed * weight).to(dtype) if cast_last else weight * normed.to(dtype)
+            return norms.rms_norm(x, getattr(module, "weight", None), _eps(module, x), unit_offset, cast_last,
+                                  normalizer=rules.normalizer)
 
         return forward
 
@@ -152,16 +141,8 @@ def layer_norm(module: nn.Module, rules: Rules) -> Forward:
     """``nn.LayerNorm`` with the normaliser 1/std detached; the centring stays (it is linear)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        dtype, xs = x.dtype, _upcast(x)
         dims = tuple(range(-len(module.normalized_shape), 0))
-        centred = xs - xs.mean(dims, keepdim=True)
-        inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + module.eps))
-        out = centred * inv_std
-        if module.weight is not None:
-            out = out * module.weight.to(out.dtype)
-        if module.bias is not None:
-            out = out + module.bias.to(out.dtype)
-        return out.to(dtype)
+        return norms.layer_norm(x, module.weight, module.bias, module.eps, dims, normalizer=rules.normalizer)
 
     return forward
 

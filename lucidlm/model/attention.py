@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..cache.base import LayerCache
 from . import rules
+from .kernels import explicit_attention, position_mask
 from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -108,21 +109,12 @@ class CausalSelfAttention(nn.Module):
         (batch, groups, keys): weights summed over queries, averaged over a group's heads."""
         q, k = rules.bilinear(q), rules.bilinear(k)
         if want_scores or self.softcap is not None or rules.current() == "cp-lrp":
-            out, scores = self._explicit(q, k, v, q_pos, self._mask(q_pos, k_pos), want_scores)
+            mask = position_mask(q_pos, k_pos, self.window)
+            out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
+            scores = self._scores(weights, q_pos) if want_scores else None
         else:
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill), None
         return rules.bilinear(out), scores
-
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, queries, keys) bool: key is filled, not in the future, inside the window."""
-        qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-        allowed = (kp <= qp) & (kp >= 0)
-        if self.window is not None:
-            allowed &= qp - kp < self.window
-        # padding queries (position -1) see every filled key: their output is never used, and a
-        # row with no allowed key would turn into NaN inside softmax
-        allowed |= (qp < 0) & (kp >= 0)
-        return allowed[:, None]
 
     def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool):
         if causal_prefill and self.window is None and bool((q_pos >= 0).all()):
@@ -130,23 +122,9 @@ class CausalSelfAttention(nn.Module):
         elif q.shape[2] == 1 and self.window is None and bool((k_pos >= 0).all()):
             mask, causal = None, False  # one-token decode over a full cache: every key is visible
         else:
-            mask, causal = self._mask(q_pos, k_pos), False
+            mask, causal = position_mask(q_pos, k_pos, self.window), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.n_groups != self.n_head)
-
-    def _explicit(self, q, k, v, q_pos, mask, want_scores: bool):
-        B, H, T, D = q.shape
-        G = self.n_groups
-        qg = q.view(B, G, H // G, T, D)  # queries of one KV group share its keys without copies
-        logits = (qg * self.scale) @ k[:, :, None].transpose(-1, -2)
-        if self.softcap is not None:
-            cap = self.softcap
-            logits = rules.activation(lambda s: torch.tanh(s / cap) * cap, logits)
-        logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
-        weights = F.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-        scores = self._scores(weights, q_pos) if want_scores else None
-        out = rules.attention_weights(weights) @ v[:, :, None]
-        return out.view(B, H, T, D), scores
 
     @staticmethod
     def _scores(weights: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class Block(nn.Module):
         self.attn = (c.attention_class or CausalSelfAttention)(c, layer)
         self.post_attn_norm = build_norm(c) if c.post_attention_norm else None
         self.mlp_norm = build_norm(c) if c.pre_norm and not c.shared_attention_norm else None
-        self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c)
+        self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c, layer)
         self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
         self.parallel = c.parallel_residual
         self.residual_multiplier = c.residual_multiplier  # Granite

@@ -35,12 +35,13 @@ class MLP(nn.Module):
 class GLU(nn.Module):
     """down(act(gate(x)) * up(x)): the gate product gets the uniform rule."""
 
-    def __init__(self, config, bias: bool | None = None) -> None:
+    def __init__(self, config, bias: bool | None = None, size: int | None = None) -> None:
         super().__init__()
         bias = config.mlp_bias if bias is None else bias
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
+        size = size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.n_embd, size, bias=bias)
+        self.up_proj = nn.Linear(config.n_embd, size, bias=bias)
+        self.down_proj = nn.Linear(size, config.n_embd, bias=bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,26 +50,43 @@ class GLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Sparse mixture of GLU experts (Mixtral): softmax router, top-k, renormalised weights."""
+    """Sparse mixture of GLU experts: softmax router, top-k, weights renormalised (Mixtral; Qwen-MoE
+    with norm_topk_prob) or not; optionally a shared expert times sigmoid(gate(x)) (Qwen2-MoE).
+    Routing weights and the shared expert's gate are constants for LRP (``rules.router_weights``)."""
 
     def __init__(self, config) -> None:
         super().__init__()
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GLU(config, bias=False) for _ in range(config.n_expert))
+        size = config.moe_intermediate_size
+        self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
         self.k = config.n_expert_per_token
+        self.norm_topk = config.moe_norm_topk
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GLU(config, bias=False, size=config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.k, dim=-1)
-        weights = rules.router_weights((weights / weights.sum(-1, keepdim=True)).to(x.dtype))
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = rules.router_weights(weights.to(x.dtype))
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
             if token.numel():
                 out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            gate = rules.router_weights(torch.sigmoid(self.shared_expert_gate(flat)))
+            out = out + gate * self.shared_expert(flat)
         return out.view_as(x)
 
 
-def build_mlp(config) -> nn.Module:
+def build_mlp(config, layer: int | None = None) -> nn.Module:
+    """The MLP of ``layer``: a dense GLU where ``moe_layers`` marks a layer of an MoE model dense."""
+    if config.mlp == "moe" and config.moe_layers is not None and layer is not None and not config.moe_layers[layer]:
+        return GLU(config)
     return {"mlp": MLP, "glu": GLU, "moe": MoE}[config.mlp](config)

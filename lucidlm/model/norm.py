@@ -1,7 +1,13 @@
 """Normalisation layers. The normaliser (1/rms, 1/std) goes through ``rules.normalizer`` so that LRP
-treats it as a constant (AttnLRP/CP-LRP); with explanations off that call is the identity."""
+treats it as a constant (AttnLRP/CP-LRP); with explanations off that call is the identity.
+
+:func:`rms_norm` and :func:`layer_norm` are the one rule-aware computation of each norm: lucidlm's
+own modules below and the ``transformers`` norm patches (:mod:`lucidlm.hf.patches`) both call them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +20,38 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, unit_offset: bool = False,
+             cast_last: bool | None = None,
+             normalizer: Callable[[torch.Tensor], torch.Tensor] = rules.normalizer) -> torch.Tensor:
+    """RMSNorm in float32 at least, the normaliser 1/rms through ``normalizer`` (a constant for LRP).
+    ``unit_offset``: Gemma's ``x·(1 + weight)``. ``cast_last``: multiply by the weight before casting
+    back to the input dtype (Gemma, OLMo 2) rather than after (Llama); it only matters in half
+    precision. Defaults to ``unit_offset``."""
+    cast_last = unit_offset if cast_last is None else cast_last
+    dtype, xs = x.dtype, x.to(_wide(x.dtype))
+    normed = xs * normalizer(torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps))
+    if weight is None:
+        return normed.to(dtype)
+    if unit_offset:
+        weight = 1.0 + weight.to(xs.dtype)
+    return (normed * weight).to(dtype) if cast_last else weight * normed.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               dims: tuple[int, ...] = (-1,),
+               normalizer: Callable[[torch.Tensor], torch.Tensor] = rules.normalizer) -> torch.Tensor:
+    """LayerNorm over ``dims`` in float32 at least, the normaliser 1/std through ``normalizer``; the
+    centring stays (it is linear)."""
+    dtype, xs = x.dtype, x.to(_wide(x.dtype))
+    centred = xs - xs.mean(dims, keepdim=True)
+    out = centred * normalizer(torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps))
+    if weight is not None:
+        out = out * weight.to(out.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. ``unit_offset``: Gemma scales by (1 + weight)."""
 
@@ -23,13 +61,8 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(_wide(dtype))
-        inv_rms = rules.normalizer(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        weight = self.weight.to(x.dtype) + 1.0 if self.unit_offset else self.weight.to(x.dtype)
-        if self.unit_offset:  # Gemma multiplies in float32, then casts
-            return (x * inv_rms * weight).to(dtype)
-        return weight.to(dtype) * (x * inv_rms).to(dtype)
+        weight = self.weight if self.unit_offset else self.weight.to(x.dtype)
+        return rms_norm(x, weight, self.eps, self.unit_offset)
 
 
 class LayerNorm(nn.Module):
@@ -46,16 +79,7 @@ class LayerNorm(nn.Module):
             if self.weight is None:  # OLMo normalises in float32
                 return nn.functional.layer_norm(x.to(_wide(x.dtype)), x.shape[-1:], None, None, self.eps).to(x.dtype)
             return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        dtype = x.dtype
-        x = x.to(_wide(dtype))
-        centred = x - x.mean(-1, keepdim=True)
-        inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps))
-        out = centred * inv_std
-        if self.weight is not None:
-            out = out * self.weight.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.to(dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class PerHeadNorm(nn.Module):
@@ -80,11 +104,7 @@ class HeadWeightsLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(_wide(dtype))
-        centred = x - x.mean(-1, keepdim=True)
-        inv_std = rules.normalizer(torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps))
-        return (self.weight.to(x.dtype)[:, None] * (centred * inv_std)).to(dtype)
+        return layer_norm(x, self.weight[:, None], None, self.eps)
 
 
 def build_norm(config, size: int | None = None) -> nn.Module:

@@ -40,9 +40,10 @@ def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size
              **options: Any) -> TrainResult:
     """Train ``llm`` in place on chat, instruction or text records; see :class:`TrainConfig` for
     ``options``. Returns the per-step losses; with ``out`` also writes the run's files."""
-    lr = lr if lr is not None else (2e-4 if method == "lora" else 2e-5)
+    lr = lr if lr is not None else (2e-5 if method == "full" else 2e-4)
     cfg = TrainConfig.make(method=method, steps=steps, batch_size=batch_size, lr=lr, **options)
-    return _run(llm, data, cfg, out, on_step, task=f"{'LoRA' if method == 'lora' else 'full'} fine-tuning")
+    task = {"lora": "LoRA", "qlora": "QLoRA (int8 base)", "full": "full"}.get(method, method)
+    return _run(llm, data, cfg, out, on_step, task=f"{task} fine-tuning")
 
 
 def pretrain(llm, texts: Sequence[str] | Data, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
@@ -102,8 +103,12 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
         raise datamod.DataError("no training examples are left after the validation split")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(cfg.seed)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         if not has_lora(model):
+            if cfg.method == "qlora":
+                from .quant import quantize_linears
+
+                quantize_linears(model)  # in place: the frozen base becomes int8
             attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
@@ -139,7 +144,7 @@ def _check_out(out: Path, resume: bool) -> None:
 
 def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
     """Rank 0 writes the adapter or the whole model (gathered from every rank's shard)."""
-    if cfg.method == "lora":
+    if cfg.method != "full":
         if world.is_main:
             from .lora import save_adapter
 

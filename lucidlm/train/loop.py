@@ -40,6 +40,7 @@ from .data import IGNORE, Example, collate
 from .distributed import World, all_sum, barrier, full_state, sync_gradients, wrap
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
+METHODS = ("lora", "qlora", "full")
 CHECKPOINT, LOG, CURVE = "checkpoint", "log.jsonl", "loss.png"
 
 
@@ -47,7 +48,7 @@ CHECKPOINT, LOG, CURVE = "checkpoint", "log.jsonl", "loss.png"
 class TrainConfig:
     """Every option of a run (``finetune(..., **options)`` and the CLI flags set these)."""
 
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # lora | qlora (LoRA over int8 base weights) | full
     steps: int = 100
     batch_size: int = 8  # global: split across processes
     micro_batch_size: int | None = None  # per process per forward; None = the process's whole share
@@ -86,7 +87,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.method in ("lora", "full"), f"method={self.method!r}: expected 'lora' or 'full'"),
+            (self.method in METHODS, f"method={self.method!r}: expected one of {', '.join(METHODS)}"),
             (_is_int(self.steps) and self.steps >= 1, f"steps={self.steps!r}: expected a positive integer"),
             (_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size={self.batch_size!r}: expected a positive integer"),
             (self.micro_batch_size is None or (_is_int(self.micro_batch_size) and self.micro_batch_size >= 1),

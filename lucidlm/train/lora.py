@@ -36,6 +36,9 @@ from torch import nn
 from ..checkpoints.layouts import hf_module_of, is_transposed, our_modules_of
 from ..errors import AdapterError, TrainError
 from ..fileio import atomic_path, atomic_write, read_json
+from .quant import Int8Linear
+
+_LINEAR = (nn.Linear, Int8Linear)  # what LoRA can wrap
 
 #: our module names LoRA targets by default: every linear layer of attention and MLP (not lm_head)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,13 +66,15 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
     if r < 1:
         raise TrainError(f"lora_r={r}: expected a positive rank")
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and ".experts." not in name}
+               if isinstance(m, _LINEAR) and ".experts." not in name}
     # MoE experts are left out by default: transformers 5 stores them as fused parameters that a
     # peft adapter cannot address, so an adapter on them would not load there
     targets = list(targets or [t for t in DEFAULT_TARGETS if t in present])
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
                              use_rslora=use_rslora, bias="none")
+    if any(isinstance(m, Int8Linear) for m in model.modules()):  # QLoRA-style: peft's LoRA over int8
+        config._register_custom_module({Int8Linear: peft.tuners.lora.Linear})
     try:
         peft.inject_adapter_in_model(config, model)
     except ValueError as exc:
@@ -101,9 +106,17 @@ def _parts(layer) -> tuple[torch.Tensor, torch.Tensor, float]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += s·B A) and remove the LoRA layers."""
     for name, layer in lora_layers(model).items():
-        layer.merge()
+        base = layer.get_base_layer()
+        if isinstance(base, Int8Linear):  # int8 weights cannot absorb the update: merge in float
+            (adapter,) = layer.lora_A.keys()
+            merged = base.to_linear()
+            with torch.no_grad():
+                merged.weight += layer.get_delta_weight(adapter).to(merged.weight.dtype)
+            base = merged
+        else:
+            layer.merge()
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.get_base_layer())
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, base)
     return model
 
 
@@ -208,7 +221,7 @@ def _collapse(model: nn.Module, ranks: dict, alphas: dict, r: int, alpha: float)
     all_hf = set()
     for name, m in model.named_modules():
         name = name.removesuffix(".base_layer")  # a LoRA layer's own Linear
-        if isinstance(m, nn.Linear) and name != "lm_head" and ".lora_" not in name:
+        if isinstance(m, _LINEAR) and name != "lm_head" and ".lora_" not in name:
             try:
                 all_hf.add(hf_module_of(name, config)[0])
             except KeyError:
