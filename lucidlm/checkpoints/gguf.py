@@ -32,7 +32,7 @@ import torch
 
 from lucidlm.errors import GGUFError
 
-SUPPORTED_TOKENIZERS = ("gpt2",)
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 GGUF_MAGIC = b"GGUF"
 
 # Bump when the layout or content of the converted directory changes, so stale caches are ignored.
@@ -66,6 +66,9 @@ _PRE_TOKENIZER_SPLITS = {
 }
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_SPACE = "\u2581"  # SentencePiece's spelling of a space ("▁")
+# Architectures whose SentencePiece tokenizer differs from Llama's, as transformers rebuilds them.
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -612,7 +615,7 @@ def _tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     """``tokenizer_config.json``: special tokens, BOS/EOS flags and the chat template."""
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": _adds_bos(meta),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         **_special_tokens(meta),
@@ -719,16 +722,49 @@ def build_tokenizer(meta: dict[str, Any], path: str | os.PathLike[str] = "<gguf>
     """A ``tokenizers.Tokenizer`` equal to the one transformers builds from GGUF metadata.
 
     Raises:
-        GGUFError: the GGUF describes a tokenizer model other than byte-level BPE (``gpt2``).
+        GGUFError: the GGUF describes a tokenizer model other than byte-level BPE (``gpt2``) or
+            SentencePiece (``llama``), or lacks a key that model needs.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
     if kind not in SUPPORTED_TOKENIZERS:
         raise GGUFError(
             f"{path} describes a {kind!r} tokenizer; supported tokenizer models: {', '.join(SUPPORTED_TOKENIZERS)}"
         )
-    tokens = list(meta["tokenizer.ggml.tokens"])
+    tokens = [str(t) for t in _tokenizer_array(meta, "tokens", path)]
+    if kind == "gpt2":
+        tokenizer, keep = _byte_level_tokenizer(meta, tokens)
+    else:
+        tokenizer, keep = _sentencepiece_tokenizer(meta, tokens, path)
+    types = list(meta.get("tokenizer.ggml.token_type", []))
+    specials = [t for t, ty in zip(tokens, types) if ty == _CONTROL and keep(t)]
+    specials += [t for t in _special_tokens(meta).values() if t not in specials and keep(t)]
+    # Without these, "<|im_start|>" in text would be cut into pieces instead of kept whole.
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    tokenizer.post_processor = _post_processor(meta)
+    return tokenizer
+
+
+def _tokenizer_array(meta: dict[str, Any], name: str, path: str | os.PathLike[str]) -> list:
+    """``tokenizer.ggml.<name>``, a list; GGUFError naming the file and key when absent or not a list."""
+    key = f"tokenizer.ggml.{name}"
+    if key not in meta:
+        kind = meta.get("tokenizer.ggml.model")
+        raise GGUFError(f"{path} lacks the metadata key {key!r}, which a {kind!r} tokenizer needs")
+    value = meta[key]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise GGUFError(f"{path}: metadata key {key!r} is {type(value).__name__}; expected an array")
+    return list(value)
+
+
+def _byte_level_tokenizer(meta: dict[str, Any], tokens: list[str]):
+    """GPT-2 style byte-level BPE, and which tokens may be added as specials (those in its alphabet)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens stored in plain UTF-8 (not in the byte alphabet) are respelled, as transformers does.
@@ -740,15 +776,61 @@ def build_tokenizer(meta: dict[str, Any], path: str | os.PathLike[str] = "<gguf>
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), pre_tokenizers, Regex)
     tokenizer.decoder = decoders.ByteLevel()
-    types = list(meta.get("tokenizer.ggml.token_type", []))
-    specials = [t for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet]
-    specials += [t for t in _special_tokens(meta).values() if t not in specials and set(t) <= alphabet]
-    # Without these, "<|im_start|>" in text would be cut into pieces instead of kept whole.
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    tokenizer.post_processor = _post_processor(meta)
-    return tokenizer
+    return tokenizer, lambda token: set(token) <= alphabet
+
+
+def _sentencepiece_tokenizer(meta: dict[str, Any], tokens: list[str], path: str | os.PathLike[str]):
+    """SentencePiece as BPE with byte fallback (``<0x41>``), merges from the file or from the scores.
+
+    Llama/Mistral: "▁" stands for a space and one is prepended to the text (Metaspace). Phi-3 prepends
+    it with a normalizer instead. Gemma spells runs of spaces as real spaces, ranks merges by token
+    order (its scores do not follow merge order) and prepends nothing.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    arch = meta.get("general.architecture")
+    gemma = arch in _GEMMA_ARCHS
+    if gemma:
+        tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        ranks = [-float(i) for i in range(len(tokens))]
+    else:
+        ranks = [float(s) for s in _tokenizer_array(meta, "scores", path)]
+        if len(ranks) != len(tokens):
+            raise GGUFError(
+                f"{path}: metadata key 'tokenizer.ggml.scores' has {len(ranks)} entries for {len(tokens)} tokens"
+            )
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        merges = _merges_from_ranks(tokens, ranks, vocab)
+    unk = _special_tokens(meta).get("unk_token", "<unk>") if gemma else None
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    elif arch == "phi3":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
+        steps.append(decoders.Strip(content=" ", left=1))
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(content=" ", left=1))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer, lambda token: True
+
+
+def _merges_from_ranks(tokens: list[str], ranks: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece vocabulary implies: every split of a token into two tokens,
+    best-ranked first (ties: longer left, then longer right piece, then the order found)."""
+    found = []
+    rank_of = dict(zip(tokens, ranks))  # a repeated token keeps its last rank, as a dict would
+    for token, rank in rank_of.items():
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        found += [(rank, left, right) for left, right in pairs]
+    found.sort(key=lambda m: (-m[0], -len(m[1]), -len(m[2])))
+    return [(left, right) for _, left, right in found]
 
 
 def _pre_tokenizer(pre: str | None, pre_tokenizers, Regex):
@@ -769,10 +851,17 @@ def _post_processor(meta: dict[str, Any]):
 
     special = _special_tokens(meta)
     ids = _special_ids(meta)
-    bos = special.get("bos_token") if meta.get("tokenizer.ggml.add_bos_token") else None
+    bos = special.get("bos_token") if _adds_bos(meta) else None
     eos = special.get("eos_token") if meta.get("tokenizer.ggml.add_eos_token") else None
     single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
     pairs = [(bos, ids["bos_token_id"])] if bos else []
     pairs += [(eos, ids["eos_token_id"])] if eos else []
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+
+
+def _adds_bos(meta: dict[str, Any]) -> bool:
+    """Whether encode() starts with BOS: the file's flag; SentencePiece vocabularies without one
+    get BOS, as llama.cpp and transformers do."""
+    default = meta.get("tokenizer.ggml.model") == "llama"
+    return bool(meta.get("tokenizer.ggml.add_bos_token", default))
