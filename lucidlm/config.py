@@ -181,8 +181,9 @@ class Config:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
         fields = {k: v for k, v in fields.items() if v is not None or k in _NULLABLE}
+        fields.setdefault("family", family.layout)  # a reader may pick a layout variant (Falcon's norms)
         try:
-            return cls(name=raw.get("_name_or_path") or arch, family=family.layout, hf_config=raw, **fields)
+            return cls(name=raw.get("_name_or_path") or arch, hf_config=raw, **fields)
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
@@ -427,6 +428,40 @@ def _cohere(hf: dict[str, Any]) -> dict[str, Any]:
             "qk_norm": "layernorm_head_weights" if hf.get("use_qk_norm") else None}
 
 
+def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
+    """Falcon, as transformers' FalconDecoderLayer reads it: the old architecture (falcon-7b) is
+    parallel with one shared ``input_layernorm`` (or sequential with ``parallel_attn=False``) and
+    multi-query (one KV head) unless ``multi_query=False``; ``new_decoder_architecture`` (falcon-40b)
+    has ``num_kv_heads`` groups and, with ``num_ln_in_parallel_attn`` 2 (its default), the norms
+    ``ln_attn``/``ln_mlp`` (layout ``falcon_new``), with 1 one shared ``input_layernorm``."""
+    if hf.get("alibi"):
+        raise ConfigError("FalconForCausalLM with alibi=True is not supported (ALiBi positions)")
+    n_head = hf["num_attention_heads"]
+    kv = hf.get("num_kv_heads") or n_head
+    parallel, n_ln = bool(hf.get("parallel_attn")), hf.get("num_ln_in_parallel_attn")
+    layout = "falcon"
+    if hf.get("new_decoder_architecture"):
+        if not parallel:  # transformers builds input/post_attention norms and then calls ln_attn
+            raise ConfigError("FalconForCausalLM with new_decoder_architecture=True and parallel_attn=False "
+                              "is not supported (transformers cannot run it either)")
+        if n_ln not in (None, 1, 2):
+            raise ConfigError(f"FalconForCausalLM with num_ln_in_parallel_attn={n_ln} is not supported")
+        groups, shared = kv, n_ln == 1
+        layout = "falcon" if shared else "falcon_new"
+    else:
+        if parallel and n_ln == 2:  # transformers builds ln_attn/ln_mlp and then calls input_layernorm
+            raise ConfigError("FalconForCausalLM with num_ln_in_parallel_attn=2 needs new_decoder_architecture")
+        if not hf.get("multi_query") and kv != n_head:
+            raise ConfigError(f"FalconForCausalLM with multi_query=False needs num_kv_heads={n_head}, got {kv}")
+        groups, shared = (1 if hf.get("multi_query") else n_head), parallel
+    bias = bool(hf.get("bias"))
+    n_embd = _first(hf, "n_embed", "hidden_size")  # FalconConfig: the legacy n_embed wins
+    return {"family": layout, "n_embd": n_embd, "n_query_groups": groups, "head_size": None,
+            "intermediate_size": hf.get("ffn_hidden_size") or 4 * n_embd, "parallel_residual": parallel,
+            "shared_attention_norm": shared, "attn_bias": bias, "attn_out_bias": bias, "mlp_bias": bias,
+            "activation": _activation({"hidden_act": hf["activation"]})}
+
+
 def _phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
@@ -543,6 +578,12 @@ for _family in (
            dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=768,
                 num_experts_per_tok=8, num_local_experts=128, norm_topk_prob=False),
            (_bias, _qwen_moe, _qwen3_moe_windows), "qwen3_moe"),
+    Family("FalconForCausalLM", "falcon", dict(norm="layernorm", mlp="mlp"),
+           dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                layer_norm_epsilon=1e-5, max_position_embeddings=2048, tie_word_embeddings=True, alibi=False,
+                new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False,
+                activation="gelu"),
+           (_falcon,), "falcon"),
     Family("GPTNeoXForCausalLM", "gpt_neox", dict(norm="layernorm", mlp="mlp", mlp_bias=True),
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
                 rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),

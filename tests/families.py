@@ -77,6 +77,15 @@ FAMILIES = {
     "qwen3-moe": lambda: _cfg(T.Qwen3MoeConfig, head_dim=24, num_experts=4, num_experts_per_tok=2,
                               moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2,
                               tie_word_embeddings=False),
+    # falcon-7b: parallel block with one shared norm, multi-query (one KV head), no biases, tied head
+    "falcon": lambda: T.FalconConfig(vocab_size=96, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=3,
+                                     num_attention_heads=4, max_position_embeddings=128, multi_query=True,
+                                     parallel_attn=True, bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # falcon-40b/180B: new decoder architecture, grouped KV heads, ln_attn and ln_mlp on the same input
+    "falcon-new": lambda: T.FalconConfig(vocab_size=96, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=3,
+                                         num_attention_heads=4, num_kv_heads=2, max_position_embeddings=128,
+                                         new_decoder_architecture=True, bias=False, bos_token_id=1, eos_token_id=2,
+                                         pad_token_id=0),
 }
 
 

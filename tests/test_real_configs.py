@@ -77,6 +77,15 @@ VARIANTS = {
     "Qwen1.5-MoE+sliding": ("Qwen1.5-MoE-A2.7B", {"use_sliding_window": True, "max_window_layers": 2}),
     "Qwen3-MoE-sparse-step": ("Qwen3-30B-A3B", {"decoder_sparse_step": 2, "norm_topk_prob": False}),
     "Qwen3-MoE+sliding": ("Qwen3-30B-A3B", {"use_sliding_window": True, "sliding_window": 4096}),
+    # falcon-40b/180B: new decoder, grouped KV heads, ln_attn/ln_mlp; Falcon2-11B: one shared norm
+    "falcon-40b-style": ("falcon-7b", {"new_decoder_architecture": True, "num_attention_heads": 128,
+                                       "num_kv_heads": 64, "hidden_size": 8192, "num_hidden_layers": 60}),
+    "falcon2-11b-style": ("falcon-7b", {"new_decoder_architecture": True, "num_attention_heads": 32,
+                                        "num_kv_heads": 16, "hidden_size": 4096, "num_ln_in_parallel_attn": 1,
+                                        "rope_theta": 500042.0, "max_position_embeddings": 8192}),
+    "falcon-sequential-mha-bias": ("falcon-7b", {"parallel_attn": False, "multi_query": False, "bias": True,
+                                                 "ffn_hidden_size": 12000, "tie_word_embeddings": False}),
+    "falcon-legacy-n_embed": ("falcon-7b", {"hidden_size": _DROP, "n_embed": 4544}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }
@@ -86,6 +95,7 @@ REJECTED = {  # options transformers supports and we do not: a ConfigError namin
                                                           "original_max_position_embeddings": 8192}}, "yarn"),
     "gpt2-inverse-layer-scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     "phi-2-qk-layernorm": ("phi-2", {"qk_layernorm": True}, "qk_layernorm"),
+    "falcon-rw-alibi": ("falcon-7b", {"alibi": True, "multi_query": False}, "alibi"),
 }
 
 
@@ -121,7 +131,7 @@ def expected_fields(c) -> dict:
     mt = c.model_type
     n_embd, n_head = c.hidden_size, c.num_attention_heads
     gemma = mt in ("gemma2", "gemma3_text")
-    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj") else (getattr(c, "head_dim", None) or n_embd // n_head)
+    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon") else (getattr(c, "head_dim", None) or n_embd // n_head)
     window = getattr(c, "sliding_window", None)
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):
@@ -130,13 +140,18 @@ def expected_fields(c) -> dict:
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer
-    act = c.hidden_activation if gemma else c.activation_function if mt in ("gpt2", "gptj") else c.hidden_act
+    act = c.hidden_activation if gemma else c.activation_function if mt in ("gpt2", "gptj") \
+        else c.activation if mt == "falcon" else c.hidden_act
+    # Falcon: FalconAttention's KV heads (new decoder: num_kv_heads; else one, or one per head)
+    kv = (c.num_kv_heads if c.new_decoder_architecture else 1 if c.multi_query else n_head) if mt == "falcon" \
+        else getattr(c, "num_key_value_heads", None) or n_head
     moe = mt in ("qwen2_moe", "qwen3_moe")
     sparse = [i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0 for i in range(n_layer)] if moe else 0
     return dict(
         vocab_size=c.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        n_query_groups=getattr(c, "num_key_value_heads", None) or n_head, head_size=head,
-        intermediate_size=(c.n_inner or 4 * n_embd) if mt in ("gpt2", "gptj") else c.intermediate_size,
+        n_query_groups=kv, head_size=head,
+        intermediate_size=(c.n_inner or 4 * n_embd) if mt in ("gpt2", "gptj") else c.ffn_hidden_size
+        if mt == "falcon" else c.intermediate_size,
         block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
         norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
                        if getattr(c, k, None) is not None), 1e-5 if mt == "olmo" else None),  # OLMo: fixed
@@ -201,11 +216,13 @@ SEQ = 40
 def shrink(d: dict) -> dict:
     d = copy.deepcopy(d)
     heads_key = "n_head" if "n_head" in d else "num_attention_heads"
-    ratio = d[heads_key] // (d.get("num_key_value_heads") or d[heads_key])
-    sizes = {"hidden_size": 64, "n_embd": 64, heads_key: 4, "intermediate_size": 96, "vocab_size": 128}
+    kv_key = "num_kv_heads" if "num_kv_heads" in d else "num_key_value_heads"  # Falcon: num_kv_heads
+    ratio = d[heads_key] // (d.get(kv_key) or d[heads_key])
+    sizes = {"hidden_size": 64, "n_embd": 64, "n_embed": 64, heads_key: 4, "intermediate_size": 96,
+             "ffn_hidden_size": 96, "vocab_size": 128}
     d.update({k: v for k, v in sizes.items() if k in d})
-    if d.get("num_key_value_heads"):
-        d["num_key_value_heads"] = max(1, 4 // ratio)
+    if d.get(kv_key):
+        d[kv_key] = max(1, 4 // ratio)
     if d.get("head_dim"):
         d["head_dim"] = 16
     if d.get("n_inner"):

@@ -49,7 +49,7 @@ CATALOGUE: dict[str, str] = {
 #: network where they were added): the real-config tests use them (lucidlm derives what transformers
 #: derives from the same dict), but they join CATALOGUE only once checked against the hub's files
 UNVERIFIED = ("gemma-2b", "stablelm-2-1_6b", "SmolLM3-3B", "OLMo-1B-hf", "granite-3.0-2b-instruct",
-              "c4ai-command-r-v01", "gpt-j-6b", "Qwen1.5-MoE-A2.7B", "Qwen3-30B-A3B")
+              "c4ai-command-r-v01", "gpt-j-6b", "Qwen1.5-MoE-A2.7B", "Qwen3-30B-A3B", "falcon-7b")
 
 
 def config(name: str):

@@ -2,7 +2,7 @@
 
 A layout is a list of name templates (``{i}`` a layer, ``{e}`` an expert) matched as prefixes, plus
 fused tensors that one side stores as one matrix and we store as several (GPT-2 ``c_attn``,
-NeoX ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``) and GPT-2's transposed Conv1D weights.
+NeoX and Falcon ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``) and GPT-2's transposed Conv1D weights.
 """
 
 from __future__ import annotations
@@ -64,6 +64,22 @@ def _fuse_neox(parts: list[torch.Tensor], c: Config) -> torch.Tensor:
     return stacked.reshape(3 * c.n_head * c.head_size, *parts[0].shape[1:])
 
 
+def _split_falcon(t: torch.Tensor, c: Config) -> list[torch.Tensor]:
+    """Falcon's query_key_value, per KV group: the group's query heads, then its key and its value
+    head (rows [group][q_1..q_r|k|v][head_size]). One group is the multi-query layout (all query
+    heads, k, v); a group per head is NeoX's [head][q|k|v]."""
+    g, r, rest = c.n_query_groups, c.n_head // c.n_query_groups, t.shape[1:]
+    grouped = t.reshape(g, r + 2, c.head_size, *rest)
+    return [grouped[:, :r].reshape(g * r * c.head_size, *rest),
+            grouped[:, r].reshape(g * c.head_size, *rest), grouped[:, r + 1].reshape(g * c.head_size, *rest)]
+
+
+def _fuse_falcon(parts: list[torch.Tensor], c: Config) -> torch.Tensor:
+    g, r, rest = c.n_query_groups, c.n_head // c.n_query_groups, parts[0].shape[1:]
+    q, k, v = (p.reshape(g, -1, c.head_size, *rest) for p in parts)
+    return torch.cat([q, k, v], dim=1).reshape((r + 2) * g * c.head_size, *rest)
+
+
 def _fused_pair(hf: str, ours: tuple[str, ...], split, fuse) -> tuple[Fused, ...]:
     return tuple(Fused(f"{hf}.{s}", tuple(f"{o}.{s}" for o in ours), split, fuse) for s in ("weight", "bias"))
 
@@ -72,6 +88,20 @@ _LAYER = "model.layers.{i}."
 _LLAMA_BODY = ((_LAYER + "self_attn.", "layers.{i}.attn."), (_LAYER + "mlp.", "layers.{i}.mlp."))
 _TOP = (("model.embed_tokens.", "embed."), ("model.norm.", "final_norm."), ("lm_head.", "lm_head."))
 _QKV = ("layers.{i}.attn.q_proj", "layers.{i}.attn.k_proj", "layers.{i}.attn.v_proj")
+
+
+
+def _falcon_layout(attn_norm: str, mlp_norm: str) -> Layout:
+    h = "transformer.h.{i}."
+    return Layout((("transformer.word_embeddings.", "embed."), ("transformer.ln_f.", "final_norm."),
+                   ("lm_head.", "lm_head."),
+                   (h + attn_norm + ".", "layers.{i}.attn_norm."), (h + mlp_norm + ".", "layers.{i}.mlp_norm."),
+                   (h + "self_attention.dense.", "layers.{i}.attn.o_proj."),
+                   (h + "mlp.dense_h_to_4h.", "layers.{i}.mlp.up_proj."),
+                   (h + "mlp.dense_4h_to_h.", "layers.{i}.mlp.down_proj.")),
+                  fused=_fused_pair(h + "self_attention.query_key_value", _QKV, _split_falcon, _fuse_falcon),
+                  prefix="transformer.")
+
 
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(_TOP + _LLAMA_BODY + (
@@ -141,6 +171,8 @@ LAYOUTS: dict[str, Layout] = {
                         ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "layers.{i}.mlp.down_proj.")),
                        fused=_fused_pair("gpt_neox.layers.{i}.attention.query_key_value", _QKV, _split_neox, _fuse_neox),
                        ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$"), prefix="gpt_neox."),
+    "falcon": _falcon_layout("input_layernorm", "post_attention_layernorm"),  # shared norm, or sequential
+    "falcon_new": _falcon_layout("ln_attn", "ln_mlp"),  # new_decoder_architecture: two parallel norms
 }
 
 
