@@ -53,6 +53,19 @@ class KVCache:
         self.layers = layers
         self.next_position: torch.Tensor | None = None  # (batch,) position of the next token
 
+    # ---- positions: the cache alone keeps track of where each sequence has got to -----------
+    def positions_for(self, batch: int, tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(batch, tokens) positions of new tokens: right after what this cache has seen (from 0
+        when it has seen nothing)."""
+        steps = torch.arange(tokens, device=device)
+        if self.next_position is None:
+            return steps.expand(batch, tokens)
+        return self.next_position[:, None] + steps
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """Record that tokens at ``positions`` (batch, tokens) were appended (padding is -1)."""
+        self.next_position = positions.max(dim=1).values + 1
+
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
 

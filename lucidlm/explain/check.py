@@ -103,7 +103,7 @@ def check(model: nn.Module, tokens: int = 8, seed: int = 0, tolerance: float = 1
     for name, module in model.named_modules():
         if name in probe.relevance_in and name in probe.relevance_out:
             r_in, r_out = probe.relevance_in[name], probe.relevance_out[name]
-            absorbed = sum(float((p * p.grad).sum()) for n, p in module.named_parameters()
+            absorbed = sum(float((p.detach() * p.grad).sum()) for n, p in module.named_parameters()
                            if _is_bias(n) and p.grad is not None)
             if abs(r_out - absorbed - r_in) > scale:
                 leaking[name] = Leak(name, type(module).__name__, r_in, r_out, absorbed, _hint(module))

@@ -80,11 +80,12 @@ class GPT(nn.Module):
         return x
 
     def positions_for(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Default positions: continue after what the cache has seen, else start at 0."""
+        """Default positions: continue after what the cache has seen (the cache keeps count), else
+        start at 0."""
         B, T = input_ids.shape
-        steps = torch.arange(T, device=input_ids.device)
-        start = cache.next_position if cache is not None and cache.next_position is not None else None
-        return steps.expand(B, T) if start is None else start[:, None] + steps
+        if cache is not None:
+            return cache.positions_for(B, T, input_ids.device)
+        return torch.arange(T, device=input_ids.device).expand(B, T)
 
     def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -112,7 +113,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, positions, cache[i] if cache is not None else None, rope_memo)
         if cache is not None:
-            cache.next_position = positions.max(dim=1).values + 1
+            cache.advance(positions)
         if last_only:
             x = x[:, -1:]
         elif select is not None:
