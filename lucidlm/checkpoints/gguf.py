@@ -9,7 +9,7 @@ Each GGUF ``general.architecture`` that llama.cpp exports and transformers' GGUF
 that lucidlm's model implements, has one :class:`_Family` entry in :data:`_FAMILIES`: the
 ``config.json`` it becomes, the Hugging Face name of every GGUF tensor, and the undoing of what
 llama.cpp's converter did to the weights (Llama's Q/K row permutation, Gemma's ``1 + w`` norms,
-GPT-2's transposed Conv1D matrices). Where transformers' loader drops a value the file carries
+GPT-2's transposed Conv1D matrices, Falcon's ``query_key_value`` regrouped into ``[q; k; v]``). Where transformers' loader drops a value the file carries
 (Qwen3/Gemma ``attention.key_length``, Gemma soft-caps, linear RoPE scaling, Phi-3 partial
 rotary) we read it as llama.cpp does; the two agree on every checkpoint those families publish.
 """
@@ -252,6 +252,36 @@ def _stablelm_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def _falcon_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
+    # llama.cpp runs every Falcon as a parallel block whose attention reads attn_norm_2 when the file
+    # has it (falcon-40b/180B's ln_attn; attn_norm is then ln_mlp) and attn_norm otherwise; one KV head without
+    # attn_norm_2 is falcon-7b's multi-query model, anything else the new decoder architecture
+    # (Falcon2-11B: grouped KV heads, one shared norm). transformers' loader reads neither (it always
+    # builds falcon-7b), nor layer_norm_epsilon (it looks for layer_norm_rms_epsilon).
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    kv, two_norms = k.integer("attention.head_count_kv", 1), _has(names, "attn_norm_2.weight")
+    new = two_norms or kv != 1
+    theta = k.number("rope.freq_base", 10000.0)
+    return {
+        "hidden_size": hidden,
+        "ffn_hidden_size": k.integer("feed_forward_length", 4 * hidden),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "num_kv_heads": kv if new else heads,  # transformers' value for multi-query (it uses one)
+        "multi_query": not new,
+        "new_decoder_architecture": new,
+        "num_ln_in_parallel_attn": (2 if two_norms else 1) if new else None,
+        "parallel_attn": True,
+        "alibi": False,
+        "bias": _has(names, "attn_qkv.bias"),
+        "activation": "gelu",
+        "layer_norm_epsilon": k.number("attention.layer_norm_epsilon", 1e-5),
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta),
+        "max_position_embeddings": k.integer("context_length", 2048),
+    }
+
+
 def _gpt2_config(k: _Keys, names: frozenset[str]) -> dict[str, Any]:
     context = k.integer("context_length")
     return {
@@ -317,6 +347,17 @@ _GPT2_BLOCKS = {
     "ffn_up": "mlp.c_fc",
     "ffn_down": "mlp.c_proj",
 }
+_FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
+# falcon-7b's (and Falcon2's) one norm is input_layernorm; in a file with attn_norm_2 (falcon-40b)
+# llama.cpp's converter made ln_mlp attn_norm and ln_attn attn_norm_2
+_FALCON_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_norm_2": "ln_attn",
+    "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +375,15 @@ class _Family:
     conv1d: frozenset[str] = frozenset()  # leaves HF stores (in, out) and llama.cpp transposed
     per_head: frozenset[str] = frozenset()  # leaves llama.cpp stacked from HF's ``<module>.<head>`` tensors
     ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
+    grouped_qkv: bool = False  # llama.cpp reordered Falcon's per-KV-group [q_1..q_r|k|v] rows into [q; k; v]
+    # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
+    variant: tuple[str, Mapping[str, str]] | None = None
+
+    def for_names(self, names: Iterable[str]) -> _Family:
+        """This family with the block names of the variant ``names`` (a file's tensors) show."""
+        if self.variant and any(_BLOCK_RE.fullmatch(n) and n.split(".")[2] == self.variant[0] for n in names):
+            return dataclasses.replace(self, blocks={**self.blocks, **self.variant[1]})
+        return self
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -353,6 +403,9 @@ _FAMILIES: dict[str, _Family] = {
                         per_head=frozenset({"attn_q_norm", "attn_k_norm"})),
     "gpt2": _Family("GPT2LMHeadModel", "gpt2", _gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
                     layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
+    "falcon": _Family("FalconForCausalLM", "falcon", _falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
+                      layers="transformer.h", grouped_qkv=True,
+                      variant=("attn_norm_2", {"attn_norm": "ln_mlp"})),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
@@ -677,14 +730,25 @@ def _restore(value: torch.Tensor, name: str, family: _Family, config: dict) -> t
         value = value - family.norm_offset
     if leaf in family.conv1d and value.ndim == 2:
         value = value.t()
+    if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
+        value = _regroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
     return value
+
+
+def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
+    """Undo llama.cpp's Falcon ``[q; k; v]``: back to ``[group][q_1..q_r | k | v]`` (weights and biases)."""
+    head_dim, rest = value.shape[0] // (n_head + 2 * n_kv), value.shape[1:]
+    q, k, v = value.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim])
+    parts = [q.reshape(n_kv, n_head // n_kv, head_dim, *rest), k.reshape(n_kv, 1, head_dim, *rest),
+             v.reshape(n_kv, 1, head_dim, *rest)]
+    return torch.cat(parts, dim=1).reshape(value.shape)
 
 
 def _convert_tensors(reader, path, config: dict, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
     """Dequantise, rename and restore every tensor into an HF state dict."""
     from tqdm.auto import tqdm
 
-    family = _FAMILIES[_field(reader, "general.architecture")]
+    family = _FAMILIES[_field(reader, "general.architecture")].for_names(t.name for t in reader.tensors)
     out: dict[str, torch.Tensor] = {}
     tensors: Iterable = tqdm(
         reader.tensors, desc=f"Converting {path.name}", unit="tensor", disable=not progress
