@@ -301,9 +301,16 @@ def cmd_finetune(args) -> int:
 
     llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
-    result = llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
-                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
-                          prompt_style=args.prompt_style, **_training_options(args))
+    from .train.distributed import shutdown
+
+    try:
+        result = llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
+                              lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
+                              prompt_style=args.prompt_style, **_training_options(args))
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     _report(result)
     return 0
 
@@ -317,7 +324,14 @@ def cmd_pretrain(args) -> int:
         llm = LLM.from_config(args.config, tokenizer=args.tokenizer, seed=args.seed)
     else:
         llm = LLM.load(args.model, dtype=args.dtype)
-    result = llm.pretrain(_pretrain_records(args.data), out=args.out, **_training_options(args))
+    from .train.distributed import shutdown
+
+    try:
+        result = llm.pretrain(_pretrain_records(args.data), out=args.out, **_training_options(args))
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     _report(result)
     return 0
 

@@ -53,6 +53,19 @@ def setup() -> World:
     return World(rank, size, local)
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. A process that exits with the group still up can abort in gloo's
+    teardown ("terminate called without an active exception"), so the CLI calls this before it
+    returns. ``clean``: the run finished on every rank, so wait for the others first (after an
+    error the other ranks may never arrive)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_sum(value: float, world: World, device: torch.device | str = "cpu") -> float:
     """Sum of a number over all ranks."""
     if world.size == 1:
