@@ -301,18 +301,10 @@ def cmd_finetune(args) -> int:
 
     llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
-    from .train.distributed import shutdown
-
-    try:
-        result = llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
-                              lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
-                              prompt_style=args.prompt_style, **_training_options(args))
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
-    _report(result)
-    return 0
+    return _train(lambda: llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
+                                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                       lora_targets=targets, prompt_style=args.prompt_style,
+                                       **_training_options(args)))
 
 
 def cmd_pretrain(args) -> int:
@@ -324,10 +316,15 @@ def cmd_pretrain(args) -> int:
         llm = LLM.from_config(args.config, tokenizer=args.tokenizer, seed=args.seed)
     else:
         llm = LLM.load(args.model, dtype=args.dtype)
+    return _train(lambda: llm.pretrain(_pretrain_records(args.data), out=args.out, **_training_options(args)))
+
+
+def _train(run) -> int:
+    """Run a training call, leave torchrun's process group (see ``distributed.shutdown``), report."""
     from .train.distributed import shutdown
 
     try:
-        result = llm.pretrain(_pretrain_records(args.data), out=args.out, **_training_options(args))
+        result = run()
     except BaseException:
         shutdown(clean=False)
         raise

@@ -17,6 +17,7 @@ from families import build_hf_model  # noqa: E402
 
 FAMILIES = ["smollm2", "qwen2", "gpt2", "pythia", "phi3", "phi2"]
 TARGETS = {"phi2": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}  # Phi-2 has no gate
+PEFT_TARGETS = {"phi2": ["q_proj", "v_proj", "dense", "fc1", "fc2"]}  # the same modules, by HF names
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,6 +37,16 @@ def ids_for(vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
+def assert_same_adapted_logits(llm, peft_model, family: str) -> None:
+    """Our adapted model and peft's give the same logits, and the adapter changes them."""
+    ids = ids_for(llm.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = llm.model(ids), peft_model(ids).logits
+        base = build_hf_model(family)(ids).logits
+    assert rel_err(theirs, base) > 1e-3  # the adapter matters
+    assert rel_err(ours, theirs) <= 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_our_adapter_loads_in_peft_with_our_logits(family, hf_checkpoint, tmp_path):
     _, directory = hf_checkpoint(family)
@@ -49,33 +60,19 @@ def test_our_adapter_loads_in_peft_with_our_logits(family, hf_checkpoint, tmp_pa
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     hf = build_hf_model(family)  # same seed: the same weights as the saved checkpoint
-    model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
-    ids = ids_for(llm.config.vocab_size)
-    with torch.no_grad():
-        ours, theirs = llm.model(ids), model(ids).logits
-        base = build_hf_model(family)(ids).logits
-    assert rel_err(theirs, base) > 1e-3  # the adapter matters
-    assert rel_err(ours, theirs) <= 1e-4
+    assert_same_adapted_logits(llm, peft.PeftModel.from_pretrained(hf, tmp_path).eval(), family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_adapter_loads_here_with_peft_logits(family, hf_checkpoint, tmp_path):
     _, directory = hf_checkpoint(family)
     hf = build_hf_model(family)
-    targets = "all-linear" if family not in TARGETS else TARGETS[family]
-    if family == "phi2":
-        targets = ["q_proj", "v_proj", "dense", "fc1", "fc2"]
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False,
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=PEFT_TARGETS.get(family, "all-linear"),
+                             init_lora_weights=False,
                              rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 7})
     model = peft.get_peft_model(hf, config).eval()
     model.save_pretrained(tmp_path)
-    llm = lucidlm.LLM.load(directory, adapter=tmp_path)
-    ids = ids_for(llm.config.vocab_size)
-    with torch.no_grad():
-        ours, theirs = llm.model(ids), model(ids).logits
-        base = build_hf_model(family)(ids).logits
-    assert rel_err(theirs, base) > 1e-3  # the adapter matters
-    assert rel_err(ours, theirs) <= 1e-4
+    assert_same_adapted_logits(lucidlm.LLM.load(directory, adapter=tmp_path), model, family)
 
 
 def test_merge_cli_writes_a_checkpoint_transformers_loads(hf_checkpoint, tmp_path):

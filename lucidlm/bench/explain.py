@@ -34,12 +34,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from . import run_child
 
 ROWS = ("forward", "forward+backward")
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -77,10 +78,7 @@ def _child(args, row: str, length: int) -> dict:
     # raises its mmap threshold as it goes and serves big tensors from a heap that never shrinks, so
     # peak RSS would measure the allocator's history as much as the run's live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(cmd, env)
 
 
 # ----------------------------------------------------------------------------- one measurement

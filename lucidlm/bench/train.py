@@ -21,12 +21,13 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from . import run_child
 
 LR = {"lora": 2e-4, "full": 2e-5}  # lucidlm's defaults per method, used by both engines
 ENGINES = ("lucidlm", "transformers")
@@ -88,10 +89,7 @@ def _child(args, directory: Path, engine: str, method: str) -> dict:
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"engine": engine, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {"engine": engine, **run_child(cmd)}
 
 
 def _data(tokenizer, args) -> tuple[str, list]:

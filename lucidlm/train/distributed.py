@@ -84,17 +84,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def broadcast_object(value, world: World):
-    """Rank 0's ``value`` on every rank (for errors found by one rank, paths, ...)."""
-    if world.size == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 

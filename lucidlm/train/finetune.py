@@ -30,7 +30,7 @@ import torch
 from ..errors import TrainError
 from . import data as datamod
 from .distributed import World, full_state, setup
-from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult
+from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult, default_max_seq_length, mean_loss
 
 Data = str | Path | Sequence[dict[str, Any]]
 
@@ -93,7 +93,7 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
     model = llm.model
     if world.device.type == "cuda" and next(model.parameters()).device != world.device:
         model.to(world.device)
-    max_len = cfg.max_seq_length or min(llm.config.block_size, 2048)
+    max_len = cfg.max_seq_length or default_max_seq_length(llm.config)
     if max_len > llm.config.block_size:
         raise TrainError(f"max_seq_length={max_len} exceeds the model's context ({llm.config.block_size})")
     records = datamod.read_records(data)
@@ -158,23 +158,11 @@ def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
     save_model(model, out, state=state, tokenizer_dir=llm.tokenizer_dir)
 
 
-@torch.no_grad()
 def answer_loss(llm, data: Data, batch_size: int = 8, max_seq_length: int | None = None) -> float:
     """Mean loss per answer token of ``data`` (the quantity fine-tuning lowers)."""
-    from .data import IGNORE, collate
-    from torch.nn import functional as F
-
     records = datamod.read_records(data)
-    examples = datamod.build_examples(records, llm.tokenizer, max_seq_length or min(llm.config.block_size, 2048))
-    model = llm.model
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        ids, labels = (t.to(device) for t in collate(examples[i: i + batch_size]))
-        select = labels != IGNORE
-        total += F.cross_entropy(model(ids, select=select).float(), labels[select], reduction="sum").item()
-        count += int(select.sum())
-    return total / count
+    examples = datamod.build_examples(records, llm.tokenizer, max_seq_length or default_max_seq_length(llm.config))
+    return mean_loss(llm.model, examples, batch_size)
 
 
 __all__ = ["finetune", "pretrain", "answer_loss", "TrainConfig", "TrainResult"]

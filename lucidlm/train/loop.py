@@ -177,6 +177,26 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN computes bf16 on this CPU
 
 
+def default_max_seq_length(config) -> int:
+    """Examples are cut at the model's context, and at 2048 tokens at most."""
+    return min(config.block_size, 2048)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> float:
+    """Mean loss per target token of ``examples``, in batches of ``batch_size``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, labels = (t.to(device) for t in collate(examples[i: i + batch_size]))
+        select = labels != IGNORE
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, select=select)
+        total += F.cross_entropy(logits.float(), labels[select], reduction="sum").item()
+        count += int(select.sum())
+    return total / max(count, 1)
+
+
 # ----------------------------------------------------------------------------- the loop
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, out: Path | None,
@@ -234,23 +254,15 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return float(norm)
 
-    @torch.no_grad()
     def evaluate(self, examples: Sequence[Example]) -> float:
         """Mean loss per target token (every process computes it on all examples)."""
         module = getattr(self.wrapped, "module", self.wrapped)  # DDP: the plain module
         was_training = module.training
         module.eval()
-        total, count = 0.0, 0
         micro = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.world.size)
-        for i in range(0, len(examples), micro):
-            ids, labels = (t.to(self.device) for t in collate(examples[i: i + micro]))
-            select = labels != IGNORE
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = module(ids, select=select)
-            total += F.cross_entropy(logits.float(), labels[select], reduction="sum").item()
-            count += int(select.sum())
+        loss = mean_loss(module, examples, micro, self.bf16)
         module.train(was_training)
-        return total / max(count, 1)
+        return loss
 
     # ---- the run ------------------------------------------------------------------------
     def fit(self, train: Sequence[Example], val: Sequence[Example]) -> TrainResult:

@@ -147,7 +147,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
         else:
             fused.setdefault(hf, [spec, {}])[1][index] = (ours, A, B, scaling)
     for hf, (spec, members) in fused.items():
-        A, B, rank, scaling = _fuse_members(model, spec, members)
+        A, B, rank, scaling = _fuse_members(model, hf, spec, members)
         tensors[hf], ranks[hf], alphas[hf] = (A, B), rank, _alpha_for(scaling, rank, rslora)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[h] for h in ranks if ranks[h] == r).most_common(1)[0][0]
@@ -185,33 +185,25 @@ def _alpha_for(scaling: float, rank: int, rslora: bool) -> float:
     return int(round(value)) if abs(value - round(value)) < 1e-6 else value
 
 
-def _fuse_members(model: nn.Module, spec, members: dict[int, tuple]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+def _fuse_members(model: nn.Module, hf: str, spec, members: dict[int, tuple]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """One exact LoRA for a fused HF matrix: A stacked, B block-diagonal (zero rows for members
     without an adapter), every member rescaled to the first member's scaling."""
     first = min(members)
     scaling = members[first][3]
     rank = sum(m[1].shape[0] for m in members.values())
     A = torch.cat([members[i][1] for i in sorted(members)], dim=0)
+    names, _ = our_modules_of(hf, model.config)  # every member, in the fused matrix's order
     blocks, column = [], 0
-    for index, template in enumerate(spec.ours):
+    for index, name in enumerate(names):
         if index in members:
             _, a, b, s = members[index]
             block = b.new_zeros(b.shape[0], rank)
             block[:, column: column + a.shape[0]] = b * (s / scaling)
             column += a.shape[0]
         else:  # a member without an adapter: its rows of the fused B stay zero
-            some = members[first][0]
-            name = _sibling(some, spec.ours[first], template)
             block = A.new_zeros(model.get_submodule(name).out_features, rank)
         blocks.append(block)
     return A, spec.fuse(blocks, model.config), rank, scaling
-
-
-def _sibling(ours: str, own_template: str, other_template: str) -> str:
-    """Our name of another member of the same fused matrix (same layer)."""
-    m = re.match(re.escape(own_template.removesuffix(".weight")).replace(r"\{i\}", r"(?P<i>\d+)")
-                 .replace(r"\{e\}", r"(?P<e>\d+)") + "$", ours)
-    return other_template.removesuffix(".weight").format(**m.groupdict())
 
 
 def _collapse(model: nn.Module, ranks: dict, alphas: dict, r: int, alpha: float):
