@@ -9,7 +9,11 @@ from lucidlm.config import Config
 
 #: parameters as transformers counts them (num_parameters(), tied embeddings once)
 PUBLISHED = {"SmolLM2-135M-Instruct": 134_515_008, "gpt2": 124_439_808, "Llama-3.2-1B": 1_235_814_400,
-             "Qwen2.5-0.5B-Instruct": 494_032_768, "pythia-70m": 70_426_624}
+             "Qwen2.5-0.5B-Instruct": 494_032_768, "pythia-70m": 70_426_624,
+             "gemma-2b": 2_506_172_416, "stablelm-2-1_6b": 1_644_515_328, "SmolLM3-3B": 3_075_098_624,
+             "OLMo-1B-hf": 1_176_764_416, "granite-3.0-2b-instruct": 2_533_531_648,
+             "c4ai-command-r-v01": 34_980_831_232, "gpt-j-6b": 6_050_882_784,
+             "Qwen1.5-MoE-A2.7B": 14_315_784_192, "Qwen3-30B-A3B": 30_532_122_624, "falcon-7b": 6_921_720_704}
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
