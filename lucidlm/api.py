@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -220,26 +221,7 @@ class LLM:
 
     def _stream_text(self, tokens: Iterator[int | None], stops: list[str]) -> Iterator[str]:
         """Text pieces as tokens arrive; holds back text that might be the start of a stop string."""
-        from .tokenizer import IncrementalDecoder
-
-        decoder = IncrementalDecoder(self.tokenizer)
-        hold = max((len(s) for s in stops), default=1) - 1
-        pending = ""
-        for token in tokens:
-            if token is None or token in self.tokenizer.eos_ids:
-                break
-            pending += decoder.feed(token)
-            cut = _cut_at_stop(pending, stops)
-            if cut != pending:
-                if cut:
-                    yield cut
-                return
-            if len(pending) > hold:
-                yield pending[: len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        pending += decoder.flush()
-        if _cut_at_stop(pending, stops):
-            yield _cut_at_stop(pending, stops)
+        return (piece.text for piece in stream_pieces(self.tokenizer, tokens, stops) if piece.text)
 
     # ---- measurements and explanations ------------------------------------------------------
     def perplexity(self, text: str | Sequence[int], kv_cache: str = "dense", cache_tokens: int | None = None,
@@ -282,6 +264,44 @@ class LLM:
             raise TokenizerError(f"{self.source}: no tokenizer.json in the checkpoint, so {what}() cannot "
                                  "turn text into tokens; pass token ids or load a checkpoint with a tokenizer")
         return self.tokenizer
+
+
+@dataclasses.dataclass
+class Piece:
+    """A stretch of streamed output: its ``text`` and the ``tokens`` it came from (a piece may hold
+    several tokens, or text held back earlier); ``stopped``: a stop token or string ended the reply
+    here (the stop token is in ``tokens``, the stop string is not in ``text``)."""
+
+    text: str
+    tokens: list[int]
+    stopped: bool = False
+
+
+def stream_pieces(tokenizer, tokens: Iterator[int | None], stops: Sequence[str] = ()) -> Iterator[Piece]:
+    """Decode ``tokens`` incrementally into :class:`Piece` s, one per token (text may be empty
+    while a multi-byte character or a possible stop string is held back); ends at a stop token, a
+    stop string, or the end of ``tokens``. Joined, the texts equal the non-streamed reply."""
+    from .tokenizer import IncrementalDecoder
+
+    decoder = IncrementalDecoder(tokenizer)
+    stops = [s for s in stops if s]
+    hold = max((len(s) for s in stops), default=1) - 1
+    pending = ""
+    for token in tokens:
+        if token is None:
+            break
+        if token in tokenizer.eos_ids:
+            yield Piece(_cut_at_stop(pending + decoder.flush(), stops), [token], stopped=True)
+            return
+        pending += decoder.feed(token)
+        cut = _cut_at_stop(pending, stops)
+        if cut != pending:
+            yield Piece(cut, [token], stopped=True)
+            return
+        split = max(len(pending) - hold, 0)
+        yield Piece(pending[:split], [token])
+        pending = pending[split:]
+    yield Piece(_cut_at_stop(pending + decoder.flush(), stops), [])
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> str:

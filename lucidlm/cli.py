@@ -1,4 +1,5 @@
-"""The ``lucidlm`` command line: generate, chat, explain, convert, finetune, pretrain, merge, models, bench.
+"""The ``lucidlm`` command line: generate, chat, explain, convert, finetune, pretrain, merge, models, serve,
+view, bench.
 
 Bad arguments exit with status 2 and one line on stderr; so does any lucidlm error (bad model
 path, broken checkpoint, unknown cache policy ...).
@@ -42,6 +43,25 @@ def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     _add_cache(p)
 
 
+def _add_serving(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
+    _add_cache(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --api-key)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LUCIDLM_API_KEY if set)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: checkpoint name)")
+    p.add_argument("--max-queue", type=_positive, default=16, help="requests running or waiting before 503")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="larger request bodies get 413")
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -53,7 +73,8 @@ def _positive(text: str) -> int:
 
 
 BENCHES = {"decode": "lucidlm.bench.decode", "explain": "lucidlm.bench.explain",
-           "faithfulness": "lucidlm.bench.faithfulness", "kv": "lucidlm.bench.kv", "train": "lucidlm.bench.train"}
+           "faithfulness": "lucidlm.bench.faithfulness", "kv": "lucidlm.bench.kv", "train": "lucidlm.bench.train",
+           "serve": "lucidlm.bench.serve"}
 
 
 def _add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
@@ -147,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with /v1/explain and the viewer at /")
+    _add_serving(p)
+
+    p = sub.add_parser("view", help="open a saved explanation (JSON) in the viewer; no FILE: serve and open /")
+    p.add_argument("file", nargs="?", type=Path, help="an explanation saved with --json or save_json()")
+    p.add_argument("--out", type=Path, default=None, help="where to write the page (default: FILE with .html)")
+    p.add_argument("--no-open", action="store_true", help="write the page (or start the server) without a browser")
+    _add_serving(p)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     benches = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -380,13 +410,64 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args, open_browser: bool = False) -> int:
+    import os
+
+    from .serve import check_bind
+
+    api_key = args.api_key or os.environ.get("LUCIDLM_API_KEY") or None
+    check_bind(args.host, api_key)  # before the model loads: a refusal costs nothing
+    from .serve import serve
+
+    llm = _load(args)
+    name = args.model_name
+    if name is None and args.model and not Path(args.model).exists():
+        name = args.model  # a hub repo id: clients use it, not the cache folder's name
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+    print(f"lucidlm: serving {llm.source} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
+    if open_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.5, webbrowser.open, [url]).start()
+    serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=name, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, **_cache_kwargs(args))
+    return 0
+
+
+def cmd_view(args) -> int:
+    if args.file is None:
+        return cmd_serve(args, open_browser=not args.no_open)
+    from .errors import ExplainError
+    from .explain.explanation import load_json
+    from .fileio import atomic_write
+    from .serve.viewer import viewer_page
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExplainError(f"{args.file}: cannot read the explanation ({exc})") from exc
+    try:
+        explanation = load_json(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        raise ExplainError(f"{args.file}: not a saved explanation ({exc})") from exc
+    out = args.out or args.file.with_suffix(".html")
+    atomic_write(out, viewer_page(explanation.to_dict()))
+    print(f"wrote {out}", file=sys.stderr)
+    if not args.no_open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    return 0
+
+
 def cmd_bench(args) -> int:
     return importlib.import_module(BENCHES[args.bench]).run(args)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "explain": cmd_explain, "convert": cmd_convert,
             "models": cmd_models, "bench": cmd_bench, "finetune": cmd_finetune, "pretrain": cmd_pretrain,
-            "merge": cmd_merge, "download": cmd_download}
+            "merge": cmd_merge, "download": cmd_download, "serve": cmd_serve, "view": cmd_view}
 
 if __name__ == "__main__":
     sys.exit(main())

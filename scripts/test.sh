@@ -25,6 +25,17 @@ run_pytest() {  # pytest's exit code 5 (no tests collected) must fail, not pass 
     return "$status"
 }
 
+install_chromium() {  # the viewer's browser test drives Debian's chromium (never a downloaded build)
+    [ -x /usr/bin/chromium ] && return 0
+    command -v apt-get >/dev/null || { echo "no apt-get: the browser test will skip (needs chromium)" >&2; return 0; }
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    $sudo apt-get install -y -q chromium >/dev/null 2>&1 \
+        || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q chromium >/dev/null 2>&1; } \
+        || echo "chromium could not be installed: the browser test will skip" >&2
+}
+
+install_chromium
 setup_venv .venv torch==2.13.0
 # one thread per worker: two workers on two cores, no OpenMP oversubscription
 export OMP_NUM_THREADS=1

@@ -180,11 +180,10 @@ def _forward(model: nn.Module, ids: list[int], first_scored: int | None) -> tupl
     h0 = model.embed_tokens(x, positions).detach().requires_grad_(True)
     if first_scored is None:
         return h0, model(inputs_embeds=h0, positions=positions, last_only=True)
-    hook = model.final_norm.register_forward_pre_hook(lambda _, args: (args[0][:, first_scored:],))
-    try:
-        return h0, model(inputs_embeds=h0, positions=positions)
-    finally:
-        hook.remove()
+    # lm_head only on the scored rows; a forward argument, not a hook, so that a forward running
+    # in another thread at the same time is left alone
+    select = positions >= first_scored
+    return h0, model(inputs_embeds=h0, positions=positions, select=select)[None]
 
 
 def _token_relevance(h0: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:

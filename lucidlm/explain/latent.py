@@ -24,6 +24,7 @@ branch hands to the residual stream (through ``down_proj``/``o_proj``).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
+
+_RECORDING: contextvars.ContextVar[LatentRecorder | None] = contextvars.ContextVar("lucidlm_recording", default=None)
 
 
 @dataclass
@@ -55,6 +58,9 @@ class LatentRecorder:
         self._handles: list = []
 
     def __enter__(self) -> LatentRecorder:
+        # the hooks sit on the shared model: they record only forwards of the context (thread or
+        # task) that entered this recorder, never a generation running beside it in another thread
+        self._token = _RECORDING.set(self)
         for i in self.indices:
             block = self.model.layers[i]
             heads = block.attn.n_head
@@ -68,13 +74,15 @@ class LatentRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
+        _RECORDING.reset(self._token)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def _hook(self, module: nn.Module, key: str, **kw) -> None:
         def record(_module, args):
-            self.records.append(_Record(key, args[0], **kw))
+            if _RECORDING.get() is self:
+                self.records.append(_Record(key, args[0], **kw))
 
         self._handles.append(module.register_forward_pre_hook(record))
 

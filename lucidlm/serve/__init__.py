@@ -1,0 +1,64 @@
+"""``lucidlm serve``: an OpenAI-compatible server with explanations, and the viewer in the browser.
+
+* :mod:`~lucidlm.serve.app`: the FastAPI routes (``/v1/models``, ``/v1/completions``,
+  ``/v1/chat/completions``, ``/v1/explain``, ``/health``, and the viewer at ``/``);
+* :mod:`~lucidlm.serve.schemas`: the request bodies, validated before the model sees them;
+* :mod:`~lucidlm.serve.worker`: one model thread, a bounded queue, cancellation on disconnect;
+* :mod:`~lucidlm.serve.viewer`: the static page (inline JS/CSS, no network), also written by
+  ``lucidlm view FILE.json`` for a saved explanation.
+
+>>> from lucidlm import LLM                                          # doctest: +SKIP
+>>> serve(LLM.load(), port=8000)                                     # doctest: +SKIP
+>>> from openai import OpenAI                                         # doctest: +SKIP
+>>> client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-") # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..errors import LucidError
+
+__all__ = ["create_app", "is_loopback", "serve"]
+
+
+class ServeError(LucidError, ValueError):
+    """The server cannot start with these options (e.g. a public address without an API key)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Binding beyond loopback exposes the model to the network: it needs an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ServeError(f"--host {host} accepts connections from other machines: pass --api-key KEY "
+                         "(clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1")
+
+
+def create_app(*args, **kwargs):
+    """See :func:`lucidlm.serve.app.create_app` (imported lazily: FastAPI loads only when serving)."""
+    from .app import create_app as create
+
+    return create(*args, **kwargs)
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log_level: str = "info", **options) -> None:
+    """Run the server until interrupted. ``options``: see :func:`create_app`."""
+    import uvicorn
+
+    check_bind(host, api_key)
+    app = create_app(llm, api_key=api_key, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)

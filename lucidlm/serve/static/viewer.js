@@ -1,0 +1,666 @@
+// lucidlm viewer: generate text on a lucidlm server and explain any generated token, or show a
+// saved explanation ("file mode"). Plain DOM code, no framework and nothing fetched but the
+// server's own API (relative URLs, so the page works wherever the server is reached from).
+//
+// Stable DOM hooks (tests and scripts rely on them):
+//   .tok[data-index]       every token, index into prompt ids + generated ids
+//   .tok[data-relevance]   the relevance of an earlier token for the selected one (as received)
+//   .tok.gen / .selected / .evicted
+//   #tokens[data-explained="INDEX:METHOD"]   set once an explanation is drawn
+//   body[data-phase]       "idle" | "generating" | "explaining"
+(function () {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+
+  // -------------------------------------------------------------------------------- colours
+  // The one colour map of lucidlm (lucidlm.explain.heatmaps.rgb_array): white at 0, blending
+  // linearly to full red at +scale and full blue at -scale; NaN draws white.
+  const POSITIVE = [255, 0, 0];
+  const NEGATIVE = [0, 0, 255];
+
+  function rgb(value, scale) {
+    const v = Number.isFinite(value) ? value : 0;
+    const t = Math.min(Math.abs(v) / scale, 1);
+    const end = v > 0 ? POSITIVE : NEGATIVE;
+    return end.map((e) => Math.round(255 + (e - 255) * t));
+  }
+
+  // Black or white text, whichever reads better on the background (full blue needs white).
+  function textColor([r, g, b]) {
+    return 0.299 * r + 0.587 * g + 0.114 * b >= 128 ? "#000" : "#fff";
+  }
+
+  function cssColor([r, g, b]) {
+    return `rgb(${r}, ${g}, ${b})`;
+  }
+
+  // The |value| drawn at full colour: the largest finite |value|. With skipFirst, token 0 is
+  // left out (an attention sink would wash out every other token), as heatmaps.color_scale does.
+  function colorScale(values, skipFirst) {
+    let top = 0;
+    values.forEach((v, i) => {
+      const counted = !skipFirst || i > 0 || values.length === 1;
+      if (counted && Number.isFinite(v)) top = Math.max(top, Math.abs(v));
+    });
+    return top > 0 ? top : 1; // all zero: any scale draws it white
+  }
+
+  // Like Python's f"{v:+.4g}".
+  function fmt(value, digits = 4) {
+    if (!Number.isFinite(value)) return "n/a";
+    const short = Number(value.toPrecision(digits));
+    return (short >= 0 ? "+" : "") + String(short);
+  }
+
+  // -------------------------------------------------------------------------------- tokens
+  // How a token is displayed (heatmaps.visible): control characters become visible symbols,
+  // spaces stay spaces (the container keeps them with white-space: pre-wrap).
+  const SYMBOLS = { "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d" };
+
+  function visible(token) {
+    let out = "";
+    for (const ch of token) {
+      const code = ch.codePointAt(0);
+      if (SYMBOLS[ch]) out += SYMBOLS[ch];
+      else if (code < 32) out += String.fromCodePoint(0x2400 + code);
+      else if (code === 127) out += "\u2421";
+      else if (code >= 0x80 && code < 0xa0) out += "\ufffd";
+      else out += ch;
+    }
+    return out || "\u2205";
+  }
+
+  function tokenName(index) {
+    return `#${index} ${JSON.stringify(state.tokens[index])}`;
+  }
+
+  // -------------------------------------------------------------------------------- JSON
+  // Explanation.to_dict() spells tensors as {"__tensor__": {dtype, shape, data}} and non-finite
+  // floats as {"__float__": "nan"}; decode() turns both back into numbers / nested arrays.
+  function floatName(text) {
+    const named = { nan: NaN, inf: Infinity, "-inf": -Infinity };
+    return text in named ? named[text] : Number(text);
+  }
+
+  function nest(shape, flat) {
+    if (shape.length === 0) return flat[0];
+    if (shape.length === 1) return flat;
+    const size = shape.slice(1).reduce((a, b) => a * b, 1);
+    const out = [];
+    for (let i = 0; i < shape[0]; i++) out.push(nest(shape.slice(1), flat.slice(i * size, (i + 1) * size)));
+    return out;
+  }
+
+  function decode(value) {
+    if (Array.isArray(value)) return value.map(decode);
+    if (value === null || typeof value !== "object") return value;
+    if ("__float__" in value) return floatName(value.__float__);
+    if ("__tensor__" in value) {
+      const spec = value.__tensor__;
+      return nest(spec.shape, spec.data.map((x) => (typeof x === "string" ? floatName(x) : x)));
+    }
+    const out = {};
+    for (const [key, item] of Object.entries(value)) out[key] = decode(item);
+    return out;
+  }
+
+  // A relevance as a number (a server may send null for a value JSON cannot spell).
+  function num(value) {
+    return value === null || value === undefined ? NaN : Number(value);
+  }
+
+  function flatten(value) {
+    return Array.isArray(value) ? value.flatMap(flatten) : [num(value)];
+  }
+
+  // -------------------------------------------------------------------------------- state
+  const state = {
+    fileMode: false,
+    model: null, // model id, from GET /v1/models
+    health: null, // GET /health
+    ids: [], // prompt ids then generated ids (server mode)
+    tokens: [], // their display strings
+    spans: [], // their elements
+    nPrompt: 0,
+    selected: -1,
+    chat: [], // the conversation: [{role, content}]
+    generation: null, // AbortController of the running generation
+    explainSeq: 0, // numbers explain requests: an answer to an older click is dropped
+    file: null, // the embedded GenerationExplanation (file mode)
+  };
+
+  function setPhase(phase) {
+    document.body.dataset.phase = phase;
+  }
+
+  function showError(message) {
+    const box = $("error");
+    box.textContent = message;
+    box.hidden = false;
+  }
+
+  function clearError() {
+    $("error").hidden = true;
+    $("error").textContent = "";
+  }
+
+  // -------------------------------------------------------------------------------- token view
+  function clearTokens() {
+    $("tokens").replaceChildren();
+    $("tokens").removeAttribute("data-explained");
+    Object.assign(state, { ids: [], tokens: [], spans: [], nPrompt: 0, selected: -1 });
+    state.explainSeq++; // an explanation still on its way belongs to the tokens just removed
+    $("explain-head").hidden = true;
+    showLayers(null);
+  }
+
+  // Appends tokens as spans; `generated` ones are clickable. A token holding newlines is shown
+  // with its ↵ symbols and then as many line breaks, so the text keeps its lines.
+  function appendTokens(tokens, ids, generated) {
+    const box = $("tokens");
+    tokens.forEach((token, k) => {
+      const index = state.spans.length;
+      const span = document.createElement("span");
+      span.className = generated ? "tok gen" : "tok";
+      span.dataset.index = String(index);
+      if (ids && ids[k] !== undefined) span.dataset.tokenId = String(ids[k]);
+      span.textContent = visible(token);
+      state.tokens.push(token);
+      state.spans.push(span);
+      span.title = tokenName(index);
+      box.appendChild(span);
+      for (let n = token.split("\n").length - 1; n > 0; n--) box.appendChild(document.createElement("br"));
+    });
+  }
+
+  // Colours one token: relevance `value` (undefined = not an earlier token of the selection).
+  function paintToken(span, index, value, raw, info) {
+    span.classList.remove("selected", "evicted", "sink", "future");
+    span.style.background = "";
+    span.style.color = "";
+    span.removeAttribute("data-relevance");
+    const notes = [];
+    if (index === info.selected) span.classList.add("selected");
+    if (value === undefined) {
+      if (info.selected >= 0 && index > info.selected) span.classList.add("future");
+      span.title = tokenName(index) + (index === info.selected ? ": explained token" : "");
+      return;
+    }
+    span.dataset.relevance = String(raw);
+    const color = rgb(value, info.scale);
+    span.style.background = cssColor(color);
+    span.style.color = textColor(color);
+    if (info.evicted && info.evicted[index]) {
+      span.classList.add("evicted"); // grey and struck through by the stylesheet
+      notes.push("evicted from the KV cache: the model no longer saw this token");
+    }
+    if (index === 0 && info.count > 1 && Math.abs(value) > info.scale) {
+      span.classList.add("sink"); // outlined: beyond the scale, which leaves token 0 out
+      notes.push("attention sink, excluded from the colour scale");
+    }
+    span.title = [`${tokenName(index)}: ${fmt(value)}`, ...notes].join("; ");
+  }
+
+  // Draws one explanation over the token view: ex = {selected, relevance (as received),
+  // evicted, target, method, score, layers}. Tokens from relevance.length on are cleared.
+  function showExplanation(ex) {
+    const raw = ex.relevance;
+    const values = raw.map(num);
+    const scale = colorScale(values, true);
+    const evicted = ex.evicted ? ex.evicted.map(Boolean) : null;
+    const info = { selected: ex.selected, scale, evicted, count: values.length };
+    state.selected = ex.selected;
+    state.spans.forEach((span, j) => {
+      const inside = j < values.length && j !== ex.selected;
+      paintToken(span, j, inside ? values[j] : undefined, inside ? raw[j] : undefined, info);
+    });
+    showHead(ex, values, scale, evicted);
+    showLayers(ex.layers);
+  }
+
+  function showHead(ex, values, scale, evicted) {
+    $("head-target").textContent = JSON.stringify(visible(String(ex.target)));
+    $("head-method").textContent = ex.method;
+    $("head-score").textContent = Number.isFinite(num(ex.score)) ? String(Number(num(ex.score).toPrecision(5))) : "n/a";
+    $("legend-min").textContent = fmt(-scale, 3);
+    $("legend-max").textContent = fmt(scale, 3);
+    const notes = [];
+    if (values.length > 1 && Math.abs(values[0]) > scale) {
+      notes.push(`token 0 (${fmt(values[0], 3)}) is an attention sink, left out of the colour scale (outlined)`);
+    }
+    const gone = evicted ? evicted.filter(Boolean).length : 0;
+    if (gone) notes.push(`${gone} token(s) evicted from the KV cache (grey, struck through)`);
+    $("head-note").textContent = notes.join(" · ");
+    $("explain-head").hidden = false;
+  }
+
+  // Grid of latent relevances: rows = layers, columns = attention heads ("layers.L.attn") and the
+  // MLP's total ("layers.L.mlp" summed), all on one colour scale of their own.
+  function showLayers(layers) {
+    const panel = $("layers-panel");
+    const grid = $("layers-grid");
+    grid.replaceChildren();
+    const rows = new Map();
+    for (const [key, value] of Object.entries(layers || {})) {
+      const m = /^layers\.(\d+)\.(attn|mlp)$/.exec(key);
+      if (!m) continue;
+      const layer = Number(m[1]);
+      if (!rows.has(layer)) rows.set(layer, { attn: [], mlp: NaN });
+      if (m[2] === "attn") rows.get(layer).attn = flatten(value);
+      else rows.get(layer).mlp = flatten(value).reduce((a, b) => a + b, 0);
+    }
+    panel.hidden = rows.size === 0;
+    if (!rows.size) return;
+    const heads = Math.max(...[...rows.values()].map((r) => r.attn.length));
+    const all = [...rows.values()].flatMap((r) => [...r.attn, r.mlp]);
+    const scale = colorScale(all, false);
+    $("layers-min").textContent = fmt(-scale, 3);
+    $("layers-max").textContent = fmt(scale, 3);
+
+    const head = grid.insertRow();
+    head.appendChild(th("layer"));
+    for (let h = 0; h < heads; h++) head.appendChild(th(`h${h}`));
+    head.appendChild(th("MLP"));
+    for (const layer of [...rows.keys()].sort((a, b) => a - b)) {
+      const row = grid.insertRow();
+      const { attn, mlp } = rows.get(layer);
+      row.appendChild(th(String(layer)));
+      for (let h = 0; h < heads; h++) row.appendChild(layerCell(layer, String(h), attn[h], scale, `head ${h}`));
+      row.appendChild(layerCell(layer, "mlp", mlp, scale, "MLP total"));
+    }
+  }
+
+  function th(text) {
+    const cell = document.createElement("th");
+    cell.textContent = text;
+    return cell;
+  }
+
+  function layerCell(layer, head, value, scale, what) {
+    const cell = document.createElement("td");
+    cell.className = head === "mlp" ? "cell mlp" : "cell";
+    cell.dataset.layer = String(layer);
+    cell.dataset.head = head;
+    const v = num(value);
+    const color = rgb(v, scale);
+    cell.style.background = cssColor(color);
+    cell.title = `layer ${layer} ${what}: ${fmt(v)}`;
+    if (Number.isFinite(v)) cell.dataset.relevance = String(value);
+    return cell;
+  }
+
+  // -------------------------------------------------------------------------------- file mode
+  function startFileMode(data) {
+    state.fileMode = true;
+    setPhase("idle");
+    if (data.type === "Explanation") showFileExplanation(data);
+    else if (data.type === "GenerationExplanation") showFileGeneration(data);
+    else showError(`Cannot show ${JSON.stringify(data.type)}: expected an Explanation or a GenerationExplanation.`);
+  }
+
+  function showFileExplanation(e) {
+    $("status").textContent = `saved explanation · ${e.tokens.length} tokens`;
+    appendTokens(e.tokens, e.token_ids && e.token_ids.length ? e.token_ids : null, false);
+    // The target follows the tokens it was predicted from; it is no input, so it is no .tok.
+    const target = document.createElement("span");
+    target.className = "target-tok";
+    target.textContent = visible(e.target);
+    target.title = `target ${JSON.stringify(e.target)}`;
+    $("tokens").appendChild(target);
+    showExplanation({ selected: -1, relevance: e.relevance, evicted: e.evicted, target: e.target,
+                      method: e.method, score: e.target_logit, layers: e.layers });
+  }
+
+  function showFileGeneration(g) {
+    const n = g.generated_tokens.length;
+    $("status").textContent =
+      `saved generation · ${g.prompt_tokens.length} prompt tokens, ${n} generated; click a generated token`;
+    appendTokens(g.prompt_tokens, g.prompt_ids, false);
+    appendTokens(g.generated_tokens, g.generated_ids, true);
+    state.nPrompt = g.prompt_tokens.length;
+    state.file = g;
+    if (n) showGenerationRow(n - 1); // as the static HTML rendering: the last token first
+  }
+
+  // Row g of the matrix: the relevance of every earlier token for generated token g.
+  function showGenerationRow(g) {
+    const data = state.file;
+    const index = state.nPrompt + g;
+    showExplanation({
+      selected: index,
+      relevance: data.matrix[g].slice(0, index),
+      evicted: data.evicted ? data.evicted[g].slice(0, index) : null,
+      target: data.generated_tokens[g],
+      method: data.method,
+      score: data.target_logits ? data.target_logits[g] : NaN,
+      layers: null,
+    });
+    $("tokens").dataset.explained = `${index}:${data.method}`;
+  }
+
+  // -------------------------------------------------------------------------------- server API
+  const KEY_STORAGE = "lucidlm.apiKey";
+
+  function apiKey() {
+    return $("api-key").value.trim();
+  }
+
+  function requestHeaders(json) {
+    const headers = {};
+    if (json) headers["Content-Type"] = "application/json";
+    if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+    return headers;
+  }
+
+  // The server's error message: {"error": {"message"}} (OpenAI style) or FastAPI's {"detail"}.
+  async function errorMessage(resp) {
+    const text = await resp.text().catch(() => "");
+    try {
+      const data = JSON.parse(text);
+      if (data && data.error) return data.error.message || JSON.stringify(data.error);
+      if (data && data.detail) return typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
+    } catch (_) {
+      // not JSON: fall through to the raw text
+    }
+    return `HTTP ${resp.status} ${resp.statusText}` + (text ? `: ${text.slice(0, 300)}` : "");
+  }
+
+  // GET (body undefined) or POST JSON; resolves to the response, throws with the server's message.
+  async function call(path, body, signal) {
+    const post = body !== undefined;
+    const resp = await fetch(path, {
+      method: post ? "POST" : "GET",
+      headers: requestHeaders(post),
+      body: post ? JSON.stringify(body) : undefined,
+      signal,
+    });
+    if (!resp.ok) throw new Error(await errorMessage(resp));
+    return resp;
+  }
+
+  // Server-sent events of a POST response (EventSource cannot POST): yields each event's data.
+  async function* sseData(resp) {
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    const take = (block) => block.split("\n").filter((l) => l.startsWith("data:"))
+      .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const data = take(buffer.slice(0, cut));
+        buffer = buffer.slice(cut + 2);
+        if (data) yield data;
+      }
+    }
+    const rest = take(buffer);
+    if (rest) yield rest;
+  }
+
+  async function ensureModel() {
+    if (state.model) return state.model;
+    const resp = await call("v1/models");
+    const list = await resp.json();
+    if (!list.data || !list.data.length) throw new Error("the server lists no model");
+    state.model = list.data[0].id;
+    showServerStatus();
+    return state.model;
+  }
+
+  async function loadHealth() {
+    try {
+      const resp = await call("health");
+      state.health = await resp.json();
+    } catch (err) {
+      showError(`Server health check failed: ${err.message}`);
+      return;
+    }
+    const { kv_cache: policy, cache_tokens: slots } = state.health;
+    $("kv-label").hidden = !policy;
+    if (policy) {
+      $("kv-text").textContent = `explain through the server's KV cache (${policy}, ${slots} tokens)`;
+    }
+    showServerStatus();
+  }
+
+  function showServerStatus() {
+    const h = state.health || {};
+    const parts = [state.model || h.model || "no model yet"];
+    if (h.context_length) parts.push(`context ${h.context_length} tokens`);
+    if (h.kv_cache) parts.push(`KV cache ${h.kv_cache} (${h.cache_tokens} tokens)`);
+    if (h.auth && !apiKey()) parts.push("this server needs an API key");
+    $("status").textContent = parts.join(" · ");
+  }
+
+  // -------------------------------------------------------------------------------- generation
+  function chatMode() {
+    return document.querySelector('input[name="mode"]:checked').value === "chat";
+  }
+
+  function addBubble(role, text) {
+    const bubble = document.createElement("div");
+    bubble.className = `bubble ${role}`;
+    bubble.textContent = text;
+    $("chat-log").appendChild(bubble);
+    return bubble;
+  }
+
+  function setGenerating(controller) {
+    state.generation = controller;
+    $("generate").textContent = controller ? "Stop" : chatMode() ? "Send" : "Generate";
+    setPhase(controller ? "generating" : "idle");
+  }
+
+  // Adds a stream chunk's tokens to the view; returns its text delta.
+  function takeChunk(chunk, chat) {
+    if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+    const choice = chunk.choices && chunk.choices[0];
+    if (!choice) return "";
+    if (choice.prompt_token_ids) {
+      const ids = choice.prompt_token_ids;
+      appendTokens(choice.prompt_tokens || ids.map(String), ids, false);
+      state.ids.push(...ids);
+      state.nPrompt = ids.length;
+    }
+    if (choice.token_ids && choice.token_ids.length) {
+      appendTokens(choice.tokens || choice.token_ids.map(String), choice.token_ids, true);
+      state.ids.push(...choice.token_ids);
+    }
+    return (chat ? choice.delta && choice.delta.content : choice.text) || "";
+  }
+
+  async function generate() {
+    if (state.generation) {
+      state.generation.abort(); // the button doubles as Stop while streaming
+      return;
+    }
+    clearError();
+    const text = $("prompt").value;
+    if (!text) {
+      showError(chatMode() ? "Type a message first." : "Type a prompt first.");
+      return;
+    }
+    const chat = chatMode();
+    const controller = new AbortController();
+    setGenerating(controller);
+    let bubble = null;
+    let reply = "";
+    try {
+      const model = await ensureModel();
+      const body = {
+        model,
+        max_tokens: Number($("max-tokens").value) || 16,
+        temperature: Number($("temperature").value) || 0,
+        stream: true,
+        return_token_ids: true,
+      };
+      if (chat) {
+        state.chat.push({ role: "user", content: text });
+        addBubble("user", text);
+        bubble = addBubble("assistant", "");
+        bubble.classList.add("pending");
+        body.messages = state.chat.slice();
+        $("prompt").value = "";
+      } else {
+        body.prompt = text;
+      }
+      clearTokens();
+      const resp = await call(chat ? "v1/chat/completions" : "v1/completions", body, controller.signal);
+      for await (const data of sseData(resp)) {
+        if (data === "[DONE]") break;
+        reply += takeChunk(JSON.parse(data), chat);
+        if (bubble) bubble.textContent = reply;
+      }
+    } catch (err) {
+      if (err.name !== "AbortError") {
+        showError(err.message);
+        if (bubble && !reply) {
+          undoTurn(text, bubble); // nothing came back: let the user resend
+          bubble = null;
+        }
+      }
+    } finally {
+      if (bubble) finishTurn(bubble, reply);
+      setGenerating(null);
+    }
+  }
+
+  // Keeps the assistant's reply (or what streamed before Stop) in the conversation.
+  function finishTurn(bubble, reply) {
+    bubble.classList.remove("pending");
+    if (!reply) bubble.textContent = "(empty reply)";
+    state.chat.push({ role: "assistant", content: reply });
+  }
+
+  // A failed send: drop the user turn again and give its text back to the input.
+  function undoTurn(text, bubble) {
+    state.chat.pop();
+    bubble.previousElementSibling.remove();
+    bubble.remove();
+    $("prompt").value = text;
+  }
+
+  function newChat() {
+    state.chat = [];
+    $("chat-log").replaceChildren();
+    clearTokens();
+  }
+
+  function onModeChange() {
+    const chat = chatMode();
+    $("chat-log").hidden = !chat;
+    $("clear-chat").hidden = !chat;
+    $("prompt").placeholder = chat ? "Message" : "Text to continue";
+    if (!state.generation) $("generate").textContent = chat ? "Send" : "Generate";
+  }
+
+  // -------------------------------------------------------------------------------- explain
+  function useKvCache() {
+    return Boolean(state.health && state.health.kv_cache && $("kv-cache").checked);
+  }
+
+  // A contrast typed as digits is a token id, anything else a token text.
+  function contrastValue() {
+    const text = $("contrast").value;
+    if (!text.trim()) return undefined;
+    return /^\s*\d+\s*$/.test(text) ? Number(text) : text;
+  }
+
+  async function explainToken(index) {
+    const seq = ++state.explainSeq;
+    const method = $("method").value;
+    const body = { model: state.model, input_ids: state.ids.slice(0, index), target: state.ids[index], method };
+    const contrast = contrastValue();
+    if (contrast !== undefined) body.contrast = contrast;
+    if (useKvCache()) {
+      body.kv_cache = state.health.kv_cache;
+      if (state.health.cache_tokens != null) body.cache_tokens = state.health.cache_tokens;
+    } else {
+      body.layers = true; // latent relevances exist only without a KV policy
+    }
+    clearError();
+    $("tokens").removeAttribute("data-explained");
+    state.spans.forEach((span, j) => span.classList.toggle("selected", j === index));
+    state.selected = index;
+    setPhase("explaining");
+    try {
+      const resp = await call("v1/explain", body);
+      const ex = decode(await resp.json());
+      if (seq !== state.explainSeq) return; // a newer click owns the view
+      showExplanation({ selected: index, relevance: ex.relevance, evicted: ex.evicted, target: ex.target,
+                        method: ex.method || method, score: ex.target_logit, layers: ex.layers });
+      $("tokens").dataset.explained = `${index}:${method}`;
+    } catch (err) {
+      if (seq === state.explainSeq) showError(`Explain failed: ${err.message}`);
+    } finally {
+      if (seq === state.explainSeq) setPhase(state.generation ? "generating" : "idle");
+    }
+  }
+
+  function reexplain() {
+    if (!state.fileMode && state.selected >= state.nPrompt && state.selected < state.ids.length) {
+      explainToken(state.selected);
+    }
+  }
+
+  function onTokenClick(event) {
+    const span = event.target.closest(".tok.gen");
+    if (!span) return;
+    const index = Number(span.dataset.index);
+    if (state.fileMode) {
+      if (state.file) showGenerationRow(index - state.nPrompt);
+    } else {
+      explainToken(index);
+    }
+  }
+
+  // -------------------------------------------------------------------------------- start
+  function startServerMode() {
+    $("generate-panel").hidden = false;
+    $("explain-panel").hidden = false;
+    setPhase("idle");
+    const key = $("api-key");
+    key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+    key.addEventListener("change", () => {
+      sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+      showServerStatus();
+      if (!state.model) ensureModel().then(clearError, (err) => showError(`Listing models failed: ${err.message}`));
+    });
+    document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListener("change", onModeChange));
+    $("generate").addEventListener("click", generate);
+    $("clear-chat").addEventListener("click", newChat);
+    $("prompt").addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) generate();
+    });
+    $("method").addEventListener("change", reexplain);
+    $("contrast").addEventListener("change", reexplain);
+    $("kv-cache").addEventListener("change", reexplain);
+    onModeChange();
+    loadHealth();
+    ensureModel().catch((err) => showError(`Listing models failed: ${err.message}` +
+      (/auth|key|401/i.test(err.message) ? " (enter the API key above)" : "")));
+  }
+
+  function start() {
+    $("tokens").addEventListener("click", onTokenClick);
+    const embedded = $("lucidlm-data");
+    if (!embedded) {
+      startServerMode();
+      return;
+    }
+    let data;
+    try {
+      data = decode(JSON.parse(embedded.textContent));
+    } catch (err) {
+      showError(`The embedded explanation is not valid JSON: ${err.message}`);
+      return;
+    }
+    startFileMode(data);
+  }
+
+  start();
+})();
