@@ -240,18 +240,16 @@ class LLM:
 
         ``target``: None (the top next token), a token id or string, a contrast ``(a, b)``, or a
         multi-token continuation. ``method``: ``"attnlrp"``, ``"cp-lrp"`` or ``"inputxgrad"``.
-        ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy;
-        relevance then lands only on tokens still in the cache (evicted ones are marked, see
+        ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy: a
+        forward that replays which keys each query saw, back to the input tokens. With nothing
+        evicted it equals the dense explanation; tokens evicted for the last prediction are marked
+        ``evicted`` (they may still be relevant through tokens that saw them; see
         :mod:`lucidlm.explain.cached`). Returns an :class:`~lucidlm.explain.explanation.Explanation`.
         """
-        if kv_cache is not None:
-            from .explain.cached import explain_cached
-
-            return explain_cached(self.model, self.tokenizer, prompt, target=target, method=method,
-                                  kv_cache=kv_cache, cache_tokens=cache_tokens)
         from .explain.explainer import explain
 
-        return explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers)
+        return explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
+                       kv_cache=kv_cache, cache_tokens=cache_tokens)
 
     def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
         """Generate greedily and explain every generated token over all earlier tokens."""

@@ -53,3 +53,8 @@ class TrainError(LucidError, ValueError):
 
 class AdapterError(CheckpointError):
     """A LoRA adapter is malformed, uses a feature we cannot load, or does not fit the base model."""
+
+
+class TargetHint(UserWarning):
+    """The explained target is probably not the token the user meant (e.g. ``'Paris'`` where the
+    model predicts ``' Paris'``): a warning, since the explanation itself is valid."""

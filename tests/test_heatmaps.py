@@ -92,13 +92,13 @@ def test_colour_scale_skip_first():
 
 def test_terminal_colours_and_skip_first():
     e = make(with_evicted=False)
-    out = e.to_terminal(width=200)
+    out = e.to_terminal(width=200, color=True)
     colors = background_colors("\n".join(out.split("\n")[2:-1]))  # title, sink note, ..., legend
     assert len(colors) == len(TOKENS)
     assert colors[5] == (255, 0, 0)  # " Paris", the largest |r| once token 0 is skipped
     assert colors[2] == (128, 128, 255)  # -1.0 of scale 2.0
     assert colors[0] == (255, 0, 0)  # the sink is clamped, not the scale
-    no_skip = background_colors(e.to_terminal(skip_first=False, width=200))
+    no_skip = background_colors(e.to_terminal(skip_first=False, width=200, color=True))
     assert no_skip[5] != (255, 0, 0) and no_skip[0] == (255, 0, 0)
     assert "attention sink" in out and "\x1b[4m" in out  # the sink is marked (underlined)
 
@@ -115,7 +115,7 @@ def test_terminal_plain_wraps_and_escapes_controls():
 
 def test_evicted_rendered_distinctly():
     e = make()
-    colored = e.to_terminal(width=200)
+    colored = e.to_terminal(width=200, color=True)
     assert "\x1b[9m" in colored  # strike-through
     assert (215, 215, 215) in background_colors(colored)
     assert "~\u21b5~[evicted]" in e.to_terminal(color=False, width=200)
@@ -262,7 +262,7 @@ def test_generation_json_and_renderings(tmp_path):
     lines = term.split("\n")
     assert len(lines) == 4 and lines[2].lstrip().startswith("1 '!'")
     assert "[" in lines[3] and "<s>[" not in term  # values shown, sink left out of top lists
-    assert len(background_colors(g.to_terminal(k=2))) == 6
+    assert len(background_colors(g.to_terminal(k=2, color=True))) == 6
     page = g.to_html()
     assert "http://" not in page and "https://" not in page
     assert page.count("<script") == 2  # our JSON data and our code; tokens are escaped

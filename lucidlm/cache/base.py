@@ -34,6 +34,12 @@ class LayerCache:
     def settle(self, scores: torch.Tensor | None) -> None:
         """Called once after every ``extend``; evicting policies drop slots here."""
 
+    def visibility(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """Which of the keys ``extend`` returned each query may see, beyond the causal mask:
+        (batch, 1, queries, keys) bool, or None (all of them: every policy that evicts does so
+        by dropping slots). A replay of a policy's history (``explain.cached``) restricts it."""
+        return None
+
     def memory_bytes(self) -> int:
         """Bytes held by this layer's buffers (keys, values, positions, scales)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())

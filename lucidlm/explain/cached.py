@@ -1,17 +1,23 @@
-"""Explanations under a KV-cache policy: attribute to what the model still sees.
+"""Explanations under a KV-cache policy: replay what each query could see, explain to the inputs.
 
-With an eviction policy the last prediction is computed from the keys and values left in the
-cache, not from the whole prompt. So we explain exactly that step:
+With an eviction policy the last prediction is made through the cache: the prompt except its last
+token is prefilled in chunks (the policy evicts between chunks), then the last token runs one
+decode step over the slots left. We explain exactly that prediction, in two passes:
 
-1. the prompt except its last token is prefilled into the policy's cache (chunked, no gradient);
-2. the kept slots of every layer are handed to attention as leaf tensors that require grad;
-3. the last token runs one decode step under the LRP rules and the target is back-propagated.
+1. **The cached run** (no gradient): the policy runs as in generation, and every layer records
+   which key positions each query position was shown (the slots kept at that moment, plus the
+   chunk itself).
+2. **The replay**: one forward over the whole prompt from the input embeddings, under the LRP
+   rules, in which every layer's attention sees exactly the keys recorded in step 1 (a
+   :class:`Replay` cache restricts the causal mask; nothing is evicted or stored). Its logits
+   equal the cached run's (to float rounding; with ``+int8``/``+int4`` buffers, within the
+   quantisation error of the stored keys and values, which the replay does not apply). The
+   target is back-propagated to the embeddings, as in a dense explanation.
 
-The relevance of a token is the relevance that reaches its cached keys and values, summed over
-layers (plus, for the last token, the relevance at its embedding). Treating the cached keys and
-values as the step's inputs keeps the decomposition exact: under CP-LRP on a bias-free model the
-relevances still sum to the explained logit. Tokens no layer keeps get no relevance and are marked
-``evicted`` in the :class:`~lucidlm.explain.explanation.Explanation` (heatmaps grey them out).
+So relevance is always the relevance of the *input tokens*: when nothing was evicted the replay
+is the dense forward and the explanation equals the dense one; when tokens were evicted, they
+can still be relevant through the tokens that saw them before they went. ``evicted`` marks the
+tokens no layer still held for the last prediction (renderings grey them out).
 
 >>> import torch
 >>> from lucidlm import Config, GPT
@@ -31,77 +37,89 @@ from torch import nn
 from ..cache import build_cache, prefill
 from ..cache.base import KVCache, LayerCache
 from ..errors import ExplainError
-from .explainer import Target, _check_method, _explain_mode, prompt_ids, resolve_target, token_strings
+from .explainer import Target, _check_method, _explain_mode, _token_relevance, prompt_ids, resolve_target, \
+    token_strings, warn_target
 from .explanation import Explanation
+from .latent import LatentRecorder
 
 
-class SlotLeaves(LayerCache):
-    """Wraps one layer's cache for the explained step: the slots kept so far come back as leaf
-    tensors (``self.k``, ``self.v``, positions ``self.pos``) whose gradients we read afterwards."""
+class Recording(LayerCache):
+    """Wraps one layer's policy cache during the cached run and records, for every query
+    position, the key positions ``extend`` handed to attention (sequence 0 of the batch)."""
 
-    def __init__(self, inner: LayerCache) -> None:
+    def __init__(self, inner: LayerCache, n_tokens: int) -> None:
         self.inner = inner
         self.wants_scores = inner.wants_scores
-        self.k = self.v = self.pos = None
+        self.seen = torch.zeros(n_tokens, n_tokens, dtype=torch.bool)  # seen[query, key]
 
     def extend(self, k, v, pos):
-        # the policy's buffers never join the autograd graph: it sees detached copies
-        keys, values, key_pos = self.inner.extend(k.detach(), v.detach(), pos)
-        n_old = keys.shape[2] - k.shape[2]
-        self.k = keys[:, :, :n_old].detach().clone().requires_grad_(True)
-        self.v = values[:, :, :n_old].detach().clone().requires_grad_(True)
-        self.pos = key_pos[:, :n_old]
-        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), key_pos
+        keys, values, key_pos = self.inner.extend(k, v, pos)
+        queries, shown = pos[0].cpu(), key_pos[0].cpu()
+        queries, shown = queries[queries >= 0], shown[shown >= 0]
+        self.seen[queries[:, None], shown[None, :]] = True
+        return keys, values, key_pos
 
     def settle(self, scores):
-        self.inner.settle(None if scores is None else scores.detach())
+        self.inner.settle(scores)
+
+
+class Replay(LayerCache):
+    """One layer of the replay: stores nothing, hands the whole sequence's keys to attention, and
+    restricts each query to the keys it was shown in the cached run."""
+
+    def __init__(self, seen: torch.Tensor) -> None:
+        self.seen = seen
+
+    def extend(self, k, v, pos):
+        return k, v, pos
+
+    def visibility(self, q_pos, k_pos):
+        seen = self.seen.to(q_pos.device)
+        return seen[q_pos[0].clamp(min=0)][:, k_pos[0].clamp(min=0)][None, None]
 
 
 def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
                    method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | None = None,
-                   chunk_size: int = 256) -> Explanation:
-    """Explain the next-token prediction made through a ``kv_cache`` policy of ``cache_tokens`` slots."""
+                   chunk_size: int = 256, layers: str | Sequence[int] | None = None) -> Explanation:
+    """Explain the next-token prediction made through a ``kv_cache`` policy of ``cache_tokens``
+    slots (``chunk_size``: the prefill's chunk, between which the policy evicts)."""
     _check_method(method)
     ids = prompt_ids(tokenizer, prompt)
     spec = resolve_target(tokenizer, target, model.config.vocab_size)
     if spec.continuation:
         raise ExplainError("a multi-token continuation target cannot be explained under a KV-cache policy "
                            "(it would need one explained step per token): pass kv_cache=None")
+    seen, _ = cached_run(model, ids, kv_cache, cache_tokens, chunk_size)
+    device = next(model.parameters()).device
+    replay = KVCache([Replay(s) for s in seen])
+    positions = torch.arange(len(ids), device=device)[None]
+    recorder = LatentRecorder(model, layers)
+    with _explain_mode(method), recorder:
+        h0 = model.embed_tokens(torch.tensor([ids], device=device), positions).detach().requires_grad_(True)
+        logits = model(inputs_embeds=h0, positions=positions, cache=replay, last_only=True)
+        score, target_ids = spec.score(logits[0], "logit")
+        grads = torch.autograd.grad(score, [h0, *recorder.tensors()], allow_unused=True)
+    warn_target(tokenizer, target, spec, logits[0, -1])
+    kept = torch.stack([s[-1] for s in seen]).any(0)  # held by some layer for the last query
+    return Explanation(tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=_token_relevance(h0, grads[0]),
+                       target=spec.label(tokenizer, target_ids), target_ids=target_ids,
+                       target_logit=float(score.detach()), method=method, evicted=~kept,
+                       layers=recorder.relevances(grads[1:]) if layers is not None else None,
+                       prompt=prompt if isinstance(prompt, str) else None, score_label=spec.score_label("logit"))
+
+
+def cached_run(model: nn.Module, ids: list[int], kv_cache: str, cache_tokens: int | None,
+               chunk_size: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The prediction for ``ids`` made through the policy (all but the last token prefilled in
+    chunks, then the last one as a decode step): per layer ``seen[query, key]``, and the last
+    prediction's logits (vocab,), which the replay reproduces."""
     param = next(model.parameters())
     budget = cache_tokens if cache_tokens is not None else len(ids)
     cache = build_cache(model.config, 1, kv_cache, budget, dtype=param.dtype, device=param.device)
-    if len(ids) > 1:
-        with torch.no_grad():
-            prefill(model, torch.tensor([ids[:-1]], device=param.device), cache, chunk_size=chunk_size)
-    step = KVCache([SlotLeaves(layer) for layer in cache.layers])
-    position = torch.tensor([[len(ids) - 1]], device=param.device)
-    h0 = model.embed_tokens(torch.tensor([[ids[-1]]], device=param.device), position).detach().requires_grad_(True)
-    with _explain_mode(method):
-        logits = model(inputs_embeds=h0, positions=position, cache=step, last_only=True)
-        score, target_ids = spec.score(logits[0], "logit")
-        leaves = [t for layer in step.layers for t in (layer.k, layer.v)]
-        grads = torch.autograd.grad(score, [h0, *leaves], allow_unused=True)
-    relevance, kept = _slot_relevance(len(ids), step.layers, grads[1:])
-    relevance[-1] += (h0.detach().float() * grads[0].float()).sum()
-    kept[-1] = True
-    return Explanation(tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=relevance,
-                       target=spec.label(tokenizer, target_ids), target_ids=target_ids,
-                       target_logit=float(score.detach()), method=method, evicted=~kept,
-                       prompt=prompt if isinstance(prompt, str) else None)
-
-
-def _slot_relevance(n_tokens: int, layers: list[SlotLeaves], grads) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token relevance summed over every layer's cached keys and values, and which tokens any
-    layer still holds."""
-    relevance = torch.zeros(n_tokens, dtype=torch.float64)
-    kept = torch.zeros(n_tokens, dtype=torch.bool)
-    for layer, grad_k, grad_v in zip(layers, grads[0::2], grads[1::2]):
-        per_slot = torch.zeros(layer.pos.shape[1], dtype=torch.float64)
-        for leaf, grad in ((layer.k, grad_k), (layer.v, grad_v)):
-            if grad is not None:  # keys get no gradient under CP-LRP (the softmax is detached)
-                per_slot += (leaf.detach().double() * grad.double()).sum(dim=(1, 3))[0].cpu()
-        pos = layer.pos[0].cpu()
-        filled = pos >= 0
-        relevance.index_add_(0, pos[filled], per_slot[filled])
-        kept[pos[filled]] = True
-    return relevance.float(), kept
+    recording = KVCache([Recording(layer, len(ids)) for layer in cache.layers])
+    x = torch.tensor([ids], device=param.device)
+    with torch.no_grad():
+        if len(ids) > 1:
+            prefill(model, x[:, :-1], recording, chunk_size=chunk_size)
+        logits = model(x[:, -1:], cache=recording, last_only=True)[0, -1]
+    return [layer.seen for layer in recording.layers], logits

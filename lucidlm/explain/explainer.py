@@ -19,16 +19,17 @@ The model applies the LRP rules itself (see :mod:`lucidlm.rules`), so an explana
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ExplainError
+from ..errors import ExplainError, TargetHint
 from ..model import rules
 from .explanation import Explanation, GenerationExplanation
 from .latent import LatentRecorder
-from .targets import Target, TargetSpec, resolve_target, token_strings  # noqa: F401 (re-exported)
+from .targets import Target, TargetSpec, leading_space_hint, resolve_target, token_strings  # noqa: F401
 
 OBJECTIVES = ("logprob", "logit")
 
@@ -75,12 +76,10 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     """
     _check_method(method)
     if kv_cache is not None:  # the prediction made through an eviction policy: see explain.cached
-        if layers is not None:
-            raise ExplainError("layers= (latent relevances) is not available under a kv_cache policy")
         from .cached import explain_cached
 
         return explain_cached(model, tokenizer, prompt, target=target, method=method, kv_cache=kv_cache,
-                              cache_tokens=cache_tokens)
+                              cache_tokens=cache_tokens, layers=layers)
     if objective not in OBJECTIVES:
         raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
     ids = prompt_ids(tokenizer, prompt)
@@ -92,6 +91,7 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
         h0, logits = _forward(model, inputs, first_scored=n_prompt - 1 if spec.continuation else None)
         score, target_ids = spec.score(logits[0], objective)
         grads = torch.autograd.grad(score, [h0, *recorder.tensors()], allow_unused=True)
+    warn_target(tokenizer, target, spec, logits[0, -1])
     relevance = _token_relevance(h0, grads[0])[:n_prompt]
     evicted = None  # a cache policy will mark the tokens it dropped here (relevance 0 there)
     return Explanation(
@@ -99,7 +99,7 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
         target=spec.label(tokenizer, target_ids), target_ids=target_ids,
         target_logit=float(score.detach()), method=method, evicted=evicted,
         layers=recorder.relevances(grads[1:]) if layers is not None else None,
-        prompt=prompt if isinstance(prompt, str) else None)
+        prompt=prompt if isinstance(prompt, str) else None, score_label=spec.score_label(objective))
 
 
 def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20,
@@ -153,6 +153,14 @@ def prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     if not ids:
         raise ExplainError("the prompt has no tokens: there is nothing to explain")
     return ids
+
+
+def warn_target(tokenizer, target: Target, spec: TargetSpec, last_logits: torch.Tensor) -> None:
+    """Warn (:class:`~lucidlm.errors.TargetHint`) when a text target is probably not the token
+    the user meant: see :func:`~lucidlm.explain.targets.leading_space_hint`."""
+    hint = leading_space_hint(tokenizer, target, spec, last_logits.detach())
+    if hint is not None:
+        warnings.warn(hint, TargetHint, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- mechanics

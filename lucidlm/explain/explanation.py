@@ -19,7 +19,7 @@ import sys
 import uuid
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ import torch
 from ..errors import ExplainError
 from ..fileio import atomic_write
 from . import heatmaps as hm
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Explanation", "GenerationExplanation", "ImageExplanation", "load_json"]
 
@@ -89,12 +92,19 @@ def _check_len(name: str, items: Any, n: int) -> None:
 
 
 def _color_stdout() -> bool:
-    """Whether ``print(explanation)`` should use colour: a terminal, and NO_COLOR not set."""
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    """Whether text printed to stdout should be coloured: stdout is a terminal, and NO_COLOR
+    (https://no-color.org) is unset or empty."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return bool(sys.stdout is not None and sys.stdout.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
-def _target_title(target: str, logit: float, method: str) -> str:
-    return f"target {target!r} (logit {logit:.4g}) · method {method}"
+def _target_title(target: str, score: float, method: str, label: str = "logit") -> str:
+    """``target ' Paris' (logit 17.25) · method attnlrp``; ``label`` names what ``score`` is."""
+    return f"target {target!r} ({label} {score:.4g}) · method {method}"
 
 
 class _Result:
@@ -198,6 +208,8 @@ class Explanation(_Result):
     [(4, ' France', 1.600000023841858), (2, ' capital', 0.800000011920929)]
     >>> print(e.to_terminal(color=False, width=80).splitlines()[2])
     <s>[+4 sink]The[+0.1] capital[+0.8] of[-0.2] France[+1.6]
+    >>> e.title()
+    "target ' Paris' (logit 17.25) · method attnlrp"
     >>> Explanation.from_json(e.to_json()) == e
     True
     """
@@ -212,6 +224,10 @@ class Explanation(_Result):
     evicted: torch.Tensor | None = None
     layers: dict[str, torch.Tensor] | None = None
     prompt: str | None = None
+    #: what ``target_logit`` holds: "logit", "logit difference" (a contrast), "log-prob" (a
+    #: continuation's summed log-probabilities) or "logit sum" (a continuation, objective="logit").
+    #: Every rendering labels the value with it; JSON without it (older files) reads as "logit".
+    score_label: str = "logit"
 
     def __post_init__(self) -> None:
         self.tokens = [str(t) for t in self.tokens]
@@ -224,6 +240,7 @@ class Explanation(_Result):
         self.target, self.method = str(self.target), str(self.method)
         self.target_ids = [int(i) for i in self.target_ids]
         self.target_logit = float(self.target_logit)
+        self.score_label = str(self.score_label) if self.score_label else "logit"
         if self.evicted is not None:
             self.evicted = _tensor(self.evicted, torch.bool, "evicted", 1)
             _check_len("evicted", self.evicted, n)
@@ -248,16 +265,20 @@ class Explanation(_Result):
         return hm.token_cells(self.tokens, self.relevance, self.evicted, skip_first)
 
     def title(self) -> str:
-        """One-line header: target, logit and method."""
-        return _target_title(self.target, self.target_logit, self.method)
+        """One-line header: target, the explained score labelled with :attr:`score_label`, and
+        method."""
+        return _target_title(self.target, self.target_logit, self.method, self.score_label)
 
     def to_terminal(self, skip_first: bool = True, width: int | None = None,
-                    color: bool = True) -> str:
+                    color: bool | None = None) -> str:
         """Header, tokens with 24-bit ANSI backgrounds (red +, blue −), and a colour bar.
 
-        ``width`` defaults to the terminal's; ``color=False`` gives plain text with each token's
-        value in brackets. ``skip_first`` leaves token 0 out of the colour scale (underlined).
+        ``color=None`` (default) colours only when stdout is a terminal and NO_COLOR is not set,
+        so ``print(e.to_terminal())`` piped to a file writes no escape codes; ``color=True`` or
+        ``False`` forces it. Plain text shows each token's value in brackets. ``width`` defaults
+        to the terminal's; ``skip_first`` leaves token 0 out of the colour scale (underlined).
         """
+        color = _color_stdout() if color is None else color
         cells, scale = self.cells(skip_first)
         width = width or shutil.get_terminal_size((100, 24)).columns
         header = "\n".join([self.title(), *hm.cell_notes(cells)])
@@ -269,20 +290,28 @@ class Explanation(_Result):
         cells, scale = self.cells(skip_first)
         head = "".join(f"<div>{hm.esc(n)}</div>" for n in [self.title(), *hm.cell_notes(cells)])
         body = (f'<div class="lucidlm-head">{head}</div>{hm.html_cells(cells)}'
-                + hm.html_legend(scale, "relevance (red supports the target, blue opposes it)"))
+                + hm.html_legend(scale, hm.LEGEND))
         return hm.html_document(body, f"lucidlm: {self.target}", full_page)
 
-    def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
-        """PNG bytes: tokens as coloured boxes wrapped like text (``columns`` wide), colour bar."""
+    def png_figure(self, skip_first: bool = True, columns: int = 80) -> Figure:
+        """The matplotlib Figure :meth:`to_png` draws (Agg canvas, outside pyplot): title, tokens
+        wrapped at ``columns`` (the figure is only as wide as the longest line), colour bar
+        with ticks at ±scale and 0, one-line legend."""
         cells, scale = self.cells(skip_first)
-        return hm.tokens_png(cells, scale, "\n".join([self.title(), *hm.cell_notes(cells)]), columns)
+        title = "\n".join([self.title(), *hm.cell_notes(cells)])
+        return hm.tokens_figure(cells, scale, title, columns)
+
+    def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
+        """PNG bytes at 150 dpi: tokens as coloured boxes wrapped like text (at most ``columns``
+        wide), colour bar and legend (see :meth:`png_figure`)."""
+        return hm.figure_png(self.png_figure(skip_first, columns))
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
         return atomic_write(path, self.to_png(skip_first))
 
     def __str__(self) -> str:
-        return self.to_terminal(color=_color_stdout())
+        return self.to_terminal()
 
     def __repr__(self) -> str:
         best = self.top(1, skip_first=True)
@@ -375,9 +404,12 @@ class GenerationExplanation(_Result):
         return (f"{len(self.generated_tokens)} generated token(s) after "
                 f"{len(self.prompt_tokens)} prompt token(s) · method {self.method}")
 
-    def to_terminal(self, k: int = 5, skip_first: bool = True, color: bool = True) -> str:
+    def to_terminal(self, k: int = 5, skip_first: bool = True, color: bool | None = None) -> str:
         """Compact view: one line per generated token with its ``k`` most relevant earlier tokens
-        (coloured on that row's own scale). ``row(i).to_terminal()`` shows a full row."""
+        (coloured on that row's own scale). ``row(i).to_terminal()`` shows a full row.
+        ``color=None`` (default) colours only on a terminal without NO_COLOR (as
+        :meth:`Explanation.to_terminal`)."""
+        color = _color_stdout() if color is None else color
         lines = [self.title() + f" · top {k} earlier tokens each"
                  + " (token 0 left out)" * skip_first]
         for i, r in enumerate(self.rows()):
@@ -426,30 +458,34 @@ class GenerationExplanation(_Result):
         body = (f'<div id="{root}"><div class="lucidlm-head"><div>{hm.esc(self.title())}</div>'
                 f'<div class="lucidlm-info">{hm.esc(_INFO)}</div></div>'
                 + hm.html_cells(cells, extra)
-                + hm.html_legend(scale, "relevance, each row on its own scale")
+                + hm.html_legend(scale, hm.MATRIX_LEGEND)
                 + '<script type="application/json" class="lucidlm-data">'
                 + f"{hm.html_json(data)}</script>"
                 + f"<script>{_SCRIPT.replace('ROOT_ID', root)}</script></div>")
         return hm.html_document(body, f"lucidlm: generation ({self.method})", full_page)
 
-    def to_png(self, skip_first: bool = True) -> bytes:
-        """PNG bytes: the matrix as an image (rows = generated tokens, columns = all tokens),
-        each row coloured on its own scale; later tokens light grey, evicted ones grey."""
+    def png_figure(self, skip_first: bool = True) -> Figure:
+        """The matplotlib Figure :meth:`to_png` draws: title, the matrix (rows = generated
+        tokens, columns = all tokens), colour bar and one-line legend."""
         n_gen, n_all = self.matrix.shape
         if not n_gen:
             raise ExplainError("GenerationExplanation.to_png: no token was generated")
         colors = np.full((n_gen, n_all, 3), hm.FUTURE, dtype=np.uint8)
         for i, r in enumerate(self.rows()):
             colors[i, : len(r.tokens)] = [c.color for c in r.cells(skip_first)[0]]
-        return hm.matrix_png(colors, self.tokens, self.generated_tokens, self.title(),
-                             "relevance / row's colour scale")
+        return hm.matrix_figure(colors, self.tokens, self.generated_tokens, self.title())
+
+    def to_png(self, skip_first: bool = True) -> bytes:
+        """PNG bytes at 150 dpi: the matrix as an image (rows = generated tokens, columns = all
+        tokens), each row coloured on its own scale; later tokens light grey, evicted ones grey."""
+        return hm.figure_png(self.png_figure(skip_first))
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
         return atomic_write(path, self.to_png(skip_first))
 
     def __str__(self) -> str:
-        return self.to_terminal(color=_color_stdout())
+        return self.to_terminal()
 
     def __repr__(self) -> str:
         return (f"GenerationExplanation(method={self.method!r}, n_prompt={len(self.prompt_tokens)}, "
@@ -526,13 +562,17 @@ class ImageExplanation(_Result):
         """One-line header."""
         return _target_title(self.target, self.target_logit, self.method)
 
-    def to_png(self, overlay: bool = True) -> bytes:
-        """PNG bytes: the heatmap (colour map symmetric around 0), over the image if ``overlay``
-        (opacity follows |relevance|) or beside it."""
+    def png_figure(self, overlay: bool = True) -> Figure:
+        """The matplotlib Figure :meth:`to_png` draws."""
         image = None
         if self.image is not None:  # (C, H, W) -> (H, W, 3) for matplotlib
             image = self.image.clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()
-        return hm.image_png(self.relevance.numpy(), image, overlay, self.title())
+        return hm.image_figure(self.relevance.numpy(), image, overlay, self.title())
+
+    def to_png(self, overlay: bool = True) -> bytes:
+        """PNG bytes at 150 dpi: the heatmap (colour map symmetric around 0), over the image if
+        ``overlay`` (opacity follows |relevance|) or beside it."""
+        return hm.figure_png(self.png_figure(overlay))
 
     def save_png(self, path: PathLike, overlay: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""

@@ -16,13 +16,15 @@ Agg canvas directly).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
+import textwrap
 import unicodedata
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -41,6 +43,9 @@ FUTURE: RGB = (245, 245, 245)  # matrix cells a generated token could not see
 
 SINK_NOTE = "attention sink, excluded from the colour scale"
 EVICTED_NOTE = "evicted from the KV cache: the model no longer saw this token"
+#: the one-line legend of every rendering of an Explanation (terminal, HTML, PNG)
+LEGEND = "relevance: red supports the target, blue opposes it"
+MATRIX_LEGEND = "relevance, each row on its own scale: red supports that row's token, blue opposes it"
 
 
 # ----------------------------------------------------------------------------- colours
@@ -262,13 +267,17 @@ def terminal_text(cells: Sequence[Cell], width: int, color: bool) -> str:
     return "\n".join(lines)
 
 
-def terminal_legend(scale: float, color: bool, steps: int = 21) -> str:
-    """``-s ▕bar▏ +s``: the colour bar of a terminal rendering."""
+def terminal_legend(scale: float, color: bool, steps: int = 21, note: str = LEGEND) -> str:
+    """``-s ▕bar▏ +s  note``: the colour bar of a terminal rendering, and its one-line legend.
+
+    >>> terminal_legend(2.5, color=False)
+    'colour scale ±2.5 · relevance: red supports the target, blue opposes it'
+    """
     if not color:
-        return f"colour scale ±{scale:.3g} (red positive, blue negative)"
+        return f"colour scale ±{scale:.3g} · {note}"
     stops = rgb_array(np.linspace(-scale, scale, steps), scale).tolist()
     bar = "".join(ansi(" ", tuple(c), (0, 0, 0)) for c in stops)
-    return f"{-scale:+.3g} {bar} {scale:+.3g}"
+    return f"{-scale:+.3g} {bar} {scale:+.3g}  {note}"
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -320,8 +329,8 @@ def html_cells(cells: Sequence[Cell], extra: Callable[[Cell], dict[str, str]] | 
     return f'<div class="lucidlm-text">{spans}</div>'
 
 
-def html_legend(scale: float, note: str = "") -> str:
-    """The colour bar from ``-scale`` to ``+scale``."""
+def html_legend(scale: float, note: str = LEGEND) -> str:
+    """The colour bar from ``-scale`` to ``+scale`` and its one-line legend ``note``."""
     return (f'<div class="lucidlm-legend"><span>{-scale:+.3g}</span><span class="lucidlm-bar">'
             f"</span><span>{scale:+.3g}</span><span>{esc(note)}</span></div>")
 
@@ -347,8 +356,11 @@ def png_data_uri(png: bytes) -> str:
 
 # ----------------------------------------------------------------------------- PNG
 
+DPI = 150  # every PNG (the pHYs chunk says so, and the pixels are there to back it)
 FONT = {"family": "DejaVu Sans Mono", "size": 11}  # ships with matplotlib; monospace => no measuring
 CHAR_W, LINE_H = 0.0085 * FONT["size"], 0.024 * FONT["size"]  # inches per column / per line
+MARGIN = 0.12  # inches around the drawing
+BAR_W, BAR_H = 2.4, 0.14  # the colour bar, inches
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -356,47 +368,101 @@ def new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def figure_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (written to disk by :func:`lucidlm.fileio.atomic_write`, never directly)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # a token in a script the font lacks draws as boxes: expected
+@contextlib.contextmanager
+def _quiet_glyphs() -> Iterator[None]:
+    """Silence "Glyph ... missing from font": a token in a script the font lacks draws as boxes,
+    which is expected and no reason to warn on every rendering."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes at :data:`DPI` (written to disk by
+    :func:`lucidlm.fileio.atomic_write`, never directly)."""
+    buf = io.BytesIO()
+    with _quiet_glyphs():
         # "tight" grows the canvas to every label and title, so long ones are never cut off.
-        fig.savefig(buf, format="png", facecolor="white", bbox_inches="tight", pad_inches=0.15)
+        fig.savefig(buf, format="png", dpi=DPI, facecolor="white", bbox_inches="tight",
+                    pad_inches=0.15)
     return buf.getvalue()
 
 
-def add_colorbar(fig: Figure, rect: Sequence[float], scale: float, label: str) -> None:
-    """A horizontal colour bar from ``-scale`` to ``+scale`` in the figure region ``rect``."""
+def text_size(fig: Figure, text) -> tuple[float, float]:
+    """Width and height in inches of a text artist of ``fig``, as drawn."""
+    with _quiet_glyphs():
+        box = text.get_window_extent(fig.canvas.get_renderer())
+    return box.width / fig.dpi, box.height / fig.dpi
+
+
+def _wrap(fig: Figure, artist, line: str, width: float) -> str:
+    """``line`` wrapped at spaces to lines about ``width`` inches wide in ``artist``'s font."""
+    artist.set_text(line)
+    drawn = text_size(fig, artist)[0]
+    if drawn <= width:
+        return line
+    chars = max(20, int(len(line) * width / drawn))
+    return "\n".join(textwrap.wrap(line, chars, break_long_words=False, break_on_hyphens=False))
+
+
+def add_colorbar(fig: Figure, rect: Sequence[float], scale: float, label: str = "",
+                 tick_labels: Sequence[str] | None = None) -> None:
+    """A horizontal colour bar from ``-scale`` to ``+scale`` in the figure region ``rect``, with
+    ticks at ``-scale``, 0 and ``+scale`` (labelled with the values, or ``tick_labels``)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     mappable = ScalarMappable(Normalize(-scale, scale), colormap())
-    fig.colorbar(mappable, cax=fig.add_axes(rect), orientation="horizontal", label=label)
+    bar = fig.colorbar(mappable, cax=fig.add_axes(rect), orientation="horizontal")
+    labels = tick_labels or [f"{-scale:+.3g}".replace("-", "\u2212"), "0", f"{scale:+.3g}"]
+    bar.set_ticks([-scale, 0.0, scale], labels=list(labels), fontsize=8)
+    bar.ax.minorticks_off()
+    if label:
+        bar.set_label(label, fontsize=9)
 
 
-def tokens_png(cells: Sequence[Cell], scale: float, title: str, columns: int = 80) -> bytes:
-    """Tokens as coloured boxes wrapped like text, a title line and a colour bar."""
+def tokens_figure(cells: Sequence[Cell], scale: float, title: str, columns: int = 80,
+                  legend: str = LEGEND) -> Figure:
+    """The figure behind :func:`tokens_png`: the title (``fig.texts[0]``), the tokens as coloured
+    boxes wrapped like text at ``columns``, a colour bar (ticks at ±``scale`` and 0) and the
+    one-line ``legend`` (``fig.texts[1]``).
+
+    The figure is as wide as the longest wrapped line, or as the title or legend if wider: a short
+    prompt gives a small image, not ``columns`` of blank space.
+    """
     from matplotlib.patches import Rectangle
 
-    places = layout([display_width(c.text) for c in cells], [c.breaks for c in cells], columns)
+    widths = [display_width(c.text) for c in cells]
+    places = layout(widths, [c.breaks for c in cells], columns)
     lines = (places[-1][0] + 1) if places else 1
-    head, foot = 0.5, 0.8  # inches for the title and the colour bar
-    height = head + lines * LINE_H + foot
-    fig = new_figure(columns * CHAR_W + 0.4, height)
-    fig.text(0.5, 1 - 0.25 / height, title, ha="center", va="center", parse_math=False)
-    ax = fig.add_axes((0.2 / fig.get_figwidth(), foot / height,
-                       columns * CHAR_W / fig.get_figwidth(), lines * LINE_H / height))
-    ax.set_xlim(0, columns)
+    used = max([col + w for (_, col), w in zip(places, widths)], default=0) or 1
+    fig = new_figure(1.0, 1.0)
+    first, *notes = title.split("\n")
+    head = fig.text(0, 1, first, ha="left", va="top", fontsize=10, parse_math=False)
+    foot = fig.text(0, 0, legend, ha="left", va="bottom", fontsize=9, parse_math=False)
+    text_w, text_h = used * CHAR_W, lines * LINE_H
+    fit = max(text_w, text_size(fig, head)[0], text_size(fig, foot)[0], BAR_W + 0.3)
+    if notes:  # the notes under the title wrap to the width the rest needs, never widen it
+        head.set_text("\n".join([first, *(_wrap(fig, head, note, fit) for note in notes)]))
+    (head_w, head_h), (foot_w, foot_h) = text_size(fig, head), text_size(fig, foot)
+    # Inches from the bottom: legend, the bar's tick labels, the bar, the tokens, the title.
+    bar_y = MARGIN + foot_h + 0.28
+    text_y = bar_y + BAR_H + 0.2
+    width = 2 * MARGIN + max(text_w, head_w, foot_w, BAR_W + 0.3)
+    height = text_y + text_h + 0.12 + head_h + MARGIN
+    fig.set_size_inches(width, height)
+    head.set_position((MARGIN / width, 1 - MARGIN / height))
+    foot.set_position((MARGIN / width, MARGIN / height))
+    ax = fig.add_axes((MARGIN / width, text_y / height, text_w / width, text_h / height))
+    ax.set_xlim(0, used)
     ax.set_ylim(lines, 0)
     ax.set_axis_off()
-    for cell, (line, col) in zip(cells, places):
-        w = display_width(cell.text)
+    for cell, w, (line, col) in zip(cells, widths, places):
         ax.add_patch(Rectangle((col, line + 0.1), w, 0.8, facecolor=np.divide(cell.color, 255),
                                edgecolor="0.3" if cell.sink else "0.85",
                                linestyle="--" if cell.sink else "-", linewidth=0.6,
@@ -405,37 +471,71 @@ def tokens_png(cells: Sequence[Cell], scale: float, title: str, columns: int = 8
                 color=np.divide(cell.fg, 255), parse_math=False)
         if cell.evicted:  # strike-through, as in the terminal and HTML
             ax.plot([col, col + w], [line + 0.5] * 2, color=np.divide(EVICTED_TEXT, 255), lw=1)
-    add_colorbar(fig, (0.3, 0.35 / height, 0.4, 0.15 / height), scale, "relevance")
-    return figure_png(fig)
+    add_colorbar(fig, ((MARGIN + 0.15) / width, bar_y / height, BAR_W / width, BAR_H / height),
+                 scale)
+    return fig
 
 
-def matrix_png(colors: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str],
-               title: str, label: str) -> bytes:
-    """A pre-coloured (rows, cols, 3) uint8 matrix with token labels and a colour bar of ±1."""
+def tokens_png(cells: Sequence[Cell], scale: float, title: str, columns: int = 80,
+               legend: str = LEGEND) -> bytes:
+    """Tokens as coloured boxes wrapped like text, a title, a colour bar and a legend (see
+    :func:`tokens_figure`)."""
+    return figure_png(tokens_figure(cells, scale, title, columns, legend))
+
+
+def matrix_figure(colors: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str],
+                  title: str, legend: str = MATRIX_LEGEND) -> Figure:
+    """The figure behind :func:`matrix_png`: the title (``fig.texts[0]``), a pre-coloured
+    (rows, cols, 3) uint8 matrix with token labels, a colour bar (each row on its own scale, so
+    ticks at ±"row max" and 0) and the one-line ``legend`` (``fig.texts[1]``)."""
     rows, cols = colors.shape[:2]
     # Inches per cell: room for a label each, until the figure would pass ~14 x 12 inches (beyond
     # that labels are thinned anyway and a huge canvas only costs time and memory).
     cell = min(0.22, 12.0 / max(cols, 1), 9.5 / max(rows, 1))
-    fig = new_figure(max(4.0, 2.0 + cols * cell), max(3.0, 2.6 + rows * cell))
-    ax = fig.add_axes((0.15, 0.3, 0.8, 0.6))
+    fig = new_figure(1.0, 1.0)
+    head = fig.text(0.5, 1, title, ha="center", va="top", fontsize=10, parse_math=False)
+    foot = fig.text(0.5, 0, legend, ha="center", va="bottom", fontsize=9, parse_math=False)
+    (head_w, head_h), (foot_w, foot_h) = text_size(fig, head), text_size(fig, foot)
+    labels = {}
+    for axis, names in (("x", xlabels), ("y", ylabels)):
+        step = max(1, math.ceil(len(names) / 60))  # thin the labels of long sequences
+        labels[axis] = (range(0, len(names), step), [visible(t) for t in names[::step]])
+    # 7-point monospace labels: ~0.06 inches a character (x labels are rotated, so vertical).
+    x_room = 0.1 + 0.06 * max([display_width(t) for t in labels["x"][1]], default=1)
+    y_room = 0.1 + 0.06 * max([display_width(t) for t in labels["y"][1]], default=1)
+    grid_w, grid_h = cols * cell, rows * cell
+    bar_y = MARGIN + foot_h + 0.28
+    grid_y = bar_y + BAR_H + 0.12 + x_room
+    width = 2 * MARGIN + max(y_room + grid_w, head_w, foot_w, BAR_W + 0.3)
+    height = grid_y + grid_h + 0.15 + head_h + MARGIN
+    fig.set_size_inches(width, height)
+    head.set_position((0.5, 1 - MARGIN / height))
+    foot.set_position((0.5, MARGIN / height))
+    left = max(MARGIN + y_room, (width - grid_w) / 2)  # centred when the texts are wider
+    ax = fig.add_axes((left / width, grid_y / height, grid_w / width, grid_h / height))
     ax.imshow(colors, aspect="auto", interpolation="nearest")
-    ax.set_title(title, fontsize=10, parse_math=False)
-    for setter, labels in ((ax.set_xticks, xlabels), (ax.set_yticks, ylabels)):
-        step = max(1, math.ceil(len(labels) / 60))  # thin the labels of long sequences
-        setter(range(0, len(labels), step), [visible(t) for t in labels[::step]],
-               fontsize=7, fontfamily="DejaVu Sans Mono")
+    for setter, (ticks, names) in ((ax.set_xticks, labels["x"]), (ax.set_yticks, labels["y"])):
+        setter(ticks, names, fontsize=7, fontfamily="DejaVu Sans Mono")
     ax.tick_params(axis="x", rotation=90)
-    add_colorbar(fig, (0.3, 0.06, 0.4, 0.025), 1.0, label)
-    return figure_png(fig)
+    add_colorbar(fig, ((width - BAR_W) / 2 / width, bar_y / height, BAR_W / width, BAR_H / height),
+                 1.0, tick_labels=["\u2212row max", "0", "+row max"])
+    return fig
 
 
-def image_png(relevance: np.ndarray, image: np.ndarray | None, overlay: bool, title: str) -> bytes:
-    """Pixel relevance ``(H, W)`` as a heatmap symmetric around 0, over or beside ``(H, W, 3)``."""
+def matrix_png(colors: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str],
+               title: str, legend: str = MATRIX_LEGEND) -> bytes:
+    """A pre-coloured (rows, cols, 3) uint8 matrix with token labels (see :func:`matrix_figure`)."""
+    return figure_png(matrix_figure(colors, xlabels, ylabels, title, legend))
+
+
+def image_figure(relevance: np.ndarray, image: np.ndarray | None, overlay: bool,
+                 title: str) -> Figure:
+    """The figure behind :func:`image_png`."""
     scale = color_scale(torch.from_numpy(relevance), skip_first=False)
     panels = 1 if image is None or overlay else 2
     fig = new_figure(4.0 * panels, 4.6)
     fig.suptitle(title, fontsize=10)
-    axes = [fig.add_axes((0.05 + i / panels, 0.2, 0.9 / panels, 0.7)) for i in range(panels)]
+    axes = [fig.add_axes((0.05 + i / panels, 0.22, 0.9 / panels, 0.68)) for i in range(panels)]
     heat = {"cmap": colormap(), "vmin": -scale, "vmax": scale, "interpolation": "nearest"}
     if image is not None:
         axes[0].imshow(image, interpolation="nearest")
@@ -446,7 +546,10 @@ def image_png(relevance: np.ndarray, image: np.ndarray | None, overlay: bool, ti
         axes[-1].imshow(relevance, **heat)
     for ax in axes:
         ax.set_axis_off()
-    add_colorbar(fig, (0.2, 0.08, 0.6, 0.04), scale, "relevance")
-    return figure_png(fig)
+    add_colorbar(fig, (0.2, 0.1, 0.6, 0.035), scale, LEGEND)
+    return fig
 
 
+def image_png(relevance: np.ndarray, image: np.ndarray | None, overlay: bool, title: str) -> bytes:
+    """Pixel relevance ``(H, W)`` as a heatmap symmetric around 0, over or beside ``(H, W, 3)``."""
+    return figure_png(image_figure(relevance, image, overlay, title))

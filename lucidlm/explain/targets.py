@@ -42,6 +42,12 @@ class TargetSpec:
             return _wide(last[ids[0]]) - _wide(last[ids[1]]), ids
         return _wide(last[ids[0]]), ids
 
+    def score_label(self, objective: str = "logprob") -> str:
+        """What :meth:`score` computes, in words (every rendering labels the value with it)."""
+        if self.continuation:
+            return "log-prob" if objective == "logprob" else "logit sum"
+        return "logit difference" if self.contrast else "logit"
+
     def label(self, tokenizer, target_ids: list[int]) -> str:
         """Display string of the target."""
         if self.contrast:
@@ -50,6 +56,25 @@ class TargetSpec:
         if tokenizer is None:
             return " ".join(map(str, target_ids))
         return tokenizer.decode(target_ids)
+
+
+def leading_space_hint(tokenizer, target: Target, spec: TargetSpec, logits: torch.Tensor,
+                       candidates: int = 5) -> str | None:
+    """A note when a one-token text ``target`` differs from one of the model's top ``candidates``
+    next tokens only by leading whitespace (``'Paris'`` vs ``' Paris'``) that scores higher, else
+    None. ``logits``: the last position's (vocab,)."""
+    if not isinstance(target, str) or spec.ids is None or spec.contrast or tokenizer is None:
+        return None
+    chosen = spec.ids[0]
+    for candidate in logits.topk(min(candidates, logits.shape[-1])).indices.tolist():
+        text = tokenizer.decode([candidate])
+        if candidate != chosen and text != target and text.strip() == target.strip() \
+                and float(logits[candidate]) > float(logits[chosen]):
+            return (f"target {target!r} is token {chosen} (logit {float(logits[chosen]):.4g}), but the model's "
+                    f"top candidate {text!r} (token {candidate}, logit {float(logits[candidate]):.4g}) differs "
+                    f"from it only by leading whitespace; explaining {target!r} as asked: pass {text!r} "
+                    f"(or its id {candidate}) to explain the predicted token")
+    return None
 
 
 def resolve_target(tokenizer, target: Target, vocab_size: int) -> TargetSpec:

@@ -84,10 +84,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
+            visible = cache.visibility(pos, key_pos)
         else:
-            key_pos = pos
+            key_pos, visible = pos, None
         want_scores = cache is not None and cache.wants_scores
-        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None)
+        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None, visible=visible)
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
@@ -104,25 +105,33 @@ class CausalSelfAttention(nn.Module):
         return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------
-    def attend(self, q, k, v, q_pos, k_pos, want_scores: bool = False, causal_prefill: bool = False):
+    def attend(self, q, k, v, q_pos, k_pos, want_scores: bool = False, causal_prefill: bool = False,
+               visible: torch.Tensor | None = None):
         """Attention output (batch, heads, tokens, head_size) and, if asked, the per-key scores
-        (batch, groups, keys): weights summed over queries, averaged over a group's heads."""
+        (batch, groups, keys): weights summed over queries, averaged over a group's heads.
+        ``visible``: a cache's further restriction of the causal mask (see ``LayerCache.visibility``)."""
         q, k = rules.bilinear(q), rules.bilinear(k)
         if want_scores or self.softcap is not None or rules.current() == "cp-lrp":
-            mask = position_mask(q_pos, k_pos, self.window)
+            mask = self._mask(q_pos, k_pos, visible)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
             scores = self._scores(weights, q_pos) if want_scores else None
         else:
-            out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill), None
+            out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill, visible), None
         return rules.bilinear(out), scores
 
-    def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool):
-        if causal_prefill and self.window is None and bool((q_pos >= 0).all()):
+    def _mask(self, q_pos, k_pos, visible: torch.Tensor | None) -> torch.Tensor:
+        mask = position_mask(q_pos, k_pos, self.window)
+        return mask if visible is None else mask & visible
+
+    def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool, visible: torch.Tensor | None = None):
+        if visible is not None:
+            mask, causal = self._mask(q_pos, k_pos, visible), False
+        elif causal_prefill and self.window is None and bool((q_pos >= 0).all()):
             mask, causal = None, True  # plain prompt: the built-in causal mask is the fastest
         elif q.shape[2] == 1 and self.window is None and bool((k_pos >= 0).all()):
             mask, causal = None, False  # one-token decode over a full cache: every key is visible
         else:
-            mask, causal = position_mask(q_pos, k_pos, self.window), False
+            mask, causal = self._mask(q_pos, k_pos, None), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.n_groups != self.n_head)
 

@@ -173,7 +173,7 @@ def explanation_json(e, model_name: str) -> dict[str, Any]:
 
     return {"object": "explanation", "model": model_name, "method": e.method, "tokens": e.tokens,
             "token_ids": e.token_ids, "relevance": floats(e.relevance), "target": e.target,
-            "target_ids": e.target_ids, "target_logit": e.target_logit,
+            "target_ids": e.target_ids, "target_logit": e.target_logit, "score_label": e.score_label,
             "evicted": e.evicted.tolist() if e.evicted is not None else None,
             "layers": {k: floats(v) for k, v in e.layers.items()} if e.layers is not None else None}
 

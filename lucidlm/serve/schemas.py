@@ -135,6 +135,4 @@ class ExplainRequest(BaseModel):
                 raise ValueError("give reply or target, not both")
         if self.contrast is not None and (self.target is None or isinstance(self.target, list)):
             raise ValueError("contrast needs a single-token target")
-        if self.layers not in (False, None, []) and self.kv_cache is not None:
-            raise ValueError("layers (latent relevances) are not available under a kv_cache policy")
         return self

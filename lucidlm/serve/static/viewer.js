@@ -203,7 +203,8 @@
   }
 
   // Draws one explanation over the token view: ex = {selected, relevance (as received),
-  // evicted, target, method, score, layers}. Tokens from relevance.length on are cleared.
+  // evicted, target, method, score, label (what score is: "logit", "log-prob", ...), layers}.
+  // Tokens from relevance.length on are cleared.
   function showExplanation(ex) {
     const raw = ex.relevance;
     const values = raw.map(num);
@@ -222,7 +223,7 @@
   function showHead(ex, values, scale, evicted) {
     $("head-target").textContent = JSON.stringify(visible(String(ex.target)));
     $("head-method").textContent = ex.method;
-    $("head-score").textContent = Number.isFinite(num(ex.score)) ? String(Number(num(ex.score).toPrecision(5))) : "n/a";
+    showScore(ex.label, ex.score);
     $("legend-min").textContent = fmt(-scale, 3);
     $("legend-max").textContent = fmt(scale, 3);
     const notes = [];
@@ -233,6 +234,26 @@
     if (gone) notes.push(`${gone} token(s) evicted from the KV cache (grey, struck through)`);
     $("head-note").textContent = notes.join(" · ");
     $("explain-head").hidden = false;
+  }
+
+  // What the score is, before its value: "log-prob -3.2", "logit difference 1.5" (the page's
+  // "score" word is replaced by the label the server or the saved file gives).
+  const SCORE_NOTES = {
+    "logit": "the target token's logit",
+    "logit difference": "logit(target) \u2212 logit(contrast)",
+    "log-prob": "sum of the continuation's token log-probabilities",
+    "logit sum": "sum of the continuation's token logits",
+  };
+
+  function showScore(label, score) {
+    const value = $("head-score");
+    const name = typeof label === "string" && label ? label : "logit";
+    const word = value.previousSibling;
+    if (word && word.nodeType === Node.TEXT_NODE) word.textContent = `${name} `;
+    else value.before(document.createTextNode(`${name} `));
+    value.parentElement.title = SCORE_NOTES[name] || name;
+    value.dataset.label = name;
+    value.textContent = Number.isFinite(num(score)) ? String(Number(num(score).toPrecision(5))) : "n/a";
   }
 
   // Grid of latent relevances: rows = layers, columns = attention heads ("layers.L.attn") and the
@@ -309,7 +330,8 @@
     target.title = `target ${JSON.stringify(e.target)}`;
     $("tokens").appendChild(target);
     showExplanation({ selected: -1, relevance: e.relevance, evicted: e.evicted, target: e.target,
-                      method: e.method, score: e.target_logit, layers: e.layers });
+                      method: e.method, score: e.target_logit, label: e.score_label || "logit",
+                      layers: e.layers });
   }
 
   function showFileGeneration(g) {
@@ -334,6 +356,7 @@
       target: data.generated_tokens[g],
       method: data.method,
       score: data.target_logits ? data.target_logits[g] : NaN,
+      label: "logit", // each generated token's own logit
       layers: null,
     });
     $("tokens").dataset.explained = `${index}:${data.method}`;
@@ -592,7 +615,8 @@
       const ex = decode(await resp.json());
       if (seq !== state.explainSeq) return; // a newer click owns the view
       showExplanation({ selected: index, relevance: ex.relevance, evicted: ex.evicted, target: ex.target,
-                        method: ex.method || method, score: ex.target_logit, layers: ex.layers });
+                        method: ex.method || method, score: ex.target_logit,
+                        label: ex.score_label || "logit", layers: ex.layers });
       $("tokens").dataset.explained = `${index}:${method}`;
     } catch (err) {
       if (seq === state.explainSeq) showError(`Explain failed: ${err.message}`);
