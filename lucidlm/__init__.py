@@ -1,11 +1,35 @@
-"""lucidlm: transformer language models you can run, extend and see into."""
+"""lucidlm: transformer language models you can run, extend and see into.
 
-from .config import Config, Family, register_config
+The names below load on first use (PEP 562), so ``import lucidlm`` (and the ``lucidlm`` command's
+help, argument checks and catalogue) never waits for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import LucidError
-from .model import GPT, rules
+
+if TYPE_CHECKING:
+    from .config import Family
+
+__version__ = "0.1.0"
 
 __all__ = ["Config", "Family", "GPT", "LLM", "LucidError", "explain", "hf", "register_config", "register_family",
            "rules"]
+
+#: public name -> (module, attribute; None: the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "Config": (".config", "Config"),
+    "Family": (".config", "Family"),
+    "register_config": (".config", "register_config"),
+    "GPT": (".model", "GPT"),
+    "rules": (".model.rules", None),
+    "LLM": (".api", "LLM"),
+    "hf": (".hf", None),  # lucidlm.hf.explainable(...)
+    "explain": (".explain", None),  # lucidlm.explain.check(...)
+}
 
 
 def register_family(family: Family, layout=None) -> Family:
@@ -24,17 +48,26 @@ def register_family(family: Family, layout=None) -> Family:
         raise ConfigError(f"register_family: layout {family.layout!r} is unknown; pass layout=Layout(...) "
                           f"or use one of {', '.join(sorted(LAYOUTS))}")
     return register_config_family(family)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # LLM pulls in tokenizer/generation code; import it lazily so `import lucidlm` stays light
-    if name == "LLM":
-        from .api import LLM
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = importlib.import_module(module, __name__)
+        if attribute is not None:
+            value = getattr(value, attribute)
+    elif not name.startswith("__"):  # a submodule: lucidlm.api, lucidlm.cache, ... (as after an eager import)
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return LLM
-    if name in ("hf", "explain"):  # `lucidlm.hf.explainable(...)`, `lucidlm.explain.check(...)`
-        import importlib
 
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'lucidlm' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

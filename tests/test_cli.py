@@ -65,3 +65,18 @@ def test_explain_writes_heatmaps(tmp_path):
     from lucidlm.explain.explanation import Explanation
 
     assert len(Explanation.from_json(js.read_text()).relevance) == 5  # one value per prompt token
+
+
+def test_explain_target_hint_target_id_and_continuation_labels():
+    done = cli("explain", "The capital of France is", "--target", "Paris")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("lucidlm: note: ")]
+    assert len(notes) == 1 and "' Paris'" in notes[0] and "7042" in notes[0]
+    assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr  # a note, not a Python warning
+    done = cli("explain", "The capital of France is", "--target-id", "7042")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("target ' Paris' (logit") and "note" not in done.stderr
+    done = cli("explain", "The capital of France is", "--target", " Paris is")  # a continuation
+    assert done.returncode == 0, done.stderr
+    title = done.stdout.splitlines()[0]
+    assert "log-prob" in title and "logit" not in title

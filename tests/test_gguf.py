@@ -268,7 +268,9 @@ def test_dtype_is_part_of_the_cache_key(tmp_path):
 def test_changed_file_is_converted_again(tmp_path):
     path = _write_tiny(tmp_path / "tiny.gguf")
     first = gguf_to_hf_dir(path, cache_dir=tmp_path / "cache", progress=False)
-    os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 10**9))
+    os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 10**9))  # touched, same content: a hit
+    assert gguf_to_hf_dir(path, cache_dir=tmp_path / "cache", progress=False) == first
+    _write_tiny(path, tensor_dtype=np.float16)  # new content
     assert gguf_to_hf_dir(path, cache_dir=tmp_path / "cache", progress=False) != first
 
 

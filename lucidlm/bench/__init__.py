@@ -13,3 +13,52 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def emit(line: str = "") -> None:
+    """Print one line of results to stdout now, above any progress bar on stderr: tables appear
+    row by row as they are measured, and stdout holds nothing but results."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def progress(total: float, desc: str, unit: str = "run", **options):
+    """A progress bar on stderr (always shown, even when stderr is not a terminal: a bench is
+    long, silent work otherwise); ``options`` go to tqdm."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, **options)
+
+
+def prepare_model(model: str | None) -> None:
+    """Do a model's one-off work here, with progress on stderr, before measuring: convert a GGUF
+    (the embedded default when ``model`` is None) into the conversion cache, download a hub repo
+    id. Child processes then find it ready instead of converting silently inside a measurement."""
+    from pathlib import Path
+
+    from ..checkpoints.hub import is_repo_id, resolve
+
+    if model is not None and is_repo_id(str(model)):
+        resolve(model, progress=True)
+        return
+    if model is None:
+        from ..checkpoints.embedded import default_model_path
+
+        path = default_model_path()
+    else:
+        path = Path(model).expanduser()
+    if path.suffix == ".gguf" or (path.is_file() and _starts_with(path, b"GGUF")):
+        from ..checkpoints.gguf import gguf_to_hf_dir
+
+        gguf_to_hf_dir(path, progress=True)
+
+
+def _starts_with(path, magic: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(magic)) == magic

@@ -8,7 +8,6 @@ table reports each engine's median, so a noisy neighbour on the machine hits bot
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -19,30 +18,33 @@ from pathlib import Path
 import torch
 
 from . import run_child
+from .args import add_decode as add_arguments  # noqa: F401  (lucidlm bench decode's options)
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")
-    p.add_argument("--engine", choices=["lucidlm", "transformers"], help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
     if args.engine:  # child process: measure one engine, print JSON
         print(json.dumps(_measure(args)))
         return 0
+    from . import emit, prepare_model, progress
+
+    prepare_model(args.model)  # a GGUF converts here, with progress, not silently in a child
+    for line in _header_lines(args):
+        emit(line)
+    rounds = max(1, args.rounds)
     runs: dict[str, list[dict]] = {"lucidlm": [], "transformers": []}
-    for _ in range(max(1, args.rounds)):
-        for engine in runs:
-            runs[engine].append(_child(args, engine))
-    print(format_table([_median(r) for r in runs.values()], args))
+    with progress(rounds * len(runs), "bench decode") as bar:
+        for n in range(rounds):
+            for engine in runs:
+                bar.set_postfix_str(f"round {n + 1}, {engine}")
+                runs[engine].append(_child(args, engine))
+                bar.update(1)
+                if len(runs[engine]) == rounds:  # the engine's row (median of its rounds) is final
+                    emit(format_row(_median(runs[engine])))
+    for line in _summary_lines([_median(r) for r in runs.values()]):
+        emit(line)
     return 0
 
 
@@ -129,19 +131,31 @@ def _hf_steps(llm, args):
 
 
 def format_table(rows: list[dict], args) -> str:
-    lines = [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, "
-             f"{args.prompt_tokens} prompt tokens, {args.new_tokens} greedy new tokens, torch threads "
-             f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds",
-             f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['engine']:<14}  failed: {r['error']}")
-        else:
-            lines.append(f"{r['engine']:<14}{r['prefill_tps']:>15.1f}{r['decode_tps']:>14.1f}{r['peak_rss_mb']:>13.0f}")
+    """The whole table; ``run`` prints the same lines as they become known."""
+    return "\n".join([*_header_lines(args), *map(format_row, rows), *_summary_lines(rows)])
+
+
+def _header_lines(args) -> list[str]:
+    import torch
+
+    return [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, "
+            f"{args.prompt_tokens} prompt tokens, {args.new_tokens} greedy new tokens, torch threads "
+            f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds",
+            f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"]
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['engine']:<14}  failed: {r['error']}"
+    return f"{r['engine']:<14}{r['prefill_tps']:>15.1f}{r['decode_tps']:>14.1f}{r['peak_rss_mb']:>13.0f}"
+
+
+def _summary_lines(rows: list[dict]) -> list[str]:
+    lines = []
     ok = [r for r in rows if "tokens" in r]
     if len(ok) == 2:
         same = ok[0]["tokens"] == ok[1]["tokens"]
         first_diff = next((i for i, (a, b) in enumerate(zip(*(r["tokens"] for r in ok))) if a != b), None)
         lines.append(f"greedy tokens agree: {'yes' if same else f'no (first difference at step {first_diff})'}")
         lines.append(f"decode speed ratio lucidlm/transformers: {ok[0]['decode_tps'] / ok[1]['decode_tps']:.2f}x")
-    return "\n".join(lines)
+    return lines

@@ -41,31 +41,40 @@ from pathlib import Path
 import torch
 
 from . import run_child
+from .args import add_explain as add_arguments
 
 ROWS = ("forward", "forward+backward")
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--lengths", default="256,1024", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--methods", default="attnlrp", help="explanation methods to time (comma-separated)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
-
-
 def run(args) -> int:
     if args.child:
         print(json.dumps(measure(args, args.child, args.length)))
         return 0
+    import torch
+
+    from . import emit, prepare_model, progress
+
     rows = ROWS + tuple(m.strip() for m in args.methods.split(",") if m.strip())
     lengths = [int(n) for n in args.lengths.split(",")]
-    results = {(row, n): _child(args, row, n) for n in lengths for row in rows}
-    print(format_table(results, rows, lengths, args))
+    prepare_model(args.model)  # a GGUF converts here, with progress, not silently in a child
+    for line in _header_lines(args.threads or torch.get_num_threads(), lengths, args):
+        emit(line)
+    # every row's ratios need forward+backward at the same length: measure it first, then print
+    # each row as soon as it and the rows above it are measured
+    order = ["forward+backward", *(r for r in dict.fromkeys(rows) if r != "forward+backward")]
+    results: dict = {}
+    shown = 0
+    with progress(len(order) * len(lengths), "bench explain") as bar:
+        for row in order:
+            for n in lengths:
+                bar.set_postfix_str(f"{row}, {n} tokens")
+                results[(row, n)] = _child(args, row, n)
+                bar.update(1)
+            while shown < len(rows) and all((rows[shown], n) in results for n in lengths):
+                emit(format_row(results, rows[shown], lengths))
+                shown += 1
     return 0
 
 
@@ -162,26 +171,33 @@ def _peak_kib() -> int | None:
 def format_table(results: dict, rows, lengths, args) -> str:
     """Side by side per length: seconds, peak MiB, and the ratios to forward+backward."""
     threads = next((r["threads"] for r in results.values() if "threads" in r), "?")
+    lines = _header_lines(threads, lengths, args)
+    return "\n".join(lines + [format_row(results, row, lengths) for row in rows])
+
+
+def _header_lines(threads, lengths, args) -> list[str]:
     lines = [f"explanation cost: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, CPU, "
              f"torch threads {threads}; time = median of {args.repeats}, memory = peak RSS increase of "
              "one run (own process)"]
     head = f"{'':<18}" + "".join(f"{f'{n} tokens':>34}" for n in lengths)
     sub = f"{'':<18}" + f"{'s':>9}{'×f+b':>7}{'MiB':>10}{'×f+b':>8}" * len(lengths)
-    lines += [head, sub]
-    for row in rows:
-        cells = []
-        for n in lengths:
-            r, base = results[(row, n)], results[("forward+backward", n)]
-            if "error" in r:
-                cells.append(f"{'failed: ' + r['error'][:24]:>34}")
-                continue
-            t_ratio = r["seconds"] / base["seconds"] if "seconds" in base else float("nan")
-            mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-            m_ratio = (r["peak_mib"] / base["peak_mib"]
-                       if r["peak_mib"] is not None and base.get("peak_mib") else float("nan"))
-            cells.append(f"{r['seconds']:>9.3f}{t_ratio:>7.2f}{mem:>10}{m_ratio:>8.2f}")
-        lines.append(f"{row:<18}" + "".join(cells))
-    return "\n".join(lines)
+    return lines + [head, sub]
+
+
+def format_row(results: dict, row: str, lengths) -> str:
+    """One row of the table: needs ``results`` of ``row`` and of forward+backward at each length."""
+    cells = []
+    for n in lengths:
+        r, base = results[(row, n)], results[("forward+backward", n)]
+        if "error" in r:
+            cells.append(f"{'failed: ' + r['error'][:24]:>34}")
+            continue
+        t_ratio = r["seconds"] / base["seconds"] if "seconds" in base else float("nan")
+        mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        m_ratio = (r["peak_mib"] / base["peak_mib"]
+                   if r["peak_mib"] is not None and base.get("peak_mib") else float("nan"))
+        cells.append(f"{r['seconds']:>9.3f}{t_ratio:>7.2f}{mem:>10}{m_ratio:>8.2f}")
+    return f"{row:<18}" + "".join(cells)
 
 
 if __name__ == "__main__":

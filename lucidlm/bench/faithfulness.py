@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ..model import rules
+from .args import FAITHFULNESS_METHODS as METHODS  # the explanation methods and the random baseline
+from .args import add_faithfulness as add_arguments
 
-METHODS = (*rules.METHODS, "random")  # random: the baseline every method must beat
 PROMPT_FILE = "faithfulness_prompts.txt"
 
 
@@ -133,14 +133,25 @@ def _top_token(model, ids: Sequence[int]) -> int:
 
 
 def evaluate(model, tokenizer, prompts: Sequence[str], methods: Sequence[str] = METHODS,
-             replacement: int = 0, n_random: int = 4, lerf: bool = True) -> dict[str, Scores]:
-    """:class:`Scores` per method over ``prompts``."""
+             replacement: int = 0, n_random: int = 4, lerf: bool = True,
+             progress: bool = False) -> dict[str, Scores]:
+    """:class:`Scores` per method over ``prompts``. ``progress``: a bar on stderr counting the
+    prompts, with each method's ABPC so far."""
+    from . import progress as progress_bar
+
     scores = {m: Scores() for m in methods}
+    bar = progress_bar(len(prompts), "bench faithfulness", unit="prompt") if progress else None
     for i, prompt in enumerate(prompts):
         result = prompt_curves(model, tokenizer, prompt, methods, replacement, n_random, seed=i, lerf=lerf)
         for m, r in result.items():
             for key, value in r.items():
                 getattr(scores[m], key).append(value)
+        if bar is not None:
+            running = [f"{m} {s.abpc:.2f}" for m, s in scores.items() if sum(s.scale)]
+            bar.set_postfix_str("ABPC " + ", ".join(running) if running and lerf else "")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return scores
 
 
@@ -156,15 +167,6 @@ def replacement_id(tokenizer, text: str | None) -> int:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", help="prompt file, one a line (default: the packaged factual/grammar prompts)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
-    p.add_argument("--replacement", default=" ", help="the one-token text that replaces deleted tokens")
-    p.add_argument("--random-orders", type=int, default=4, help="random orders averaged per prompt")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-
-
 def run(args) -> int:
     from ..api import LLM
 
@@ -175,30 +177,49 @@ def run(args) -> int:
     if unknown:
         print(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
         return 2
-    llm = LLM.load(args.model)
+    from . import emit
+
+    llm = LLM.load(args.model, progress=True)
     llm.model.eval()
     prompts = load_prompts(args.prompts)
+    for line in _header_lines(len(prompts), llm.source, args.replacement):  # rows: after the last prompt
+        emit(line)
     t0 = time.perf_counter()
     scores = evaluate(llm.model, llm.tokenizer, prompts, methods,
-                      replacement_id(llm.tokenizer, args.replacement), args.random_orders)
-    print(format_table(scores, len(prompts), time.perf_counter() - t0, llm.source, args.replacement))
+                      replacement_id(llm.tokenizer, args.replacement), args.random_orders, progress=True)
+    for line in format_table(scores, len(prompts), time.perf_counter() - t0).splitlines()[3:]:
+        emit(line)
     return 0
 
 
 def format_table(scores: dict[str, Scores], n_prompts: int, seconds: float, source: str | None = None,
                  replacement: str = " ") -> str:
-    """The results as a fixed-width table."""
-    lines = [f"deletion faithfulness on {source or 'the model'}: {n_prompts} prompts, deleted tokens "
-             f"replaced by {replacement!r}, {seconds:.0f} s",
-             "areas normalised by the prompts' total logit drop; MoRF: lower is better, "
-             "ABPC = LeRF − MoRF: higher is better",
-             f"{'method':<12}{'MoRF area':>11}{'LeRF area':>11}{'ABPC':>8}{'MoRF < random':>15}"]
+    """The results as a fixed-width table: three header lines, a row per method, the time taken.
+
+    >>> s = Scores(morf=[0.1, 0.2], lerf=[0.8, 0.9], scale=[1.0, 1.0])
+    >>> print(format_table({"attnlrp": s}, 2, 3.4, "m.gguf"))
+    deletion faithfulness on m.gguf: 2 prompts, deleted tokens replaced by ' '
+    areas normalised by the prompts' total logit drop; MoRF: lower is better, ABPC = LeRF − MoRF: higher is better
+    method        MoRF area  LeRF area    ABPC  MoRF < random
+    attnlrp           0.150      0.850   0.700
+    2 prompts in 3 s
+    """
+    lines = _header_lines(n_prompts, source, replacement)
     baseline = scores.get("random")
     for m, s in scores.items():
         wins = ("" if baseline is None or m == "random" else
                 f"{sum(a < b for a, b in zip(s.morf, baseline.morf))}/{len(s.morf)}")
-        lines.append(f"{m:<12}{s.area('morf'):>11.3f}{s.area('lerf'):>11.3f}{s.abpc:>8.3f}{wins:>15}")
+        lines.append(f"{m:<12}{s.area('morf'):>11.3f}{s.area('lerf'):>11.3f}{s.abpc:>8.3f}{wins:>15}".rstrip())
+    lines.append(f"{n_prompts} prompts in {seconds:.0f} s")
     return "\n".join(lines)
+
+
+def _header_lines(n_prompts: int, source: str | None, replacement: str = " ") -> list[str]:
+    return [f"deletion faithfulness on {source or 'the model'}: {n_prompts} prompts, deleted tokens "
+            f"replaced by {replacement!r}",
+            "areas normalised by the prompts' total logit drop; MoRF: lower is better, "
+            "ABPC = LeRF − MoRF: higher is better",
+            f"{'method':<12}{'MoRF area':>11}{'LeRF area':>11}{'ABPC':>8}{'MoRF < random':>15}"]
 
 
 if __name__ == "__main__":

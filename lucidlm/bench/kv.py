@@ -15,46 +15,36 @@ after the whole text went into the cache).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
-LICENSES = Path("/usr/share/common-licenses")
-DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", type=Path, action="append", default=None,
-                   help=f"text file to measure on (repeatable; default: the files in {LICENSES})")
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokens", type=int, default=4096, help="text length in tokens (default 4096)")
-    p.add_argument("--fractions", default="0.125,0.25,0.5", help="cache budgets as fractions of the text")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
-    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
-    p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+from .args import DEFAULT_POLICIES, LICENSES  # noqa: F401
+from .args import add_kv as add_arguments  # noqa: F401  (lucidlm bench kv's options)
 
 
 def run(args) -> int:
     from lucidlm import LLM
     from lucidlm.errors import LucidError
 
+    from . import emit
+
     try:
         text = load_text(args.text)
-        llm = LLM.load(args.model, dtype=args.dtype, device=args.device)
+        llm = LLM.load(args.model, dtype=args.dtype, device=args.device, progress=True)
         ids = token_ids(llm, text, args.tokens)
     except (LucidError, OSError) as exc:
         print(f"lucidlm bench kv: {exc}")
         return 1
     fractions = [float(f) for f in args.fractions.split(",") if f]
     policies = [p.strip() for p in args.policies.split(",") if p.strip() and p.strip() != "dense"]
-    rows = measure(llm.model, ids, policies, fractions, args.chunk_size, args.decode_steps)
-    print(f"{llm.source}: {len(ids)} tokens, chunk {args.chunk_size}, {args.decode_steps} decode steps, "
-          f"{args.device} {args.dtype}")
-    print(format_table(rows))
+    emit(f"{llm.source}: {len(ids)} tokens, chunk {args.chunk_size}, {args.decode_steps} decode steps, "
+         f"{args.device} {args.dtype}")
+    for line in format_table([]).splitlines():  # the header now, each row as it is measured
+        emit(line)
+    measure(llm.model, ids, policies, fractions, args.chunk_size, args.decode_steps,
+            on_row=lambda row: emit(format_row(row)))
     return 0
 
 
@@ -83,18 +73,23 @@ def token_ids(llm, text: str, n: int) -> list[int]:
 
 
 def measure(model, ids: list[int], policies: list[str], fractions: list[float], chunk_size: int = 256,
-            decode_steps: int = 64) -> list[dict]:
-    """One row per (policy, budget), dense (room for the whole text) first."""
-    from tqdm.auto import tqdm
+            decode_steps: int = 64, on_row=None) -> list[dict]:
+    """One row per (policy, budget), dense (room for the whole text) first; ``on_row(row)`` is
+    called as each row is measured. A progress bar on stderr counts the runs."""
+    from . import progress
 
     runs = [("dense", len(ids) + decode_steps, 1.0)]
     runs += [(p, max(1, round(f * len(ids))), f) for f in fractions for p in policies]
     rows = []
-    for policy, budget, fraction in tqdm(runs, desc="bench kv", unit="run"):
-        rows.append(measure_one(model, ids, policy, budget, chunk_size, decode_steps) | {"fraction": fraction})
-    dense = rows[0]["perplexity"]
-    for row in rows:
-        row["delta"] = row["perplexity"] / dense - 1
+    with progress(len(runs), "bench kv") as bar:
+        for policy, budget, fraction in runs:
+            bar.set_postfix_str(f"{policy}, {budget} tokens")
+            row = measure_one(model, ids, policy, budget, chunk_size, decode_steps) | {"fraction": fraction}
+            row["delta"] = row["perplexity"] / (rows[0] if rows else row)["perplexity"] - 1  # vs dense
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            bar.update(1)
     return rows
 
 
@@ -128,7 +123,10 @@ def format_table(rows: list[dict]) -> str:
     """A Markdown table (what the README shows)."""
     lines = ["| policy | cache tokens | of text | perplexity | vs dense | cache MiB | decode tok/s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {r['cache_tokens']} | {100 * r['fraction']:g}% | {r['perplexity']:.2f} | "
-                     f"{r['delta']:+.1%} | {r['memory_bytes'] / 2 ** 20:.1f} | {r['decode_tps']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [format_row(r) for r in rows])
+
+
+def format_row(r: dict) -> str:
+    """One row of :func:`format_table`."""
+    return (f"| {r['policy']} | {r['cache_tokens']} | {100 * r['fraction']:g}% | {r['perplexity']:.2f} | "
+            f"{r['delta']:+.1%} | {r['memory_bytes'] / 2 ** 20:.1f} | {r['decode_tps']:.1f} |")

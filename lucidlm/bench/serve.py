@@ -16,7 +16,6 @@ The clients use the standard library's ``http.client``: the bench needs nothing 
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -27,43 +26,49 @@ import sys
 import threading
 import time
 
+from .args import add_serve as add_arguments  # noqa: F401  (lucidlm bench serve's options)
+
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "What does a compiler do?",
              "Why is the sky blue?", "Give me a synonym for 'happy'.", "How many legs does a spider have?"]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrent client counts")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each client count runs")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
 def run(args) -> int:
+    from . import emit, prepare_model, progress
+
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    prepare_model(args.model)  # a GGUF converts here, with progress, not silently in the server
     port = _free_port()
     command = [sys.executable, "-m", "lucidlm", "serve", "--port", str(port), "--dtype", args.dtype,
                "--max-queue", str(max(counts) + 1)]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rows = []
     try:
+        print("lucidlm bench serve: starting the server (loading the model)", file=sys.stderr, flush=True)
         model = _wait_ready(port, server)
-        rows = [measure(port, model, n, args.seconds, args.max_tokens) for n in counts]
+        emit(f"lucidlm serve on 127.0.0.1, model {model}, {args.dtype}, {args.max_tokens}-token chat replies, "
+             f"{args.seconds:g} s per row, {os.cpu_count()} CPUs")
+        for line in format_table([]).splitlines():  # the header now, each row as it is measured
+            emit(line)
+        with progress(args.seconds * len(counts), "bench serve", unit="s",
+                      bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}") as bar:
+            for n in counts:
+                bar.set_postfix_str(f"{n} client{'s' if n != 1 else ''}")
+                rows.append(measure(port, model, n, args.seconds, args.max_tokens, bar=bar))
+                emit(format_row(rows[-1]))
     except RuntimeError as exc:
         print(f"lucidlm bench serve: {exc}")
         return 1
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"lucidlm serve on 127.0.0.1, model {model}, {args.dtype}, {args.max_tokens}-token chat replies, "
-          f"{args.seconds:g} s per row, {os.cpu_count()} CPUs")
-    print(format_table(rows))
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 
-def measure(port: int, model: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    """``clients`` threads streaming requests back to back for ``seconds``."""
+def measure(port: int, model: str, clients: int, seconds: float, max_tokens: int, bar=None) -> dict:
+    """``clients`` threads streaming requests back to back for ``seconds`` (``bar``: a tqdm bar
+    counting seconds, advanced while they run)."""
     results: list[dict] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -80,8 +85,16 @@ def measure(port: int, model: str, clients: int, seconds: float, max_tokens: int
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    shown = 0.0
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(timeout=0.5)
+            if bar is not None:
+                step = min(seconds, time.perf_counter() - start) - shown
+                bar.update(step)
+                shown += step
+    if bar is not None:
+        bar.update(seconds - shown)
     elapsed = time.perf_counter() - start
     ok = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in ok)
@@ -122,10 +135,13 @@ def stream_once(port: int, model: str, question: str, max_tokens: int) -> dict:
 def format_table(rows: list[dict]) -> str:
     lines = ["| clients | requests | failed | req/s | TTFT p50 s | TTFT p99 s | tokens/s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['rps']:.2f} | "
-                     f"{r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tokens_per_s']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [format_row(r) for r in rows])
+
+
+def format_row(r: dict) -> str:
+    """One row of :func:`format_table`."""
+    return (f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['rps']:.2f} | "
+            f"{r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tokens_per_s']:.1f} |")
 
 
 def _quantile(values: list[float], q: float) -> float:

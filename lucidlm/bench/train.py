@@ -17,7 +17,6 @@ rounds and the table reports medians.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -28,22 +27,8 @@ from pathlib import Path
 import torch
 
 from . import run_child
-
-LR = {"lora": 2e-4, "full": 2e-5}  # lucidlm's defaults per method, used by both engines
-ENGINES = ("lucidlm", "transformers")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", default="lora,full", help="comma-separated: lora, full (default both)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])
-    p.add_argument("--steps", type=int, default=6, help="training steps (the first is not timed)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--rounds", type=int, default=1, help="alternating runs per engine (median reported)")
-    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=list(LR), help=argparse.SUPPRESS)
+from .args import ENGINES, LR
+from .args import add_train as add_arguments  # noqa: F401  (lucidlm bench train's options)
 
 
 def run(args) -> int:
@@ -54,12 +39,23 @@ def run(args) -> int:
     if not methods or set(methods) - set(LR) or args.steps < 2:
         print("lucidlm bench train: --methods takes lora and/or full, and --steps must be at least 2")
         return 2
+    from . import emit, progress
+
     directory = _checkpoint_dir(args.model)
+    for line in _header_lines(args):
+        emit(line)
+    rounds = max(1, args.rounds)
     runs: dict[tuple[str, str], list[dict]] = {(m, e): [] for m in methods for e in ENGINES}
-    for _ in range(max(1, args.rounds)):
-        for method, engine in runs:
-            runs[method, engine].append(_child(args, directory, engine, method))
-    print(format_table({key: _median(rows) for key, rows in runs.items()}, methods, args))
+    with progress(rounds * len(runs), "bench train") as bar:
+        for n in range(rounds):
+            for method, engine in runs:
+                bar.set_postfix_str(f"round {n + 1}, {method}, {engine}")
+                runs[method, engine].append(_child(args, directory, engine, method))
+                bar.update(1)
+                if len(runs[method, engine]) == rounds:  # the row (median of its rounds) is final
+                    emit(format_row(method, engine, _median(runs[method, engine])))
+    for line in _summary_lines({key: _median(rows) for key, rows in runs.items()}, methods, args):
+        emit(line)
     return 0
 
 
@@ -169,18 +165,31 @@ def _hf_train(args, text: str, examples: list) -> list[tuple]:
 
 
 def format_table(rows: dict[tuple[str, str], dict], methods: list[str], args) -> str:
-    lines = [f"train benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.precision}, batch "
-             f"{args.batch_size} x {args.seq_len} tokens, {args.steps} steps (tokens/s over steps 2-{args.steps}), "
-             f"torch threads {args.threads or torch.get_num_threads()}, "
-             f"median of {max(1, args.rounds)} alternating rounds",
-             f"{'method':<8}{'engine':<19}{'tokens/s':>10}{'peak RSS MB':>13}{'first loss':>12}{'last loss':>11}"]
-    for (method, engine), r in rows.items():
-        label = engine if engine == "lucidlm" or method == "full" else "transformers+peft"
-        if "error" in r:
-            lines.append(f"{method:<8}{label:<19}  failed: {r['error']}")
-        else:
-            lines.append(f"{method:<8}{label:<19}{r['tps']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-                         f"{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
+    """The whole table; ``run`` prints the same lines as they become known."""
+    return "\n".join([*_header_lines(args), *(format_row(m, e, r) for (m, e), r in rows.items()),
+                      *_summary_lines(rows, methods, args)])
+
+
+def _header_lines(args) -> list[str]:
+    import torch
+
+    return [f"train benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.precision}, batch "
+            f"{args.batch_size} x {args.seq_len} tokens, {args.steps} steps (tokens/s over steps 2-{args.steps}), "
+            f"torch threads {args.threads or torch.get_num_threads()}, "
+            f"median of {max(1, args.rounds)} alternating rounds",
+            f"{'method':<8}{'engine':<19}{'tokens/s':>10}{'peak RSS MB':>13}{'first loss':>12}{'last loss':>11}"]
+
+
+def format_row(method: str, engine: str, r: dict) -> str:
+    label = engine if engine == "lucidlm" or method == "full" else "transformers+peft"
+    if "error" in r:
+        return f"{method:<8}{label:<19}  failed: {r['error']}"
+    return (f"{method:<8}{label:<19}{r['tps']:>10.1f}{r['peak_rss_mb']:>13.0f}"
+            f"{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
+
+
+def _summary_lines(rows: dict[tuple[str, str], dict], methods: list[str], args) -> list[str]:
+    lines = []
     tolerance = 1e-3 if args.precision == "fp32" else 2e-2
     for method in methods:
         ours, theirs = rows[method, "lucidlm"], rows[method, "transformers"]
@@ -190,4 +199,4 @@ def format_table(rows: dict[tuple[str, str], dict], methods: list[str], args) ->
         lines.append(f"{method}: losses agree: {'yes' if diff <= tolerance else 'no'} (step-1 |diff| {diff:.1e})")
         lines.append(f"{method}: lucidlm/transformers tokens/s {ours['tps'] / theirs['tps']:.2f}x, "
                      f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
-    return "\n".join(lines)
+    return lines

@@ -24,14 +24,12 @@ from functools import partial
 
 import torch
 
+from ..cache_names import DEFAULT_CACHE_TOKENS, POLICY_NAMES, check_policy
 from ..errors import CacheError
 from .base import DenseLayerCache, KVCache, LayerCache, dense_cache
 from .policies import DenseSlotLayerCache, H2OLayerCache, SinkLayerCache, SlotLayerCache, WindowLayerCache
 from .prefill import check_context, prefill, stream
 from .quant import STORES, FloatStore, Int4Store, Int8Store
-
-#: budget of an evicting policy when ``cache_tokens`` is not given
-DEFAULT_CACHE_TOKENS = 512
 
 _EVICTION: dict[str, type[SlotLayerCache]] = {"dense": DenseSlotLayerCache, "window": WindowLayerCache,
                                               "sink": SinkLayerCache, "h2o": H2OLayerCache}
@@ -53,10 +51,7 @@ def _build(eviction: str, quant: str | None, config, batch: int, cache_tokens: i
 
 
 def _registry() -> dict[str, Callable[..., KVCache]]:
-    names = {e: (e, None) for e in _EVICTION}
-    names.update({q: ("dense", q) for q in STORES})
-    names.update({f"{e}+{q}": (e, q) for e in _EVICTION for q in STORES})
-    return {name: partial(_build, e, q) for name, (e, q) in names.items()}
+    return {name: partial(_build, e, q) for name, (e, q) in POLICY_NAMES.items()}
 
 
 #: policy name -> factory ``(config, batch, cache_tokens, dtype=..., device=...) -> KVCache``
@@ -71,7 +66,7 @@ def build_cache(config, batch: int, policy: str = "dense", cache_tokens: int | N
     Raises :class:`CacheError` for an unknown policy or a budget too small for it.
     """
     if policy not in POLICIES:
-        raise CacheError(f"policy={policy!r} is not a KV-cache policy; valid: {', '.join(POLICIES)}")
+        check_policy(policy)  # raises CacheError naming the valid policies
     return POLICIES[policy](config, batch, cache_tokens, dtype=dtype, device=device)
 
 

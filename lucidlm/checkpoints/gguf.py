@@ -17,26 +17,29 @@ rotary) we read it as llama.cpp does; the two agree on every checkpoint those fa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
 import re
 import shutil
-import tempfile
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from lucidlm.checkpoints import conversion_cache
+from lucidlm.checkpoints.conversion_cache import cache_root
 from lucidlm.errors import GGUFError
+from lucidlm.fileio import atomic_path, temp_dir
 
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 GGUF_MAGIC = b"GGUF"
 
-# Bump when the layout or content of the converted directory changes, so stale caches are ignored.
-FORMAT_VERSION = 2
+# The converted directory's format version: bump conversion_cache.FORMAT_VERSION when the layout
+# or content of what _write_hf_dir writes changes, so stale cache entries are ignored.
+FORMAT_VERSION = conversion_cache.FORMAT_VERSION
 
 # Quantisations that gguf.quants.dequantize implements and that we have checked by hand.
 SUPPORTED_QUANTS = (
@@ -427,10 +430,14 @@ def gguf_to_hf_dir(
         cache_dir: where converted checkpoints live; defaults to ``$LUCIDLM_CACHE`` or
             ``~/.cache/lucidlm``.
         dtype: floating dtype of the tensors written to ``model.safetensors``.
-        progress: show a tqdm bar while dequantising tensors.
+        progress: say on stderr that a conversion starts, and show a tqdm bar (stderr) while
+            dequantising tensors.
 
     Returns:
-        The converted directory. A second call with an unchanged file returns it without work.
+        The converted directory. Any later call with a file of the same content (this one, a
+        copy, the same file in another virtual environment) returns it without work: the cache
+        is keyed by a content fingerprint, the dtype and the converter's format version (see
+        :mod:`lucidlm.checkpoints.conversion_cache`), never by the file's path or mtime.
 
     Raises:
         GGUFError: the file is missing, not a GGUF, truncated, of an unsupported architecture,
@@ -439,19 +446,23 @@ def gguf_to_hf_dir(
     gguf_path = pathlib.Path(path).expanduser()
     _check_magic(gguf_path)
     root = cache_root(cache_dir)
-    target = root / _cache_key(gguf_path, dtype)
-    if _is_complete(target):
-        return target
+    content = conversion_cache.fingerprint(gguf_path)  # None: a header our quick walk cannot read
+    found = content and _cached(root, content, dtype)
+    if found:
+        return found
+    if progress:  # the header alone can take seconds to parse: say what is going on first
+        print(f"lucidlm: converting {gguf_path.name} to a {str(dtype).removeprefix('torch.')} Hugging Face "
+              f"checkpoint in {root} (once per file; `lucidlm cache list` shows the cache)",
+              file=sys.stderr, flush=True)
     reader = _open_reader(gguf_path)
     _validate(reader, gguf_path)
-    return _build_atomically(reader, gguf_path, root, target, dtype, progress)
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """The cache directory: ``cache_dir``, else ``$LUCIDLM_CACHE``, else ``~/.cache/lucidlm``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("LUCIDLM_CACHE") or pathlib.Path.home() / ".cache" / "lucidlm"
-    return pathlib.Path(cache_dir).expanduser()
+    if content is None:  # ... but gguf's reader does: hash the whole file instead
+        content = conversion_cache.full_fingerprint(gguf_path)
+        found = _cached(root, content, dtype)
+        if found:
+            return found
+    target = root / conversion_cache.entry_name(gguf_path, conversion_cache.entry_digest(content, str(dtype)))
+    return _build_atomically(reader, gguf_path, root, target, dtype, progress, content)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -543,41 +554,39 @@ def _fits(name: str, family: _Family) -> bool:
 # ----------------------------------------------------------------------------- cache
 
 
-def _cache_key(path: pathlib.Path, dtype: torch.dtype) -> str:
-    """Folder name: file stem plus a hash of what makes the conversion's result unique."""
-    resolved = path.resolve()
-    stat = resolved.stat()
-    ident = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|v{FORMAT_VERSION}"
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    return f"{resolved.stem}-{digest}"
+def _cached(root: pathlib.Path, content: str, dtype: torch.dtype) -> pathlib.Path | None:
+    """The entry converted from this content at this dtype, if any (its use recorded)."""
+    found = conversion_cache.find(root, conversion_cache.entry_digest(content, str(dtype)))
+    if found is not None:
+        conversion_cache.touch(found)
+    return found
 
 
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+def _build_atomically(reader, path, root, target, dtype, progress, content) -> pathlib.Path:
+    """Build in a temp dir inside ``root``, then rename it into place; never leave debris.
 
-
-def _is_complete(target: pathlib.Path) -> bool:
-    # The directory only appears through an atomic rename, so existence means complete;
-    # the file check guards against a directory someone else put there by hand.
-    return target.is_dir() and all((target / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _build_atomically(reader, path, root, target, dtype, progress) -> pathlib.Path:
-    """Build in a temp dir inside ``root``, then rename it into place; never leave debris."""
+    Two processes converting the same file both build; the first rename wins and the second
+    process discards its own copy and uses the winner's."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = temp_dir(root, ".tmp-")
     try:
         _write_hf_dir(reader, path, tmp, dtype, progress)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first: use theirs.
-            if not _is_complete(target):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        conversion_cache.write_source(tmp, path, str(dtype), content)
+        # done meanwhile by another process, maybe from a copy of the file under another name
+        winner = conversion_cache.find(root, conversion_cache.entry_digest(content, str(dtype)))
+        if winner is None:
+            try:
+                os.rename(tmp, target)
+                return target
+            except OSError:
+                winner = target if conversion_cache.is_complete(target) else None
+                if winner is None:
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return winner
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -586,6 +595,7 @@ def _build_atomically(reader, path, root, target, dtype, progress) -> pathlib.Pa
 def _write_hf_dir(reader, path: pathlib.Path, out: pathlib.Path, dtype: torch.dtype, progress: bool) -> None:
     """Write every file of the Hugging Face layout into ``out``."""
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     meta = _metadata(reader)
     names = [t.name for t in reader.tensors]
@@ -595,8 +605,11 @@ def _write_hf_dir(reader, path: pathlib.Path, out: pathlib.Path, dtype: torch.dt
     tokenizer = build_tokenizer(meta, path)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(meta))
-    tensors = _convert_tensors(reader, path, config, dtype, progress)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with tqdm(total=len(reader.tensors), desc=f"Converting {path.name}", unit="tensor", disable=not progress) as bar:
+        tensors = _convert_tensors(reader, path, config, dtype, bar)
+        bar.set_postfix_str("writing model.safetensors")
+        with atomic_path(out / "model.safetensors") as tmp:  # and the umask's mode: save_file makes 0600
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -744,16 +757,14 @@ def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).reshape(value.shape)
 
 
-def _convert_tensors(reader, path, config: dict, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
-    """Dequantise, rename and restore every tensor into an HF state dict."""
-    from tqdm.auto import tqdm
-
+def _convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) -> dict[str, torch.Tensor]:
+    """Dequantise, rename and restore every tensor into an HF state dict (``bar``: a tqdm bar
+    advanced by one per tensor)."""
     family = _FAMILIES[_field(reader, "general.architecture")].for_names(t.name for t in reader.tensors)
     out: dict[str, torch.Tensor] = {}
-    tensors: Iterable = tqdm(
-        reader.tensors, desc=f"Converting {path.name}", unit="tensor", disable=not progress
-    )
-    for tensor in tensors:
+    for tensor in reader.tensors:
+        if bar is not None:
+            bar.update(1)
         if tensor.name in family.ignored:
             continue
         value = _restore(torch.from_numpy(_dequantize(tensor)), tensor.name, family, config)

@@ -31,7 +31,8 @@ def copy_tokenizer_files(source: Path | None, target: Path) -> None:
 
     for name in TOKENIZER_FILES if source is not None else ():
         if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(target) / name)
+            # copyfile, not copy2: the copy gets the umask's mode, not the source's (maybe 0600)
+            shutil.copyfile(Path(source) / name, Path(target) / name)
 
 
 def weight_files(directory: Path) -> list[Path]:

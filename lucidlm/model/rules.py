@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-#: every explanation method lucidlm implements (the one list: CLI, benches and patches use it)
-METHODS = ("attnlrp", "cp-lrp", "inputxgrad")
+from ..methods import METHODS  # noqa: F401  (the one list, torch-free: rules.METHODS)
+
 _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("lucidlm_lrp_method", default=None)
 
 

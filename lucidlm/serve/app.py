@@ -84,7 +84,7 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
         from ..cache import build_cache
 
         build_cache(llm.config, 1, kv_cache, cache_tokens)
-    name = model_name or default_model_name(llm)
+    name = model_name or llm.name
     worker = ModelWorker(max_queue)
 
     @contextlib.asynccontextmanager
@@ -148,21 +148,6 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
         return explanation_json(result, name)
 
     return app
-
-
-def default_model_name(llm: LLM) -> str:
-    """The id clients name the model by: the checkpoint's folder or file name (without ``.gguf``).
-
-    >>> from lucidlm import Config, GPT
-    >>> default_model_name(LLM(GPT(Config.from_name("tiny-llama")), source="/ckpt/SmolLM2-135M.Q8_0.gguf"))
-    'SmolLM2-135M.Q8_0'
-    """
-    from pathlib import Path
-
-    if not llm.source:
-        return llm.config.name or "lucidlm"
-    path = Path(llm.source)
-    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def explanation_json(e, model_name: str) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""The benches' command-line options, torch-free: ``lucidlm bench --help`` (and every argument
+error) answers without importing a bench module. Each bench module re-exports its function here as
+``add_arguments``; :data:`BENCHES` is the list the ``lucidlm bench`` command offers.
+
+>>> import argparse
+>>> p = argparse.ArgumentParser(); add_kv(p)
+>>> p.parse_args([]).policies
+'window,sink,h2o,h2o+int8,h2o+int4'
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from ..methods import METHODS as EXPLAIN_METHODS
+
+#: the two engines the decode and train benches compare
+ENGINES = ("lucidlm", "transformers")
+#: bench train: lucidlm's default learning rate per method, used by both engines
+LR = {"lora": 2e-4, "full": 2e-5}
+#: bench kv: the default texts, and the policies measured beside dense
+LICENSES = Path("/usr/share/common-licenses")
+DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
+#: bench faithfulness: the explanation methods and ``random``, the baseline every method must beat
+FAITHFULNESS_METHODS = (*EXPLAIN_METHODS, "random")
+
+_MODEL_HELP = "HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)"
+_THREADS_HELP = "torch threads (default: torch's choice)"
+_DTYPE_HELP = "the weights' dtype"
+
+
+def add_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (prefill)")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")
+    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+
+
+def add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--lengths", default="256,1024", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--methods", default="attnlrp",
+                   help="explanation methods to time (comma-separated, from " + ", ".join(EXPLAIN_METHODS) + ")")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=_DTYPE_HELP)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+
+
+def add_faithfulness(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--prompts", help="prompt file, one a line (default: the packaged factual/grammar prompts)")
+    p.add_argument("--methods", default=",".join(FAITHFULNESS_METHODS),
+                   help="comma-separated, from " + ", ".join(FAITHFULNESS_METHODS))
+    p.add_argument("--replacement", default=" ", help="the one-token text that replaces deleted tokens")
+    p.add_argument("--random-orders", type=int, default=4, help="random orders averaged per prompt")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+
+
+def add_kv(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", type=Path, action="append", default=None,
+                   help=f"text file to measure on (repeatable; default: the files in {LICENSES})")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--tokens", type=int, default=4096, help="text length in tokens")
+    p.add_argument("--fractions", default="0.125,0.25,0.5", help="cache budgets as fractions of the text")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrent client counts")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each client count runs")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"], help="the same on both engines")
+    p.add_argument("--steps", type=int, default=6, help="training steps (the first is not timed)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per example")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--rounds", type=int, default=1, help="alternating runs per engine (median reported)")
+    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=list(LR), help=argparse.SUPPRESS)
+
+
+#: bench name -> (its module, one line of help, its options)
+BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "decode": ("lucidlm.bench.decode", "decode speed and memory: lucidlm vs transformers on one checkpoint",
+               add_decode),
+    "explain": ("lucidlm.bench.explain", "what an explanation costs next to a forward and a forward+backward",
+                add_explain),
+    "faithfulness": ("lucidlm.bench.faithfulness",
+                     "deletion test: do explanations point at the tokens the prediction depends on?",
+                     add_faithfulness),
+    "kv": ("lucidlm.bench.kv", "what each KV-cache policy costs on real text: perplexity, memory, speed", add_kv),
+    "train": ("lucidlm.bench.train", "training steps: lucidlm vs transformers+peft on one checkpoint and data",
+              add_train),
+    "serve": ("lucidlm.bench.serve", "a loopback load test of lucidlm serve: requests/s, time to first token",
+              add_serve),
+}
