@@ -202,6 +202,13 @@ def _add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
+              "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
+              "left, and a replay of exactly what each query saw is explained back to the input tokens. With "
+              "nothing evicted that is the dense explanation; tokens no layer still held for the last "
+              "prediction are greyed out, and may still be relevant through the tokens that saw them.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lucidlm", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p, 512)
 
-    p = command("explain", "which prompt tokens made the model predict its next token")
+    p = command("explain", "which prompt tokens made the model predict its next token", epilog=EXPLAIN_KV)
     p.add_argument("prompt", help="the text whose next token is explained")
     _add_model(p)
     target = p.add_mutually_exclusive_group()
