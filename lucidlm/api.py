@@ -79,20 +79,26 @@ class LLM:
         import copy
 
         from .checkpoints import save_model
+        from .model.quant import is_quantized
         from .train.lora import has_lora, merge_lora
 
         model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
+        if is_quantized(model):  # an adapter's merge turns its int8 base back into float; plain int8 stays
+            raise CheckpointError(f"{self.source}: the model was quantised in memory (int8): save the float "
+                                  "model, and quantise it again after loading")
         return save_model(model, directory, tokenizer_dir=self.tokenizer_dir)
 
     @classmethod
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
-             cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True) -> "LLM":
+             cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
+             quantize: str | None = None) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only), or (``path=None``) the
         embedded default SmolLM2-135M-Instruct. A directory without tokenizer files loads with
         ``tokenizer=None``.
 
+        ``quantize="int8"``: weight-only int8 after loading (see :meth:`quantize`).
         ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:
         when stderr is a terminal).
 
@@ -133,6 +139,8 @@ class LLM:
         llm = cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
         if adapter is not None:
             llm.load_adapter(adapter, check_base=check_base)
+        if quantize is not None:
+            llm.quantize(quantize)
         return llm
 
     @classmethod
@@ -188,6 +196,27 @@ class LLM:
         names = [self.source, str(self.directory) if self.directory else None,
                  (self.config.hf_config or {}).get("_name_or_path")]
         return load_adapter(self.model, directory, base_names=names if check_base else None)
+
+    def quantize(self, method: str = "int8", lm_head: bool = True) -> LLM:
+        """Weight-only int8 in place: every ``nn.Linear`` (and ``lm_head``, as its own int8 copy:
+        the embedding table stays float) becomes int8 with one scale per output channel, a quarter
+        of the float32 bytes that each decode step reads. Activations keep the model's dtype.
+        Generation runs PyTorch's int8 kernel; explanations dequantise, so their rules are exact
+        for the quantised model. See :mod:`lucidlm.model.quant`.
+
+        >>> from lucidlm import Config, GPT
+        >>> llm = LLM(GPT(Config.from_name("tiny-llama"))).quantize()
+        >>> type(llm.model.lm_head).__name__
+        'Int8Linear'
+        """
+        from .model.quant import quantize_linears
+
+        if method != "int8":
+            from .errors import ConfigError
+
+            raise ConfigError(f"quantize={method!r}: expected 'int8' (weight-only, per output channel)")
+        quantize_linears(self.model, lm_head=lm_head)
+        return self
 
     def merge_adapter(self) -> "LLM":
         """Fold attached LoRA adapters into the base weights (faster inference; saveable)."""

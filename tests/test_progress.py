@@ -86,20 +86,20 @@ def _fake_children(monkeypatch, module, result):
 def test_bench_decode_prints_header_first_rows_when_final(monkeypatch, capsys):
     outputs = []
 
-    def result(engine):
+    def result(engine, dtype):
         outputs.append(capsys.readouterr().out)
-        return {"engine": engine, "prefill_tps": 100.0, "decode_tps": 10.0, "peak_rss_mb": 500.0,
-                "tokens": [1, 2, 3]}
+        return {"engine": engine, "dtype": dtype, "prefill_tps": 100.0, "decode_tps": 10.0, "batch_tps": 40.0,
+                "peak_rss_mb": 500.0, "tokens": [1, 2, 3]}
 
     _fake_children(monkeypatch, bench_decode, result)
-    args = _args(bench_decode, ["--rounds", "2"])
+    args = _args(bench_decode, ["--rounds", "2", "--dtypes", "float32"])
     assert bench_decode.run(args) == 0
     out, err = capsys.readouterr()
     assert outputs[0].startswith("decode benchmark:") and "engine" in outputs[0]
-    assert "lucidlm " not in "".join(outputs[:3])  # rows are medians: after the engine's last round
-    assert outputs[3].splitlines()[-1].startswith("lucidlm")
-    assert out.splitlines() == ["transformers            100.0          10.0          500",
-                                "greedy tokens agree: yes", "decode speed ratio lucidlm/transformers: 1.00x"]
+    assert "lucidlm " not in "".join(outputs[:3])  # rows are medians: after the row's last round
+    assert outputs[3].splitlines()[-1].startswith("transformers")
+    assert [line.split()[:2] for line in out.splitlines()[:2]] == [["lucidlm", "float32"],
+                                                                  ["float32:", "decode"]]
     assert _bar_in(err, "bench decode")
 
 

@@ -238,7 +238,7 @@ def test_bench_train_prints_a_side_by_side_table(capsys):
 
 def test_qlora_trains_adapters_over_int8_base_weights(tiny_lm_dir, tmp_path):
     from lucidlm.train.lora import lora_layers
-    from lucidlm.train.quant import Int8Linear
+    from lucidlm.model.quant import Int8Linear
 
     llm = lucidlm.LLM.load(tiny_lm_dir)
     ids = torch.tensor([[1, 50, 60, 70, 80]])

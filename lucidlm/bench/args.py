@@ -33,8 +33,10 @@ _DTYPE_HELP = "the weights' dtype"
 
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
-    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (prefill)")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+                   help="comma-separated rows to measure (int8: lucidlm's weight-only int8 with bfloat16 activations; "
+                        "transformers float32 always runs, as the reference)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (prefill)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")

@@ -1,9 +1,18 @@
-"""``lucidlm bench decode``: lucidlm vs transformers on the same checkpoint, dtype and prompt.
+"""``lucidlm bench decode``: lucidlm vs transformers on the same checkpoint and prompts.
 
-Each engine runs in its own subprocess (so peak RSS is its own, and one engine's allocations do not
-slow the other), with a manual greedy loop on both sides: one prefill forward over the prompt,
-then one-token decode steps with a KV cache. The engines alternate for ``--rounds`` rounds and the
-table reports each engine's median, so a noisy neighbour on the machine hits both alike.
+Rows: transformers in float32 and bfloat16, lucidlm in float32, bfloat16 and weight-only int8
+(bfloat16 activations: PyTorch's int8 kernel is fast for those, slow for float32 ones). Each row runs in its own subprocess (so peak RSS is its own and one row's
+allocations do not slow another), rounds alternate between rows and each cell is the median.
+
+Per row:
+
+* **prefill**: tokens/s of one forward over a ``--prompt-tokens`` prompt;
+* **decode**: tokens/s of greedy one-token steps with a KV cache after that prompt (a manual loop
+  on both sides, so only the model and its cache are timed);
+* **batch**: generated tokens/s for 8 prompts of different lengths generated together (left
+  padding; lucidlm's ``generate_ids``, transformers' ``generate``), prefill included;
+* peak RSS, and the greedy tokens, compared with transformers float32 (the first divergence is
+  reported).
 """
 
 from __future__ import annotations
@@ -22,28 +31,35 @@ from .args import add_decode as add_arguments  # noqa: F401  (lucidlm bench deco
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
+#: (engine, dtype) rows, in table order; the first is the reference
+ROWS = [("transformers", "float32"), ("transformers", "bfloat16"),
+        ("lucidlm", "float32"), ("lucidlm", "bfloat16"), ("lucidlm", "int8")]
+BATCH_LENGTHS = (24, 40, 56, 72, 88, 104, 120, 136)  # 8 prompts of different lengths
 
 
 def run(args) -> int:
-    if args.engine:  # child process: measure one engine, print JSON
+    if args.engine:  # child process: measure one row, print JSON
         print(json.dumps(_measure(args)))
         return 0
     from . import emit, prepare_model, progress
 
     prepare_model(args.model)  # a GGUF converts here, with progress, not silently in a child
+    rows = [r for r in ROWS if r[1] in args.dtypes.split(",") or r == ROWS[0]]
     for line in _header_lines(args):
         emit(line)
     rounds = max(1, args.rounds)
-    runs: dict[str, list[dict]] = {"lucidlm": [], "transformers": []}
+    runs: dict[tuple[str, str], list[dict]] = {row: [] for row in rows}
+    medians: list[dict] = []
     with progress(rounds * len(runs), "bench decode") as bar:
         for n in range(rounds):
-            for engine in runs:
-                bar.set_postfix_str(f"round {n + 1}, {engine}")
-                runs[engine].append(_child(args, engine))
+            for row in runs:
+                bar.set_postfix_str(f"round {n + 1}, {row[0]} {row[1]}")
+                runs[row].append(_child(args, *row))
                 bar.update(1)
-                if len(runs[engine]) == rounds:  # the engine's row (median of its rounds) is final
-                    emit(format_row(_median(runs[engine])))
-    for line in _summary_lines([_median(r) for r in runs.values()]):
+                if n == rounds - 1:  # the row's median is final (the reference row comes first)
+                    medians.append(_median(runs[row]))
+                    emit(format_row(medians[-1], medians[0]))
+    for line in _summary_lines(medians):
         emit(line)
     return 0
 
@@ -54,19 +70,19 @@ def _median(rows: list[dict]) -> dict:
     if failed:
         return failed[0]
     out = dict(rows[0])
-    for key in ("prefill_tps", "decode_tps", "peak_rss_mb"):
+    for key in ("prefill_tps", "decode_tps", "batch_tps", "peak_rss_mb"):
         out[key] = statistics.median(r[key] for r in rows)
     return out
 
 
-def _child(args, engine: str) -> dict:
-    cmd = [sys.executable, "-m", "lucidlm.cli", "bench", "decode", "--engine", engine, "--dtype", args.dtype,
+def _child(args, engine: str, dtype: str) -> dict:
+    cmd = [sys.executable, "-m", "lucidlm.cli", "bench", "decode", "--engine", engine, "--dtypes", dtype,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    return {"engine": engine, **run_child(cmd)}
+    return {"engine": engine, "dtype": dtype, **run_child(cmd)}
 
 
 def _prompt_ids(tokenizer, n: int) -> list[int]:
@@ -79,83 +95,130 @@ def _prompt_ids(tokenizer, n: int) -> list[int]:
 def _measure(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..api import LLM, _dtype
+    from ..api import LLM
 
-    llm = LLM.load(args.model)  # lucidlm's tokenizer and the GGUF->HF conversion serve both engines
-    ids = torch.tensor([_prompt_ids(llm.tokenizer, args.prompt_tokens)])
-    step = _lucidlm_steps(llm, _dtype(args.dtype)) if args.engine == "lucidlm" else _hf_steps(llm, args)
+    llm = LLM.load(args.model, progress=False)  # lucidlm's tokenizer and the GGUF->HF conversion serve both
+    ids = _prompt_ids(llm.tokenizer, args.prompt_tokens)
+    batch = [_prompt_ids(llm.tokenizer, n) for n in BATCH_LENGTHS]
+    engine = _Lucidlm(llm, args.dtypes) if args.engine == "lucidlm" else _Transformers(llm, args.dtypes)
     with torch.inference_mode():
-        step(ids[:, :16], None)  # warm-up (first-call allocations, thread pools)
+        engine.prefill(ids[:16])  # warm-up (first-call allocations, thread pools)
         t0 = time.perf_counter()
-        logits, state = step(ids, None)
+        logits = engine.prefill(ids)
         t1 = time.perf_counter()
         tokens = []
         for _ in range(args.new_tokens):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(int(token))
-            logits, state = step(token, state)
+            token = int(logits.argmax(-1))
+            tokens.append(token)
+            logits = engine.step(token)
         t2 = time.perf_counter()
-    return {"engine": args.engine, "prefill_tps": ids.shape[1] / (t1 - t0), "decode_tps": args.new_tokens / (t2 - t1),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}
+        generated = engine.batch(batch, args.new_tokens // 2)
+        t3 = time.perf_counter()
+    return {"prefill_tps": len(ids) / (t1 - t0), "decode_tps": args.new_tokens / (t2 - t1),
+            "batch_tps": generated / (t3 - t2), "tokens": tokens,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _lucidlm_steps(llm, dtype):
-    from ..cache import build_cache
+class _Lucidlm:
+    def __init__(self, llm, dtype: str) -> None:
+        if dtype == "int8":
+            llm.model.to(torch.bfloat16)  # int8 weights, bfloat16 activations (the kernel's fast path)
+            llm.quantize("int8")
+        else:
+            llm.model.to(getattr(torch, dtype))
+        self.model, self.dtype, self.cache = llm.model, next(llm.model.parameters()).dtype, None
 
-    model = llm.model.to(dtype)
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        from ..cache import build_cache
 
-    def step(ids, cache):
-        if cache is None:
-            cache = build_cache(model.config, 1, "dense", ids.shape[1] + 1024, dtype=dtype)
-        return model(ids, cache=cache, last_only=True), cache
+        self.cache = build_cache(self.model.config, 1, "dense", len(ids) + 1024, dtype=self.dtype)
+        return self.model(torch.tensor([ids]), cache=self.cache, last_only=True)[0, -1]
 
-    return step
+    def step(self, token: int) -> torch.Tensor:
+        return self.model(torch.tensor([[token]]), cache=self.cache, last_only=True)[0, -1]
+
+    def batch(self, prompts: list[list[int]], new_tokens: int) -> int:
+        from ..generate import generate_ids
+
+        return sum(t is not None for step in generate_ids(self.model, prompts, new_tokens) for t in step)
 
 
-def _hf_steps(llm, args):
-    import transformers
+class _Transformers:
+    def __init__(self, llm, dtype: str) -> None:
+        import transformers
 
-    source = Path(llm.source)
-    if source.suffix == ".gguf":  # transformers' own GGUF reader: an independent path to the weights
-        model = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
-                                                                  dtype=getattr(torch, args.dtype))
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
-    model.eval()
+        source = Path(llm.source)
+        if source.suffix == ".gguf":  # transformers' own GGUF reader: an independent path to the weights
+            model = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                                      dtype=getattr(torch, dtype))
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        self.model, self.past = model.eval(), None
 
-    def step(ids, past):
-        out = model(ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits, out.past_key_values
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[0, -1]
 
-    return step
+    def step(self, token: int) -> torch.Tensor:
+        out = self.model(torch.tensor([[token]]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[0, -1]
+
+    def batch(self, prompts: list[list[int]], new_tokens: int) -> int:
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=0)
+        return (out.shape[1] - longest) * len(prompts)
 
 
 def format_table(rows: list[dict], args) -> str:
-    """The whole table; ``run`` prints the same lines as they become known."""
-    return "\n".join([*_header_lines(args), *map(format_row, rows), *_summary_lines(rows)])
+    """The whole table; ``run`` prints the same lines as they become known.
+
+    >>> from types import SimpleNamespace as N
+    >>> ref = dict(engine="transformers", dtype="float32", prefill_tps=200.0, decode_tps=10.0, batch_tps=40.0,
+    ...            peak_rss_mb=1600.0, tokens=[1, 2, 3])
+    >>> ours = dict(ref, engine="lucidlm", dtype="int8", decode_tps=30.0, tokens=[1, 2, 4])
+    >>> print(format_table([ref, ours], N(model=None, prompt_tokens=512, new_tokens=3, threads=2, rounds=1,
+    ...                                   dtypes="int8")).splitlines()[-1])
+    lucidlm       int8              200.0          30.0      3.00x         40.0         1600  diverges at 2
+    """
+    return "\n".join([*_header_lines(args), *(format_row(r, rows[0]) for r in rows), *_summary_lines(rows)])
 
 
 def _header_lines(args) -> list[str]:
-    import torch
-
-    return [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, "
-            f"{args.prompt_tokens} prompt tokens, {args.new_tokens} greedy new tokens, torch threads "
+    return [f"decode benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.prompt_tokens} prompt "
+            f"tokens, {args.new_tokens} greedy new tokens, batch = 8 prompts of {BATCH_LENGTHS[0]}-"
+            f"{BATCH_LENGTHS[-1]} tokens x {args.new_tokens // 2} new, torch threads "
             f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds",
-            f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"]
+            f"{'engine':<14}{'dtype':<10}{'prefill tok/s':>13}{'decode tok/s':>14}{'vs HF fp32':>11}"
+            f"{'batch tok/s':>13}{'peak RSS MB':>13}  greedy vs HF fp32"]
 
 
-def format_row(r: dict) -> str:
+def format_row(r: dict, reference: dict) -> str:
     if "error" in r:
-        return f"{r['engine']:<14}  failed: {r['error']}"
-    return f"{r['engine']:<14}{r['prefill_tps']:>15.1f}{r['decode_tps']:>14.1f}{r['peak_rss_mb']:>13.0f}"
+        return f"{r['engine']:<14}{r['dtype']:<10}  failed: {r['error']}"
+    ratio = r["decode_tps"] / reference["decode_tps"] if "decode_tps" in reference else float("nan")
+    return (f"{r['engine']:<14}{r['dtype']:<10}{r['prefill_tps']:>13.1f}{r['decode_tps']:>14.1f}{ratio:>10.2f}x"
+            f"{r['batch_tps']:>13.1f}{r['peak_rss_mb']:>13.0f}  {_agreement(r, reference)}")
+
+
+def _agreement(r: dict, reference: dict) -> str:
+    if "tokens" not in reference:
+        return "?"
+    first = next((i for i, (a, b) in enumerate(zip(r["tokens"], reference["tokens"])) if a != b), None)
+    return "same" if first is None else f"diverges at {first}"
 
 
 def _summary_lines(rows: list[dict]) -> list[str]:
+    by = {(r["engine"], r["dtype"]): r for r in rows if "decode_tps" in r}
     lines = []
-    ok = [r for r in rows if "tokens" in r]
-    if len(ok) == 2:
-        same = ok[0]["tokens"] == ok[1]["tokens"]
-        first_diff = next((i for i, (a, b) in enumerate(zip(*(r["tokens"] for r in ok))) if a != b), None)
-        lines.append(f"greedy tokens agree: {'yes' if same else f'no (first difference at step {first_diff})'}")
-        lines.append(f"decode speed ratio lucidlm/transformers: {ok[0]['decode_tps'] / ok[1]['decode_tps']:.2f}x")
+    for dtype in ("float32", "bfloat16"):
+        ours, theirs = by.get(("lucidlm", dtype)), by.get(("transformers", dtype))
+        if ours and theirs:
+            lines.append(f"{dtype}: decode {ours['decode_tps'] / theirs['decode_tps']:.2f}x, prefill "
+                         f"{ours['prefill_tps'] / theirs['prefill_tps']:.2f}x, batch "
+                         f"{ours['batch_tps'] / theirs['batch_tps']:.2f}x transformers in the same dtype")
     return lines

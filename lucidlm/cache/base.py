@@ -120,13 +120,12 @@ class DenseLayerCache(LayerCache):
 
     def settle(self, scores):
         # padding tokens whose queries saw no key (a chunk of pure left padding) hold NaN: zero
-        # them once attention is done, so later queries multiply a masked slot by 0, not by NaN
+        # them once attention is done, so later queries multiply a masked slot by 0, not by NaN.
+        # Always (no host sync to ask whether there is padding): a decode step zeroes nothing.
         start = self.filled - self._last
-        pad = self.pos[:, start:self.filled] < 0
-        if bool(pad.any()):
-            pad = pad[:, None, :, None]
-            self.k[:, :, start:self.filled].masked_fill_(pad, 0)
-            self.v[:, :, start:self.filled].masked_fill_(pad, 0)
+        pad = (self.pos[:, start:self.filled] < 0)[:, None, :, None]
+        self.k[:, :, start:self.filled].masked_fill_(pad, 0)
+        self.v[:, :, start:self.filled].masked_fill_(pad, 0)
 
     def buffers(self):
         return [self.k, self.v, self.pos]

@@ -101,6 +101,8 @@ class CausalSelfAttention(nn.Module):
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
         key = self._rope_args[:3] + (repr(self._rope_args[3]), self.rope_interleaved)  # equal RoPE: shared
         if key not in memo:
+            if self.inv_freq.device != pos.device:  # moved once, not copied at every forward
+                self.inv_freq = self.inv_freq.to(pos.device)
             memo[key] = rope_cos_sin(self.inv_freq, pos, dtype, self.rope_interleaved)
         return memo[key]
 
@@ -111,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         (batch, groups, keys): weights summed over queries, averaged over a group's heads.
         ``visible``: a cache's further restriction of the causal mask (see ``LayerCache.visibility``)."""
         q, k = rules.bilinear(q), rules.bilinear(k)
-        if want_scores or self.softcap is not None or rules.current() == "cp-lrp":
+        if want_scores or self.softcap is not None or rules.current() == "cp-lrp" or _few_queries_on_cpu(q):
             mask = self._mask(q_pos, k_pos, visible)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
             scores = self._scores(weights, q_pos) if want_scores else None
@@ -140,3 +142,14 @@ class CausalSelfAttention(nn.Module):
         """Weight each key received, summed over the (non-padding) queries, averaged over a group."""
         real_queries = (q_pos >= 0)[:, None, None, :, None]  # padding queries' weights don't count
         return (weights.float() * real_queries).sum(3).mean(2)
+
+
+def _few_queries_on_cpu(q: torch.Tensor) -> bool:
+    """Decode steps on the CPU take the written-out kernel: SDPA's CPU flash kernel has a fixed cost
+    per call (about 1.8 ms for one query over 256 keys on 2 cores, 45% of a SmolLM2-135M decode
+    step) that two small matmuls do not."""
+    return q.shape[2] <= _FEW_QUERIES and q.device.type == "cpu"
+
+
+#: queries per call up to which the CPU takes the explicit kernel (decode, speculative steps)
+_FEW_QUERIES = 8

@@ -106,7 +106,7 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
     if cfg.method in ("lora", "qlora"):
         if not has_lora(model):
             if cfg.method == "qlora":
-                from .quant import quantize_linears
+                from ..model.quant import quantize_linears
 
                 quantize_linears(model)  # in place: the frozen base becomes int8
             attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

@@ -36,7 +36,7 @@ from torch import nn
 from ..checkpoints.layouts import hf_module_of, is_transposed, our_modules_of
 from ..errors import AdapterError, TrainError
 from ..fileio import atomic_path, atomic_write, read_json
-from .quant import Int8Linear
+from ..model.quant import Int8Linear
 
 _LINEAR = (nn.Linear, Int8Linear)  # what LoRA can wrap
 
