@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .cache.base import KVCache, LayerCache
 from .errors import CacheError
 
 
@@ -99,9 +100,12 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         cache_tokens = ids.shape[1] + max_new_tokens  # room for exactly this generation
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
+    if kv_cache == "dense" and len(prompts) > 1 and sum(map(len, prompts)) <= chunk_size * 8:
+        cache, logits = prefill_packed(model, prompts, cache_tokens, dtype, device)
+    else:
+        cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
+        logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
     next_pos = pos.max(dim=1).values.to(device) + 1
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -113,3 +117,53 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
             return
         logits = model(token[:, None], positions=next_pos[:, None], cache=cache, last_only=True)[:, -1]
         next_pos = next_pos + 1
+
+
+class _Packed(LayerCache):
+    """One layer during a packed prefill: keeps the packed keys and values, and lets each query
+    see only keys of its own prompt (the causal part comes from the positions, which restart at 0
+    for every prompt)."""
+
+    def __init__(self, segment: torch.Tensor) -> None:
+        self.segment = segment  # (tokens,) index of the prompt each packed token belongs to
+        self.k = self.v = None
+
+    def extend(self, k, v, pos):
+        self.k, self.v = k, v
+        return k, v, pos
+
+    def visibility(self, q_pos, k_pos):
+        return (self.segment[:, None] == self.segment[None, :])[None, None]
+
+
+def prefill_packed(model, prompts: Sequence[Sequence[int]], cache_tokens: int,
+                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Prefill a batch of prompts of different lengths as ONE packed sequence (each prompt sees
+    only itself), then lay their keys and values out left-padded in a dense batch cache, exactly
+    as a padded prefill would have left them.
+
+    A padded prefill spends the padding's share of its matrix products for nothing (41% for eight
+    prompts of 24-136 tokens); prefilling the prompts one by one reads every weight once per
+    prompt. Packed, the weights are read once and no padding is computed. Returns the cache and
+    the last logits (batch, vocab).
+    """
+    from .cache import dense_cache
+
+    lengths = [len(p) for p in prompts]
+    longest, ends = max(lengths), torch.tensor(lengths).cumsum(0)
+    ids = torch.tensor([[t for p in prompts for t in p]], device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
+    segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths)).to(device)
+    packed = KVCache([_Packed(segment) for _ in range(model.config.n_layer)])
+    last = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
+    last[ends - 1] = True
+    logits = model(ids, positions=positions, cache=packed, select=last[None])
+    batch = dense_cache(model.config, len(prompts), cache_tokens, dtype, device)
+    for into, layer in zip(batch.layers, packed.layers):
+        for row, (n, end) in enumerate(zip(lengths, ends.tolist())):
+            into.k[row, :, longest - n:longest] = layer.k[0, :, end - n:end]
+            into.v[row, :, longest - n:longest] = layer.v[0, :, end - n:end]
+            into.pos[row, longest - n:longest] = torch.arange(n, device=device)
+        into.filled = into._last = longest
+    batch.next_position = torch.tensor(lengths, device=device)
+    return batch, logits

@@ -103,3 +103,24 @@ def test_int8_perplexity_within_one_percent_of_float32(real):
     text = open("/usr/share/common-licenses/GPL-3").read()[:3000]
     p32, p8 = base.perplexity(text).perplexity, int8.perplexity(text).perplexity
     assert abs(p8 - p32) / p32 < 0.01, (p32, p8)
+
+
+def test_packed_prefill_equals_the_padded_one():
+    """Batched generation prefills prompts packed into one sequence; the cache and logits it
+    leaves equal a padded prefill's."""
+    from lucidlm.generate import left_pad, prefill_packed
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-llama")).eval().double()
+    prompts = [PROMPT[:3], PROMPT, PROMPT[4:11]]
+    with torch.no_grad():
+        packed, logits = prefill_packed(model, prompts, 32, dtype=torch.float64)
+        ids, pos = left_pad(prompts)
+        padded = build_cache(model.config, 3, "dense", 32, dtype=torch.float64)
+        expected = prefill(model, ids, padded, positions=pos)
+    torch.testing.assert_close(logits, expected)
+    for a, b in zip(packed.layers, padded.layers):
+        assert a.filled == b.filled and torch.equal(a.pos, b.pos)
+        torch.testing.assert_close(a.k, b.k)
+        torch.testing.assert_close(a.v, b.v)
+    assert packed.next_position.tolist() == [3, len(PROMPT), 7]

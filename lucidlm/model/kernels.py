@@ -58,8 +58,11 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     (..., groups, heads // groups, queries, keys).
     """
     heads, groups = q.shape[-3], k.shape[-3]
-    qg = q.unflatten(-3, (groups, heads // groups))
-    logits = (qg * scale) @ k.unsqueeze(-3).transpose(-1, -2)
+    per_group, n_q = heads // groups, q.shape[-2]
+    # a group's heads stacked along the query axis: one matmul per group against its keys, with
+    # no broadcast copy of the keys or values per head (the decode step's main memory traffic)
+    qg = (q * scale).unflatten(-3, (groups, per_group)).flatten(-3, -2)  # (..., groups, heads/g * queries, d)
+    logits = (qg @ k.transpose(-1, -2)).unflatten(-2, (per_group, n_q))  # (..., groups, heads/g, queries, keys)
     if softcap is not None:
         logits = rules.activation(lambda s: torch.tanh(s / softcap) * softcap, logits)
     if mask is not None:
@@ -71,5 +74,5 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     weights = F.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    out = rules.attention_weights(weights) @ v.unsqueeze(-3)
-    return out.flatten(-4, -3), weights
+    out = rules.attention_weights(weights).flatten(-3, -2) @ v  # (..., groups, heads/g * queries, d)
+    return out.unflatten(-2, (per_group, n_q)).flatten(-4, -3), weights
