@@ -124,3 +124,28 @@ def test_packed_prefill_equals_the_padded_one():
         torch.testing.assert_close(a.k, b.k)
         torch.testing.assert_close(a.v, b.v)
     assert packed.next_position.tolist() == [3, len(PROMPT), 7]
+
+
+def test_loading_a_bf16_checkpoint_as_bf16_makes_no_float32_copy(tmp_path):
+    """Peak memory of the load stays near the checkpoint's size (each tensor goes to its dtype
+    once and becomes the parameter): before, a float32 model was filled and then cast."""
+    import subprocess
+    import sys
+
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    T.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    size_mb = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors")) / 2 ** 20
+    # the peak resident size of the load alone: "5" in clear_refs resets the high-water mark (an
+    # import's transient would otherwise hide the load's own peak)
+    script = ("import torch, lucidlm; from lucidlm.checkpoints.hf import load_hf_dir\n"
+              "def kb(field):\n"
+              "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
+              "before = kb('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')\n"
+              f"m = load_hf_dir({str(tmp_path)!r}, dtype=torch.bfloat16)\n"
+              "assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in m.parameters())\n"
+              "print((kb('VmHWM:') - before) / 1024)")
+    grown = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert grown < 1.6 * size_mb, f"loading {size_mb:.0f} MB of bf16 weights grew the peak RSS by {grown:.0f} MB"

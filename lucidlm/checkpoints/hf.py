@@ -82,15 +82,19 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     with torch.device("meta"):
         model = GPT(config)
     _check_tensors(model, ours, directory)
-    model = model.to_empty(device=device)
-    model.load_state_dict(ours, strict=False)
+    # each tensor goes to its final dtype and device once and becomes the parameter itself
+    # (assign=True): a bf16 checkpoint loaded as bf16 never passes through a float32 copy
+    target = dtype if dtype is not None else torch.get_default_dtype()
+    ours = {name: t.to(device=device, dtype=target if t.is_floating_point() else t.dtype) for name, t in ours.items()}
+    model = model.to(dtype=target).to_empty(device=device)  # on meta: the dtype change costs nothing
+    model.load_state_dict(ours, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.eval()
     for module in model.modules():  # non-persistent buffers (RoPE) were built on "meta"
         if hasattr(module, "reset_rope"):
             module.reset_rope()
-    return model.to(dtype) if dtype is not None else model
+    return model
 
 
 def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -> None:
