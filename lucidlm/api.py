@@ -106,6 +106,7 @@ class LLM:
         ``transformers`` model) to attach. An adapter recording a different base model is refused
         unless ``check_base=False``.
         """
+        from .checkpoints import checkpoint_dir
         from .checkpoints.hf import load_hf_dir
         from .checkpoints.native import is_native, load_native
 
@@ -114,24 +115,7 @@ class LLM:
             import sys
 
             progress = sys.stderr is not None and sys.stderr.isatty()
-        if path is None:
-            from .checkpoints.embedded import default_model_path
-
-            path = default_model_path()
-        elif isinstance(path, str):
-            from .checkpoints.hub import resolve
-
-            path = resolve(path, progress=progress)  # "org/name": the hub's safetensors, cached
-        path = Path(path)
-        if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
-            from .checkpoints.gguf import gguf_to_hf_dir
-
-            directory = gguf_to_hf_dir(path, cache_dir=cache_dir, progress=progress)
-        elif path.is_dir():
-            directory = path
-        else:
-            raise CheckpointError(f"{path}: expected a Hugging Face directory (config.json + *.safetensors) "
-                                  "or a .gguf file")
+        path, directory = checkpoint_dir(path, cache_dir=cache_dir, progress=progress)
         if is_native(directory):
             model = load_native(directory, dtype=dtype, device=device)
         else:
@@ -368,11 +352,6 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def _tokenizer_for(directory: Path):

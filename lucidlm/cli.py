@@ -420,9 +420,8 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .repl import Repl
 
-    llm = _load(args)
-    name = args.model if args.model and not Path(args.model).exists() else None  # a hub repo id
-    return Repl(llm, system=args.system, options=_sampling_kwargs(args), name=name).run()
+    llm = _load(args)  # the banner names it by LLM.name (org/name for a hub snapshot)
+    return Repl(llm, system=args.system, options=_sampling_kwargs(args)).run()
 
 
 def cmd_explain(args) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .cache.base import KVCache, LayerCache
+from .cache.base import KVCache, VisibleKeys
 from .errors import CacheError
 
 
@@ -119,23 +119,6 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         next_pos = next_pos + 1
 
 
-class _Packed(LayerCache):
-    """One layer during a packed prefill: keeps the packed keys and values, and lets each query
-    see only keys of its own prompt (the causal part comes from the positions, which restart at 0
-    for every prompt)."""
-
-    def __init__(self, segment: torch.Tensor) -> None:
-        self.segment = segment  # (tokens,) index of the prompt each packed token belongs to
-        self.k = self.v = None
-
-    def extend(self, k, v, pos):
-        self.k, self.v = k, v
-        return k, v, pos
-
-    def visibility(self, q_pos, k_pos):
-        return (self.segment[:, None] == self.segment[None, :])[None, None]
-
-
 def prefill_packed(model, prompts: Sequence[Sequence[int]], cache_tokens: int,
                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """Prefill a batch of prompts of different lengths as ONE packed sequence (each prompt sees
@@ -154,7 +137,8 @@ def prefill_packed(model, prompts: Sequence[Sequence[int]], cache_tokens: int,
     ids = torch.tensor([[t for p in prompts for t in p]], device=device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
     segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths)).to(device)
-    packed = KVCache([_Packed(segment) for _ in range(model.config.n_layer)])
+    own_prompt = segment[:, None] == segment[None, :]  # the causal part comes from the positions
+    packed = KVCache([VisibleKeys(own_prompt) for _ in range(model.config.n_layer)])
     last = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
     last[ends - 1] = True
     logits = model(ids, positions=positions, cache=packed, select=last[None])

@@ -7,8 +7,8 @@ import torch
 
 import lucidlm
 from lucidlm.errors import ExplainError
-from lucidlm.cache.base import KVCache
-from lucidlm.explain.cached import Replay, cached_run, explain_cached
+from lucidlm.cache.base import KVCache, VisibleKeys
+from lucidlm.explain.cached import cached_run, explain_cached
 from lucidlm.explain.explainer import explain
 
 PROMPT = [5, 9, 17, 23, 4, 31, 40, 8, 12, 55, 61, 7, 3, 19, 27, 33]
@@ -79,7 +79,7 @@ def test_replay_logits_equal_the_cached_run(llama64, policy, budget, chunk):
     assert not all(s.tril().all() for s in seen)  # something was evicted
     positions = torch.arange(len(PROMPT))[None]
     with torch.no_grad():
-        replayed = llama64(torch.tensor([PROMPT]), positions=positions, cache=KVCache([Replay(s) for s in seen]),
+        replayed = llama64(torch.tensor([PROMPT]), positions=positions, cache=KVCache([VisibleKeys(s) for s in seen]),
                            last_only=True)[0, -1]
     torch.testing.assert_close(replayed, logits, rtol=1e-9, atol=1e-9)
     e = explain_cached(llama64, None, PROMPT, target=11, kv_cache=policy, cache_tokens=budget, chunk_size=chunk)
@@ -93,7 +93,7 @@ def test_replay_of_quantised_buffers_is_within_their_error(llama64, quant, bound
     _, exact = cached_run(llama64, PROMPT, "h2o", 6, 4)
     positions = torch.arange(len(PROMPT))[None]
     with torch.no_grad():
-        replayed = llama64(torch.tensor([PROMPT]), positions=positions, cache=KVCache([Replay(s) for s in seen]),
+        replayed = llama64(torch.tensor([PROMPT]), positions=positions, cache=KVCache([VisibleKeys(s) for s in seen]),
                            last_only=True)[0, -1]
     error = (replayed - quantised).abs().max().item()
     assert error < bound * quantised.abs().max().item()

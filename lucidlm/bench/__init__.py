@@ -40,25 +40,6 @@ def prepare_model(model: str | None) -> None:
     """Do a model's one-off work here, with progress on stderr, before measuring: convert a GGUF
     (the embedded default when ``model`` is None) into the conversion cache, download a hub repo
     id. Child processes then find it ready instead of converting silently inside a measurement."""
-    from pathlib import Path
+    from ..checkpoints import checkpoint_dir
 
-    from ..checkpoints.hub import is_repo_id, resolve
-
-    if model is not None and is_repo_id(str(model)):
-        resolve(model, progress=True)
-        return
-    if model is None:
-        from ..checkpoints.embedded import default_model_path
-
-        path = default_model_path()
-    else:
-        path = Path(model).expanduser()
-    if path.suffix == ".gguf" or (path.is_file() and _starts_with(path, b"GGUF")):
-        from ..checkpoints.gguf import gguf_to_hf_dir
-
-        gguf_to_hf_dir(path, progress=True)
-
-
-def _starts_with(path, magic: bytes) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(len(magic)) == magic
+    checkpoint_dir(model, progress=True)

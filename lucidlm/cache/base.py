@@ -52,6 +52,25 @@ class LayerCache:
         return self.pos
 
 
+class VisibleKeys(LayerCache):
+    """One layer for a forward over a whole sequence in which query i may see key j only where
+    ``visible[i, j]`` (tokens, tokens) is true, on top of the causal mask. Stores nothing between
+    forwards; keeps the keys and values of the last one (``k``, ``v``). Replays a policy's history
+    (:mod:`lucidlm.explain.cached`) and prefills prompts packed into one sequence
+    (:func:`lucidlm.generate.prefill_packed`)."""
+
+    def __init__(self, visible: torch.Tensor) -> None:
+        self.visible = visible
+        self.k = self.v = None
+
+    def extend(self, k, v, pos):
+        self.k, self.v = k, v
+        return k, v, pos
+
+    def visibility(self, q_pos, k_pos):
+        return self.visible.to(q_pos.device)[None, None]
+
+
 class KVCache:
     """A model's cache: one :class:`LayerCache` per layer, plus bookkeeping shared by all layers."""
 

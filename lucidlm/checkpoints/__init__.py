@@ -6,6 +6,38 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def checkpoint_dir(path: str | Path | None, cache_dir: str | Path | None = None,
+                   progress: bool = False) -> tuple[Path, Path]:
+    """Where a model to load lives: ``(source, directory)``, where ``source`` is what was named
+    (the embedded GGUF for ``None``, a hub repo id's cached snapshot, a local path) and
+    ``directory`` the Hugging Face directory to read (a GGUF's conversion in the cache). Converts
+    or downloads once, with ``progress`` on stderr."""
+    from ..errors import CheckpointError
+
+    if path is None:
+        from .embedded import default_model_path
+
+        path = default_model_path()
+    elif isinstance(path, str):
+        from .hub import resolve
+
+        path = resolve(path, progress=progress)  # "org/name": the hub's safetensors, cached
+    path = Path(path)
+    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        from .gguf import gguf_to_hf_dir
+
+        return path, gguf_to_hf_dir(path, cache_dir=cache_dir, progress=progress)
+    if path.is_dir():
+        return path, path
+    raise CheckpointError(f"{path}: expected a Hugging Face directory (config.json + *.safetensors) "
+                          "or a .gguf file")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def save_model(model, directory: str | Path, state=None, tokenizer_dir: str | Path | None = None) -> Path:
     """Save in the Hugging Face layout when the model came from an HF config (``transformers``
     loads it), else in lucidlm's own format; copy the tokenizer files of ``tokenizer_dir``."""

@@ -9,7 +9,7 @@ decode step over the slots left. We explain exactly that prediction, in two pass
    chunk itself).
 2. **The replay**: one forward over the whole prompt from the input embeddings, under the LRP
    rules, in which every layer's attention sees exactly the keys recorded in step 1 (a
-   :class:`Replay` cache restricts the causal mask; nothing is evicted or stored). Its logits
+   :class:`~lucidlm.cache.base.VisibleKeys` layer restricts the causal mask; nothing is evicted). Its logits
    equal the cached run's (to float rounding; with ``+int8``/``+int4`` buffers, within the
    quantisation error of the stored keys and values, which the replay does not apply). The
    target is back-propagated to the embeddings, as in a dense explanation.
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..cache import build_cache, prefill
-from ..cache.base import KVCache, LayerCache
+from ..cache.base import KVCache, LayerCache, VisibleKeys
 from ..errors import ExplainError
 from .explainer import Target, _check_method, _explain_mode, _token_relevance, prompt_ids, resolve_target, \
     token_strings, warn_target
@@ -63,21 +63,6 @@ class Recording(LayerCache):
         self.inner.settle(scores)
 
 
-class Replay(LayerCache):
-    """One layer of the replay: stores nothing, hands the whole sequence's keys to attention, and
-    restricts each query to the keys it was shown in the cached run."""
-
-    def __init__(self, seen: torch.Tensor) -> None:
-        self.seen = seen
-
-    def extend(self, k, v, pos):
-        return k, v, pos
-
-    def visibility(self, q_pos, k_pos):
-        seen = self.seen.to(q_pos.device)
-        return seen[q_pos[0].clamp(min=0)][:, k_pos[0].clamp(min=0)][None, None]
-
-
 def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
                    method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | None = None,
                    chunk_size: int = 256, layers: str | Sequence[int] | None = None) -> Explanation:
@@ -91,7 +76,7 @@ def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], tar
                            "(it would need one explained step per token): pass kv_cache=None")
     seen, _ = cached_run(model, ids, kv_cache, cache_tokens, chunk_size)
     device = next(model.parameters()).device
-    replay = KVCache([Replay(s) for s in seen])
+    replay = KVCache([VisibleKeys(s) for s in seen])
     positions = torch.arange(len(ids), device=device)[None]
     recorder = LatentRecorder(model, layers)
     with _explain_mode(method), recorder:

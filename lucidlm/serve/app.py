@@ -143,7 +143,7 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
             server.check_model(body.model)
         ids, target = server.explain_inputs(body)
         layers = "all" if body.layers is True else (body.layers or None)
-        result = await server.run(lambda: llm.explain(ids, target=target, method=body.method, layers=layers,
+        result = await worker.run(lambda: llm.explain(ids, target=target, method=body.method, layers=layers,
                                                       kv_cache=body.kv_cache, cache_tokens=body.cache_tokens))
         return explanation_json(result, name)
 
@@ -191,12 +191,6 @@ class _Server:
                            code="context_length_exceeded", param=param)
         return ids
 
-    async def run(self, fn):
-        try:
-            return await self.worker.run(fn)
-        except Busy as exc:
-            raise APIError(503, str(exc), code="server_busy", kind="server_error") from exc
-
     # ---- generation -------------------------------------------------------------------------
     def pieces(self, ids: list[int], body: Sampled) -> Iterator[Piece]:
         """Runs on the model thread: the reply's pieces, one per generated token."""
@@ -208,14 +202,11 @@ class _Server:
 
     async def respond(self, body: Sampled, ids: list[int], kind: str, request: Request):
         if body.stream:
-            try:
-                items = self.worker.stream(lambda: self.pieces(ids, body))
-            except Busy as exc:
-                raise APIError(503, str(exc), code="server_busy", kind="server_error") from exc
+            items = self.worker.stream(lambda: self.pieces(ids, body))  # Busy (before the response): 503
             sse = _sse(_Reply(self, body, ids, kind).chunks(items, request))
             return StreamingResponse(sse, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        pieces = await self.run(lambda: list(self.pieces(ids, body)))
+        pieces = await self.worker.run(lambda: list(self.pieces(ids, body)))
         return _Reply(self, body, ids, kind).whole(pieces)
 
     # ---- explanations -----------------------------------------------------------------------
@@ -344,6 +335,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.kind)
+
+    @app.exception_handler(Busy)
+    async def busy(_request, exc: Busy):  # the queue is full: the client may retry
+        return error_response(503, str(exc), code="server_busy", kind="server_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
