@@ -53,6 +53,13 @@ def test_quantize_replaces_every_linear_including_the_head(int8_tiny):
         q.save("/nonexistent-never-written")
 
 
+def test_quantize_names_the_methods_it_has(tiny_lm_dir):
+    from lucidlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize='int4': expected 'int8'"):
+        LLM.load(tiny_lm_dir, quantize="int4")
+
+
 def test_int8_kernel_path_equals_the_dequantised_path(int8_tiny):
     q, _ = int8_tiny
     x = torch.tensor([PROMPT])
