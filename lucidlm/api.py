@@ -32,6 +32,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.source = source
         self.directory = directory  # the HF directory the weights came from (a cache dir for GGUF)
+        self._decoder = None  # a CompiledDecoder after compile()
 
     @property
     def config(self) -> Config:
@@ -202,6 +203,22 @@ class LLM:
         quantize_linears(self.model, lm_head=lm_head)
         return self
 
+    def compile(self) -> LLM:
+        """Decode through ``torch.compile`` from now on (dense KV cache; other policies, prefill,
+        explanations and training stay eager). The first generation compiles (about a minute for
+        SmolLM2-135M on 2 CPU cores); later ones reuse the graphs. Without a C++ compiler (CPU) or
+        Triton (GPU) a :class:`~lucidlm.compiled.CompileFallback` warning says so and decoding stays
+        eager. The graphs hold frozen copies of the weights; when the weights change (fine-tuning,
+        :meth:`quantize`) the next generation compiles again. See :mod:`lucidlm.compiled`.
+
+        >>> from lucidlm import Config, GPT
+        >>> llm = LLM(GPT(Config.from_name("tiny-llama"))).compile()  # compiles at the first generation
+        """
+        from .compiled import CompiledDecoder
+
+        self._decoder = CompiledDecoder(self.model)
+        return self
+
     def merge_adapter(self) -> "LLM":
         """Fold attached LoRA adapters into the base weights (faster inference; saveable)."""
         from .train.lora import merge_lora
@@ -247,7 +264,7 @@ class LLM:
                            kv_cache: str, cache_tokens: int | None):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         steps = generate_ids(self.model, ids, max_new_tokens, sampling, self.tokenizer.eos_ids,
-                             kv_cache=kv_cache, cache_tokens=cache_tokens)
+                             kv_cache=kv_cache, cache_tokens=cache_tokens, decoder=self._decoder)
         if stream:
             if not single:
                 raise ValueError("stream=True needs a single prompt")

@@ -154,6 +154,9 @@ def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (default: only the model's stop tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (dense cache; compiles for about a minute first, "
+                        "falls back to eager with a warning where no compiler is installed)")
     _add_cache(p)
 
 
@@ -392,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args):
     from .api import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, progress=True)
+    llm = LLM.load(args.model, dtype=args.dtype, progress=True)
+    return llm.compile() if getattr(args, "compile", False) else llm
 
 
 def _sampling_kwargs(args) -> dict:

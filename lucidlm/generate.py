@@ -79,11 +79,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
                  kv_cache: str = "dense", cache_tokens: int | None = None,
-                 chunk_size: int = 256) -> Iterator[list[int | None]]:
+                 chunk_size: int = 256, decoder=None) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (``None`` once that sequence has stopped).
 
     A sequence stops at a token in ``stop_ids`` (which is yielded), after ``max_new_tokens``, or at
-    the model's context length.
+    the model's context length. ``decoder``: a :class:`~lucidlm.compiled.CompiledDecoder` for the
+    decode steps (dense cache only; other policies decode eagerly).
     """
     from .cache import build_cache, prefill
 
@@ -96,8 +97,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         raise CacheError(f"prompt of {longest} tokens does not fit the model's context length "
                          f"({config.block_size} tokens)")
     max_new_tokens = min(max_new_tokens, config.block_size - longest)
+    compiled = decoder is not None and kv_cache == "dense" and cache_tokens is None
     if kv_cache.split("+")[0] == "dense" and cache_tokens is None:
         cache_tokens = ids.shape[1] + max_new_tokens  # room for exactly this generation
+        if compiled:  # static shapes: capacities rounded up, so that prompts share compiled graphs
+            cache_tokens = decoder.capacity(cache_tokens, config.block_size)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -107,6 +111,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
         logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
     next_pos = pos.max(dim=1).values.to(device) + 1
+    step_fn = decoder if compiled and decoder.prepare(cache) else _eager_step
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
@@ -115,8 +120,12 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model(token[:, None], positions=next_pos[:, None], cache=cache, last_only=True)[:, -1]
+        logits = step_fn(token[:, None], next_pos[:, None], cache, model)
         next_pos = next_pos + 1
+
+
+def _eager_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model) -> torch.Tensor:
+    return model(token, positions=positions, cache=cache, last_only=True)[:, -1]
 
 
 def prefill_packed(model, prompts: Sequence[Sequence[int]], cache_tokens: int,

@@ -89,7 +89,7 @@ def test_bench_decode_prints_header_first_rows_when_final(monkeypatch, capsys):
     def result(engine, dtype):
         outputs.append(capsys.readouterr().out)
         return {"engine": engine, "dtype": dtype, "prefill_tps": 100.0, "decode_tps": 10.0, "batch_tps": 40.0,
-                "peak_rss_mb": 500.0, "tokens": [1, 2, 3]}
+                "peak_rss_mb": 500.0, "tokens": [1, 2, 3], "warm_up_s": 0.5}
 
     _fake_children(monkeypatch, bench_decode, result)
     args = _args(bench_decode, ["--rounds", "2", "--dtypes", "float32"])

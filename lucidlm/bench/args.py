@@ -33,8 +33,9 @@ _DTYPE_HELP = "the weights' dtype"
 
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+    p.add_argument("--dtypes", default="float32,bfloat16,int8,float32+compile,bfloat16+compile",
                    help="comma-separated rows to measure (int8: lucidlm's weight-only int8 with bfloat16 activations; "
+                        "+compile: lucidlm's decode steps through torch.compile; "
                         "transformers float32 always runs, as the reference)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (prefill)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")

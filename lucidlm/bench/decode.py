@@ -1,7 +1,9 @@
 """``lucidlm bench decode``: lucidlm vs transformers on the same checkpoint and prompts.
 
 Rows: transformers in float32 and bfloat16, lucidlm in float32, bfloat16 and weight-only int8
-(bfloat16 activations: PyTorch's int8 kernel is fast for those, slow for float32 ones). Each row runs in its own subprocess (so peak RSS is its own and one row's
+(bfloat16 activations: PyTorch's int8 kernel is fast for those, slow for float32 ones), and lucidlm
+float32 and bfloat16 with decode steps through ``torch.compile`` (``+compile``, see
+:mod:`lucidlm.compiled`; the compilation is a warm-up, reported in its own column). Each row runs in its own subprocess (so peak RSS is its own and one row's
 allocations do not slow another), rounds alternate between rows and each cell is the median.
 
 Per row:
@@ -33,7 +35,8 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
 #: (engine, dtype) rows, in table order; the first is the reference
 ROWS = [("transformers", "float32"), ("transformers", "bfloat16"),
-        ("lucidlm", "float32"), ("lucidlm", "bfloat16"), ("lucidlm", "int8")]
+        ("lucidlm", "float32"), ("lucidlm", "bfloat16"), ("lucidlm", "int8"),
+        ("lucidlm", "float32+compile"), ("lucidlm", "bfloat16+compile")]
 BATCH_LENGTHS = (24, 40, 56, 72, 88, 104, 120, 136)  # 8 prompts of different lengths
 
 
@@ -70,7 +73,7 @@ def _median(rows: list[dict]) -> dict:
     if failed:
         return failed[0]
     out = dict(rows[0])
-    for key in ("prefill_tps", "decode_tps", "batch_tps", "peak_rss_mb"):
+    for key in ("prefill_tps", "decode_tps", "batch_tps", "peak_rss_mb", "warm_up_s"):
         out[key] = statistics.median(r[key] for r in rows)
     return out
 
@@ -100,9 +103,13 @@ def _measure(args) -> dict:
     llm = LLM.load(args.model, progress=False)  # lucidlm's tokenizer and the GGUF->HF conversion serve both
     ids = _prompt_ids(llm.tokenizer, args.prompt_tokens)
     batch = [_prompt_ids(llm.tokenizer, n) for n in BATCH_LENGTHS]
-    engine = _Lucidlm(llm, args.dtypes) if args.engine == "lucidlm" else _Transformers(llm, args.dtypes)
+    engine = (_Lucidlm(llm, args.dtypes, len(ids) + args.new_tokens) if args.engine == "lucidlm"
+              else _Transformers(llm, args.dtypes))
     with torch.inference_mode():
+        w0 = time.perf_counter()
         engine.prefill(ids[:16])  # warm-up (first-call allocations, thread pools)
+        engine.warm_up(batch)
+        warm_up_s = time.perf_counter() - w0
         t0 = time.perf_counter()
         logits = engine.prefill(ids)
         t1 = time.perf_counter()
@@ -115,32 +122,52 @@ def _measure(args) -> dict:
         generated = engine.batch(batch, args.new_tokens // 2)
         t3 = time.perf_counter()
     return {"prefill_tps": len(ids) / (t1 - t0), "decode_tps": args.new_tokens / (t2 - t1),
-            "batch_tps": generated / (t3 - t2), "tokens": tokens,
+            "batch_tps": generated / (t3 - t2), "tokens": tokens, "warm_up_s": warm_up_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 class _Lucidlm:
-    def __init__(self, llm, dtype: str) -> None:
+    def __init__(self, llm, dtype: str, tokens: int) -> None:
+        from ..compiled import CompiledDecoder
+        from ..generate import _eager_step
+
+        dtype, _, compile_ = dtype.partition("+")
         if dtype == "int8":
             llm.model.to(torch.bfloat16)  # int8 weights, bfloat16 activations (the kernel's fast path)
             llm.quantize("int8")
         else:
             llm.model.to(getattr(torch, dtype))
         self.model, self.dtype, self.cache = llm.model, next(llm.model.parameters()).dtype, None
+        self.decoder = CompiledDecoder(self.model) if compile_ else None
+        self.step_fn = self.decoder or _eager_step
+        # one cache size for the warm-up and the timed run (a compiled graph is per capacity)
+        self.capacity = self.decoder.capacity(tokens, self.model.config.block_size) if self.decoder else tokens + 1024
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         from ..cache import build_cache
 
-        self.cache = build_cache(self.model.config, 1, "dense", len(ids) + 1024, dtype=self.dtype)
-        return self.model(torch.tensor([ids]), cache=self.cache, last_only=True)[0, -1]
+        self.cache = build_cache(self.model.config, 1, "dense", self.capacity, dtype=self.dtype)
+        logits = self.model(torch.tensor([ids]), cache=self.cache, last_only=True)[0, -1]
+        self.position = len(ids)
+        if self.decoder is not None:
+            self.decoder.prepare(self.cache)
+        return logits
+
+    def warm_up(self, prompts: list[list[int]]) -> None:
+        if self.decoder is not None:  # compile the graphs the timed run uses (batch 1 and 8)
+            self.step(0)
+            self.batch(prompts, 2)
 
     def step(self, token: int) -> torch.Tensor:
-        return self.model(torch.tensor([[token]]), cache=self.cache, last_only=True)[0, -1]
+        logits = self.step_fn(torch.tensor([[token]]), torch.tensor([[self.position]]), self.cache, self.model)
+        self.position += 1
+        return logits[0]
 
     def batch(self, prompts: list[list[int]], new_tokens: int) -> int:
         from ..generate import generate_ids
 
-        return sum(t is not None for step in generate_ids(self.model, prompts, new_tokens) for t in step)
+        steps = generate_ids(self.model, prompts, new_tokens, decoder=self.decoder)
+        return sum(t is not None for step in steps for t in step)
 
 
 class _Transformers:
@@ -154,6 +181,9 @@ class _Transformers:
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         self.model, self.past = model.eval(), None
+
+    def warm_up(self, prompts: list[list[int]]) -> None:
+        pass
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
@@ -179,11 +209,11 @@ def format_table(rows: list[dict], args) -> str:
 
     >>> from types import SimpleNamespace as N
     >>> ref = dict(engine="transformers", dtype="float32", prefill_tps=200.0, decode_tps=10.0, batch_tps=40.0,
-    ...            peak_rss_mb=1600.0, tokens=[1, 2, 3])
+    ...            peak_rss_mb=1600.0, tokens=[1, 2, 3], warm_up_s=0.5)
     >>> ours = dict(ref, engine="lucidlm", dtype="int8", decode_tps=30.0, tokens=[1, 2, 4])
     >>> print(format_table([ref, ours], N(model=None, prompt_tokens=512, new_tokens=3, threads=2, rounds=1,
     ...                                   dtypes="int8")).splitlines()[-1])
-    lucidlm       int8              200.0          30.0      3.00x         40.0         1600  diverges at 2
+    lucidlm       int8                      200.0          30.0      3.00x         40.0         1600        0.5  diverges at 2
     """
     return "\n".join([*_header_lines(args), *(format_row(r, rows[0]) for r in rows), *_summary_lines(rows)])
 
@@ -193,16 +223,16 @@ def _header_lines(args) -> list[str]:
             f"tokens, {args.new_tokens} greedy new tokens, batch = 8 prompts of {BATCH_LENGTHS[0]}-"
             f"{BATCH_LENGTHS[-1]} tokens x {args.new_tokens // 2} new, torch threads "
             f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds",
-            f"{'engine':<14}{'dtype':<10}{'prefill tok/s':>13}{'decode tok/s':>14}{'vs HF fp32':>11}"
-            f"{'batch tok/s':>13}{'peak RSS MB':>13}  greedy vs HF fp32"]
+            f"{'engine':<14}{'dtype':<18}{'prefill tok/s':>13}{'decode tok/s':>14}{'vs HF fp32':>11}"
+            f"{'batch tok/s':>13}{'peak RSS MB':>13}{'warm-up s':>11}  greedy vs HF fp32"]
 
 
 def format_row(r: dict, reference: dict) -> str:
     if "error" in r:
-        return f"{r['engine']:<14}{r['dtype']:<10}  failed: {r['error']}"
+        return f"{r['engine']:<14}{r['dtype']:<18}  failed: {r['error']}"
     ratio = r["decode_tps"] / reference["decode_tps"] if "decode_tps" in reference else float("nan")
-    return (f"{r['engine']:<14}{r['dtype']:<10}{r['prefill_tps']:>13.1f}{r['decode_tps']:>14.1f}{ratio:>10.2f}x"
-            f"{r['batch_tps']:>13.1f}{r['peak_rss_mb']:>13.0f}  {_agreement(r, reference)}")
+    return (f"{r['engine']:<14}{r['dtype']:<18}{r['prefill_tps']:>13.1f}{r['decode_tps']:>14.1f}{ratio:>10.2f}x"
+            f"{r['batch_tps']:>13.1f}{r['peak_rss_mb']:>13.0f}{r['warm_up_s']:>11.1f}  {_agreement(r, reference)}")
 
 
 def _agreement(r: dict, reference: dict) -> str:
@@ -215,8 +245,8 @@ def _agreement(r: dict, reference: dict) -> str:
 def _summary_lines(rows: list[dict]) -> list[str]:
     by = {(r["engine"], r["dtype"]): r for r in rows if "decode_tps" in r}
     lines = []
-    for dtype in ("float32", "bfloat16"):
-        ours, theirs = by.get(("lucidlm", dtype)), by.get(("transformers", dtype))
+    for dtype in ("float32", "bfloat16", "float32+compile", "bfloat16+compile"):
+        ours, theirs = by.get(("lucidlm", dtype)), by.get(("transformers", dtype.partition("+")[0]))
         if ours and theirs:
             lines.append(f"{dtype}: decode {ours['decode_tps'] / theirs['decode_tps']:.2f}x, prefill "
                          f"{ours['prefill_tps'] / theirs['prefill_tps']:.2f}x, batch "

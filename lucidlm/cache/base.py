@@ -123,8 +123,18 @@ class DenseLayerCache(LayerCache):
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.capacity, self.filled, self._last = capacity, 0, 0
+        self.cursor: torch.Tensor | None = None  # set by make_static
+
+    def make_static(self) -> None:
+        """Fixed shapes from now on, for a compiled decode step (:mod:`lucidlm.compiled`): ``extend``
+        writes at a tensor ``cursor`` and returns all ``capacity`` slots (the empty ones have position
+        -1, which attention masks out), so no shape and no Python number changes between steps. The
+        caller keeps the count within ``capacity`` (an index past it is not checked on the device)."""
+        self.cursor = torch.tensor(self.filled, device=self.k.device)
 
     def extend(self, k, v, pos):
+        if self.cursor is not None:
+            return self._extend_static(k, v, pos)
         end = self.filled + k.shape[2]
         if end > self.capacity:
             from ..errors import CacheError
@@ -137,7 +147,17 @@ class DenseLayerCache(LayerCache):
         self.filled, self._last = end, k.shape[2]
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
 
+    def _extend_static(self, k, v, pos):
+        slots = self.cursor + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.pos.index_copy_(1, slots, pos)
+        self.cursor.add_(k.shape[2])
+        return self.k, self.v, self.pos
+
     def settle(self, scores):
+        if self.cursor is not None:  # static: decode steps only, never padding
+            return
         # padding tokens whose queries saw no key (a chunk of pure left padding) hold NaN: zero
         # them once attention is done, so later queries multiply a masked slot by 0, not by NaN.
         # Always (no host sync to ask whether there is padding): a decode step zeroes nothing.
@@ -150,7 +170,7 @@ class DenseLayerCache(LayerCache):
         return [self.k, self.v, self.pos]
 
     def positions(self):
-        return self.pos[:, :self.filled]
+        return self.pos[:, :self.filled if self.cursor is None else int(self.cursor)]
 
 
 def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,

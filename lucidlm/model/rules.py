@@ -45,7 +45,11 @@ _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("lucidlm_lr
 
 
 def current() -> str | None:
-    """The explanation method in force in this thread/task, or ``None`` for plain inference."""
+    """The explanation method in force in this thread/task, or ``None`` for plain inference.
+    Inside ``torch.compile`` it is ``None``: only inference is compiled (see :mod:`lucidlm.compiled`),
+    and a ContextVar read would break the graph at every rule."""
+    if torch.compiler.is_compiling():
+        return None
     return _active.get()
 
 
@@ -128,7 +132,7 @@ def stop_gradient(x: torch.Tensor) -> torch.Tensor:
 
 # ----- helpers called at the exact lines of the model -----------------------------------------
 def _lrp() -> bool:
-    method = _active.get()
+    method = current()
     return method is not None and method != "inputxgrad"
 
 
@@ -146,7 +150,7 @@ def bilinear(x: torch.Tensor) -> torch.Tensor:
     """Mark a bilinear matmul for the uniform rule (AttnLRP only): applied to q and k of q·kᵀ and
     to the output of A·V. Under CP-LRP the softmax output A is a constant, so A·V is linear in V
     and must keep its full gradient (halving it would break conservation)."""
-    return divide_gradient(x, 2) if _active.get() == "attnlrp" else x
+    return divide_gradient(x, 2) if current() == "attnlrp" else x
 
 
 def normalizer(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,7 @@ def normalizer(x: torch.Tensor) -> torch.Tensor:
 def attention_weights(weights: torch.Tensor) -> torch.Tensor:
     """Softmax output of attention: detached for CP-LRP, kept for AttnLRP (whose softmax rule is
     the gradient × input of the softmax itself, with the uniform rule on the two matmuls)."""
-    return stop_gradient(weights) if _active.get() == "cp-lrp" else weights
+    return stop_gradient(weights) if current() == "cp-lrp" else weights
 
 
 def router_weights(weights: torch.Tensor) -> torch.Tensor:
