@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -10,6 +11,31 @@ from lucidlm.tokenizer import Tokenizer
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from families import FAMILIES, build_hf_model  # noqa: E402
+
+
+def _conversion_cache(tmp_path_factory) -> pathlib.Path:
+    """The GGUF conversion cache of the test runs: under pytest's own temporary root
+    (/tmp/pytest-of-USER), shared by the xdist workers and by later runs, never ~/.cache/lucidlm.
+    The cache is content-keyed and written atomically, so workers converting at once are safe."""
+    base = tmp_path_factory.getbasetemp()
+    root = next((p for p in (base, *base.parents) if p.name.startswith("pytest-of-")), base)
+    return root / "lucidlm-conversion-cache"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_conversion_cache(tmp_path_factory):
+    """Every test (and every CLI subprocess it starts) converts GGUF files into the temporary
+    cache: ``LLM.load()`` without ``cache_dir`` reads $LUCIDLM_CACHE."""
+    from lucidlm.checkpoints.conversion_cache import ENV_VAR
+
+    cache = _conversion_cache(tmp_path_factory)
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = previous
 
 
 @pytest.fixture(scope="session")
@@ -31,20 +57,19 @@ def hf_checkpoint(tmp_path_factory):
 ALL_FAMILIES = sorted(FAMILIES)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The embedded GGUF converted once into a cache shared by the test modules of this run."""
-    cache = tmp_path_factory.getbasetemp() / "lucidlm-cache"
-    return gguf_to_hf_dir(default_model_path(), cache_dir=cache, progress=False)
+@pytest.fixture(scope="session")
+def converted(temp_conversion_cache):
+    """The embedded GGUF converted once (per session; reused from the temporary cache)."""
+    return gguf_to_hf_dir(default_model_path(), cache_dir=temp_conversion_cache, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours(converted):
     """lucidlm's tokenizer of the embedded model."""
     return Tokenizer.from_dir(converted)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def oracle():
     """transformers' tokenizer read straight from the same GGUF (the independent oracle)."""
     transformers = pytest.importorskip("transformers")
@@ -70,8 +95,6 @@ def build_tiny_lm(directory, converted_dir, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory):
+def tiny_lm_dir(tmp_path_factory, converted):
     """Directory of :func:`build_tiny_lm` (built once per session)."""
-    cache = tmp_path_factory.getbasetemp() / "lucidlm-cache"
-    converted = gguf_to_hf_dir(default_model_path(), cache_dir=cache, progress=False)
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), converted)

@@ -80,3 +80,25 @@ def test_explain_target_hint_target_id_and_continuation_labels():
     assert done.returncode == 0, done.stderr
     title = done.stdout.splitlines()[0]
     assert "log-prob" in title and "logit" not in title
+
+
+def test_convert_keeps_a_chat_template_that_lives_in_its_own_file(tiny_lm_dir, tmp_path):
+    """transformers v5 saves the template as chat_template.jinja, not in tokenizer_config.json."""
+    import json
+    import shutil
+
+    from lucidlm.tokenizer import Tokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_lm_dir, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (source / "chat_template.jinja").write_text(template)
+    out = tmp_path / "converted"
+    done = cli("convert", source, out)
+    assert done.returncode == 0, done.stderr
+    assert (out / "chat_template.jinja").read_text() == template
+    messages = [{"role": "user", "content": "hi"}]
+    assert Tokenizer.from_dir(out).apply_chat_template(messages, add_generation_prompt=False) == "[user] hi\n"

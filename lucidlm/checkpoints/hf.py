@@ -22,7 +22,8 @@ from .layouts import hf_to_ours, ours_to_hf
 
 
 #: the files besides the weights that make a checkpoint directory usable (copied when one is derived)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")  # transformers v5 keeps the template in its own file
 
 
 def copy_tokenizer_files(source: Path | None, target: Path) -> None:
