@@ -298,21 +298,35 @@ class LLM:
                           progress=progress)
 
     def explain(self, prompt: str | Sequence[int], target: Any = None, method: str = "attnlrp",
-                layers: Any = None, kv_cache: str | None = None, cache_tokens: int | None = None):
+                layers: Any = None, kv_cache: str | None = None, cache_tokens: int | None = None,
+                context: Sequence[str] | None = None, options: dict | None = None):
         """Relevance of every prompt token for the next-token prediction (one backward pass).
 
         ``target``: None (the top next token), a token id or string, a contrast ``(a, b)``, or a
-        multi-token continuation. ``method``: ``"attnlrp"``, ``"cp-lrp"`` or ``"inputxgrad"``.
+        multi-token continuation. ``method``: an LRP method (``"attnlrp"``, ``"cp-lrp"``,
+        ``"inputxgrad"``, see :data:`lucidlm.methods.METHODS`) or a baseline
+        (``"integrated-gradients"``, ``"occlusion"``, ``"attention-rollout"``, ``"random"``; their
+        settings in ``options``, e.g. ``{"steps": 64}``: see :mod:`lucidlm.explain.baselines`).
         ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy: a
         forward that replays which keys each query saw, back to the input tokens. With nothing
         evicted it equals the dense explanation; tokens evicted for the last prediction are marked
         ``evicted`` (they may still be relevant through tokens that saw them; see
-        :mod:`lucidlm.explain.cached`). Returns an :class:`~lucidlm.explain.explanation.Explanation`.
+        :mod:`lucidlm.explain.cached`). ``context``: documents to answer from; the prompt becomes
+        ``"Document 1: ...\\n\\nDocument 2: ...\\n\\n" + prompt`` and ``Explanation.context()`` gives
+        each document's relevance (see :func:`lucidlm.explain.aggregate.context_prompt`).
+        Returns an :class:`~lucidlm.explain.explanation.Explanation`.
         """
         from .explain.explainer import explain
 
-        return explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
-                       kv_cache=kv_cache, cache_tokens=cache_tokens)
+        segments = None
+        if context is not None:
+            from .explain.aggregate import context_prompt
+
+            prompt, segments = context_prompt(context, prompt)
+        e = explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
+                    kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
+        e.segments = segments
+        return e
 
     def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
         """Generate greedily and explain every generated token over all earlier tokens."""

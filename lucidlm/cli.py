@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from .bench.args import BENCHES
-from .cache_names import DEFAULT_CACHE_TOKENS, EVICTIONS, QUANTS, check_policy
+from .cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_policy
 from .errors import CacheError, CheckpointError, LucidError
-from .methods import METHODS
+from .methods import EXPLAIN_METHODS
 
 DESCRIPTION = "lucidlm: run, chat with, explain, fine-tune and serve transformer language models."
 EPILOG = """\
@@ -136,11 +136,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_cache(p: argparse.ArgumentParser) -> None:
     policies = " | ".join(EVICTIONS)
     p.add_argument("--kv-cache", type=_policy, default=None, metavar="POLICY",
-                   help=f"KV-cache policy: {policies}, optionally +{'/+'.join(QUANTS)} (default: dense; "
-                        "window when only --cache-tokens is given)")
+                   help=f"KV-cache policy {GRAMMAR} with NAME one of {policies}, e.g. 'sink(n_sink=8)' or "
+                        "'snapkv(window=16)+int8' (default: dense; window, with a note, when only "
+                        "--cache-tokens is given)")
     p.add_argument("--cache-tokens", type=_positive, default=None, metavar="N",
-                   help=f"KV-cache budget in tokens (default: the context for dense, {DEFAULT_CACHE_TOKENS} "
-                        "for window, sink and h2o)")
+                   help=f"KV-cache budget in tokens per layer (default: the context for dense, "
+                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -241,13 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "log-prob); --target 7042 is the text '7042' (default: the model's top next token)")
     target.add_argument("--target-id", type=_token_id, default=None, metavar="ID",
                         help="token id to explain (default: the model's top next token)")
-    p.add_argument("--method", default="attnlrp", choices=METHODS, help="explanation method")
+    p.add_argument("--method", default="attnlrp", choices=EXPLAIN_METHODS, help="explanation method")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
     p.add_argument("--keep-first", action="store_true", help="include the first token in the colour scale")
     p.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML heatmap (default: none)")
     p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     _add_cache(p)
+
+    p = command("explain-dataset", "explain every record of a JSONL or Hugging Face dataset into shard files "
+                "(resumable; torchrun spreads the shards over processes)")
+    from .explain.dataset import add_arguments as add_explain_dataset
+
+    add_explain_dataset(p)
 
     p = command("convert", "GGUF or HF directory -> HF safetensors directory")
     p.add_argument("src", type=Path, help="a .gguf file or an HF directory")
@@ -275,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linear layers)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "alpaca"],
                    help="instruction records: the chat template (auto, when there is one) or the Alpaca prompt")
+    _add_cache(p)  # train through a bounded KV cache, in chunks (lucidlm/train/chunked.py)
+    p.add_argument("--chunk-size", type=_positive, default=None, metavar="N",
+                   help="with --kv-cache: tokens per chunk of the cached training forward (default: 256)")
     _add_training(p, None)
 
     p = command("pretrain", "next-token training of all weights on raw text")
@@ -302,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write the page (default: FILE with .html)")
     p.add_argument("--no-open", action="store_true", help="write the page (or start the server) without a browser")
     _add_serving(p)
+
+    p = command("evaluate", "faithfulness metrics of the explanations lucidlm explain-dataset wrote to DIR")
+    p.add_argument("directory", type=Path, metavar="DIR", help="an explain-dataset output directory")
+    p.add_argument("--metrics", default="deletion,insertion,comprehensiveness,sufficiency,abpc",
+                   help="comma-separated metrics")
+    p.add_argument("--model", default=None, help="the checkpoint that made the explanations (default: the one "
+                                                 "DIR/manifest.json names, else the embedded model)")
+    p.add_argument("--replacement", type=_token_id, default=None, metavar="ID",
+                   help="token id that replaces removed tokens (default: the single-space token, else 0)")
+    p.add_argument("--score", default="prob", choices=["prob", "logit"], help="the target's probability or logit")
+    p.add_argument("--steps", type=_positive, default=None, help="curve points per prompt (default: every token)")
+    p.add_argument("--keep-first", action="store_true", help="never replace token 0 (often the attention sink)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result as JSON (default: none)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="write the mean deletion/insertion curves as a PNG (default: none)")
 
     p = command("bench", "side-by-side benchmarks: one line each below")
     benches = p.add_subparsers(dest="bench", required=True, parser_class=_Parser, metavar="BENCH")
@@ -522,6 +547,7 @@ def cmd_finetune(args) -> int:
     return _train(lambda: llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                        lora_targets=targets, prompt_style=args.prompt_style,
+                                       **_cache_kwargs(args), chunk_size=args.chunk_size,
                                        **_training_options(args)))
 
 
@@ -718,6 +744,18 @@ def _cmd_cache(args) -> int:
     return cmd_cache(args)
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate.cli import run
+
+    return run(args)
+
+
+def cmd_explain_dataset(args) -> int:
+    from .explain.dataset import run
+
+    return run(args)
+
+
 def cmd_bench(args) -> int:
     import importlib
 
@@ -726,7 +764,8 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "explain": cmd_explain, "convert": cmd_convert,
             "models": cmd_models, "bench": cmd_bench, "finetune": cmd_finetune, "pretrain": cmd_pretrain,
-            "merge": cmd_merge, "download": cmd_download, "serve": cmd_serve, "view": cmd_view, "cache": _cmd_cache}
+            "merge": cmd_merge, "download": cmd_download, "serve": cmd_serve, "view": cmd_view, "cache": _cmd_cache,
+            "evaluate": cmd_evaluate, "explain-dataset": cmd_explain_dataset}
 
 if __name__ == "__main__":
     sys.exit(main())

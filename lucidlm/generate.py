@@ -87,6 +87,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     decode steps (dense cache only; other policies decode eagerly).
     """
     from .cache import build_cache, prefill
+    from .cache.spec import parse_policy
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
@@ -98,7 +99,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
                          f"({config.block_size} tokens)")
     max_new_tokens = min(max_new_tokens, config.block_size - longest)
     compiled = decoder is not None and kv_cache == "dense" and cache_tokens is None
-    if kv_cache.split("+")[0] == "dense" and cache_tokens is None:
+    if parse_policy(kv_cache).eviction == "dense" and cache_tokens is None:
         cache_tokens = ids.shape[1] + max_new_tokens  # room for exactly this generation
         if compiled:  # static shapes: capacities rounded up, so that prompts share compiled graphs
             cache_tokens = decoder.capacity(cache_tokens, config.block_size)

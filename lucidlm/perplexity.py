@@ -46,12 +46,14 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str = "dens
     :func:`lucidlm.cache.build_cache`). Raises :class:`CacheError` for a text longer than the model's
     context length (positions are never wrapped).
     """
+    from .cache.spec import parse_policy
+
     gpt = _model(model)
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
     if ids.shape[1] < 2:
         raise CacheError(f"token_ids has {ids.shape[1]} token(s): perplexity needs at least 2")
     check_context(gpt.config, torch.tensor([ids.shape[1] - 1]))
-    if cache_tokens is None and kv_cache.split("+")[0] in ("dense", "int8", "int4"):
+    if cache_tokens is None and parse_policy(kv_cache).eviction == "dense":
         cache_tokens = ids.shape[1]  # dense: room for exactly this text
     param = next(gpt.parameters())
     cache = build_cache(gpt.config, 1, kv_cache, cache_tokens, dtype=param.dtype, device=param.device)

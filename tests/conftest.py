@@ -64,6 +64,21 @@ def converted(temp_conversion_cache):
 
 
 @pytest.fixture(scope="session")
+def smollm2(temp_conversion_cache):
+    """The embedded SmolLM2-135M-Instruct as an LLM in eval mode, loaded once per session: tests
+    must not change its weights or dtype (copy it first)."""
+    import lucidlm
+    from lucidlm.errors import ModelNotInstalledError
+
+    try:
+        llm = lucidlm.LLM.load()
+    except ModelNotInstalledError as e:
+        pytest.skip(str(e))
+    llm.model.eval()
+    return llm
+
+
+@pytest.fixture(scope="session")
 def ours(converted):
     """lucidlm's tokenizer of the embedded model."""
     return Tokenizer.from_dir(converted)

@@ -164,7 +164,7 @@ def test_bench_help_lists_one_line_per_bench():
     text = ALL_PARSERS["lucidlm bench"].format_help()
     for name, (_, line, _) in BENCHES.items():
         assert name in text and line.split()[0] in text
-    assert "--cache-tokens N      KV-cache budget in tokens (default: the context for" in \
+    assert "--cache-tokens N      KV-cache budget in tokens per layer (default: the" in \
         ALL_PARSERS["lucidlm generate"].format_help()
 
 

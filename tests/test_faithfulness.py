@@ -1,28 +1,15 @@
-"""AttnLRP on the embedded SmolLM2-135M: deleting the tokens it calls most relevant first lowers the
-predicted token's logit faster than deleting them in random order (averaged over real prompts)."""
+"""``lucidlm bench faithfulness`` on the embedded SmolLM2-135M: every method explains the model's own
+top next token, and AttnLRP ranks the evidence first (the metrics themselves are checked against
+hand-computed curves in test_evaluate.py)."""
 
 import pathlib
-import time
 
 import pytest
 import torch
 
-from lucidlm.bench.faithfulness import evaluate, load_prompts, replacement_id
-from lucidlm.errors import ModelNotInstalledError
+from lucidlm.bench.faithfulness import bench, format_row, load_prompts
 
 PROMPTS = pathlib.Path(__file__).parent / "data" / "faithfulness_prompts.txt"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    import lucidlm
-
-    try:
-        llm = lucidlm.LLM.load()
-    except ModelNotInstalledError as e:
-        pytest.skip(str(e))
-    llm.model.eval()
-    return llm
 
 
 def test_prompt_file_is_the_packaged_one():
@@ -31,15 +18,18 @@ def test_prompt_file_is_the_packaged_one():
     assert load_prompts() == prompts  # the bench ships the same prompts inside the package
 
 
-def test_attnlrp_deletes_evidence_faster_than_random(smollm2):
-    t0 = time.perf_counter()
-    prompts = load_prompts(PROMPTS)
-    scores = evaluate(smollm2.model, smollm2.tokenizer, prompts, ("attnlrp", "random"),
-                      replacement_id(smollm2.tokenizer, " "), n_random=1, lerf=False)
-    lrp, rnd = scores["attnlrp"], scores["random"]
-    assert lrp.scale == rnd.scale and all(map(torch.isfinite, map(torch.tensor, lrp.morf)))
-    wins = sum(a < b for a, b in zip(lrp.morf, rnd.morf))
-    print(f"MoRF area: attnlrp {lrp.area('morf'):.3f}, random {rnd.area('morf'):.3f}; "
-          f"attnlrp lower on {wins}/{len(prompts)} prompts; {time.perf_counter() - t0:.0f} s")
-    assert lrp.area("morf") < rnd.area("morf") - 0.1  # a clear gap, not noise
-    assert wins > len(prompts) / 2
+def test_attnlrp_removes_the_evidence_first_on_the_real_model(smollm2):
+    prompts = ["The capital of Japan is", "The chemical symbol for gold is"]
+    rows = {r.method: r for r in bench(smollm2, prompts, ["attnlrp", "random"])}
+    for method, row in rows.items():
+        assert row.error is None and row.seconds > 0 and format_row(row).split()[0] == method
+    lrp = rows["attnlrp"].result
+    # every method explains the model's top next token: the intact prompt's score is its top probability
+    for prompt, ex in zip(prompts, lrp.examples):
+        with torch.no_grad():
+            probs = smollm2.model(torch.tensor([smollm2.tokenizer.encode(prompt)]))[0, -1].double().softmax(-1)
+        assert ex.full_score == pytest.approx(float(probs.max()), rel=1e-5)
+        assert ex.metrics["deletion"] < ex.metrics["insertion"]  # removing its top tokens hurts most
+    assert [e.full_score for e in rows["random"].result.examples] == pytest.approx([e.full_score for e in lrp.examples])
+    assert lrp.mean["abpc"] > rows["random"].result.mean["abpc"]
+    assert lrp.mean["comprehensiveness"] > rows["random"].result.mean["comprehensiveness"]

@@ -149,7 +149,8 @@ def test_bench_faithfulness_shows_a_bar_per_prompt(tiny_lm_dir, tmp_path, capsys
     assert bench_faithfulness.run(args) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0] == f"deletion faithfulness on {tiny_lm_dir}: 2 prompts, deleted tokens replaced by ' '"
+    assert lines[0] == (f"faithfulness on {tiny_lm_dir}: 2 prompts, each explained for its top next token; "
+                        "score prob, tokens replaced by ' ' (id 216)")
     assert [line.split()[0] for line in lines[3:5]] == ["attnlrp", "random"]
     assert lines[5].startswith("2 prompts in ")
     assert _bar_in(err, "bench faithfulness") and "ABPC attnlrp" in err

@@ -14,6 +14,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from ..methods import BASELINES
 from ..methods import METHODS as EXPLAIN_METHODS
 
 #: the two engines the decode and train benches compare
@@ -23,8 +24,8 @@ LR = {"lora": 2e-4, "full": 2e-5}
 #: bench kv: the default texts, and the policies measured beside dense
 LICENSES = Path("/usr/share/common-licenses")
 DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
-#: bench faithfulness: the explanation methods and ``random``, the baseline every method must beat
-FAITHFULNESS_METHODS = (*EXPLAIN_METHODS, "random")
+#: bench faithfulness: every method explain() offers, LRP and baselines (``random``: the floor to beat)
+FAITHFULNESS_METHODS = (*EXPLAIN_METHODS, *BASELINES)
 
 _MODEL_HELP = "HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)"
 _THREADS_HELP = "torch threads (default: torch's choice)"
@@ -59,10 +60,16 @@ def add_explain(p: argparse.ArgumentParser) -> None:
 def add_faithfulness(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--prompts", help="prompt file, one a line (default: the packaged factual/grammar prompts)")
+    p.add_argument("--n-prompts", type=int, default=None, metavar="N",
+                   help="use the first N prompts of the file (default: all of them)")
     p.add_argument("--methods", default=",".join(FAITHFULNESS_METHODS),
                    help="comma-separated, from " + ", ".join(FAITHFULNESS_METHODS))
-    p.add_argument("--replacement", default=" ", help="the one-token text that replaces deleted tokens")
-    p.add_argument("--random-orders", type=int, default=4, help="random orders averaged per prompt")
+    p.add_argument("--replacement", type=int, default=None, metavar="ID",
+                   help="token id that replaces removed tokens (default: the single-space token, else 0)")
+    p.add_argument("--score", default="prob", choices=["prob", "logit"],
+                   help="what the curves track: the target's probability or its logit")
+    p.add_argument("--keep-first", action="store_true",
+                   help="never replace token 0 (often the attention sink; see lucidlm.evaluate.metrics)")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
 
 
@@ -75,6 +82,25 @@ def add_kv(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+
+
+def add_longctx(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--tasks", default="passkey,needle", help="comma-separated: passkey, needle")
+    p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="where the fact sits in the haystack (0: its start, 1: just before the question)")
+    # every eviction policy of lucidlm.cache.spec; qh2o with the int8 buffers its score is made for
+    p.add_argument("--policies", default="window,sink,h2o,snapkv,tova,knorm,pyramidkv,h2o-vlen,qh2o+int8",
+                   help="comma-separated specs; dense always runs")
+    p.add_argument("--fractions", default="0.125,0.25,0.5", help="cache budgets as fractions of the prompt")
+    p.add_argument("--trials", type=int, default=1, help="prompts per task, length and depth")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--heatmap", type=Path, default=None, metavar="FILE.png",
+                   help="also draw accuracy by depth and length, one panel per policy and budget (default: no heatmap)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys, needles and haystack windows")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
 
@@ -110,6 +136,8 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
                      "deletion test: do explanations point at the tokens the prediction depends on?",
                      add_faithfulness),
     "kv": ("lucidlm.bench.kv", "what each KV-cache policy costs on real text: perplexity, memory, speed", add_kv),
+    "longctx": ("lucidlm.bench.longctx", "long-context retrieval (passkey, needle) under each KV-cache policy",
+                add_longctx),
     "train": ("lucidlm.bench.train", "training steps: lucidlm vs transformers+peft on one checkpoint and data",
               add_train),
     "serve": ("lucidlm.bench.serve", "a loopback load test of lucidlm serve: requests/s, time to first token",

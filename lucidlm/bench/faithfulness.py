@@ -1,25 +1,19 @@
-"""``lucidlm bench faithfulness``: do explanations point at the tokens the prediction depends on?
+"""``lucidlm bench faithfulness``: every explanation method on the same prompts, in one table.
 
-Deletion test (input perturbation, as in the AttnLRP paper, Achtibat et al. 2024, Sec. 4): for each
-prompt, explain the model's top next token, then replace prompt tokens by a fixed token one at a
-time in order of relevance and re-run the model, tracking the target's logit y_k after k deletions.
+For each prompt (default: the packaged factual-recall and grammar prompts) the model's top next
+token is the target, the same for every method. Each method (the LRP methods and the baselines of
+:data:`lucidlm.methods.EXPLAIN_METHODS`, ``random`` the floor every method must beat) explains every
+prompt through :func:`lucidlm.explain.explainer.explain`; the row gives the time per explanation
+and the means of :func:`lucidlm.evaluate.faithfulness`: deletion and insertion areas,
+comprehensiveness, sufficiency and ABPC (the metrics and their papers are described in
+:mod:`lucidlm.evaluate.metrics`). A method that cannot explain (an :class:`~lucidlm.errors.ExplainError`)
+gets a row saying why instead of stopping the bench.
 
-* MoRF (most relevant first): a faithful explanation removes the evidence first, so the logit
-  falls fast and the area under the curve is small.
-* LeRF (least relevant first): the logit should hold up, a large area.
-* ABPC (area between the perturbation curves) = area(LeRF) − area(MoRF): large is better; a random
-  order scores about 0.
-
-Normalisation. Every order ends at the same input (all tokens replaced), so y_n is a common floor
-and y_0 a common start: a curve's area is the mean of (y_k − y_n) over the n + 1 steps (trapezoid
-rule on [0, 1]) and the prompt's scale is y_0 − y_n. Per-prompt ratios blow up when a prompt's
-scale is near 0 (or negative: some all-replaced inputs still predict the target strongly), so the
-reported area of a method is Σ areas / Σ scales over the prompts: 1 means "the logit holds until the
-last token goes", 0 "it drops to the floor at once", below 0 "it drops below the floor".
-
->>> import torch
->>> raw_area(torch.tensor([4.0, 2.0, 0.0]))   # a straight line from 4 to 0: half of 4
-2.0
+>>> from lucidlm.evaluate.result import FaithfulnessResult, ExampleResult
+>>> m = {"deletion": 0.1, "insertion": 0.6, "comprehensiveness": 0.4, "sufficiency": 0.05, "abpc": 0.5}
+>>> r = FaithfulnessResult([ExampleResult(0, 3, 0.7, 0.0, m)], tuple(m), "prob", 0, (0.5,), None)
+>>> print(format_row(Row("attnlrp", 0.0123, r)))
+attnlrp                 0.0123     0.100     0.600     0.400     0.050     0.500
 """
 
 from __future__ import annotations
@@ -27,16 +21,22 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .args import FAITHFULNESS_METHODS as METHODS  # the explanation methods and the random baseline
+# every method explain() offers, random included
+from .args import FAITHFULNESS_METHODS as METHODS
 from .args import add_faithfulness as add_arguments
 
+if TYPE_CHECKING:
+    from ..evaluate import FaithfulnessResult
+
 PROMPT_FILE = "faithfulness_prompts.txt"
+#: the table's metric columns: (metric, heading)
+COLUMNS = (("deletion", "deletion"), ("insertion", "insertion"), ("comprehensiveness", "compreh."),
+           ("sufficiency", "suffic."), ("abpc", "ABPC"))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -49,177 +49,130 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
     return [line.rstrip("\n") for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-# ----------------------------------------------------------------------------- curves
-@torch.no_grad()
-def deletion_curves(model, ids: Sequence[int], target: int, orders: torch.Tensor, replacement: int) -> torch.Tensor:
-    """Target logit after replacing the first k tokens of each order, k = 0..n.
-
-    ``orders``: (n_orders, n) permutations of the token indices. Returns (n_orders, n + 1). The
-    perturbed prompts run as one batch, each distinct prompt once (every order starts from the
-    intact prompt and ends at the all-replaced one).
-    """
-    n_orders, n = orders.shape
-    base = torch.tensor(list(ids))
-    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(n).expand(n_orders, n))
-    deleted = rank[:, None, :] < torch.arange(n + 1)[None, :, None]  # [o, k, j]: j among the first k
-    batch = torch.where(deleted, torch.full_like(base, replacement), base).reshape(-1, n)
-    unique, inverse = torch.unique(batch, dim=0, return_inverse=True)
-    device = next(model.parameters()).device
-    logits = model(unique.to(device), last_only=True)[:, -1, target].float().cpu()
-    return logits[inverse].reshape(n_orders, n + 1)
-
-
-def raw_area(curve: torch.Tensor) -> float:
-    """Area between a deletion curve and its end value y_n, on [0, 1] (trapezoid rule)."""
-    y = curve - curve[-1]
-    return float(((y[1:] + y[:-1]) / 2).mean())
-
-
+# ----------------------------------------------------------------------------- measuring
 @dataclass
-class Scores:
-    """One method's raw areas per prompt (see the module docstring)."""
+class Row:
+    """One method's line: seconds per explanation and its faithfulness, or why it failed."""
 
-    morf: list[float] = field(default_factory=list)
-    lerf: list[float] = field(default_factory=list)
-    scale: list[float] = field(default_factory=list)
-
-    def area(self, which: str) -> float:
-        """Normalised area over all prompts: Σ raw areas / Σ scales."""
-        return sum(getattr(self, which)) / sum(self.scale)
-
-    @property
-    def abpc(self) -> float:
-        return self.area("lerf") - self.area("morf")
+    method: str
+    seconds: float = float("nan")
+    result: FaithfulnessResult | None = None
+    error: str | None = None
 
 
-def prompt_curves(model, tokenizer, prompt: str | Sequence[int], methods: Sequence[str] = METHODS,
-                  replacement: int = 0, n_random: int = 4, seed: int = 0,
-                  lerf: bool = True) -> dict[str, dict[str, float]]:
-    """``{method: {"morf", "lerf", "scale"}}`` (raw areas) for one prompt and its top next token.
-
-    ``random`` averages ``n_random`` random orders (its LeRF is each order reversed).
-    ``lerf=False`` skips the LeRF curves (half the forwards; ``"lerf"`` is then NaN).
-    """
-    from ..explain.explainer import explain, prompt_ids
-
-    ids = prompt_ids(tokenizer, prompt)
-    target = _top_token(model, ids)
-    per_method = {}
-    for method in methods:
-        if method == "random":
-            g = torch.Generator().manual_seed(seed)
-            per_method[method] = torch.stack([torch.randperm(len(ids), generator=g) for _ in range(n_random)])
-        else:
-            relevance = explain(model, tokenizer, ids, target=target, method=method).relevance
-            per_method[method] = torch.argsort(relevance, descending=True, stable=True)[None]
-    morf = torch.cat(list(per_method.values()))
-    curves = deletion_curves(model, ids, target, torch.cat([morf, morf.flip(1)]) if lerf else morf, replacement)
-    areas = [raw_area(c) for c in curves]
-    scale = float(curves[0, 0] - curves[0, -1])
-    out, start = {}, 0
-    for method, orders in per_method.items():
-        k = len(orders)
-        mean = lambda a: sum(a) / len(a)  # noqa: E731
-        out[method] = {"morf": mean(areas[start:start + k]), "scale": scale,
-                       "lerf": mean(areas[len(morf) + start:len(morf) + start + k]) if lerf else float("nan")}
-        start += k
-    return out
+def bench(llm, prompts: Sequence[str], methods: Sequence[str] = METHODS, replacement: int | None = None,
+          score: str = "prob", keep_first: bool = False,
+          on_explained: Callable[[], None] | None = None) -> list[Row]:
+    """A :class:`Row` per method over ``prompts``, each explained for its top next token
+    (``replacement``, ``score``, ``keep_first``: see :func:`lucidlm.evaluate.faithfulness`).
+    ``on_explained`` is called after every explanation (a progress bar's update)."""
+    ids, targets = top_targets(llm, prompts)
+    return [measure(llm, method, ids, targets, replacement, score, keep_first, on_explained) for method in methods]
 
 
-@torch.no_grad()
-def _top_token(model, ids: Sequence[int]) -> int:
-    device = next(model.parameters()).device
-    return int(model(torch.tensor([list(ids)], device=device), last_only=True)[0, -1].argmax())
+def top_targets(llm, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's ids and the model's top next token after it (the target every method explains)."""
+    import torch
+
+    from ..explain.explainer import prompt_ids
+
+    ids = [prompt_ids(llm.tokenizer, p) for p in prompts]
+    device = next(llm.model.parameters()).device
+    with torch.no_grad():
+        targets = [int(llm.model(torch.tensor([i], device=device), last_only=True)[0, -1].argmax()) for i in ids]
+    return ids, targets
 
 
-def evaluate(model, tokenizer, prompts: Sequence[str], methods: Sequence[str] = METHODS,
-             replacement: int = 0, n_random: int = 4, lerf: bool = True,
-             progress: bool = False) -> dict[str, Scores]:
-    """:class:`Scores` per method over ``prompts``. ``progress``: a bar on stderr counting the
-    prompts, with each method's ABPC so far."""
-    from . import progress as progress_bar
+def measure(llm, method: str, ids: Sequence[list[int]], targets: Sequence[int], replacement: int | None,
+            score: str, keep_first: bool = False, on_explained: Callable[[], None] | None = None) -> Row:
+    """One method's :class:`Row`: explain every prompt (timed), then measure faithfulness."""
+    from ..errors import ExplainError
+    from ..evaluate import faithfulness
+    from ..explain.explainer import explain
 
-    scores = {m: Scores() for m in methods}
-    bar = progress_bar(len(prompts), "bench faithfulness", unit="prompt") if progress else None
-    for i, prompt in enumerate(prompts):
-        result = prompt_curves(model, tokenizer, prompt, methods, replacement, n_random, seed=i, lerf=lerf)
-        for m, r in result.items():
-            for key, value in r.items():
-                getattr(scores[m], key).append(value)
-        if bar is not None:
-            running = [f"{m} {s.abpc:.2f}" for m, s in scores.items() if sum(s.scale)]
-            bar.set_postfix_str("ABPC " + ", ".join(running) if running and lerf else "")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return scores
+    explanations, seconds = [], 0.0
+    try:
+        for prompt, target in zip(ids, targets):
+            t0 = time.perf_counter()
+            explanations.append(explain(llm.model, llm.tokenizer, prompt, target=target, method=method))
+            seconds += time.perf_counter() - t0
+            if on_explained is not None:
+                on_explained()
+    except ExplainError as exc:
+        return Row(method, error=str(exc))
+    result = faithfulness(llm, explanations, replacement=replacement, score=score, keep_first=keep_first)
+    return Row(method, seconds / len(ids), result)
 
 
-def replacement_id(tokenizer, text: str | None) -> int:
-    """The id that replaces deleted tokens: ``text`` must be one token (default: a single space),
-    or id 0 without a tokenizer."""
-    if tokenizer is None:
-        return 0
-    ids = tokenizer.encode(text if text is not None else " ", add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"--replacement {text!r} is {len(ids)} tokens: expected exactly one")
-    return ids[0]
+# ----------------------------------------------------------------------------- the table
+def header_lines(n_prompts: int, source: str | None, score: str, replaced_by: str,
+                 keep_first: bool = False) -> list[str]:
+    """The table's three header lines."""
+    heads = "".join(f"{h:>10}" for _, h in COLUMNS)
+    return [f"faithfulness on {source or 'the model'}: {n_prompts} prompts, each explained for its top next "
+            f"token; score {score}, tokens replaced by {replaced_by}" + (", token 0 kept" if keep_first else ""),
+            ("areas on [0, 1]; deletion and sufficiency: lower is better; insertion, comprehensiveness and ABPC: "
+             "higher is better"),
+            f"{'method':<22}{'s/expl':>8}{heads}"]
+
+
+def format_row(row: Row) -> str:
+    """One method's line of the table."""
+    if row.error is not None:
+        return f"{row.method:<22}  error: {row.error}"
+    mean = row.result.mean
+    return f"{row.method:<22}{row.seconds:>8.4f}" + "".join(f"{mean[m]:>10.3f}" for m, _ in COLUMNS)
 
 
 # ----------------------------------------------------------------------------- CLI
 def run(args) -> int:
-    from ..api import LLM
+    import torch
 
+    from ..api import LLM
+    from ..evaluate.cli import replacement_text
+    from ..explain.baselines import default_replacement
+    from . import emit, progress
+
+    methods, prompts = _methods_and_prompts(args)  # checked before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        print(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
-        return 2
-    from . import emit
-
     llm = LLM.load(args.model, progress=True)
     llm.model.eval()
-    prompts = load_prompts(args.prompts)
-    for line in _header_lines(len(prompts), llm.source, args.replacement):  # rows: after the last prompt
+    replacement = default_replacement(llm.tokenizer) if args.replacement is None else args.replacement
+    replaced_by = replacement_text(llm.tokenizer, replacement)
+    for line in header_lines(len(prompts), llm.source, args.score, replaced_by, args.keep_first):
         emit(line)
-    t0 = time.perf_counter()
-    scores = evaluate(llm.model, llm.tokenizer, prompts, methods,
-                      replacement_id(llm.tokenizer, args.replacement), args.random_orders, progress=True)
-    for line in format_table(scores, len(prompts), time.perf_counter() - t0).splitlines()[3:]:
-        emit(line)
+    t0, abpc = time.perf_counter(), []
+    ids, targets = top_targets(llm, prompts)
+    bar = progress(len(prompts) * len(methods), "bench faithfulness", unit="explanation")
+    try:
+        for method in methods:
+            row = measure(llm, method, ids, targets, replacement, args.score, args.keep_first,
+                          on_explained=lambda: bar.update(1))
+            emit(format_row(row))
+            if row.error is None:
+                abpc.append(f"{method} {row.result.mean['abpc']:.2f}")
+                bar.set_postfix_str("ABPC " + ", ".join(abpc))
+    finally:
+        bar.close()
+    emit(f"{len(prompts)} prompts in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
-def format_table(scores: dict[str, Scores], n_prompts: int, seconds: float, source: str | None = None,
-                 replacement: str = " ") -> str:
-    """The results as a fixed-width table: three header lines, a row per method, the time taken.
+def _methods_and_prompts(args) -> tuple[list[str], list[str]]:
+    from ..errors import ExplainError
 
-    >>> s = Scores(morf=[0.1, 0.2], lerf=[0.8, 0.9], scale=[1.0, 1.0])
-    >>> print(format_table({"attnlrp": s}, 2, 3.4, "m.gguf"))
-    deletion faithfulness on m.gguf: 2 prompts, deleted tokens replaced by ' '
-    areas normalised by the prompts' total logit drop; MoRF: lower is better, ABPC = LeRF − MoRF: higher is better
-    method        MoRF area  LeRF area    ABPC  MoRF < random
-    attnlrp           0.150      0.850   0.700
-    2 prompts in 3 s
-    """
-    lines = _header_lines(n_prompts, source, replacement)
-    baseline = scores.get("random")
-    for m, s in scores.items():
-        wins = ("" if baseline is None or m == "random" else
-                f"{sum(a < b for a, b in zip(s.morf, baseline.morf))}/{len(s.morf)}")
-        lines.append(f"{m:<12}{s.area('morf'):>11.3f}{s.area('lerf'):>11.3f}{s.abpc:>8.3f}{wins:>15}".rstrip())
-    lines.append(f"{n_prompts} prompts in {seconds:.0f} s")
-    return "\n".join(lines)
-
-
-def _header_lines(n_prompts: int, source: str | None, replacement: str = " ") -> list[str]:
-    return [f"deletion faithfulness on {source or 'the model'}: {n_prompts} prompts, deleted tokens "
-            f"replaced by {replacement!r}",
-            "areas normalised by the prompts' total logit drop; MoRF: lower is better, "
-            "ABPC = LeRF − MoRF: higher is better",
-            f"{'method':<12}{'MoRF area':>11}{'LeRF area':>11}{'ABPC':>8}{'MoRF < random':>15}"]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ExplainError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; expected some of "
+                           f"{', '.join(METHODS)}")
+    if args.n_prompts is not None and args.n_prompts < 1:
+        raise ExplainError(f"--n-prompts {args.n_prompts}: expected at least 1")
+    prompts = load_prompts(args.prompts)[:args.n_prompts]
+    if not prompts:
+        raise ExplainError(f"{args.prompts}: no prompts (one a line; '#' starts a comment)")
+    return methods, prompts
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def run(args) -> int:
         print(f"lucidlm bench kv: {exc}")
         return 1
     fractions = [float(f) for f in args.fractions.split(",") if f]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip() and p.strip() != "dense"]
+    from lucidlm.cache.spec import split_policies
+
+    policies = [p for p in split_policies(args.policies) if p != "dense"]
     emit(f"{llm.source}: {len(ids)} tokens, chunk {args.chunk_size}, {args.decode_steps} decode steps, "
          f"{args.device} {args.dtype}")
     for line in format_table([]).splitlines():  # the header now, each row as it is measured

@@ -1,8 +1,13 @@
 """KV caches: the dense cache and bounded policies that keep memory independent of the input length.
 
-Policies by name (see :data:`POLICIES`): ``dense``, ``window``, ``sink``, ``h2o``, each optionally
-with quantised buffers ``+int8`` / ``+int4`` (``int8`` alone means ``dense+int8``).
-``cache_tokens`` is the number of slots each layer keeps between steps.
+A policy is a spec (:mod:`lucidlm.cache.spec`, the one table and parser): an eviction name with
+optional parameters and quantised buffers, ``NAME[(key=value, ...)][+int8|+int4]`` — ``dense``,
+``window``, ``sink``, ``h2o``, ``snapkv``, ``tova``, ``knorm``, ``pyramidkv``, ``h2o-vlen``,
+``qh2o``; ``int8`` alone means ``dense+int8``. ``cache_tokens`` is the number of slots each layer
+keeps between steps (``pyramidkv``: on average over the layers).
+
+Importing this package does not import torch (the command line parses ``--kv-cache`` with
+:mod:`lucidlm.cache.spec` before loading anything); the caches load on first use.
 
 >>> import torch
 >>> from lucidlm import Config
@@ -10,6 +15,8 @@ with quantised buffers ``+int8`` / ``+int4`` (``int8`` alone means ``dense+int8`
 >>> cache = build_cache(config, batch=2, policy="h2o+int8", cache_tokens=64)
 >>> cache.capacity, cache.layers[0].wants_scores
 (64, True)
+>>> build_cache(config, batch=1, policy="snapkv(window=8, kernel=3)", cache_tokens=32).layers[0].window
+8
 >>> try:
 ...     build_cache(config, batch=1, policy="lru")
 ... except CacheError as exc:
@@ -19,57 +26,74 @@ policy='lru' is not a KV-cache policy; valid: dense, window, sink, h2o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+import importlib
+import sys
 
-import torch
-
-from ..cache_names import DEFAULT_CACHE_TOKENS, POLICY_NAMES, check_policy
 from ..errors import CacheError
-from .base import DenseLayerCache, KVCache, LayerCache, dense_cache
-from .policies import DenseSlotLayerCache, H2OLayerCache, SinkLayerCache, SlotLayerCache, WindowLayerCache
-from .prefill import check_context, prefill, stream
-from .quant import STORES, FloatStore, Int4Store, Int8Store
+from .spec import DEFAULT_CACHE_TOKENS, POLICY_NAMES, PolicySpec, check_policy, parse_policy
 
-_EVICTION: dict[str, type[SlotLayerCache]] = {"dense": DenseSlotLayerCache, "window": WindowLayerCache,
-                                              "sink": SinkLayerCache, "h2o": H2OLayerCache}
-
-
-def _build(eviction: str, quant: str | None, config, batch: int, cache_tokens: int | None,
-           dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
-    name = eviction + (f"+{quant}" if quant else "")
-    if cache_tokens is None:
-        cache_tokens = config.block_size if eviction == "dense" else DEFAULT_CACHE_TOKENS
-    if not isinstance(cache_tokens, int) or cache_tokens < 1:
-        raise CacheError(f"cache_tokens={cache_tokens!r} must be a positive number of tokens (policy {name!r})")
-    if eviction == "dense" and quant is None:
-        return dense_cache(config, batch, cache_tokens, dtype, device)
-    store = STORES[quant] if quant else FloatStore
-    cls = _EVICTION[eviction]
-    return KVCache([cls(batch, config.n_query_groups, config.head_size, cache_tokens, dtype, device, store=store)
-                    for _ in range(config.n_layer)])
+#: name -> (submodule, attribute) of what loads with torch on first use
+_LAZY: dict[str, tuple[str, str]] = {
+    **{name: ("base", name) for name in ("KVCache", "LayerCache", "DenseLayerCache", "dense_cache")},
+    **{name: ("policies", name) for name in (
+        "POLICIES", "build_cache", "SlotLayerCache", "WindowLayerCache", "SinkLayerCache", "H2OLayerCache",
+        "VLengthH2OLayerCache", "QuantH2OLayerCache", "SnapKVLayerCache", "TOVALayerCache", "KNormLayerCache",
+        "DenseSlotLayerCache", "pyramid_budgets")},
+    "_EVICTION": ("policies", "EVICTION_CLASSES"),
+    **{name: ("prefill", name) for name in ("prefill", "stream", "check_context")},
+    **{name: ("quant", name) for name in ("FloatStore", "Int8Store", "Int4Store")},
+}
 
 
-def _registry() -> dict[str, Callable[..., KVCache]]:
-    return {name: partial(_build, e, q) for name, (e, q) in POLICY_NAMES.items()}
+def _load() -> None:
+    # All at once, and each name bound after its submodule is imported: importing the submodule
+    # ``prefill`` binds the package attribute ``prefill`` to the module, which the function replaces.
+    for name, (module, attribute) in _LAZY.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), attribute)
 
 
-#: policy name -> factory ``(config, batch, cache_tokens, dtype=..., device=...) -> KVCache``
-POLICIES: dict[str, Callable[..., KVCache]] = _registry()
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _load()
+    return globals()[name]
 
 
-def build_cache(config, batch: int, policy: str = "dense", cache_tokens: int | None = None,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
-    """A :class:`KVCache` for ``config`` with ``policy`` and ``cache_tokens`` slots per layer.
-
-    ``cache_tokens`` None: the context length for ``dense``, :data:`DEFAULT_CACHE_TOKENS` otherwise.
-    Raises :class:`CacheError` for an unknown policy or a budget too small for it.
-    """
-    if policy not in POLICIES:
-        check_policy(policy)  # raises CacheError naming the valid policies
-    return POLICIES[policy](config, batch, cache_tokens, dtype=dtype, device=device)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["POLICIES", "DEFAULT_CACHE_TOKENS", "KVCache", "LayerCache", "DenseLayerCache", "SlotLayerCache",
-           "WindowLayerCache", "SinkLayerCache", "H2OLayerCache", "DenseSlotLayerCache", "FloatStore",
-           "Int8Store", "Int4Store", "build_cache", "dense_cache", "prefill", "stream", "check_context"]
+if "torch" in sys.modules:  # torch is there already: load now, exactly as an eager package would
+    _load()
+
+__all__ = [
+    "DEFAULT_CACHE_TOKENS",
+    "POLICIES",
+    "POLICY_NAMES",
+    "CacheError",
+    "DenseLayerCache",
+    "DenseSlotLayerCache",
+    "FloatStore",
+    "H2OLayerCache",
+    "Int4Store",
+    "Int8Store",
+    "KNormLayerCache",
+    "KVCache",
+    "LayerCache",
+    "PolicySpec",
+    "QuantH2OLayerCache",
+    "SinkLayerCache",
+    "SlotLayerCache",
+    "SnapKVLayerCache",
+    "TOVALayerCache",
+    "VLengthH2OLayerCache",
+    "WindowLayerCache",
+    "build_cache",
+    "check_context",
+    "check_policy",
+    "dense_cache",
+    "parse_policy",
+    "prefill",
+    "pyramid_budgets",
+    "stream",
+]

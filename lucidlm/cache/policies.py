@@ -8,12 +8,32 @@ fine: keys were rotated at their true positions when they arrived and are never 
 * :class:`WindowLayerCache` — the most recent tokens.
 * :class:`SinkLayerCache` — StreamingLLM: the first ``n_sink`` positions forever, plus the most recent.
 * :class:`H2OLayerCache` — heavy hitters: the highest accumulated attention weight, plus a
-  protected window of the most recent tokens; decided per sequence of the batch (one decision per
-  layer shared by its KV groups, since a slot's position is shared by the groups).
+  protected window of the most recent tokens; :class:`VLengthH2OLayerCache` (``h2o-vlen``) weighs
+  the attention by the value norms, :class:`QuantH2OLayerCache` (``qh2o``) subtracts the
+  quantisation error of the stored keys and values.
+* :class:`SnapKVLayerCache` — SnapKV: the attention of the step's last ``window`` queries, pooled
+  along the keys (``pyramidkv``: the same per layer, with budgets from :func:`pyramid_budgets`);
+  :class:`TOVALayerCache` — the attention of the newest query alone.
+* :class:`KNormLayerCache` — the keys of smallest L2 norm stay (needs no attention weights).
 * :class:`DenseSlotLayerCache` — keeps everything (used for ``dense+int8``), fails when full.
 
 Every policy composes with a quantised store (:mod:`lucidlm.cache.quant`): the tokens of the
-current step are attended at full precision and quantised in ``settle``.
+current step are attended at full precision and quantised in ``settle``. Decisions are made per
+sequence of the batch; a left-padded sequence evicts exactly as it would alone (padding slots go
+first and count as nothing).
+
+**One decision per layer, shared by its KV groups (no per-head eviction).** SnapKV, PyramidKV,
+key-norm and keys_values' H2O variants score each KV head and may keep different tokens per head.
+Here a slot holds the key and value of every group at one position: positions are
+(batch, slots), attention's mask is one (batch, 1, queries, keys) for all heads, and what a layer
+keeps is one set of positions, which :meth:`~lucidlm.cache.base.KVCache.kept_positions` reports
+and an explanation's replay (:mod:`lucidlm.explain.cached`) reproduces as one visibility matrix
+per layer. So every per-head score is averaged over the groups (SnapKV already averages over the
+heads of a group) and the layer keeps the best slots on average. Per-head slots would need
+positions and masks per group ((batch, groups, slots), a (batch, heads, queries, keys) mask that
+no fused kernel shares across heads), gathers per group in every store, and per-head visibility
+in the replay, for a gain the papers report mostly at very small budgets. We chose the shared
+layout.
 
 >>> import torch
 >>> layer = WindowLayerCache(batch=1, groups=1, head_size=4, capacity=3)
@@ -27,15 +47,52 @@ current step are attended at full precision and quantised in ``settle``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from functools import partial
+
 import torch
+from torch.nn import functional as F
 
 from ..errors import CacheError
-from .base import LayerCache
-from .quant import FloatStore
+from .base import KVCache, LayerCache, dense_cache
+from .quant import STORES, FloatStore
+from .spec import DEFAULT_CACHE_TOKENS, POLICY_NAMES, PolicySpec, parse_policy
+
+
+def _take(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` (batch, ..., slots) at the slots ``keep`` (batch, kept)."""
+    index = keep.view(keep.shape[0], *[1] * (t.dim() - 2), keep.shape[1])
+    return t.gather(-1, index.expand(*t.shape[:-1], keep.shape[1]))
+
+
+def _protected(pos: torch.Tensor, recent: int, n_sink: int = 0) -> torch.Tensor:
+    """(batch, slots) bool: the ``recent`` newest positions of each row and positions below ``n_sink``."""
+    protected = (pos >= 0) & (pos < n_sink)
+    if recent:
+        newest = pos.topk(min(recent, pos.shape[1]), dim=1).values[:, -1:]
+        protected |= (pos >= newest) & (pos >= 0)
+    return protected
+
+
+def _minmax(x: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, slots) scaled to [0, 1] by the min and max over the slots ``among`` of each row
+    (0 where the row's range is empty or zero)."""
+    low = x.masked_fill(~among, torch.inf).amin(1, keepdim=True)
+    span = x.masked_fill(~among, -torch.inf).amax(1, keepdim=True) - low
+    return torch.where(span > 0, (x - low) / span, torch.zeros_like(x))
 
 
 class SlotLayerCache(LayerCache):
-    """Keeps at most ``capacity`` slots between steps; subclasses rank the slots."""
+    """Keeps at most ``capacity`` slots between steps; subclasses rank the slots.
+
+    ``slot_state`` names per-slot tensors (batch, [groups,] slots) that follow the slots through
+    eviction: :meth:`observe` extends them to every slot of the step, ``settle`` keeps the survivors.
+    """
+
+    policy = "window"  # the name error messages give
+    slot_state: tuple[str, ...] = ()
 
     def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -63,26 +120,26 @@ class SlotLayerCache(LayerCache):
             pad = (pos < 0)[:, None, :, None]
             k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
         all_pos = torch.cat([self.pos, pos], dim=1)
-        self.observe(scores, pos.shape[1])
+        self.observe(scores, k, v, pos)
         keep = self.select(all_pos) if all_pos.shape[1] > self.capacity else None
         self.k = self._merge(self.k, self.store.encode(k), keep)
         self.v = self._merge(self.v, self.store.encode(v), keep)
         self.pos = all_pos if keep is None else all_pos.gather(1, keep)
-        self.kept(keep)
+        if keep is not None:
+            for name in self.slot_state:
+                setattr(self, name, _take(getattr(self, name), keep))
 
     def buffers(self):
-        return [*self.k, *self.v, self.pos]
+        return [*self.k, *self.v, self.pos, *(getattr(self, name) for name in self.slot_state)]
 
     # ---- policy hooks ------------------------------------------------------------------------
     def priority(self, pos: torch.Tensor) -> torch.Tensor:
         """(batch, slots) float: the ``capacity`` highest survive. Default: the most recent."""
         return pos.float()
 
-    def observe(self, scores: torch.Tensor | None, n_new: int) -> None:
-        """See the attention scores of this step (only policies with ``wants_scores`` get any)."""
-
-    def kept(self, keep: torch.Tensor | None) -> None:
-        """After eviction: ``keep`` (batch, capacity) indexes the slots before eviction."""
+    def observe(self, scores: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """See this step: attention ``scores`` (policies with ``wants_scores`` only; else None) and
+        the new tokens' keys, values (padding zeroed) and positions. Extends ``slot_state``."""
 
     # ---- helpers -----------------------------------------------------------------------------
     def select(self, all_pos: torch.Tensor) -> torch.Tensor:
@@ -98,13 +155,18 @@ class SlotLayerCache(LayerCache):
         return [p.gather(2, keep[:, None, :, None].expand(p.shape[0], p.shape[1], -1, p.shape[3]))
                 for p in parts]
 
+    def _empty_state(self, *shape: int) -> torch.Tensor:
+        """A float32 per-slot state with no slots yet: (batch, *shape, 0)."""
+        return torch.zeros(self.pos.shape[0], *shape, 0, device=self.pos.device)
+
 
 class WindowLayerCache(SlotLayerCache):
     """The ``capacity`` most recent tokens (a sliding window over the stream)."""
 
 
 class SinkLayerCache(SlotLayerCache):
-    """StreamingLLM: positions ``0 .. n_sink-1`` are never evicted; the rest is a recent window.
+    """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+    ICLR 2024): positions ``0 .. n_sink-1`` are never evicted; the rest is a recent window.
 
     >>> import torch
     >>> layer = SinkLayerCache(batch=1, groups=1, head_size=2, capacity=4, n_sink=2)
@@ -112,6 +174,8 @@ class SinkLayerCache(SlotLayerCache):
     >>> layer.settle(None); layer.pos.tolist()
     [[0, 1, 7, 8]]
     """
+
+    policy = "sink"
 
     def __init__(self, *args, n_sink: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -125,8 +189,10 @@ class SinkLayerCache(SlotLayerCache):
 
 
 class H2OLayerCache(SlotLayerCache):
-    """Heavy-Hitter Oracle (Zhang et al., 2023): keep the tokens with the highest attention weight
-    accumulated over every query so far, plus the ``recent`` most recent tokens (protected).
+    """Heavy-Hitter Oracle (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative
+    Inference of Large Language Models", NeurIPS 2023): keep the tokens with the highest attention
+    weight accumulated over every query so far, plus the ``recent`` most recent tokens and the
+    first ``n_sink`` positions (protected).
 
     ``scores`` from attention are (batch, groups, keys); a slot's score is their mean over groups.
 
@@ -139,7 +205,9 @@ class H2OLayerCache(SlotLayerCache):
     [[0, 2, 3]]
     """
 
+    policy = "h2o"
     wants_scores = True
+    slot_state = ("score",)
 
     def __init__(self, *args, recent: int | None = None, n_sink: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -147,38 +215,270 @@ class H2OLayerCache(SlotLayerCache):
         self.recent = max(1, self.capacity // 2 if recent is None else recent)
         if self.capacity <= self.recent + n_sink:
             raise CacheError(f"cache_tokens={self.capacity} must exceed the protected recent window "
-                             f"({self.recent}) plus sinks ({n_sink}) of policy 'h2o'")
+                             f"({self.recent}) plus sinks ({n_sink}) of policy {self.policy!r}")
         self.n_sink = n_sink
-        self.score = torch.zeros(self.pos.shape[0], 0, device=self.pos.device)  # (batch, slots) float32
-        self._all_score: torch.Tensor | None = None
+        self.score = self._empty_state()  # (batch, slots) float32
 
-    def observe(self, scores, n_new):
-        new = torch.zeros(self.score.shape[0], n_new, device=self.score.device)
-        total = torch.cat([self.score, new], dim=1)
+    def observe(self, scores, k, v, pos):
+        total = torch.cat([self.score, torch.zeros(self.score.shape[0], k.shape[2], device=self.score.device)], 1)
         if scores is not None:  # NaN only from padding queries with nothing visible: worth nothing
-            total = total + torch.nan_to_num(scores.float().mean(1), nan=0.0)
-        self._all_score = total
+            total = total + self.instant(torch.nan_to_num(scores.float(), nan=0.0), pos).mean(1)
+        self.score = total
+
+    def instant(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """This step's score per group and slot (batch, groups, slots), accumulated into ``score``."""
+        return scores
+
+    def protected(self, pos: torch.Tensor) -> torch.Tensor:
+        return _protected(pos, self.recent, self.n_sink)
 
     def priority(self, pos):
-        protected = (pos >= 0) & (pos < self.n_sink)
-        if self.recent:
-            newest = pos.topk(min(self.recent, pos.shape[1]), dim=1).values[:, -1:]
-            protected |= (pos >= newest) & (pos >= 0)
-        return self._all_score.masked_fill(protected, torch.inf)
+        return self.score.masked_fill(self.protected(pos), torch.inf)
 
-    def kept(self, keep):
-        self.score = self._all_score if keep is None else self._all_score.gather(1, keep)
-        self._all_score = None
 
-    def buffers(self):
-        return [*super().buffers(), self.score]
+class VLengthH2OLayerCache(H2OLayerCache):
+    """``h2o-vlen`` of keys_values (Amazon's KV-cache library on LitGPT, ``VLengthH2OKVCache``):
+    H2O whose step score is the attention weight times the value norm, normalised per group to
+    the step's number of queries: ``S_j = n_Q · m_j |v_j| / Σ_i m_i |v_i|`` with ``m_j`` the weight
+    summed over the step's queries, accumulated like H2O. A token that receives attention but
+    whose value is near zero adds little to any output, and scores little.
+
+    >>> import torch
+    >>> layer = VLengthH2OLayerCache(batch=1, groups=1, head_size=2, capacity=3, recent=1)
+    >>> k = torch.zeros(1, 1, 4, 2); v = torch.tensor([[[[4., 0], [1, 0], [1, 0], [1, 0]]]])
+    >>> _ = layer.extend(k, v, torch.arange(4)[None])
+    >>> layer.settle(torch.tensor([[[0.2, 0.5, 0.3, 0.0]]]))  # H2O would keep 1, 2; |v| favours 0
+    >>> layer.pos.tolist()
+    [[0, 1, 3]]
+    """
+
+    policy = "h2o-vlen"
+    slot_state = ("score", "v_norm")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.v_norm = self._empty_state(self.k[0].shape[1])  # (batch, groups, slots)
+
+    def observe(self, scores, k, v, pos):
+        self.v_norm = torch.cat([self.v_norm, v.float().norm(dim=-1)], dim=2)
+        super().observe(scores, k, v, pos)
+
+    def instant(self, scores, pos):
+        weighted = scores * self.v_norm
+        total = weighted.sum(-1, keepdim=True)
+        n_queries = (pos >= 0).sum(1).float()[:, None, None]  # this row's real queries
+        return torch.where(total > 0, weighted * n_queries / total.clamp_min(1e-30), torch.zeros_like(weighted))
+
+
+class QuantH2OLayerCache(H2OLayerCache):
+    """``qh2o`` of keys_values (``QuantizedH2OKVCache``, after Q-Hitter: Zhang et al., "Q-Hitter: A
+    Better Token Oracle for Efficient LLM Inference via Sparse-Quantized KV Cache", MLSys 2024):
+    prefer tokens that are heavy hitters *and* quantise well. Priority
+    ``w · mm(H2O score) − (1 − w)/2 · mm(error)``, ``mm`` a min-max scaling over the row's
+    evictable slots, ``error`` = ‖k − deq(q(k))‖ + ‖v − deq(q(v))‖ measured once when the token is
+    stored (keys_values scales each group's scores and evicts per group; here both are averaged
+    over the groups first, as slots are shared). Without ``+int8``/``+int4`` every error is 0 and
+    ``qh2o`` evicts exactly as ``h2o`` (for ``weight`` > 0).
+    """
+
+    policy = "qh2o"
+    slot_state = ("score", "q_error")
+
+    def __init__(self, *args, weight: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight = weight
+        self.q_error = self._empty_state()  # (batch, slots)
+
+    def observe(self, scores, k, v, pos):
+        error = (self.store.error(k) + self.store.error(v)).mean(1)
+        self.q_error = torch.cat([self.q_error, error], dim=1)
+        super().observe(scores, k, v, pos)
+
+    def priority(self, pos):
+        protected = self.protected(pos)
+        among = (pos >= 0) & ~protected
+        mixed = self.weight * _minmax(self.score, among) - (1 - self.weight) / 2 * _minmax(self.q_error, among)
+        return mixed.masked_fill(protected, torch.inf)
+
+
+class SnapKVLayerCache(SlotLayerCache):
+    """SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024):
+    the keys that the observation window — the step's last ``window`` queries — attends to most,
+    their weights pooled along the keys (``pool`` avg or max over ``kernel`` neighbouring slots)
+    so that the tokens around a hit stay with it; the window's own tokens (the ``window`` newest)
+    are protected. Scores come from this step alone (no accumulation): at a prefill chunk it is
+    SnapKV's window, at a decode step the one new query. Pooling runs over neighbouring *kept*
+    slots (in position order, gaps included) and over each group before the groups are averaged.
+
+    >>> import torch
+    >>> layer = SnapKVLayerCache(batch=1, groups=1, head_size=2, capacity=3, window=1, kernel=3)
+    >>> kv = torch.zeros(1, 1, 7, 2)
+    >>> _ = layer.extend(kv, kv, torch.arange(7)[None])
+    >>> layer.settle(torch.tensor([[[0.0, 0.3, 0.9, 0.1, 0.0, 0.5, 0.0]]]))
+    >>> layer.pos.tolist()  # 6 is the window; pooled, 1 (0.4) beats the isolated 5 (0.17)
+    [[1, 2, 6]]
+    """
+
+    policy = "snapkv"
+    wants_scores = True
+
+    def __init__(self, *args, window: int | None = None, kernel: int = 5, pool: str = "avg", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.window = self.score_queries = default_window(self.capacity) if window is None else window
+        if self.capacity <= self.window:
+            raise CacheError(f"cache_tokens={self.capacity} must exceed the observation window "
+                             f"({self.window}) of policy {self.policy!r}")
+        if kernel < 1 or kernel % 2 == 0 or pool not in ("avg", "max"):
+            raise CacheError(f"policy {self.policy!r}: kernel={kernel} must be odd >= 1 and pool={pool!r} avg or max")
+        self.kernel, self.pool = kernel, pool
+        self._step: torch.Tensor | None = None
+
+    def observe(self, scores, k, v, pos):
+        self._step = None if scores is None else torch.nan_to_num(scores.float(), nan=0.0)
+
+    def priority(self, pos):
+        if self._step is None:
+            step = torch.zeros(pos.shape[0], 1, pos.shape[1], device=pos.device)
+        else:  # padding and empty slots score nothing, as SnapKV's zero padding of the pooling
+            step = self._step.masked_fill((pos < 0)[:, None, :], 0.0)
+        pool = F.avg_pool1d if self.pool == "avg" else F.max_pool1d
+        pooled = pool(step, self.kernel, stride=1, padding=self.kernel // 2).mean(1)
+        return pooled.masked_fill(_protected(pos, self.window), torch.inf)
+
+
+class TOVALayerCache(SnapKVLayerCache):
+    """TOVA (Oren et al., "Transformers are Multi-State RNNs", 2024): evict the tokens with the
+    lowest attention weight from the newest query, averaged over all heads; nothing accumulates.
+    The newest token itself is kept (as kvpress does; it usually holds a large weight anyway).
+
+    >>> import torch
+    >>> layer = TOVALayerCache(batch=1, groups=2, head_size=2, capacity=2)
+    >>> kv = torch.zeros(1, 2, 3, 2)
+    >>> _ = layer.extend(kv, kv, torch.arange(3)[None])
+    >>> layer.settle(torch.tensor([[[0.6, 0.1, 0.3], [0.0, 0.4, 0.6]]]))  # means .3, .25, .45
+    >>> layer.pos.tolist()
+    [[0, 2]]
+    """
+
+    policy = "tova"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, window=1, kernel=1, **kwargs)
+
+
+class KNormLayerCache(SlotLayerCache):
+    """Key norm (Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+    Compression", EMNLP 2024): keys of low L2 norm draw high attention, so the slots whose keys
+    have the largest norm (mean over the groups, measured before quantisation) are evicted.
+    Needs no attention weights, so attention keeps its fused kernel.
+
+    >>> import torch
+    >>> layer = KNormLayerCache(batch=1, groups=1, head_size=2, capacity=2)
+    >>> k = torch.tensor([[[[3., 0], [1, 0], [0, 2]]]])
+    >>> _ = layer.extend(k, k, torch.arange(3)[None]); layer.settle(None)
+    >>> layer.pos.tolist()
+    [[1, 2]]
+    """
+
+    policy = "knorm"
+    slot_state = ("k_norm",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.k_norm = self._empty_state()  # (batch, slots)
+
+    def observe(self, scores, k, v, pos):
+        self.k_norm = torch.cat([self.k_norm, k.float().norm(dim=-1).mean(1)], dim=1)
+
+    def priority(self, pos):
+        return -self.k_norm
 
 
 class DenseSlotLayerCache(SlotLayerCache):
     """Keeps every token (for quantised dense caches); asking for more than ``capacity`` fails."""
+
+    policy = "dense"
 
     def extend(self, k, v, pos):
         if self.pos.shape[1] + pos.shape[1] > self.capacity:
             raise CacheError(f"dense cache full: {self.pos.shape[1] + pos.shape[1]} tokens > "
                              f"cache_tokens={self.capacity}; use an evicting policy or a larger budget")
         return super().extend(k, v, pos)
+
+
+def default_window(cache_tokens: int) -> int:
+    """SnapKV's observation window when none is given: 32 (the paper's), at most half the budget."""
+    return max(1, min(32, cache_tokens // 2))
+
+
+def pyramid_budgets(cache_tokens: int, n_layer: int, window: int, beta: int = 20) -> list[int]:
+    """PyramidKV's per-layer capacities (Cai et al., "PyramidKV: Dynamic KV Cache Compression based
+    on Pyramidal Information Funneling", 2024; the arithmetic schedule of kvpress/KVCache-Factory):
+    every layer keeps its ``window``; the rest, ``cache_tokens - window`` per layer on average,
+    falls linearly from the first layer to the last, whose share is ``1/beta`` of the mean (at
+    least 1). The sum is exactly ``cache_tokens * n_layer`` (rounding down, the remainder going to
+    the lowest layers) and budgets never grow with depth.
+
+    >>> pyramid_budgets(64, 4, window=8, beta=4)
+    [106, 78, 50, 22]
+    """
+    spare = cache_tokens - window
+    if spare < 1:
+        raise CacheError(f"cache_tokens={cache_tokens} must exceed the observation window ({window}) of policy "
+                         "'pyramidkv'")
+    low = max(Fraction(1), Fraction(spare, beta))
+    high = 2 * spare - low
+    step = (high - low) / (n_layer - 1) if n_layer > 1 else Fraction(0)
+    shares = [math.floor(high - i * step) for i in range(n_layer)] if n_layer > 1 else [spare]
+    rest = n_layer * spare - sum(shares)
+    return [window + share + (i < rest) for i, share in enumerate(shares)]
+
+
+#: eviction name -> layer class (``pyramidkv``: SnapKV layers of different capacities)
+EVICTION_CLASSES: dict[str, type[SlotLayerCache]] = {
+    "dense": DenseSlotLayerCache, "window": WindowLayerCache, "sink": SinkLayerCache, "h2o": H2OLayerCache,
+    "snapkv": SnapKVLayerCache, "tova": TOVALayerCache, "knorm": KNormLayerCache, "pyramidkv": SnapKVLayerCache,
+    "h2o-vlen": VLengthH2OLayerCache, "qh2o": QuantH2OLayerCache,
+}
+
+
+def _capacities(spec: PolicySpec, n_layer: int, cache_tokens: int) -> tuple[list[int], dict]:
+    """Each layer's capacity and the keyword arguments of its class."""
+    params = dict(spec.params)
+    if spec.eviction != "pyramidkv":
+        return [cache_tokens] * n_layer, params
+    params["window"] = params.get("window") or default_window(cache_tokens)
+    budgets = pyramid_budgets(cache_tokens, n_layer, params["window"], params.pop("beta", spec.value("beta")))
+    return budgets, params
+
+
+def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_tokens: int | None = None,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+    """A :class:`KVCache` for ``config`` with ``policy`` (a name, a spec string such as
+    ``"snapkv(window=8)+int8"``, or a :class:`PolicySpec`) and ``cache_tokens`` slots per layer
+    (``pyramidkv``: on average).
+
+    ``cache_tokens`` None: the context length for ``dense``, :data:`DEFAULT_CACHE_TOKENS` otherwise.
+    Raises :class:`CacheError` for an unknown policy or parameter, or a budget too small for it.
+    """
+    spec = parse_policy(policy)
+    if cache_tokens is None:
+        cache_tokens = config.block_size if spec.eviction == "dense" else DEFAULT_CACHE_TOKENS
+    if not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool) or cache_tokens < 1:
+        raise CacheError(f"cache_tokens={cache_tokens!r} must be a positive number of tokens (policy {str(spec)!r})")
+    if spec.eviction == "dense" and spec.quant is None:
+        return dense_cache(config, batch, cache_tokens, dtype, device)
+    store = STORES[spec.quant] if spec.quant else FloatStore
+    capacities, params = _capacities(spec, config.n_layer, cache_tokens)
+    cls = EVICTION_CLASSES[spec.eviction]
+    return KVCache([cls(batch, config.n_query_groups, config.head_size, c, dtype, device, store=store, **params)
+                    for c in capacities])
+
+
+def _factory(spec: PolicySpec, config, batch: int, cache_tokens: int | None = None, **kwargs) -> KVCache:
+    return build_cache(config, batch, spec, cache_tokens, **kwargs)
+
+
+#: policy name -> factory ``(config, batch, cache_tokens, dtype=..., device=...) -> KVCache``
+POLICIES: dict[str, Callable[..., KVCache]] = {name: partial(_factory, PolicySpec(e, q))
+                                               for name, (e, q) in POLICY_NAMES.items()}

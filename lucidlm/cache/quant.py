@@ -45,6 +45,11 @@ class FloatStore:
     def decode(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0]
 
+    def error(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., slots) float32: the L2 norm of what storing each vector of ``x`` (..., slots, head_size)
+        loses, ``‖x − decode(encode(x))‖`` (0 at full precision in the input's dtype)."""
+        return (x.float() - self.decode(self.encode(x)).float()).norm(dim=-1)
+
 
 class Int8Store(FloatStore):
     """Symmetric int8 per group of channels: 1 byte per element plus a float16 scale per group."""

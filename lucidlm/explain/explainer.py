@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError, TargetHint
+from ..methods import BASELINES, EXPLAIN_METHODS
 from ..model import rules
 from .explanation import Explanation, GenerationExplanation
 from .latent import LatentRecorder
@@ -38,7 +39,7 @@ OBJECTIVES = ("logprob", "logit")
 def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
             method: str = "attnlrp", layers: str | Sequence[int] | None = None, cache=None,
             objective: str = "logprob", kv_cache: str | None = None,
-            cache_tokens: int | None = None) -> Explanation:
+            cache_tokens: int | None = None, options: dict | None = None) -> Explanation:
     """Relevance of every prompt token for ``target`` (one forward + one backward).
 
     ``target``:
@@ -57,7 +58,10 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
       Relevance that reaches the continuation's own tokens is not returned (the explanation is
       over the prompt). ``objective="logit"`` explains Σ_i z_i[t_i] instead.
 
-    ``method``: ``"attnlrp"`` (default), ``"cp-lrp"`` or ``"inputxgrad"`` (plain gradient × input).
+    ``method``: ``"attnlrp"`` (default), ``"cp-lrp"`` or ``"inputxgrad"`` (plain gradient × input);
+    or a baseline to compare them with, explaining the same score: ``"integrated-gradients"``,
+    ``"occlusion"``, ``"attention-rollout"`` or ``"random"`` (see :mod:`lucidlm.explain.baselines`;
+    ``options`` holds their settings, e.g. ``{"steps": 64}``, and is for baselines only).
     ``layers``: ``None``, ``"all"`` or layer indices: also return latent relevances in
     ``Explanation.layers`` (see :mod:`lucidlm.explain.latent`).
     ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy
@@ -74,7 +78,14 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     >>> e.target, len(e.relevance)
     ('3 vs 4', 4)
     """
-    _check_method(method)
+    _check_method(method, EXPLAIN_METHODS)
+    if method in BASELINES:  # not rule-based: see explain.baselines
+        from .baselines import explain_baseline
+
+        return explain_baseline(model, tokenizer, prompt, target=target, method=method, objective=objective,
+                                layers=layers, kv_cache=kv_cache, options=options)
+    if options:
+        raise ExplainError(f"options={options!r}: only the baselines ({', '.join(BASELINES)}) take options")
     if kv_cache is not None:  # the prediction made through an eviction policy: see explain.cached
         from .cached import explain_cached
 
@@ -164,9 +175,9 @@ def warn_target(tokenizer, target: Target, spec: TargetSpec, last_logits: torch.
 
 
 # ----------------------------------------------------------------------------- mechanics
-def _check_method(method: str) -> None:
-    if method not in rules.METHODS:
-        raise ExplainError(f"method={method!r}: expected one of {', '.join(rules.METHODS)}")
+def _check_method(method: str, allowed: Sequence[str] = rules.METHODS) -> None:
+    if method not in allowed:
+        raise ExplainError(f"method={method!r}: expected one of {', '.join(allowed)}")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ import os
 import shutil
 import sys
 import uuid
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import ExplainError
 from ..fileio import atomic_write
+from . import aggregate
 from . import heatmaps as hm
 
 if TYPE_CHECKING:
@@ -89,6 +91,18 @@ def _tensor(value: Any, dtype: torch.dtype, name: str, dims: int) -> torch.Tenso
 def _check_len(name: str, items: Any, n: int) -> None:
     if items is not None and len(items) != n:
         raise ExplainError(f"{name}: expected {n} entries, got {len(items)}")
+
+
+def _segment(i: int, value: Any) -> dict[str, Any]:
+    """``segments[i]`` as ``{"label": str, "start": int, "end": int}``, or an ExplainError."""
+    try:
+        segment = {"label": str(value["label"]), "start": int(value["start"]), "end": int(value["end"])}
+    except (TypeError, KeyError, ValueError) as e:
+        raise ExplainError(f"segments[{i}] = {value!r:.80}: expected a dict with a label and int "
+                           "start and end") from e
+    if not 0 <= segment["start"] <= segment["end"]:
+        raise ExplainError(f"segments[{i}] = {value!r:.80}: expected 0 <= start <= end")
+    return segment
 
 
 def _color_stdout() -> bool:
@@ -198,7 +212,11 @@ class Explanation(_Result):
     ``evicted`` (bool per token) marks tokens a KV-cache policy dropped, so the model never saw
     them for this prediction: they have relevance 0 and every rendering greys and strikes them
     through. ``layers`` holds latent relevances, e.g. ``"layers.3.attn"`` -> ``(n_heads,)``.
-    ``token_ids`` may be empty when the ids are unknown.
+    ``token_ids`` may be empty when the ids are unknown. ``segments`` (optional) names character
+    ranges of :attr:`text`, ``[{"label": "Document 1", "start": 12, "end": 80}, ...]``: set by
+    ``LLM.explain(..., context=[...])`` and :meth:`spans`, read by :meth:`context`.
+    :meth:`words` and :meth:`spans` return new explanations over words or spans, which render
+    and serialise like any other.
 
     >>> e = Explanation(tokens=["<s>", "The", " capital", " of", " France"],
     ...                 token_ids=[1, 450, 7483, 310, 3444],
@@ -228,6 +246,9 @@ class Explanation(_Result):
     #: continuation's summed log-probabilities) or "logit sum" (a continuation, objective="logit").
     #: Every rendering labels the value with it; JSON without it (older files) reads as "logit".
     score_label: str = "logit"
+    #: labelled character ranges of :attr:`text` (documents of a RAG prompt, user spans), or None;
+    #: JSON without it (older files) reads as None.
+    segments: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = [str(t) for t in self.tokens]
@@ -246,6 +267,103 @@ class Explanation(_Result):
             _check_len("evicted", self.evicted, n)
         if self.layers is not None:
             self.layers = {str(k): torch.as_tensor(v).detach().cpu() for k, v in self.layers.items()}
+        if self.segments is not None:
+            self.segments = [_segment(i, s) for i, s in enumerate(self.segments)]
+
+    # ------------------------------------------------------------------ aggregation
+
+    @property
+    def text(self) -> str:
+        """The text the tokens spell, which character offsets (:meth:`spans`, ``segments``)
+        index: the prompt when the tokens match it, so offsets are offsets into the prompt string
+        and a BOS token the tokenizer added takes no characters; otherwise (no prompt, e.g. an
+        explanation of token ids) the concatenated tokens. See :mod:`lucidlm.explain.aggregate`.
+        """
+        return aggregate.align(self.tokens, self.prompt).text
+
+    def words(self, agg: str = "sum") -> Explanation:
+        """The same explanation over words: each word's relevance is the ``agg`` of its tokens'
+        (``"sum"``, default, conserves the total; ``"mean"``, ``"max"``, ``"absmax"``: the value
+        of largest magnitude, sign kept).
+
+        A word keeps its leading whitespace, so the words join to :attr:`text` (with any special
+        token the text lacks, such as BOS, in place). A special token, a line break and a
+        punctuation-only token are words of their own; a token starting with whitespace, or
+        following one that ends in whitespace, starts a word (a token of spaces only is the
+        leading space of the next word); the bytes of a character split across tokens stay in
+        one word (rules: :func:`lucidlm.explain.aggregate.word_groups`). A word is evicted only
+        if all its tokens were. ``token_ids`` is empty and ``layers`` None in the result.
+
+        >>> e = Explanation(["<s>", "The", " cap", "ital", " of", " Fr", "ance", "."], [],
+        ...                 torch.tensor([4.0, 0.5, 1.0, 0.5, -0.25, 2.0, 1.0, 0.125]),
+        ...                 " Paris", [3681], 17.25, "attnlrp", prompt="The capital of France.")
+        >>> w = e.words()
+        >>> w.tokens, w.relevance.tolist()
+        (['<s>', 'The', ' capital', ' of', ' France', '.'], [4.0, 0.5, 1.5, -0.25, 3.0, 0.125])
+        >>> e.words("max").relevance.tolist()[2]
+        1.0
+        """
+        a = aggregate.align(self.tokens, self.prompt)
+        return self._regrouped(a, aggregate.word_groups(a), agg, self.segments)
+
+    def spans(self, spans: Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]],
+              agg: str = "sum") -> Explanation:
+        """The same explanation over character spans of :attr:`text`: ``[(start, end), ...]`` or
+        ``{"label": (start, end), ...}`` (Python slice bounds; with a prompt, offsets into the
+        prompt string, whatever BOS token the tokenizer added).
+
+        A token belongs to the span holding its first non-space character (so ``" Paris"`` is in
+        a span starting at ``P``); a token straddling a span's end stays with the span it starts
+        in. The text outside every span is kept, as segments of its own between the spans (a
+        special token the text lacks, such as BOS, is always one by itself), so with
+        ``agg="sum"`` the result's relevances add up to this one's. The result's tokens are the
+        segments' text, its ``segments`` the spans (read them back with :meth:`context`; a span
+        that holds no token has no token in the result). Overlapping spans, spans outside the
+        text, a label used twice or the label ``"other"``: ExplainError naming the span.
+
+        >>> e = Explanation(["Paris", " is", " in", " France"], [], torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        ...                 ".", [13], 5.0, "attnlrp", prompt="Paris is in France")
+        >>> s = e.spans({"where": (12, 18)})
+        >>> s.tokens, s.relevance.tolist(), s.context()
+        (['Paris is in', ' France'], [6.0, 4.0], {'where': 4.0, 'other': 6.0})
+        """
+        a = aggregate.align(self.tokens, self.prompt)
+        checked = aggregate.check_spans(spans, len(a.text))
+        groups, _ = aggregate.span_groups(a, checked)
+        return self._regrouped(a, groups, agg, checked)
+
+    def context(self, agg: str = "sum") -> dict[str, float]:
+        """Relevance of each segment (e.g. each document of ``LLM.explain(..., context=docs)``
+        and the question), by label in order, then ``"other"``: every token outside them (the
+        "Document i:" headers, blank lines, BOS). Tokens are assigned as in :meth:`spans`; with
+        ``agg="sum"`` the values add up to the total relevance. Values are computed in float64
+        from this explanation's tokens (call it on the token-level explanation for ``"mean"``,
+        ``"max"`` and ``"absmax"``: on a :meth:`spans` result they would aggregate aggregates).
+
+        >>> e = Explanation(["A", " b", " Q"], [], torch.tensor([1.0, 2.0, 4.0]), "x", [1], 7.0,
+        ...                 "cp-lrp", prompt="A b Q", segments=[{"label": "doc", "start": 0, "end": 3}])
+        >>> e.context(), e.context("max")
+        ({'doc': 3.0, 'other': 4.0}, {'doc': 2.0, 'other': 4.0})
+        """
+        if not self.segments:
+            raise ExplainError("context(): this explanation has no segments: explain with "
+                               "LLM.explain(prompt, context=[...]) or call spans() first")
+        a = aggregate.align(self.tokens, self.prompt)
+        checked = aggregate.check_spans(self.segments, len(a.text))
+        keys = aggregate.assign(a, checked)
+        groups = [[i for i, k in enumerate(keys) if k == n] for n in range(len(checked))]
+        groups.append([i for i, k in enumerate(keys) if k is None])
+        values = aggregate.aggregate(self.relevance, groups, agg, torch.float64).tolist()
+        return dict(zip([s["label"] for s in checked] + [aggregate.OTHER], values))
+
+    def _regrouped(self, a: aggregate.Alignment, groups: list[list[int]], agg: str,
+                   segments: list[dict[str, Any]] | None) -> Explanation:
+        """A copy over ``groups`` of tokens: their joined text, ``agg`` of their relevances."""
+        relevance = aggregate.aggregate(self.relevance, groups, agg)
+        evicted = None if self.evicted is None else \
+            torch.tensor([bool(self.evicted[g].all()) for g in groups], dtype=torch.bool)
+        return replace(self, tokens=["".join(a.pieces[i] for i in g) for g in groups], token_ids=[],
+                       relevance=relevance, evicted=evicted, layers=None, segments=segments)
 
     def top(self, k: int = 5, skip_first: bool = False) -> list[tuple[int, str, float]]:
         """The ``k`` most positively relevant tokens as ``(index, token, relevance)``, highest first.

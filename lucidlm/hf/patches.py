@@ -75,6 +75,10 @@ class Rules:
         with lrp.explaining(self.base):
             return lrp.product(a, b)
 
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        with lrp.explaining(self.base):
+            return lrp.gate(x)
+
     def bilinear(self, x: torch.Tensor) -> torch.Tensor:
         with lrp.explaining(self.base):
             return lrp.bilinear(x)
@@ -157,12 +161,13 @@ def _call_act(act: Any, rules: Rules, x: torch.Tensor) -> torch.Tensor:
 
 def glu_mlp(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
             act: str = "act_fn") -> PatchFactory:
-    """``down(act(gate(x)) * up(x))`` with the uniform rule on the gated product (Llama family).
-    The arguments name the module's attributes."""
+    """``down(act(gate(x)) * up(x))`` (Llama family): AttnLRP's uniform rule on the gated product,
+    CP-LRP's constant gate (``rules.gate``, LXT's ``cp_gated_mlp_forward``). The arguments name
+    the module's attributes."""
 
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            gated = _call_act(getattr(module, act), rules, getattr(module, gate)(x))
+            gated = _call_act(getattr(module, act), rules, rules.gate(getattr(module, gate)(x)))
             return getattr(module, down)(rules.product(gated, getattr(module, up)(x)))
 
         return forward
@@ -177,7 +182,7 @@ def fused_glu_mlp(gate_up: str = "gate_up_proj", down: str = "down_proj",
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             gate_states, up_states = getattr(module, gate_up)(x).chunk(2, dim=-1)
-            gated = _call_act(getattr(module, act), rules, gate_states)
+            gated = _call_act(getattr(module, act), rules, rules.gate(gate_states))
             return getattr(module, down)(rules.product(up_states, gated))
 
         return forward

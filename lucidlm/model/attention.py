@@ -13,6 +13,10 @@ at the kernel's inputs and outputs, so both kernels explain identically.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,6 +26,37 @@ from . import rules
 from .kernels import explicit_attention, position_mask
 from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+#: where the forwards of this thread/task append their attention weights inside
+#: ``with recording_weights()`` (attention rollout); a ContextVar, so other threads never record
+_recorded: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "lucidlm_attention_weights", default=None)
+
+
+@contextlib.contextmanager
+def recording_weights() -> Iterator[list[torch.Tensor]]:
+    """Record the attention weights of every layer of the forwards run inside the block, in this
+    thread/task only: a list that receives one detached (batch, groups, heads per group, queries,
+    keys) tensor per attention call, in call order (the explicit kernel runs while recording).
+
+    >>> from lucidlm import Config, GPT
+    >>> model = GPT(Config.from_name("tiny-llama"))
+    >>> with recording_weights() as weights:
+    ...     _ = model(torch.tensor([[1, 2, 3]]))
+    >>> len(weights) == model.config.n_layer, weights[0].shape[-2:]
+    (True, torch.Size([3, 3]))
+    """
+    weights: list[torch.Tensor] = []
+    token = _recorded.set(weights)
+    try:
+        yield weights
+    finally:
+        _recorded.reset(token)
+
+
+def _recording() -> list[torch.Tensor] | None:
+    # a ContextVar read would break a torch.compile graph; only inference is compiled
+    return None if torch.compiler.is_compiling() else _recorded.get()
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,7 +123,8 @@ class CausalSelfAttention(nn.Module):
         else:
             key_pos, visible = pos, None
         want_scores = cache is not None and cache.wants_scores
-        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None, visible=visible)
+        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None, visible=visible,
+                                  score_queries=getattr(cache, "score_queries", None))
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
@@ -108,15 +144,20 @@ class CausalSelfAttention(nn.Module):
 
     # ---- kernels --------------------------------------------------------------------------
     def attend(self, q, k, v, q_pos, k_pos, want_scores: bool = False, causal_prefill: bool = False,
-               visible: torch.Tensor | None = None):
+               visible: torch.Tensor | None = None, score_queries: int | None = None):
         """Attention output (batch, heads, tokens, head_size) and, if asked, the per-key scores
-        (batch, groups, keys): weights summed over queries, averaged over a group's heads.
+        (batch, groups, keys): weights summed over queries (``score_queries``: each row's last ones
+        only), averaged over a group's heads.
         ``visible``: a cache's further restriction of the causal mask (see ``LayerCache.visibility``)."""
         q, k = rules.bilinear(q), rules.bilinear(k)
-        if want_scores or self.softcap is not None or rules.current() == "cp-lrp" or _few_queries_on_cpu(q):
+        record = _recording()
+        if want_scores or self.softcap is not None or rules.current() == "cp-lrp" or _few_queries_on_cpu(q) \
+                or record is not None:
             mask = self._mask(q_pos, k_pos, visible)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
-            scores = self._scores(weights, q_pos) if want_scores else None
+            scores = self._scores(weights, q_pos, score_queries) if want_scores else None
+            if record is not None:
+                record.append(weights.detach())
         else:
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill, visible), None
         return rules.bilinear(out), scores
@@ -138,10 +179,13 @@ class CausalSelfAttention(nn.Module):
                                               enable_gqa=self.n_groups != self.n_head)
 
     @staticmethod
-    def _scores(weights: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """Weight each key received, summed over the (non-padding) queries, averaged over a group."""
-        real_queries = (q_pos >= 0)[:, None, None, :, None]  # padding queries' weights don't count
-        return (weights.float() * real_queries).sum(3).mean(2)
+    def _scores(weights: torch.Tensor, q_pos: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Weight each key received, summed over the (non-padding) queries, averaged over a group;
+        ``last``: over each row's ``last`` newest queries only (SnapKV's observation window)."""
+        real = q_pos >= 0  # padding queries' weights don't count
+        if last is not None:
+            real = real & (q_pos > q_pos.max(dim=1, keepdim=True).values - last)
+        return (weights.float() * real[:, None, None, :, None]).sum(3).mean(2)
 
 
 def _few_queries_on_cpu(q: torch.Tensor) -> bool:

@@ -33,7 +33,8 @@ class MLP(nn.Module):
 
 
 class GLU(nn.Module):
-    """down(act(gate(x)) * up(x)): the gate product gets the uniform rule."""
+    """down(act(gate(x)) * up(x)): AttnLRP puts the uniform rule on the product; CP-LRP makes the
+    gate a constant (``rules.gate``), so all relevance flows through ``up``."""
 
     def __init__(self, config, bias: bool | None = None, size: int | None = None) -> None:
         super().__init__()
@@ -45,7 +46,7 @@ class GLU(nn.Module):
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = rules.product(rules.activation(self.act, self.gate_proj(x)), self.up_proj(x))
+        hidden = rules.product(rules.activation(self.act, rules.gate(self.gate_proj(x))), self.up_proj(x))
         return self.down_proj(hidden)
 
 

@@ -142,8 +142,38 @@ def activation(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> t
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Element-wise product of two activations (the gate of GLU MLPs): uniform rule."""
-    return divide_gradient(a * b, 2) if _lrp() else a * b
+    """Element-wise product of two activations (the gate of GLU MLPs): the uniform rule over the
+    factors that depend on the input (AttnLRP, Eq. 7). A constant factor (one that needs no
+    gradient, e.g. a gate CP-LRP detached with :func:`gate`) takes none: the product is then linear
+    in the other factor, which keeps all of the relevance (halving it would break conservation).
+
+    >>> a, b = torch.tensor([2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    >>> with explaining("attnlrp"):
+    ...     product(a, b).backward()
+    >>> (a * a.grad).item(), (b * b.grad).item()  # 6 split in two
+    (3.0, 3.0)
+    """
+    if not _lrp():
+        return a * b
+    factors = int(a.requires_grad) + int(b.requires_grad)
+    return divide_gradient(a * b, factors) if factors > 1 else a * b
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """The gate pre-activation of a gated linear unit, ``act(gate(x)) * up(x)``.
+
+    CP-LRP: a constant, exactly as LXT 2.1's ``cp_gated_mlp_forward`` computes
+    ``act_fn(stop_gradient(gate_proj(x))) * up_proj(x)``: the gate is treated like the attention
+    softmax (a gating of the signal, Ali et al. 2022, Sec. 3), the unit is linear in ``up(x)`` and
+    all of its relevance flows through the up projection. AttnLRP keeps it (identity rule on the
+    activation, uniform rule on the product, :func:`product`).
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> with explaining("cp-lrp"):
+    ...     gate(x).requires_grad
+    False
+    """
+    return stop_gradient(x) if current() == "cp-lrp" else x
 
 
 def bilinear(x: torch.Tensor) -> torch.Tensor:

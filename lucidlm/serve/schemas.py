@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..model.rules import METHODS
+from ..methods import EXPLAIN_METHODS as METHODS  # the LRP methods and the baselines
 
 Stop = str | list[str] | None
 

@@ -95,7 +95,7 @@ def wrap(model: nn.Module, world: World, strategy: str, full: bool) -> nn.Module
         raise TrainError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if world.size == 1:
         return model
-    if strategy == "fsdp" or (strategy == "auto" and full):
+    if uses_fsdp(world, strategy, full):
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:
@@ -105,6 +105,15 @@ def wrap(model: nn.Module, world: World, strategy: str, full: bool) -> nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+
+
+def uses_fsdp(world: World, strategy: str, full: bool) -> bool:
+    """Whether :func:`wrap` shards the model with FSDP2 (several processes only).
+
+    >>> uses_fsdp(World(0, 2), "auto", full=True), uses_fsdp(World(0, 2), "auto", full=False)
+    (True, False)
+    """
+    return world.size > 1 and (strategy == "fsdp" or (strategy == "auto" and full))
 
 
 def is_sharded(model: nn.Module) -> bool:

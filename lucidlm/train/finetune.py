@@ -29,7 +29,7 @@ import torch
 
 from ..errors import TrainError
 from . import data as datamod
-from .distributed import World, full_state, setup
+from .distributed import World, full_state, setup, uses_fsdp
 from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult, default_max_seq_length, mean_loss
 
 Data = str | Path | Sequence[dict[str, Any]]
@@ -98,6 +98,14 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
         raise TrainError(f"max_seq_length={max_len} exceeds the model's context ({llm.config.block_size})")
     records = datamod.read_records(data)
     examples = datamod.build_examples(records, llm.tokenizer, max_len, cfg.prompt_style)
+    chunked = cfg.chunked()
+    if chunked is not None:  # before anything is written: a budget the policy or the data cannot use
+        chunked.check(llm.config, max((len(e.ids) for e in examples), default=1))
+        if uses_fsdp(world, cfg.strategy, cfg.method == "full"):
+            # FSDP2 gathers each block's weights in every forward, and ranks whose micro-batches
+            # differ in length run different numbers of chunks: the collectives would never pair up
+            raise TrainError("kv_cache with FSDP2 (full fine-tuning on several processes) is not supported: "
+                             "pass strategy='ddp' (--strategy ddp), or train on one process")
     train, val = datamod.split_validation(examples, cfg.val_split, cfg.seed)
     if not train:
         raise datamod.DataError("no training examples are left after the validation split")

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from ..errors import TrainError
 from ..fileio import atomic_path
+from .chunked import DEFAULT_CHUNK_SIZE, ChunkedCache
 from .data import IGNORE, Example, collate
 from .distributed import World, all_sum, barrier, full_state, sync_gradients, wrap
 
@@ -69,6 +70,9 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | None = None
     strategy: str = "auto"  # auto: DDP for LoRA, FSDP2 for full fine-tuning (several processes)
+    kv_cache: str | None = None  # a policy spec: train in chunks through a bounded KV cache (chunked.py)
+    cache_tokens: int | None = None  # slots per layer (None: the sequence for dense, 512 for the others)
+    chunk_size: int | None = None  # tokens per chunk (None: 256)
     progress: bool = True
     resume: bool = False
 
@@ -105,6 +109,17 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainError(message)
+        self.chunked()  # the cache options' own checks
+
+    def chunked(self) -> ChunkedCache | None:
+        """The chunked forward through a KV cache that ``kv_cache`` asks for (None: the ordinary one)."""
+        if self.kv_cache is None:
+            given = [f"{k}={getattr(self, k)!r}" for k in ("cache_tokens", "chunk_size") if getattr(self, k) is not None]
+            if given:
+                raise TrainError(f"{', '.join(given)} applies only with kv_cache=POLICY (e.g. kv_cache='h2o')")
+            return None
+        return ChunkedCache(self.kv_cache, self.cache_tokens,
+                            DEFAULT_CHUNK_SIZE if self.chunk_size is None else self.chunk_size)
 
     def signature(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint."""
@@ -182,18 +197,38 @@ def default_max_seq_length(config) -> int:
     return min(config.block_size, 2048)
 
 
+def summed_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, bf16: bool = False,
+                chunked: ChunkedCache | None = None) -> torch.Tensor:
+    """Summed cross-entropy (float32) over the target tokens (labels != IGNORE) of a batch: one
+    forward, or ``chunked``'s forward in chunks through a KV cache.
+
+    >>> from lucidlm import Config, GPT
+    >>> model = GPT(Config.from_name("tiny-llama"))
+    >>> ids = torch.randint(0, 256, (2, 24)); labels = ids.roll(-1, 1); labels[:, -1] = IGNORE
+    >>> plain = summed_loss(model, ids, labels)
+    >>> bool(torch.allclose(plain, summed_loss(model, ids, labels, chunked=ChunkedCache("h2o", 32, 5))))
+    True
+    """
+    if chunked is not None:
+        return chunked.loss(model, ids, labels, bf16)
+    select = labels != IGNORE
+    device = ids.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids, select=select)
+    return F.cross_entropy(logits.float(), labels[select], reduction="sum")
+
+
 @torch.no_grad()
-def mean_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> float:
-    """Mean loss per target token of ``examples``, in batches of ``batch_size``."""
+def mean_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, bf16: bool = False,
+              chunked: ChunkedCache | None = None) -> float:
+    """Mean loss per target token of ``examples``, in batches of ``batch_size`` (``chunked``:
+    through a KV cache, as training with ``kv_cache`` computes it)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         ids, labels = (t.to(device) for t in collate(examples[i: i + batch_size]))
-        select = labels != IGNORE
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids, select=select)
-        total += F.cross_entropy(logits.float(), labels[select], reduction="sum").item()
-        count += int(select.sum())
+        total += summed_loss(model, ids, labels, bf16, chunked).item()
+        count += int((labels != IGNORE).sum())
     return total / max(count, 1)
 
 
@@ -209,6 +244,7 @@ class Trainer:
             raise TrainError("nothing to train: no parameter requires a gradient")
         self.device = next(model.parameters()).device
         self.bf16 = resolve_precision(cfg.precision, self.device)
+        self.chunked = cfg.chunked()
         self.start, self.tokens, self.log = 0, 0, []
         if cfg.resume:
             self._restore()  # before sharding: weights are loaded whole
@@ -235,10 +271,7 @@ class Trainer:
         for j, chunk in enumerate(chunks):
             ids, labels = (t.to(self.device) for t in collate([train[i] for i in chunk]))
             with sync_gradients(self.wrapped, j == len(chunks) - 1):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    select = labels != IGNORE
-                    logits = self.wrapped(ids, select=select)
-                summed = F.cross_entropy(logits.float(), labels[select], reduction="sum")
+                summed = summed_loss(self.wrapped, ids, labels, self.bf16, self.chunked)
                 (summed * (world.size / n_targets)).backward()
             loss += summed.item() / n_targets
         grad_norm = self._clip()
@@ -260,7 +293,7 @@ class Trainer:
         was_training = module.training
         module.eval()
         micro = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.world.size)
-        loss = mean_loss(module, examples, micro, self.bf16)
+        loss = mean_loss(module, examples, micro, self.bf16, self.chunked)
         module.train(was_training)
         return loss
 

@@ -1,0 +1,274 @@
+"""KV-cache policy specs: the one table of policies and their parameters, and the one parser.
+
+Torch-free (the command line checks ``--kv-cache`` before loading anything). A spec is::
+
+    NAME[(key=value, ...)][+int8|+int4]
+
+``NAME`` is an eviction policy of :data:`TABLE`, its parameters are typed and range-checked here;
+``+int8`` / ``+int4`` stores the kept keys and values quantised (``int8`` / ``int4`` alone means
+``dense+int8`` / ``dense+int4``). ``str(spec)`` is the canonical form: no spaces, parameters in the
+table's order, and it parses back to an equal spec.
+
+>>> spec = parse_policy("sink(n_sink=8)+int8")
+>>> spec
+PolicySpec(eviction='sink', quant='int8', params={'n_sink': 8})
+>>> str(parse_policy(" snapkv( pool=max , window=16 ) "))
+'snapkv(window=16,pool=max)'
+>>> str(parse_policy("int4"))
+'dense+int4'
+>>> try:
+...     parse_policy("snapkv(kernel=4)")
+... except CacheError as exc:
+...     print(exc)
+policy 'snapkv': kernel=4 is not an odd integer >= 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+
+from ..errors import CacheError
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter of a policy: its type (int, float or str), default, range and a one-line doc.
+
+    ``default=None`` means the policy derives the value from ``cache_tokens`` (``doc`` says how).
+    """
+
+    name: str
+    kind: type
+    default: object
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    odd: bool = False
+    choices: tuple[str, ...] = ()
+
+    def expected(self) -> str:
+        """What a value must be, in words (for error messages and help)."""
+        if self.choices:
+            return f"one of: {', '.join(self.choices)}"
+        what = ("an odd integer" if self.odd else "an integer") if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{what} in [{self.low:g}, {self.high:g}]"
+        return what + (f" >= {self.low:g}" if self.low is not None else "")
+
+    def convert(self, text: str, policy: str) -> int | float | str:
+        """``text`` as this parameter's type, or :class:`CacheError` naming what was expected."""
+        try:
+            value = self.kind(text) if self.kind is not int or re.fullmatch(r"[+-]?\d+", text) else None
+        except ValueError:
+            value = None
+        bad = value is None or (self.choices and value not in self.choices) \
+            or (self.low is not None and value < self.low) or (self.high is not None and value > self.high) \
+            or (self.odd and value % 2 == 0) or (self.kind is float and math.isnan(value))
+        if bad:
+            raise CacheError(f"policy {policy!r}: {self.name}={text} is not {self.expected()}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """An eviction policy: its name, a one-line summary (with its source) and its parameters."""
+
+    name: str
+    doc: str
+    params: tuple[Param, ...] = ()
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        takes = f"takes {', '.join(p.name for p in self.params)}" if self.params else "takes no parameters"
+        raise CacheError(f"policy {self.name!r}: unknown parameter {name!r}; {self.name} {takes}")
+
+
+_RECENT = Param("recent", int, None, "most recent tokens never evicted (default: cache_tokens // 2)", low=1)
+_H2O_SINK = Param("n_sink", int, 0, "first positions never evicted", low=0)
+_WINDOW = Param("window", int, None, "observation window: the step's last queries score the keys, and the "
+                "newest tokens are kept (default: min(32, cache_tokens // 2))", low=1)
+_KERNEL = Param("kernel", int, 5, "pooling kernel along the keys (odd)", low=1, odd=True)
+_POOL = Param("pool", str, "avg", "pooling of the window's scores along the keys", choices=("avg", "max"))
+
+#: every eviction policy, in the order error messages and help list them
+TABLE: dict[str, Policy] = {p.name: p for p in (
+    Policy("dense", "keep every token; fails when cache_tokens is full"),
+    Policy("window", "the cache_tokens most recent tokens"),
+    Policy("sink", "StreamingLLM (Xiao et al., ICLR 2024): the first tokens forever, plus the most recent",
+           (Param("n_sink", int, 4, "first positions never evicted", low=1),)),
+    Policy("h2o", "heavy hitters (Zhang et al., NeurIPS 2023): highest accumulated attention, plus the "
+                  "most recent", (_RECENT, _H2O_SINK)),
+    Policy("snapkv", "SnapKV (Li et al., 2024): attention of the step's last `window` queries, pooled "
+                     "along the keys", (_WINDOW, _KERNEL, _POOL)),
+    Policy("tova", "TOVA (Oren et al., 2024): lowest attention from the newest query, averaged over heads"),
+    Policy("knorm", "key norm (Devoto et al., EMNLP 2024): evict the keys of largest L2 norm"),
+    Policy("pyramidkv", "PyramidKV (Cai et al., 2024): SnapKV with budgets shrinking with depth "
+                        "(same total)", (_WINDOW, _KERNEL, _POOL,
+                                         Param("beta", int, 20, "steepness: last layer's share is 1/beta of "
+                                               "the mean", low=1))),
+    Policy("h2o-vlen", "H2O scoring attention times value norm (keys_values, Amazon)", (_RECENT, _H2O_SINK)),
+    Policy("qh2o", "H2O minus quantisation error (keys_values after Q-Hitter, Zhang et al., MLSys 2024); "
+                   "plain H2O without +int8/+int4",
+           (_RECENT, _H2O_SINK, Param("weight", float, 0.5, "weight of the H2O score against the "
+                                      "quantisation error", low=0, high=1))),
+)}
+#: eviction policies: how a bounded cache chooses which keys to drop
+EVICTIONS = tuple(TABLE)
+#: quantised key/value buffers
+QUANTS = ("int8", "int4")
+#: every parameter-free policy name -> (eviction, quantisation or None), in the order listed
+POLICY_NAMES: dict[str, tuple[str, str | None]] = {
+    **{e: (e, None) for e in EVICTIONS},
+    **{q: ("dense", q) for q in QUANTS},
+    **{f"{e}+{q}": (e, q) for e in EVICTIONS for q in QUANTS},
+}
+#: budget of an evicting policy when ``cache_tokens`` is not given (``dense``: the context length)
+DEFAULT_CACHE_TOKENS = 512
+
+GRAMMAR = "NAME[(key=value, ...)][+int8|+int4]"
+_SPEC = re.compile(r"\s*(?P<name>[A-Za-z][\w-]*)\s*(?:\((?P<args>[^()]*)\))?\s*(?:\+\s*(?P<quant>\w+))?\s*")
+_ARG = re.compile(r"\s*(?P<key>[a-z_]\w*)\s*=\s*(?P<value>[^\s=,]+)\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """A parsed policy: eviction name, quantisation (None, ``int8``, ``int4``), given parameters.
+
+    >>> PolicySpec("h2o", None, {"recent": 8})
+    PolicySpec(eviction='h2o', quant=None, params={'recent': 8})
+    >>> str(PolicySpec("h2o", "int4", {"recent": 8}))
+    'h2o(recent=8)+int4'
+    """
+
+    eviction: str
+    quant: str | None = None
+    params: dict[str, int | float | str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        known = [p.name for p in TABLE[self.eviction].params] if self.eviction in TABLE else []
+        order = [k for k in known if k in self.params] + sorted(k for k in self.params if k not in known)
+        args = ",".join(f"{k}={self.params[k]}" for k in order)
+        return self.eviction + (f"({args})" if args else "") + (f"+{self.quant}" if self.quant else "")
+
+    def value(self, name: str):
+        """The parameter's given value, else its table default (None: derived from the budget)."""
+        return self.params.get(name, TABLE[self.eviction].param(name).default)
+
+
+def _malformed(text: str) -> CacheError:
+    return CacheError(f"policy={text!r} is malformed: expected {GRAMMAR}, e.g. 'snapkv(window=16)+int8'")
+
+
+def _unknown(name: str) -> CacheError:
+    return CacheError(f"policy={name!r} is not a KV-cache policy; valid: {', '.join(EVICTIONS)} "
+                      f"(each optionally with (key=value, ...) and +{'/+'.join(QUANTS)}; "
+                      f"{' / '.join(QUANTS)} alone: dense)")
+
+
+def _parse_args(args: str | None, policy: Policy, text: str) -> dict[str, int | float | str]:
+    params: dict[str, int | float | str] = {}
+    if args is None or not args.strip():
+        return params
+    for item in args.split(","):
+        match = _ARG.fullmatch(item)
+        if match is None:
+            raise _malformed(text)
+        key = match["key"]
+        if key in params:
+            raise CacheError(f"policy {policy.name!r}: parameter {key!r} given twice in {text!r}")
+        params[key] = policy.param(key).convert(match["value"], policy.name)
+    return params
+
+
+def parse_policy(text: str | PolicySpec) -> PolicySpec:
+    """Parse ``text`` (:data:`GRAMMAR`) into a :class:`PolicySpec` (a spec is checked the same way).
+
+    Raises :class:`CacheError` for malformed text, an unknown policy (listing the valid ones), an
+    unknown parameter (listing the policy's) or a bad value (saying what was expected).
+
+    >>> parse_policy("h2o(recent=16, n_sink=4)")
+    PolicySpec(eviction='h2o', quant=None, params={'recent': 16, 'n_sink': 4})
+    """
+    if isinstance(text, PolicySpec):  # built by hand: its canonical string must parse
+        text = str(text)
+    if not isinstance(text, str):
+        raise CacheError(f"policy={text!r} must be a string such as 'h2o' or 'snapkv(window=16)+int8'")
+    match = _SPEC.fullmatch(text)
+    if match is None:
+        raise _malformed(text)
+    name, quant = match["name"], match["quant"]
+    if name in QUANTS:  # int8 / int4 alone: dense with quantised buffers
+        if quant is not None or match["args"] is not None:
+            raise _malformed(text)
+        name, quant = "dense", name
+    if name not in TABLE:
+        raise _unknown(name)
+    if quant is not None and quant not in QUANTS:
+        raise CacheError(f"policy={text!r}: unknown quantisation {quant!r}; valid: {', '.join(QUANTS)}")
+    return PolicySpec(name, quant, _parse_args(match["args"], TABLE[name], text))
+
+
+def check_policy(text: str) -> str:
+    """``text`` unchanged when it is a valid policy spec; else :class:`CacheError`.
+
+    >>> check_policy("h2o+int4")
+    'h2o+int4'
+    """
+    parse_policy(text)
+    return text
+
+
+def split_policies(text: str) -> list[str]:
+    """A comma-separated list of specs split at the commas outside parentheses.
+
+    >>> split_policies("window, snapkv(window=8,kernel=3)+int8,h2o")
+    ['window', 'snapkv(window=8,kernel=3)+int8', 'h2o']
+    """
+    return [part.strip() for part in _top_level(text) if part.strip()]
+
+
+def _top_level(text: str) -> Iterator[str]:
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            yield text[start:i]
+            start = i + 1
+    yield text[start:]
+
+
+def describe_policies() -> str:
+    """One line per policy and per parameter (type, default, range): for ``--help`` and docs.
+
+    >>> print(describe_policies().splitlines()[2])
+    sink: StreamingLLM (Xiao et al., ICLR 2024): the first tokens forever, plus the most recent
+    """
+    lines = []
+    for policy in TABLE.values():
+        lines.append(f"{policy.name}: {policy.doc}")
+        for p in policy.params:
+            default = "derived" if p.default is None else p.default
+            lines.append(f"  {p.name} ({p.expected()}, default {default}): {p.doc}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DEFAULT_CACHE_TOKENS",
+    "EVICTIONS",
+    "GRAMMAR",
+    "POLICY_NAMES",
+    "QUANTS",
+    "TABLE",
+    "Param",
+    "Policy",
+    "PolicySpec",
+    "check_policy",
+    "describe_policies",
+    "parse_policy",
+    "split_policies",
+]

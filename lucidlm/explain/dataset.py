@@ -1,0 +1,519 @@
+"""Explain every record of a dataset: :func:`explain_dataset` and ``lucidlm explain-dataset``.
+
+Each record holds a ``prompt`` (text, or token ids) or chat ``messages`` (rendered with the
+tokenizer's chat template and its generation prompt), an optional target (under ``target``, or
+the field ``target_field`` names: a token's text, a token id, or a multi-token continuation) and
+an optional ``id`` (default: the record's 0-based index). Every record is checked before any work
+starts; a bad one is a :class:`~lucidlm.errors.DataError` naming ``file:line``.
+
+Output: ``DIR/shard-00000.jsonl`` (or ``.parquet``) ..., one row per record (:data:`ROW_FIELDS`),
+shard ``s`` holding records ``[s * shard_size, (s + 1) * shard_size)``. Shards are written
+atomically, so a shard file is always complete: a rerun after a kill redoes only the missing
+shards. Records are batched (:func:`~lucidlm.explain.batch.explain_batch`) within a shard only,
+always in the same batches, so the files do not depend on how many processes wrote them: under
+``torchrun --nproc-per-node N`` rank ``r`` writes the shards ``s`` with ``s % N == r``, and the
+files are byte-identical to a one-process run's (on the same hardware and thread count).
+``DIR/run.json`` records the settings when the run starts (a rerun with other settings is
+refused), ``DIR/manifest.json`` the shards when it ends; :func:`read_results` reads the rows back
+in record order.
+
+Module import is torch-free: the command line builds its options from :func:`add_arguments`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, ExplainError
+from ..methods import METHODS
+
+FORMATS = ("jsonl", "parquet")
+#: the fields of every output row (``evicted`` is added under a KV-cache policy)
+ROW_FIELDS = ("id", "tokens", "token_ids", "relevance", "target", "target_ids", "logit", "method", "score_label")
+#: what a resumed run must share with the run that started ``DIR``
+SETTINGS = ("method", "model", "dtype", "format", "shard_size", "batch_size", "target_field", "kv_cache",
+            "cache_tokens")
+RUN_FILE, MANIFEST = "run.json", "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One checked record: its index, id, where it came from, and what to explain."""
+
+    index: int
+    id: int | str
+    source: str
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    target: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRun:
+    """What :func:`explain_dataset` did: ``records`` in ``out`` (``computed`` of them by this run,
+    over all processes; the others were in shards an earlier run had written), in ``seconds``."""
+
+    out: Path
+    records: int
+    computed: int
+    seconds: float
+    shards: list[str]
+    is_main: bool = True
+
+    def summary(self, method: str, fmt: str) -> str:
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        return (f"explained {self.records} records with {method} ({self.computed} now, {self.records - self.computed} "
+                f"from an earlier run) in {self.seconds:.1f} s, {rate:.2f} records/s; wrote {self.out} "
+                f"({len(self.shards)} {fmt} shards, {MANIFEST})")
+
+
+# ----------------------------------------------------------------------------- reading records
+def read_items(data: str | Path | Iterable[dict], target_field: str = "target", limit: int | None = None,
+               where: str | None = None) -> list[Item]:
+    """Check every record of a JSONL file (or an iterable of dicts, e.g. a ``datasets.Dataset``)
+    and return the first ``limit`` of them as :class:`Item` s; ``where`` prefixes error messages.
+
+    >>> [i.id for i in read_items([{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}], "id": "x"}])]
+    [0, 'x']
+    >>> read_items([{"text": "a"}])
+    Traceback (most recent call last):
+    ...
+    lucidlm.errors.DataError: record 0: no 'prompt' (text or token ids) or 'messages' (a chat) to explain
+    """
+    from ..train.data import read_records
+
+    if not isinstance(data, (str, Path)):
+        data = list(data if limit is None else (row for _, row in zip(range(limit), data)))
+    try:
+        records = read_records(data)[:limit]
+        return [_item(n, r.data, r.source, target_field) for n, r in enumerate(records)]
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _item(index: int, record: dict, source: str, target_field: str) -> Item:
+    prompt, messages = record.get("prompt"), record.get("messages")
+    if prompt is None and messages is None:
+        raise DataError(f"{source}: no 'prompt' (text or token ids) or 'messages' (a chat) to explain")
+    if prompt is not None and messages is not None:
+        raise DataError(f"{source}: both 'prompt' and 'messages': expected one of them")
+    if prompt is not None and not (isinstance(prompt, str) and prompt or _ids(prompt)):
+        raise DataError(f"{source}: 'prompt' must be non-empty text or a list of token ids, got {prompt!r}")
+    if messages is not None and not (isinstance(messages, list) and messages
+                                     and all(isinstance(m, dict) and "role" in m for m in messages)):
+        raise DataError(f"{source}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+    target = record.get(target_field)
+    if not (target is None or (isinstance(target, str) and target) or _is_id(target) or _ids(target)):
+        raise DataError(f"{source}: {target_field!r} must be a token's text, a token id or a list of token ids "
+                        f"(a continuation), got {target!r}")
+    ident = record.get("id", index)
+    if not (isinstance(ident, str) or _is_id(ident)):
+        raise DataError(f"{source}: 'id' must be a string or an integer, got {ident!r}")
+    return Item(index, ident, source, prompt, messages, target)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_id(v) for v in value)
+
+
+def load_hf_dataset(name: str, split: str = "train"):
+    """A Hugging Face dataset from a local source only (``HF_DATASETS_OFFLINE=1`` semantics): a
+    directory written by ``save_to_disk``, a local dataset directory, or a name already in the
+    local cache. Nothing is downloaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--hf-dataset needs the 'datasets' package: pip install datasets") from None
+    path = Path(name).expanduser()
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"--hf-dataset {name}: no split {split!r} (it has {', '.join(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # for this call only: a name resolves from the cache, never the hub
+    try:
+        return datasets.load_dataset(str(path) if path.exists() else name, split=split)
+    except (OSError, ValueError) as exc:  # not found / not cached (FileNotFoundError, ConnectionError), bad split
+        raise DataError(f"--hf-dataset {name} (split {split!r}): not a local dataset directory, nor in the local "
+                        f"Hugging Face cache ({type(exc).__name__}: {exc})") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+# ----------------------------------------------------------------------------- explaining
+def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out: str | Path,
+                    method: str = "attnlrp", batch_size: int = 8, target_field: str = "target",
+                    kv_cache: str | None = None, cache_tokens: int | None = None, format: str = "jsonl",
+                    shard_size: int = 1000, limit: int | None = None, progress: bool = False) -> DatasetRun:
+    """Explain every record of ``data`` (see the module docstring) into the directory ``out``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; the process group is joined
+    here (gloo on CPU, nccl on CUDA) and left to the caller to close
+    (:func:`lucidlm.train.distributed.shutdown`). ``progress``: a records/s bar on stderr (rank 0).
+
+    >>> import tempfile
+    >>> from lucidlm import LLM, Config, GPT
+    >>> llm = LLM(GPT(Config.from_name("tiny-llama")).eval())
+    >>> out = tempfile.mkdtemp()
+    >>> explain_dataset(llm, [{"prompt": [1, 5, 7]}, {"prompt": [2, 3], "target": 9}], out).records
+    2
+    >>> [(row["id"], row["target_ids"], len(row["relevance"])) for row in read_results(out)][1]
+    (1, [9], 2)
+    """
+    from ..train.distributed import all_sum, barrier, setup
+
+    settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size)
+    items = list(data)[:limit] if _is_items(data) else read_items(data, target_field, limit)
+    _check_ids(items, llm.config.vocab_size)
+    world = setup()
+    if world.size > 1:
+        llm.model.to(world.device)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, settings, write=world.is_main)
+    barrier(world)
+    start = time.perf_counter()
+    shards = _shards(items, shard_size)
+    mine = [s for s in range(len(shards)) if s % world.size == world.rank]
+    todo = [s for s in mine if not _complete(_shard_path(out, s, format), len(shards[s]), format)]
+    computed = _explain_shards(llm, [(s, shards[s]) for s in todo], out, settings, items,
+                               progress and world.is_main)
+    barrier(world)
+    computed = int(all_sum(float(computed), world, world.device))
+    names = [_shard_path(out, s, format).name for s in range(len(shards))]
+    if world.is_main:
+        _write_manifest(out, settings, shards, names)
+    return DatasetRun(out, len(items), computed, time.perf_counter() - start, names, world.is_main)
+
+
+def _is_items(data: Any) -> bool:
+    return isinstance(data, Sequence) and not isinstance(data, str) and bool(data) and isinstance(data[0], Item)
+
+
+def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None,
+              cache_tokens: int | None, fmt: str, shard_size: int) -> dict[str, Any]:
+    """The run's settings, checked (ExplainError naming the argument) before any work."""
+    if method not in METHODS:
+        raise ExplainError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    if fmt not in FORMATS:
+        raise ExplainError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ExplainError(f"{name}={value!r}: expected a positive integer")
+    if fmt == "parquet":
+        _pyarrow()
+    dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+    return {"method": method, "model": model_id(llm), "dtype": dtype, "format": fmt, "shard_size": shard_size,
+            "batch_size": batch_size, "target_field": target_field, "kv_cache": kv_cache, "cache_tokens": cache_tokens}
+
+
+def model_id(llm) -> str:
+    """How run.json and the manifest name the model, in a form ``--model`` takes back: a hub repo id,
+    the embedded default's name, or the checkpoint's absolute path.
+
+    >>> from lucidlm import LLM, Config, GPT
+    >>> model_id(LLM(GPT(Config.from_name("tiny-llama")), source="ckpt/run-3")) == str(Path("ckpt/run-3").resolve())
+    True
+    """
+    from ..checkpoints.embedded import FILENAME
+
+    name = llm.name
+    if not llm.source or "/" in name or name == FILENAME.partition(".")[0]:  # a folder name has no "/"
+        return name
+    return str(Path(llm.source).expanduser().resolve())
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ExplainError("format='parquet' needs the 'pyarrow' package: pip install pyarrow "
+                           "(or write JSONL: format='jsonl')") from None
+    return pyarrow
+
+
+def _check_ids(items: Sequence[Item], vocab_size: int) -> None:
+    """Token ids in prompts and targets must exist in the vocabulary (checked before any work)."""
+    for item in items:
+        for what, value in (("prompt", item.prompt), ("target", item.target)):
+            ids = [value] if _is_id(value) else value if isinstance(value, list) else []
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise DataError(f"{item.source}: {what} token id {bad[0]} is out of range: the vocabulary has "
+                                f"{vocab_size} tokens")
+
+
+def _shards(items: Sequence[Item], shard_size: int) -> list[Sequence[Item]]:
+    return [items[lo:lo + shard_size] for lo in range(0, len(items), shard_size)]
+
+
+def _shard_path(out: Path, shard: int, fmt: str) -> Path:
+    return out / f"shard-{shard:05d}.{fmt}"
+
+
+def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, settings: dict, items: Sequence[Item],
+                    show: bool) -> int:
+    """Explain and write each shard; returns the number of records explained."""
+    bar = _bar(sum(len(shard) for _, shard in todo), show)
+    id_kind = "str" if any(isinstance(item.id, str) for item in items) else "int"
+    try:
+        for s, shard in todo:
+            rows = explain_shard(llm, shard, settings["method"], settings["batch_size"], settings["kv_cache"],
+                                 settings["cache_tokens"], bar)
+            _write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
+    finally:
+        bar.close()
+    return sum(len(shard) for _, shard in todo)
+
+
+def explain_shard(llm, items: Sequence[Item], method: str = "attnlrp", batch_size: int = 8,
+                  kv_cache: str | None = None, cache_tokens: int | None = None, bar=None) -> list[dict]:
+    """The output rows of ``items``, in their order. Batches are formed by prompt length (fewer
+    padding tokens), a function of ``items`` alone, so the same items always batch the same way.
+
+    >>> from lucidlm import LLM, Config, GPT
+    >>> llm = LLM(GPT(Config.from_name("tiny-llama")).eval())
+    >>> [r["token_ids"] for r in explain_shard(llm, read_items([{"prompt": [4, 2]}, {"prompt": [7]}]))]
+    [[4, 2], [7]]
+    """
+    from .batch import explain_batch
+
+    ids = [_prompt_ids(llm.tokenizer, item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: (len(ids[i]), i))
+    rows: dict[int, dict] = {}
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo:lo + batch_size]
+        explained = explain_batch(llm.model, llm.tokenizer, [ids[i] for i in batch],
+                                  [items[i].target for i in batch], method=method, kv_cache=kv_cache,
+                                  cache_tokens=cache_tokens)
+        rows.update((i, _row(items[i], e)) for i, e in zip(batch, explained))
+        if bar is not None:
+            bar.update(len(batch))
+    return [rows[i] for i in range(len(items))]
+
+
+def _prompt_ids(tokenizer, item: Item) -> list[int]:
+    from ..errors import TokenizerError
+    from .explainer import prompt_ids
+
+    try:
+        if item.messages is not None:
+            if tokenizer is None:
+                raise DataError("'messages' need a tokenizer with a chat template; the model has none")
+            return tokenizer.encode_chat(item.messages, add_generation_prompt=True)
+        return prompt_ids(tokenizer, item.prompt)
+    except (TokenizerError, ExplainError, DataError) as exc:
+        raise DataError(f"{item.source}: {exc}") from None
+
+
+def _row(item: Item, e) -> dict[str, Any]:
+    row = {"id": item.id, "tokens": e.tokens, "token_ids": e.token_ids, "relevance": e.relevance.tolist(),
+           "target": e.target, "target_ids": e.target_ids, "logit": e.target_logit, "method": e.method,
+           "score_label": e.score_label}
+    if e.evicted is not None:
+        row["evicted"] = e.evicted.tolist()
+    return row
+
+
+def _bar(total: int, show: bool):
+    if show:
+        from ..bench import progress
+
+        return progress(total, "explain-dataset", unit="record")
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- files
+def _write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
+    from ..fileio import atomic_path, atomic_write
+
+    if fmt == "jsonl":
+        atomic_write(path, "".join(_json_line(row) for row in rows))
+        return
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(_table(rows, id_kind), str(tmp))
+
+
+def _json_line(row: dict) -> str:
+    # strict JSON: a non-finite float (an overflow in half precision) is spelled as a string that
+    # float() reads back ("NaN", "Infinity")
+    row = dict(row, relevance=[_finite(x) for x in row["relevance"]], logit=_finite(row["logit"]))
+    return json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
+
+
+def _finite(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _table(rows: list[dict], id_kind: str):
+    pa = _pyarrow()
+    fields = [("id", pa.string() if id_kind == "str" else pa.int64()), ("tokens", pa.list_(pa.string())),
+              ("token_ids", pa.list_(pa.int64())), ("relevance", pa.list_(pa.float32())), ("target", pa.string()),
+              ("target_ids", pa.list_(pa.int64())), ("logit", pa.float64()), ("method", pa.string()),
+              ("score_label", pa.string())]
+    if rows and "evicted" in rows[0]:
+        fields.append(("evicted", pa.list_(pa.bool_())))
+    if id_kind == "str":
+        rows = [dict(row, id=str(row["id"])) for row in rows]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
+
+
+def _complete(path: Path, rows: int, fmt: str) -> bool:
+    """A shard file exists with ``rows`` rows (written atomically, so never partial; another row
+    count means the data changed since: the shard is redone)."""
+    if not path.is_file():
+        return False
+    if fmt == "jsonl":
+        return path.read_bytes().count(b"\n") == rows
+    return _pyarrow().parquet.read_metadata(str(path)).num_rows == rows
+
+
+def _check_resume(out: Path, settings: dict, write: bool) -> None:
+    """Refuse a directory written with other settings; record ours (rank 0) in a new one."""
+    from ..fileio import atomic_write, read_json
+
+    for name in (RUN_FILE, MANIFEST):
+        if (out / name).is_file():
+            _same_settings(out / name, read_json(out / name, ExplainError, "explain-dataset settings"), settings)
+            return
+    if any(out.glob("shard-*")):
+        raise ExplainError(f"{out} holds shard files but no {RUN_FILE}: not an explain-dataset output directory "
+                           "that can be resumed; choose another --out")
+    if write:
+        atomic_write(out / RUN_FILE, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def _same_settings(path: Path, saved: Any, settings: dict) -> None:
+    if not isinstance(saved, dict):
+        raise ExplainError(f"{path}: expected a JSON object of settings")
+    for key in SETTINGS:
+        if key in saved and saved[key] != settings[key]:
+            raise ExplainError(f"{path}: this directory holds a run with {key}={saved[key]!r}, but this run has "
+                               f"{key}={settings[key]!r}: rerun with the same settings to resume, or choose "
+                               "another --out")
+
+
+def _write_manifest(out: Path, settings: dict, shards: list[Sequence[Item]], names: list[str]) -> None:
+    from ..fileio import atomic_write
+
+    manifest = dict(settings, records=sum(map(len, shards)), fields=list(ROW_FIELDS),
+                    shards=[{"file": name, "rows": len(shard)} for name, shard in zip(names, shards)])
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_results(out: str | Path) -> list[dict]:
+    """The rows of a finished run (``DIR/manifest.json``), in record order, from JSONL or Parquet
+    shards alike (relevances as the float32 values that were computed, as Python floats).
+
+    >>> read_results("/nonexistent")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lucidlm.errors.ExplainError: /nonexistent/manifest.json: no such file (expected the manifest of a ...)
+    """
+    from ..fileio import read_json
+
+    out = Path(out)
+    manifest = read_json(out / MANIFEST, ExplainError, "the manifest of a finished explain-dataset run")
+    rows: list[dict] = []
+    for shard in manifest["shards"]:
+        got = _read_shard(out / shard["file"], manifest["format"])
+        if len(got) != shard["rows"]:
+            raise ExplainError(f"{out / shard['file']}: {len(got)} rows, the manifest says {shard['rows']}")
+        rows.extend(got)
+    return rows
+
+
+def _read_shard(path: Path, fmt: str) -> list[dict]:
+    if not path.is_file():
+        raise ExplainError(f"{path}: no such shard file (listed in {MANIFEST})")
+    if fmt == "parquet":
+        return _pyarrow().parquet.read_table(str(path)).to_pylist()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:  # non-finite values were written as strings
+        row["relevance"], row["logit"] = [float(x) for x in row["relevance"]], float(row["logit"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    """The options of ``lucidlm explain-dataset`` (torch-free: the CLI's help answers at once)."""
+    from ..cli import _add_cache, _add_model, _positive
+
+    p.add_argument("data", nargs="?", type=Path, default=None, metavar="DATA",
+                   help="JSONL: one record a line, {prompt | messages, target?, id?} (or --hf-dataset)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output directory: shard files, run.json, manifest.json (rerun to resume)")
+    p.add_argument("--method", default="attnlrp", choices=METHODS, help="explanation method")
+    p.add_argument("--target-field", default="target", metavar="F",
+                   help="the record field holding the target: token text, token id or a continuation "
+                        "(default: target; absent: the model's top next token)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="B",
+                   help="prompts explained in one forward/backward")
+    p.add_argument("--format", default="jsonl", choices=FORMATS, help="shard file format (parquet needs pyarrow)")
+    p.add_argument("--shard-size", type=_positive, default=1000, metavar="N", help="records per shard file")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N",
+                   help="explain only the first N records (default: all)")
+    p.add_argument("--hf-dataset", default=None, metavar="NAME",
+                   help="read a Hugging Face dataset instead of DATA: a save_to_disk directory, a local "
+                        "dataset directory or a name in the local cache (never downloaded) (default: none)")
+    p.add_argument("--split", default="train", metavar="S", help="the --hf-dataset split")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model(p)
+    _add_cache(p)
+
+
+def run(args) -> int:
+    """``lucidlm explain-dataset``: check every record, load the model, explain, summarise."""
+    items = _cli_items(args)  # before torch and the model load: a bad record costs nothing
+    from ..api import LLM
+    from ..train.distributed import shutdown
+
+    llm = LLM.load(args.model, dtype=args.dtype, progress=True)
+    try:
+        result = explain_dataset(llm, items, args.out, method=args.method, batch_size=args.batch_size,
+                                 target_field=args.target_field, kv_cache=args.kv_cache,
+                                 cache_tokens=args.cache_tokens, format=args.format, shard_size=args.shard_size,
+                                 progress=not args.no_progress)
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
+    if result.is_main:
+        print(result.summary(args.method, args.format), file=sys.stderr)
+    return 0
+
+
+def _cli_items(args) -> list[Item]:
+    if (args.data is None) == (args.hf_dataset is None):
+        raise DataError("explain-dataset: give DATA (a JSONL file) or --hf-dataset NAME, not both and not neither")
+    if args.hf_dataset is None:
+        return read_items(args.data, args.target_field, args.limit)
+    dataset = load_hf_dataset(args.hf_dataset, args.split)
+    return read_items(dataset, args.target_field, args.limit, where=f"--hf-dataset {args.hf_dataset}")
