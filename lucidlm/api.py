@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .errors import CheckpointError, TokenizerError
+from .errors import CheckpointError, ConfigError, GenerationError, TokenizerError
 from .generate import Sampling, generate_ids
 from .model import GPT
 
@@ -267,7 +267,7 @@ class LLM:
                              kv_cache=kv_cache, cache_tokens=cache_tokens, decoder=self._decoder)
         if stream:
             if not single:
-                raise ValueError("stream=True needs a single prompt")
+                raise GenerationError("stream=True needs a single prompt (got a list): generate a batch without stream")
             return self._stream_text((step[0] for step in steps), stops)
         outputs: list[list[int]] = [[] for _ in ids]
         for step in steps:
@@ -401,5 +401,5 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

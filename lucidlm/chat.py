@@ -44,6 +44,7 @@ def render_chat(
             f"The checkpoint{where} has no chat template (no 'chat_template' in its tokenizer_config.json); "
             "pass a template explicitly or format the prompt as plain text"
         )
+    _check_messages(messages)
     messages = [_drop_none(message) for message in messages]
     variables = {"tools": None, "documents": None, **kwargs}
     try:
@@ -54,9 +55,30 @@ def render_chat(
             eos_token=eos_token,
             **variables,
         )
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, OverflowError, TypeError, ValueError, KeyError, IndexError,
+            AttributeError, RecursionError) as exc:  # whatever a template's own code raises
         where = f" of {checkpoint}" if checkpoint else ""
-        raise TokenizerError(f"The chat template{where} failed: {exc}") from exc
+        raise TokenizerError(f"The chat template{where} failed: {type(exc).__name__}: {exc}") from exc
+
+
+#: the roles chat templates know (OpenAI's, plus the tool roles of Llama 3 and others)
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+
+
+def _check_messages(messages) -> None:
+    """A list of ``{"role": str, "content": str | list | None}`` dicts with a known role."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError(f"messages: expected a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TokenizerError(f"messages[{i}]: expected a dict with 'role' and 'content', got {message!r:.80}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise TokenizerError(f"messages[{i}]: role {role!r} is not one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise TokenizerError(f"messages[{i}]: content must be a string (or a list of parts), "
+                                 f"got {type(content).__name__}")
 
 
 def _drop_none(message: dict[str, Any]) -> dict[str, Any]:

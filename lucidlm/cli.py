@@ -339,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- checks before loading
+def _check_utf8(text: str | None, what: str) -> None:
+    """Python turns command-line bytes that are not UTF-8 into lone surrogates; no tokenizer can
+    encode those, so say so here rather than fail inside one."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _UsageError(f"{what} is not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1].encode('utf-8', 'surrogateescape')!r} "
+                          f"at character {exc.start}): pass UTF-8 text") from None
+
+
 def check_args(args: argparse.Namespace) -> list[str]:
     """Notes to print (on stderr); raises :class:`_UsageError` for an argument that cannot work.
     Touches only the file system's metadata: no model file is opened, nothing heavy imported."""
@@ -346,6 +358,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise _UsageError("the prompt is empty")
     if getattr(args, "target", None) == "":
         raise _UsageError("argument --target: the target is empty")
+    for name in ("prompt", "target", "system"):
+        _check_utf8(getattr(args, name, None), "the prompt" if name == "prompt" else f"argument --{name}")
     model = getattr(args, "model", None)
     if args.command == "merge":
         model = args.base

@@ -94,6 +94,7 @@ class Config:
     hf_config: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.head_size is None:
@@ -120,6 +121,17 @@ class Config:
                 raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
         if self.mlp == "moe" and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError("a 'moe' MLP needs 0 < n_expert_per_token <= n_expert")
+
+    def _check_sizes(self) -> None:
+        """The sizes are positive integers (a string or a negative count from a config.json would
+        otherwise fail deep inside torch, or build an empty model)."""
+        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "n_query_groups", "head_size",
+                     "intermediate_size", "block_size"):
+            value = getattr(self, name)
+            if value is None and name in ("n_query_groups", "head_size", "intermediate_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected a positive integer")
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -180,12 +192,20 @@ class Config:
                 fields.update(reader(hf))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+        # a value of the wrong type (a string for a number, a number for a dict...) fails inside
+        # a reader's arithmetic: name the file and say what went wrong, not where
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError,
+                OverflowError) as exc:
+            raise ConfigError(f"{source}: a field has a value of the wrong type or range "
+                              f"({type(exc).__name__}: {exc})") from exc
         fields = {k: v for k, v in fields.items() if v is not None or k in _NULLABLE}
         fields.setdefault("family", family.layout)  # a reader may pick a layout variant (Falcon's norms)
         try:
             return cls(name=raw.get("_name_or_path") or arch, hf_config=raw, **fields)
-        except TypeError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+            raise ConfigError(f"{source}: {type(exc).__name__}: {exc}") from exc
 
 
 _NULLABLE = {"sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping",

@@ -31,6 +31,11 @@ class ModelNotInstalledError(LucidError, FileNotFoundError):
     """The embedded default model package is not installed."""
 
 
+class GenerationError(LucidError, ValueError):
+    """A generation argument is out of range (``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``, an empty prompt, streaming several prompts)."""
+
+
 class CacheError(LucidError, ValueError):
     """A KV-cache request cannot be served (unknown policy, budget too small, context too long)."""
 

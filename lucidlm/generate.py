@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache.base import KVCache, VisibleKeys
-from .errors import CacheError
+from .errors import CacheError, GenerationError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +32,11 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: expected a value >= 0 (0 = greedy)")
+            raise GenerationError(f"temperature={self.temperature}: expected a value >= 0 (0 = greedy)")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k}: expected an integer >= 1")
+            raise GenerationError(f"top_k={self.top_k}: expected an integer >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
+            raise GenerationError(f"top_p={self.top_p}: expected a value in (0, 1]")
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch prompts of different lengths: ids (B, T) and positions (B, T), -1 on the padding."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise GenerationError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     pos = torch.full((len(prompts), longest), -1, dtype=torch.long)
@@ -90,7 +90,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     from .cache.spec import parse_policy
 
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: expected >= 0")
     config = model.config
     ids, pos = left_pad(prompts)
     longest = max(len(p) for p in prompts)

@@ -13,6 +13,23 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from families import FAMILIES, build_hf_model  # noqa: E402
 
 
+#: fixtures that load the real embedded model (or convert its GGUF): their tests are marked slow
+_REAL_MODEL_FIXTURES = {"converted", "ours", "oracle", "smollm2", "oracle_model"}
+#: modules whose own fixtures load the real model through LLM.load()
+_REAL_MODEL_MODULES = {"test_generate", "test_serve", "test_dtypes", "test_target_hint", "test_cache_policies",
+                       "test_viewer_browser", "test_repl", "test_cli", "test_faithfulness", "test_lora_interop",
+                       "test_lxt_reference", "test_fuzz"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that need the real model or a subprocess CLI run ``slow``: ``pytest -m "not
+    slow"`` is the fast subset for development; CI runs everything."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if _REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _REAL_MODEL_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def _conversion_cache(tmp_path_factory) -> pathlib.Path:
     """The GGUF conversion cache of the test runs: under pytest's own temporary root
     (/tmp/pytest-of-USER), shared by the xdist workers and by later runs, never ~/.cache/lucidlm.

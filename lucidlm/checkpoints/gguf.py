@@ -31,7 +31,7 @@ import torch
 
 from lucidlm.checkpoints import conversion_cache
 from lucidlm.checkpoints.conversion_cache import cache_root
-from lucidlm.errors import GGUFError
+from lucidlm.errors import GGUFError, LucidError
 from lucidlm.fileio import atomic_path, temp_dir
 
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
@@ -455,6 +455,18 @@ def gguf_to_hf_dir(
               f"checkpoint in {root} (once per file; `lucidlm cache list` shows the cache)",
               file=sys.stderr, flush=True)
     reader = _open_reader(gguf_path)
+    try:
+        return _convert(reader, gguf_path, root, content, dtype, progress)
+    except LucidError:
+        raise
+    # damage the header checks cannot see (a string that is not UTF-8, a value of the wrong
+    # shape inside an array...) surfaces from numpy, struct or str as one of these
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, AttributeError) as exc:
+        raise GGUFError(f"{gguf_path} is corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def _convert(reader, gguf_path: pathlib.Path, root: pathlib.Path, content: str | None, dtype: torch.dtype,
+             progress: bool) -> pathlib.Path:
     _validate(reader, gguf_path)
     if content is None:  # ... but gguf's reader does: hash the whole file instead
         content = conversion_cache.full_fingerprint(gguf_path)

@@ -57,10 +57,16 @@ def weight_files(directory: Path) -> list[Path]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one file; a truncated or corrupt file raises CheckpointError naming it."""
+    import pickle
+
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: never load it
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: holds pickled objects other than tensors, which lucidlm never "
+                              f"unpickles (convert it to safetensors with a trusted tool) [{first}]") from exc
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
 

@@ -25,7 +25,8 @@ from torch import nn
 from ..errors import ExplainError
 from ..generate import left_pad
 from ..model import rules
-from .explainer import OBJECTIVES, _explain_mode, _token_relevance, explain, prompt_ids, warn_target
+from ..methods import EXPLAIN_METHODS
+from .explainer import OBJECTIVES, _check_method, _explain_mode, _token_relevance, explain, prompt_ids, warn_target
 from .explanation import Explanation
 from .targets import Target, TargetSpec, resolve_target, token_strings
 
@@ -49,6 +50,7 @@ def explain_batch(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[
     >>> one == explain(model, None, [1, 5, 7, 9], target=(3, 4), method="cp-lrp")
     True
     """
+    _check_method(method, EXPLAIN_METHODS)
     targets = [None] * len(prompts) if targets is None else list(targets)
     if len(targets) != len(prompts):
         raise ExplainError(f"targets: expected one per prompt ({len(prompts)}), got {len(targets)}")

@@ -178,6 +178,10 @@ def warn_target(tokenizer, target: Target, spec: TargetSpec, last_logits: torch.
 def _check_method(method: str, allowed: Sequence[str] = rules.METHODS) -> None:
     if method not in allowed:
         raise ExplainError(f"method={method!r}: expected one of {', '.join(allowed)}")
+    if torch.is_inference_mode_enabled():  # tensors made there can never join an autograd graph
+        raise ExplainError("explanations need autograd, but this call runs inside torch.inference_mode(): "
+                           "call it outside that block (torch.no_grad() is fine: explanations re-enable "
+                           "gradients for themselves)")
 
 
 @contextlib.contextmanager
