@@ -461,7 +461,9 @@ def gguf_to_hf_dir(
         raise
     # damage the header checks cannot see (a string that is not UTF-8, a value of the wrong
     # shape inside an array...) surfaces from numpy, struct or str as one of these
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, AttributeError) as exc:
+    # (a head count of 0 divides by zero; sizes that do not fit the tensors fail a torch reshape)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, AttributeError, ZeroDivisionError,
+            RuntimeError) as exc:
         raise GGUFError(f"{gguf_path} is corrupt: {type(exc).__name__}: {exc}") from exc
 
 
