@@ -420,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     except LucidError as exc:
         print(f"lucidlm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output that cannot be written (read-only, full disk, gone): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lucidlm: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

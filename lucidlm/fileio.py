@@ -29,7 +29,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``path`` (with the mode a plain ``open()`` would give), on any error it is removed."""
     path = check_target(path)
     # same directory as the target so os.replace is a rename within one file system
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file the caller asked for, not our temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     try:
         yield Path(tmp)

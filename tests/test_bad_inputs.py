@@ -295,3 +295,16 @@ def test_bad_command_lines_exit_2_with_one_line(argv, needle):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    """/proc refuses new files even to root (a chmod-ed directory would not stop root)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lucidlm", "explain", "The capital of France is", "--json",
+                           "/proc/lucidlm-e.json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/proc/lucidlm-e.json" in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert not list(Path("/proc").glob("*lucidlm-e.json*"))
