@@ -63,6 +63,15 @@ def _index_missing_shard(ckpt):
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
 
 
+def _integer_weights(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    name = sorted(state)[0]
+    state[name] = state[name].to(torch.int32)
+    save_file(state, str(ckpt / "model.safetensors"))
+
+
 def _config_not_json(ckpt):
     (ckpt / "config.json").write_text("{")
 
@@ -88,6 +97,7 @@ CHECKPOINT_CASES = {
     "safetensors header longer than the file": (_huge_header, CheckpointError, "model.safetensors"),
     "safetensors header garbage": (_garbage_header, CheckpointError, "model.safetensors"),
     "shard index not JSON": (_broken_index, CheckpointError, "index"),
+    "integer weights where floats belong": (_integer_weights, CheckpointError, "dtype int32"),
     "shard index names a missing shard": (_index_missing_shard, CheckpointError, "model-00002.safetensors"),
     "config.json not JSON": (_config_not_json, LucidError, "config.json"),
     "no config.json": (_no_config, LucidError, "config.json"),
@@ -308,3 +318,22 @@ def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "/proc/lucidlm-e.json" in lines[0] and "Traceback" not in done.stderr, done.stderr
     assert not list(Path("/proc").glob("*lucidlm-e.json*"))
+
+
+# ----------------------------------------------------------------------------- bfloat16
+@pytest.mark.parametrize("policy", [None, "window", "h2o", "snapkv(window=4)", "knorm", "sink+int8"])
+def test_a_bfloat16_model_explains_with_every_method_under_every_policy(tiny_lm_dir, policy):
+    from lucidlm.methods import EXPLAIN_METHODS, METHODS
+
+    llm = LLM.load(tiny_lm_dir, dtype="bfloat16")
+    prompt = "The capital of France is Paris and the capital of Italy is"
+    for method in EXPLAIN_METHODS if policy is None else METHODS:  # baselines have no kv_cache path
+        options = {"steps": 4} if method == "integrated-gradients" else None
+        kwargs = {} if policy is None else {"kv_cache": policy, "cache_tokens": 8}
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # integrated gradients' completeness warning at 4 steps
+            e = llm.explain(prompt, method=method, options=options, **kwargs)
+        assert torch.isfinite(e.relevance).all(), (method, policy)
+        assert len(e.relevance) == len(llm.tokenizer.encode(prompt))

@@ -120,6 +120,9 @@ def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -
         if tuple(ours[name].shape) != tuple(shape):
             raise CheckpointError(f"{directory}: tensor {name} has shape {tuple(ours[name].shape)}, "
                                   f"expected {tuple(shape)} from config.json")
+        if not ours[name].dtype.is_floating_point:  # weights are floats: an integer tensor is not one
+            raise CheckpointError(f"{directory}: tensor {name} has dtype {str(ours[name].dtype).removeprefix('torch.')}, "
+                                  "expected a floating-point dtype (float32, bfloat16, float16)")
 
 
 def save_hf_dir(model: GPT, directory: str | Path, max_shard_bytes: int = 2 * 1024**3,
