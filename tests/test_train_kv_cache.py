@@ -218,3 +218,24 @@ def test_bad_cache_options_are_typed_errors_and_write_nothing(tiny_lm_dir, tmp_p
     with pytest.raises(error, match=re.escape(message)):
         run(tiny_lm_dir, tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "h2o-vlen", "qh2o+int8", "knorm"])
+def test_eviction_state_holds_no_graph(policy):
+    """Scores and norms only decide what to evict: kept in the cache with gradients, they would
+    keep every earlier chunk's graph alive (memory) for nothing."""
+    import torch
+
+    from lucidlm import GPT, Config
+    from lucidlm.cache import build_cache
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-llama"))
+    cache = build_cache(model.config, 1, policy, 8)
+    ids = torch.randint(0, 200, (1, 24))
+    for chunk in ids.split(6, dim=1):
+        model(chunk, cache=cache).sum()
+    for layer in cache.layers:
+        for name in ("score", "v_norm", "k_norm", "q_error"):
+            state = getattr(layer, name, None)
+            assert state is None or not state.requires_grad, (policy, name)

@@ -260,7 +260,7 @@ class VLengthH2OLayerCache(H2OLayerCache):
         self.v_norm = self._empty_state(self.k[0].shape[1])  # (batch, groups, slots)
 
     def observe(self, scores, k, v, pos):
-        self.v_norm = torch.cat([self.v_norm, v.float().norm(dim=-1)], dim=2)
+        self.v_norm = torch.cat([self.v_norm, v.detach().float().norm(dim=-1)], dim=2)
         super().observe(scores, k, v, pos)
 
     def instant(self, scores, pos):
@@ -290,7 +290,7 @@ class QuantH2OLayerCache(H2OLayerCache):
         self.q_error = self._empty_state()  # (batch, slots)
 
     def observe(self, scores, k, v, pos):
-        error = (self.store.error(k) + self.store.error(v)).mean(1)
+        error = (self.store.error(k.detach()) + self.store.error(v.detach())).mean(1)
         self.q_error = torch.cat([self.q_error, error], dim=1)
         super().observe(scores, k, v, pos)
 
@@ -388,7 +388,7 @@ class KNormLayerCache(SlotLayerCache):
         self.k_norm = self._empty_state()  # (batch, slots)
 
     def observe(self, scores, k, v, pos):
-        self.k_norm = torch.cat([self.k_norm, k.float().norm(dim=-1).mean(1)], dim=1)
+        self.k_norm = torch.cat([self.k_norm, k.detach().float().norm(dim=-1).mean(1)], dim=1)
 
     def priority(self, pos):
         return -self.k_norm

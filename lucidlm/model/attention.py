@@ -185,7 +185,9 @@ class CausalSelfAttention(nn.Module):
         real = q_pos >= 0  # padding queries' weights don't count
         if last is not None:
             real = real & (q_pos > q_pos.max(dim=1, keepdim=True).values - last)
-        return (weights.float() * real[:, None, None, :, None]).sum(3).mean(2)
+        # detached: a policy's scores only decide what to evict, and are never differentiated (in
+        # training through a cache they would otherwise keep every chunk's graph alive in the cache)
+        return (weights.detach().float() * real[:, None, None, :, None]).sum(3).mean(2)
 
 
 def _few_queries_on_cpu(q: torch.Tensor) -> bool:
