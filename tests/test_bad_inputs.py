@@ -219,9 +219,12 @@ def test_prompt_longer_than_the_context(tiny):
         tiny.generate("word " * 400, max_new_tokens=2)
 
 
-def test_empty_prompt_ids(tiny):
-    with pytest.raises(LucidError, match="token"):
-        tiny.generate([""], max_new_tokens=2) if tiny.tokenizer.encode("") else tiny.explain([])
+def test_empty_prompts(tiny):
+    with pytest.raises(ExplainError, match="no tokens"):
+        tiny.explain([])
+    if not tiny.tokenizer.encode(""):  # a tokenizer that adds no BOS: the empty text has no token
+        with pytest.raises(GenerationError, match="at least one token"):
+            tiny.generate([""], max_new_tokens=2)
 
 
 def test_streaming_several_prompts(tiny):
