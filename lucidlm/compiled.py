@@ -35,6 +35,7 @@ import warnings
 import torch
 
 from .cache.base import KVCache
+from .generate import decode_step
 
 #: static cache capacities are multiples of this many tokens (fewer distinct graphs to compile)
 CAPACITY_STEP = 256
@@ -78,7 +79,7 @@ class CompiledDecoder:
             model = self.model
 
             def step(token, positions, cache):  # a closure over the module: its weights freeze
-                return model(token, positions=positions, cache=cache, last_only=True)[:, -1]
+                return decode_step(token, positions, cache, model)
 
             self._compiled = torch.compile(step, dynamic=False, fullgraph=True)
             self._weights = weights
@@ -121,7 +122,4 @@ class CompiledDecoder:
                 self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 warnings.warn(f"torch.compile failed, decoding eagerly: {self.fallback_reason}",
                               CompileFallback, stacklevel=2)
-        return self._eager_step(token, positions, cache)
-
-    def _eager_step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(token, positions=positions, cache=cache, last_only=True)[:, -1]
+        return decode_step(token, positions, cache, self.model)

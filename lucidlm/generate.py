@@ -112,7 +112,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
         logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
     next_pos = pos.max(dim=1).values.to(device) + 1
-    step_fn = decoder if compiled and decoder.prepare(cache) else _eager_step
+    step_fn = decoder if compiled and decoder.prepare(cache) else decode_step
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
@@ -125,7 +125,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         next_pos = next_pos + 1
 
 
-def _eager_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model) -> torch.Tensor:
+def decode_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model) -> torch.Tensor:
+    """One eager decode step: last logits (batch, vocab) for ``token`` (batch, 1) at ``positions``
+    (batch, 1), appended to ``cache`` (what :class:`~lucidlm.compiled.CompiledDecoder` compiles)."""
     return model(token, positions=positions, cache=cache, last_only=True)[:, -1]
 
 

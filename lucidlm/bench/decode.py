@@ -129,7 +129,7 @@ def _measure(args) -> dict:
 class _Lucidlm:
     def __init__(self, llm, dtype: str, tokens: int) -> None:
         from ..compiled import CompiledDecoder
-        from ..generate import _eager_step
+        from ..generate import decode_step
 
         dtype, _, compile_ = dtype.partition("+")
         if dtype == "int8":
@@ -139,7 +139,7 @@ class _Lucidlm:
             llm.model.to(getattr(torch, dtype))
         self.model, self.dtype, self.cache = llm.model, next(llm.model.parameters()).dtype, None
         self.decoder = CompiledDecoder(self.model) if compile_ else None
-        self.step_fn = self.decoder or _eager_step
+        self.step_fn = self.decoder or decode_step
         # one cache size for the warm-up and the timed run (a compiled graph is per capacity)
         self.capacity = self.decoder.capacity(tokens, self.model.config.block_size) if self.decoder else tokens + 1024
 
