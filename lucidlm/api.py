@@ -126,6 +126,10 @@ class LLM:
             llm.load_adapter(adapter, check_base=check_base)
         if quantize is not None:
             llm.quantize(quantize)
+        if torch.device(device).type == "cpu":
+            from .model.linear import kernel_ready
+
+            kernel_ready()  # the CPU decode kernel: built here once per machine, not mid-reply
         return llm
 
     @classmethod

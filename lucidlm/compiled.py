@@ -36,6 +36,7 @@ import torch
 
 from .cache.base import KVCache
 from .generate import decode_step
+from .model.linear import kernel_ready
 
 #: static cache capacities are multiples of this many tokens (fewer distinct graphs to compile)
 CAPACITY_STEP = 256
@@ -69,7 +70,8 @@ class CompiledDecoder:
         self._compiled = None
 
     def _weights_fingerprint(self) -> tuple:
-        return tuple((p.data_ptr(), p.dtype, p._version) for p in self.model.parameters())
+        tensors = [*self.model.parameters(), *self.model.buffers()]  # int8 weights are buffers
+        return tuple((t.data_ptr(), t.dtype, t._version) for t in tensors)
 
     def _compile_for_current_weights(self) -> None:
         weights = self._weights_fingerprint()
@@ -102,6 +104,7 @@ class CompiledDecoder:
                               CompileFallback, stacklevel=3)
         if self.fallback_reason is not None or not all(isinstance(layer, DenseLayerCache) for layer in cache.layers):
             return False
+        kernel_ready()  # build/load the CPU kernel now: inside a graph being traced it could not
         self._compile_for_current_weights()
         for layer in cache.layers:
             layer.make_static()

@@ -10,12 +10,15 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+
+
+def child_env():  # read when a child starts: the session's fixtures set $LUCIDLM_CACHE after import
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
 
 
 def spawn(model_dir, *options):
     child = pexpect.spawn(sys.executable, ["-m", "lucidlm", "chat", "--model", str(model_dir), *options],
-                          encoding="utf-8", timeout=180, env=ENV, dimensions=(40, 200))
+                          encoding="utf-8", timeout=180, env=child_env(), dimensions=(40, 200))
     child.expect(f"Chatting with {model_dir.name}\\.")  # the checkpoint's name, not its path
     child.expect_exact("> ")
     return child
@@ -107,7 +110,7 @@ def test_piped_chat_marks_the_turns(tiny_lm_dir, tmp_path):
     path = tmp_path / "piped.json"
     done = subprocess.run([sys.executable, "-m", "lucidlm", "chat", "--model", str(tiny_lm_dir),
                            "--max-new-tokens", "3"], input=f"Hi\n\n//slash\n/save {path}\n", capture_output=True,
-                          text=True, timeout=180, env=ENV)
+                          text=True, timeout=180, env=child_env())
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "user: Hi" and lines[1].startswith("assistant: ")

@@ -34,7 +34,7 @@ _DTYPE_HELP = "the weights' dtype"
 
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtypes", default="float32,bfloat16,int8,float32+compile,bfloat16+compile",
+    p.add_argument("--dtypes", default="float32,bfloat16,int8,float32+compile,bfloat16+compile,int8+compile",
                    help="comma-separated rows to measure (int8: lucidlm's weight-only int8 with bfloat16 activations; "
                         "+compile: lucidlm's decode steps through torch.compile; "
                         "transformers float32 always runs, as the reference)")

@@ -1,10 +1,12 @@
 """``lucidlm bench decode``: lucidlm vs transformers on the same checkpoint and prompts.
 
-Rows: transformers in float32 and bfloat16, lucidlm in float32, bfloat16 and weight-only int8
-(bfloat16 activations: PyTorch's int8 kernel is fast for those, slow for float32 ones), and lucidlm
-float32 and bfloat16 with decode steps through ``torch.compile`` (``+compile``, see
-:mod:`lucidlm.compiled`; the compilation is a warm-up, reported in its own column). Each row runs in its own subprocess (so peak RSS is its own and one row's
-allocations do not slow another), rounds alternate between rows and each cell is the median.
+Rows: transformers in float32 and bfloat16; lucidlm in float32, bfloat16 and weight-only int8
+(bfloat16 activations: PyTorch's int8 kernel is fast for those, slow for float32 ones), each also
+with decode steps through ``torch.compile`` (``+compile``, see :mod:`lucidlm.compiled`; the
+compilation is a warm-up, reported in its own column). lucidlm's one-row products run in its CPU
+kernel (:mod:`lucidlm.model.linear`) in every row. Each row runs in its own subprocess (so peak RSS
+is its own and one row's allocations do not slow another), rounds alternate between rows and each
+cell is the median.
 
 Per row:
 
@@ -36,7 +38,7 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
 #: (engine, dtype) rows, in table order; the first is the reference
 ROWS = [("transformers", "float32"), ("transformers", "bfloat16"),
         ("lucidlm", "float32"), ("lucidlm", "bfloat16"), ("lucidlm", "int8"),
-        ("lucidlm", "float32+compile"), ("lucidlm", "bfloat16+compile")]
+        ("lucidlm", "float32+compile"), ("lucidlm", "bfloat16+compile"), ("lucidlm", "int8+compile")]
 BATCH_LENGTHS = (24, 40, 56, 72, 88, 104, 120, 136)  # 8 prompts of different lengths
 
 
@@ -245,7 +247,7 @@ def _agreement(r: dict, reference: dict) -> str:
 def _summary_lines(rows: list[dict]) -> list[str]:
     by = {(r["engine"], r["dtype"]): r for r in rows if "decode_tps" in r}
     lines = []
-    for dtype in ("float32", "bfloat16", "float32+compile", "bfloat16+compile"):
+    for dtype in ("float32", "bfloat16", "float32+compile", "bfloat16+compile"):  # int8: no HF row
         ours, theirs = by.get(("lucidlm", dtype)), by.get(("transformers", dtype.partition("+")[0]))
         if ours and theirs:
             lines.append(f"{dtype}: decode {ours['decode_tps'] / theirs['decode_tps']:.2f}x, prefill "

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from ..cache.base import LayerCache
 from . import rules
 from .kernels import explicit_attention, position_mask
+from .linear import Linear
 from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -64,10 +65,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         c = config
         self.n_head, self.n_groups, self.head_size = c.n_head, c.n_query_groups, c.head_size
-        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_size, bias=c.attn_bias)
-        self.k_proj = nn.Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
-        self.v_proj = nn.Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
-        self.o_proj = nn.Linear(c.n_head * c.head_size, c.n_embd, bias=c.attn_out_bias)
+        self.q_proj = Linear(c.n_embd, c.n_head * c.head_size, bias=c.attn_bias)
+        self.k_proj = Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
+        self.v_proj = Linear(c.n_embd, c.n_query_groups * c.head_size, bias=c.attn_bias)
+        self.o_proj = Linear(c.n_head * c.head_size, c.n_embd, bias=c.attn_out_bias)
         self.qk_norm = c.qk_norm
         if c.qk_norm == "head":
             self.q_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_unit_offset)

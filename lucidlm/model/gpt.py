@@ -18,6 +18,7 @@ from ..cache.base import KVCache
 from ..config import Config
 from . import rules
 from .attention import CausalSelfAttention
+from .linear import Linear
 from .mlp import build_mlp
 from .norm import build_norm
 
@@ -64,7 +65,7 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(c.block_size, c.n_embd) if c.position_embedding == "learned" else None
         self.layers = nn.ModuleList((c.block_class or Block)(c, i) for i in range(c.n_layer))
         self.final_norm = build_norm(c)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
+        self.lm_head = Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

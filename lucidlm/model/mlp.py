@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import rules
+from .linear import Linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -24,8 +25,8 @@ class MLP(nn.Module):
     def __init__(self, config, bias: bool | None = None) -> None:
         super().__init__()
         bias = config.mlp_bias if bias is None else bias
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,9 @@ class GLU(nn.Module):
         super().__init__()
         bias = config.mlp_bias if bias is None else bias
         size = size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.n_embd, size, bias=bias)
-        self.up_proj = nn.Linear(config.n_embd, size, bias=bias)
-        self.down_proj = nn.Linear(size, config.n_embd, bias=bias)
+        self.gate_proj = Linear(config.n_embd, size, bias=bias)
+        self.up_proj = Linear(config.n_embd, size, bias=bias)
+        self.down_proj = Linear(size, config.n_embd, bias=bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +58,14 @@ class MoE(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.router = Linear(config.n_embd, config.n_expert, bias=False)
         size = config.moe_intermediate_size
         self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
         self.k = config.n_expert_per_token
         self.norm_topk = config.moe_norm_topk
         if config.shared_expert_intermediate_size:
             self.shared_expert = GLU(config, bias=False, size=config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
+            self.shared_expert_gate = Linear(config.n_embd, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None
 

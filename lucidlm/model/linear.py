@@ -1,0 +1,150 @@
+"""``Linear``: ``nn.Linear`` whose decode-step products run in lucidlm's CPU kernel (``gemv.cpp``).
+
+A decode step multiplies one row of activations by every weight matrix once: it is bound by memory
+bandwidth, and PyTorch's CPU ``F.linear`` reaches about half of it for one row (measured on SmolLM2's
+shapes with 2 threads: 54 ms for all float32 weights against 31 ms for the kernel, 25 against 11 ms
+in bfloat16; ``scripts/gemv_bench.py``). The kernel streams each thread's block of weight rows and
+accumulates dot products in float32.
+
+It is used only where it is a drop-in: no gradient wanted (inference; explanations and training
+always run ``F.linear``, so the LRP rules never see it), a CPU tensor, float32 or bfloat16, and one
+row (one token of one sequence; prefill and batched decode are GEMMs, where PyTorch is faster).
+Results equal ``F.linear`` up to float32 summation order.
+
+The kernel compiles from C++ the first time it is needed (about 10 s with g++, once per machine and
+torch version) into ``$LUCIDLM_CACHE/kernels`` (default ``~/.cache/lucidlm/kernels``). Without a C++
+compiler, or if the build fails (a :class:`KernelUnavailable` warning says why), every product runs
+in ``F.linear``: same results, slower. ``LUCIDLM_KERNELS=0`` turns the kernel off.
+
+>>> layer = Linear(8, 4)
+>>> with torch.no_grad():
+...     bool(torch.allclose(layer(torch.ones(1, 8)), F.linear(torch.ones(1, 8), layer.weight, layer.bias), atol=1e-6))
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SOURCE = pathlib.Path(__file__).with_name("gemv.cpp")
+ENV_VAR = "LUCIDLM_KERNELS"  # "0" turns the kernel off
+_DTYPES = (torch.float32, torch.bfloat16)
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+class KernelUnavailable(UserWarning):
+    """lucidlm's CPU kernel could not be built or loaded; ``F.linear`` runs instead (same results)."""
+
+
+class _Kernel:
+    """The compiled library: built and loaded at most once per process (``ready`` is None until
+    then). The lock keeps two threads from building at once; the file is written atomically, so
+    two processes may."""
+
+    def __init__(self) -> None:
+        self.ready: bool | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> bool:
+        with self._lock:
+            if self.ready is None:
+                self.ready = self._load()
+            return self.ready
+
+    def _load(self) -> bool:
+        if os.environ.get(ENV_VAR, "1") == "0":
+            return False
+        compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
+        library = library_path()
+        try:
+            if not library.exists():
+                if compiler is None:
+                    return False  # no compiler: F.linear, silently (nothing is wrong, only slower)
+                _build(compiler, library)
+            torch.ops.load_library(str(library))
+            torch.library.register_fake("lucidlm_kernels::gemv")(_gemv_shape)
+        except Exception as exc:  # any build or load failure: F.linear computes the same
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"lucidlm's CPU kernel is unavailable, using F.linear: {reason}",
+                          KernelUnavailable, stacklevel=4)
+            return False
+        return True
+
+
+_KERNEL = _Kernel()
+
+
+def library_path() -> pathlib.Path:
+    """Where the compiled kernel lives: keyed by its source, torch's version and this CPU (it is
+    built with ``-march=native``)."""
+    from ..checkpoints.conversion_cache import cache_root
+
+    cpu = platform.machine()
+    try:
+        flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), cpu.encode(),
+                                     flags.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
+    return cache_root() / "kernels" / f"gemv-{key}.so"
+
+
+def _build(compiler: str, library: pathlib.Path) -> None:
+    from torch.utils import cpp_extension
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    print(f"lucidlm: building the CPU decode kernel (once, about 10 s) into {library.parent}", file=sys.stderr)
+    fd, temp = tempfile.mkstemp(dir=library.parent, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", temp,
+           *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or [""]
+            raise RuntimeError(f"{compiler} failed (exit {done.returncode}) on {SOURCE.name}: {errors[0].strip()}")
+        os.replace(temp, library)  # atomic: no process ever loads a half-written library
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _gemv_shape(x, weight, scale, bias):  # the op's shape function, for torch.compile
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def kernel_ready() -> bool:
+    """True once the kernel is loaded (building it on first use); False where it cannot be."""
+    return _KERNEL.ready if _KERNEL.ready is not None else _KERNEL.load()
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` runs in the kernel: one row, no gradient, CPU, float32/bfloat16."""
+    no_grad = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return (no_grad and x.device.type == "cpu" and x.dtype in _DTYPES and weight.dtype == x.dtype
+            and x.numel() == x.shape[-1] and x.numel() > 0 and kernel_ready())
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose one-row inference products run in
+    lucidlm's CPU kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_kernel(x, self.weight):
+            out = torch.ops.lucidlm_kernels.gemv(x.reshape(1, -1), self.weight, None, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
