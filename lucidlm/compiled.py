@@ -9,10 +9,12 @@ on a GPU) the whole step becomes one graph:
   writes at a tensor cursor, so one graph serves every step;
 * capacities are rounded up to a multiple of :data:`CAPACITY_STEP` so that prompts of different
   lengths share graphs (one per batch size and capacity, compiled once, then reused);
-* weights are frozen into the graph (Inductor's ``freezing``: on the CPU the GEMMs get prepacked
-  copies of the weights), so the decoder fingerprints the weights (storage, dtype and in-place
-  version counter of every parameter) before each generation and compiles again when they changed
-  (fine-tuning, ``model.to(dtype)``, :meth:`LLM.quantize`), through :func:`torch.compiler.reset`.
+* one-row products stay in lucidlm's CPU kernel (:mod:`lucidlm.model.linear`, a custom op the
+  graph calls); the batched GEMMs get prepacked copies of the weights (Inductor's ``freezing``);
+* weights are frozen into the graph, so the decoder fingerprints them (storage, dtype and in-place
+  version counter of every parameter and buffer) before each generation and compiles again when
+  they changed (fine-tuning, ``model.to(dtype)``, :meth:`LLM.quantize`), through
+  :func:`torch.compiler.reset`.
 
 Compilation takes about a minute for SmolLM2-135M on 2 cores, paid on the first generation. Where it
 cannot run (no C++ compiler on the CPU, an unsupported op, any compiler error) a

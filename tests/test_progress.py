@@ -111,7 +111,7 @@ def test_bench_explain_prints_each_row_when_measured(monkeypatch, capsys):
         return {"seconds": 1.0 if row == "forward+backward" else 0.5, "peak_mib": 10.0, "threads": 1}
 
     _fake_children(monkeypatch, bench_explain, result)
-    args = _args(bench_explain, ["--lengths", "16,32"])
+    args = _args(bench_explain, ["--lengths", "16,32", "--methods", "attnlrp"])
     assert bench_explain.run(args) == 0
     out, err = capsys.readouterr()
     assert [(row, n) for row, n, _ in printed] == [("forward+backward", 16), ("forward+backward", 32),

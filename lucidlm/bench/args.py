@@ -48,7 +48,7 @@ def add_decode(p: argparse.ArgumentParser) -> None:
 def add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--lengths", default="256,1024", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--methods", default="attnlrp",
+    p.add_argument("--methods", default="attnlrp,cp-lrp",
                    help="explanation methods to time (comma-separated, from " + ", ".join(EXPLAIN_METHODS) + ")")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=_DTYPE_HELP)
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")

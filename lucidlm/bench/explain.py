@@ -6,7 +6,7 @@ Rows, for each prompt length (default 256 and 1024 tokens):
 * ``forward+backward``: the same forward with the embeddings requiring grad, then the gradient of
   the top logit with respect to them (plain autograd, no rules, no weight gradients): the least any
   gradient-based explanation can cost;
-* ``attnlrp`` (and any other ``--methods``): :func:`lucidlm.explain.explainer.explain`, i.e. the
+* ``attnlrp``, ``cp-lrp`` (the default ``--methods``): :func:`lucidlm.explain.explainer.explain`, i.e. the
   rules' forward + one backward + the bookkeeping around them.
 
 How it measures

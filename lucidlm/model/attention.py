@@ -152,14 +152,18 @@ class CausalSelfAttention(nn.Module):
         ``visible``: a cache's further restriction of the causal mask (see ``LayerCache.visibility``)."""
         q, k = rules.bilinear(q), rules.bilinear(k)
         record = _recording()
-        if want_scores or self.softcap is not None or rules.current() == "cp-lrp" or _few_queries_on_cpu(q) \
-                or record is not None:
+        if want_scores or self.softcap is not None or _few_queries_on_cpu(q) or record is not None:
             mask = self._mask(q_pos, k_pos, visible)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
             scores = self._scores(weights, q_pos, score_queries) if want_scores else None
             if record is not None:
                 record.append(weights.detach())
         else:
+            if rules.current() == "cp-lrp":
+                # CP-LRP holds the softmax constant, and q, k reach the output only through it: no
+                # relevance flows to them, and the fused kernel with q, k detached computes exactly
+                # the explicit kernel's relevances, in O(tokens) memory instead of O(tokens²)
+                q, k = rules.stop_gradient(q), rules.stop_gradient(k)
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill, visible), None
         return rules.bilinear(out), scores
 

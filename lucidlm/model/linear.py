@@ -68,8 +68,8 @@ class _Kernel:
         if os.environ.get(ENV_VAR, "1") == "0":
             return False
         compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
-        library = library_path()
         try:
+            library = library_path()
             if not library.exists():
                 if compiler is None:
                     return False  # no compiler: F.linear, silently (nothing is wrong, only slower)
