@@ -3,6 +3,8 @@ the relevances must equal those of the written-out kernel, which the rules defin
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,11 +30,10 @@ def test_fused_and_explicit_kernels_give_the_same_relevances(method, name, monke
     torch.testing.assert_close(fused.relevance, explicit.relevance, rtol=1e-9, atol=1e-12)
 
 
-def test_cp_lrp_keeps_no_attention_matrix_for_the_backward():
-    """CP-LRP's memory grows linearly with the prompt: no (tokens x tokens) tensor is saved."""
-    torch.manual_seed(0)
-    model = GPT(Config.from_name("tiny-llama")).eval()
-    n = 96
+def square_tensors_saved(run, n: int) -> list[tuple[int, ...]]:
+    """Shapes of the per-head (n x n) tensors (attention logits or weights) that autograd saves for
+    the backward while ``run()``. The model's own (1, 1, n, n) mask, one tensor shared by every
+    layer, does not count."""
     saved = []
 
     def pack(t):
@@ -40,5 +41,28 @@ def test_cp_lrp_keeps_no_attention_matrix_for_the_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        explain(model, None, torch.randint(0, model.config.vocab_size, (n,)).tolist(), method="cp-lrp")
-    assert saved and not [s for s in saved if len(s) >= 2 and s[-1] == n and s[-2] == n]
+        run()
+    assert saved
+    return [s for s in saved if len(s) >= 3 and s[-1] == n and s[-2] == n and math.prod(s[:-2]) > 1]
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+def test_explanations_keep_no_attention_matrix_for_the_backward(method):
+    """Memory grows linearly with the prompt: no (tokens x tokens) tensor is saved."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-llama")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (96,)).tolist()
+    assert square_tensors_saved(lambda: explain(model, None, ids, method=method), 96) == []
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("family", ["smollm2", "gpt2"])
+def test_patched_transformers_keep_no_attention_matrix_for_the_backward(method, family):
+    pytest.importorskip("transformers")
+    from families import build_hf_model
+
+    from lucidlm import hf
+
+    model = build_hf_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (96,)).tolist()
+    assert square_tensors_saved(lambda: hf.explain(model, ids, method=method), 96) == []

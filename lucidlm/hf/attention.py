@@ -9,8 +9,8 @@ every model in the process. We leave it alone and instead:
    so its attention (whatever the model was loaded with: eager, sdpa, ...) ends in a call to
    ``torch.nn.functional.scaled_dot_product_attention``;
 2. run that module's forward under :class:`LRPAttentionMode`, a ``TorchFunctionMode`` that
-   replaces exactly that call by :func:`lrp_attention` (explicit softmax, so that CP-LRP can detach
-   it, and the uniform rule on q·kᵀ and A·V for AttnLRP). A torch function mode is scoped to the
+   replaces exactly that call by :func:`lrp_attention` (SDPA with the rules on its inputs and
+   output: q, k detached for CP-LRP, the uniform rule on q·kᵀ and A·V for AttnLRP). A torch function mode is scoped to the
    ``with`` block of the current thread: nothing outside that one forward call sees it.
 """
 
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..model import rules
-from ..model.kernels import explicit_attention, position_mask
+from ..model.kernels import position_mask
 
 SDPA = F.scaled_dot_product_attention
 
@@ -37,27 +37,33 @@ def lrp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   *, method: str) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention`` whose backward follows ``method``'s rules.
 
-    The forward equals SDPA's up to rounding; the one explicit kernel
-    (:func:`lucidlm.model.kernels.explicit_attention`) computes it, as for lucidlm's own model.
+    The forward is SDPA itself, so it equals the unpatched model's. The rules act on its inputs and
+    output, as in lucidlm's own model: AttnLRP's uniform rule on q·kᵀ and A·V (the softmax's own
+    gradient × input is AttnLRP's softmax rule); CP-LRP holds the softmax constant, so q and k,
+    which reach the output only through it, are detached. Either way the backward keeps no
+    (queries × keys) matrix: memory grows linearly with the prompt. ``lucidlm.model.kernels``'
+    explicit kernel defines the same relevances (``tests/test_hf_patch.py`` compares with the native
+    model, ``tests/test_attention_paths.py`` the native model's two kernels).
 
     >>> q = torch.randn(1, 2, 4, 8)
     >>> torch.allclose(lrp_attention(q, q, q, is_causal=True, method="cp-lrp"),
     ...                SDPA(q, q, q, is_causal=True), atol=1e-6)
     True
     """
-    if is_causal:  # SDPA's top-left aligned causal mask, on top of attn_mask if both are given
-        n_q, n_k = query.shape[-2], key.shape[-2]
-        causal = position_mask(torch.arange(n_q, device=query.device)[None],
-                               torch.arange(n_k, device=query.device)[None])[0, 0]
-        if attn_mask is None or attn_mask.dtype == torch.bool:
-            attn_mask = causal if attn_mask is None else attn_mask & causal
+    if is_causal and attn_mask is not None:  # SDPA takes one or the other: its top-left causal mask on top
+        causal = position_mask(torch.arange(query.shape[-2], device=query.device)[None],
+                               torch.arange(key.shape[-2], device=query.device)[None])[0, 0]
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal
         else:
             attn_mask = attn_mask.masked_fill(~causal, torch.finfo(attn_mask.dtype).min)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+        is_causal = False
     with rules.explaining(method):
-        # enable_gqa: the kernel shares a group's keys and values between its query heads
-        out, _ = explicit_attention(rules.bilinear(query), rules.bilinear(key), value, attn_mask, scale,
-                                    dropout_p=dropout_p)
+        q, k = rules.bilinear(query), rules.bilinear(key)
+        if method == "cp-lrp":
+            q, k = rules.stop_gradient(q), rules.stop_gradient(k)
+        out = SDPA(q, k, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                   enable_gqa=enable_gqa)
         return rules.bilinear(out)
 
 

@@ -1,6 +1,7 @@
-"""The one explicit softmax-attention kernel and the one position mask, shared by lucidlm's own
-attention (:mod:`lucidlm.model.attention`) and the ``transformers`` patch layer
-(:mod:`lucidlm.hf.attention`).
+"""The one explicit softmax-attention kernel, used by lucidlm's own attention
+(:mod:`lucidlm.model.attention`) wherever attention weights are needed (decode steps on the CPU,
+KV policies' scores, soft-capping, attention rollout), and the one position mask, also used by the
+``transformers`` patch layer (:mod:`lucidlm.hf.attention`).
 
 The kernel applies the LRP rules that act *inside* attention (identity rule on logit soft-capping,
 stop-gradient on the softmax for CP-LRP) through :mod:`lucidlm.model.rules`, so it follows whatever
