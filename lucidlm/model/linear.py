@@ -42,7 +42,9 @@ from torch.nn import functional as F
 SOURCE = pathlib.Path(__file__).with_name("gemv.cpp")
 ENV_VAR = "LUCIDLM_KERNELS"  # "0" turns the kernel off
 _DTYPES = (torch.float32, torch.bfloat16)
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+          # x86 only: let GCC use the full AVX-512 width where the CPU has it (it prefers 256 bits)
+          *(["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])]
 
 
 class KernelUnavailable(UserWarning):
