@@ -46,7 +46,7 @@ def main() -> None:
         rows = {k: torch.randn(1, k, dtype=dtype) for k in (EMBD, FFN)}
         with torch.inference_mode():
             torch_ms = median_ms(lambda: [F.linear(rows[w.shape[1]], w) for w in weights])
-            ours_ms = median_ms(lambda: [gemv(rows[w.shape[1]], w, None, None) for w in weights])
+            ours_ms = median_ms(lambda: [gemv(rows[w.shape[1]], w, None) for w in weights])
         gigabytes = sum(w.numel() * w.element_size() for w in weights) / 1e9
         print(f"{str(dtype).removeprefix('torch.'):<10}{torch_ms:>12.1f}{ours_ms:>11.1f}{torch_ms / ours_ms:>9.2f}x"
               f"{gigabytes / ours_ms * 1e3:>13.1f}")

@@ -2,16 +2,15 @@
 //
 // With one token per sequence, every weight is read once per step and used once, so the product is
 // bound by memory bandwidth. Each thread streams a contiguous block of weight rows and takes their
-// dot products with every row of x (kept in L1), accumulating in float32. Weights are float32,
-// bfloat16 (raw 16-bit patterns) or int8 with one float scale per output row. Built by
-// lucidlm/model/gemv.py with -O3 -march=native; the loops are written for the auto-vectoriser.
+// dot products with every row of x (kept in L1), accumulating in float32. Weights are float32 or
+// bfloat16 (raw 16-bit patterns). Built by lucidlm/model/linear.py with -O3 -march=native; the
+// loops are written for the auto-vectoriser.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 namespace {
 
@@ -24,7 +23,6 @@ inline float bf16_to_float(uint16_t h) {
 
 inline float widen(float w) { return w; }
 inline float widen(uint16_t w) { return bf16_to_float(w); }
-inline float widen(int8_t w) { return static_cast<float>(w); }
 
 // x rows are float32 here (converted once per call). Four independent 16-lane accumulators: one
 // accumulator chain would wait on each FMA's latency and leave the memory bus idle.
@@ -44,61 +42,35 @@ inline float dot(const float* x, const W* w, int64_t k) {
   return s;
 }
 
-inline void to_float(const float* w, float* out, int64_t k) { std::memcpy(out, w, k * sizeof(float)); }
-
-inline void to_float(const uint16_t* w, float* out, int64_t k) {
-#pragma omp simd
-  for (int64_t i = 0; i < k; ++i) out[i] = bf16_to_float(w[i]);
-}
-
-inline void to_float(const int8_t* w, float* out, int64_t k) {
-#pragma omp simd
-  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(w[i]);
-}
-
 template <typename W>
-void rows_times_x(const float* x, const W* w, const float* scale, const float* bias, float* y,
-                  int64_t m, int64_t n, int64_t k) {
+void rows_times_x(const float* x, const W* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_f(m > 1 ? k : 0);  // several x rows: widen each weight row once
     for (int64_t row = begin; row < end; ++row) {
-      const W* w_row = w + row * k;
-      float s = scale ? scale[row] : 1.f, b = bias ? bias[row] : 0.f;
-      if (m == 1) {
-        y[row] = dot(x, w_row, k) * s + b;
-        continue;
-      }
-      to_float(w_row, row_f.data(), k);
-      for (int64_t r = 0; r < m; ++r) y[r * n + row] = dot(x + r * k, row_f.data(), k) * s + b;
+      const float b = bias ? bias[row] : 0.f;
+      for (int64_t r = 0; r < m; ++r) y[r * n + row] = dot(x + r * k, w + row * k, k) + b;
     }
   });
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                const std::optional<at::Tensor>& bias) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "lucidlm gemv: x (m, k) and weight (n, k) expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "lucidlm gemv: CPU tensors only");
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   at::Tensor xf = x.to(at::kFloat).contiguous(), w = weight.contiguous();
-  at::Tensor sf = scale ? scale->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const float* s = sf.defined() ? sf.data_ptr<float>() : nullptr;
   const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
   switch (w.scalar_type()) {
     case at::kFloat:
-      rows_times_x(xf.data_ptr<float>(), w.data_ptr<float>(), s, b, y.data_ptr<float>(), m, n, k);
+      rows_times_x(xf.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), m, n, k);
       break;
     case at::kBFloat16:
-      rows_times_x(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), s, b,
+      rows_times_x(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), b,
                    y.data_ptr<float>(), m, n, k);
       break;
-    case at::kChar:
-      rows_times_x(xf.data_ptr<float>(), w.data_ptr<int8_t>(), s, b, y.data_ptr<float>(), m, n, k);
-      break;
     default:
-      TORCH_CHECK(false, "lucidlm gemv: float32, bfloat16 or int8 weights expected, got ", w.scalar_type());
+      TORCH_CHECK(false, "lucidlm gemv: float32 or bfloat16 weights expected, got ", w.scalar_type());
   }
   return y.to(x.scalar_type());
 }
@@ -106,7 +78,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 }  // namespace
 
 TORCH_LIBRARY(lucidlm_kernels, m) {
-  m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) { m.impl("gemv", &gemv); }

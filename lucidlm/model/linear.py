@@ -125,7 +125,7 @@ def _build(compiler: str, library: pathlib.Path) -> None:
             os.unlink(temp)
 
 
-def _gemv_shape(x, weight, scale, bias):  # the op's shape function, for torch.compile
+def _gemv_shape(x, weight, bias):  # the op's shape function, for torch.compile
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -147,6 +147,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_kernel(x, self.weight):
-            out = torch.ops.lucidlm_kernels.gemv(x.reshape(1, -1), self.weight, None, self.bias)
+            out = torch.ops.lucidlm_kernels.gemv(x.reshape(1, -1), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
