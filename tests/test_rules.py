@@ -115,12 +115,14 @@ def test_helpers_by_method():
         assert torch.equal(torch.autograd.grad(rules.bilinear(x), x, grad)[0], grad / 2)
         assert rules.attention_weights(x).requires_grad  # softmax kept (its own gradient × input)
         assert rules.gate(x) is x  # the GLU gate keeps its share (uniform rule on the product)
+        assert rules.query_key(x) is x  # q·kᵀ takes relevance through the softmax
         assert not rules.normalizer(x).requires_grad and not rules.router_weights(x).requires_grad
     with rules.explaining("cp-lrp"):
         assert rules.bilinear(x) is x  # A·V is linear once A is a constant: full gradient
         assert not rules.attention_weights(x).requires_grad and not rules.normalizer(x).requires_grad
         assert torch.equal(torch.autograd.grad(rules.product(x, x), x, grad)[0], x.detach())  # 2x / 2
         assert not rules.gate(x).requires_grad  # LXT's cp_gated_mlp_forward: a constant GLU gate
+        assert not rules.query_key(x).requires_grad  # q, k reach the output only through the softmax
         # a constant factor takes no relevance: the product is linear in x, which keeps all of it
         y = torch.randn(3, requires_grad=True)
         assert torch.equal(torch.autograd.grad(rules.product(x, rules.gate(y)), x, grad)[0], y.detach())

@@ -10,8 +10,9 @@ every model in the process. We leave it alone and instead:
    ``torch.nn.functional.scaled_dot_product_attention``;
 2. run that module's forward under :class:`LRPAttentionMode`, a ``TorchFunctionMode`` that
    replaces exactly that call by :func:`lrp_attention` (SDPA with the rules on its inputs and
-   output: q, k detached for CP-LRP, the uniform rule on q·kᵀ and A·V for AttnLRP). A torch function mode is scoped to the
-   ``with`` block of the current thread: nothing outside that one forward call sees it.
+   output: q, k detached for CP-LRP, the uniform rule on q·kᵀ and A·V for AttnLRP). A torch
+   function mode is scoped to the ``with`` block of the current thread: nothing outside that one
+   forward call sees it.
 """
 
 from __future__ import annotations
@@ -59,9 +60,7 @@ def lrp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attn_mask = attn_mask.masked_fill(~causal, torch.finfo(attn_mask.dtype).min)
         is_causal = False
     with rules.explaining(method):
-        q, k = rules.bilinear(query), rules.bilinear(key)
-        if method == "cp-lrp":
-            q, k = rules.stop_gradient(q), rules.stop_gradient(k)
+        q, k = (rules.query_key(rules.bilinear(t)) for t in (query, key))
         out = SDPA(q, k, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                    enable_gqa=enable_gqa)
         return rules.bilinear(out)

@@ -159,11 +159,8 @@ class CausalSelfAttention(nn.Module):
             if record is not None:
                 record.append(weights.detach())
         else:
-            if rules.current() == "cp-lrp":
-                # CP-LRP holds the softmax constant, and q, k reach the output only through it: no
-                # relevance flows to them, and the fused kernel with q, k detached computes exactly
-                # the explicit kernel's relevances, in O(tokens) memory instead of O(tokens²)
-                q, k = rules.stop_gradient(q), rules.stop_gradient(k)
+            # CP-LRP's constant softmax, in O(tokens) memory instead of the explicit kernel's O(tokens²)
+            q, k = rules.query_key(q), rules.query_key(k)
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill, visible), None
         return rules.bilinear(out), scores
 

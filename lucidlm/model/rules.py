@@ -194,6 +194,13 @@ def attention_weights(weights: torch.Tensor) -> torch.Tensor:
     return stop_gradient(weights) if current() == "cp-lrp" else weights
 
 
+def query_key(x: torch.Tensor) -> torch.Tensor:
+    """q or k entering a fused attention kernel (SDPA), which keeps no weights to detach: under
+    CP-LRP the softmax is a constant and q, k reach the output only through it, so they are
+    detached instead; the relevances equal the explicit kernel's with :func:`attention_weights`."""
+    return stop_gradient(x) if current() == "cp-lrp" else x
+
+
 def router_weights(weights: torch.Tensor) -> torch.Tensor:
     """Mixture-of-experts routing weights multiply each expert's output. We treat them as
     constants for both LRP methods (like CP-LRP treats attention weights): all relevance flows
