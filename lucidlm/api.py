@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from .cache.spec import PolicySpec, parse_policy
 from .config import Config
+from .dtypes import torch_dtype
 from .errors import CheckpointError, ConfigError, GenerationError, TokenizerError
 from .generate import Sampling, generate_ids
 from .model import GPT
@@ -111,7 +113,7 @@ class LLM:
         from .checkpoints.hf import load_hf_dir
         from .checkpoints.native import is_native, load_native
 
-        dtype = _dtype(dtype)
+        dtype = torch_dtype(dtype)
         if progress is None:
             import sys
 
@@ -151,8 +153,6 @@ class LLM:
 
             tokenizer = Tokenizer.from_dir(tokenizer)
         if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-            from .errors import ConfigError
-
             raise ConfigError(f"config vocab_size={config.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size} tokens")
         return cls(build_model(config, seed), tokenizer, source=config.name)
@@ -201,8 +201,6 @@ class LLM:
         from .model.quant import quantize_linears
 
         if method != "int8":
-            from .errors import ConfigError
-
             raise ConfigError(f"quantize={method!r}: expected 'int8' (weight-only, per output channel)")
         quantize_linears(self.model, lm_head=lm_head)
         return self
@@ -234,7 +232,7 @@ class LLM:
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, stream: bool = False,
-                 kv_cache: str = "dense", cache_tokens: int | None = None):
+                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None):
         """Continue raw text (no chat template). Greedy when ``temperature == 0``.
 
         ``prompt`` a string returns a string (an iterator of text pieces with ``stream=True``); a list
@@ -252,7 +250,7 @@ class LLM:
     def chat(self, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
-             kv_cache: str = "dense", cache_tokens: int | None = None):
+             kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None):
         """Reply to a conversation rendered with the checkpoint's own chat template.
 
         ``messages``: a list of ``{"role": ..., "content": ...}`` dicts, or a string (one user turn).
@@ -265,10 +263,11 @@ class LLM:
                                        stop, stream, kv_cache, cache_tokens)
 
     def _generate_from_ids(self, ids, single: bool, max_new_tokens: int, sampling: Sampling, stop, stream: bool,
-                           kv_cache: str, cache_tokens: int | None):
+                           kv_cache: str | PolicySpec, cache_tokens: int | None):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        policy = parse_policy(kv_cache)  # now, not at the first step of the lazy generation
         steps = generate_ids(self.model, ids, max_new_tokens, sampling, self.tokenizer.eos_ids,
-                             kv_cache=kv_cache, cache_tokens=cache_tokens, decoder=self._decoder)
+                             kv_cache=policy, cache_tokens=cache_tokens, decoder=self._decoder)
         if stream:
             if not single:
                 raise GenerationError("stream=True needs a single prompt (got a list): generate a batch without stream")
@@ -291,8 +290,8 @@ class LLM:
         return (piece.text for piece in stream_pieces(self.tokenizer, tokens, stops) if piece.text)
 
     # ---- measurements and explanations ------------------------------------------------------
-    def perplexity(self, text: str | Sequence[int], kv_cache: str = "dense", cache_tokens: int | None = None,
-                   chunk_size: int = 256, progress: bool = False):
+    def perplexity(self, text: str | Sequence[int], kv_cache: str | PolicySpec = "dense",
+                   cache_tokens: int | None = None, chunk_size: int = 256, progress: bool = False):
         """Perplexity of ``text`` streamed through a KV cache of policy ``kv_cache`` holding
         ``cache_tokens`` slots. Returns a :class:`~lucidlm.perplexity.PerplexityResult`."""
         from .perplexity import perplexity
@@ -396,14 +395,3 @@ def _tokenizer_for(directory: Path):
 
     return Tokenizer.from_dir(directory)
 
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]

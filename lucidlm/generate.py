@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache.base import KVCache, VisibleKeys
+from .cache.spec import PolicySpec, parse_policy
 from .errors import CacheError, GenerationError
 
 
@@ -78,19 +79,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
-                 kv_cache: str = "dense", cache_tokens: int | None = None,
+                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None,
                  chunk_size: int = 256, decoder=None) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (``None`` once that sequence has stopped).
 
     A sequence stops at a token in ``stop_ids`` (which is yielded), after ``max_new_tokens``, or at
-    the model's context length. ``decoder``: a :class:`~lucidlm.compiled.CompiledDecoder` for the
-    decode steps (dense cache only; other policies decode eagerly).
+    the model's context length. ``kv_cache``: a policy spec, text or a parsed
+    :class:`~lucidlm.cache.spec.PolicySpec`. ``decoder``: a :class:`~lucidlm.compiled.CompiledDecoder`
+    for the decode steps (plain dense cache only; other policies decode eagerly).
     """
-    from .cache import build_cache, prefill
-    from .cache.spec import parse_policy
-
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+    spec = parse_policy(kv_cache)
     config = model.config
     ids, pos = left_pad(prompts)
     longest = max(len(p) for p in prompts)
@@ -98,19 +98,15 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         raise CacheError(f"prompt of {longest} tokens does not fit the model's context length "
                          f"({config.block_size} tokens)")
     max_new_tokens = min(max_new_tokens, config.block_size - longest)
-    compiled = decoder is not None and kv_cache == "dense" and cache_tokens is None
-    if parse_policy(kv_cache).eviction == "dense" and cache_tokens is None:
-        cache_tokens = ids.shape[1] + max_new_tokens  # room for exactly this generation
-        if compiled:  # static shapes: capacities rounded up, so that prompts share compiled graphs
-            cache_tokens = decoder.capacity(cache_tokens, config.block_size)
+    needed = ids.shape[1] + max_new_tokens  # a dense cache's room for exactly this generation
+    compiled = decoder is not None and spec.is_plain_dense and cache_tokens is None
+    if compiled:  # static shapes: capacities rounded up, so that prompts share compiled graphs
+        cache_tokens = decoder.capacity(needed, config.block_size)
+    cache_tokens = spec.budget(cache_tokens, needed)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    if kv_cache == "dense" and len(prompts) > 1 and sum(map(len, prompts)) <= chunk_size * 8:
-        cache, logits = prefill_packed(model, prompts, cache_tokens, dtype, device)
-    else:
-        cache = build_cache(config, len(prompts), kv_cache, cache_tokens, dtype=dtype, device=device)
-        logits = prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
+    cache, logits = _prefill(model, prompts, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
     next_pos = pos.max(dim=1).values.to(device) + 1
     step_fn = decoder if compiled and decoder.prepare(cache) else decode_step
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -123,6 +119,18 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
             return
         logits = step_fn(token[:, None], next_pos[:, None], cache, model)
         next_pos = next_pos + 1
+
+
+def _prefill(model, prompts: Sequence[Sequence[int]], ids: torch.Tensor, pos: torch.Tensor, spec: PolicySpec,
+             cache_tokens: int, chunk_size: int, dtype: torch.dtype, device: torch.device):
+    """The prompts' cache and last logits (batch, vocab): packed into one sequence when a plain
+    dense batch is short enough, else left-padded (``ids``, ``pos``) and prefilled in chunks."""
+    from .cache import build_cache, prefill
+
+    if spec.is_plain_dense and len(prompts) > 1 and sum(map(len, prompts)) <= chunk_size * 8:
+        return prefill_packed(model, prompts, cache_tokens, dtype, device)
+    cache = build_cache(model.config, len(prompts), spec, cache_tokens, dtype=dtype, device=device)
+    return cache, prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
 
 
 def decode_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model) -> torch.Tensor:

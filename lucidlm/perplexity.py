@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from .cache import build_cache
 from .cache.base import KVCache
 from .cache.prefill import _model, check_context, stream
+from .cache.spec import PolicySpec, parse_policy
 from .errors import CacheError
 
 
@@ -38,25 +39,24 @@ class PerplexityResult:
     tokens_per_second: float  # tokens streamed per second of wall time
 
 
-def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str = "dense",
+def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str | PolicySpec = "dense",
                cache_tokens: int | None = None, chunk_size: int = 256, progress: bool = False) -> PerplexityResult:
-    """Perplexity of ``token_ids`` under ``model`` (a GPT or an LLM) with cache policy ``kv_cache``.
+    """Perplexity of ``token_ids`` under ``model`` (a GPT or an LLM) with cache policy ``kv_cache``
+    (a spec's text or a parsed :class:`~lucidlm.cache.spec.PolicySpec`).
 
     ``cache_tokens``: slots per layer (``dense``: default the text's length; others: see
     :func:`lucidlm.cache.build_cache`). Raises :class:`CacheError` for a text longer than the model's
     context length (positions are never wrapped).
     """
-    from .cache.spec import parse_policy
-
     gpt = _model(model)
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
     if ids.shape[1] < 2:
         raise CacheError(f"token_ids has {ids.shape[1]} token(s): perplexity needs at least 2")
     check_context(gpt.config, torch.tensor([ids.shape[1] - 1]))
-    if cache_tokens is None and parse_policy(kv_cache).eviction == "dense":
-        cache_tokens = ids.shape[1]  # dense: room for exactly this text
+    spec = parse_policy(kv_cache)
+    cache_tokens = spec.budget(cache_tokens, ids.shape[1])  # dense: room for exactly this text
     param = next(gpt.parameters())
-    cache = build_cache(gpt.config, 1, kv_cache, cache_tokens, dtype=param.dtype, device=param.device)
+    cache = build_cache(gpt.config, 1, spec, cache_tokens, dtype=param.dtype, device=param.device)
     result, _ = score(gpt, ids.to(param.device), cache, chunk_size, progress)
     return result
 

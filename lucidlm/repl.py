@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from .cache.spec import parse_policy
 from .errors import LucidError
 
 HELP = """\
@@ -40,6 +41,7 @@ class Repl:
                  stderr: TextIO | None = None) -> None:
         self.llm = llm
         self.options = dict(options or {})
+        self.policy = parse_policy(self.options.get("kv_cache") or "dense")  # once, for every reply
         self.name = name or llm.name
         self.system = system or None
         self.turns: list[dict[str, str]] = []  # user and assistant messages, alternating
@@ -134,8 +136,7 @@ class Repl:
         o = self.options
         sampling = Sampling(o.get("temperature", 0.0), o.get("top_k"), o.get("top_p"), o.get("seed"))
         steps = generate_ids(self.llm.model, [prompt], o.get("max_new_tokens", 512), sampling,
-                             self.llm.tokenizer.eos_ids, kv_cache=o.get("kv_cache") or "dense",
-                             cache_tokens=o.get("cache_tokens"))
+                             self.llm.tokenizer.eos_ids, kv_cache=self.policy, cache_tokens=o.get("cache_tokens"))
         stop = o.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return stream_pieces(self.llm.tokenizer, (step[0] for step in steps), stops)

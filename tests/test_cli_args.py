@@ -40,7 +40,7 @@ def probe(*argv, watched="/nonexistent-prefix"):
 
 
 def test_importing_the_cli_and_lucidlm_imports_no_torch():
-    code = ("import sys, lucidlm, lucidlm.cli, lucidlm.repl, lucidlm.methods, lucidlm.cache_names, "
+    code = ("import sys, lucidlm, lucidlm.cli, lucidlm.repl, lucidlm.methods, lucidlm.cache.spec, "
             "lucidlm.bench.args; assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -178,20 +178,21 @@ def test_the_bench_modules_use_the_torch_free_options():
 
 
 def test_one_list_of_methods_and_policies():
-    from lucidlm import cache, cache_names, methods
+    from lucidlm import cache, methods
+    from lucidlm.cache import spec
     from lucidlm.cache.quant import STORES
     from lucidlm.model import rules
 
     assert rules.METHODS is methods.METHODS
-    assert list(cache.POLICIES) == list(cache_names.POLICY_NAMES)
-    assert set(cache._EVICTION) == set(cache_names.EVICTIONS) and set(STORES) == set(cache_names.QUANTS)
-    assert cache.DEFAULT_CACHE_TOKENS == cache_names.DEFAULT_CACHE_TOKENS
+    assert list(cache.POLICIES) == list(spec.POLICY_NAMES)
+    assert set(cache._EVICTION) == set(spec.EVICTIONS) and set(STORES) == set(spec.QUANTS)
+    assert cache.DEFAULT_CACHE_TOKENS == spec.DEFAULT_CACHE_TOKENS
 
 
 def test_doctests():
     import lucidlm.bench.args
-    import lucidlm.cache_names
+    import lucidlm.cache.spec
     import lucidlm.repl
 
-    for module in (lucidlm.cache_names, lucidlm.repl, lucidlm.bench.args):
+    for module in (lucidlm.cache.spec, lucidlm.repl, lucidlm.bench.args):
         assert doctest.testmod(module).failed == 0

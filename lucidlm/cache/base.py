@@ -13,7 +13,11 @@ Attention talks to one :class:`LayerCache` per layer in two steps:
    The policy then evicts down to its budget.
 
 Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
-Every layer cache has ``capacity``: the most slots it keeps between steps (None: unbounded).
+Besides these two steps, attention reads three attributes, which every layer cache has (the base
+class gives their defaults): ``wants_scores``, ``score_queries`` (which of a step's queries the
+``scores`` sum over) and ``visibility`` (a restriction of the causal mask). ``capacity`` is the
+most slots a layer keeps between steps (None: unbounded). Nothing else of a cache is read by the
+model: a policy says what it needs through these members, never through members of its own.
 :mod:`lucidlm.cache.policies` holds the evicting policies, :func:`lucidlm.cache.build_cache` builds
 any of them by name.
 """
@@ -26,7 +30,13 @@ import torch
 class LayerCache:
     """One layer's slots. Subclasses implement a policy; this base is the contract."""
 
+    #: whether ``settle`` wants the attention scores (attention then runs its explicit kernel)
     wants_scores: bool = False
+    #: the scores sum over each sequence's last ``score_queries`` queries of a step (SnapKV's
+    #: observation window); None: over all of them
+    score_queries: int | None = None
+    #: the most slots kept between steps; None: unbounded
+    capacity: int | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         raise NotImplementedError
@@ -111,7 +121,7 @@ class KVCache:
     @property
     def capacity(self) -> int | None:
         """Most tokens a layer keeps between steps (None: unbounded)."""
-        return getattr(self.layers[0], "capacity", None)
+        return self.layers[0].capacity
 
 
 class DenseLayerCache(LayerCache):

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from ..errors import CacheError
 from .base import KVCache, LayerCache, dense_cache
 from .quant import STORES, FloatStore
-from .spec import DEFAULT_CACHE_TOKENS, POLICY_NAMES, PolicySpec, parse_policy
+from .spec import POLICY_NAMES, PolicySpec, parse_policy
 
 
 def _take(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -458,15 +458,15 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
     ``"snapkv(window=8)+int8"``, or a :class:`PolicySpec`) and ``cache_tokens`` slots per layer
     (``pyramidkv``: on average).
 
-    ``cache_tokens`` None: the context length for ``dense``, :data:`DEFAULT_CACHE_TOKENS` otherwise.
+    ``cache_tokens`` None: the context length for ``dense``, :data:`~lucidlm.cache.spec.DEFAULT_CACHE_TOKENS`
+    otherwise (:meth:`PolicySpec.budget`).
     Raises :class:`CacheError` for an unknown policy or parameter, or a budget too small for it.
     """
-    spec = parse_policy(policy)
-    if cache_tokens is None:
-        cache_tokens = config.block_size if spec.eviction == "dense" else DEFAULT_CACHE_TOKENS
+    spec = parse_policy(policy)  # a spec passes through as it is
+    cache_tokens = spec.budget(cache_tokens, config.block_size)
     if not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool) or cache_tokens < 1:
         raise CacheError(f"cache_tokens={cache_tokens!r} must be a positive number of tokens (policy {str(spec)!r})")
-    if spec.eviction == "dense" and spec.quant is None:
+    if spec.is_plain_dense:
         return dense_cache(config, batch, cache_tokens, dtype, device)
     store = STORES[spec.quant] if spec.quant else FloatStore
     capacities, params = _capacities(spec, config.n_layer, cache_tokens)

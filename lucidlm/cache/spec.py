@@ -139,15 +139,52 @@ _ARG = re.compile(r"\s*(?P<key>[a-z_]\w*)\s*=\s*(?P<value>[^\s=,]+)\s*")
 class PolicySpec:
     """A parsed policy: eviction name, quantisation (None, ``int8``, ``int4``), given parameters.
 
+    Valid by construction (built by hand, it is checked as :func:`parse_policy` checks text, and
+    its parameters take their table types), so the layers a spec is passed down to never check
+    or parse it again: parse a user's value once, where it enters, and pass the spec.
+
     >>> PolicySpec("h2o", None, {"recent": 8})
     PolicySpec(eviction='h2o', quant=None, params={'recent': 8})
     >>> str(PolicySpec("h2o", "int4", {"recent": 8}))
     'h2o(recent=8)+int4'
+    >>> PolicySpec("dense").is_plain_dense, PolicySpec("dense", "int8").is_dense
+    (True, True)
     """
 
     eviction: str
     quant: str | None = None
     params: dict[str, int | float | str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.eviction not in TABLE:
+            raise _unknown(self.eviction)
+        if self.quant is not None and self.quant not in QUANTS:
+            raise _unknown_quant(str(self), self.quant)
+        policy = TABLE[self.eviction]
+        typed = {name: policy.param(name).convert(str(value), policy.name) for name, value in self.params.items()}
+        object.__setattr__(self, "params", typed)  # frozen: the one place the typed values are set
+
+    @property
+    def is_dense(self) -> bool:
+        """Keeps every token (quantised or not): its budget is what must fit, never a default."""
+        return self.eviction == "dense"
+
+    @property
+    def is_plain_dense(self) -> bool:
+        """Dense at full precision: the preallocated dense cache, which the compiled decoder and
+        the packed prefill of a batch work on."""
+        return self.is_dense and self.quant is None
+
+    def budget(self, cache_tokens: int | None, needed: int) -> int:
+        """Slots per layer: ``cache_tokens`` when given, else ``needed`` (what must fit) for a dense
+        policy and :data:`DEFAULT_CACHE_TOKENS` for an evicting one.
+
+        >>> PolicySpec("dense").budget(None, 100), PolicySpec("h2o").budget(None, 100)
+        (100, 512)
+        """
+        if cache_tokens is not None:
+            return cache_tokens
+        return needed if self.is_dense else DEFAULT_CACHE_TOKENS
 
     def __str__(self) -> str:
         known = [p.name for p in TABLE[self.eviction].params] if self.eviction in TABLE else []
@@ -162,6 +199,10 @@ class PolicySpec:
 
 def _malformed(text: str) -> CacheError:
     return CacheError(f"policy={text!r} is malformed: expected {GRAMMAR}, e.g. 'snapkv(window=16)+int8'")
+
+
+def _unknown_quant(text: str, quant: str) -> CacheError:
+    return CacheError(f"policy={text!r}: unknown quantisation {quant!r}; valid: {', '.join(QUANTS)}")
 
 
 def _unknown(name: str) -> CacheError:
@@ -186,16 +227,19 @@ def _parse_args(args: str | None, policy: Policy, text: str) -> dict[str, int | 
 
 
 def parse_policy(text: str | PolicySpec) -> PolicySpec:
-    """Parse ``text`` (:data:`GRAMMAR`) into a :class:`PolicySpec` (a spec is checked the same way).
+    """Parse ``text`` (:data:`GRAMMAR`) into a :class:`PolicySpec`; a spec is returned as it is
+    (it was checked when it was built).
 
     Raises :class:`CacheError` for malformed text, an unknown policy (listing the valid ones), an
     unknown parameter (listing the policy's) or a bad value (saying what was expected).
 
     >>> parse_policy("h2o(recent=16, n_sink=4)")
     PolicySpec(eviction='h2o', quant=None, params={'recent': 16, 'n_sink': 4})
+    >>> parse_policy(" dense() ") == parse_policy("dense")
+    True
     """
-    if isinstance(text, PolicySpec):  # built by hand: its canonical string must parse
-        text = str(text)
+    if isinstance(text, PolicySpec):
+        return text
     if not isinstance(text, str):
         raise CacheError(f"policy={text!r} must be a string such as 'h2o' or 'snapkv(window=16)+int8'")
     match = _SPEC.fullmatch(text)
@@ -209,7 +253,7 @@ def parse_policy(text: str | PolicySpec) -> PolicySpec:
     if name not in TABLE:
         raise _unknown(name)
     if quant is not None and quant not in QUANTS:
-        raise CacheError(f"policy={text!r}: unknown quantisation {quant!r}; valid: {', '.join(QUANTS)}")
+        raise _unknown_quant(text, quant)
     return PolicySpec(name, quant, _parse_args(match["args"], TABLE[name], text))
 
 

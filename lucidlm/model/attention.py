@@ -118,14 +118,14 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope:
             cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
-        if cache is not None:
+        if cache is not None:  # only through the contract of lucidlm.cache.base.LayerCache
             k, v, key_pos = cache.extend(k, v, pos)
             visible = cache.visibility(pos, key_pos)
+            want_scores, score_queries = cache.wants_scores, cache.score_queries
         else:
-            key_pos, visible = pos, None
-        want_scores = cache is not None and cache.wants_scores
+            key_pos, visible, want_scores, score_queries = pos, None, False, None
         out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None, visible=visible,
-                                  score_queries=getattr(cache, "score_queries", None))
+                                  score_queries=score_queries)
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))

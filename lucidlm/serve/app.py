@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, Piece, stream_pieces
+from ..cache.spec import PolicySpec, parse_policy
 from ..errors import LucidError
 from ..generate import Sampling, generate_ids
 from .schemas import ChatRequest, CompletionRequest, ExplainRequest, Sampled
@@ -80,10 +81,11 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     """
     if llm.tokenizer is None:
         raise LucidError(f"{llm.source}: the checkpoint has no tokenizer, so it cannot be served")
-    if kv_cache is not None:  # an unknown policy or a bad budget fails now, not on the first request
+    policy = PolicySpec("dense") if kv_cache is None else parse_policy(kv_cache)
+    if kv_cache is not None:  # a bad budget fails now, not on the first request
         from ..cache import build_cache
 
-        build_cache(llm.config, 1, kv_cache, cache_tokens)
+        build_cache(llm.config, 1, policy, cache_tokens)
     name = model_name or llm.name
     worker = ModelWorker(max_queue)
 
@@ -97,7 +99,7 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.state.llm, app.state.worker = llm, worker
     _install_error_handlers(app)
-    server = _Server(llm, name, worker, kv_cache, cache_tokens)
+    server = _Server(llm, name, worker, policy, cache_tokens)
     authorised = [Depends(_key_check(api_key))]
 
     @app.get("/health")
@@ -166,10 +168,10 @@ def explanation_json(e, model_name: str) -> dict[str, Any]:
 class _Server:
     """What the routes share: the model, its name, the worker and the generation policy."""
 
-    def __init__(self, llm: LLM, name: str, worker: ModelWorker, kv_cache: str | None,
+    def __init__(self, llm: LLM, name: str, worker: ModelWorker, policy: PolicySpec,
                  cache_tokens: int | None) -> None:
         self.llm, self.name, self.worker = llm, name, worker
-        self.kv_cache, self.cache_tokens = kv_cache or "dense", cache_tokens
+        self.policy, self.cache_tokens = policy, cache_tokens  # parsed once, by create_app
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
@@ -197,7 +199,7 @@ class _Server:
         sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None, body.seed)
         max_new = body.max_tokens if body.max_tokens is not None else self.llm.config.block_size
         steps = generate_ids(self.llm.model, [ids], max_new, sampling, self.llm.tokenizer.eos_ids,
-                             kv_cache=self.kv_cache, cache_tokens=self.cache_tokens)
+                             kv_cache=self.policy, cache_tokens=self.cache_tokens)
         return stream_pieces(self.llm.tokenizer, (step[0] for step in steps), body.stop)
 
     async def respond(self, body: Sampled, ids: list[int], kind: str, request: Request):

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cache import DEFAULT_CACHE_TOKENS, KVCache, parse_policy
+from ..cache import KVCache, PolicySpec, parse_policy
 from ..errors import TrainError
 from .data import IGNORE
 
@@ -75,20 +75,26 @@ class ChunkedCache:
     with ``cache_tokens`` slots per layer (None: the micro-batch's length for ``dense``,
     :data:`~lucidlm.cache.DEFAULT_CACHE_TOKENS` for an evicting policy).
 
+    ``policy`` is parsed once, here, into :attr:`spec`, which the cache is built from.
+
     >>> ChunkedCache("h2o(recent=8)", 32, 16).policy
     'h2o(recent=8)'
+    >>> ChunkedCache(" dense() ").spec.is_plain_dense
+    True
     >>> ChunkedCache("window+int8", 32)
     Traceback (most recent call last):
     ...
     lucidlm.errors.TrainError: kv_cache='window+int8': quantised buffers hold integer codes, which carry no gradient; train with the unquantised policy 'window'
     """
 
-    policy: str
+    policy: str | PolicySpec
     cache_tokens: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    spec: PolicySpec = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spec = parse_policy(self.policy)  # CacheError listing the valid policies
+        object.__setattr__(self, "spec", spec)  # frozen: set once, here
         if spec.quant is not None:
             plain = dataclasses.replace(spec, quant=None)
             raise TrainError(f"kv_cache={self.policy!r}: quantised buffers hold integer codes, which carry no "
@@ -100,19 +106,16 @@ class ChunkedCache:
 
     def budget(self, tokens: int) -> int:
         """Slots per layer for a micro-batch of ``tokens`` tokens."""
-        if self.cache_tokens is not None:
-            return self.cache_tokens
-        return tokens if parse_policy(self.policy).eviction == "dense" else DEFAULT_CACHE_TOKENS
+        return self.spec.budget(self.cache_tokens, tokens)
 
     def build(self, config, batch: int, tokens: int, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> KVCache:
         """A fresh cache for ``batch`` sequences of ``tokens`` tokens (dense: concatenating slots)."""
         from ..cache import DenseSlotLayerCache, build_cache
 
-        spec = parse_policy(self.policy)
         budget = self.budget(tokens)
-        if spec.eviction != "dense":
-            return build_cache(config, batch, spec, budget, dtype=dtype, device=device)
+        if not self.spec.is_dense:
+            return build_cache(config, batch, self.spec, budget, dtype=dtype, device=device)
         # the inference dense cache writes in place into preallocated buffers: autograd cannot
         # differentiate through it, so dense training concatenates as the evicting policies do
         return KVCache([DenseSlotLayerCache(batch, config.n_query_groups, config.head_size, budget, dtype, device)
@@ -121,7 +124,7 @@ class ChunkedCache:
     def check(self, config, longest: int) -> None:
         """Raise before training when the policy cannot hold the data: a ``dense`` budget below the
         longest example, or a budget too small for the policy's protected slots (CacheError)."""
-        if parse_policy(self.policy).eviction == "dense" and self.budget(longest) < longest:
+        if self.spec.is_dense and self.budget(longest) < longest:
             raise TrainError(f"kv_cache='dense' with cache_tokens={self.cache_tokens}: the longest example has "
                              f"{longest} tokens; use an evicting policy (window, sink, h2o) or a larger budget")
         self.build(config, 1, longest)  # the policies' own budget checks
