@@ -89,7 +89,7 @@ def run_pytest(root: pathlib.Path, *args: str, strict: str | None, cwd: pathlib.
     outcome by test (JUnit XML: "passed", "skipped", "failure" or "error"; collection errors are
     named by their module)."""
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     if strict is not None:
         env[ENV_VAR] = strict
     xml = root / "report.xml"
