@@ -37,10 +37,11 @@ install_system_tools() {  # apt-get update, then install what is missing; apt's 
     [ ${#packages[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null || { missing_tools "no apt-get to install ${packages[*]}"; return; }
     local sudo=() log
+    local -x DEBIAN_FRONTEND=noninteractive  # debconf asks nothing (as root; sudo resets the environment)
     [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
     log=$(mktemp)
-    if "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1 \
-        && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >>"$log" 2>&1; then
+    if "${sudo[@]}" apt-get update -q >"$log" 2>&1 && "${sudo[@]}" apt-get install -y -q "${packages[@]}" >>"$log" 2>&1
+    then
         rm -f "$log"
         return 0
     fi
