@@ -11,6 +11,7 @@ from lucidlm.tokenizer import Tokenizer
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from families import FAMILIES, build_hf_model  # noqa: E402
+import strict_skips  # noqa: E402
 
 
 #: fixtures that load the real embedded model (or convert its GGUF): their tests are marked slow
@@ -19,6 +20,12 @@ _REAL_MODEL_FIXTURES = {"converted", "ours", "oracle", "smollm2", "oracle_model"
 _REAL_MODEL_MODULES = {"test_generate", "test_serve", "test_dtypes", "test_target_hint", "test_cache_policies",
                        "test_viewer_browser", "test_repl", "test_cli", "test_faithfulness", "test_lora_interop",
                        "test_lxt_reference", "test_fuzz"}
+
+
+def pytest_configure(config):
+    """CI (``.ci/run``) sets $LUCIDLM_STRICT_SKIPS: a skip for a missing dependency or tool is then an
+    error (see ``tests/strict_skips.py``)."""
+    strict_skips.register(config)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,16 +7,29 @@ import pytest
 import torch
 import transformers
 
+PROMPT = "The capital of France is"
+
 
 def cli(*args, input=None):
-    return subprocess.run([sys.executable, "-m", "lucidlm.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lucidlm", *map(str, args)], capture_output=True,
                           text=True, input=input, timeout=600)
 
 
-def test_generate_prints_only_the_completion():
-    done = cli("generate", "The capital of France is", "--max-new-tokens", "6")
+def test_generate_prints_only_the_completion(smollm2):
+    done = cli("generate", PROMPT, "--max-new-tokens", "6")
     assert done.returncode == 0, done.stderr
-    assert "The capital of France is" not in done.stdout and done.stdout.strip()
+    assert done.stdout == smollm2.generate(PROMPT, max_new_tokens=6) + "\n"  # greedy, as LLM.generate
+
+
+def test_cache_tokens_alone_generates_with_the_window_policy(smollm2):
+    done = cli("generate", PROMPT, "--max-new-tokens", "8", "--cache-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    window = smollm2.generate(PROMPT, max_new_tokens=8, kv_cache="window", cache_tokens=4)
+    assert window != smollm2.generate(PROMPT, max_new_tokens=8)  # the two policies tell apart here
+    assert done.stdout == window + "\n"
+    notes = [line for line in done.stderr.splitlines() if line.startswith("lucidlm: note: ")]
+    assert notes == ["lucidlm: note: --cache-tokens 4 without --kv-cache: using the window policy (the latest "
+                     "tokens); pass --kv-cache to choose another"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -50,15 +63,26 @@ def test_convert_hf_dir_roundtrip(hf_checkpoint, tmp_path):
     assert cli("convert", directory, out).returncode == 2  # refuses to overwrite a non-empty dir
 
 
-def test_chat_reads_turns_from_stdin():
-    done = cli("chat", "--max-new-tokens", "12", input="Hello!\n\n")
+def test_chat_reads_turns_from_stdin(smollm2):
+    """Piped, every non-empty line is a user turn and stdout marks the turns; no banner and no "> "
+    prompt; /quit ends the session (the line after it is never answered); exit status 0."""
+    questions = ["Hello!", "What is the capital of France?"]
+    done = cli("chat", "--max-new-tokens", "12", input=f"{questions[0]}\n\n  {questions[1]}  \n/quit\nIgnored\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    messages, expected = [], []
+    for question in questions:  # each reply sees the conversation so far, as LLM.chat does
+        messages.append({"role": "user", "content": question})
+        reply = smollm2.chat(messages, max_new_tokens=12)
+        messages.append({"role": "assistant", "content": reply})
+        expected += [f"user: {question}", f"assistant: {reply}"]
+    assert done.stdout.splitlines() == expected  # hence no "> " prompt, and no answer to "Ignored"
+    assert all(reply["content"].strip() for reply in messages[1::2])  # replies worth comparing
+    assert "Chatting with" not in done.stderr  # the banner is for a terminal
 
 
 def test_explain_writes_heatmaps(tmp_path):
     html, js, png = tmp_path / "e.html", tmp_path / "e.json", tmp_path / "e.png"
-    done = cli("explain", "The capital of France is", "--html", html, "--json", js, "--png", png)
+    done = cli("explain", PROMPT, "--html", html, "--json", js, "--png", png)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "\x1b[" not in done.stdout  # no colour codes when piped
     assert html.read_text().count("France") >= 1 and png.read_bytes()[:4] == b"\x89PNG"
@@ -68,15 +92,15 @@ def test_explain_writes_heatmaps(tmp_path):
 
 
 def test_explain_target_hint_target_id_and_continuation_labels():
-    done = cli("explain", "The capital of France is", "--target", "Paris")
+    done = cli("explain", PROMPT, "--target", "Paris")
     assert done.returncode == 0, done.stderr
     notes = [line for line in done.stderr.splitlines() if line.startswith("lucidlm: note: ")]
     assert len(notes) == 1 and "' Paris'" in notes[0] and "7042" in notes[0]
     assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr  # a note, not a Python warning
-    done = cli("explain", "The capital of France is", "--target-id", "7042")
+    done = cli("explain", PROMPT, "--target-id", "7042")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("target ' Paris' (logit") and "note" not in done.stderr
-    done = cli("explain", "The capital of France is", "--target", " Paris is")  # a continuation
+    done = cli("explain", PROMPT, "--target", " Paris is")  # a continuation
     assert done.returncode == 0, done.stderr
     title = done.stdout.splitlines()[0]
     assert "log-prob" in title and "logit" not in title

@@ -3,40 +3,14 @@ no model file. (Wall-clock times: scripts/cli_startup.py; tests assert what is i
 
 import argparse
 import doctest
-import json
+import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from cli_probe import probe
 
-from lucidlm.cli import build_parser
-
-# run in a fresh interpreter: records every file opened under the first argument, runs main(argv),
-# and reports the exit status, whether torch was imported, and the opened files as JSON (last line)
-PROBE = textwrap.dedent("""
-    import json, sys
-    watched, argv = sys.argv[1], sys.argv[2:]
-    opened = []
-    def hook(event, args):
-        if event == "open" and isinstance(args[0], str) and args[0].startswith(watched):
-            opened.append(args[0])
-    sys.addaudithook(hook)
-    from lucidlm.cli import main
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    heavy = sorted(m for m in ("torch", "numpy", "transformers", "tokenizers", "fastapi") if m in sys.modules)
-    print(json.dumps({"status": status, "heavy": heavy, "opened": opened}))
-""")
-
-
-def probe(*argv, watched="/nonexistent-prefix"):
-    done = subprocess.run([sys.executable, "-c", PROBE, str(watched), *map(str, argv)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+from lucidlm.cli import build_parser, check_args
 
 
 def test_importing_the_cli_and_lucidlm_imports_no_torch():
@@ -47,14 +21,28 @@ def test_importing_the_cli_and_lucidlm_imports_no_torch():
 
 
 def test_lucidlm_names_stay_importable():
+    """Each public name resolves (lazily, PEP 562) to what the README and docs say it is."""
+    import dataclasses
+    import importlib
+    import inspect
+    import tomllib
+
+    import torch
+
     import lucidlm
     from lucidlm import GPT, LLM, Config, Family, LucidError, explain, hf, register_config, register_family, rules
 
-    assert set(lucidlm.__all__) <= set(dir(lucidlm))
-    assert rules.METHODS == lucidlm.rules.METHODS and LLM.load and GPT and Config and Family
+    unresolved = [name for name in lucidlm.__all__ if not hasattr(lucidlm, name)]
+    assert unresolved == []
+    assert rules is importlib.import_module("lucidlm.model.rules")  # "rules.py (public as lucidlm.rules)"
+    assert all(callable(getattr(rules, helper)) for helper in
+               ("activation", "product", "normalizer", "attention_weights", "bilinear"))
+    assert issubclass(GPT, torch.nn.Module) and dataclasses.is_dataclass(Config) and dataclasses.is_dataclass(Family)
+    assert list(inspect.signature(LLM.load).parameters)[:2] == ["path", "adapter"]  # LLM.load(path, adapter)
     assert callable(register_config) and callable(register_family) and issubclass(LucidError, Exception)
-    assert callable(explain.check) and hf.__name__ == "lucidlm.hf" and lucidlm.api.LLM is LLM
-    assert lucidlm.__version__
+    assert callable(explain.check) and callable(hf.explainable) and lucidlm.api.LLM is LLM
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert lucidlm.__version__ == pyproject["project"]["version"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lucidlm.nope  # noqa: B018
 
@@ -115,15 +103,15 @@ def test_a_missing_model_path_is_named(tmp_path):
 
 
 def test_cache_tokens_alone_picks_the_window_policy_with_a_note():
-    from lucidlm.cli import _cache_kwargs, check_args
-
+    """check_args fills in the policy the command then runs with (tests/test_cli.py generates with it)."""
     args = build_parser().parse_args(["generate", "hi", "--cache-tokens", "64"])
     notes = check_args(args)
     assert len(notes) == 1 and "window" in notes[0] and "--kv-cache" in notes[0]
-    assert _cache_kwargs(args) == {"kv_cache": "window", "cache_tokens": 64}
+    assert (args.kv_cache, args.cache_tokens) == ("window", 64)
     args = build_parser().parse_args(["generate", "hi", "--kv-cache", "h2o+int8", "--cache-tokens", "64"])
-    assert check_args(args) == [] and _cache_kwargs(args) == {"kv_cache": "h2o+int8", "cache_tokens": 64}
-    assert _cache_kwargs(build_parser().parse_args(["generate", "hi"])) == {}
+    assert check_args(args) == [] and (args.kv_cache, args.cache_tokens) == ("h2o+int8", 64)
+    args = build_parser().parse_args(["generate", "hi"])
+    assert check_args(args) == [] and (args.kv_cache, args.cache_tokens) == (None, None)
 
 
 def test_target_id_is_an_integer_and_target_stays_text():
@@ -161,9 +149,9 @@ def test_every_option_shows_its_default_and_help_has_no_rst(name):
 def test_bench_help_lists_one_line_per_bench():
     from lucidlm.bench.args import BENCHES
 
-    text = ALL_PARSERS["lucidlm bench"].format_help()
+    text = " ".join(ALL_PARSERS["lucidlm bench"].format_help().split())  # argparse wraps the lines
     for name, (_, line, _) in BENCHES.items():
-        assert name in text and line.split()[0] in text
+        assert f" {name} {line} " in text, name
     assert "--cache-tokens N      KV-cache budget in tokens per layer (default: the" in \
         ALL_PARSERS["lucidlm generate"].format_help()
 

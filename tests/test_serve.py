@@ -5,6 +5,7 @@ requests from several threads at once."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 httpx = pytest.importorskip("httpx", reason="httpx is a test dependency (pip install -e '.[test]')")
 
+from cli_probe import probe
 from serve_util import running_server, wait_idle
 
 from lucidlm import LLM
@@ -221,48 +223,82 @@ def test_api_key_is_required_when_set(tiny):
 
 
 def test_public_bind_without_key_is_refused_before_loading(tmp_path):
-    started = time.monotonic()  # tmp_path is no checkpoint: loading it would fail differently
-    done = subprocess.run([sys.executable, "-m", "lucidlm", "serve", "--host", "0.0.0.0", "--model", str(tmp_path)],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "--api-key" in done.stderr
-    assert time.monotonic() - started < 30
+    """The refusal comes before the model loads: nothing under --model is opened, neither torch nor
+    the server's FastAPI is imported (tmp_path is no checkpoint: loading it would fail differently)."""
+    result, stderr = probe("serve", "--host", "0.0.0.0", "--model", tmp_path, watched=tmp_path,
+                           unset=("LUCIDLM_API_KEY",))
+    assert result["status"] == 2 and "--api-key" in stderr
+    assert result["opened"] == [] and result["heavy"] == []
 
 
 # ----------------------------------------------------------------------------- slots and queue
+class ModelGate:
+    """A forward pre-hook for the model behind a test server: counts its forwards, paces them (50 ms
+    each: a 200-token job outlasts any disconnect by far), and holds them while :meth:`held` is open."""
+
+    def __init__(self) -> None:
+        self.forwards = 0  # written by the server's one model thread only
+        self.entered = threading.Event()  # a forward began (cleared by held())
+        self._open = threading.Event()
+        self._open.set()
+
+    def __call__(self, *_) -> None:
+        self.forwards += 1
+        self.entered.set()
+        if not self._open.wait(timeout=600):
+            raise RuntimeError("the test never let the model go on")
+        time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Forwards wait at their start until the block ends."""
+        self.entered.clear()
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+
 @pytest.fixture(scope="module")
 def slow(tiny_lm_dir):
-    """A server whose model takes 50 ms per forward, with room for one request."""
+    """A server with room for one request, whose model's forwards a :class:`ModelGate` watches."""
     llm = LLM.load(tiny_lm_dir)
-    llm.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    gate = ModelGate()
+    llm.model.register_forward_pre_hook(gate)
     with running_server(llm, max_queue=1) as base:
-        yield base, httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        yield base, httpx.get(f"{base}/v1/models").json()["data"][0]["id"], gate
 
 
 def test_disconnect_mid_stream_frees_the_slot(slow):
-    url, model = slow
+    url, model, gate = slow
     body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
             "return_token_ids": True}
+    before = gate.forwards
     with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # generation has begun; now hang up
-    started = time.monotonic()
-    health = wait_idle(url, timeout=5)
+        assert next(lines).startswith("data: ")  # the stream has begun; now hang up
+    health = wait_idle(url, timeout=600)  # a guard against a hang, not a time limit: 200 tokens end too
     assert health["running"] == 0 and health["queued"] == 0
-    assert time.monotonic() - started < 5  # 200 tokens would take 10 s: the job stopped early
+    stopped_after = gate.forwards - before
+    assert stopped_after < 100  # 200 tokens take 200 forwards: the job stopped early
     short = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 2})
     assert short.status_code == 200  # the single slot is free again
+    assert gate.forwards - before - stopped_after >= 2  # the count sees every token (two more here)
 
 
 def test_full_queue_gets_503_and_recovers(slow):
-    url, model = slow
+    """A request that finds the only slot taken is answered 503 while the first one still runs."""
+    url, model, gate = slow
     body = {"model": model, "prompt": PROMPT, "max_tokens": 30, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(post, url, "/v1/completions", body)
-        deadline = time.monotonic() + 5
-        while httpx.get(f"{url}/health").json()["running"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        busy = post(url, "/v1/completions", body)
-        assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+        with gate.held():
+            first = pool.submit(post, url, "/v1/completions", body)
+            assert gate.entered.wait(timeout=600), "the first request never reached the model"
+            assert httpx.get(f"{url}/health").json()["running"] == 1
+            busy = post(url, "/v1/completions", body)
+            assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+            assert not first.done()  # the refusal did not wait for the running request
         assert first.result().status_code == 200
     assert post(url, "/v1/completions", body | {"max_tokens": 2}).status_code == 200
 
@@ -272,14 +308,22 @@ def test_worker_refuses_beyond_its_queue():
 
     async def scenario():
         worker = ModelWorker(max_queue=1)
-        gate = threading.Event()
-        running = asyncio.ensure_future(worker.run(gate.wait))
-        await asyncio.sleep(0.05)
+        started, gate = threading.Event(), threading.Event()
+
+        def job():
+            started.set()
+            gate.wait()
+            return "first"
+
+        running = asyncio.ensure_future(worker.run(job))
+        assert await asyncio.to_thread(started.wait, 600)  # the job runs on the model thread
+        assert worker.stats() == {"running": 1, "queued": 0, "max_queue": 1}
         with pytest.raises(Busy):
             await worker.run(lambda: None)
+        assert not running.done()
         gate.set()
-        await running
-        assert await worker.run(lambda: 42) == 42
+        assert await running == "first"
+        assert await worker.run(lambda: 42) == 42 and worker.stats()["running"] == 0
         worker.shutdown()
 
     asyncio.run(scenario())
