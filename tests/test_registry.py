@@ -69,3 +69,16 @@ def test_registering_while_another_thread_walks_the_table():
     for thread in walkers:
         thread.join()
     assert errors == []
+
+
+def test_config_and_the_catalogue_are_plain_data():
+    """Reading every catalogue entry imports neither torch nor the model (a lower floor never reaches up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lucidlm.catalogue import CATALOGUE; from lucidlm.config import Config\n"
+            "[Config.from_name(name) for name in CATALOGUE]\n"
+            "print(sorted(m for m in ('torch', 'lucidlm.model', 'lucidlm.checkpoints') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
