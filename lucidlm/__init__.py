@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from .errors import LucidError
 
 if TYPE_CHECKING:
-    from .config import Family
+    from .checkpoints.layouts import Layout
+    from .families import Family
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,7 @@ __all__ = ["Config", "Family", "GPT", "LLM", "LucidError", "explain", "hf", "reg
 #: public name -> (module, attribute; None: the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
     "Config": (".config", "Config"),
-    "Family": (".config", "Family"),
+    "Family": (".families", "Family"),
     "register_config": (".config", "register_config"),
     "GPT": (".model", "GPT"),
     "rules": (".model.rules", None),
@@ -32,13 +33,15 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 
-def register_family(family: Family, layout=None) -> Family:
+def register_family(family: Family, layout: Layout | None = None) -> Family:
     """Support a new Hugging Face architecture without editing lucidlm: ``family`` maps its
-    config.json (see :class:`~lucidlm.config.Family`), ``layout`` (a
+    config.json (see :class:`~lucidlm.families.Family`), ``layout`` (a
     :class:`~lucidlm.checkpoints.layouts.Layout`, when its weights are named unlike an existing
-    layout) maps its tensor names; register it under ``family.layout``."""
+    layout) maps its tensor names; register it under ``family.layout``. The two tables are
+    :data:`lucidlm.families.FAMILIES` and :data:`lucidlm.checkpoints.layouts.LAYOUTS`; a test
+    undoes a registration with ``lucidlm.registry.scoped(FAMILIES, LAYOUTS)``."""
     from .checkpoints.layouts import LAYOUTS, register_layout
-    from .config import register_family as register_config_family
+    from .families import register_family as register_config_family
 
     if layout is not None:
         register_layout(family.layout, layout)

@@ -1,8 +1,9 @@
 """Atomic file and directory writes (readers see the old file or the new one, never a partial
-one; modes follow the umask, as a plain ``open()``/``mkdir`` would give) and JSON reading with a
-typed error that names the file.
+one; modes follow the umask, as a plain ``open()``/``mkdir`` would give), JSON reading with a
+typed error that names the file, and :func:`cache_root`, the one directory lucidlm caches in.
 
-Used by everything that writes a user-visible file (heatmaps, JSON, saved checkpoints).
+Used by everything that writes a user-visible file (heatmaps, JSON, saved checkpoints) or a cache
+entry (converted GGUF files, the built decode kernel).
 
 >>> import tempfile, os
 >>> d = tempfile.mkdtemp()
@@ -21,6 +22,21 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+#: overrides where lucidlm caches (default ``~/.cache/lucidlm``)
+CACHE_ENV_VAR = "LUCIDLM_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """lucidlm's cache directory: ``cache_dir``, else ``$LUCIDLM_CACHE``, else ``~/.cache/lucidlm``.
+    Converted GGUF checkpoints and the built decode kernel live under it (nothing is created here).
+
+    >>> cache_root("/tmp/c"), cache_root("~/c") == Path.home() / "c"
+    (PosixPath('/tmp/c'), True)
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "lucidlm"
+    return Path(cache_dir).expanduser()
 
 
 @contextlib.contextmanager

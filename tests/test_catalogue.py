@@ -3,9 +3,10 @@ published model sizes (counted by transformers and on the model cards)."""
 
 import pytest
 
-from lucidlm.catalogue import CATALOGUE, CONFIGS, config, parameter_count
+from lucidlm.catalogue import CATALOGUE, CONFIGS
 from lucidlm.cli import main
 from lucidlm.config import Config
+from lucidlm.model.size import parameter_count
 
 #: parameters as transformers counts them (num_parameters(), tied embeddings once)
 PUBLISHED = {"SmolLM2-135M-Instruct": 134_515_008, "gpt2": 124_439_808, "Llama-3.2-1B": 1_235_814_400,
@@ -26,7 +27,7 @@ def test_every_entry_loads_by_name(name):
 
 @pytest.mark.parametrize("name, count", sorted(PUBLISHED.items()))
 def test_parameter_counts_match_the_published_sizes(name, count):
-    assert parameter_count(config(name)) == count
+    assert parameter_count(Config.from_name(name)) == count
 
 
 def test_models_lists_the_catalogue_with_sizes(capsys):

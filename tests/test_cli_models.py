@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
-from lucidlm.catalogue import CATALOGUE, parameter_count
+from lucidlm.catalogue import CATALOGUE
 from lucidlm.cli import PARAMS_FILE, cached_snapshot, parameter_counts
 from lucidlm.config import REGISTRY, Config
+from lucidlm.model.size import parameter_count
 
 
 def test_params_json_is_current():

@@ -10,6 +10,7 @@ import lucidlm
 from lucidlm import GPT, Config, rules
 from lucidlm.config import COMPONENTS, REGISTRY
 from lucidlm.errors import ConfigError
+from lucidlm.registry import scoped
 
 
 @dataclasses.dataclass
@@ -30,11 +31,8 @@ class KnobMLP(nn.Module):
 
 @pytest.fixture(autouse=True)
 def restore_registries():
-    saved = dict(REGISTRY), dict(COMPONENTS)
-    yield
-    for registry, before in zip((REGISTRY, COMPONENTS), saved):
-        registry.clear()
-        registry.update(before)
+    with scoped(REGISTRY, COMPONENTS):
+        yield
 
 
 def knob_config(**changes):

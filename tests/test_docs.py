@@ -17,14 +17,11 @@ def python_blocks(page: Path) -> list[str]:
 def restore_registries():
     """The guides register configs, components and families process-wide: undo it for the other tests."""
     from lucidlm.checkpoints.layouts import LAYOUTS
-    from lucidlm.config import COMPONENTS, FAMILIES, REGISTRY
+    from lucidlm.families import COMPONENTS, FAMILIES, REGISTRY
+    from lucidlm.registry import scoped
 
-    registries = (REGISTRY, COMPONENTS, FAMILIES, LAYOUTS)
-    saved = [dict(r) for r in registries]
-    yield
-    for registry, before in zip(registries, saved):
-        registry.clear()
-        registry.update(before)
+    with scoped(REGISTRY, COMPONENTS, FAMILIES, LAYOUTS):
+        yield
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lucidlm.checkpoints import gguf as lgguf
 from lucidlm.checkpoints.embedded import INSTALL_HINT, default_model_path
 from lucidlm.checkpoints.gguf import gguf_to_hf_dir
+from lucidlm.checkpoints.gguf.tokenizer import _bytes_to_unicode
 from lucidlm.errors import GGUFError, ModelNotInstalledError
 
 CONFIG_KEYS = (
@@ -118,11 +118,13 @@ def test_second_call_is_a_cache_hit(converted, cache):
 
 
 def test_cache_root_from_env(monkeypatch, tmp_path):
+    from lucidlm.fileio import cache_root
+
     monkeypatch.setenv("LUCIDLM_CACHE", str(tmp_path / "env-cache"))
-    assert lgguf.cache_root() == tmp_path / "env-cache"
-    assert lgguf.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert cache_root() == tmp_path / "env-cache"
+    assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("LUCIDLM_CACHE")
-    assert lgguf.cache_root() == pathlib.Path.home() / ".cache" / "lucidlm"
+    assert cache_root() == pathlib.Path.home() / ".cache" / "lucidlm"
 
 
 # ----------------------------------------------------------------------------- broken files
@@ -173,7 +175,7 @@ def test_missing_file(tmp_path):
 
 
 def _byte_tokens() -> list[str]:
-    table = lgguf._bytes_to_unicode()
+    table = _bytes_to_unicode()
     return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(table[b] for b in range(256)), "Ġt", "Ġth", "he"]
 
 

@@ -1,4 +1,4 @@
-"""lucidlm's CPU decode kernel (lucidlm/model/gemv.cpp via lucidlm.model.linear): same products as
+"""lucidlm's CPU decode kernel (lucidlm/kernels/gemv.cpp, built by lucidlm.kernels.build, called by lucidlm.model.linear): same products as
 F.linear, used exactly where it is a drop-in, and a clean fallback where it cannot be built."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from lucidlm import GPT, Config
 from lucidlm.generate import generate_ids
+from lucidlm.kernels import build
 from lucidlm.model import linear
 from lucidlm.model.linear import KernelUnavailable, Linear, kernel_ready
 
@@ -90,23 +91,23 @@ def test_generation_gives_the_same_tokens_with_and_without_the_kernel(monkeypatc
     prompts = [[5, 9, 2, 7], [3, 1]]
     assert kernel_ready()
     with_kernel = [list(generate_ids(model, [p], 12)) for p in prompts]  # one prompt: one-row decode steps
-    monkeypatch.setattr(linear._KERNEL, "ready", False)
+    monkeypatch.setattr(build._KERNEL, "ready", False)
     without = [list(generate_ids(model, [p], 12)) for p in prompts]
     assert with_kernel == without
 
 
 def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv(linear.ENV_VAR, "0")
-    assert linear._Kernel().load() is False
+    monkeypatch.setenv(build.ENV_VAR, "0")
+    assert build._Kernel().load() is False
 
 
 def test_no_compiler_falls_back_silently(monkeypatch, tmp_path):
     monkeypatch.setenv("LUCIDLM_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(linear.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert linear._Kernel().load() is False
+        assert build._Kernel().load() is False
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
 
 
@@ -115,7 +116,7 @@ def test_a_failed_build_warns_and_leaves_no_file(monkeypatch, tmp_path):
     broken = tmp_path / "gemv.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("LUCIDLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(linear, "SOURCE", broken)
+    monkeypatch.setattr(build, "SOURCE", broken)
     with pytest.warns(KernelUnavailable, match="failed"):
-        assert linear._Kernel().load() is False
+        assert build._Kernel().load() is False
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # the temporary .so is gone

@@ -25,12 +25,11 @@ HF_NAMES = (("model.embed_tokens.", "backbone.embed."), ("model.norm.", "backbon
 def restore_registries():
     """Registrations are process-wide: undo this file's, so other tests see the shipped families."""
     from lucidlm.checkpoints.layouts import LAYOUTS
-    from lucidlm.config import FAMILIES
+    from lucidlm.families import FAMILIES
+    from lucidlm.registry import scoped
 
-    saved = dict(FAMILIES), dict(LAYOUTS)
-    yield
-    FAMILIES.clear(), FAMILIES.update(saved[0])
-    LAYOUTS.clear(), LAYOUTS.update(saved[1])
+    with scoped(FAMILIES, LAYOUTS):
+        yield
 
 
 def rename(name: str) -> str:

@@ -1,22 +1,22 @@
-"""The model catalogue: named configs of real checkpoints, from their published ``config.json``.
+"""The model catalogue: the published ``config.json`` of real checkpoints, by name.
 
 Each entry is the official config file (``configs/NAME.json``, as it sits on the hub) and its
-Hugging Face repo id; ``Config.from_name(NAME)`` reads it through :meth:`Config.from_hf`, so the
-catalogue and checkpoint loading can never disagree. ``lucidlm models`` lists them with their
-parameter counts.
+Hugging Face repo id. This package is data: ``Config.from_name(NAME)`` reads the file through
+:meth:`~lucidlm.config.Config.from_hf`, so the catalogue and checkpoint loading can never disagree;
+``lucidlm models`` lists the entries with their parameter counts (``params.json``, written by
+``scripts/catalogue_params.py`` with :func:`lucidlm.model.size.parameter_count`).
 
->>> from lucidlm.catalogue import CATALOGUE, config, parameter_count
 >>> CATALOGUE["SmolLM2-135M-Instruct"]
 'HuggingFaceTB/SmolLM2-135M-Instruct'
->>> c = config("SmolLM2-135M-Instruct"); c.n_layer, c.n_embd, c.name
+>>> (CONFIGS / "SmolLM2-135M-Instruct.json").is_file()
+True
+>>> from lucidlm.config import Config
+>>> c = Config.from_name("SmolLM2-135M-Instruct"); c.n_layer, c.n_embd, c.name
 (30, 576, 'SmolLM2-135M-Instruct')
->>> round(parameter_count(c) / 1e6)
-135
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -65,24 +65,6 @@ CATALOGUE: dict[str, str] = {
 #: transformers config class documented as that checkpoint, model cards, published config excerpts),
 #: and each one's parameter count equals what transformers builds from the same file
 UNVERIFIED: tuple[str, ...] = ()
-
-
-def config(name: str):
-    """The :class:`~lucidlm.config.Config` of catalogue entry ``name``."""
-    from ..config import Config
-
-    return dataclasses.replace(Config.from_hf(CONFIGS / f"{name}.json"), name=name)
-
-
-def parameter_count(config) -> int:
-    """Parameters of a model of ``config`` (tied embeddings counted once), built on the meta device."""
-    import torch
-
-    from ..model import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
 
 
 def human(n: int) -> str:

@@ -45,10 +45,11 @@ _STALE_TEMP_SECONDS = 24 * 3600  # a .tmp- directory this old belongs to a conve
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """The cache directory: ``cache_dir``, else ``$LUCIDLM_CACHE``, else ``~/.cache/lucidlm``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(ENV_VAR) or pathlib.Path.home() / ".cache" / "lucidlm"
-    return pathlib.Path(cache_dir).expanduser()
+    """The cache directory: :func:`lucidlm.fileio.cache_root` (``cache_dir``, else
+    ``$LUCIDLM_CACHE``, else ``~/.cache/lucidlm``), named here for this module's callers."""
+    from ..fileio import cache_root as root
+
+    return root(cache_dir)
 
 
 # ----------------------------------------------------------------------------- the key

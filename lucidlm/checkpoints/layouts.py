@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import Config
+from ..registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,9 @@ def _falcon_layout(attn_norm: str, mlp_norm: str) -> Layout:
                   prefix="transformer.")
 
 
-LAYOUTS: dict[str, Layout] = {
+#: layout name (a :class:`~lucidlm.families.Family`'s ``layout``, a Config's ``family``) -> its
+#: :class:`Layout`; :func:`register_layout` adds one
+LAYOUTS: Registry[Layout] = Registry("layout", {
     "llama": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
         (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
@@ -173,11 +176,11 @@ LAYOUTS: dict[str, Layout] = {
                        ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$"), prefix="gpt_neox."),
     "falcon": _falcon_layout("input_layernorm", "post_attention_layernorm"),  # shared norm, or sequential
     "falcon_new": _falcon_layout("ln_attn", "ln_mlp"),  # new_decoder_architecture: two parallel norms
-}
+})
 
 
 def register_layout(name: str, layout: Layout) -> Layout:
-    """Add the weight-name layout ``name`` (a :class:`~lucidlm.config.Family` refers to it)."""
+    """Add the weight-name layout ``name`` (a :class:`~lucidlm.families.Family` refers to it)."""
     if not isinstance(layout, Layout):
         raise TypeError(f"register_layout: expected a Layout, got {type(layout).__name__}")
     LAYOUTS[name] = layout

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import COMPONENTS, Config, qualified_name
+from ..config import Config
 from ..errors import CheckpointError, ConfigError
+from ..families import COMPONENTS, qualified_name
 from ..fileio import atomic_path, atomic_write, read_json
 from ..model import GPT
 
@@ -38,7 +39,7 @@ def config_to_dict(config: Config) -> dict:
 def _registered(name: str, source: str) -> type:
     if name not in COMPONENTS:
         raise ConfigError(f"{source}: names the class {name!r}, which is not registered; call "
-                          "lucidlm.register_config(...) or lucidlm.register_component(cls) first "
+                          "lucidlm.register_config(...) or lucidlm.config.register_component(cls) first "
                           "(lucidlm never imports code that a checkpoint names)")
     return COMPONENTS[name]
 

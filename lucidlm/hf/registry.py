@@ -5,12 +5,17 @@ LlamaRMSNorm"``) so that the table needs neither ``transformers`` nor ``torchvis
 :func:`register` also takes the class object. Lookups walk the MRO, so a subclass inherits its
 parent's entry (``LlamaForCausalLM`` finds the ``LlamaPreTrainedModel`` entry).
 
+The table is :data:`MODELS`, a :class:`lucidlm.registry.Registry`: a test scopes it instead of
+unregistering by hand.
+
 >>> from torch import nn
 >>> class Tiny(nn.Module): ...
->>> _ = register(Tiny, {nn.LayerNorm: patches.layer_norm}, name="Tiny")
->>> find_model(Tiny()).name
+>>> with MODELS.scoped():
+...     _ = register(Tiny, {nn.LayerNorm: patches.layer_norm}, name="Tiny")
+...     find_model(Tiny()).name
 'Tiny'
->>> unregister(Tiny)
+>>> find_model(Tiny()) is None
+True
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import PatchError
+from ..registry import Registry
 from . import patches
 from .patches import PatchFactory
 
@@ -58,7 +64,9 @@ class ModelSpec:
     kind: str = "text"
 
 
-_MODELS: dict[str, ModelSpec] = {}
+#: model class (qualified name) -> its :class:`ModelSpec`; :func:`register` adds, and importing
+#: :mod:`lucidlm.hf.models` registers the built-in families
+MODELS: Registry[ModelSpec] = Registry("explainable model")
 
 _TF_ACT = "transformers.activations."
 _NN = "torch.nn.modules."
@@ -99,13 +107,13 @@ def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = 
     key = _key(model)
     spec = ModelSpec(name or key.rsplit(".", 1)[-1], {_key(c): f for c, f in (modules or {}).items()},
                      blocks, forward, kind)
-    _MODELS[key] = spec
+    MODELS[key] = spec
     return spec
 
 
 def unregister(model: ClassKey) -> None:
     """Forget a model class registered with :func:`register` (no error if it was not)."""
-    _MODELS.pop(_key(model), None)
+    MODELS.pop(_key(model), None)
 
 
 def _builtin() -> None:
@@ -116,7 +124,7 @@ def find_model(model: nn.Module) -> ModelSpec | None:
     """The spec registered for ``model``'s class or its nearest registered base class."""
     _builtin()
     for cls in type(model).__mro__:
-        spec = _MODELS.get(qualname(cls))
+        spec = MODELS.get(qualname(cls))
         if spec is not None:
             return spec
     return None
@@ -139,4 +147,4 @@ def supported() -> list[str]:
     True
     """
     _builtin()
-    return list(dict.fromkeys(spec.name for spec in _MODELS.values()))
+    return list(dict.fromkeys(spec.name for spec in MODELS.values()))

@@ -3,7 +3,7 @@
 // With one token per sequence, every weight is read once per step and used once, so the product is
 // bound by memory bandwidth. Each thread streams a contiguous block of weight rows and takes their
 // dot products with every row of x (kept in L1), accumulating in float32. Weights are float32 or
-// bfloat16 (raw 16-bit patterns). Built by lucidlm/model/linear.py with -O3 -march=native; the
+// bfloat16 (raw 16-bit patterns). Built by lucidlm/kernels/build.py with -O3 -march=native; the
 // loops are written for the auto-vectoriser.
 #include <torch/library.h>
 #include <ATen/ATen.h>

@@ -1,0 +1,237 @@
+"""Tensor tables: how each GGUF ``general.architecture`` names its tensors in a Hugging Face
+checkpoint, and the undoing of what llama.cpp's converter did to the weights (Llama's Q/K row
+permutation, Gemma's ``1 + w`` norms, GPT-2's transposed Conv1D matrices, Falcon's
+``query_key_value`` regrouped into ``[q; k; v]``, StableLM's per-head norms stacked into one).
+
+Each supported architecture is one :class:`GGUFFamily` in :data:`GGUF_FAMILIES`: the config builder
+of :mod:`~.configs`, the Hugging Face name of every GGUF tensor, and the transformations to undo.
+
+>>> _hf_name("blk.3.attn_q.weight", GGUF_FAMILIES["llama"])
+'model.layers.3.self_attn.q_proj.weight'
+>>> _hf_name("blk.0.attn_qkv.bias", GGUF_FAMILIES["gpt2"]), _hf_name("blk.0.mystery.weight", GGUF_FAMILIES["gpt2"])
+('transformer.h.0.attn.c_attn.bias', None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ...errors import GGUFError
+from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, llama_config,
+                      phi3_config, qwen_config, stablelm_config)
+from .reader import Keys, dequantize, field
+
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+# Tensors that change what the model computes in a way lucidlm cannot reproduce: refuse the file
+# rather than silently drop them (transformers' loader drops them).
+_UNSUPPORTED_TENSORS = {
+    "rope_factors_long.weight": "LongRoPE scaling (Phi-3 128k context)",
+    "rope_factors_short.weight": "LongRoPE scaling (Phi-3 128k context)",
+}
+
+
+_LLAMA_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ATTENTION = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GLU = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LLAMA_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTENTION, **_GLU}
+# Phi-3 keeps transformers' fused matrices: attn_qkv = [q; k; v], ffn_up = [gate; up]
+_PHI3_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma's sandwich norms: GGUF's ffn_norm is the norm *before* the MLP
+_GEMMA_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    **_ATTENTION,
+    **_GLU,
+}
+# StableLM 2 12B normalises each head separately; llama.cpp stacks those norms into one (heads, head_dim)
+_STABLELM_BLOCKS = {
+    **_LLAMA_BLOCKS,
+    "attn_q_norm": "self_attn.q_layernorm.norms",
+    "attn_k_norm": "self_attn.k_layernorm.norms",
+}
+_GPT2_GLOBALS = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+_GPT2_BLOCKS = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
+# falcon-7b's (and Falcon2's) one norm is input_layernorm; in a file with attn_norm_2 (falcon-40b)
+# llama.cpp's converter made ln_mlp attn_norm and ln_attn attn_norm_2
+_FALCON_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_norm_2": "ln_attn",
+    "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFamily:
+    """How one GGUF ``general.architecture`` becomes a Hugging Face checkpoint."""
+
+    architecture: str  # config.json ``architectures[0]``
+    model_type: str
+    config: Callable[[Keys, frozenset[str]], dict[str, Any]]  # the family's config.json keys
+    blocks: Mapping[str, str]  # ``blk.N.<leaf>`` -> module under ``{layers}.N.``
+    globals: Mapping[str, str] = dataclasses.field(default_factory=lambda: _LLAMA_GLOBALS)
+    layers: str = "model.layers"
+    permuted_qk: bool = False  # llama.cpp reordered Q/K rows for its interleaved RoPE
+    norm_offset: float = 0.0  # GGUF ``*norm.weight`` = HF weight + offset (Gemma scales by 1 + w)
+    conv1d: frozenset[str] = frozenset()  # leaves HF stores (in, out) and llama.cpp transposed
+    per_head: frozenset[str] = frozenset()  # leaves llama.cpp stacked from HF's ``<module>.<head>`` tensors
+    ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
+    grouped_qkv: bool = False  # llama.cpp reordered Falcon's per-KV-group [q_1..q_r|k|v] rows into [q; k; v]
+    # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
+    variant: tuple[str, Mapping[str, str]] | None = None
+
+    def for_names(self, names: Iterable[str]) -> GGUFFamily:
+        """This family with the block names of the variant ``names`` (a file's tensors) show."""
+        if self.variant and any(_BLOCK_RE.fullmatch(n) and n.split(".")[2] == self.variant[0] for n in names):
+            return dataclasses.replace(self, blocks={**self.blocks, **self.variant[1]})
+        return self
+
+
+GGUF_FAMILIES: dict[str, GGUFFamily] = {
+    # Mistral and Mixtral GGUFs are "llama" too; llama.cpp keeps no sliding window for them, so
+    # they load as Llama (transformers picks MistralForCausalLM only for general.name == "mistral",
+    # with the same weights and, below its 4096-token default window, the same outputs)
+    "llama": GGUFFamily("LlamaForCausalLM", "llama", llama_config, _LLAMA_BLOCKS, permuted_qk=True,
+                        ignored=frozenset({"rope_freqs.weight"})),
+    "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", qwen_config, _LLAMA_BLOCKS),
+    "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", phi3_config, _PHI3_BLOCKS),
+    "gemma": GGUFFamily("GemmaForCausalLM", "gemma", gemma1_config, _LLAMA_BLOCKS, norm_offset=1.0),
+    "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", gemma2_config, _GEMMA_BLOCKS, norm_offset=1.0),
+    "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", gemma3_config, {**_GEMMA_BLOCKS, **_QK_NORMS},
+                         norm_offset=1.0),
+    "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS,
+                           per_head=frozenset({"attn_q_norm", "attn_k_norm"})),
+    "gpt2": GGUFFamily("GPT2LMHeadModel", "gpt2", gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
+                       layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
+    "falcon": GGUFFamily("FalconForCausalLM", "falcon", falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
+                         layers="transformer.h", grouped_qkv=True,
+                         variant=("attn_norm_2", {"attn_norm": "ln_mlp"})),
+}
+
+SUPPORTED_ARCHITECTURES = tuple(GGUF_FAMILIES)
+
+
+def check_names(names: list[str], arch: str, path: pathlib.Path) -> None:
+    """Every tensor must have a place in the architecture's Hugging Face model."""
+    for name in names:
+        if name in _UNSUPPORTED_TENSORS:
+            raise GGUFError(
+                f"{path} holds tensor {name!r}: the model uses {_UNSUPPORTED_TENSORS[name]}, "
+                "which lucidlm does not implement"
+            )
+    misplaced = [n for n in names if not _fits(n, GGUF_FAMILIES[arch])]
+    if misplaced:
+        # a file mislabelled by hand or by a custom exporter: say which architecture it looks like
+        fits = [a for a, family in GGUF_FAMILIES.items() if a != arch and all(_fits(n, family) for n in names)]
+        hint = f"; its tensor names fit these supported architectures instead: {', '.join(fits)}" if fits else ""
+        raise GGUFError(f"{path} holds tensor {misplaced[0]!r}, which has no place in a {arch!r} model{hint}")
+
+
+def _fits(name: str, family: GGUFFamily) -> bool:
+    return name in family.ignored or _hf_name(name, family) is not None
+
+
+def _hf_name(gguf_name: str, family: GGUFFamily) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if it has no place."""
+    if match := _BLOCK_RE.fullmatch(gguf_name):
+        layer, leaf, suffix = match.groups()
+        if leaf in family.blocks:
+            return f"{family.layers}.{layer}.{family.blocks[leaf]}.{suffix}"
+    elif match := _GLOBAL_RE.fullmatch(gguf_name):
+        leaf, suffix = match.groups()
+        if leaf in family.globals:
+            return f"{family.globals[leaf]}.{suffix}"
+    return None
+
+
+def _unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    llama.cpp reorders each head's rows from HF's "two halves" RoPE layout to interleaved
+    pairs; swapping the (half, pair) axes back restores HF's layout. Works for biases too.
+    """
+    half = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _restore(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -> torch.Tensor:
+    """Undo what llama.cpp's converter did to one tensor of ``family`` (float32 in, float32 out)."""
+    leaf = name.split(".")[-2]
+    if family.permuted_qk and leaf in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if leaf == "attn_q" else config["num_key_value_heads"]
+        value = _unpermute_rows(value, heads)
+    if family.norm_offset and name.endswith("norm.weight"):
+        value = value - family.norm_offset
+    if leaf in family.conv1d and value.ndim == 2:
+        value = value.t()
+    if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
+        value = _regroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    return value
+
+
+def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
+    """Undo llama.cpp's Falcon ``[q; k; v]``: back to ``[group][q_1..q_r | k | v]`` (weights and biases)."""
+    head_dim, rest = value.shape[0] // (n_head + 2 * n_kv), value.shape[1:]
+    q, k, v = value.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim])
+    parts = [q.reshape(n_kv, n_head // n_kv, head_dim, *rest), k.reshape(n_kv, 1, head_dim, *rest),
+             v.reshape(n_kv, 1, head_dim, *rest)]
+    return torch.cat(parts, dim=1).reshape(value.shape)
+
+
+def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) -> dict[str, torch.Tensor]:
+    """Dequantise, rename and restore every tensor into an HF state dict (``bar``: a tqdm bar
+    advanced by one per tensor)."""
+    family = GGUF_FAMILIES[field(reader, "general.architecture")].for_names(t.name for t in reader.tensors)
+    out: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        if bar is not None:
+            bar.update(1)
+        if tensor.name in family.ignored:
+            continue
+        value = _restore(torch.from_numpy(dequantize(tensor)), tensor.name, family, config)
+        name = _hf_name(tensor.name, family)
+        if tensor.name.split(".")[-2] in family.per_head:  # one (heads, head_dim) -> heads tensors
+            stem, suffix = name.rsplit(".", 1)
+            out.update({f"{stem}.{h}.{suffix}": row.to(dtype).contiguous() for h, row in enumerate(value)})
+        else:
+            out[name] = value.to(dtype).contiguous()
+    return out

@@ -1,0 +1,112 @@
+"""The ``config.json`` keys every family spells alike, read into :class:`~lucidlm.config.Config` fields.
+
+A family's own keys are read by its readers (:mod:`lucidlm.families.readers`); these helpers are
+shared by both.
+
+>>> generic_fields({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+...                 "vocab_size": 100, "hidden_act": "gelu_new"}, traits={})["activation"]
+'gelu_tanh'
+>>> first({"n_embd": 768}, "hidden_size", "n_embd")
+768
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..fileio import read_json
+
+#: Config fields whose None is a value ("no sliding window"), not "take the default"
+NULLABLE = frozenset({"sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping",
+                      "final_logit_softcapping", "attention_scale", "qk_norm", "rope_local_theta", "clip_qkv",
+                      "rope_layers", "moe_layers", "moe_intermediate_size"})
+
+
+def read_hf_config(path_or_dict: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``(config dict, where it came from)`` of a ``config.json`` path, a directory holding one, or a dict."""
+    if isinstance(path_or_dict, dict):
+        return dict(path_or_dict), "config dict"
+    path = Path(path_or_dict)
+    if path.is_dir():
+        path = path / "config.json"
+    return read_json(path, ConfigError, "a Hugging Face config.json"), str(path)
+
+
+def first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The value of the first of ``keys`` that ``hf`` holds and is not None, else ``default``."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
+
+
+def n_layer(hf: dict[str, Any]) -> int:
+    """The number of layers, under either spelling."""
+    return first(hf, "num_hidden_layers", "n_layer")
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings with transformers' precedence: ``rope_scaling`` (4.x), else ``rope_parameters``
+    (5.x; per layer type for Gemma 3), then the top-level ``rope_theta``/``partial_rotary_factor``."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # per layer type (Gemma 3)
+        params = params["full_attention"]
+    params = dict(params)
+    params.setdefault("rope_theta", first(hf, "rope_theta", "rotary_emb_base", default=10000.0))
+    fraction = first(hf, "partial_rotary_factor", "rotary_pct")
+    if fraction is not None:
+        params.setdefault("partial_rotary_factor", fraction)
+    params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
+    return params
+
+
+_SUPPORTED_ROPE = ("default", "llama3", "linear")
+
+
+def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` (None, or the scaling parameters)."""
+    params = _rope_parameters(hf)
+    rope_type = params["rope_type"]
+    if rope_type not in _SUPPORTED_ROPE:
+        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE)}")
+    scaling = None if rope_type == "default" else {
+        k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"rope_theta": float(params["rope_theta"]),
+            "rotary_fraction": float(params.get("partial_rotary_factor", 1.0)), "rope_scaling": scaling}
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def activation(hf: dict[str, Any]) -> str:
+    """The activation's name in :class:`~lucidlm.config.Config`'s vocabulary."""
+    name = first(hf, "hidden_activation", "hidden_act", "activation_function", default="silu")
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"activation {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def generic_fields(hf: dict[str, Any], traits: dict[str, Any]) -> dict[str, Any]:
+    """Keys that mean the same thing in every family's config.json (sliding windows, biases and
+    soft-caps are read per family: transformers ignores them where the family has no such option)."""
+    n_embd = first(hf, "hidden_size", "n_embd")
+    n_head = first(hf, "num_attention_heads", "n_head")
+    fields = {
+        "vocab_size": hf.get("vocab_size"),
+        "n_embd": n_embd,
+        "n_layer": n_layer(hf),
+        "n_head": n_head,
+        "n_query_groups": first(hf, "num_key_value_heads", default=n_head),
+        "head_size": hf.get("head_dim"),
+        "intermediate_size": first(hf, "intermediate_size", "n_inner"),
+        "block_size": first(hf, "max_position_embeddings", "n_positions", default=4096),
+        "norm_eps": first(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "activation": activation(hf),
+    }
+    if traits.get("position_embedding", "rope") == "rope":
+        fields.update(rope_fields(hf))
+    return fields

@@ -1,0 +1,208 @@
+"""Per-family readers: each maps the keys one family (or a few) spells its own way in ``config.json``
+to :class:`~lucidlm.config.Config` fields. A :class:`~lucidlm.families.Family` lists its readers;
+they run after the generic keys (:func:`lucidlm.families.fields.generic_fields`) and win over them.
+
+>>> attention_bias({"attention_bias": True})
+{'attn_bias': True, 'attn_out_bias': True}
+>>> qwen_windows({"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 8,
+...               "max_window_layers": 2})["layer_types"]
+['full_attention', 'full_attention', 'sliding_attention']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .fields import activation, first, n_layer
+
+
+def attention_bias(hf: dict[str, Any]) -> dict[str, Any]:  # one flag for q, k, v and o
+    return {"attn_bias": bool(hf.get("attention_bias")), "attn_out_bias": bool(hf.get("attention_bias"))}
+
+
+def mlp_bias(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"mlp_bias": bool(hf.get("mlp_bias"))}
+
+
+def window_everywhere(hf: dict[str, Any]) -> dict[str, Any]:
+    # Mistral, Mixtral, Phi-3: the window, when set, applies to every layer (layer_types is ignored)
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": None}
+
+
+def qwen_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # the window only counts with use_sliding_window, and then for layers >= max_window_layers
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= first
+                                      else "full_attention" for i in range(n_layer(hf))]
+    return {"sliding_window": window, "layer_types": types}
+
+
+def gemma(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3: every ``sliding_window_pattern``-th layer is global (Gemma 2: every 2nd)."""
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=True is not supported (lucidlm is causal only)")
+    pattern = hf["sliding_window_pattern"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                      for i in range(n_layer(hf))]
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
+            "attn_logit_softcapping": hf.get("attn_logit_softcapping"),
+            "final_logit_softcapping": hf.get("final_logit_softcapping"),
+            "attention_scale": float(hf["query_pre_attn_scalar"]) ** -0.5}
+
+
+def gemma3_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    params = hf.get("rope_parameters") or {}
+    local = params.get("sliding_attention", {}).get("rope_theta") if "sliding_attention" in params else None
+    return {"rope_local_theta": float(local or hf["rope_local_base_freq"])}
+
+
+def moe(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"n_expert": hf.get("num_local_experts"), "n_expert_per_token": hf.get("num_experts_per_tok")}
+
+
+def gpt2(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        raise ConfigError("GPT2LMHeadModel with scale_attn_by_inverse_layer_idx=True is not supported")
+    # GPT-2 reads neither head_dim nor intermediate_size (n_inner or 4 * n_embd)
+    return {"head_size": None, "intermediate_size": hf.get("n_inner"),
+            "attention_scale": None if hf.get("scale_attn_weights", True) else 1.0}
+
+
+def gptj(hf: dict[str, Any]) -> dict[str, Any]:
+    """GPT-J: ``rotary_dim`` dimensions of each head rotate (None: all of ``n_embd``, which only fits
+    one head); neither head_dim nor intermediate_size is read (n_inner or 4 * n_embd)."""
+    n_embd, n_head = first(hf, "n_embd", "hidden_size"), first(hf, "n_head", "num_attention_heads")
+    head_size = n_embd // n_head
+    rotary_dim = hf.get("rotary_dim") or n_embd
+    if rotary_dim > head_size or rotary_dim % 2:
+        raise ConfigError(f"GPTJForCausalLM with rotary_dim={rotary_dim} is not supported "
+                          f"(expected an even number <= head size {head_size})")
+    fraction = rotary_dim / head_size
+    if int(head_size * fraction) != rotary_dim:
+        raise ConfigError(f"GPTJForCausalLM: rotary_dim={rotary_dim} is not representable as a fraction of {head_size}")
+    return {"head_size": None, "intermediate_size": hf.get("n_inner"), "rotary_fraction": fraction,
+            "rope_theta": 10000.0, "rope_scaling": None}
+
+
+def qwen_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-/Qwen3-MoE: layer i is sparse unless it is in ``mlp_only_layers`` or
+    ``(i + 1) % decoder_sparse_step``; experts of ``moe_intermediate_size``; Qwen2-MoE adds a gated
+    shared expert (``shared_expert_intermediate_size``)."""
+    n_expert = first(hf, "num_experts", "num_local_experts", default=0)  # Qwen3-MoE 5.x writes the latter
+    dense = set(hf.get("mlp_only_layers") or ())
+    step = hf["decoder_sparse_step"]
+    sparse = [i not in dense and n_expert > 0 and (i + 1) % step == 0 for i in range(n_layer(hf))]
+    if not any(sparse):
+        return {"mlp": "glu", "n_expert": 0, "n_expert_per_token": 0}
+    return {"n_expert": n_expert, "n_expert_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["moe_intermediate_size"], "moe_norm_topk": bool(hf["norm_topk_prob"]),
+            "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size") or 0,
+            "moe_layers": None if all(sparse) else tuple(sparse)}
+
+
+def qwen2_moe_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # Qwen2-MoE: with use_sliding_window, the even layers below max_window_layers slide
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if window and (i + 1) % 2 and i < first
+                                      else "full_attention" for i in range(n_layer(hf))]
+    return {"sliding_window": window or None, "layer_types": types}
+
+
+def qwen3_moe_windows(hf: dict[str, Any]) -> dict[str, Any]:
+    # Qwen3-MoE: the window, with use_sliding_window, applies to every layer
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return {"sliding_window": window or None, "layer_types": None}
+
+
+def neox(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"parallel_residual": bool(hf["use_parallel_residual"]), "head_size": None, **attention_bias(hf)}
+
+
+def gemma1(hf: dict[str, Any]) -> dict[str, Any]:
+    # GemmaConfig reads hidden_act only (not hidden_activation) and turns the legacy "gelu" into tanh
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=True is not supported (lucidlm is causal only)")
+    act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+    return {"activation": activation({"hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act})}
+
+
+def stablelm(hf: dict[str, Any]) -> dict[str, Any]:
+    # StableLM ignores head_dim; the shared input norm feeds both branches of the parallel block
+    parallel = bool(hf.get("use_parallel_residual"))
+    return {"head_size": None, "attn_bias": bool(hf.get("use_qkv_bias")), "parallel_residual": parallel,
+            "shared_attention_norm": parallel, "qk_norm": "layernorm_per_head" if hf.get("qk_layernorm") else None}
+
+
+def smollm3(hf: dict[str, Any]) -> dict[str, Any]:
+    """SmolLM3: ``no_rope_layers`` (1 = the layer rotates; default every ``no_rope_layer_interval``-th
+    layer does not); sliding windows only on layers without RoPE, and only with use_sliding_window."""
+    n = n_layer(hf)
+    interval = hf["no_rope_layer_interval"]
+    rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types") or [
+        "sliding_attention" if hf.get("use_sliding_window") and window is not None and not rope[i]
+        else "full_attention" for i in range(n)]
+    if "sliding_attention" not in types:
+        window = None
+    return {"rope_layers": tuple(bool(r) for r in rope[:n]), "sliding_window": window, "layer_types": types}
+
+
+def olmo(hf: dict[str, Any]) -> dict[str, Any]:
+    # OlmoLayerNorm has a fixed eps of 1e-5 and no parameters
+    clip = hf.get("clip_qkv")
+    return {"norm_eps": 1e-5, "clip_qkv": None if clip is None else float(clip), **attention_bias(hf)}
+
+
+def granite(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"embedding_multiplier": float(hf["embedding_multiplier"]),
+            "residual_multiplier": float(hf["residual_multiplier"]),
+            "attention_scale": float(hf["attention_multiplier"]), "logit_scale": 1.0 / float(hf["logits_scaling"])}
+
+
+def cohere(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"logit_scale": float(hf["logit_scale"]), **attention_bias(hf),
+            "qk_norm": "layernorm_head_weights" if hf.get("use_qk_norm") else None}
+
+
+def falcon(hf: dict[str, Any]) -> dict[str, Any]:
+    """Falcon, as transformers' FalconDecoderLayer reads it: the old architecture (falcon-7b) is
+    parallel with one shared ``input_layernorm`` (or sequential with ``parallel_attn=False``) and
+    multi-query (one KV head) unless ``multi_query=False``; ``new_decoder_architecture`` (falcon-40b)
+    has ``num_kv_heads`` groups and, with ``num_ln_in_parallel_attn`` 2 (its default), the norms
+    ``ln_attn``/``ln_mlp`` (layout ``falcon_new``), with 1 one shared ``input_layernorm``."""
+    if hf.get("alibi"):
+        raise ConfigError("FalconForCausalLM with alibi=True is not supported (ALiBi positions)")
+    n_head = hf["num_attention_heads"]
+    kv = hf.get("num_kv_heads") or n_head
+    parallel, n_ln = bool(hf.get("parallel_attn")), hf.get("num_ln_in_parallel_attn")
+    layout = "falcon"
+    if hf.get("new_decoder_architecture"):
+        if not parallel:  # transformers builds input/post_attention norms and then calls ln_attn
+            raise ConfigError("FalconForCausalLM with new_decoder_architecture=True and parallel_attn=False "
+                              "is not supported (transformers cannot run it either)")
+        if n_ln not in (None, 1, 2):
+            raise ConfigError(f"FalconForCausalLM with num_ln_in_parallel_attn={n_ln} is not supported")
+        groups, shared = kv, n_ln == 1
+        layout = "falcon" if shared else "falcon_new"
+    else:
+        if parallel and n_ln == 2:  # transformers builds ln_attn/ln_mlp and then calls input_layernorm
+            raise ConfigError("FalconForCausalLM with num_ln_in_parallel_attn=2 needs new_decoder_architecture")
+        if not hf.get("multi_query") and kv != n_head:
+            raise ConfigError(f"FalconForCausalLM with multi_query=False needs num_kv_heads={n_head}, got {kv}")
+        groups, shared = (1 if hf.get("multi_query") else n_head), parallel
+    bias = bool(hf.get("bias"))
+    n_embd = first(hf, "n_embed", "hidden_size")  # FalconConfig: the legacy n_embed wins
+    return {"family": layout, "n_embd": n_embd, "n_query_groups": groups, "head_size": None,
+            "intermediate_size": hf.get("ffn_hidden_size") or 4 * n_embd, "parallel_residual": parallel,
+            "shared_attention_norm": shared, "attn_bias": bias, "attn_out_bias": bias, "mlp_bias": bias,
+            "activation": activation({"hidden_act": hf["activation"]})}
+
+
+def phi(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("qk_layernorm"):
+        raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
+    return {}

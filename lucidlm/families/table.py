@@ -1,0 +1,124 @@
+"""The family table: :data:`FAMILIES`, every Hugging Face architecture lucidlm reads, and
+:func:`register_family`, which adds one.
+
+>>> FAMILIES["Qwen3ForCausalLM"].traits["qk_norm"], architecture_of({"model_type": "gpt2"})
+('head', 'GPT2LMHeadModel')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Registry
+from . import readers as r
+from .family import Family
+
+_LLAMA = dict(norm="rmsnorm", mlp="glu")
+_GEMMA = dict(norm="rmsnorm", mlp="glu", norm_unit_offset=True, scale_embeddings=True,
+              post_attention_norm=True, post_mlp_norm=True)
+#: transformers' config-class defaults for the keys we read (a key missing from config.json)
+_LLAMA_DEFAULTS = dict(tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu")
+_GEMMA_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256, query_pre_attn_scalar=256,
+                       hidden_activation="gelu_pytorch_tanh", sliding_window=4096)
+_QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
+
+
+#: the families lucidlm ships
+_BUILTIN = (
+    Family("LlamaForCausalLM", "llama", _LLAMA, _LLAMA_DEFAULTS, (r.attention_bias, r.mlp_bias), "llama"),
+    Family("MistralForCausalLM", "llama", _LLAMA, dict(_LLAMA_DEFAULTS, sliding_window=4096), (r.window_everywhere,),
+           "mistral"),
+    Family("MixtralForCausalLM", "mixtral", dict(_LLAMA, mlp="moe"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2),
+           (r.moe, r.window_everywhere), "mixtral"),
+    Family("Qwen2ForCausalLM", "llama", dict(_LLAMA, attn_bias=True), _QWEN_DEFAULTS, (r.qwen_windows,), "qwen2"),
+    Family("Qwen3ForCausalLM", "llama", dict(_LLAMA, qk_norm="head"), dict(_QWEN_DEFAULTS, head_dim=128),
+           (r.attention_bias, r.qwen_windows), "qwen3"),
+    Family("Gemma2ForCausalLM", "gemma", _GEMMA,
+           dict(_GEMMA_DEFAULTS, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+           (r.attention_bias, lambda hf: r.gemma({**hf, "sliding_window_pattern": 2})), "gemma2"),
+    Family("Gemma3ForCausalLM", "gemma", dict(_GEMMA, qk_norm="head"),
+           dict(_GEMMA_DEFAULTS, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0),
+           (r.attention_bias, r.gemma, r.gemma3_rope), "gemma3_text"),
+    Family("GemmaForCausalLM", "llama", dict(_LLAMA, norm_unit_offset=True, scale_embeddings=True),
+           dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256, hidden_act="gelu_pytorch_tanh"),
+           (r.attention_bias, r.gemma1), "gemma"),
+    Family("StableLmForCausalLM", "stablelm", dict(norm="layernorm", mlp="glu"),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="silu", partial_rotary_factor=0.25,
+                use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False),
+           (r.stablelm,), "stablelm"),
+    Family("SmolLM3ForCausalLM", "llama", _LLAMA,
+           dict(_LLAMA_DEFAULTS, tie_word_embeddings=True, no_rope_layer_interval=4, use_sliding_window=False),
+           (r.attention_bias, r.mlp_bias, r.smollm3), "smollm3"),
+    Family("OlmoForCausalLM", "llama", dict(_LLAMA, norm="layernorm", norm_affine=False),
+           dict(tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=2048), (r.olmo,), "olmo"),
+    Family("GraniteForCausalLM", "llama", _LLAMA,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=2048, embedding_multiplier=1.0, residual_multiplier=1.0,
+                attention_multiplier=1.0, logits_scaling=1.0),
+           (r.attention_bias, r.mlp_bias, r.granite), "granite"),
+    Family("CohereForCausalLM", "llama",
+           dict(norm="layernorm", norm_bias=False, mlp="glu", parallel_residual=True, shared_attention_norm=True,
+                rope_interleaved=True),
+           dict(tie_word_embeddings=True, layer_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
+                logit_scale=0.0625, use_qk_norm=False),
+           (r.cohere,), "cohere"),
+    Family("Olmo2ForCausalLM", "olmo2",
+           dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), (r.attention_bias,), "olmo2"),
+    Family("PhiForCausalLM", "phi",
+           dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True, mlp_bias=True, lm_head_bias=True,
+                parallel_residual=True, shared_attention_norm=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu_new", partial_rotary_factor=0.5),
+           (r.phi,), "phi"),
+    Family("Phi3ForCausalLM", "phi3", _LLAMA, dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5), (r.window_everywhere,), "phi3"),
+    Family("GPT2LMHeadModel", "gpt2",
+           dict(norm="layernorm", mlp="mlp", position_embedding="learned", attn_bias=True, attn_out_bias=True,
+                mlp_bias=True),
+           dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5, activation_function="gelu_new", n_positions=1024),
+           (r.gpt2,), "gpt2"),
+    Family("GPTJForCausalLM", "gptj",
+           dict(norm="layernorm", mlp="mlp", mlp_bias=True, lm_head_bias=True, parallel_residual=True,
+                shared_attention_norm=True, rope_interleaved=True),
+           dict(tie_word_embeddings=False, layer_norm_epsilon=1e-5, activation_function="gelu_new", n_positions=2048,
+                rotary_dim=64),
+           (r.gptj,), "gptj"),
+    Family("Qwen2MoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", attn_bias=True),
+           dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60, norm_topk_prob=False,
+                qkv_bias=True),
+           (lambda hf: {"attn_bias": bool(hf["qkv_bias"])}, r.qwen_moe, r.qwen2_moe_windows), "qwen2_moe"),
+    Family("Qwen3MoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", qk_norm="head"),
+           dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=768,
+                num_experts_per_tok=8, num_local_experts=128, norm_topk_prob=False),
+           (r.attention_bias, r.qwen_moe, r.qwen3_moe_windows), "qwen3_moe"),
+    Family("FalconForCausalLM", "falcon", dict(norm="layernorm", mlp="mlp"),
+           dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                layer_norm_epsilon=1e-5, max_position_embeddings=2048, tie_word_embeddings=True, alibi=False,
+                new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False,
+                activation="gelu"),
+           (r.falcon,), "falcon"),
+    Family("GPTNeoXForCausalLM", "gpt_neox", dict(norm="layernorm", mlp="mlp", mlp_bias=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
+                rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),
+           (r.neox,), "gpt_neox"),
+)
+
+#: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
+FAMILIES: Registry[Family] = Registry("family", ((f.architecture, f) for f in _BUILTIN))
+
+
+def register_family(family: Family) -> Family:
+    """Teach :meth:`~lucidlm.config.Config.from_hf` a new architecture. Its weight layout is registered with
+    :func:`lucidlm.checkpoints.layouts.register_layout`; :func:`lucidlm.register_family` does both."""
+    if not isinstance(family, Family):
+        raise ConfigError(f"register_family: expected a Family, got {type(family).__name__}")
+    FAMILIES[family.architecture] = family
+    return family
+
+
+def architecture_of(raw: dict[str, Any]) -> str | None:
+    """``architectures[0]``, or the architecture registered for ``model_type``."""
+    if raw.get("architectures"):
+        return raw["architectures"][0]
+    return next((f.architecture for f in FAMILIES.values() if f.model_type == raw.get("model_type")), None)
