@@ -103,12 +103,12 @@ def main() -> None:
 
     import transformers
 
-    from lucidlm.catalogue import config as catalogue_config
+    from lucidlm.config import Config
     from lucidlm.checkpoints import save_model
     from lucidlm.model import GPT
 
     torch.manual_seed(0)
-    config = catalogue_config(args.config)
+    config = Config.from_name(args.config)
     ours = GPT(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
