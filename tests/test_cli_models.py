@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from lucidlm.catalogue import CATALOGUE, parameter_count
-from lucidlm.cli import PARAMS_FILE, cached_snapshot, parameter_counts
+from lucidlm.checkpoints.hub import cached_snapshot
+from lucidlm.commands.models import PARAMS_FILE, parameter_counts
 from lucidlm.config import REGISTRY, Config
 
 
