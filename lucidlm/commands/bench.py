@@ -2,10 +2,7 @@
 :mod:`lucidlm.bench.args` (:data:`~lucidlm.bench.args.BENCHES`); a bench's module is imported only
 when it runs.
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm bench")
->>> BENCH.add_arguments(p)
->>> p.parse_args(["kv"]).bench
+>>> BENCH.parse(["kv"]).bench
 'kv'
 """
 

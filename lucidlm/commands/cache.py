@@ -1,10 +1,7 @@
 """``lucidlm cache list`` and ``lucidlm cache clear [--all | NAME...]``: the cache of converted GGUF
 files (:mod:`lucidlm.checkpoints.conversion_cache`).
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm cache")
->>> CACHE.add_arguments(p)
->>> p.parse_args(["clear", "--all"])
+>>> CACHE.parse(["clear", "--all"])
 Namespace(cache_action='clear', names=[], all=True)
 """
 

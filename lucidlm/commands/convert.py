@@ -1,10 +1,7 @@
 """Checkpoints in and out: ``lucidlm convert`` (GGUF or HF directory -> HF directory), ``lucidlm
 download`` (a hub repo's safetensors) and ``lucidlm merge`` (fold a LoRA adapter into its base).
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm merge")
->>> MERGE.add_arguments(p)
->>> args = p.parse_args(["base", "adapter", "out", "--dtype", "bfloat16"])
+>>> args = MERGE.parse(["base", "adapter", "out", "--dtype", "bfloat16"])
 >>> MERGE.model(args), MERGE.inputs(args)
 (('BASE', 'base'), [('ADAPTER', PosixPath('adapter'))])
 """

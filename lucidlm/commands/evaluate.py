@@ -7,10 +7,7 @@ The rows come from :func:`lucidlm.explain.dataset.read_results` (record order); 
 result as JSON and ``--plot`` the mean curves as a PNG, both atomically. ``lucidlm.evaluate``
 imports torch, so it is imported only when the command runs.
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm evaluate")
->>> EVALUATE.add_arguments(p)
->>> args = p.parse_args(["run", "--steps", "4"])
+>>> args = EVALUATE.parse(["run", "--steps", "4"])
 >>> args.metrics, args.score, args.steps
 ('deletion,insertion,comprehensiveness,sufficiency,abpc', 'prob', 4)
 """

@@ -1,10 +1,7 @@
 """``lucidlm explain PROMPT``: which prompt tokens made the model predict its next token, as a
 terminal heatmap and, on request, HTML, PNG and JSON files.
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm explain")
->>> EXPLAIN.add_arguments(p)
->>> args = p.parse_args(["The capital of France is", "--target-id", "7042"])
+>>> args = EXPLAIN.parse(["The capital of France is", "--target-id", "7042"])
 >>> args.target_id, args.target, args.method
 (7042, None, 'attnlrp')
 """

@@ -2,10 +2,7 @@
 into shard files (:func:`lucidlm.explain.dataset.explain_dataset`; resumable, and ``torchrun``
 spreads the shards over processes).
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm explain-dataset")
->>> EXPLAIN_DATASET.add_arguments(p)
->>> args = p.parse_args(["data.jsonl", "--out", "run"])
+>>> args = EXPLAIN_DATASET.parse(["data.jsonl", "--out", "run"])
 >>> args.method, args.format, args.shard_size
 ('attnlrp', 'jsonl', 1000)
 """

@@ -1,9 +1,6 @@
 """``lucidlm generate`` (continue raw text) and ``lucidlm chat`` (an interactive chat).
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm generate")
->>> GENERATE.add_arguments(p)
->>> p.parse_args(["Once upon", "--max-new-tokens", "5"]).max_new_tokens
+>>> GENERATE.parse(["Once upon", "--max-new-tokens", "5"]).max_new_tokens
 5
 """
 

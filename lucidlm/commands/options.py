@@ -1,5 +1,5 @@
 """What the ``lucidlm`` commands share: the parser class, the :class:`Command` record each command
-module fills in, argument types, the option groups (model, KV cache, sampling, serving) and the
+module fills in, argument types, the option groups (model and dtype, KV cache, sampling) and the
 helpers that read those groups back.
 
 Torch-free: ``--help`` and every argument mistake answer before anything heavy loads. An argument
@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_policy
@@ -99,6 +98,12 @@ class Command:
         parser = subparsers.add_parser(self.name, help=self.help, description=description, epilog=self.epilog)
         self.add_arguments(parser)
         return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """``argv`` parsed by this command's options alone (what the examples here use)."""
+        parser = Parser(prog=f"lucidlm {self.name}")
+        self.add_arguments(parser)
+        return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- argument types

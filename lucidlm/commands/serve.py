@@ -1,10 +1,7 @@
 """``lucidlm serve`` (the OpenAI-compatible server with /v1/explain and the viewer at /) and ``lucidlm
 view`` (a saved explanation as a viewer page; without a file: serve and open the viewer).
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm serve")
->>> SERVE.add_arguments(p)
->>> args = p.parse_args(["--port", "8080"])
+>>> args = SERVE.parse(["--port", "8080"])
 >>> args.host, args.port, args.max_queue
 ('127.0.0.1', 8080, 16)
 """

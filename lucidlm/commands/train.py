@@ -2,10 +2,7 @@
 ``lucidlm pretrain`` (next-token training of all weights on raw text). Under ``torchrun`` every
 process runs the command; the process group is left before it returns.
 
->>> from lucidlm.commands.options import Parser
->>> p = Parser(prog="lucidlm finetune")
->>> FINETUNE.add_arguments(p)
->>> args = p.parse_args(["data.jsonl", "--out", "run", "--steps", "3"])
+>>> args = FINETUNE.parse(["data.jsonl", "--out", "run", "--steps", "3"])
 >>> args.method, args.steps, args.lr, args.precision
 ('lora', 3, None, 'auto')
 """
