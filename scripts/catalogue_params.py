@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lucidlm.catalogue import CATALOGUE
-from lucidlm.cli import PARAMS_FILE
+from lucidlm.catalogue import CATALOGUE, PARAMS_FILE
 from lucidlm.config import REGISTRY, Config
 from lucidlm.fileio import atomic_write
 from lucidlm.model.size import parameter_count

@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
     """Mark the tests that need the real model or a subprocess CLI run ``slow``: ``pytest -m "not
     slow"`` is the fast subset for development; CI runs everything."""
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        module = getattr(item, "module", None)  # doctest items have none
+        module = module.__name__.rpartition(".")[2] if module else ""
         if _REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _REAL_MODEL_MODULES:
             item.add_marker(pytest.mark.slow)
 

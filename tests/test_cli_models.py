@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from lucidlm.catalogue import CATALOGUE
-from lucidlm.cli import PARAMS_FILE, cached_snapshot, parameter_counts
+from lucidlm.catalogue import CATALOGUE, PARAMS_FILE, parameter_counts
+from lucidlm.checkpoints.hub import cached_snapshot
 from lucidlm.config import REGISTRY, Config
 from lucidlm.model.size import parameter_count
 

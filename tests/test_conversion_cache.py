@@ -21,6 +21,7 @@ from lucidlm.checkpoints import conversion_cache as cc
 from lucidlm.checkpoints import gguf as lgguf
 from lucidlm.checkpoints.embedded import default_model_path
 from lucidlm.checkpoints.gguf import gguf_to_hf_dir
+from lucidlm.commands.cache import CACHE
 from test_gguf import _write_tiny
 
 
@@ -174,12 +175,12 @@ def test_concurrent_processes_share_one_entry(tiny, cache):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lucidlm")
-    cc.add_cache_command(parser.add_subparsers(dest="command"))
+    CACHE.add_to(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
 def _cache_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = cc.cmd_cache(_parse(argv))
+    rc = CACHE.run(_parse(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 

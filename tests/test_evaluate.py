@@ -290,9 +290,10 @@ def test_plot_needs_a_curve(tmp_path):
 
 def test_doctests():
     from lucidlm import evaluate
-    from lucidlm.evaluate import cli, inputs, metrics, plot, result
+    from lucidlm.commands import evaluate as command
+    from lucidlm.evaluate import inputs, metrics, plot, result, runs
 
-    for module in (evaluate, inputs, metrics, result, plot, cli):
+    for module in (evaluate, inputs, metrics, result, plot, runs, command):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -356,7 +357,7 @@ def test_the_evaluate_command_refuses_bad_arguments(dataset_dir, tmp_path, capsy
 
 
 def test_the_model_a_manifest_names():
-    from lucidlm.evaluate.cli import model_for
+    from lucidlm.evaluate.runs import model_for
 
     assert model_for(None, {}) is None and model_for(None, {"model": "SmolLM2-135M-Instruct"}) is None
     assert model_for(None, {"model": "HuggingFaceTB/SmolLM2-360M"}) == "HuggingFaceTB/SmolLM2-360M"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+from ..progress import progress  # noqa: F401  (the bench modules take it from here)
+
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run one measurement: the child prints a JSON line last; a failure becomes ``{"error": its
@@ -24,16 +26,6 @@ def emit(line: str = "") -> None:
 
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
-
-
-def progress(total: float, desc: str, unit: str = "run", **options):
-    """A progress bar on stderr (always shown, even when stderr is not a terminal: a bench is
-    long, silent work otherwise); ``options`` go to tqdm."""
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, **options)
 
 
 def prepare_model(model: str | None) -> None:

@@ -129,7 +129,7 @@ def run(args) -> int:
     import torch
 
     from ..api import LLM
-    from ..evaluate.cli import replacement_text
+    from ..evaluate.runs import replacement_text
     from ..explain.baselines import default_replacement
     from . import emit, progress
 

@@ -17,9 +17,13 @@ True
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
+#: parameter counts of the catalogue and registered configs, written by scripts/catalogue_params.py
+#: (building each model on the meta device needs torch: seconds before ``lucidlm models``' first line)
+PARAMS_FILE = Path(__file__).parent / "params.json"
 
 #: catalogue name -> Hugging Face repo id (the name is the file name of its config in configs/)
 CATALOGUE: dict[str, str] = {
@@ -76,3 +80,15 @@ def human(n: int) -> str:
     if n >= 0.995e9:
         return f"{n / 1e9:.2f}B"
     return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def parameter_counts() -> dict[str, int]:
+    """The counts in :data:`PARAMS_FILE` (empty when it is missing).
+
+    >>> parameter_counts()["SmolLM2-135M-Instruct"] > 100_000_000
+    True
+    """
+    try:
+        return json.loads(PARAMS_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

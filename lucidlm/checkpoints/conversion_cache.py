@@ -1,4 +1,5 @@
-"""The cache of converted GGUF files (``lucidlm cache list`` / ``lucidlm cache clear``).
+"""The cache of converted GGUF files (``lucidlm cache list`` / ``lucidlm cache clear``:
+:mod:`lucidlm.commands.cache`).
 
 ``LLM.load("model.gguf")`` converts the file once into a Hugging Face checkpoint directory (see
 :mod:`lucidlm.checkpoints.gguf`) under :func:`cache_root`: ``$LUCIDLM_CACHE`` if set, else
@@ -16,7 +17,6 @@ This module imports neither torch nor numpy: ``lucidlm cache`` starts fast.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -27,7 +27,6 @@ import pathlib
 import re
 import shutil
 import struct
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -351,45 +350,6 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cache_command(subparsers) -> argparse.ArgumentParser:
-    """``lucidlm cache list`` and ``lucidlm cache clear [--all | NAME...]``."""
-    p = subparsers.add_parser(
-        "cache", help="list or clear converted GGUF checkpoints",
-        description=f"GGUF files are converted once into a cache: ${ENV_VAR}, else ~/.cache/lucidlm.")
-    actions = p.add_subparsers(dest="cache_action", metavar="{list,clear}", required=True)
-    actions.add_parser("list", help="each converted GGUF: source file, size, last use")
-    c = actions.add_parser("clear", help="remove entries (they are converted again when next loaded)")
-    c.add_argument("names", nargs="*", metavar="NAME",
-                   help="an entry (as lucidlm cache list shows it) or its source GGUF file name")
-    c.add_argument("--all", action="store_true", help="remove every entry")
-    return p
-
-
-def cmd_cache(args) -> int:
-    entries = list_entries()
-    if args.cache_action == "list":
-        print(format_entries(entries))
-        return 0
-    if args.all == bool(args.names):
-        print("lucidlm cache clear: give --all or entry names (see: lucidlm cache list)", file=sys.stderr)
-        return 2
-    if args.all:
-        chosen = None
-    else:
-        chosen, missing = select(entries, args.names)
-        if missing:
-            print(f"lucidlm cache clear: no cache entry named {', '.join(map(repr, missing))} "
-                  f"in {cache_root()} (see: lucidlm cache list)", file=sys.stderr)
-            return 1
-    count = len(entries) if chosen is None else len(chosen)
-    freed = clear(chosen)
-    print(f"removed {count} entr{'y' if count == 1 else 'ies'}, freed {format_bytes(freed)}")
-    return 0
 
 
 def select(entries: list[Entry], names: Iterable[str]) -> tuple[list[Entry], list[str]]:

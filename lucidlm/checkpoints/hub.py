@@ -109,6 +109,28 @@ def check_snapshot(directory: Path, repo_id: str) -> Path:
     return directory
 
 
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The newest snapshot of ``repo_id`` in the local Hugging Face cache with a config.json and
+    safetensors weights, or None. Reads the cache's documented layout
+    (``models--ORG--NAME/snapshots/REVISION/``): no network, no download machinery, nothing checked
+    inside the files (``lucidlm models`` calls it once per catalogue entry).
+
+    >>> cached_snapshot("no-such-org/no-such-model") is None
+    True
+    """
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    try:
+        candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for snapshot in candidates:
+        if (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")):
+            return snapshot
+    return None
+
+
 def _files_to_fetch(repo_id: str, files: list[str]) -> list[str]:
     """The repository's files we want: top-level configs and safetensors (only ``model.safetensors``
     or its shards when there are: not duplicates such as Mistral's ``consolidated.safetensors``)."""

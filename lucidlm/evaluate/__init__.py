@@ -4,7 +4,7 @@ sufficiency, ABPC) of token attributions, for any explanation method.
 * :func:`faithfulness` (:mod:`lucidlm.evaluate.metrics`): the metrics and their curves;
 * :class:`FaithfulnessResult` (:mod:`lucidlm.evaluate.result`): per-explanation values, means,
   JSON, a table and :meth:`~FaithfulnessResult.plot`;
-* ``lucidlm evaluate DIR`` (:mod:`lucidlm.evaluate.cli`) on an ``explain-dataset`` directory, and
+* ``lucidlm evaluate DIR`` (:mod:`lucidlm.commands.evaluate`) on an ``explain-dataset`` directory, and
   ``lucidlm bench faithfulness`` (every method on the same prompts) are built on them.
 
 >>> from lucidlm.evaluate import faithfulness, METRICS

@@ -17,7 +17,8 @@ files are byte-identical to a one-process run's (on the same hardware and thread
 refused), ``DIR/manifest.json`` the shards when it ends; :func:`read_results` reads the rows back
 in record order.
 
-Module import is torch-free: the command line builds its options from :func:`add_arguments`.
+The command is :mod:`lucidlm.commands.explain_dataset`; module import is torch-free (the command's
+help names :data:`FORMATS` before anything loads).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -87,7 +87,7 @@ def read_items(data: str | Path | Iterable[dict], target_field: str = "target", 
     ...
     lucidlm.errors.DataError: record 0: no 'prompt' (text or token ids) or 'messages' (a chat) to explain
     """
-    from ..train.data import read_records
+    from ..records import read_records
 
     if not isinstance(data, (str, Path)):
         data = list(data if limit is None else (row for _, row in zip(range(limit), data)))
@@ -163,7 +163,7 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; the process group is joined
     here (gloo on CPU, nccl on CUDA) and left to the caller to close
-    (:func:`lucidlm.train.distributed.shutdown`). ``progress``: a records/s bar on stderr (rank 0).
+    (:func:`lucidlm.distributed.shutdown`). ``progress``: a records/s bar on stderr (rank 0).
 
     >>> import tempfile
     >>> from lucidlm import LLM, Config, GPT
@@ -174,7 +174,7 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     >>> [(row["id"], row["target_ids"], len(row["relevance"])) for row in read_results(out)][1]
     (1, [9], 2)
     """
-    from ..train.distributed import all_sum, barrier, setup
+    from ..distributed import all_sum, barrier, setup
 
     settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size)
     items = list(data)[:limit] if _is_items(data) else read_items(data, target_field, limit)
@@ -332,7 +332,7 @@ def _row(item: Item, e) -> dict[str, Any]:
 
 def _bar(total: int, show: bool):
     if show:
-        from ..bench import progress
+        from ..progress import progress
 
         return progress(total, "explain-dataset", unit="record")
     return _NoBar()
@@ -459,61 +459,3 @@ def _read_shard(path: Path, fmt: str) -> list[dict]:
     for row in rows:  # non-finite values were written as strings
         row["relevance"], row["logit"] = [float(x) for x in row["relevance"]], float(row["logit"])
     return rows
-
-
-# ----------------------------------------------------------------------------- command line
-def add_arguments(p) -> None:
-    """The options of ``lucidlm explain-dataset`` (torch-free: the CLI's help answers at once)."""
-    from ..cli import _add_cache, _add_model, _positive
-
-    p.add_argument("data", nargs="?", type=Path, default=None, metavar="DATA",
-                   help="JSONL: one record a line, {prompt | messages, target?, id?} (or --hf-dataset)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="output directory: shard files, run.json, manifest.json (rerun to resume)")
-    p.add_argument("--method", default="attnlrp", choices=METHODS, help="explanation method")
-    p.add_argument("--target-field", default="target", metavar="F",
-                   help="the record field holding the target: token text, token id or a continuation "
-                        "(default: target; absent: the model's top next token)")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="B",
-                   help="prompts explained in one forward/backward")
-    p.add_argument("--format", default="jsonl", choices=FORMATS, help="shard file format (parquet needs pyarrow)")
-    p.add_argument("--shard-size", type=_positive, default=1000, metavar="N", help="records per shard file")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N",
-                   help="explain only the first N records (default: all)")
-    p.add_argument("--hf-dataset", default=None, metavar="NAME",
-                   help="read a Hugging Face dataset instead of DATA: a save_to_disk directory, a local "
-                        "dataset directory or a name in the local cache (never downloaded) (default: none)")
-    p.add_argument("--split", default="train", metavar="S", help="the --hf-dataset split")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model(p)
-    _add_cache(p)
-
-
-def run(args) -> int:
-    """``lucidlm explain-dataset``: check every record, load the model, explain, summarise."""
-    items = _cli_items(args)  # before torch and the model load: a bad record costs nothing
-    from ..api import LLM
-    from ..train.distributed import shutdown
-
-    llm = LLM.load(args.model, dtype=args.dtype, progress=True)
-    try:
-        result = explain_dataset(llm, items, args.out, method=args.method, batch_size=args.batch_size,
-                                 target_field=args.target_field, kv_cache=args.kv_cache,
-                                 cache_tokens=args.cache_tokens, format=args.format, shard_size=args.shard_size,
-                                 progress=not args.no_progress)
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
-    if result.is_main:
-        print(result.summary(args.method, args.format), file=sys.stderr)
-    return 0
-
-
-def _cli_items(args) -> list[Item]:
-    if (args.data is None) == (args.hf_dataset is None):
-        raise DataError("explain-dataset: give DATA (a JSONL file) or --hf-dataset NAME, not both and not neither")
-    if args.hf_dataset is None:
-        return read_items(args.data, args.target_field, args.limit)
-    dataset = load_hf_dataset(args.hf_dataset, args.split)
-    return read_items(dataset, args.target_field, args.limit, where=f"--hf-dataset {args.hf_dataset}")

@@ -25,25 +25,17 @@ import dataclasses
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DataError
+from ..records import Record, read_records  # noqa: F401  (read_records: part of this module's API)
 
 IGNORE = -100  # label of a token the loss does not count (torch's cross_entropy ignore_index)
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that "
                  "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                  "{input_block}### Response:\n")
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One record and where it came from (``source`` is ``file:line`` or ``record N``)."""
-
-    data: dict[str, Any]
-    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,45 +53,6 @@ class Example:
     @property
     def n_targets(self) -> int:
         return sum(label != IGNORE for label in self.labels)
-
-
-# ----------------------------------------------------------------------------- reading records
-def read_records(data: str | Path | Sequence[dict[str, Any]]) -> list[Record]:
-    """Records from a JSONL path (or a list of dicts). Malformed lines raise :class:`DataError`
-    naming ``file:line``; an empty dataset raises too."""
-    if isinstance(data, (str, Path)):
-        records = list(_read_jsonl(Path(data)))
-        where = str(data)
-    else:
-        records = []
-        for n, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise DataError(f"record {n}: expected a dict, got {type(item).__name__}")
-            records.append(Record(item, f"record {n}"))
-        where = "data"
-    if not records:
-        raise DataError(f"{where}: the dataset is empty (no records)")
-    return records
-
-
-def _read_jsonl(path: Path) -> Iterable[Record]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected a JSONL dataset, one JSON object per line)")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{n}: not UTF-8 text ({exc})") from None
-            if not line:
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(item, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(item).__name__}")
-            yield Record(item, f"{path}:{n}")
 
 
 def detect_format(record: dict[str, Any]) -> str:

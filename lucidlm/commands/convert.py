@@ -1,0 +1,102 @@
+"""Checkpoints in and out: ``lucidlm convert`` (GGUF or HF directory -> HF directory), ``lucidlm
+download`` (a hub repo's safetensors) and ``lucidlm merge`` (fold a LoRA adapter into its base).
+
+>>> args = MERGE.parse(["base", "adapter", "out", "--dtype", "bfloat16"])
+>>> MERGE.model(args), MERGE.inputs(args)
+(('BASE', 'base'), [('ADAPTER', PosixPath('adapter'))])
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .options import Command, Paths, add_dtype
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", type=Path, help="a .gguf file or an HF directory")
+    p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
+    add_dtype(p, "dtype of the saved weights")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..api import LLM
+
+    _check_new_dir(args.out_dir)
+    llm = LLM.load(args.src, dtype=args.dtype, progress=True)
+    _write_checkpoint_dir(llm, args.out_dir)
+    return 0
+
+
+def add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo_id", help="org/name on the Hugging Face hub")
+    p.add_argument("--dir", type=Path, default=None, help="copy into this directory (default: the HF cache)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.add_argument("--force", action="store_true", help="fetch again files the cache holds (after a corrupt download)")
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from ..checkpoints.hub import download
+
+    print(download(args.repo_id, directory=args.dir, revision=args.revision, progress=True, force=args.force))
+    return 0
+
+
+def add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="HF directory, .gguf or hub repo id of the base model")
+    p.add_argument("adapter", type=Path, help="a PEFT LoRA adapter directory")
+    p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
+    add_dtype(p, "dtype of the merged weights")
+    p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ..api import LLM
+
+    _check_new_dir(args.out_dir)
+    llm = LLM.load(args.base, adapter=args.adapter, dtype=args.dtype, progress=True,
+                   check_base=not args.no_check_base)
+    _write_checkpoint_dir(llm.merge_adapter(), args.out_dir)
+    return 0
+
+
+def _check_new_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"OUT_DIR {out} exists and is not empty: choose a new directory")
+
+
+def _write_checkpoint_dir(llm, out: Path) -> None:
+    """Save ``llm`` as an HF directory: built in a temporary sibling (with the umask's permissions,
+    not mkdtemp's 0700), renamed into place at the end."""
+    from ..checkpoints.conversion_cache import format_bytes
+    from ..fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        llm.save(tmp)
+    dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    hint = " (the default dtype; --dtype bfloat16 halves the size)" if dtype == "float32" else ""
+    print(f"wrote {out}: {dtype} weights, {format_bytes(size)}{hint}", file=sys.stderr)
+
+
+def _convert_inputs(args: argparse.Namespace) -> Paths:
+    return [("SRC", args.src)]
+
+
+def _merge_inputs(args: argparse.Namespace) -> Paths:
+    return [("ADAPTER", args.adapter)]
+
+
+def _merge_base(args: argparse.Namespace) -> tuple[str, str | None]:
+    return "BASE", args.base
+
+
+CONVERT = Command("convert", "GGUF or HF directory -> HF safetensors directory", add_convert, run_convert,
+                  inputs=_convert_inputs)
+DOWNLOAD = Command("download", "fetch a Hugging Face repo's safetensors checkpoint (never pickles)", add_download,
+                   run_download)
+MERGE = Command("merge", "fold a LoRA adapter into its base: BASE ADAPTER -> HF directory", add_merge, run_merge,
+                inputs=_merge_inputs, model=_merge_base)

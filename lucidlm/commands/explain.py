@@ -1,0 +1,85 @@
+"""``lucidlm explain PROMPT``: which prompt tokens made the model predict its next token, as a
+terminal heatmap and, on request, HTML, PNG and JSON files.
+
+>>> args = EXPLAIN.parse(["The capital of France is", "--target-id", "7042"])
+>>> args.target_id, args.target, args.method
+(7042, None, 'attnlrp')
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..methods import EXPLAIN_METHODS
+from .options import Command, Paths, add_cache, add_model, cache_kwargs, load, token_id
+
+EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
+              "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
+              "left, and a replay of exactly what each query saw is explained back to the input tokens. With "
+              "nothing evicted that is the dense explanation; tokens no layer still held for the last "
+              "prediction are greyed out, and may still be relevant through the tokens that saw them.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text whose next token is explained")
+    add_model(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", default=None, metavar="TEXT",
+                        help="text to explain: one token, or several (explained as a continuation, by its "
+                             "log-prob); --target 7042 is the text '7042' (default: the model's top next token)")
+    target.add_argument("--target-id", type=token_id, default=None, metavar="ID",
+                        help="token id to explain (default: the model's top next token)")
+    p.add_argument("--method", default="attnlrp", choices=EXPLAIN_METHODS, help="explanation method")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
+    p.add_argument("--keep-first", action="store_true", help="include the first token in the colour scale")
+    p.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML heatmap (default: none)")
+    p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
+    add_cache(p)
+
+
+def outputs(args: argparse.Namespace) -> Paths:
+    return [("--html", args.html), ("--png", args.png), ("--json", args.json)]
+
+
+def run(args: argparse.Namespace) -> int:
+    llm = load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    target = args.target_id if args.target_id is not None else args.target
+    explanation = _explain(llm, prompt, target, args)
+    skip_first = not args.keep_first
+    for path, save in ((args.html, explanation.save_html), (args.json, explanation.save_json)):
+        if path is not None:
+            save(path)
+            print(f"wrote {path}", file=sys.stderr)
+    if args.png is not None:
+        explanation.save_png(args.png, skip_first=skip_first)
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+def _explain(llm, prompt, target, args: argparse.Namespace):
+    """Explain and print the terminal heatmap; a hint about the target becomes a note on stderr,
+    not a Python warning with file and line."""
+    import warnings
+
+    from ..errors import TargetHint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TargetHint)
+        explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args))
+    print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
+    for w in caught:
+        if issubclass(w.category, TargetHint):
+            print(f"lucidlm: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return explanation
+
+
+EXPLAIN = Command("explain", "which prompt tokens made the model predict its next token", add_arguments, run,
+                  epilog=EXPLAIN_KV, outputs=outputs)

@@ -1,0 +1,47 @@
+"""``lucidlm generate`` (continue raw text) and ``lucidlm chat`` (an interactive chat).
+
+>>> GENERATE.parse(["Once upon", "--max-new-tokens", "5"]).max_new_tokens
+5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import Command, add_model, add_sampling, load, sampling_kwargs
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text to continue")
+    add_model(p)
+    add_sampling(p, 128)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    llm = load(args)
+    for piece in llm.generate(args.prompt, stream=True, **sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system message (default: none)")
+    add_model(p)
+    add_sampling(p, 512)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..repl import Repl
+
+    llm = load(args)  # the banner names it by LLM.name (org/name for a hub snapshot)
+    return Repl(llm, system=args.system, options=sampling_kwargs(args)).run()
+
+
+GENERATE = Command("generate", "continue raw text; prints only the completion", add_generate, run_generate)
+CHAT = Command("chat", "interactive chat with the checkpoint's template (streams tokens)", add_chat, run_chat,
+               epilog="In the chat, /help lists the commands: /reset, /save FILE, /system TEXT, /explain [N],\n"
+                      "/quit. Ctrl-C stops a reply and keeps the conversation; Ctrl-C or Ctrl-D at the\n"
+                      "prompt quits. Piped input: one user turn a line; the output marks the turns.")

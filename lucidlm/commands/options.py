@@ -1,0 +1,244 @@
+"""What the ``lucidlm`` commands share: the parser class, the :class:`Command` record each command
+module fills in, argument types, the option groups (model and dtype, KV cache, sampling) and the
+helpers that read those groups back.
+
+Torch-free: ``--help`` and every argument mistake answer before anything heavy loads. An argument
+type rejects a value with one line (:class:`Parser` exits with status 2 and no usage block):
+
+>>> p = Parser(prog="demo")
+>>> add_cache(p)
+>>> p.parse_args(["--cache-tokens", "64"]).cache_tokens
+64
+>>> positive("0")
+Traceback (most recent call last):
+...
+argparse.ArgumentTypeError: expected a positive integer, got 0
+>>> top_p("1.5")
+Traceback (most recent call last):
+...
+argparse.ArgumentTypeError: expected a probability in (0, 1], got 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ..cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_policy
+from ..checkpoints.embedded import FILENAME
+from ..dtypes import MODEL_DTYPES
+from ..errors import CacheError
+
+#: the model every command uses without --model
+EMBEDDED = FILENAME.partition(".")[0]
+
+Paths = list[tuple[str, Any]]  # (the argument that names it, the path or None)
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless the help already says it (a None default
+    says it in words: "default: the embedded model")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (exit status 2), with :class:`Formatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # one clear line instead of the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(Exception):
+    """An argument that parsed but cannot work (checked before anything loads): exit 2."""
+
+
+def no_paths(args: argparse.Namespace) -> Paths:
+    return []
+
+
+def model_option(args: argparse.Namespace) -> tuple[str, str | None]:
+    return "--model", getattr(args, "model", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``lucidlm`` command: its options, what runs it, and what is checked before it runs.
+
+    ``help`` is its line in ``lucidlm --help`` (and, capitalised, its description unless
+    ``description`` is given). ``inputs``/``outputs`` name the files it reads (they must exist) and
+    writes (their directory must exist); ``model`` the checkpoint argument (must exist or be a
+    hub repo id)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str | None = None
+    description: str | None = None
+    inputs: Callable[[argparse.Namespace], Paths] = no_paths
+    outputs: Callable[[argparse.Namespace], Paths] = no_paths
+    model: Callable[[argparse.Namespace], tuple[str, str | None]] = model_option
+
+    def add_to(self, subparsers) -> argparse.ArgumentParser:
+        """Add this command's parser to ``subparsers``."""
+        description = self.description or self.help[0].upper() + self.help[1:] + "."
+        parser = subparsers.add_parser(self.name, help=self.help, description=description, epilog=self.epilog)
+        self.add_arguments(parser)
+        return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """``argv`` parsed by this command's options alone (what the examples here use)."""
+        parser = Parser(prog=f"lucidlm {self.name}")
+        self.add_arguments(parser)
+        return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- argument types
+def _integer(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _at_least(text: str, low: int, expected: str) -> int:
+    value = _integer(text, expected)
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    return _at_least(text, 1, "a positive integer")
+
+
+def token_id(text: str) -> int:
+    return _at_least(text, 0, "a token id (an integer >= 0)")
+
+
+def non_negative_int(text: str) -> int:
+    return _at_least(text, 0, "an integer >= 0")
+
+
+def port(text: str) -> int:
+    value = positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value}")
+    return value
+
+
+def _number(text: str, expected: str, ok: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def temperature(text: str) -> float:
+    return _number(text, "a temperature >= 0 (0 = greedy)", lambda v: v >= 0)
+
+
+def top_p(text: str) -> float:
+    return _number(text, "a probability in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, "a positive number", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, "a number >= 0", lambda v: v >= 0)
+
+
+def fraction(text: str) -> float:
+    return _number(text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def policy(text: str) -> str:
+    try:
+        return check_policy(text)
+    except CacheError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- option groups
+def add_dtype(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=text)
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"HF directory, .gguf file or hub repo id org/name "
+                                   f"(default: the embedded {EMBEDDED})")
+    add_dtype(p, "the weights' dtype in memory")
+
+
+def add_cache(p: argparse.ArgumentParser) -> None:
+    policies = " | ".join(EVICTIONS)
+    p.add_argument("--kv-cache", type=policy, default=None, metavar="POLICY",
+                   help=f"KV-cache policy {GRAMMAR} with NAME one of {policies}, e.g. 'sink(n_sink=8)' or "
+                        "'snapkv(window=16)+int8' (default: dense; window, with a note, when only "
+                        "--cache-tokens is given)")
+    p.add_argument("--cache-tokens", type=positive, default=None, metavar="N",
+                   help=f"KV-cache budget in tokens per layer (default: the context for dense, "
+                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies)")
+
+
+def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=positive, default=max_new, help="most tokens to generate")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive, default=None, help="sample among the k likeliest tokens "
+                                                                 "(default: all)")
+    p.add_argument("--top-p", type=top_p, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, "
+                        "in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string, repeatable (default: only the model's stop tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (dense cache; compiles for about a minute first, "
+                        "falls back to eager with a warning where no compiler is installed)")
+    add_cache(p)
+
+
+# ----------------------------------------------------------------------------- reading the groups back
+def load(args: argparse.Namespace):
+    """The ``--model`` at ``--dtype`` (compiled with ``--compile``), with progress on stderr."""
+    from ..api import LLM
+
+    llm = LLM.load(args.model, dtype=args.dtype, progress=True)
+    return llm.compile() if getattr(args, "compile", False) else llm
+
+
+def cache_kwargs(args: argparse.Namespace) -> dict:
+    """``kv_cache``/``cache_tokens`` for the API, or nothing for the dense default (the pre-load
+    checks already turned ``--cache-tokens`` alone into the window policy).
+
+    >>> cache_kwargs(argparse.Namespace(kv_cache=None, cache_tokens=None))
+    {}
+    """
+    if args.kv_cache is None:
+        return {}
+    return {"kv_cache": args.kv_cache, "cache_tokens": args.cache_tokens}
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling group (and the cache group) as ``llm.generate`` keyword arguments."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop)
+    return kwargs | cache_kwargs(args)

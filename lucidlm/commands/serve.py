@@ -1,0 +1,98 @@
+"""``lucidlm serve`` (the OpenAI-compatible server with /v1/explain and the viewer at /) and ``lucidlm
+view`` (a saved explanation as a viewer page; without a file: serve and open the viewer).
+
+>>> args = SERVE.parse(["--port", "8080"])
+>>> args.host, args.port, args.max_queue
+('127.0.0.1', 8080, 16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .options import Command, Paths, add_cache, add_model, cache_kwargs, load, port, positive
+
+
+def add_serving(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    add_cache(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, loopback; other addresses need --api-key)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LUCIDLM_API_KEY if set, "
+                        "else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--max-queue", type=positive, default=16, help="requests running or waiting before 503")
+    p.add_argument("--max-body-bytes", type=positive, default=1 << 20, help="larger request bodies get 413")
+
+
+def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
+    import os
+
+    from ..serve import check_bind
+
+    api_key = args.api_key or os.environ.get("LUCIDLM_API_KEY") or None
+    check_bind(args.host, api_key)  # before the model loads: a refusal costs nothing
+    from ..serve import serve
+
+    llm = load(args)
+    name = args.model_name or llm.name
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+    print(f"lucidlm: serving {name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
+    if open_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.5, webbrowser.open, [url]).start()
+    serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=name, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, **cache_kwargs(args))
+    return 0
+
+
+def add_view(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", type=Path, help="an explanation saved with --json or save_json()")
+    p.add_argument("--out", type=Path, default=None, help="where to write the page (default: FILE with .html)")
+    p.add_argument("--no-open", action="store_true", help="write the page (or start the server) without a browser")
+    add_serving(p)
+
+
+def run_view(args: argparse.Namespace) -> int:
+    if args.file is None:
+        return run_serve(args, open_browser=not args.no_open)
+    from ..errors import ExplainError
+    from ..explain.explanation import load_json
+    from ..fileio import atomic_write
+    from ..serve.viewer import viewer_page
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExplainError(f"{args.file}: cannot read the explanation ({exc})") from exc
+    try:
+        explanation = load_json(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        raise ExplainError(f"{args.file}: not a saved explanation ({exc})") from exc
+    out = args.out or args.file.with_suffix(".html")
+    atomic_write(out, viewer_page(explanation.to_dict()))
+    print(f"wrote {out}", file=sys.stderr)
+    if not args.no_open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    return 0
+
+
+def _view_inputs(args: argparse.Namespace) -> Paths:
+    return [("FILE", args.file)]
+
+
+def _view_outputs(args: argparse.Namespace) -> Paths:
+    return [("--out", args.out)]
+
+
+SERVE = Command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /", add_serving, run_serve)
+VIEW = Command("view", "open a saved explanation (JSON) in the viewer; no FILE: serve and open /", add_view, run_view,
+               inputs=_view_inputs, outputs=_view_outputs)
