@@ -77,7 +77,7 @@ def test_rows_equal_single_explanations(llm, data, tiny_lm_dir, tmp_path):
         assert row["token_ids"] == single.token_ids and row["tokens"] == single.tokens
         assert len(row["relevance"]) == len(row["tokens"])
         assert rel_l2(row["relevance"], single.relevance.tolist()) < 1e-5
-        assert row["logit"] == pytest.approx(single.target_logit, rel=1e-5)
+        assert row["target_logit"] == pytest.approx(single.target_logit, rel=1e-5)
         assert (row["target"], row["target_ids"], row["method"], row["score_label"]) == \
                (single.target, single.target_ids, "attnlrp", single.score_label)
     assert [r["score_label"] for r in rows[3:5]] == ["log-prob", "log-prob"]

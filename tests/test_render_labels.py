@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from lucidlm import GPT, Config
-from lucidlm.explain import heatmaps as hm
+from lucidlm.render import png as hm
 from lucidlm.explain.explainer import explain
 from lucidlm.explain.explanation import (
     Explanation,

@@ -262,3 +262,32 @@ def test_server_mode_kv_cache_and_errors(page, llm):
         page.dispatch_event("#contrast", "change")  # a contrast re-explains: this one is refused
         page.wait_for_selector("#error:not([hidden])")
         assert page.text_content("#error").startswith("Explain failed: ")
+
+
+# ----------------------------------------------------------------------------- the HTML export
+
+
+def test_generation_export_uses_the_same_renderer(page, tmp_path):
+    """GenerationExplanation.save_html inlines the viewer's renderer (lucidlm/render/static/heatmap.js):
+    hovering a generated token recolours the earlier tokens in exactly the colours Python draws."""
+    matrix = torch.tensor([[3.0, -1.0, 0.5, 0.0, 0.0, 0.0], [2.0, 0.25, -2.0, 1.0, 0.0, 0.0],
+                           [1.0, 1.0, 1.0, 1.0, -1.0, 0.0]])
+    evicted = torch.zeros(3, 6, dtype=torch.bool)
+    evicted[1, 1] = True
+    g = GenerationExplanation(["<s>", "Hi", " <b>you</b>"], [" there", "!", " ok"], matrix, "attnlrp",
+                              evicted=evicted)
+    page.goto(g.save_html(tmp_path / "g.html").as_uri())
+    page.hover('.lucidlm-gen[data-g="1"]')
+    assert "generated token 1" in page.text_content(".lucidlm-info")
+    spans = page.eval_on_selector_all(".lucidlm-tok", """els => els.map(e => ({bg: e.style.background,
+        classes: [...e.classList], title: e.title, relevance: e.dataset.relevance ?? null}))""")
+    cells, _ = g.row(1).cells()
+    assert [s["bg"] for s in spans[:4]] == ["rgb({}, {}, {})".format(*c.color) for c in cells]
+    assert [float(s["relevance"]) for s in spans[:4]] == matrix[1, :4].tolist()
+    assert "lucidlm-sink" in spans[0]["classes"] and "lucidlm-evicted" in spans[1]["classes"]
+    assert "lucidlm-current" in spans[4]["classes"] and "lucidlm-future" in spans[5]["classes"]
+    assert spans[5]["bg"] == "" and spans[2]["title"] == cells[2].label()  # the tooltip Python writes
+    page.click('.lucidlm-gen[data-g="0"]')  # pin token 0: hovering another one keeps it
+    page.hover('.lucidlm-gen[data-g="2"]')
+    info = page.text_content(".lucidlm-info")
+    assert "generated token 0" in info and "pinned" in info

@@ -253,7 +253,7 @@ def heatmap_png(rows: Sequence[dict], lengths: Sequence[int], depths: Sequence[f
     and budget (rows; dense in the first row only), each cell annotated with its percentage."""
     import numpy as np
 
-    from lucidlm.explain import heatmaps as hm
+    from lucidlm.render import png as hm
 
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     fractions = sorted({r["fraction"] for r in rows if r["policy"] != "dense"}) or [1.0]

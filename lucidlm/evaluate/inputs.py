@@ -1,10 +1,11 @@
 """What :func:`lucidlm.evaluate.faithfulness` evaluates: explanations in any of their forms, made
 uniform.
 
-An explanation can arrive as an :class:`~lucidlm.explain.explanation.Explanation`, as a row of
-``lucidlm explain-dataset`` (a dict with ``token_ids``, ``relevance``, ``target_ids`` and
-optionally ``id`` and ``score_label``), or as a ``(token_ids, relevance, target)`` tuple whose
-parts may be lists, numpy arrays or tensors. Each becomes an :class:`Item`.
+An explanation can arrive as an :class:`~lucidlm.explain.explanation.Explanation`, as a dict in
+its wire form (a row of ``lucidlm explain-dataset``, an ``Explanation.to_dict()``, a ``/v1/explain``
+answer; what is read: ``token_ids``, ``relevance``, ``target_ids`` and optionally ``id``,
+``score_label`` and ``method``), or as a ``(token_ids, relevance, target)`` tuple whose parts may be
+lists, numpy arrays or tensors. Each becomes an :class:`Item`.
 
 The explained score decides how the perturbed inputs are scored (:attr:`Item.kind`):
 

@@ -132,11 +132,19 @@ class FaithfulnessResult:
         return atomic_write(path, self.to_json())
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Write a PNG of the mean deletion and insertion curves to ``path`` atomically (see
+        """Write a PNG of the mean deletion and insertion curves (whichever were measured, each
+        labelled with its mean area) to ``path`` atomically (drawn by
         :func:`lucidlm.evaluate.plot.curves_png`)."""
-        from .plot import curves_png
+        from .plot import CURVES, curves_png
 
-        return atomic_write(path, curves_png(self))
+        curves = {name: self.mean_curve(name) for name in CURVES if any(name in e.curves for e in self.examples)}
+        if not curves:
+            raise ExplainError("plot: no deletion or insertion curve was measured (metrics "
+                               f"{', '.join(self.metrics)}): measure deletion or insertion to plot them")
+        areas = {name: self.mean[name] for name in curves if name in self.metrics}
+        method = f" · method {self.method}" if self.method else ""
+        title = f"faithfulness: mean curves over {len(self.examples)} explanations{method}"
+        return atomic_write(path, curves_png(curves, areas, self.score, title))
 
 
 def _plain(value: Any) -> Any:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,8 +34,10 @@ from ..errors import DataError, ExplainError
 from ..methods import METHODS
 
 FORMATS = ("jsonl", "parquet")
-#: the fields of every output row (``evicted`` is added under a KV-cache policy)
-ROW_FIELDS = ("id", "tokens", "token_ids", "relevance", "target", "target_ids", "logit", "method", "score_label")
+#: the fields of every output row: the record's ``id``, then the explanation's wire form
+#: (:meth:`~lucidlm.explain.explanation.Explanation.to_dict`; README, "Wire format")
+ROW_FIELDS = ("id", "format", "version", "type", "tokens", "token_ids", "relevance", "target", "target_ids",
+              "target_logit", "method", "evicted", "layers", "prompt", "score_label", "segments")
 #: what a resumed run must share with the run that started ``DIR``
 SETTINGS = ("method", "model", "dtype", "format", "shard_size", "batch_size", "target_field", "kv_cache",
             "cache_tokens")
@@ -322,12 +323,8 @@ def _prompt_ids(tokenizer, item: Item) -> list[int]:
 
 
 def _row(item: Item, e) -> dict[str, Any]:
-    row = {"id": item.id, "tokens": e.tokens, "token_ids": e.token_ids, "relevance": e.relevance.tolist(),
-           "target": e.target, "target_ids": e.target_ids, "logit": e.target_logit, "method": e.method,
-           "score_label": e.score_label}
-    if e.evicted is not None:
-        row["evicted"] = e.evicted.tolist()
-    return row
+    """The output row of ``item``: its id, then its explanation's wire form."""
+    return {"id": item.id, **e.to_dict()}
 
 
 def _bar(total: int, show: bool):
@@ -360,29 +357,33 @@ def _write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
 
 
 def _json_line(row: dict) -> str:
-    # strict JSON: a non-finite float (an overflow in half precision) is spelled as a string that
-    # float() reads back ("NaN", "Infinity")
-    row = dict(row, relevance=[_finite(x) for x in row["relevance"]], logit=_finite(row["logit"]))
+    # the wire form is strict JSON already: a non-finite float (an overflow in half precision) is
+    # spelled as a string that float() reads back ("NaN", "Infinity")
     return json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
-
-
-def _finite(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
 
 
 def _table(rows: list[dict], id_kind: str):
     pa = _pyarrow()
-    fields = [("id", pa.string() if id_kind == "str" else pa.int64()), ("tokens", pa.list_(pa.string())),
-              ("token_ids", pa.list_(pa.int64())), ("relevance", pa.list_(pa.float32())), ("target", pa.string()),
-              ("target_ids", pa.list_(pa.int64())), ("logit", pa.float64()), ("method", pa.string()),
-              ("score_label", pa.string())]
-    if rows and "evicted" in rows[0]:
-        fields.append(("evicted", pa.list_(pa.bool_())))
-    if id_kind == "str":
-        rows = [dict(row, id=str(row["id"])) for row in rows]
-    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
+    ids, segment = pa.list_(pa.int64()), pa.struct([("label", pa.string()), ("start", pa.int64()),
+                                                     ("end", pa.int64())])
+    schema = pa.schema([
+        ("id", pa.string() if id_kind == "str" else pa.int64()), ("format", pa.string()), ("version", pa.int64()),
+        ("type", pa.string()), ("tokens", pa.list_(pa.string())), ("token_ids", ids),
+        ("relevance", pa.list_(pa.float32())), ("target", pa.string()), ("target_ids", ids),
+        ("target_logit", pa.float64()), ("method", pa.string()), ("evicted", pa.list_(pa.bool_())),
+        ("layers", pa.string()), ("prompt", pa.string()), ("score_label", pa.string()),
+        ("segments", pa.list_(segment))])
+    return pa.Table.from_pylist([_parquet_row(row, id_kind) for row in rows], schema=schema)
+
+
+def _parquet_row(row: dict, id_kind: str) -> dict:
+    """A row as Parquet's typed columns hold it: numbers as floats (NaN and the infinities are
+    native there), ``layers`` (a dict of tensors of any shape) as its JSON text."""
+    from .wire import unspell
+
+    layers = None if row["layers"] is None else json.dumps(row["layers"], allow_nan=False)
+    return dict(row, id=str(row["id"]) if id_kind == "str" else row["id"], relevance=unspell(row["relevance"]),
+                target_logit=unspell(row["target_logit"]), layers=layers)
 
 
 def _complete(path: Path, rows: int, fmt: str) -> bool:
@@ -430,7 +431,9 @@ def _write_manifest(out: Path, settings: dict, shards: list[Sequence[Item]], nam
 
 def read_results(out: str | Path) -> list[dict]:
     """The rows of a finished run (``DIR/manifest.json``), in record order, from JSONL or Parquet
-    shards alike (relevances as the float32 values that were computed, as Python floats).
+    shards alike: ``id`` and the explanation's wire form (``Explanation.from_dict(row)`` rebuilds
+    it), with every number a Python float (relevances the float32 values that were computed;
+    NaN where the file spells ``"NaN"``). Rows an older lucidlm wrote are upgraded to this form.
 
     >>> read_results("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -454,8 +457,24 @@ def _read_shard(path: Path, fmt: str) -> list[dict]:
     if not path.is_file():
         raise ExplainError(f"{path}: no such shard file (listed in {MANIFEST})")
     if fmt == "parquet":
-        return _pyarrow().parquet.read_table(str(path)).to_pylist()
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    for row in rows:  # non-finite values were written as strings
-        row["relevance"], row["logit"] = [float(x) for x in row["relevance"]], float(row["logit"])
-    return rows
+        rows = _pyarrow().parquet.read_table(str(path)).to_pylist()
+        for row in rows:
+            if row.get("layers") is not None:  # stored as JSON text (see _parquet_row)
+                row["layers"] = json.loads(row["layers"])
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [_read_row(row) for row in rows]
+
+
+def _read_row(row: dict) -> dict:
+    """A stored row in the current wire form (an older version's row, with no ``format`` and the
+    score under ``logit``, is upgraded), its numbers as floats."""
+    from .wire import unspell
+
+    if "format" not in row:
+        from .explanation import Explanation
+
+        row = {"id": row["id"], **Explanation.from_dict(row).to_dict()}
+    return dict(row, relevance=unspell(row["relevance"]), target_logit=unspell(row["target_logit"]),
+                layers=unspell(row["layers"]))
+

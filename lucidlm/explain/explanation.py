@@ -1,12 +1,13 @@
-"""The result types of every explanation in lucidlm, with their renderings and JSON form.
+"""The result types of every explanation in lucidlm, and their one serialised form.
 
 * :class:`Explanation`: relevance of each prompt token for one predicted target.
 * :class:`GenerationExplanation`: for each generated token, the relevance of every earlier token.
 * :class:`ImageExplanation`: relevance of each pixel of an image for one class.
 
-All three render to HTML (self-contained: inline CSS/JS, images as ``data:`` URIs, nothing fetched
-from the network), to PNG, and to JSON that reads back to an equal object; files are written
-atomically (see :func:`lucidlm.fileio.atomic_write`).
+Each serialises to the wire format of :mod:`lucidlm.explain.wire` (``to_dict``/``to_json``, read
+back to an equal object by ``from_dict``/``from_json``/:func:`load_json`, including files older
+versions saved) and renders to the terminal, self-contained HTML and PNG through
+:mod:`lucidlm.render`. Files are written atomically (see :func:`lucidlm.fileio.atomic_write`).
 """
 
 from __future__ import annotations
@@ -14,75 +15,34 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import numpy as np
 import torch
 
 from ..errors import ExplainError
 from ..fileio import atomic_write
-from . import aggregate
-from . import heatmaps as hm
+from ..render import html, png, terminal
+from ..render.cells import NEUTRAL, Cell, token_cells
+from . import aggregate, wire
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Explanation", "GenerationExplanation", "ImageExplanation", "load_json"]
+__all__ = ["Explanation", "GenerationExplanation", "ImageExplanation", "load_dict", "load_json"]
 
 PathLike = str | os.PathLike[str]
-_VERSION = 1
-_TENSOR, _FLOAT = "__tensor__", "__float__"
 
 
-# ----------------------------------------------------------------------------- JSON encoding
-# Strict JSON (no NaN literals, which browsers and most other parsers reject) that still round
-# trips exactly: tensors keep dtype and shape, non-finite floats are spelled as strings.
-
-
-def _encode(value: Any) -> Any:
-    """JSON-ready form of a field value (tensors, non-finite floats, nested lists and dicts)."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        data = [str(x) if isinstance(x, float) and not math.isfinite(x) else x
-                for x in t.flatten().tolist()]
-        dtype = str(t.dtype).removeprefix("torch.")
-        return {_TENSOR: {"dtype": dtype, "shape": list(t.shape), "data": data}}
-    if isinstance(value, float) and not math.isfinite(value):
-        return {_FLOAT: str(value)}
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return value
-
-
-def _decode(value: Any) -> Any:
-    """Inverse of :func:`_encode`."""
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if _FLOAT in value:
-        return float(value[_FLOAT])
-    if _TENSOR not in value:
-        return {k: _decode(v) for k, v in value.items()}
-    spec = value[_TENSOR]
-    dtype = getattr(torch, str(spec["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ExplainError(f"tensor dtype {spec['dtype']!r} in JSON: expected a torch dtype name")
-    data = [float(x) if isinstance(x, str) else x for x in spec["data"]]
-    return torch.tensor(data, dtype=dtype).reshape(spec["shape"])
-
-
-def _tensor(value: Any, dtype: torch.dtype, name: str, dims: int) -> torch.Tensor:
-    """``value`` as a CPU tensor of ``dtype`` with ``dims`` dimensions, or an ExplainError."""
+def _tensor(value: Any, dtype: torch.dtype, name: str, dims: int,
+            empty_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``value`` as a CPU tensor of ``dtype`` with ``dims`` dimensions, or an ExplainError. An
+    empty ``value`` takes ``empty_shape`` (JSON's ``[]`` has lost the shape of an empty matrix)."""
     t = torch.as_tensor(value).detach().to("cpu", dtype)
+    if empty_shape is not None and t.numel() == 0 == math.prod(empty_shape):
+        t = t.reshape(empty_shape)
     if t.dim() != dims:
         raise ExplainError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
     return t
@@ -105,49 +65,43 @@ def _segment(i: int, value: Any) -> dict[str, Any]:
     return segment
 
 
-def _color_stdout() -> bool:
-    """Whether text printed to stdout should be coloured: stdout is a terminal, and NO_COLOR
-    (https://no-color.org) is unset or empty."""
-    if os.environ.get("NO_COLOR"):
-        return False
-    try:
-        return bool(sys.stdout is not None and sys.stdout.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
 def _target_title(target: str, score: float, method: str, label: str = "logit") -> str:
     """``target ' Paris' (logit 17.25) · method attnlrp``; ``label`` names what ``score`` is."""
     return f"target {target!r} ({label} {score:.4g}) · method {method}"
 
 
 class _Result:
-    """JSON, files, equality and Jupyter display shared by the explanation types."""
+    """The wire format, files, equality and Jupyter display shared by the explanation types."""
+
+    #: the fields holding numbers, whose non-finite values the wire format spells as strings
+    _NUMBERS: ClassVar[tuple[str, ...]] = ()
 
     def to_html(self, full_page: bool = True) -> str:  # pragma: no cover - every subclass has one
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict: ``type``, ``version`` and every field (tensors with dtype/shape)."""
+        """The wire format (:mod:`lucidlm.explain.wire`): ``format``, ``version``, ``type``, then
+        every field as plain JSON (tensors as nested lists, non-finite floats as strings)."""
         spec = fields(self)  # type: ignore[arg-type]
-        encoded = {f.name: _encode(getattr(self, f.name)) for f in spec}
-        return {"type": type(self).__name__, "version": _VERSION, **encoded}
+        return wire.header(type(self).__name__) | {f.name: wire.plain(getattr(self, f.name)) for f in spec}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Rebuild from :meth:`to_dict`; ExplainError names what is wrong with ``data``."""
-        if not isinstance(data, dict) or data.get("type") != cls.__name__:
-            found = data.get("type") if isinstance(data, dict) else type(data).__name__
-            raise ExplainError(f"expected a serialised {cls.__name__}, got type {found!r}")
-        if data.get("version", _VERSION) > _VERSION:
-            raise ExplainError(
-                f"{cls.__name__} JSON version {data['version']} is newer than {_VERSION}")
+        """Rebuild from :meth:`to_dict`, of this version or an older one (see
+        :func:`lucidlm.explain.wire.upgrade`); ExplainError names what is wrong with ``data``.
+        Keys that are no field (an ``explain-dataset`` row's ``id``) are ignored."""
+        data = wire.upgrade(data)
+        if data.get("type") != cls.__name__:
+            raise ExplainError(f"expected a serialised {cls.__name__}, got type {data.get('type')!r}")
         spec = fields(cls)  # type: ignore[arg-type]
         missing = [f.name for f in spec if f.name not in data and f.default is MISSING]
         if missing:
             raise ExplainError(f"{cls.__name__} JSON lacks field(s) {', '.join(missing)}")
+        values = {f.name: data[f.name] for f in spec if f.name in data}
         try:
-            return cls(**{f.name: _decode(data[f.name]) for f in spec if f.name in data})
+            for name in set(cls._NUMBERS) & set(values):
+                values[name] = wire.unspell(values[name])
+            return cls(**values)
         except ExplainError:
             raise
         except (TypeError, ValueError, KeyError, RuntimeError) as e:
@@ -179,27 +133,32 @@ class _Result:
         return self.to_html(full_page=False)
 
     def __eq__(self, other: object) -> bool:
-        # Field-wise == would compare tensors element-wise; equal JSON forms mean equal results
-        # (same values, dtypes and shapes).
+        # Field-wise == would compare tensors element-wise; equal wire forms mean equal results
+        # (same values and shapes; every tensor field has one dtype, set by __post_init__).
         return isinstance(other, _Result) and type(self) is type(other) \
             and self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like every dataclass with eq
 
 
-def load_json(text: str) -> Explanation | GenerationExplanation | ImageExplanation:
-    """Read any explanation's JSON, whichever type it is.
+def load_dict(data: dict[str, Any]) -> Explanation | GenerationExplanation | ImageExplanation:
+    """Read any explanation's :meth:`~Explanation.to_dict` (of any version), whichever type it is.
 
     >>> e = ImageExplanation(torch.zeros(2, 2), None, "cat", 1.0, "attnlrp")
-    >>> load_json(e.to_json()) == e
+    >>> load_dict(e.to_dict()) == e
     True
     """
     kinds = {k.__name__: k for k in (Explanation, GenerationExplanation, ImageExplanation)}
-    data = json.loads(text)
-    kind = kinds.get(data.get("type")) if isinstance(data, dict) else None
+    data = wire.upgrade(data)
+    kind = kinds.get(data.get("type"))
     if kind is None:
         raise ExplainError(f"load_json: expected one of {', '.join(kinds)} as 'type'")
     return kind.from_dict(data)
+
+
+def load_json(text: str) -> Explanation | GenerationExplanation | ImageExplanation:
+    """Read any explanation's JSON (:func:`load_dict` of it), whichever type it is."""
+    return load_dict(json.loads(text))
 
 
 # ----------------------------------------------------------------------------- Explanation
@@ -249,6 +208,8 @@ class Explanation(_Result):
     #: labelled character ranges of :attr:`text` (documents of a RAG prompt, user spans), or None;
     #: JSON without it (older files) reads as None.
     segments: list[dict[str, Any]] | None = None
+
+    _NUMBERS: ClassVar[tuple[str, ...]] = ("relevance", "target_logit", "layers")
 
     def __post_init__(self) -> None:
         self.tokens = [str(t) for t in self.tokens]
@@ -378,9 +339,9 @@ class Explanation(_Result):
         order = [i for i in torch.argsort(values, descending=True, stable=True).tolist() if keep[i]]
         return [(i, self.tokens[i], float(self.relevance[i])) for i in order[:k]]
 
-    def cells(self, skip_first: bool = True) -> tuple[list[hm.Cell], float]:
+    def cells(self, skip_first: bool = True) -> tuple[list[Cell], float]:
         """Tokens ready to draw and the colour scale (the |relevance| drawn at full colour)."""
-        return hm.token_cells(self.tokens, self.relevance, self.evicted, skip_first)
+        return token_cells(self.tokens, self.relevance, self.evicted, skip_first)
 
     def title(self) -> str:
         """One-line header: target, the explained score labelled with :attr:`score_label`, and
@@ -396,33 +357,22 @@ class Explanation(_Result):
         ``False`` forces it. Plain text shows each token's value in brackets. ``width`` defaults
         to the terminal's; ``skip_first`` leaves token 0 out of the colour scale (underlined).
         """
-        color = _color_stdout() if color is None else color
-        cells, scale = self.cells(skip_first)
-        width = width or shutil.get_terminal_size((100, 24)).columns
-        header = "\n".join([self.title(), *hm.cell_notes(cells)])
-        body = hm.terminal_text(cells, width, color)
-        return "\n".join([header, body, hm.terminal_legend(scale, color)])
+        return terminal.heatmap(*self.cells(skip_first), self.title(), width, color)
 
     def to_html(self, skip_first: bool = True, full_page: bool = True) -> str:
         """Self-contained HTML: header, tokens with tooltips showing their values, colour bar."""
-        cells, scale = self.cells(skip_first)
-        head = "".join(f"<div>{hm.esc(n)}</div>" for n in [self.title(), *hm.cell_notes(cells)])
-        body = (f'<div class="lucidlm-head">{head}</div>{hm.html_cells(cells)}'
-                + hm.html_legend(scale, hm.LEGEND))
-        return hm.html_document(body, f"lucidlm: {self.target}", full_page)
+        return html.heatmap_page(*self.cells(skip_first), self.title(), f"lucidlm: {self.target}", full_page)
 
     def png_figure(self, skip_first: bool = True, columns: int = 80) -> Figure:
         """The matplotlib Figure :meth:`to_png` draws (Agg canvas, outside pyplot): title, tokens
         wrapped at ``columns`` (the figure is only as wide as the longest line), colour bar
         with ticks at ±scale and 0, one-line legend."""
-        cells, scale = self.cells(skip_first)
-        title = "\n".join([self.title(), *hm.cell_notes(cells)])
-        return hm.tokens_figure(cells, scale, title, columns)
+        return png.tokens_figure(*self.cells(skip_first), self.title(), columns)
 
     def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
         """PNG bytes at 150 dpi: tokens as coloured boxes wrapped like text (at most ``columns``
         wide), colour bar and legend (see :meth:`png_figure`)."""
-        return hm.figure_png(self.png_figure(skip_first, columns))
+        return png.figure_png(self.png_figure(skip_first, columns))
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
@@ -467,17 +417,19 @@ class GenerationExplanation(_Result):
     evicted: torch.Tensor | None = None
     prompt: str | None = None
 
+    _NUMBERS: ClassVar[tuple[str, ...]] = ("matrix", "target_logits")
+
     def __post_init__(self) -> None:
         self.prompt_tokens = [str(t) for t in self.prompt_tokens]
         self.generated_tokens = [str(t) for t in self.generated_tokens]
         self.method = str(self.method)
         shape = (len(self.generated_tokens), len(self.tokens))
-        self.matrix = _tensor(self.matrix, torch.float32, "matrix", 2)
+        self.matrix = _tensor(self.matrix, torch.float32, "matrix", 2, shape)
         if tuple(self.matrix.shape) != shape:
             raise ExplainError(f"matrix: expected shape (n_generated, n_prompt + n_generated) = "
                                f"{shape}, got {tuple(self.matrix.shape)}")
         if self.evicted is not None:
-            self.evicted = _tensor(self.evicted, torch.bool, "evicted", 2)
+            self.evicted = _tensor(self.evicted, torch.bool, "evicted", 2, shape)
             if tuple(self.evicted.shape) != shape:
                 raise ExplainError(
                     f"evicted: expected shape {shape}, got {tuple(self.evicted.shape)}")
@@ -527,76 +479,36 @@ class GenerationExplanation(_Result):
         (coloured on that row's own scale). ``row(i).to_terminal()`` shows a full row.
         ``color=None`` (default) colours only on a terminal without NO_COLOR (as
         :meth:`Explanation.to_terminal`)."""
-        color = _color_stdout() if color is None else color
-        lines = [self.title() + f" · top {k} earlier tokens each"
-                 + " (token 0 left out)" * skip_first]
-        for i, r in enumerate(self.rows()):
-            cells, _ = r.cells(skip_first)
-            tops = [hm.terminal_cell(cells[j], color) + f"({v:+.3g})" * color
-                    for j, _, v in r.top(k, skip_first)]
-            lines.append(f"{i:>4} {hm.visible(r.target)!r:<16} ← " + "  ".join(tops))
-        return "\n".join(lines)
-
-    def _rows_data(self, skip_first: bool) -> list[dict[str, Any]]:
-        # Colours are computed here, by the one colour map, and shipped to the page's script
-        # as compact hex strings (6 characters a token), so the script has no colour logic.
-        data = []
-        for r in self.rows():
-            cells, scale = r.cells(skip_first)
-            data.append({
-                "c": "".join(hm.hex_color(c.color)[1:] for c in cells),
-                "f": "".join("1" if c.fg == (255, 255, 255) else "0" for c in cells),
-                "v": [float(f"{c.value:.4g}") if math.isfinite(c.value) else None for c in cells],
-                "e": [c.index for c in cells if c.evicted],
-                "k": int(bool(cells) and cells[0].sink), "s": f"{scale:.3g}"})
-        return data
+        title = self.title() + f" · top {k} earlier tokens each" + " (token 0 left out)" * skip_first
+        rows = [(r.target, r.cells(skip_first)[0], r.top(k, skip_first)) for r in self.rows()]
+        return terminal.top_tokens(title, rows, color)
 
     def to_html(self, skip_first: bool = True, full_page: bool = True) -> str:
         """Self-contained interactive page: hover (or click, to pin) a generated token to see its
-        row as a heatmap over the earlier tokens. Inline JS and CSS only; without JS the page
-        shows the last generated token's row."""
-        n_prompt, n_gen = len(self.prompt_tokens), len(self.generated_tokens)
+        row as a heatmap over the earlier tokens (drawn by ``lucidlm/render/static/heatmap.js``
+        from this generation's :meth:`to_dict`, inlined). Without JS the page shows the last
+        generated token's row."""
+        n_gen = len(self.generated_tokens)
         last = self.matrix[-1] if n_gen else torch.zeros(len(self.tokens))
         last_evicted = self.evicted[-1] if self.evicted is not None and n_gen else None
-        cells, scale = hm.token_cells(self.tokens, last, last_evicted, skip_first)
-        cells = [c._replace(color=hm.NEUTRAL) if c.index == len(cells) - 1 and n_gen else c
+        cells, scale = token_cells(self.tokens, last, last_evicted, skip_first)
+        cells = [c._replace(color=NEUTRAL) if c.index == len(cells) - 1 and n_gen else c
                  for c in cells]  # the last token is the one explained, not an input
-
-        def extra(cell: hm.Cell) -> dict[str, str]:
-            if cell.index < n_prompt:
-                return {}
-            current = " lucidlm-current" if cell.index == len(cells) - 1 else ""
-            return {"class": "lucidlm-gen" + current, "data-g": str(cell.index - n_prompt)}
-
-        data = {"p": n_prompt, "names": [c.name for c in cells],
-                "gen": [hm.visible(t) for t in self.generated_tokens],
-                "notes": {"evicted": hm.EVICTED_NOTE, "sink": hm.SINK_NOTE},
-                "rows": self._rows_data(skip_first)}
-        root = f"lucidlm-{uuid.uuid4().hex[:12]}"  # unique: several outputs share a notebook page
-        body = (f'<div id="{root}"><div class="lucidlm-head"><div>{hm.esc(self.title())}</div>'
-                f'<div class="lucidlm-info">{hm.esc(_INFO)}</div></div>'
-                + hm.html_cells(cells, extra)
-                + hm.html_legend(scale, hm.MATRIX_LEGEND)
-                + '<script type="application/json" class="lucidlm-data">'
-                + f"{hm.html_json(data)}</script>"
-                + f"<script>{_SCRIPT.replace('ROOT_ID', root)}</script></div>")
-        return hm.html_document(body, f"lucidlm: generation ({self.method})", full_page)
+        return html.generation_page(cells, scale, len(self.prompt_tokens), self.to_dict(), self.title(),
+                                    f"lucidlm: generation ({self.method})", skip_first, full_page)
 
     def png_figure(self, skip_first: bool = True) -> Figure:
         """The matplotlib Figure :meth:`to_png` draws: title, the matrix (rows = generated
         tokens, columns = all tokens), colour bar and one-line legend."""
-        n_gen, n_all = self.matrix.shape
-        if not n_gen:
+        if not self.generated_tokens:
             raise ExplainError("GenerationExplanation.to_png: no token was generated")
-        colors = np.full((n_gen, n_all, 3), hm.FUTURE, dtype=np.uint8)
-        for i, r in enumerate(self.rows()):
-            colors[i, : len(r.tokens)] = [c.color for c in r.cells(skip_first)[0]]
-        return hm.matrix_figure(colors, self.tokens, self.generated_tokens, self.title())
+        colors = png.row_colors([r.cells(skip_first)[0] for r in self.rows()], len(self.tokens))
+        return png.matrix_figure(colors, self.tokens, self.generated_tokens, self.title())
 
     def to_png(self, skip_first: bool = True) -> bytes:
         """PNG bytes at 150 dpi: the matrix as an image (rows = generated tokens, columns = all
         tokens), each row coloured on its own scale; later tokens light grey, evicted ones grey."""
-        return hm.figure_png(self.png_figure(skip_first))
+        return png.figure_png(self.png_figure(skip_first))
 
     def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
@@ -608,40 +520,6 @@ class GenerationExplanation(_Result):
     def __repr__(self) -> str:
         return (f"GenerationExplanation(method={self.method!r}, n_prompt={len(self.prompt_tokens)}, "
                 f"generated={''.join(self.generated_tokens)[:40]!r})")
-
-
-_INFO = "Hover a bold (generated) token to see what it relied on; click to pin. Showing the last one."
-
-# Recolours the token spans with row i of the data. Colours, values and notes all come from
-# Python (see GenerationExplanation._rows_data); this only applies them.
-_SCRIPT = """(function(){
-var root=document.getElementById("ROOT_ID");
-var D=JSON.parse(root.querySelector("script.lucidlm-data").textContent);
-var toks=root.querySelectorAll(".lucidlm-tok"),info=root.querySelector(".lucidlm-info"),pinned=-1;
-function show(i){
- var r=D.rows[i],n=D.p+i;
- for(var j=0;j<toks.length;j++){
-  var el=toks[j],seen=j<n,ev=seen&&r.e.indexOf(j)>=0,sink=seen&&j==0&&r.k==1;
-  el.classList.toggle("lucidlm-future",j>n);
-  el.classList.toggle("lucidlm-current",j==n);
-  el.classList.toggle("lucidlm-evicted",ev);
-  el.classList.toggle("lucidlm-sink",sink);
-  el.style.background=seen?"#"+r.c.substr(6*j,6):"";
-  el.style.color=seen?(r.f.charAt(j)=="1"?"#fff":"#000"):"";
-  el.title=D.names[j]+(seen?": "+(r.v[j]===null?"n/a":r.v[j]):"")
-   +(ev?"; "+D.notes.evicted:"")+(sink?"; "+D.notes.sink:"");
- }
- info.textContent="Relevance for generated token "+i+" "+JSON.stringify(D.gen[i])
-  +" (colour scale \\u00b1"+r.s+")"
-  +(pinned>=0?" - pinned, click it again to unpin":" - click to pin");
-}
-root.querySelectorAll(".lucidlm-gen").forEach(function(el){
- var i=+el.getAttribute("data-g");
- el.addEventListener("mouseenter",function(){if(pinned<0)show(i);});
- el.addEventListener("click",function(){pinned=pinned==i?-1:i;show(i);});
-});
-root.addEventListener("mouseleave",function(){if(pinned<0&&D.rows.length)show(D.rows.length-1);});
-})();"""
 
 
 # ----------------------------------------------------------------------------- images
@@ -664,6 +542,8 @@ class ImageExplanation(_Result):
     target_logit: float
     method: str
 
+    _NUMBERS: ClassVar[tuple[str, ...]] = ("relevance", "image", "target_logit")
+
     def __post_init__(self) -> None:
         self.relevance = _tensor(self.relevance, torch.float32, "relevance", 2)
         self.target, self.method = str(self.target), str(self.method)
@@ -685,12 +565,12 @@ class ImageExplanation(_Result):
         image = None
         if self.image is not None:  # (C, H, W) -> (H, W, 3) for matplotlib
             image = self.image.clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()
-        return hm.image_figure(self.relevance.numpy(), image, overlay, self.title())
+        return png.image_figure(self.relevance.numpy(), image, overlay, self.title())
 
     def to_png(self, overlay: bool = True) -> bytes:
         """PNG bytes at 150 dpi: the heatmap (colour map symmetric around 0), over the image if
         ``overlay`` (opacity follows |relevance|) or beside it."""
-        return hm.figure_png(self.png_figure(overlay))
+        return png.figure_png(self.png_figure(overlay))
 
     def save_png(self, path: PathLike, overlay: bool = True) -> Path:
         """Write :meth:`to_png` to ``path`` atomically."""
@@ -698,9 +578,7 @@ class ImageExplanation(_Result):
 
     def to_html(self, full_page: bool = True, overlay: bool = True) -> str:
         """Self-contained HTML: header and the PNG inline as a ``data:`` URI."""
-        img = f'<img alt="{hm.esc(self.title())}" src="{hm.png_data_uri(self.to_png(overlay))}">'
-        body = f'<div class="lucidlm-head">{hm.esc(self.title())}</div>{img}'
-        return hm.html_document(body, f"lucidlm: {self.target}", full_page)
+        return html.image_page(self.to_png(overlay), self.title(), f"lucidlm: {self.target}", full_page)
 
     def __str__(self) -> str:
         return f"{self.title()} · {tuple(self.relevance.shape)} pixels"

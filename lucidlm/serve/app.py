@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -153,16 +152,10 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
 
 
 def explanation_json(e, model_name: str) -> dict[str, Any]:
-    """``/v1/explain``'s answer: plain lists (non-finite values as null: JSON has no NaN)."""
-    def floats(t) -> list:
-        return [x if math.isfinite(x) else None for x in t.flatten().tolist()] if t.dim() <= 1 else \
-            [floats(row) for row in t]
-
-    return {"object": "explanation", "model": model_name, "method": e.method, "tokens": e.tokens,
-            "token_ids": e.token_ids, "relevance": floats(e.relevance), "target": e.target,
-            "target_ids": e.target_ids, "target_logit": e.target_logit, "score_label": e.score_label,
-            "evicted": e.evicted.tolist() if e.evicted is not None else None,
-            "layers": {k: floats(v) for k, v in e.layers.items()} if e.layers is not None else None}
+    """``/v1/explain``'s answer: the explanation's wire form (``e.to_dict()``: plain lists, and
+    ``"NaN"``/``"Infinity"`` for what JSON cannot spell; README, "Wire format") with the OpenAI-style
+    ``object`` and the serving ``model``. ``Explanation.from_dict`` reads it back."""
+    return {"object": "explanation", "model": model_name, **e.to_dict()}
 
 
 class _Server:

@@ -4,7 +4,7 @@
 //
 // Stable DOM hooks (tests and scripts rely on them):
 //   .tok[data-index]       every token, index into prompt ids + generated ids
-//   .tok[data-relevance]   the relevance of an earlier token for the selected one (as received)
+//   .tok[data-relevance]   the relevance of an earlier token for the selected one (a number)
 //   .tok.gen / .selected / .evicted
 //   #tokens[data-explained="INDEX:METHOD"]   set once an explanation is drawn
 //   body[data-phase]       "idle" | "generating" | "explaining"
@@ -12,106 +12,18 @@
   "use strict";
 
   const $ = (id) => document.getElementById(id);
-
-  // -------------------------------------------------------------------------------- colours
-  // The one colour map of lucidlm (lucidlm.explain.heatmaps.rgb_array): white at 0, blending
-  // linearly to full red at +scale and full blue at -scale; NaN draws white.
-  const POSITIVE = [255, 0, 0];
-  const NEGATIVE = [0, 0, 255];
-
-  function rgb(value, scale) {
-    const v = Number.isFinite(value) ? value : 0;
-    const t = Math.min(Math.abs(v) / scale, 1);
-    const end = v > 0 ? POSITIVE : NEGATIVE;
-    return end.map((e) => Math.round(255 + (e - 255) * t));
-  }
-
-  // Black or white text, whichever reads better on the background (full blue needs white).
-  function textColor([r, g, b]) {
-    return 0.299 * r + 0.587 * g + 0.114 * b >= 128 ? "#000" : "#fff";
-  }
-
-  function cssColor([r, g, b]) {
-    return `rgb(${r}, ${g}, ${b})`;
-  }
-
-  // The |value| drawn at full colour: the largest finite |value|. With skipFirst, token 0 is
-  // left out (an attention sink would wash out every other token), as heatmaps.color_scale does.
-  function colorScale(values, skipFirst) {
-    let top = 0;
-    values.forEach((v, i) => {
-      const counted = !skipFirst || i > 0 || values.length === 1;
-      if (counted && Number.isFinite(v)) top = Math.max(top, Math.abs(v));
-    });
-    return top > 0 ? top : 1; // all zero: any scale draws it white
-  }
-
-  // Like Python's f"{v:+.4g}".
-  function fmt(value, digits = 4) {
-    if (!Number.isFinite(value)) return "n/a";
-    const short = Number(value.toPrecision(digits));
-    return (short >= 0 ? "+" : "") + String(short);
-  }
-
-  // -------------------------------------------------------------------------------- tokens
-  // How a token is displayed (heatmaps.visible): control characters become visible symbols,
-  // spaces stay spaces (the container keeps them with white-space: pre-wrap).
-  const SYMBOLS = { "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d" };
-
-  function visible(token) {
-    let out = "";
-    for (const ch of token) {
-      const code = ch.codePointAt(0);
-      if (SYMBOLS[ch]) out += SYMBOLS[ch];
-      else if (code < 32) out += String.fromCodePoint(0x2400 + code);
-      else if (code === 127) out += "\u2421";
-      else if (code >= 0x80 && code < 0xa0) out += "\ufffd";
-      else out += ch;
-    }
-    return out || "\u2205";
-  }
+  // The one renderer of lucidlm's heatmaps (lucidlm/render/static/heatmap.js, inlined before this
+  // file): colours, colour scale, token display, painting; explanations arrive in the wire format.
+  const H = lucidlmHeatmap;
+  const CLASSES = { selected: "selected", future: "future", evicted: "evicted", sink: "sink" };
 
   function tokenName(index) {
-    return `#${index} ${JSON.stringify(state.tokens[index])}`;
+    return H.tokenName(index, state.tokens[index]);
   }
 
-  // -------------------------------------------------------------------------------- JSON
-  // Explanation.to_dict() spells tensors as {"__tensor__": {dtype, shape, data}} and non-finite
-  // floats as {"__float__": "nan"}; decode() turns both back into numbers / nested arrays.
-  function floatName(text) {
-    const named = { nan: NaN, inf: Infinity, "-inf": -Infinity };
-    return text in named ? named[text] : Number(text);
-  }
-
-  function nest(shape, flat) {
-    if (shape.length === 0) return flat[0];
-    if (shape.length === 1) return flat;
-    const size = shape.slice(1).reduce((a, b) => a * b, 1);
-    const out = [];
-    for (let i = 0; i < shape[0]; i++) out.push(nest(shape.slice(1), flat.slice(i * size, (i + 1) * size)));
-    return out;
-  }
-
-  function decode(value) {
-    if (Array.isArray(value)) return value.map(decode);
-    if (value === null || typeof value !== "object") return value;
-    if ("__float__" in value) return floatName(value.__float__);
-    if ("__tensor__" in value) {
-      const spec = value.__tensor__;
-      return nest(spec.shape, spec.data.map((x) => (typeof x === "string" ? floatName(x) : x)));
-    }
-    const out = {};
-    for (const [key, item] of Object.entries(value)) out[key] = decode(item);
-    return out;
-  }
-
-  // A relevance as a number (a server may send null for a value JSON cannot spell).
-  function num(value) {
-    return value === null || value === undefined ? NaN : Number(value);
-  }
-
+  // The numbers of a (nested) list of the wire format, flat.
   function flatten(value) {
-    return Array.isArray(value) ? value.flatMap(flatten) : [num(value)];
+    return Array.isArray(value) ? value.flatMap(flatten) : [H.number(value)];
   }
 
   // -------------------------------------------------------------------------------- state
@@ -165,7 +77,7 @@
       span.className = generated ? "tok gen" : "tok";
       span.dataset.index = String(index);
       if (ids && ids[k] !== undefined) span.dataset.tokenId = String(ids[k]);
-      span.textContent = visible(token);
+      span.textContent = H.visible(token);
       state.tokens.push(token);
       state.spans.push(span);
       span.title = tokenName(index);
@@ -174,65 +86,24 @@
     });
   }
 
-  // Colours one token: relevance `value` (undefined = not an earlier token of the selection).
-  function paintToken(span, index, value, raw, info) {
-    span.classList.remove("selected", "evicted", "sink", "future");
-    span.style.background = "";
-    span.style.color = "";
-    span.removeAttribute("data-relevance");
-    const notes = [];
-    if (index === info.selected) span.classList.add("selected");
-    if (value === undefined) {
-      if (info.selected >= 0 && index > info.selected) span.classList.add("future");
-      span.title = tokenName(index) + (index === info.selected ? ": explained token" : "");
-      return;
-    }
-    span.dataset.relevance = String(raw);
-    const color = rgb(value, info.scale);
-    span.style.background = cssColor(color);
-    span.style.color = textColor(color);
-    if (info.evicted && info.evicted[index]) {
-      span.classList.add("evicted"); // grey and struck through by the stylesheet
-      notes.push("evicted from the KV cache: the model no longer saw this token");
-    }
-    if (index === 0 && info.count > 1 && Math.abs(value) > info.scale) {
-      span.classList.add("sink"); // outlined: beyond the scale, which leaves token 0 out
-      notes.push("attention sink, excluded from the colour scale");
-    }
-    span.title = [`${tokenName(index)}: ${fmt(value)}`, ...notes].join("; ");
-  }
-
-  // Draws one explanation over the token view: ex = {selected, relevance (as received),
+  // Draws one explanation over the token view: ex = {selected, relevance (wire-format numbers),
   // evicted, target, method, score, label (what score is: "logit", "log-prob", ...), layers}.
   // Tokens from relevance.length on are cleared.
   function showExplanation(ex) {
-    const raw = ex.relevance;
-    const values = raw.map(num);
-    const scale = colorScale(values, true);
-    const evicted = ex.evicted ? ex.evicted.map(Boolean) : null;
-    const info = { selected: ex.selected, scale, evicted, count: values.length };
+    const row = H.cells(ex.relevance.map(H.number), ex.evicted, true);
     state.selected = ex.selected;
-    state.spans.forEach((span, j) => {
-      const inside = j < values.length && j !== ex.selected;
-      paintToken(span, j, inside ? values[j] : undefined, inside ? raw[j] : undefined, info);
-    });
-    showHead(ex, values, scale, evicted);
+    H.paint(state.spans, state.tokens, row, ex.selected, CLASSES);
+    showHead(ex, row);
     showLayers(ex.layers);
   }
 
-  function showHead(ex, values, scale, evicted) {
-    $("head-target").textContent = JSON.stringify(visible(String(ex.target)));
+  function showHead(ex, row) {
+    $("head-target").textContent = JSON.stringify(H.visible(String(ex.target)));
     $("head-method").textContent = ex.method;
     showScore(ex.label, ex.score);
-    $("legend-min").textContent = fmt(-scale, 3);
-    $("legend-max").textContent = fmt(scale, 3);
-    const notes = [];
-    if (values.length > 1 && Math.abs(values[0]) > scale) {
-      notes.push(`token 0 (${fmt(values[0], 3)}) is an attention sink, left out of the colour scale (outlined)`);
-    }
-    const gone = evicted ? evicted.filter(Boolean).length : 0;
-    if (gone) notes.push(`${gone} token(s) evicted from the KV cache (grey, struck through)`);
-    $("head-note").textContent = notes.join(" · ");
+    $("legend-min").textContent = H.fmt(-row.scale, 3);
+    $("legend-max").textContent = H.fmt(row.scale, 3);
+    $("head-note").textContent = H.notes(row, state.tokens).join(" · ");
     $("explain-head").hidden = false;
   }
 
@@ -253,7 +124,8 @@
     else value.before(document.createTextNode(`${name} `));
     value.parentElement.title = SCORE_NOTES[name] || name;
     value.dataset.label = name;
-    value.textContent = Number.isFinite(num(score)) ? String(Number(num(score).toPrecision(5))) : "n/a";
+    const number = H.number(score);
+    value.textContent = Number.isFinite(number) ? String(Number(number.toPrecision(5))) : "n/a";
   }
 
   // Grid of latent relevances: rows = layers, columns = attention heads ("layers.L.attn") and the
@@ -275,9 +147,9 @@
     if (!rows.size) return;
     const heads = Math.max(...[...rows.values()].map((r) => r.attn.length));
     const all = [...rows.values()].flatMap((r) => [...r.attn, r.mlp]);
-    const scale = colorScale(all, false);
-    $("layers-min").textContent = fmt(-scale, 3);
-    $("layers-max").textContent = fmt(scale, 3);
+    const scale = H.colorScale(all, false);
+    $("layers-min").textContent = H.fmt(-scale, 3);
+    $("layers-max").textContent = H.fmt(scale, 3);
 
     const head = grid.insertRow();
     head.appendChild(th("layer"));
@@ -303,10 +175,9 @@
     cell.className = head === "mlp" ? "cell mlp" : "cell";
     cell.dataset.layer = String(layer);
     cell.dataset.head = head;
-    const v = num(value);
-    const color = rgb(v, scale);
-    cell.style.background = cssColor(color);
-    cell.title = `layer ${layer} ${what}: ${fmt(v)}`;
+    const v = H.number(value);
+    cell.style.background = H.hex(H.rgb(v, scale));
+    cell.title = `layer ${layer} ${what}: ${H.fmt(v)}`;
     if (Number.isFinite(v)) cell.dataset.relevance = String(value);
     return cell;
   }
@@ -326,7 +197,7 @@
     // The target follows the tokens it was predicted from; it is no input, so it is no .tok.
     const target = document.createElement("span");
     target.className = "target-tok";
-    target.textContent = visible(e.target);
+    target.textContent = H.visible(e.target);
     target.title = `target ${JSON.stringify(e.target)}`;
     $("tokens").appendChild(target);
     showExplanation({ selected: -1, relevance: e.relevance, evicted: e.evicted, target: e.target,
@@ -347,19 +218,18 @@
 
   // Row g of the matrix: the relevance of every earlier token for generated token g.
   function showGenerationRow(g) {
-    const data = state.file;
-    const index = state.nPrompt + g;
+    const row = H.generationRow(state.file, g);
     showExplanation({
-      selected: index,
-      relevance: data.matrix[g].slice(0, index),
-      evicted: data.evicted ? data.evicted[g].slice(0, index) : null,
-      target: data.generated_tokens[g],
-      method: data.method,
-      score: data.target_logits ? data.target_logits[g] : NaN,
+      selected: row.index,
+      relevance: row.values,
+      evicted: row.evicted,
+      target: row.target,
+      method: state.file.method,
+      score: row.score,
       label: "logit", // each generated token's own logit
       layers: null,
     });
-    $("tokens").dataset.explained = `${index}:${data.method}`;
+    $("tokens").dataset.explained = `${row.index}:${state.file.method}`;
   }
 
   // -------------------------------------------------------------------------------- server API
@@ -612,7 +482,7 @@
     setPhase("explaining");
     try {
       const resp = await call("v1/explain", body);
-      const ex = decode(await resp.json());
+      const ex = await resp.json(); // the wire format, and the server's "object" and "model"
       if (seq !== state.explainSeq) return; // a newer click owns the view
       showExplanation({ selected: index, relevance: ex.relevance, evicted: ex.evicted, target: ex.target,
                         method: ex.method || method, score: ex.target_logit,
@@ -678,7 +548,7 @@
     }
     let data;
     try {
-      data = decode(JSON.parse(embedded.textContent));
+      data = JSON.parse(embedded.textContent);
     } catch (err) {
       showError(`The embedded explanation is not valid JSON: ${err.message}`);
       return;
