@@ -6,16 +6,19 @@ error) answers without importing a bench module. Each bench module re-exports it
 >>> p = argparse.ArgumentParser(); add_kv(p)
 >>> p.parse_args([]).policies
 'window,sink,h2o,h2o+int8,h2o+int4'
+>>> method_list("attnlrp, random", FAITHFULNESS_METHODS)
+['attnlrp', 'random']
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..methods import BASELINES
-from ..methods import METHODS as EXPLAIN_METHODS
+from ..dtypes import MODEL_DTYPES
+from ..errors import ExplainError
+from ..methods import EXPLAIN_METHODS, METHODS, check_method
 
 #: the two engines the decode and train benches compare
 ENGINES = ("lucidlm", "transformers")
@@ -25,11 +28,19 @@ LR = {"lora": 2e-4, "full": 2e-5}
 LICENSES = Path("/usr/share/common-licenses")
 DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
 #: bench faithfulness: every method explain() offers, LRP and baselines (``random``: the floor to beat)
-FAITHFULNESS_METHODS = (*EXPLAIN_METHODS, *BASELINES)
+FAITHFULNESS_METHODS = EXPLAIN_METHODS
+#: the weights' dtypes of the kv, longctx and serve benches: float16 is left out, nothing there was
+#: measured or checked in it
+MEASURED_DTYPES = tuple(d for d in MODEL_DTYPES if d != "float16")
 
 _MODEL_HELP = "HF directory or .gguf (default: the embedded SmolLM2-135M-Instruct)"
 _THREADS_HELP = "torch threads (default: torch's choice)"
 _DTYPE_HELP = "the weights' dtype"
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 
 def add_decode(p: argparse.ArgumentParser) -> None:
@@ -49,8 +60,8 @@ def add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--lengths", default="256,1024", help="comma-separated prompt lengths in tokens")
     p.add_argument("--methods", default="attnlrp,cp-lrp",
-                   help="explanation methods to time (comma-separated, from " + ", ".join(EXPLAIN_METHODS) + ")")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=_DTYPE_HELP)
+                   help="explanation methods to time (comma-separated, from " + ", ".join(METHODS) + ")")
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=_DTYPE_HELP)
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
@@ -82,8 +93,7 @@ def add_kv(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+    _add_device(p)
 
 
 def add_longctx(p: argparse.ArgumentParser) -> None:
@@ -101,8 +111,7 @@ def add_longctx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", type=Path, default=None, metavar="FILE.png",
                    help="also draw accuracy by depth and length, one panel per policy and budget (default: no heatmap)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys, needles and haystack windows")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+    _add_device(p)
 
 
 def add_serve(p: argparse.ArgumentParser) -> None:
@@ -110,7 +119,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", default="1,4,8", help="comma-separated concurrent client counts")
     p.add_argument("--seconds", type=float, default=10.0, help="how long each client count runs")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=_DTYPE_HELP)
+    p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
@@ -124,6 +133,16 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating runs per engine (median reported)")
     p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--method", choices=list(LR), help=argparse.SUPPRESS)
+
+
+def method_list(text: str, allowed: Sequence[str], option: str = "--methods") -> list[str]:
+    """A comma-separated list of explanation methods, each checked by
+    :func:`lucidlm.methods.check_method` (an :class:`~lucidlm.errors.ExplainError` names the first
+    one not in ``allowed``, or an empty list)."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ExplainError(f"{option}: empty list; expected some of {', '.join(allowed)}")
+    return [check_method(m, allowed, where=f" in {option}") for m in methods]
 
 
 #: bench name -> (its module, one line of help, its options)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 # every method explain() offers, random included
 from .args import FAITHFULNESS_METHODS as METHODS
 from .args import add_faithfulness as add_arguments
+from .args import method_list
 
 if TYPE_CHECKING:
     from ..evaluate import FaithfulnessResult
@@ -162,11 +163,7 @@ def run(args) -> int:
 def _methods_and_prompts(args) -> tuple[list[str], list[str]]:
     from ..errors import ExplainError
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise ExplainError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; expected some of "
-                           f"{', '.join(METHODS)}")
+    methods = method_list(args.methods, METHODS)
     if args.n_prompts is not None and args.n_prompts < 1:
         raise ExplainError(f"--n-prompts {args.n_prompts}: expected at least 1")
     prompts = load_prompts(args.prompts)[:args.n_prompts]

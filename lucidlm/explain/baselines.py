@@ -53,10 +53,11 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
+from ..methods import BASELINES, check_method
 from ..model.attention import recording_weights
-from .explainer import OBJECTIVES, _token_relevance, prompt_ids, warn_target
+from .core import Pass, Prompt, check_objective, explain_mode, logits_from, token_relevance, warn_target
 from .explanation import Explanation
-from .targets import Target, TargetSpec, is_int, resolve_target, text_ids, token_strings
+from .targets import Target, TargetSpec, is_int, text_ids
 
 __all__ = ["CompletenessWarning", "attention_rollout", "default_replacement", "explain_baseline",
            "integrated_gradients", "occlusion", "option_names", "random_baseline", "rollout"]
@@ -87,6 +88,11 @@ class _Problem:
     def n_prompt(self) -> int:
         return len(self.ids)
 
+    @property
+    def first_scored(self) -> int | None:
+        """The first scored position (:func:`lucidlm.explain.core.logits_from`)."""
+        return self.n_prompt - 1 if self.spec.continuation else None
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``model.embed_tokens`` of (batch, T) ids at positions 0..T-1."""
         return self.model.embed_tokens(ids, _positions(ids))
@@ -94,16 +100,15 @@ class _Problem:
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """(batch, scored rows, vocab): the last prompt position onwards (only the last without a
         continuation), as the explainer scores them."""
-        batch = embeds.shape[0]
-        positions = _positions(embeds[..., 0])
-        if not self.spec.continuation:
-            return self.model(inputs_embeds=embeds, positions=positions, last_only=True)
-        select = positions >= self.n_prompt - 1
-        return self.model(inputs_embeds=embeds, positions=positions, select=select).unflatten(0, (batch, -1))
+        return logits_from(self.model, embeds, _positions(embeds[..., 0]), self.first_scored)
 
     def scores(self, embeds: torch.Tensor) -> torch.Tensor:
         """(batch,) explained scores, differentiable in ``embeds``."""
-        return torch.stack([self.spec.score(rows, self.objective)[0] for rows in self.logits(embeds)])
+        return self.scores_of(self.logits(embeds))
+
+    def scores_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """(batch,) explained scores of :meth:`logits`' output."""
+        return torch.stack([self.spec.score(rows, self.objective)[0] for rows in logits])
 
 
 def _positions(ids: torch.Tensor) -> torch.Tensor:
@@ -113,38 +118,30 @@ def _positions(ids: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     problem: _Problem
+    request: Prompt  # as the caller asked, the target unresolved
     score: float  # of the unperturbed input
     target_ids: list[int]
-    label: str
-    score_label: str
+
+    def explanation(self, tokenizer, relevance: torch.Tensor, method: str) -> Explanation:
+        return self.request.explanation(tokenizer, self.target_ids, relevance, self.score, method,
+                                        self.problem.objective)
 
 
 @torch.no_grad()
 def _prepare(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target,
              objective: str) -> _Prepared:
     """Resolve the target and score the unperturbed prompt (one forward)."""
-    if objective not in OBJECTIVES:
-        raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    ids = prompt_ids(tokenizer, prompt)
-    spec = resolve_target(tokenizer, target, model.config.vocab_size)
-    device = next(model.parameters()).device
-    inputs = torch.tensor([ids + spec.continuation[:-1]], device=device)
-    problem = _Problem(model, ids, inputs, spec, objective)
+    check_objective(objective)
+    request = Prompt.resolve(model, tokenizer, prompt, target)
+    spec = request.spec
+    inputs = torch.tensor([request.inputs], device=next(model.parameters()).device)
+    problem = _Problem(model, request.ids, inputs, spec, objective)
     logits = problem.logits(problem.embed(inputs))[0]
     score, target_ids = spec.score(logits, objective)
     warn_target(tokenizer, target, spec, logits[-1])
     if not spec.continuation:  # every perturbed input explains this token, not its own top one
         problem = dataclasses.replace(problem, spec=dataclasses.replace(spec, ids=target_ids))
-    return _Prepared(problem, float(score), target_ids, spec.label(tokenizer, target_ids),
-                     spec.score_label(objective))
-
-
-def _explanation(prepared: _Prepared, tokenizer, prompt, relevance: torch.Tensor, method: str) -> Explanation:
-    ids = prepared.problem.ids
-    return Explanation(tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=relevance.float().cpu(),
-                       target=prepared.label, target_ids=prepared.target_ids, target_logit=prepared.score,
-                       method=method, prompt=prompt if isinstance(prompt, str) else None,
-                       score_label=prepared.score_label)
+    return _Prepared(problem, request, float(score), target_ids)
 
 
 def _positive(name: str, value) -> int:
@@ -181,15 +178,16 @@ def integrated_gradients(model: nn.Module, tokenizer, prompt: str | Sequence[int
     delta = h0 - start
     alphas = ((torch.arange(steps, dtype=torch.float64) + 0.5) / steps).to(h0.device)
     total = torch.zeros_like(h0, dtype=torch.promote_types(h0.dtype, torch.float32))
-    with torch.enable_grad():  # also inside a caller's torch.no_grad()
+    with explain_mode(None):  # plain gradients, also inside a caller's torch.no_grad()
         for chunk in alphas.split(batch_size):
-            path = (start + chunk.to(h0.dtype)[:, None, None] * delta).requires_grad_(True)
-            (grad,) = torch.autograd.grad(problem.scores(path).sum(), path)
+            path = start + chunk.to(h0.dtype)[:, None, None] * delta
+            run = Pass.forward(model, _positions(path[..., 0]), embeds=path, first_scored=problem.first_scored)
+            grad, _ = run.gradients(problem.scores_of(run.logits).sum())
             total += grad.to(total.dtype).sum(0, keepdim=True)
-    relevance = _token_relevance(delta, total / steps)[:problem.n_prompt]
+    relevance = token_relevance(delta, total / steps)[:problem.n_prompt]
     with torch.no_grad():
         _check_completeness(float(relevance.double().sum()), prepared.score - float(problem.scores(start)[0]), steps)
-    return _explanation(prepared, tokenizer, prompt, relevance, "integrated-gradients")
+    return prepared.explanation(tokenizer, relevance, "integrated-gradients")
 
 
 def _check_completeness(total: float, difference: float, steps: int) -> None:
@@ -261,7 +259,7 @@ def occlusion(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: 
     # the unperturbed prompt runs in the same batches, so a token equal to the replacement gets 0
     batch = torch.cat([x, occluded])
     scores = torch.cat([problem.scores(problem.embed(rows)) for rows in batch.split(batch_size)])
-    return _explanation(prepared, tokenizer, prompt, scores[0] - scores[1:], "occlusion")
+    return prepared.explanation(tokenizer, scores[0] - scores[1:], "occlusion")
 
 
 # ----------------------------------------------------------------------------- attention rollout
@@ -311,7 +309,7 @@ def attention_rollout(model: nn.Module, tokenizer, prompt: str | Sequence[int], 
     per_layer = [w[0].flatten(0, 1).to(torch.promote_types(w.dtype, torch.float32)).mean(0) for w in weights]
     n = prepared.problem.n_prompt
     relevance = rollout(per_layer)[n - 1, :n]
-    return _explanation(prepared, tokenizer, prompt, relevance, "attention-rollout")
+    return prepared.explanation(tokenizer, relevance, "attention-rollout")
 
 
 # ----------------------------------------------------------------------------- random
@@ -330,7 +328,7 @@ def random_baseline(model: nn.Module, tokenizer, prompt: str | Sequence[int], ta
         raise ExplainError(f"seed={seed!r}: expected an integer")
     prepared = _prepare(model, tokenizer, prompt, target, objective)
     relevance = torch.randn(prepared.problem.n_prompt, generator=torch.Generator().manual_seed(int(seed)))
-    return _explanation(prepared, tokenizer, prompt, relevance, "random")
+    return prepared.explanation(tokenizer, relevance, "random")
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -363,8 +361,7 @@ def explain_baseline(model: nn.Module, tokenizer, prompt: str | Sequence[int], t
     >>> explain_baseline(model, None, [1, 5, 7], method="random", options={"seed": 1}).method
     'random'
     """
-    if method not in _FUNCTIONS:
-        raise ExplainError(f"method={method!r}: expected a baseline, one of {', '.join(_FUNCTIONS)}")
+    check_method(method, BASELINES)
     if kv_cache is not None:
         raise ExplainError(f"kv_cache={kv_cache!r} does not apply to method={method!r}: a baseline explains the "
                            "dense forward; explain a cached prediction with attnlrp, cp-lrp or inputxgrad")

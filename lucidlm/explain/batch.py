@@ -5,7 +5,8 @@ The prompts are left-padded into one batch (positions -1 on the padding, as
 has alone and no real query attends to a padding key. The rows' scores are summed before the
 backward: the rows never mix, so each row's gradient is exactly its own, and each returned
 :class:`~lucidlm.explain.explanation.Explanation` is the single-prompt one up to float rounding
-(batched matrix products round differently).
+(batched matrix products round differently). The recipe is
+:func:`lucidlm.explain.core.explain_prompts`'s; this module decides which prompts can share it.
 
 >>> import torch
 >>> from lucidlm import Config, GPT
@@ -19,16 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from ..errors import ExplainError
-from ..generate import left_pad
-from ..model import rules
-from ..methods import EXPLAIN_METHODS
-from .explainer import OBJECTIVES, _check_method, _explain_mode, _token_relevance, explain, prompt_ids, warn_target
+from ..methods import METHODS
+from .core import Prompt, check_explainable, check_objective, explain_prompts, prompt_ids
+from .explainer import explain
 from .explanation import Explanation
-from .targets import Target, TargetSpec, resolve_target, token_strings
+from .targets import Target, resolve_target
 
 
 def explain_batch(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
@@ -50,50 +49,25 @@ def explain_batch(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[
     >>> one == explain(model, None, [1, 5, 7, 9], target=(3, 4), method="cp-lrp")
     True
     """
-    _check_method(method, EXPLAIN_METHODS)
+    check_explainable(method)
     targets = [None] * len(prompts) if targets is None else list(targets)
     if len(targets) != len(prompts):
         raise ExplainError(f"targets: expected one per prompt ({len(prompts)}), got {len(targets)}")
-    if objective not in OBJECTIVES:
-        raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
 
     def single(i: int) -> Explanation:
         return explain(model, tokenizer, prompts[i], target=targets[i], method=method, layers=layers,
                        objective=objective, kv_cache=kv_cache, cache_tokens=cache_tokens)
 
-    if layers is not None or kv_cache is not None or method not in rules.METHODS:
+    if layers is not None or kv_cache is not None or method not in METHODS:
         return [single(i) for i in range(len(prompts))]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     specs = [resolve_target(tokenizer, t, model.config.vocab_size) for t in targets]
-    batched = [i for i, spec in enumerate(specs) if not spec.continuation]
-    results: dict[int, Explanation] = {i: single(i) for i in range(len(prompts)) if specs[i].continuation}
+    requests = [Prompt(*row) for row in zip(prompts, ids, targets, specs)]
+    # a continuation is scored at several positions: those rows go one at a time
+    results: dict[int, Explanation] = {i: single(i) for i, r in enumerate(requests) if r.spec.continuation}
+    batched = [i for i, r in enumerate(requests) if not r.spec.continuation]
     if batched:
-        rows = _explain_rows(model, tokenizer, [ids[i] for i in batched], [specs[i] for i in batched],
-                             [targets[i] for i in batched], method)
-        for i, (relevance, score, target_ids) in zip(batched, rows):
-            results[i] = Explanation(
-                tokens=token_strings(tokenizer, ids[i]), token_ids=ids[i], relevance=relevance,
-                target=specs[i].label(tokenizer, target_ids), target_ids=target_ids, target_logit=score,
-                method=method, prompt=prompts[i] if isinstance(prompts[i], str) else None,
-                score_label=specs[i].score_label(objective))
+        explained = explain_prompts(model, tokenizer, [requests[i] for i in batched], method, objective)
+        results.update(zip(batched, explained))
     return [results[i] for i in range(len(prompts))]
-
-
-def _explain_rows(model: nn.Module, tokenizer, ids: list[list[int]], specs: list[TargetSpec],
-                  targets: list[Target], method: str) -> list[tuple[torch.Tensor, float, list[int]]]:
-    """(relevance over the row's own tokens, score, target ids) per row: one padded forward, one
-    backward of the sum of the rows' scores."""
-    device = next(model.parameters()).device
-    x, positions = (t.to(device) for t in left_pad(ids))
-    with _explain_mode(method):
-        h0 = model.embed_tokens(x, positions).detach().requires_grad_(True)
-        logits = model(inputs_embeds=h0, positions=positions, last_only=True)  # (rows, 1, vocab)
-        scored = [spec.score(logits[row]) for row, spec in enumerate(specs)]
-        (grad,) = torch.autograd.grad(torch.stack([score for score, _ in scored]).sum(), h0)
-    out = []
-    for row, (spec, (score, target_ids)) in enumerate(zip(specs, scored)):
-        warn_target(tokenizer, targets[row], spec, logits[row, -1])
-        # the row's real tokens are its last len(ids[row]) positions; padding is dropped
-        relevance = _token_relevance(h0[row:row + 1], grad[row:row + 1])[-len(ids[row]):]
-        out.append((relevance, float(score.detach()), target_ids))
-    return out

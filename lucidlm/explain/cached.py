@@ -37,10 +37,10 @@ from torch import nn
 from ..cache import build_cache, prefill
 from ..cache.base import KVCache, LayerCache, VisibleKeys
 from ..errors import ExplainError
-from .explainer import Target, _check_method, _explain_mode, _token_relevance, prompt_ids, resolve_target, \
-    token_strings, warn_target
+from ..methods import METHODS
+from .core import Prompt, check_explainable, explain_prompts
 from .explanation import Explanation
-from .latent import LatentRecorder
+from .targets import Target
 
 
 class Recording(LayerCache):
@@ -69,29 +69,17 @@ def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], tar
                    chunk_size: int = 256, layers: str | Sequence[int] | None = None) -> Explanation:
     """Explain the next-token prediction made through a ``kv_cache`` policy of ``cache_tokens``
     slots (``chunk_size``: the prefill's chunk, between which the policy evicts)."""
-    _check_method(method)
-    ids = prompt_ids(tokenizer, prompt)
-    spec = resolve_target(tokenizer, target, model.config.vocab_size)
-    if spec.continuation:
+    check_explainable(method, METHODS)
+    request = Prompt.resolve(model, tokenizer, prompt, target)
+    if request.spec.continuation:
         raise ExplainError("a multi-token continuation target cannot be explained under a KV-cache policy "
                            "(it would need one explained step per token): pass kv_cache=None")
-    seen, _ = cached_run(model, ids, kv_cache, cache_tokens, chunk_size)
-    device = next(model.parameters()).device
-    replay = KVCache([VisibleKeys(s) for s in seen])
-    positions = torch.arange(len(ids), device=device)[None]
-    recorder = LatentRecorder(model, layers)
-    with _explain_mode(method), recorder:
-        h0 = model.embed_tokens(torch.tensor([ids], device=device), positions).detach().requires_grad_(True)
-        logits = model(inputs_embeds=h0, positions=positions, cache=replay, last_only=True)
-        score, target_ids = spec.score(logits[0], "logit")
-        grads = torch.autograd.grad(score, [h0, *recorder.tensors()], allow_unused=True)
-    warn_target(tokenizer, target, spec, logits[0, -1])
+    seen, _ = cached_run(model, request.ids, kv_cache, cache_tokens, chunk_size)
     kept = torch.stack([s[-1] for s in seen]).any(0)  # held by some layer for the last query
-    return Explanation(tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=_token_relevance(h0, grads[0]),
-                       target=spec.label(tokenizer, target_ids), target_ids=target_ids,
-                       target_logit=float(score.detach()), method=method, evicted=~kept,
-                       layers=recorder.relevances(grads[1:]) if layers is not None else None,
-                       prompt=prompt if isinstance(prompt, str) else None, score_label=spec.score_label("logit"))
+    replay = KVCache([VisibleKeys(s) for s in seen])
+    (explanation,) = explain_prompts(model, tokenizer, [request], method, "logit", cache=replay, layers=layers,
+                                     evicted=~kept)
+    return explanation
 
 
 def cached_run(model: nn.Module, ids: list[int], kv_cache: str, cache_tokens: int | None,

@@ -6,10 +6,11 @@ what its bias terms absorb. For a module with input ``x``, output ``y`` and bias
 
     Σ x·∂s/∂x  =  Σ y·∂s/∂y  −  Σ b·∂s/∂b        (s: the explained logit)
 
-:func:`check` runs one CP-LRP forward/backward on random tokens in float64 and reports every
-module where that balance fails — the deepest ones, since a broken child breaks its parents too —
-with the rule helper the module's code most likely forgot (a non-linearity called directly
-instead of through :func:`lucidlm.rules.activation`, a raw softmax or normaliser ...).
+:func:`check` runs one CP-LRP forward/backward (the explainers' own
+:class:`~lucidlm.explain.core.Pass`) on random tokens in float64 and reports every module where
+that balance fails — the deepest ones, since a broken child breaks its parents too — with the
+rule helper the module's code most likely forgot (a non-linearity called directly instead of
+through :func:`lucidlm.rules.activation`, a raw softmax or normaliser ...).
 
 >>> import torch
 >>> from lucidlm import Config, GPT
@@ -27,7 +28,7 @@ import re
 import torch
 from torch import nn
 
-from ..model import rules
+from .core import Pass, explain_mode
 
 #: what a module's source calls -> the helper that call should go through
 _HINTS = (
@@ -82,34 +83,38 @@ def check(model: nn.Module, tokens: int = 8, seed: int = 0, tolerance: float = 1
     """
     model = getattr(model, "model", model)  # an LLM
     model = copy.deepcopy(model).to(torch.float64).eval()
+    biases = []
     for name, p in model.named_parameters():
         p.requires_grad_(_is_bias(name))
-        p.grad = None
+        if _is_bias(name):
+            biases.append(p)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
     positions = torch.arange(tokens)[None]
     probe = _Probe(model)
     try:
-        h0 = model.embed_tokens(ids, positions).detach().requires_grad_(True)
-        with rules.explaining("cp-lrp"), torch.enable_grad():
-            logits = model(inputs_embeds=h0, positions=positions)
-            target = int(logits[0, -1].argmax())
-            logit = logits[0, -1, target]
-            logit.backward()
+        with explain_mode("cp-lrp"):  # the top next token's logit, as explain(method="cp-lrp") takes it
+            # every position's logits, as the check has always taken them (lm_head on the last row
+            # alone rounds the logit differently, and a report must not change with the refactor)
+            run = Pass.forward(model, positions, ids=ids, all_positions=True)
+            logit = run.logits[0, -1, int(run.logits[0, -1].argmax())]
+            grad, bias_grads = run.gradients(logit, biases)
     finally:
         probe.remove()
+    grad_of = {id(p): bias_grad for p, bias_grad in zip(biases, bias_grads)}
     scale = tolerance * max(1.0, abs(float(logit.detach())))
     leaking = {}
     for name, module in model.named_modules():
         if name in probe.relevance_in and name in probe.relevance_out:
             r_in, r_out = probe.relevance_in[name], probe.relevance_out[name]
-            absorbed = sum(float((p.detach() * p.grad).sum()) for n, p in module.named_parameters()
-                           if _is_bias(n) and p.grad is not None)
+            absorbed = sum(float((p.detach() * grad_of[id(p)]).sum()) for n, p in module.named_parameters()
+                           if _is_bias(n) and grad_of[id(p)] is not None)
             if abs(r_out - absorbed - r_in) > scale:
                 leaking[name] = Leak(name, type(module).__name__, r_in, r_out, absorbed, _hint(module))
     deepest = [leak for name, leak in leaking.items()
                if not any(other != name and other.startswith(name + ".") for other in leaking)]
-    return CheckReport(float(logit.detach()), float((h0.detach() * h0.grad).sum()), deepest, len(probe.relevance_in))
+    total = float((run.h0.detach() * grad).sum())
+    return CheckReport(float(logit.detach()), total, deepest, len(probe.relevance_in))
 
 
 def _is_bias(name: str) -> bool:

@@ -8,6 +8,9 @@ The model applies the LRP rules itself (see :mod:`lucidlm.rules`), so an explana
    log-probability) to ``h0``;
 4. relevance of token t = Σ_d h0[t, d] · ∂score/∂h0[t, d].
 
+That recipe is written once, in :mod:`lucidlm.explain.core`; this module chooses the explainer
+(the rules, a baseline, a KV-cache replay) and explains generations.
+
 >>> import torch
 >>> from lucidlm import Config, GPT
 >>> model = GPT(Config.from_name("tiny-llama")).eval()
@@ -18,28 +21,27 @@ The model applies the LRP rules itself (see :mod:`lucidlm.rules`), so an explana
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ExplainError, TargetHint
-from ..methods import BASELINES, EXPLAIN_METHODS
-from ..model import rules
+from ..errors import CacheError, ExplainError
+from ..generate import generate_ids
+from ..methods import BASELINES, METHODS
+from .baselines import explain_baseline
+from .cached import explain_cached
+from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, \
+    prompt_ids, token_inputs, warn_target  # noqa: F401  (prompt_ids, warn_target: public here too)
 from .explanation import Explanation, GenerationExplanation
-from .latent import LatentRecorder
 from .targets import Target, TargetSpec, leading_space_hint, resolve_target, token_strings  # noqa: F401
-
-OBJECTIVES = ("logprob", "logit")
 
 
 # ----------------------------------------------------------------------------- public API
 def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
-            method: str = "attnlrp", layers: str | Sequence[int] | None = None, cache=None,
-            objective: str = "logprob", kv_cache: str | None = None,
-            cache_tokens: int | None = None, options: dict | None = None) -> Explanation:
+            method: str = "attnlrp", layers: str | Sequence[int] | None = None, objective: str = "logprob",
+            kv_cache: str | None = None, cache_tokens: int | None = None,
+            options: dict | None = None) -> Explanation:
     """Relevance of every prompt token for ``target`` (one forward + one backward).
 
     ``target``:
@@ -66,7 +68,6 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     ``Explanation.layers`` (see :mod:`lucidlm.explain.latent`).
     ``kv_cache``/``cache_tokens``: explain the prediction made through that KV-cache policy
     (delegates to :func:`lucidlm.explain.cached.explain_cached`; evicted tokens are marked).
-    ``cache``: unused, kept for compatibility.
 
     ``Explanation.target_logit`` is the explained score: the logit, the logit difference, or the
     continuation's summed log-probability (summed logit with ``objective="logit"``).
@@ -78,39 +79,19 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
     >>> e.target, len(e.relevance)
     ('3 vs 4', 4)
     """
-    _check_method(method, EXPLAIN_METHODS)
+    check_explainable(method)
     if method in BASELINES:  # not rule-based: see explain.baselines
-        from .baselines import explain_baseline
-
         return explain_baseline(model, tokenizer, prompt, target=target, method=method, objective=objective,
                                 layers=layers, kv_cache=kv_cache, options=options)
     if options:
         raise ExplainError(f"options={options!r}: only the baselines ({', '.join(BASELINES)}) take options")
     if kv_cache is not None:  # the prediction made through an eviction policy: see explain.cached
-        from .cached import explain_cached
-
         return explain_cached(model, tokenizer, prompt, target=target, method=method, kv_cache=kv_cache,
                               cache_tokens=cache_tokens, layers=layers)
-    if objective not in OBJECTIVES:
-        raise ExplainError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    ids = prompt_ids(tokenizer, prompt)
-    spec = resolve_target(tokenizer, target, model.config.vocab_size)
-    n_prompt = len(ids)
-    inputs = ids + spec.continuation[:-1]  # the continuation's last token is never an input
-    recorder = LatentRecorder(model, layers)
-    with _explain_mode(method), recorder:
-        h0, logits = _forward(model, inputs, first_scored=n_prompt - 1 if spec.continuation else None)
-        score, target_ids = spec.score(logits[0], objective)
-        grads = torch.autograd.grad(score, [h0, *recorder.tensors()], allow_unused=True)
-    warn_target(tokenizer, target, spec, logits[0, -1])
-    relevance = _token_relevance(h0, grads[0])[:n_prompt]
-    evicted = None  # a cache policy will mark the tokens it dropped here (relevance 0 there)
-    return Explanation(
-        tokens=token_strings(tokenizer, ids), token_ids=ids, relevance=relevance,
-        target=spec.label(tokenizer, target_ids), target_ids=target_ids,
-        target_logit=float(score.detach()), method=method, evicted=evicted,
-        layers=recorder.relevances(grads[1:]) if layers is not None else None,
-        prompt=prompt if isinstance(prompt, str) else None, score_label=spec.score_label(objective))
+    check_objective(objective)
+    (explanation,) = explain_prompts(model, tokenizer, [Prompt.resolve(model, tokenizer, prompt, target)], method,
+                                     objective, layers=layers)
+    return explanation
 
 
 def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20,
@@ -129,7 +110,7 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     >>> tuple(g.matrix.shape)
     (3, 6)
     """
-    _check_method(method)
+    check_explainable(method, METHODS)
     if max_new_tokens < 1:
         raise ExplainError(f"max_new_tokens={max_new_tokens}: expected at least 1")
     ids = prompt_ids(tokenizer, prompt)
@@ -137,12 +118,13 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     n_prompt, n_gen = len(ids), len(generated)
     matrix = torch.zeros(n_gen, n_prompt + n_gen)
     logits_out: list[float] = []
-    with _explain_mode(method):
-        h0, logits = _forward(model, ids + generated[:-1], first_scored=n_prompt - 1)
+    x, positions = token_inputs(model, [ids + generated[:-1]])
+    with explain_mode(method):  # one forward, one backward per generated token
+        run = Pass.forward(model, positions, ids=x, first_scored=n_prompt - 1)
         for i, token in enumerate(generated):
-            score = logits[0, i, token]
-            (grad,) = torch.autograd.grad(score, h0, retain_graph=i < n_gen - 1)
-            matrix[i, : n_prompt + n_gen - 1] = _token_relevance(h0, grad)
+            score = run.logits[0, i, token]
+            grad, _ = run.gradients(score, retain=i < n_gen - 1)
+            matrix[i, : n_prompt + n_gen - 1] = run.relevance(grad)
             logits_out.append(float(score.detach()))
     return GenerationExplanation(
         prompt_tokens=token_strings(tokenizer, ids), generated_tokens=token_strings(tokenizer, generated),
@@ -150,79 +132,10 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
         prompt=prompt if isinstance(prompt, str) else None)
 
 
-# ----------------------------------------------------------------------------- tokens
-def prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """The prompt as token ids (encoded with the tokenizer's special tokens, e.g. BOS)."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ExplainError("prompt is text but the model has no tokenizer: pass token ids")
-        ids = list(tokenizer.encode(prompt))
-    elif isinstance(prompt, torch.Tensor):
-        ids = prompt.flatten().tolist()
-    else:
-        ids = [int(i) for i in prompt]
-    if not ids:
-        raise ExplainError("the prompt has no tokens: there is nothing to explain")
-    return ids
-
-
-def warn_target(tokenizer, target: Target, spec: TargetSpec, last_logits: torch.Tensor) -> None:
-    """Warn (:class:`~lucidlm.errors.TargetHint`) when a text target is probably not the token
-    the user meant: see :func:`~lucidlm.explain.targets.leading_space_hint`."""
-    hint = leading_space_hint(tokenizer, target, spec, last_logits.detach())
-    if hint is not None:
-        warnings.warn(hint, TargetHint, stacklevel=3)
-
-
-# ----------------------------------------------------------------------------- mechanics
-def _check_method(method: str, allowed: Sequence[str] = rules.METHODS) -> None:
-    if method not in allowed:
-        raise ExplainError(f"method={method!r}: expected one of {', '.join(allowed)}")
-    if torch.is_inference_mode_enabled():  # tensors made there can never join an autograd graph
-        raise ExplainError("explanations need autograd, but this call runs inside torch.inference_mode(): "
-                           "call it outside that block (torch.no_grad() is fine: explanations re-enable "
-                           "gradients for themselves)")
-
-
-@contextlib.contextmanager
-def _explain_mode(method: str) -> Iterator[None]:
-    # grad mode on even inside a caller's torch.no_grad(); the rules only touch the backward
-    with torch.enable_grad(), rules.explaining(method):
-        yield
-
-
-def _forward(model: nn.Module, ids: list[int], first_scored: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h0`` (1, T, n_embd, requires grad) and the logits from it.
-
-    ``first_scored=None``: only the last position's logits (1, 1, vocab); otherwise the logits of
-    positions ``first_scored`` onwards (lm_head runs on those rows only, not on the whole prompt).
-    """
-    param = next(model.parameters())
-    x = torch.tensor([ids], device=param.device)
-    positions = torch.arange(len(ids), device=param.device)[None]
-    h0 = model.embed_tokens(x, positions).detach().requires_grad_(True)
-    if first_scored is None:
-        return h0, model(inputs_embeds=h0, positions=positions, last_only=True)
-    # lm_head only on the scored rows; a forward argument, not a hook, so that a forward running
-    # in another thread at the same time is left alone
-    select = positions >= first_scored
-    return h0, model(inputs_embeds=h0, positions=positions, select=select)[None]
-
-
-def _token_relevance(h0: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    """Σ_d h0 · grad per token, in float32 (the product of two half-precision numbers and a sum
-    over thousands of them would otherwise round or overflow)."""
-    if grad is None:
-        return torch.zeros(h0.shape[1])
-    return (h0.detach().float() * grad.float()).sum(-1)[0].cpu()
-
-
+# ----------------------------------------------------------------------------- generation
 def greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy continuation of ``ids`` with the library's generation loop (KV cache, no rules).
     Stops after a token in ``stop_ids`` (which is kept)."""
-    from ..errors import CacheError
-    from ..generate import generate_ids
-
     try:
         return [step[0] for step in generate_ids(model, [ids], max_new_tokens, stop_ids=stop_ids)]
     except CacheError as exc:

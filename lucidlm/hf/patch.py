@@ -16,7 +16,8 @@ from typing import Any, Self
 
 from torch import nn
 
-from ..errors import ExplainError, PatchError
+from ..errors import PatchError
+from ..methods import check_method
 from .patches import IMAGE_METHODS, TEXT_METHODS, Rules
 from .registry import ModelSpec, find_model, find_patch, supported
 
@@ -120,9 +121,7 @@ def explainable(model: nn.Module, method: str = "attnlrp", *, gamma_conv: float 
     (``with explainable(m): ...``).
     """
     spec = require_spec(model)
-    allowed = IMAGE_METHODS if spec.kind == "image" else TEXT_METHODS
-    if method not in allowed:
-        raise ExplainError(f"method={method!r} for {spec.name}: expected one of {', '.join(allowed)}")
+    check_method(method, IMAGE_METHODS if spec.kind == "image" else TEXT_METHODS, where=f" for {spec.name}")
     if model in _ACTIVE:
         raise PatchError(f"this {type(model).__name__} instance is already explainable "
                          f"({_ACTIVE[model]!r}); remove that handle first")

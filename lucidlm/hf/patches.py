@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ExplainError
+from ..methods import check_method
 from ..model import norm as norms
 from ..model import rules as lrp
 from .attention import LRPAttentionMode, lrp_attention, sdpa_config, swapped
@@ -55,8 +55,7 @@ class Rules:
     gamma_linear: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.method not in IMAGE_METHODS:
-            raise ExplainError(f"method={self.method!r}: expected one of {', '.join(IMAGE_METHODS)}")
+        check_method(self.method, IMAGE_METHODS)
 
     @property
     def base(self) -> str:

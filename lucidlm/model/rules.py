@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..methods import METHODS  # noqa: F401  (the one list, torch-free: rules.METHODS)
+from ..methods import METHODS, check_method  # the one list, torch-free: rules.METHODS
 
 _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("lucidlm_lrp_method", default=None)
 
@@ -61,11 +61,7 @@ def explaining(method: str) -> Iterator[None]:
     ...     current()
     'attnlrp'
     """
-    if method not in METHODS:
-        from ..errors import ExplainError
-
-        raise ExplainError(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    token = _active.set(method)
+    token = _active.set(check_method(method, METHODS))
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..methods import EXPLAIN_METHODS as METHODS  # the LRP methods and the baselines
+from ..methods import check_method
 
 Stop = str | list[str] | None
 
@@ -119,9 +119,7 @@ class ExplainRequest(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"expected one of {', '.join(METHODS)}")
-        return value
+        return check_method(value)  # the LRP methods and the baselines; an ExplainError is a ValueError
 
     @model_validator(mode="after")
     def _one_context(self) -> ExplainRequest:

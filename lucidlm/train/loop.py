@@ -41,7 +41,7 @@ from .data import IGNORE, Example, collate
 from .distributed import World, all_sum, barrier, full_state, sync_gradients, wrap
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
-METHODS = ("lora", "qlora", "full")
+TRAIN_METHODS = ("lora", "qlora", "full")
 CHECKPOINT, LOG, CURVE = "checkpoint", "log.jsonl", "loss.png"
 
 
@@ -91,7 +91,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.method in METHODS, f"method={self.method!r}: expected one of {', '.join(METHODS)}"),
+            (self.method in TRAIN_METHODS, f"method={self.method!r}: expected one of {', '.join(TRAIN_METHODS)}"),
             (_is_int(self.steps) and self.steps >= 1, f"steps={self.steps!r}: expected a positive integer"),
             (_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size={self.batch_size!r}: expected a positive integer"),
             (self.micro_batch_size is None or (_is_int(self.micro_batch_size) and self.micro_batch_size >= 1),
