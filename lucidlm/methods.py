@@ -2,7 +2,7 @@
 
 Torch-free, so that the command line can offer them without loading a model;
 :mod:`lucidlm.model.rules` (where the LRP methods live) re-exports the tuple as ``rules.METHODS``.
-Training methods (``lora``, ``full`` ...) are another vocabulary: ``lucidlm.train.loop.TRAIN_METHODS``.
+Training methods (``lora``, ``full`` ...) are another vocabulary: ``lucidlm.train.names.TRAIN_METHODS``.
 
 >>> check_method("cp-lrp")
 'cp-lrp'

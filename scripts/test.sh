@@ -11,9 +11,9 @@
 set -euo pipefail
 
 # what the tests drive outside Python, each as "file-or-command debian-package": Debian's chromium for
-# the viewer's browser tests (never a downloaded build), node for the heatmap page's script, g++ for
-# the CPU decode kernel and TorchInductor
-SYSTEM_TOOLS=("/usr/bin/chromium chromium" "node nodejs" "g++ g++")
+# the viewer's browser tests (never a downloaded build), g++ for the CPU decode kernel and
+# TorchInductor
+SYSTEM_TOOLS=("/usr/bin/chromium chromium" "g++ g++")
 
 strict_skips() {
     [ -n "${LUCIDLM_STRICT_SKIPS:-}" ] && [ "$LUCIDLM_STRICT_SKIPS" != 0 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..dtypes import MODEL_DTYPES
 from ..errors import ExplainError
 from ..methods import EXPLAIN_METHODS, METHODS, check_method
+from ..train.names import PRECISIONS
 
 #: the two engines the decode and train benches compare
 ENGINES = ("lucidlm", "transformers")
@@ -125,7 +126,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
 def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"], help="the same on both engines")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS[1:], help="the same on both engines")
     p.add_argument("--steps", type=int, default=6, help="training steps (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example")

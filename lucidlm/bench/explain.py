@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 
 from . import run_child
+from ..methods import METHODS
 from .args import add_explain as add_arguments
+from .args import method_list
 
 ROWS = ("forward", "forward+backward")
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -56,7 +58,7 @@ def run(args) -> int:
 
     from . import emit, prepare_model, progress
 
-    rows = ROWS + tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    rows = ROWS + tuple(method_list(args.methods, METHODS))  # the rule methods, as its --help lists
     lengths = [int(n) for n in args.lengths.split(",")]
     prepare_model(args.model)  # a GGUF converts here, with progress, not silently in a child
     for line in _header_lines(args.threads or torch.get_num_threads(), lengths, args):

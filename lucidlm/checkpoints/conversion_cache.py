@@ -31,24 +31,18 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from ..fileio import CACHE_ENV_VAR as ENV_VAR  # noqa: F401  (the one name; lucidlm cache shows it)
+from ..fileio import cache_root  # noqa: F401  (the one cache directory; this module's callers name it here)
+
 # Bump when the layout or content of a converted directory changes: entries of other versions are
 # then never used again (``lucidlm cache list`` marks them "old", ``lucidlm cache clear`` removes them).
 FORMAT_VERSION = 3
 
 SOURCE_FILE = "lucidlm-source.json"  # in each entry: where it came from (what ``cache list`` shows)
-ENV_VAR = "LUCIDLM_CACHE"
 _SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor's data
 _DIGEST_CHARS = 20
 _ENTRY_RE = re.compile(rf"^(?P<stem>.+)-(?P<digest>[0-9a-f]{{{_DIGEST_CHARS}}})$")
 _STALE_TEMP_SECONDS = 24 * 3600  # a .tmp- directory this old belongs to a conversion that died
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """The cache directory: :func:`lucidlm.fileio.cache_root` (``cache_dir``, else
-    ``$LUCIDLM_CACHE``, else ``~/.cache/lucidlm``), named here for this module's callers."""
-    from ..fileio import cache_root as root
-
-    return root(cache_dir)
 
 
 # ----------------------------------------------------------------------------- the key

@@ -76,7 +76,7 @@ def run_view(args: argparse.Namespace) -> int:
     except ValueError as exc:  # json.JSONDecodeError is a ValueError too
         raise ExplainError(f"{args.file}: not a saved explanation ({exc})") from exc
     out = args.out or args.file.with_suffix(".html")
-    atomic_write(out, viewer_page(explanation.to_dict()))
+    atomic_write(out, viewer_page(explanation))
     print(f"wrote {out}", file=sys.stderr)
     if not args.no_open:
         import webbrowser

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..train.names import PRECISIONS, PROMPT_STYLES, STRATEGIES, TRAIN_METHODS
 from .options import (Command, Paths, add_cache, add_dtype, add_model, cache_kwargs, fraction, non_negative_float,
                       non_negative_int, positive, positive_float)
 
@@ -35,7 +36,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip")
     p.add_argument("--max-seq-length", type=positive, default=None,
                    help="longer examples are truncated with a warning (default: the context, at most 2048)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16-mixed where the hardware computes bf16 natively")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and new weights")
     p.add_argument("--val-split", type=fraction, default=None,
@@ -44,7 +45,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
                                                                       "(default: 10 times per run)")
     p.add_argument("--save-every", type=positive, default=None,
                    help="checkpoint every N steps (default: only at the end)")
-    p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="under torchrun: auto = DDP for LoRA, FSDP2 for full")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,7 +53,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
 
 def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
-    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"],
+    p.add_argument("--method", default="lora", choices=TRAIN_METHODS,
                    help="qlora: LoRA over int8 base weights")
     add_model(p)
     p.add_argument("--adapter", type=Path, default=None,
@@ -61,7 +62,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scale numerator (scale = alpha / r)")
     p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linear layers)")
-    p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "alpaca"],
+    p.add_argument("--prompt-style", default="auto", choices=PROMPT_STYLES,
                    help="instruction records: the chat template (auto, when there is one) or the Alpaca prompt")
     add_cache(p)  # train through a bounded KV cache, in chunks (lucidlm/train/chunked.py)
     p.add_argument("--chunk-size", type=positive, default=None, metavar="N",

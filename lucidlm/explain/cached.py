@@ -50,7 +50,7 @@ class Recording(LayerCache):
     def __init__(self, inner: LayerCache, n_tokens: int) -> None:
         self.inner = inner
         self.wants_scores = inner.wants_scores
-        self.score_queries = getattr(inner, "score_queries", None)  # SnapKV's observation window
+        self.score_queries = inner.score_queries  # SnapKV's observation window (None for the rest)
         self.seen = torch.zeros(n_tokens, n_tokens, dtype=torch.bool)  # seen[query, key]
 
     def extend(self, k, v, pos):

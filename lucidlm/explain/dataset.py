@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ExplainError
-from ..methods import METHODS
+from ..methods import METHODS, check_method
 
 FORMATS = ("jsonl", "parquet")
 #: the fields of every output row: the record's ``id``, then the explanation's wire form
@@ -208,8 +208,7 @@ def _is_items(data: Any) -> bool:
 def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None,
               cache_tokens: int | None, fmt: str, shard_size: int) -> dict[str, Any]:
     """The run's settings, checked (ExplainError naming the argument) before any work."""
-    if method not in METHODS:
-        raise ExplainError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    check_method(method, METHODS)
     if fmt not in FORMATS:
         raise ExplainError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):

@@ -26,7 +26,8 @@ from ..errors import ExplainError
 from ..fileio import atomic_write
 from ..render import html, png, terminal
 from ..render.cells import NEUTRAL, Cell, token_cells
-from . import aggregate, wire
+import lucidlm.explain.aggregate as aggregate
+import lucidlm.explain.wire as wire
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -64,8 +64,9 @@ class ModelSpec:
     kind: str = "text"
 
 
-#: model class (qualified name) -> its :class:`ModelSpec`; :func:`register` adds, and importing
-#: :mod:`lucidlm.hf.models` registers the built-in families
+#: model class (qualified name) -> its :class:`ModelSpec`; :func:`register` adds. The built-in
+#: families register themselves in :mod:`lucidlm.hf.models`, which the package's ``__init__``
+#: imports before anyone can reach this module (so no lazy import back from here)
 MODELS: Registry[ModelSpec] = Registry("explainable model")
 
 _TF_ACT = "transformers.activations."
@@ -116,13 +117,8 @@ def unregister(model: ClassKey) -> None:
     MODELS.pop(_key(model), None)
 
 
-def _builtin() -> None:
-    from . import models  # noqa: F401  (the built-in table registers itself on first import)
-
-
 def find_model(model: nn.Module) -> ModelSpec | None:
     """The spec registered for ``model``'s class or its nearest registered base class."""
-    _builtin()
     for cls in type(model).__mro__:
         spec = MODELS.get(qualname(cls))
         if spec is not None:
@@ -146,5 +142,4 @@ def supported() -> list[str]:
     >>> "Llama" in supported()
     True
     """
-    _builtin()
     return list(dict.fromkeys(spec.name for spec in MODELS.values()))

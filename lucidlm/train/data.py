@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DataError
+from .names import PROMPT_STYLES
 from ..records import Record, read_records  # noqa: F401  (read_records: part of this module's API)
 
 IGNORE = -100  # label of a token the loss does not count (torch's cross_entropy ignore_index)
@@ -83,8 +84,8 @@ def build_examples(records: Sequence[Record], tokenizer, max_seq_length: int,
     if tokenizer is None:
         raise DataError("the model has no tokenizer: training on text needs tokenizer.json "
                         "(pass --tokenizer DIR, or load a checkpoint that ships one)")
-    if prompt_style not in ("auto", "chat", "alpaca"):
-        raise DataError(f"prompt_style={prompt_style!r}: expected 'auto', 'chat' or 'alpaca'")
+    if prompt_style not in PROMPT_STYLES:
+        raise DataError(f"prompt_style={prompt_style!r}: expected one of {', '.join(PROMPT_STYLES)}")
     examples, texts = [], []
     for record in records:
         try:

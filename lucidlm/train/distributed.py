@@ -10,9 +10,9 @@ from torch import nn
 
 from ..distributed import World, all_sum, barrier, setup  # noqa: F401  (the training modules import them from here)
 from ..errors import TrainError
+from .names import STRATEGIES
 
 
-STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def wrap(model: nn.Module, world: World, strategy: str, full: bool) -> nn.Module:

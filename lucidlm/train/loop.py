@@ -39,9 +39,8 @@ from ..fileio import atomic_path
 from .chunked import DEFAULT_CHUNK_SIZE, ChunkedCache
 from .data import IGNORE, Example, collate
 from .distributed import World, all_sum, barrier, full_state, sync_gradients, wrap
+from .names import PRECISIONS, TRAIN_METHODS
 
-PRECISIONS = ("auto", "fp32", "bf16-mixed")
-TRAIN_METHODS = ("lora", "qlora", "full")
 CHECKPOINT, LOG, CURVE = "checkpoint", "log.jsonl", "loss.png"
 
 
