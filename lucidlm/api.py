@@ -18,7 +18,7 @@ import torch
 from .cache.spec import PolicySpec, parse_policy
 from .config import Config
 from .dtypes import torch_dtype
-from .errors import CheckpointError, ConfigError, GenerationError, TokenizerError
+from .errors import CheckpointError, ConfigError, ExplainError, GenerationError, TokenizerError
 from .generate import Sampling, generate_ids
 from .model import GPT
 
@@ -330,6 +330,25 @@ class LLM:
                     kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
         e.segments = segments
         return e
+
+    def explain_diff(self, base: "LLM", prompt: str | Sequence[int] | Messages, target: Any = None,
+                     method: str = "cp-lrp", layers: Any = None, objective: str = "logprob"):
+        """What fine-tuning changed: this (tuned) model's explanation of ``prompt`` against
+        ``base``'s (another ``LLM`` of the same architecture and vocabulary: the base checkpoint, or
+        the same model without its adapter), for the same target ids. ``prompt``: text, token ids or
+        chat messages (this model's chat template). ``target``: as in :meth:`explain` (``None``: this
+        model's top token). ``layers``: whose latent relevances to record for
+        ``.components()``/``.ablate()`` (``None``: every layer). Returns an
+        :class:`~lucidlm.explain.diff.ExplanationDiff` (see :mod:`lucidlm.explain.diff`).
+        """
+        from .explain.diff import explain_diff
+
+        if not isinstance(base, LLM):
+            raise ExplainError(f"base={type(base).__name__}: expected an LLM (lucidlm.LLM.load(...))")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._require_tokenizer("explain_diff").encode_chat(prompt)
+        return explain_diff(self.model, self.tokenizer, base.model, base.tokenizer, prompt, target=target,
+                            method=method, layers="all" if layers is None else layers, objective=objective)
 
     def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
         """Generate greedily and explain every generated token over all earlier tokens."""

@@ -109,6 +109,53 @@ class DivideGradient(torch.autograd.Function):
         return grad / ctx.n, None
 
 
+class BranchSwitch:
+    """Whether relevance may flow back through the branches a :class:`SwitchedBranch` guards: one
+    instance per explanation (passed to the hooks that apply the rule, never global), flipped
+    between two backward passes from the same forward."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+
+class SwitchedBranch(torch.autograd.Function):
+    """Relevance split at a sum of two branches, y = W x + s·B A x (a LoRA layer; Hu et al. 2021,
+    Eq. 3). LRP's rule for a sum divides the relevance of y between its summands by their
+    contributions (Montavon et al., "Layer-wise Relevance Propagation: an overview", 2019, Eq. 1
+    with the z-rule): R_{Wx} = (W x) ⊙ R_y / y and R_{sBAx} = (s·B A x) ⊙ R_y / y, and each part
+    flows on to the inputs. In gradient × input form both parts see the same gradient ∂s/∂y, so
+    the split is free: the forward is the identity on the branch's output, and the backward passes
+    the gradient on while ``switch.open`` and returns zero once it is closed. A second backward
+    from the same forward with the switch closed therefore gives the relevance that reaches the
+    inputs through the base weights only; the tuned relevance minus it is the part that went
+    through at least one adapter branch, and the two parts add up to the tuned relevance exactly
+    (the backward is linear in the gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
+        ctx.switch = switch
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad if ctx.switch.open else torch.zeros_like(grad)), None
+
+
+def switched_branch(x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
+    """The output ``x`` of an adapter branch, its backward gated by ``switch`` (:class:`SwitchedBranch`).
+
+    >>> switch = BranchSwitch()
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> y = switched_branch(x * 3, switch).sum()
+    >>> torch.autograd.grad(y, x, retain_graph=True)[0].tolist()
+    [3.0, 3.0]
+    >>> switch.open = False
+    >>> torch.autograd.grad(y, x)[0].tolist()
+    [0.0, 0.0]
+    """
+    return SwitchedBranch.apply(x, switch)
+
+
 def identity_rule(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply ``fn`` element-wise with the identity rule on its backward pass."""
     return IdentityRule.apply(x, fn)
