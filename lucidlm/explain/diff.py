@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import ExplainError
 from ..model import rules
+from . import wire
 from .components import KINDS, ablated, component_values
 from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, logits_from, \
     token_inputs, warn_target
@@ -114,6 +115,31 @@ class ExplanationDiff:
         if isinstance(names, str):
             names = [names]
         return self._ablation(list(names))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire format (:mod:`lucidlm.explain.wire`): ``format``, ``version``, ``type``
+        (``"ExplanationDiff"``), ``base`` and ``tuned`` (each an ``Explanation``'s dict), and, for
+        readers that want them without arithmetic, ``relevance`` (tuned − base), ``logit_delta`` and
+        ``adapter_relevance`` (null without adapter branches)."""
+        return wire.header("ExplanationDiff") | {
+            "base": self.base.to_dict(), "tuned": self.tuned.to_dict(), "relevance": wire.plain(self.relevance),
+            "logit_delta": wire.plain(self.logit_delta), "adapter_relevance": wire.plain(self.adapter_relevance)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExplanationDiff:
+        """Rebuild from :meth:`to_dict` (``ablate`` then needs the model: it is not in the dict)."""
+        data = wire.upgrade(data)
+        if data.get("type") != cls.__name__:
+            raise ExplainError(f"expected a serialised {cls.__name__}, got type {data.get('type')!r}")
+        try:
+            adapter = data.get("adapter_relevance")
+            return cls(Explanation.from_dict(data["base"]), Explanation.from_dict(data["tuned"]),
+                       None if adapter is None else torch.tensor(wire.unspell(adapter), dtype=torch.float32))
+        except KeyError as exc:
+            raise ExplainError(f"serialised ExplanationDiff: missing field {exc.args[0]!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExplanationDiff) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
         return (f"ExplanationDiff(target={self.tuned.target!r}, method={self.tuned.method!r}, "
