@@ -12,6 +12,7 @@ tuned model's top token by default) and returns an :class:`ExplanationDiff`:
   adapter branch (:class:`lucidlm.model.rules.SwitchedBranch`: one forward, a second backward
   with the branches closed gives the base-weights-only part; the two parts add up to the tuned
   relevance). ``None`` for a model without branches (a full fine-tune, a merged adapter).
+* Renderings and the wire format: see :mod:`lucidlm.explain.diff_result`, where the class lives.
 * ``.components(kind)``: layers, heads or neurons ranked by the change of their latent relevance
   (:mod:`lucidlm.explain.latent`), named as :func:`~lucidlm.explain.components.ablated` takes them;
   ``.ablate(names)``: the tuned model's explained score with those components zeroed.
@@ -32,18 +33,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ExplainError
 from ..model import rules
-from . import wire
-from .components import KINDS, ablated, component_values
+from .components import ablated
 from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, logits_from, \
     token_inputs, warn_target
+from .diff_result import ExplanationDiff
 from .explanation import Explanation
 from .latent import LatentRecorder
 from .targets import Target
@@ -53,98 +53,6 @@ from .targets import Target
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_query_groups", "head_size",
                 "intermediate_size", "n_expert")
 _BRANCHING: contextvars.ContextVar[object | None] = contextvars.ContextVar("lucidlm_branching", default=None)
-
-
-# ----------------------------------------------------------------------------- the result
-@dataclasses.dataclass(eq=False)
-class ExplanationDiff:
-    """The explanations of one prompt by a base and a tuned model, and what changed between them
-    (see :mod:`lucidlm.explain.diff`). ``ablate`` needs the tuned model, so it works on a diff
-    made by :func:`explain_diff`, not on one read back from JSON."""
-
-    base: Explanation
-    tuned: Explanation
-    adapter_relevance: torch.Tensor | None = None
-    _ablation: Any = dataclasses.field(default=None, repr=False)
-
-    @property
-    def relevance(self) -> torch.Tensor:
-        """Tuned minus base relevance, per prompt token."""
-        return self.tuned.relevance - self.base.relevance
-
-    @property
-    def logit_delta(self) -> float:
-        """The change of the explained score (tuned − base)."""
-        return self.tuned.target_logit - self.base.target_logit
-
-    @property
-    def tokens(self) -> list[str]:
-        return self.tuned.tokens
-
-    @property
-    def base_relevance_of_tuned(self) -> torch.Tensor | None:
-        """The part of the tuned relevance that came through the base weights only (tuned minus
-        the adapter's part); ``None`` without adapter branches."""
-        return None if self.adapter_relevance is None else self.tuned.relevance - self.adapter_relevance
-
-    def component_changes(self, kind: str = "layers") -> dict[str, float]:
-        """Per component of ``kind`` (``"layers"``, ``"heads"``, ``"neurons"``): the change of its
-        latent relevance, tuned − base."""
-        if kind not in KINDS:
-            raise ExplainError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
-        if self.base.layers is None or self.tuned.layers is None:
-            raise ExplainError("this diff holds no latent relevances: explain it with layers='all' (or indices)")
-        tuned = component_values(self.tuned.layers, kind)
-        base = component_values(self.base.layers, kind)
-        return {name: tuned[name] - base.get(name, 0.0) for name in tuned}
-
-    def components(self, kind: str = "layers", top: int | None = None) -> list[tuple[str, float]]:
-        """Components ranked by the change of their latent relevance, largest increase first (the
-        ones that carry the score's gain), as ``(name, change)`` pairs; ``top``: the first ``top``."""
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-            raise ExplainError(f"top={top!r}: expected None or an integer >= 0")
-        ranked = sorted(self.component_changes(kind).items(), key=lambda item: (-item[1], item[0]))
-        return ranked if top is None else ranked[:top]
-
-    def ablate(self, names: Iterable[str]) -> float:
-        """The tuned model's explained score (same prompt, same target ids) with the named
-        components zeroed: one forward with hooks, nothing changed for good."""
-        if self._ablation is None:
-            raise ExplainError("ablate needs the tuned model: call it on a diff made by explain_diff, "
-                               "not on one read back from a file")
-        if isinstance(names, str):
-            names = [names]
-        return self._ablation(list(names))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire format (:mod:`lucidlm.explain.wire`): ``format``, ``version``, ``type``
-        (``"ExplanationDiff"``), ``base`` and ``tuned`` (each an ``Explanation``'s dict), and, for
-        readers that want them without arithmetic, ``relevance`` (tuned − base), ``logit_delta`` and
-        ``adapter_relevance`` (null without adapter branches)."""
-        return wire.header("ExplanationDiff") | {
-            "base": self.base.to_dict(), "tuned": self.tuned.to_dict(), "relevance": wire.plain(self.relevance),
-            "logit_delta": wire.plain(self.logit_delta), "adapter_relevance": wire.plain(self.adapter_relevance)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExplanationDiff:
-        """Rebuild from :meth:`to_dict` (``ablate`` then needs the model: it is not in the dict)."""
-        data = wire.upgrade(data)
-        if data.get("type") != cls.__name__:
-            raise ExplainError(f"expected a serialised {cls.__name__}, got type {data.get('type')!r}")
-        try:
-            adapter = data.get("adapter_relevance")
-            return cls(Explanation.from_dict(data["base"]), Explanation.from_dict(data["tuned"]),
-                       None if adapter is None else torch.tensor(wire.unspell(adapter), dtype=torch.float32))
-        except KeyError as exc:
-            raise ExplainError(f"serialised ExplanationDiff: missing field {exc.args[0]!r}") from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ExplanationDiff) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return (f"ExplanationDiff(target={self.tuned.target!r}, method={self.tuned.method!r}, "
-                f"n_tokens={len(self.tuned.tokens)}, logit_delta={self.logit_delta:+.4g}, "
-                f"adapter={'yes' if self.adapter_relevance is not None else 'no'})")
 
 
 # ----------------------------------------------------------------------------- checks

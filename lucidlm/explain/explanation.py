@@ -142,24 +142,27 @@ class _Result:
     __hash__ = None  # type: ignore[assignment]  # mutable, like every dataclass with eq
 
 
-def load_dict(data: dict[str, Any]) -> Explanation | GenerationExplanation | ImageExplanation:
-    """Read any explanation's :meth:`~Explanation.to_dict` (of any version), whichever type it is.
+def load_dict(data: dict[str, Any]) -> _Result:
+    """Read any explanation's ``to_dict()`` (of any version), whichever type it is: an
+    :class:`Explanation`, :class:`GenerationExplanation`, :class:`ImageExplanation` or an
+    :class:`~lucidlm.explain.diff_result.ExplanationDiff` (its class found by
+    :func:`lucidlm.explain.wire.result_type`).
 
     >>> e = ImageExplanation(torch.zeros(2, 2), None, "cat", 1.0, "attnlrp")
     >>> load_dict(e.to_dict()) == e
     True
     """
-    kinds = {k.__name__: k for k in (Explanation, GenerationExplanation, ImageExplanation)}
     data = wire.upgrade(data)
-    kind = kinds.get(data.get("type"))
-    if kind is None:
-        raise ExplainError(f"load_json: expected one of {', '.join(kinds)} as 'type'")
-    return kind.from_dict(data)
+    return wire.result_type(data.get("type")).from_dict(data)
 
 
-def load_json(text: str) -> Explanation | GenerationExplanation | ImageExplanation:
+def load_json(text: str) -> _Result:
     """Read any explanation's JSON (:func:`load_dict` of it), whichever type it is."""
-    return load_dict(json.loads(text))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExplainError(f"load_json: not JSON ({e})") from e
+    return load_dict(data)
 
 
 # ----------------------------------------------------------------------------- Explanation

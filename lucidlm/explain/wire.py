@@ -2,8 +2,8 @@
 ``explain-dataset`` rows and the viewer all use (README, "Wire format").
 
 A dict with ``"format": "lucidlm.explanation"``, ``"version"`` (:data:`VERSION`), ``"type"``
-(``"Explanation"``, ``"GenerationExplanation"`` or ``"ImageExplanation"``) and then every field of
-that type. Tensors are (nested) lists, so any JSON reader gets plain numbers; a float JSON cannot
+(``"Explanation"``, ``"GenerationExplanation"``, ``"ImageExplanation"`` or ``"ExplanationDiff"``: the
+names of :data:`TYPES`) and then every field of that type. Tensors are (nested) lists, so any JSON reader gets plain numbers; a float JSON cannot
 spell is the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, which Python's ``float()`` and
 JavaScript's ``Number()`` both read back. :func:`upgrade` reads the forms older versions wrote.
 
@@ -15,7 +15,10 @@ JavaScript's ``Number()`` both read back. :func:`upgrade` reads the forms older 
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,7 +31,17 @@ FORMAT = "lucidlm.explanation"
 #: non-finite floats as ``{"__float__": "nan"}``, no ``format`` field (files saved before the
 #: wire format was shared); 2: this module's form.
 VERSION = 2
-TYPES = ("Explanation", "GenerationExplanation", "ImageExplanation")
+#: every serialised type, by the name its ``"type"`` field holds, and the module that defines it:
+#: :func:`result_type` imports that module when a dict of the type is read, so the reader
+#: (:func:`lucidlm.explain.explanation.load_dict`) needs no import of the modules that build on it
+#: (:mod:`lucidlm.explain.diff_result` imports :mod:`lucidlm.explain.explanation`). A fixed table,
+#: not a registry filled at import time.
+TYPES: Mapping[str, str] = MappingProxyType({
+    "Explanation": "lucidlm.explain.explanation",
+    "GenerationExplanation": "lucidlm.explain.explanation",
+    "ImageExplanation": "lucidlm.explain.explanation",
+    "ExplanationDiff": "lucidlm.explain.diff_result",
+})
 _TENSOR, _FLOAT = "__tensor__", "__float__"  # version 1's spellings
 
 
@@ -74,6 +87,18 @@ def unspell(value: Any) -> Any:
 def header(kind: str) -> dict[str, Any]:
     """The fields that open every serialised explanation of type ``kind``."""
     return {"format": FORMAT, "version": VERSION, "type": kind}
+
+
+def result_type(name: Any) -> type:
+    """The class of the serialised type ``name`` (a ``"type"`` field), from :data:`TYPES`.
+
+    >>> result_type("ExplanationDiff").__module__
+    'lucidlm.explain.diff_result'
+    """
+    module = TYPES.get(name) if isinstance(name, str) else None
+    if module is None:
+        raise ExplainError(f"'type' {name!r}: expected one of {', '.join(TYPES)}")
+    return getattr(importlib.import_module(module), name)
 
 
 def upgrade(data: Any) -> dict[str, Any]:

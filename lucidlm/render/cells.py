@@ -33,6 +33,9 @@ EVICTED_NOTE = "evicted from the KV cache: the model no longer saw this token"
 #: the one-line legend of every rendering of an Explanation (terminal, HTML, PNG)
 LEGEND = "relevance: red supports the target, blue opposes it"
 MATRIX_LEGEND = "relevance, each row on its own scale: red supports that row's token, blue opposes it"
+#: the one-line legend of every rendering of stacked rows on one scale (an ExplanationDiff's)
+STACK_LEGEND = ("relevance, every row on one scale: red supports the target, blue opposes it "
+                "(in a difference row: red gained support, blue lost it)")
 
 
 # ----------------------------------------------------------------------------- colours
@@ -197,10 +200,12 @@ def token_cells(
     values: torch.Tensor,
     evicted: torch.Tensor | None = None,
     skip_first: bool = True,
+    scale: float | None = None,
 ) -> tuple[list[Cell], float]:
-    """Cells for a heatmap over ``tokens`` and the colour scale they were coloured with."""
+    """Cells for a heatmap over ``tokens`` and the colour scale they were coloured with
+    (``scale``, or :func:`color_scale` of ``values`` when it is None)."""
     values = values.detach().double().flatten()
-    scale = color_scale(values, skip_first)
+    scale = color_scale(values, skip_first) if scale is None else scale
     colors = rgb_array(values.numpy(), scale).tolist()
     gone = [False] * len(tokens) if evicted is None else [bool(e) for e in evicted.tolist()]
     cells = [
@@ -209,6 +214,45 @@ def token_cells(
         for i, (tok, v, c, out) in enumerate(zip(tokens, values.tolist(), colors, gone))
     ]
     return cells, scale
+
+
+class Row(NamedTuple):
+    """One labelled row of a stack drawn on one colour scale (see :func:`stacked_cells`)."""
+
+    key: str  # what the row is, for scripts and tests: "base", "tuned", "difference", "adapter"
+    label: str  # what a reader sees, e.g. "tuned (logit 15.1)"
+    cells: list[Cell]
+
+
+def stacked_cells(tokens: Sequence[str], rows: Sequence[tuple[str, str, torch.Tensor]],
+                  evicted: torch.Tensor | None = None, skip_first: bool = True) -> tuple[list[Row], float]:
+    """Rows ``(key, label, values)`` of values over the same ``tokens``, coloured on ONE scale (the
+    largest finite |value| of any row, token 0 of each left out with ``skip_first``), so that a
+    colour means the same number in every row.
+
+    >>> rows, scale = stacked_cells(["<s>", " a", " b"], [("x", "x", torch.tensor([9.0, 1.0, 0.5])),
+    ...                                                   ("y", "y", torch.tensor([0.0, -2.0, 0.0]))])
+    >>> scale, rows[0].cells[1].color, rows[1].cells[1].color
+    (2.0, (255, 128, 128), (0, 0, 255))
+    """
+    kept = [values.detach().double().flatten() for _, _, values in rows]
+    if skip_first:
+        kept = [v[1:] if v.numel() > 1 else v for v in kept]
+    scale = color_scale(torch.cat(kept) if kept else torch.zeros(0), skip_first=False)
+    return [Row(key, label, token_cells(tokens, values, evicted, skip_first, scale)[0])
+            for key, label, values in rows], scale
+
+
+def stack_notes(rows: Sequence[Row]) -> list[str]:
+    """The header sentences of a stack: token 0 as a sink (once, its values differ by row) and the
+    evicted tokens of each row that has any."""
+    sink = next((c for row in rows for c in row.cells if c.sink), None)
+    notes = [f"token 0 {quoted(sink.token)} is an {SINK_NOTE}"] if sink else []
+    for row in rows:
+        evicted = sum(c.evicted for c in row.cells)
+        if evicted:
+            notes.append(f"{row.label}: {evicted} token(s) evicted from the KV cache (grey, struck through)")
+    return notes
 
 
 def layout(widths: Sequence[int], breaks: Sequence[int], width: int) -> list[tuple[int, int]]:

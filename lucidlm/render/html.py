@@ -21,7 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .cells import LEGEND, MATRIX_LEGEND, NEGATIVE, NEUTRAL, POSITIVE, Cell, cell_notes, hex_color
+from .cells import LEGEND, MATRIX_LEGEND, NEGATIVE, NEUTRAL, POSITIVE, STACK_LEGEND, Cell, Row, cell_notes, \
+    hex_color, stack_notes
 
 CSS = """
 .lucidlm{font-family:system-ui,sans-serif;line-height:1.9;max-width:60em}
@@ -38,6 +39,8 @@ CSS = """
 .lucidlm-bar{width:16em;height:.9em;border:1px solid #999;
  background:linear-gradient(to right,%(neg)s,%(mid)s,%(pos)s)}
 .lucidlm img{max-width:100%%}
+.lucidlm-row{margin-top:.4em}
+.lucidlm-label{font-size:.9em;font-weight:600}
 """ % {"neg": hex_color(NEGATIVE), "mid": hex_color(NEUTRAL), "pos": hex_color(POSITIVE)}
 
 
@@ -127,6 +130,18 @@ def heatmap_page(cells: Sequence[Cell], scale: float, title: str, page_title: st
     head = "".join(f"<div>{esc(line)}</div>" for line in [title, *cell_notes(cells)])
     body = f'<div class="lucidlm-head">{head}</div>{html_cells(cells)}{html_legend(scale, LEGEND)}'
     return html_document(body, page_title, full_page)
+
+
+def stack_page(rows: Sequence[Row], scale: float, title: str, page_title: str, full_page: bool = True,
+               legend: str = STACK_LEGEND) -> str:
+    """Rows on one colour scale (:func:`~lucidlm.render.cells.stacked_cells`, e.g. a diff's base,
+    tuned and difference): ``title`` and the notes, each row's label over its tokens (a
+    ``div.lucidlm-row[data-row=KEY]``), one colour bar. Static HTML: it needs no script."""
+    head = "".join(f"<div>{esc(line)}</div>" for line in [title, *stack_notes(rows)])
+    body = "".join(f'<div class="lucidlm-row" data-row="{esc(row.key)}"><div class="lucidlm-label">'
+                   f"{esc(row.label)}</div>{html_cells(row.cells)}</div>" for row in rows)
+    return html_document(f'<div class="lucidlm-head">{head}</div>{body}{html_legend(scale, legend)}', page_title,
+                         full_page)
 
 
 GENERATION_INFO = "Hover a bold (generated) token to see what it relied on; click to pin. Showing the last one."

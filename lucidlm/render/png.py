@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .cells import EVICTED_TEXT, FUTURE, LEGEND, MATRIX_LEGEND, Cell, cell_notes, color_scale, colormap, \
-    display_width, layout, visible
+from .cells import EVICTED_TEXT, FUTURE, LEGEND, MATRIX_LEGEND, STACK_LEGEND, Cell, Row, cell_notes, color_scale, \
+    colormap, display_width, layout, stack_notes, visible
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,31 +107,67 @@ def tokens_figure(cells: Sequence[Cell], scale: float, title: str, columns: int 
     The figure is as wide as the longest wrapped line, or as the title or legend if wider: a short
     prompt gives a small image, not ``columns`` of blank space.
     """
-    from matplotlib.patches import Rectangle
+    return _blocks_figure([Row("", "", list(cells))], scale, title, cell_notes(cells), columns, legend)
 
-    widths = [display_width(c.text) for c in cells]
-    places = layout(widths, [c.breaks for c in cells], columns)
+
+def rows_figure(rows: Sequence[Row], scale: float, title: str, columns: int = 80,
+                legend: str = STACK_LEGEND) -> Figure:
+    """Rows on one colour scale (:func:`~lucidlm.render.cells.stacked_cells`, e.g. a diff's base,
+    tuned and difference) as a PNG figure: the title and notes (``fig.texts[0]``), each row's label
+    (``fig.texts[2:]``, in order) over its tokens wrapped at ``columns``, one colour bar and the
+    ``legend`` (``fig.texts[1]``)."""
+    return _blocks_figure(rows, scale, title, stack_notes(rows), columns, legend)
+
+
+def _blocks_figure(rows: Sequence[Row], scale: float, title: str, notes: Sequence[str], columns: int,
+                   legend: str) -> Figure:
+    """Title and notes, then per row its label (none when empty) and its tokens, then the colour bar
+    and legend: the drawing behind :func:`tokens_figure` and :func:`rows_figure`."""
+    widths = [display_width(c.text) for c in rows[0].cells] if rows else []
+    places = layout(widths, [c.breaks for c in rows[0].cells] if rows else [], columns)
     lines = (places[-1][0] + 1) if places else 1
     used = max([col + w for (_, col), w in zip(places, widths)], default=0) or 1
     fig = new_figure(1.0, 1.0)
-    first, *notes = title.split("\n")
-    notes += cell_notes(cells)
+    first = title.split("\n")[0]
+    notes = title.split("\n")[1:] + list(notes)
     head = fig.text(0, 1, first, ha="left", va="top", fontsize=10, parse_math=False)
     foot = fig.text(0, 0, legend, ha="left", va="bottom", fontsize=9, parse_math=False)
+    labels = [fig.text(0, 0, row.label, ha="left", va="bottom", fontsize=9, fontweight="bold", parse_math=False)
+              if row.label else None for row in rows]
+    label_sizes = [text_size(fig, t) if t is not None else (0.0, 0.0) for t in labels]
     text_w, text_h = used * CHAR_W, lines * LINE_H
-    fit = max(text_w, text_size(fig, head)[0], text_size(fig, foot)[0], BAR_W + 0.3)
+    fit = max(text_w, text_size(fig, head)[0], text_size(fig, foot)[0], BAR_W + 0.3,
+              *(w for w, _ in label_sizes))
     if notes:  # the notes under the title wrap to the width the rest needs, never widen it
         head.set_text("\n".join([first, *(_wrap(fig, head, note, fit) for note in notes)]))
     (head_w, head_h), (foot_w, foot_h) = text_size(fig, head), text_size(fig, foot)
-    # Inches from the bottom: legend, the bar's tick labels, the bar, the tokens, the title.
+    # Inches from the bottom: legend, the bar's tick labels, the bar, the rows (last first), the title.
     bar_y = MARGIN + foot_h + 0.28
-    text_y = bar_y + BAR_H + 0.2
-    width = 2 * MARGIN + max(text_w, head_w, foot_w, BAR_W + 0.3)
-    height = text_y + text_h + 0.12 + head_h + MARGIN
+    y, row_y = bar_y + BAR_H + 0.2, []
+    for k, (_, label_h) in reversed(list(enumerate(label_sizes))):
+        row_y.insert(0, y)
+        y += text_h + (label_h + 0.04 if labels[k] is not None else 0.0) + (0.12 if k else 0.0)
+    width = 2 * MARGIN + max(text_w, head_w, foot_w, BAR_W + 0.3, *(w for w, _ in label_sizes))
+    height = y + 0.12 + head_h + MARGIN
     fig.set_size_inches(width, height)
     head.set_position((MARGIN / width, 1 - MARGIN / height))
     foot.set_position((MARGIN / width, MARGIN / height))
-    ax = fig.add_axes((MARGIN / width, text_y / height, text_w / width, text_h / height))
+    for row, label, text_y in zip(rows, labels, row_y):
+        if label is not None:
+            label.set_position((MARGIN / width, (text_y + text_h + 0.04) / height))
+        ax = fig.add_axes((MARGIN / width, text_y / height, text_w / width, text_h / height))
+        _draw_cells(ax, row.cells, widths, places, used, lines)
+    add_colorbar(fig, ((MARGIN + 0.15) / width, bar_y / height, BAR_W / width, BAR_H / height),
+                 scale)
+    return fig
+
+
+def _draw_cells(ax, cells: Sequence[Cell], widths: Sequence[int], places: Sequence[tuple[int, int]], used: int,
+                lines: int) -> None:
+    """Tokens as coloured boxes at their ``places`` (line, column) on ``ax``, which spans ``used``
+    columns and ``lines`` lines."""
+    from matplotlib.patches import Rectangle
+
     ax.set_xlim(0, used)
     ax.set_ylim(lines, 0)
     ax.set_axis_off()
@@ -144,9 +180,6 @@ def tokens_figure(cells: Sequence[Cell], scale: float, title: str, columns: int 
                 color=np.divide(cell.fg, 255), parse_math=False)
         if cell.evicted:  # strike-through, as in the terminal and HTML
             ax.plot([col, col + w], [line + 0.5] * 2, color=np.divide(EVICTED_TEXT, 255), lw=1)
-    add_colorbar(fig, ((MARGIN + 0.15) / width, bar_y / height, BAR_W / width, BAR_H / height),
-                 scale)
-    return fig
 
 
 def matrix_figure(colors: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str],

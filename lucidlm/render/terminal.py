@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .cells import LEGEND, RGB, Cell, cell_notes, display_width, layout, rgb_array, visible
+from .cells import LEGEND, RGB, STACK_LEGEND, Cell, Row, cell_notes, display_width, layout, rgb_array, stack_notes, \
+    visible
 
 RESET = "\x1b[0m"
 
@@ -88,6 +89,32 @@ def heatmap(cells: Sequence[Cell], scale: float, title: str, width: int | None =
     width = width or shutil.get_terminal_size((100, 24)).columns
     header = "\n".join([title, *cell_notes(cells)])
     return "\n".join([header, terminal_text(cells, width, color), terminal_legend(scale, color)])
+
+
+def stack(rows: Sequence[Row], scale: float, title: str, width: int | None = None, color: bool | None = None,
+          legend: str = STACK_LEGEND) -> str:
+    """Rows on one colour scale (:func:`~lucidlm.render.cells.stacked_cells`): ``title`` and the
+    notes, then each row's label and its tokens wrapped at ``width``, then one colour bar.
+    ``color=None`` colours only when :func:`color_stdout` says so.
+
+    >>> import torch
+    >>> from lucidlm.render.cells import stacked_cells
+    >>> rows, scale = stacked_cells(["a", " b"], [("x", "first", torch.tensor([1.0, -1.0])),
+    ...                                           ("y", "second", torch.tensor([0.5, 2.0]))], skip_first=False)
+    >>> print(stack(rows, scale, "two rows", width=40, color=False))
+    two rows
+    first:
+    a[+1] b[-1]
+    second:
+    a[+0.5] b[+2]
+    colour scale ±2 · relevance, every row on one scale: red supports the target, blue opposes it (in a difference row: red gained support, blue lost it)
+    """
+    color = color_stdout() if color is None else color
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    lines = [title, *stack_notes(rows)]
+    for row in rows:
+        lines += [f"{row.label}:", terminal_text(row.cells, width, color)]
+    return "\n".join([*lines, terminal_legend(scale, color, note=legend)])
 
 
 def top_tokens(title: str, rows: Sequence[tuple[str, Sequence[Cell], Sequence[tuple[int, str, float]]]],
