@@ -2,8 +2,10 @@
 view`` (a saved explanation as a viewer page; without a file: serve and open the viewer).
 
 >>> args = SERVE.parse(["--port", "8080"])
->>> args.host, args.port, args.max_queue
-('127.0.0.1', 8080, 16)
+>>> args.host, args.port, args.max_queue, args.adapter
+('127.0.0.1', 8080, 16, None)
+>>> _serve_inputs(SERVE.parse(["--model", "base", "--adapter", "tuned"]))
+[('--adapter', PosixPath('tuned'))]
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from .options import Command, Paths, add_cache, add_model, cache_kwargs, load, p
 
 def add_serving(p: argparse.ArgumentParser) -> None:
     add_model(p)
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                   help="serve --model with this PEFT LoRA adapter attached; /v1/explain then also answers "
+                        "\"diff\": true (and the viewer's diff mode) against --model without it")
     add_cache(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, loopback; other addresses need --api-key)")
@@ -39,6 +44,8 @@ def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
     from ..serve import serve
 
     llm = load(args)
+    if args.adapter is not None:
+        llm.load_adapter(args.adapter)
     name = args.model_name or llm.name
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
     print(f"lucidlm: serving {name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
@@ -48,8 +55,24 @@ def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
 
         threading.Timer(1.5, webbrowser.open, [url]).start()
     serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=name, max_queue=args.max_queue,
-          max_body_bytes=args.max_body_bytes, **cache_kwargs(args))
+          max_body_bytes=args.max_body_bytes, base=_base_loader(args), **cache_kwargs(args))
     return 0
+
+
+def _base_loader(args: argparse.Namespace):
+    """With ``--adapter``: what loads ``--model`` without it (the server calls it at the first diff
+    request, so a server nobody asks for a diff never holds two models)."""
+    if args.adapter is None:
+        return None
+    import functools
+
+    from ..api import LLM
+
+    return functools.partial(LLM.load, args.model, dtype=args.dtype)
+
+
+def _serve_inputs(args: argparse.Namespace) -> Paths:
+    return [("--adapter", args.adapter)]
 
 
 def add_view(p: argparse.ArgumentParser) -> None:
@@ -86,13 +109,14 @@ def run_view(args: argparse.Namespace) -> int:
 
 
 def _view_inputs(args: argparse.Namespace) -> Paths:
-    return [("FILE", args.file)]
+    return [("FILE", args.file)] + _serve_inputs(args)
 
 
 def _view_outputs(args: argparse.Namespace) -> Paths:
     return [("--out", args.out)]
 
 
-SERVE = Command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /", add_serving, run_serve)
+SERVE = Command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /", add_serving, run_serve,
+                inputs=_serve_inputs)
 VIEW = Command("view", "open a saved explanation (JSON) in the viewer; no FILE: serve and open /", add_view, run_view,
                inputs=_view_inputs, outputs=_view_outputs)

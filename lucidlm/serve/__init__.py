@@ -11,6 +11,11 @@
 >>> serve(LLM.load(), port=8000)                                     # doctest: +SKIP
 >>> from openai import OpenAI                                         # doctest: +SKIP
 >>> client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-") # doctest: +SKIP
+
+A tuned model served with its base answers ``/v1/explain`` with ``"diff": true`` too (the base
+is loaded at the first such request; ``lucidlm serve --model BASE --adapter DIR`` does this):
+
+>>> serve(LLM.load(adapter="my-adapter/"), base=LLM.load)           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def create_app(*args, **kwargs):
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log_level: str = "info", **options) -> None:
-    """Run the server until interrupted. ``options``: see :func:`create_app`."""
+    """Run the server until interrupted. ``options``: see :func:`create_app` (``base``: the model
+    ``llm`` was tuned from, or a function loading it, for ``"diff": true``)."""
     import uvicorn
 
     check_bind(host, api_key)

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -67,11 +67,17 @@ class BodyLimit:
 
 def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = None,
                cache_tokens: int | None = None, api_key: str | None = None, max_queue: int = 16,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_body_bytes: int = 1 << 20, base: LLM | Callable[[], LLM] | None = None) -> FastAPI:
     """The server's app for ``llm``. ``kv_cache``/``cache_tokens``: the KV-cache policy every
     generation runs with (explanations too, when the request asks for it). ``api_key``: required
     as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests running or waiting
     before new ones get 503. ``max_body_bytes``: larger bodies get 413.
+
+    ``base``: the model ``llm`` was tuned from (an ``LLM``, or a function that loads it: called
+    once, on the model thread, at the first request that needs it). With it ``/v1/explain``
+    answers ``"diff": true`` with the :class:`~lucidlm.explain.diff_result.ExplanationDiff` of
+    ``llm`` against ``base``; ``lucidlm serve --model BASE --adapter DIR`` serves BASE+adapter with
+    BASE (loaded without the adapter) as ``base``.
 
     >>> from fastapi.testclient import TestClient     # doctest: +SKIP
     >>> client = TestClient(create_app(LLM.load()))    # doctest: +SKIP
@@ -98,14 +104,14 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.state.llm, app.state.worker = llm, worker
     _install_error_handlers(app)
-    server = _Server(llm, name, worker, policy, cache_tokens)
+    server = _Server(llm, name, worker, policy, cache_tokens, base)
     authorised = [Depends(_key_check(api_key))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "context_length": llm.config.block_size,
                 "kv_cache": kv_cache, "cache_tokens": cache_tokens, "auth": api_key is not None,
-                **worker.stats()}
+                "diff": base is not None, **worker.stats()}
 
     @app.get("/", response_class=HTMLResponse)
     def viewer() -> str:
@@ -144,6 +150,10 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
             server.check_model(body.model)
         ids, target = server.explain_inputs(body)
         layers = "all" if body.layers is True else (body.layers or None)
+        if body.diff:
+            server.check_diff()
+            result = await worker.run(lambda: server.explain_diff(ids, target, body.method, layers))
+            return explanation_json(result, name, "explanation.diff")
         result = await worker.run(lambda: llm.explain(ids, target=target, method=body.method, layers=layers,
                                                       kv_cache=body.kv_cache, cache_tokens=body.cache_tokens))
         return explanation_json(result, name)
@@ -151,20 +161,22 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     return app
 
 
-def explanation_json(e, model_name: str) -> dict[str, Any]:
+def explanation_json(e, model_name: str, kind: str = "explanation") -> dict[str, Any]:
     """``/v1/explain``'s answer: the explanation's wire form (``e.to_dict()``: plain lists, and
     ``"NaN"``/``"Infinity"`` for what JSON cannot spell; README, "Wire format") with the OpenAI-style
-    ``object`` and the serving ``model``. ``Explanation.from_dict`` reads it back."""
-    return {"object": "explanation", "model": model_name, **e.to_dict()}
+    ``object`` (``kind``: ``"explanation"``, or ``"explanation.diff"`` for a diff) and the serving
+    ``model``. ``Explanation.from_dict`` (``ExplanationDiff.from_dict``, ``load_dict``) reads it back."""
+    return {"object": kind, "model": model_name, **e.to_dict()}
 
 
 class _Server:
     """What the routes share: the model, its name, the worker and the generation policy."""
 
     def __init__(self, llm: LLM, name: str, worker: ModelWorker, policy: PolicySpec,
-                 cache_tokens: int | None) -> None:
+                 cache_tokens: int | None, base: LLM | Callable[[], LLM] | None = None) -> None:
         self.llm, self.name, self.worker = llm, name, worker
         self.policy, self.cache_tokens = policy, cache_tokens  # parsed once, by create_app
+        self.base = base  # an LLM, or its loader until the first diff request calls it
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
@@ -224,6 +236,29 @@ class _Server:
         if body.contrast is not None:
             target = (target, body.contrast)
         return ids, target
+
+
+    # ---- diffs ------------------------------------------------------------------------------
+    def check_diff(self) -> None:
+        if self.base is None:
+            raise APIError(400, "diff: this server has no base model to compare with: serve a tuned model with "
+                                "its base, 'lucidlm serve --model BASE --adapter DIR' (or create_app(..., base=...))",
+                           code="no_base_model", param="diff")
+
+    def base_llm(self) -> LLM:
+        """Runs on the model thread (one job at a time, so the loader runs once): the base model,
+        loaded by the first diff request that needs it."""
+        if not isinstance(self.base, LLM):
+            self.base = self.base()
+        return self.base
+
+    def explain_diff(self, ids: list[int], target: Any, method: str, layers: Any):
+        """Runs on the model thread: the served model's explanation of ``ids`` against the base's."""
+        from ..explain.diff import explain_diff
+
+        base = self.base_llm()
+        return explain_diff(self.llm.model, self.llm.tokenizer, base.model, base.tokenizer, ids, target=target,
+                            method=method, layers=layers)
 
 
 class _Reply:

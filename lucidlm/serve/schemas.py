@@ -100,6 +100,8 @@ class ExplainRequest(BaseModel):
     ``target``: ``None`` (the model's top next token), a token id, a token text, or a continuation
     (a multi-token string or a list of ids); with ``messages``, ``reply`` is the continuation to
     explain (the assistant's answer). ``contrast``: explain ``target`` against this token.
+    ``diff``: explain it with the served (tuned) model against its base, answering an
+    ``ExplanationDiff`` (a server started with a base: ``lucidlm serve --model BASE --adapter DIR``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -115,6 +117,7 @@ class ExplainRequest(BaseModel):
     layers: bool | Literal["all"] | list[int] = False
     kv_cache: str | None = None
     cache_tokens: Annotated[int, Field(ge=1)] | None = None
+    diff: bool = False
 
     @field_validator("method")
     @classmethod
@@ -133,4 +136,6 @@ class ExplainRequest(BaseModel):
                 raise ValueError("give reply or target, not both")
         if self.contrast is not None and (self.target is None or isinstance(self.target, list)):
             raise ValueError("contrast needs a single-token target")
+        if self.diff and (self.kv_cache is not None or self.cache_tokens is not None):
+            raise ValueError("diff explains both models over the whole context: leave out kv_cache and cache_tokens")
         return self

@@ -2,9 +2,12 @@
 
 Without data the page runs in *server mode*: it talks to the lucidlm server it was loaded from
 (same origin, relative URLs), streams generations and explains any generated token on click.
-With data (an ``Explanation`` or a ``GenerationExplanation``, or its
-:meth:`~lucidlm.explain.explanation.Explanation.to_dict` of any version) it runs in *file mode*:
-it shows that explanation and calls no server, so the page can be saved and opened from disk.
+With data (an ``Explanation``, a ``GenerationExplanation`` or an
+:class:`~lucidlm.explain.diff_result.ExplanationDiff`, or its ``to_dict()`` of any version) it runs
+in *file mode*: it shows that explanation (a diff as its labelled rows, base, tuned, difference and
+adapter, on one colour scale) and calls no server, so the page can be saved and opened from disk.
+In server mode against a server with a base model (``lucidlm serve --model BASE --adapter DIR``)
+its *diff mode* asks ``/v1/explain`` for ``"diff": true`` and draws the same rows.
 
 The page's code is lucidlm's one JavaScript renderer (:func:`lucidlm.render.html.heatmap_js`, which
 the HTML export of a generation inlines too) followed by ``static/viewer.js``; the data is the
@@ -48,8 +51,8 @@ def viewer_page(data: Any = None) -> str:
     """The viewer as one HTML document.
 
     ``data``: ``None`` for server mode; or, to show it offline (file mode), an ``Explanation`` /
-    ``GenerationExplanation`` or its ``to_dict()`` (an older version's is upgraded: the page reads
-    the current wire format only).
+    ``GenerationExplanation`` / ``ExplanationDiff`` or its ``to_dict()`` (an older version's is
+    upgraded: the page reads the current wire format only).
     """
     embedded = ""
     if data is not None:

@@ -1,7 +1,8 @@
 // lucidlm's one JavaScript renderer of relevance heatmaps. The HTML export of a
 // GenerationExplanation (lucidlm.render.html) and the viewer page (lucidlm.serve.viewer) both inline
 // this file. It mirrors lucidlm.render.cells (the colour map, the colour scale, how a token is shown,
-// the sink and eviction marks), so a token looks the same whichever side drew it, and it reads
+// the sink and eviction marks, the one scale of stacked rows such as a diff's), so a token looks the
+// same whichever side drew it, and it reads
 // explanations in their wire format (README, "Wire format"): plain JSON numbers, and the strings
 // "NaN", "Infinity", "-Infinity" for the floats JSON cannot spell.
 // Plain DOM, no framework: a saved page must open from disk in any browser.
@@ -80,10 +81,14 @@ var lucidlmHeatmap = (function () {
     return `#${index} ${JSON.stringify(token)}`;
   }
 
+  // Like Python's f"{v:.4g}" for values of ordinary size (no sign for positives).
+  function short(value) {
+    return Number.isFinite(value) ? String(Number(value.toPrecision(4))) : "n/a";
+  }
+
   // What each token of one row is drawn with, and the row's colour scale (token_cells in Python):
-  // values are numbers, evicted a list of booleans or null.
-  function cells(values, evicted, skipFirst = true) {
-    const scale = colorScale(values, skipFirst);
+  // values are numbers, evicted a list of booleans or null; `scale` defaults to the row's own.
+  function cells(values, evicted, skipFirst = true, scale = colorScale(values, skipFirst)) {
     const drawn = values.map((value, j) => {
       const gone = Boolean(evicted && evicted[j]);
       const color = gone ? EVICTED : rgb(value, scale);
@@ -123,6 +128,63 @@ var lucidlmHeatmap = (function () {
       const value = cell ? `: ${fmt(cell.value)}` : j === selected ? ": explained token" : "";
       span.title = [tokenName(j, tokens[j]) + value, ...marks].join("; ");
     });
+  }
+
+  // -------------------------------------------------------------------------------- stacks, diffs
+  // Rows {key, label, values} over the same tokens, coloured on ONE scale (stacked_cells in Python):
+  // the largest finite |value| of any row, token 0 of each left out with skipFirst. Each row comes
+  // back as a row of cells() (plus its key and label), so paint() and notes() draw it.
+  function stackCells(rows, evicted, skipFirst = true) {
+    const kept = rows.flatMap((r) => (skipFirst && r.values.length > 1 ? r.values.slice(1) : r.values));
+    const scale = colorScale(kept, false);
+    return { scale, rows: rows.map((r) => ({ key: r.key, label: r.label,
+                                             ...cells(r.values, evicted, skipFirst, scale) })) };
+  }
+
+  // The rows of an ExplanationDiff's wire form `d` as every rendering stacks them
+  // (ExplanationDiff.rows in Python): base, tuned, their difference, and the part of the tuned
+  // relevance that came through the adapter when the tuned model had adapter branches.
+  function diffRows(d) {
+    const label = d.tuned.score_label || "logit";
+    const rows = [
+      { key: "base", label: `base (${label} ${short(number(d.base.target_logit))})`,
+        values: d.base.relevance.map(number) },
+      { key: "tuned", label: `tuned (${label} ${short(number(d.tuned.target_logit))})`,
+        values: d.tuned.relevance.map(number) },
+      { key: "difference", label: `tuned \u2212 base (${fmt(number(d.logit_delta))})`,
+        values: d.relevance.map(number) },
+    ];
+    if (d.adapter_relevance) {
+      rows.push({ key: "adapter", label: "through the adapter", values: d.adapter_relevance.map(number) });
+    }
+    return rows;
+  }
+
+  // Replaces the children of `box` by stacked rows (stackCells().rows), each a div.diff-row[data-row=KEY]
+  // holding its .diff-label and a .diff-tokens box of span.dtok[data-index] painted as paint() does.
+  function drawStack(box, tokens, rows, classes) {
+    box.replaceChildren();
+    for (const row of rows) {
+      const line = element("div", "diff-row", box);
+      line.dataset.row = row.key;
+      element("div", "diff-label", line).textContent = row.label;
+      const text = element("div", "diff-tokens", line);
+      const spans = row.cells.map((_, j) => {
+        const span = element("span", "dtok", text);
+        span.dataset.index = String(j);
+        span.textContent = visible(tokens[j]);
+        for (let n = tokens[j].split("\n").length - 1; n > 0; n--) element("br", "", text);
+        return span;
+      });
+      paint(spans, tokens, row, -1, classes);
+    }
+  }
+
+  function element(tag, className, parent) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    parent.appendChild(node);
+    return node;
   }
 
   // -------------------------------------------------------------------------------- generations
@@ -169,6 +231,6 @@ var lucidlmHeatmap = (function () {
     });
   }
 
-  return { number, rgb, textColor, hex, colorScale, fmt, visible, tokenName, cells, notes, paint,
-           generationRow, generationPage };
+  return { number, rgb, textColor, hex, colorScale, fmt, short, visible, tokenName, cells, notes, paint,
+           stackCells, diffRows, drawStack, generationRow, generationPage };
 })();

@@ -6,7 +6,10 @@
 //   .tok[data-index]       every token, index into prompt ids + generated ids
 //   .tok[data-relevance]   the relevance of an earlier token for the selected one (a number)
 //   .tok.gen / .selected / .evicted
-//   #tokens[data-explained="INDEX:METHOD"]   set once an explanation is drawn
+//   #tokens[data-explained="INDEX:METHOD"]   set once an explanation is drawn ("INDEX:METHOD:diff" for a
+//                                            diff; INDEX is -1 for a saved explanation or diff)
+//   #diff-rows .diff-row[data-row=KEY]       a diff's rows, KEY base | tuned | difference | adapter, each
+//     .diff-label and .dtok[data-index][data-relevance]   with its label and tokens (one colour scale)
 //   body[data-phase]       "idle" | "generating" | "explaining"
 (function () {
   "use strict";
@@ -65,6 +68,7 @@
     state.explainSeq++; // an explanation still on its way belongs to the tokens just removed
     $("explain-head").hidden = true;
     showLayers(null);
+    showDiffRows(null);
   }
 
   // Appends tokens as spans; `generated` ones are clickable. A token holding newlines is shown
@@ -95,37 +99,32 @@
     H.paint(state.spans, state.tokens, row, ex.selected, CLASSES);
     showHead(ex, row);
     showLayers(ex.layers);
+    showDiffRows(null);
   }
 
-  function showHead(ex, row) {
-    $("head-target").textContent = JSON.stringify(H.visible(String(ex.target)));
-    $("head-method").textContent = ex.method;
-    showScore(ex.label, ex.score);
-    $("legend-min").textContent = H.fmt(-row.scale, 3);
-    $("legend-max").textContent = H.fmt(row.scale, 3);
-    $("head-note").textContent = H.notes(row, state.tokens).join(" · ");
-    $("explain-head").hidden = false;
+  // Draws an ExplanationDiff's wire form `d`: the token view coloured by the difference (tuned −
+  // base), and under it the labelled rows (base, tuned, difference, adapter) on one colour scale.
+  function showDiff(d, selected) {
+    const stack = H.stackCells(H.diffRows(d), d.tuned.evicted, true);
+    const difference = stack.rows.find((r) => r.key === "difference");
+    state.selected = selected;
+    H.paint(state.spans, state.tokens, difference, selected, CLASSES);
+    const t = d.tuned;
+    showHead({ target: t.target, method: t.method, label: t.score_label || "logit", score: t.target_logit },
+             difference);
+    $("head-score").textContent = `${H.short(H.number(d.base.target_logit))} \u2192 ` +
+      `${H.short(H.number(t.target_logit))} (${H.fmt(H.number(d.logit_delta))})`;
+    $("head-score").parentElement.title = "the base model's score \u2192 the tuned model's (the change)";
+    $("head-note").textContent = ["tokens above coloured by tuned \u2212 base", ...H.notes(difference, state.tokens)]
+      .join(" · ");
+    showLayers(null);
+    showDiffRows(stack);
   }
 
-  // What the score is, before its value: "log-prob -3.2", "logit difference 1.5" (the page's
-  // "score" word is replaced by the label the server or the saved file gives).
-  const SCORE_NOTES = {
-    "logit": "the target token's logit",
-    "logit difference": "logit(target) \u2212 logit(contrast)",
-    "log-prob": "sum of the continuation's token log-probabilities",
-    "logit sum": "sum of the continuation's token logits",
-  };
-
-  function showScore(label, score) {
-    const value = $("head-score");
-    const name = typeof label === "string" && label ? label : "logit";
-    const word = value.previousSibling;
-    if (word && word.nodeType === Node.TEXT_NODE) word.textContent = `${name} `;
-    else value.before(document.createTextNode(`${name} `));
-    value.parentElement.title = SCORE_NOTES[name] || name;
-    value.dataset.label = name;
-    const number = H.number(score);
-    value.textContent = Number.isFinite(number) ? String(Number(number.toPrecision(5))) : "n/a";
+  // A diff's rows (H.stackCells), each its label over its own copy of the tokens; null hides them.
+  function showDiffRows(stack) {
+    $("diff-panel").hidden = !stack;
+    H.drawStack($("diff-rows"), state.tokens, stack ? stack.rows : [], CLASSES);
   }
 
   // Grid of latent relevances: rows = layers, columns = attention heads ("layers.L.attn") and the
@@ -188,18 +187,33 @@
     setPhase("idle");
     if (data.type === "Explanation") showFileExplanation(data);
     else if (data.type === "GenerationExplanation") showFileGeneration(data);
-    else showError(`Cannot show ${JSON.stringify(data.type)}: expected an Explanation or a GenerationExplanation.`);
+    else if (data.type === "ExplanationDiff") showFileDiff(data);
+    else {
+      showError(`Cannot show ${JSON.stringify(data.type)}: expected an Explanation, a GenerationExplanation ` +
+                "or an ExplanationDiff.");
+    }
   }
 
-  function showFileExplanation(e) {
-    $("status").textContent = `saved explanation · ${e.tokens.length} tokens`;
+  // The prompt tokens of a saved explanation, then its target (no input, so no .tok).
+  function appendSaved(e) {
     appendTokens(e.tokens, e.token_ids && e.token_ids.length ? e.token_ids : null, false);
-    // The target follows the tokens it was predicted from; it is no input, so it is no .tok.
     const target = document.createElement("span");
     target.className = "target-tok";
     target.textContent = H.visible(e.target);
     target.title = `target ${JSON.stringify(e.target)}`;
     $("tokens").appendChild(target);
+  }
+
+  function showFileDiff(d) {
+    $("status").textContent = `saved diff · ${d.tuned.tokens.length} tokens · base vs tuned model`;
+    appendSaved(d.tuned);
+    showDiff(d, -1);
+    $("tokens").dataset.explained = `-1:${d.tuned.method}:diff`;
+  }
+
+  function showFileExplanation(e) {
+    $("status").textContent = `saved explanation · ${e.tokens.length} tokens`;
+    appendSaved(e);
     showExplanation({ selected: -1, relevance: e.relevance, evicted: e.evicted, target: e.target,
                       method: e.method, score: e.target_logit, label: e.score_label || "logit",
                       layers: e.layers });
@@ -314,6 +328,7 @@
     }
     const { kv_cache: policy, cache_tokens: slots } = state.health;
     $("kv-label").hidden = !policy;
+    $("diff-label").hidden = !state.health.diff;
     if (policy) {
       $("kv-text").textContent = `explain through the server's KV cache (${policy}, ${slots} tokens)`;
     }
@@ -323,6 +338,7 @@
   function showServerStatus() {
     const h = state.health || {};
     const parts = [state.model || h.model || "no model yet"];
+    if (h.diff) parts.push("diff against its base model available");
     if (h.context_length) parts.push(`context ${h.context_length} tokens`);
     if (h.kv_cache) parts.push(`KV cache ${h.kv_cache} (${h.cache_tokens} tokens)`);
     if (h.auth && !apiKey()) parts.push("this server needs an API key");
@@ -456,6 +472,11 @@
     return Boolean(state.health && state.health.kv_cache && $("kv-cache").checked);
   }
 
+  // Diff mode: the server has a base model and the box is ticked (a diff runs without a KV policy).
+  function useDiff() {
+    return Boolean(state.health && state.health.diff && $("diff").checked);
+  }
+
   // A contrast typed as digits is a token id, anything else a token text.
   function contrastValue() {
     const text = $("contrast").value;
@@ -469,7 +490,10 @@
     const body = { model: state.model, input_ids: state.ids.slice(0, index), target: state.ids[index], method };
     const contrast = contrastValue();
     if (contrast !== undefined) body.contrast = contrast;
-    if (useKvCache()) {
+    const diff = useDiff();
+    if (diff) {
+      body.diff = true;
+    } else if (useKvCache()) {
       body.kv_cache = state.health.kv_cache;
       if (state.health.cache_tokens != null) body.cache_tokens = state.health.cache_tokens;
     } else {
@@ -484,10 +508,14 @@
       const resp = await call("v1/explain", body);
       const ex = await resp.json(); // the wire format, and the server's "object" and "model"
       if (seq !== state.explainSeq) return; // a newer click owns the view
-      showExplanation({ selected: index, relevance: ex.relevance, evicted: ex.evicted, target: ex.target,
-                        method: ex.method || method, score: ex.target_logit,
-                        label: ex.score_label || "logit", layers: ex.layers });
-      $("tokens").dataset.explained = `${index}:${method}`;
+      if (ex.type === "ExplanationDiff") {
+        showDiff(ex, index);
+      } else {
+        showExplanation({ selected: index, relevance: ex.relevance, evicted: ex.evicted, target: ex.target,
+                          method: ex.method || method, score: ex.target_logit,
+                          label: ex.score_label || "logit", layers: ex.layers });
+      }
+      $("tokens").dataset.explained = `${index}:${method}` + (diff ? ":diff" : "");
     } catch (err) {
       if (seq === state.explainSeq) showError(`Explain failed: ${err.message}`);
     } finally {
@@ -533,6 +561,7 @@
     $("method").addEventListener("change", reexplain);
     $("contrast").addEventListener("change", reexplain);
     $("kv-cache").addEventListener("change", reexplain);
+    $("diff").addEventListener("change", reexplain);
     onModeChange();
     loadHealth();
     ensureModel().catch((err) => showError(`Listing models failed: ${err.message}` +
