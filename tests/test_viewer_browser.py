@@ -291,3 +291,85 @@ def test_generation_export_uses_the_same_renderer(page, tmp_path):
     page.hover('.lucidlm-gen[data-g="2"]')
     info = page.text_content(".lucidlm-info")
     assert "generated token 0" in info and "pinned" in info
+
+
+# ----------------------------------------------------------------------------- diff mode
+
+
+def diff_rows_of(page) -> list[dict]:
+    """Every .diff-row as {key, label, values (by data-index), colours}."""
+    return page.eval_on_selector_all(".diff-row", """rows => rows.map(r => ({key: r.dataset.row,
+        label: r.querySelector('.diff-label').textContent,
+        values: [...r.querySelectorAll('.dtok')].map(s => Number(s.dataset.relevance)),
+        colours: [...r.querySelectorAll('.dtok')].map(s => s.style.background)}))""")
+
+
+def test_file_mode_diff(page, tmp_path):
+    from lucidlm.explain.diff import ExplanationDiff
+
+    tokens = ["<s>", "The", " </script>", "\n", " answer"]
+    base = Explanation(tokens, [1, 2, 3, 4, 5], torch.tensor([3.0, 0.5, -0.25, 0.0, 1.0]), " 42", [42], 12.25,
+                       "cp-lrp")
+    tuned = Explanation(tokens, [1, 2, 3, 4, 5], torch.tensor([2.0, 1.5, 0.25, -0.5, 0.5]), " 42", [42], 15.0,
+                        "cp-lrp")
+    d = ExplanationDiff(base, tuned, torch.tensor([1.0, 1.0, 0.5, -0.5, 0.0]))
+    open_file(page, tmp_path, d.to_dict())
+    page.wait_for_selector('#tokens[data-explained="-1:cp-lrp:diff"]')
+
+    rows = diff_rows_of(page)
+    python_rows, _ = d.cells()
+    assert [r["key"] for r in rows] == ["base", "tuned", "difference", "adapter"]
+    assert [r["label"] for r in rows] == [label for _, label, _ in d.rows()]  # the labels Python writes
+    for got, (_, _, values), row in zip(rows, d.rows(), python_rows):
+        assert_close(got["values"], values.tolist())
+        # one colour scale, the colours Python draws: a value looks the same in every row
+        assert got["colours"] == ["rgb({}, {}, {})".format(*c.color) for c in row.cells]
+    assert_close([relevances(page)[j] for j in range(5)], d.relevance.tolist())  # the tokens show tuned − base
+    assert page.text_content("#head-score") == "12.25 \u2192 15 (+2.75)"
+    assert page.locator("#diff-panel").is_visible() and page.locator("#layers-panel").is_hidden()
+    assert page.locator("#tokens script, .diff-row script").count() == 0  # token text is text
+    assert page.locator("#error").is_hidden()
+
+
+@pytest.fixture(scope="module")
+def tuned_llm(tiny_lm_dir, tmp_path_factory):
+    from diff_util import save_opened_adapter
+
+    return LLM.load(tiny_lm_dir, adapter=save_opened_adapter(tiny_lm_dir, tmp_path_factory.mktemp("adapter")))
+
+
+def test_server_mode_diff(page, llm, tuned_llm, tiny_lm_dir):
+    with serve(llm) as url:  # no base: no diff toggle
+        page.goto(f"{url}/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('context')")
+        assert page.locator("#diff-label").is_hidden()
+    with serve(tuned_llm, base=lambda: LLM.load(tiny_lm_dir)) as url:
+        page.goto(f"{url}/")
+        page.wait_for_selector("#diff-label:not([hidden])")
+        page.fill("#prompt", "The capital of France is")
+        page.fill("#max-tokens", "4")
+        page.click("#generate")
+        toks = wait_generated(page)
+        ids = [t["id"] for t in toks]
+        index = next(t["index"] for t in toks if "gen" in t["classes"])
+        page.check("#diff")
+        page.click(f'.tok[data-index="{index}"]')
+        page.wait_for_selector(f'#tokens[data-explained="{index}:attnlrp:diff"]')
+
+        want = tuned_llm.explain_diff(llm, ids[:index], target=ids[index], method="attnlrp")
+        rows = diff_rows_of(page)
+        assert [r["key"] for r in rows] == ["base", "tuned", "difference", "adapter"]
+        assert [r["label"] for r in rows] == [label for _, label, _ in want.rows()]
+        for got, (_, _, values) in zip(rows, want.rows()):
+            assert_close(got["values"], values.tolist())
+        got = relevances(page)
+        assert sorted(got) == list(range(index))
+        assert_close([got[j] for j in range(index)], want.relevance.tolist())
+        assert "selected" in page.get_attribute(f'.tok[data-index="{index}"]', "class")
+
+        page.uncheck("#diff")  # back to one explanation of the same token
+        page.wait_for_selector(f'#tokens[data-explained="{index}:attnlrp"]')
+        assert page.locator("#diff-panel").is_hidden()
+        plain = tuned_llm.explain(ids[:index], target=ids[index], method="attnlrp").relevance
+        assert_close([relevances(page)[j] for j in range(index)], plain.tolist())
+        assert page.locator("#error").is_hidden()

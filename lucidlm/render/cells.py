@@ -60,13 +60,14 @@ def rgb_array(values: np.ndarray, scale: float) -> np.ndarray:
 
     |value| >= scale is full red/blue; NaN is white.
 
-    >>> rgb_array(np.array([1.0, -0.5, 0.0, np.nan]), 1.0).tolist()
-    [[255, 0, 0], [128, 128, 255], [255, 255, 255], [255, 255, 255]]
+    >>> rgb_array(np.array([1.0, -0.5, 0.0, np.nan, -0.25]), 1.5).tolist()[1:]
+    [[170, 170, 255], [255, 255, 255], [255, 255, 255], [213, 213, 255]]
     """
     v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
     t = np.clip(np.abs(v) / scale, 0.0, 1.0)[..., None]
     end = np.where((v > 0)[..., None], POSITIVE, NEGATIVE)
-    return np.rint(np.asarray(NEUTRAL) + (end - np.asarray(NEUTRAL)) * t).astype(np.uint8)
+    # halves round up, as JavaScript's Math.round in static/heatmap.js (np.rint would round them to even)
+    return np.floor(np.asarray(NEUTRAL) + (end - np.asarray(NEUTRAL)) * t + 0.5).astype(np.uint8)
 
 
 def rgb(value: float, scale: float) -> RGB:

@@ -187,6 +187,54 @@ var lucidlmHeatmap = (function () {
     return node;
   }
 
+  // -------------------------------------------------------------------------------- latent relevances
+  // The numbers of a (nested) list of the wire format, flat.
+  function flatten(value) {
+    return Array.isArray(value) ? value.flatMap(flatten) : [number(value)];
+  }
+
+  // Fills the table `grid` with latent relevances (an explanation's `layers`): rows = layers, columns =
+  // attention heads ("layers.L.attn") and the MLP's total ("layers.L.mlp" summed), all on one colour
+  // scale of their own, which it returns (null when there is nothing to show). Cells are
+  // td.cell[data-layer][data-head] (data-head "mlp" for the MLP) with data-relevance and a tooltip.
+  function drawLayers(grid, layers) {
+    grid.replaceChildren();
+    const rows = new Map();
+    for (const [key, value] of Object.entries(layers || {})) {
+      const m = /^layers\.(\d+)\.(attn|mlp)$/.exec(key);
+      if (!m) continue;
+      const layer = Number(m[1]);
+      if (!rows.has(layer)) rows.set(layer, { attn: [], mlp: NaN });
+      if (m[2] === "attn") rows.get(layer).attn = flatten(value);
+      else rows.get(layer).mlp = flatten(value).reduce((a, b) => a + b, 0);
+    }
+    if (!rows.size) return null;
+    const heads = Math.max(...[...rows.values()].map((r) => r.attn.length));
+    const scale = colorScale([...rows.values()].flatMap((r) => [...r.attn, r.mlp]), false);
+    const head = grid.insertRow();
+    element("th", "", head).textContent = "layer";
+    for (let h = 0; h < heads; h++) element("th", "", head).textContent = `h${h}`;
+    element("th", "", head).textContent = "MLP";
+    for (const layer of [...rows.keys()].sort((a, b) => a - b)) {
+      const row = grid.insertRow();
+      const { attn, mlp } = rows.get(layer);
+      element("th", "", row).textContent = String(layer);
+      for (let h = 0; h < heads; h++) layerCell(row, layer, String(h), attn[h], scale, `head ${h}`);
+      layerCell(row, layer, "mlp", mlp, scale, "MLP total");
+    }
+    return scale;
+  }
+
+  function layerCell(row, layer, head, value, scale, what) {
+    const cell = element("td", head === "mlp" ? "cell mlp" : "cell", row);
+    cell.dataset.layer = String(layer);
+    cell.dataset.head = head;
+    const v = number(value);
+    cell.style.background = hex(rgb(v, scale));
+    cell.title = `layer ${layer} ${what}: ${fmt(v)}`;
+    if (Number.isFinite(v)) cell.dataset.relevance = String(value);
+  }
+
   // -------------------------------------------------------------------------------- generations
   // Generated token i of a GenerationExplanation's wire form `g`: the relevance of every earlier
   // token (row i of the matrix, up to the token), which of them were evicted, and the token's logit.
@@ -232,5 +280,5 @@ var lucidlmHeatmap = (function () {
   }
 
   return { number, rgb, textColor, hex, colorScale, fmt, short, visible, tokenName, cells, notes, paint,
-           stackCells, diffRows, drawStack, generationRow, generationPage };
+           stackCells, diffRows, drawStack, drawLayers, generationRow, generationPage };
 })();

@@ -24,11 +24,6 @@
     return H.tokenName(index, state.tokens[index]);
   }
 
-  // The numbers of a (nested) list of the wire format, flat.
-  function flatten(value) {
-    return Array.isArray(value) ? value.flatMap(flatten) : [H.number(value)];
-  }
-
   // -------------------------------------------------------------------------------- state
   const state = {
     fileMode: false,
@@ -127,58 +122,44 @@
     H.drawStack($("diff-rows"), state.tokens, stack ? stack.rows : [], CLASSES);
   }
 
-  // Grid of latent relevances: rows = layers, columns = attention heads ("layers.L.attn") and the
-  // MLP's total ("layers.L.mlp" summed), all on one colour scale of their own.
+  function showHead(ex, row) {
+    $("head-target").textContent = JSON.stringify(H.visible(String(ex.target)));
+    $("head-method").textContent = ex.method;
+    showScore(ex.label, ex.score);
+    $("legend-min").textContent = H.fmt(-row.scale, 3);
+    $("legend-max").textContent = H.fmt(row.scale, 3);
+    $("head-note").textContent = H.notes(row, state.tokens).join(" · ");
+    $("explain-head").hidden = false;
+  }
+
+  // What the score is, before its value: "log-prob -3.2", "logit difference 1.5" (the page's
+  // "score" word is replaced by the label the server or the saved file gives).
+  const SCORE_NOTES = {
+    "logit": "the target token's logit",
+    "logit difference": "logit(target) \u2212 logit(contrast)",
+    "log-prob": "sum of the continuation's token log-probabilities",
+    "logit sum": "sum of the continuation's token logits",
+  };
+
+  function showScore(label, score) {
+    const value = $("head-score");
+    const name = typeof label === "string" && label ? label : "logit";
+    const word = value.previousSibling;
+    if (word && word.nodeType === Node.TEXT_NODE) word.textContent = `${name} `;
+    else value.before(document.createTextNode(`${name} `));
+    value.parentElement.title = SCORE_NOTES[name] || name;
+    value.dataset.label = name;
+    const number = H.number(score);
+    value.textContent = Number.isFinite(number) ? String(Number(number.toPrecision(5))) : "n/a";
+  }
+
+  // Grid of latent relevances (H.drawLayers: rows = layers, columns = heads and the MLP), one scale.
   function showLayers(layers) {
-    const panel = $("layers-panel");
-    const grid = $("layers-grid");
-    grid.replaceChildren();
-    const rows = new Map();
-    for (const [key, value] of Object.entries(layers || {})) {
-      const m = /^layers\.(\d+)\.(attn|mlp)$/.exec(key);
-      if (!m) continue;
-      const layer = Number(m[1]);
-      if (!rows.has(layer)) rows.set(layer, { attn: [], mlp: NaN });
-      if (m[2] === "attn") rows.get(layer).attn = flatten(value);
-      else rows.get(layer).mlp = flatten(value).reduce((a, b) => a + b, 0);
-    }
-    panel.hidden = rows.size === 0;
-    if (!rows.size) return;
-    const heads = Math.max(...[...rows.values()].map((r) => r.attn.length));
-    const all = [...rows.values()].flatMap((r) => [...r.attn, r.mlp]);
-    const scale = H.colorScale(all, false);
+    const scale = H.drawLayers($("layers-grid"), layers);
+    $("layers-panel").hidden = scale === null;
+    if (scale === null) return;
     $("layers-min").textContent = H.fmt(-scale, 3);
     $("layers-max").textContent = H.fmt(scale, 3);
-
-    const head = grid.insertRow();
-    head.appendChild(th("layer"));
-    for (let h = 0; h < heads; h++) head.appendChild(th(`h${h}`));
-    head.appendChild(th("MLP"));
-    for (const layer of [...rows.keys()].sort((a, b) => a - b)) {
-      const row = grid.insertRow();
-      const { attn, mlp } = rows.get(layer);
-      row.appendChild(th(String(layer)));
-      for (let h = 0; h < heads; h++) row.appendChild(layerCell(layer, String(h), attn[h], scale, `head ${h}`));
-      row.appendChild(layerCell(layer, "mlp", mlp, scale, "MLP total"));
-    }
-  }
-
-  function th(text) {
-    const cell = document.createElement("th");
-    cell.textContent = text;
-    return cell;
-  }
-
-  function layerCell(layer, head, value, scale, what) {
-    const cell = document.createElement("td");
-    cell.className = head === "mlp" ? "cell mlp" : "cell";
-    cell.dataset.layer = String(layer);
-    cell.dataset.head = head;
-    const v = H.number(value);
-    cell.style.background = H.hex(H.rgb(v, scale));
-    cell.title = `layer ${layer} ${what}: ${H.fmt(v)}`;
-    if (Number.isFinite(v)) cell.dataset.relevance = String(value);
-    return cell;
   }
 
   // -------------------------------------------------------------------------------- file mode
