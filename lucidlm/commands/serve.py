@@ -21,7 +21,8 @@ def add_serving(p: argparse.ArgumentParser) -> None:
     add_model(p)
     p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
                    help="serve --model with this PEFT LoRA adapter attached; /v1/explain then also answers "
-                        "\"diff\": true (and the viewer's diff mode) against --model without it")
+                        "\"diff\": true (and the viewer's diff mode) against --model without it (default: none, "
+                        "no diff)")
     add_cache(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, loopback; other addresses need --api-key)")
