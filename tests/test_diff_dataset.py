@@ -119,7 +119,33 @@ def test_what_a_diff_run_refuses_up_front(models, data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_layers_choose_the_latents_a_row_holds(models, data, tmp_path):
+    tuned, base = models
+    last = explain_dataset(tuned, data, tmp_path / "last", diff_against=base, layers=[-1])
+    rows = read_results(last.out)
+    assert all(set(r["base"]["layers"]) == set(r["tuned"]["layers"]) == {"layers.1.attn", "layers.1.mlp"}
+               for r in rows)
+    assert json.loads((last.out / "manifest.json").read_text())["layers"] == [1]
+    assert [c["name"] for c in diff_report(rows).components["layers"]] == ["layers.1"]
+    with pytest.raises(ExplainError, match=r"layers=\[1\], but this run has layers='all'"):
+        explain_dataset(tuned, data, last.out, diff_against=base)  # a diff's default: every layer
+    none = explain_dataset(tuned, data, tmp_path / "none", diff_against=base, layers=None)
+    rows = read_results(none.out)
+    assert all(r["base"]["layers"] is None and r["tuned"]["layers"] is None for r in rows)
+    assert diff_report(rows).components == {} and diff_report(rows).words
+    plain = explain_dataset(base, RECORDS[:2], tmp_path / "plain", method="cp-lrp", layers="all")
+    assert [sorted(r["layers"]) for r in read_results(plain.out)] == [
+        ["layers.0.attn", "layers.0.mlp", "layers.1.attn", "layers.1.mlp"]] * 2
+    with pytest.raises(ExplainError, match="layers: 5 is not a layer index of this 2-layer model"):
+        explain_dataset(tuned, data, tmp_path / "bad", diff_against=base, layers=[5])
+    assert not (tmp_path / "bad").exists()
+    assert main(["explain-dataset", str(data), "--out", str(tmp_path / "cli"), "--model", str(tuned.source),
+                 "--diff-against", str(base.source), "--layers", "none", "--no-progress", "--limit", "2"]) == 0
+    assert [r["tuned"]["layers"] for r in read_results(tmp_path / "cli")] == [None, None]
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["--layers", "x"], "argument --layers: expected all, none or layer indices such as 0,5,-1, got 'x'"),
     (["--diff-against", "{tmp}/absent"], "argument --diff-against: {tmp}/absent does not exist"),
     (["--adapter", "{tmp}/none"], "{tmp}/none: no such file or directory (--adapter)"),
     (["--diff-against", "{model}", "--format", "parquet"], "format='parquet' with diff_against"),

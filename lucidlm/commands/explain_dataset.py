@@ -4,8 +4,10 @@ spreads the shards over processes). With ``--diff-against BASE`` each record is 
 model (``--model``, with ``--adapter``: the tuned model) against ``BASE``, for ``lucidlm diff-report``.
 
 >>> args = EXPLAIN_DATASET.parse(["data.jsonl", "--out", "run"])
->>> args.method, args.format, args.shard_size, args.diff_against
-(None, 'jsonl', 1000, None)
+>>> args.method, args.format, args.shard_size, args.diff_against, args.layers
+(None, 'jsonl', 1000, None, None)
+>>> layer_spec("none"), layer_spec("all"), layer_spec("0,-1")
+([], 'all', [0, -1])
 """
 
 from __future__ import annotations
@@ -50,7 +52,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="explain each record as a diff of the model against this base (HF directory, .gguf file "
                         "or hub repo id; one record at a time, JSONL only; read with lucidlm diff-report) "
                         "(default: none)")
+    p.add_argument("--layers", type=layer_spec, default=None, metavar="SPEC",
+                   help="whose latent relevances (per head and neuron) each row holds: all, none or layer indices "
+                        "such as 0,5,-1 (default: none for explanations, all for diffs: about 2 MB a record for "
+                        "SmolLM2-135M)")
     add_cache(p)
+
+
+def layer_spec(text: str) -> str | list[int]:
+    """``all``, ``none`` (no layer: ``[]``) or comma-separated layer indices (negative from the end)."""
+    if text in ("all", "none"):
+        return "all" if text == "all" else []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, none or layer indices such as 0,5,-1, got {text!r}") from None
 
 
 def inputs(args: argparse.Namespace) -> Paths:
@@ -72,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         result = explain_dataset(llm, items, args.out, method=method, batch_size=args.batch_size,
                                  target_field=args.target_field, kv_cache=args.kv_cache,
                                  cache_tokens=args.cache_tokens, format=args.format, shard_size=args.shard_size,
-                                 progress=not args.no_progress, diff_against=base)
+                                 progress=not args.no_progress, diff_against=base,
+                                 layers="auto" if args.layers is None else args.layers)
     if result.is_main:
         print(result.summary(method, args.format), file=sys.stderr)
     return 0

@@ -20,8 +20,10 @@ in record order (the files: :mod:`lucidlm.explain.shards`).
 **Diffs** (``diff_against=base``, ``lucidlm explain-dataset --diff-against BASE``): each record is
 explained by both models as an :class:`~lucidlm.explain.diff.ExplanationDiff` (the run's model is
 the tuned one: a tuned checkpoint, or the base with ``adapter=``), one row per record
-(:data:`DIFF_ROW_FIELDS`: ``id``, then the diff's wire form, both models' latent relevances of
-every layer included, which ``lucidlm diff-report`` ranks components by). Diffs are made one record
+(:data:`DIFF_ROW_FIELDS`: ``id``, then the diff's wire form, with both models' latent relevances,
+which ``lucidlm diff-report`` ranks components by: of every layer by default, about 2 MB of JSON a
+record for SmolLM2-135M's 30 layers of 1536 neurons; ``layers=`` chooses fewer, ``None`` none).
+Diffs are made one record
 at a time (no batches) and written as JSONL only (a row nests two explanations); sharding, resuming
 and ``torchrun`` are as above, and ``run.json`` names the base (and a fingerprint of the tuned
 model's adapter weights), so a resume against another base or adapter is refused.
@@ -55,7 +57,7 @@ DIFF_ROW_FIELDS = ("id", "format", "version", "type", "base", "tuned", "relevanc
 #: what a resumed run must share with the run that started ``DIR`` (``adapter``: a fingerprint of
 #: the model's LoRA weights; ``diff_against``: the base of a diff run, else None)
 SETTINGS = ("method", "model", "dtype", "format", "shard_size", "batch_size", "target_field", "kv_cache",
-            "cache_tokens", "adapter", "diff_against")
+            "cache_tokens", "adapter", "diff_against", "layers")
 #: the method of a run that names none: diffs default to cp-lrp, as :func:`~lucidlm.explain.diff.explain_diff`
 DEFAULT_METHOD, DEFAULT_DIFF_METHOD = "attnlrp", "cp-lrp"
 
@@ -178,13 +180,14 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
                     method: str | None = None, batch_size: int = 8, target_field: str = "target",
                     kv_cache: str | None = None, cache_tokens: int | None = None, format: str = "jsonl",
                     shard_size: int = 1000, limit: int | None = None, progress: bool = False,
-                    diff_against=None) -> DatasetRun:
+                    diff_against=None, layers: str | Sequence[int] | None = "auto") -> DatasetRun:
     """Explain every record of ``data`` (see the module docstring) into the directory ``out``.
 
     ``method``: default ``"attnlrp"``, or ``"cp-lrp"`` for diffs. ``diff_against``: a base ``LLM``
     of the same architecture and vocabulary: each record becomes the diff of ``llm`` (the tuned
     model) against it, explained one record at a time (``batch_size`` does not apply; ``kv_cache``
-    and ``format="parquet"`` are refused).
+    and ``format="parquet"`` are refused). ``layers``: whose latent relevances each row holds
+    (``"all"``, layer indices, or ``None``); ``"auto"`` (default): none for explanations, all for diffs.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; the process group is joined
     here (gloo on CPU, nccl on CUDA) and left to the caller to close
@@ -207,7 +210,7 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
 
     method = method or (DEFAULT_METHOD if diff_against is None else DEFAULT_DIFF_METHOD)
     settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size,
-                         diff_against)
+                         diff_against, layers)
     items = list(data)[:limit] if _is_items(data) else read_items(data, target_field, limit)
     _check_ids(items, llm.config.vocab_size)
     world = setup()
@@ -238,8 +241,8 @@ def _is_items(data: Any) -> bool:
     return isinstance(data, Sequence) and not isinstance(data, str) and bool(data) and isinstance(data[0], Item)
 
 
-def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None,
-              cache_tokens: int | None, fmt: str, shard_size: int, base=None) -> dict[str, Any]:
+def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None, cache_tokens: int | None,
+              fmt: str, shard_size: int, base=None, layers: Any = "auto") -> dict[str, Any]:
     """The run's settings, checked (ExplainError naming the argument) before any work."""
     check_method(method, METHODS)
     if fmt not in FORMATS:
@@ -257,7 +260,19 @@ def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: st
     dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
     return {"method": method, "model": model_id(llm), "dtype": dtype, "format": fmt, "shard_size": shard_size,
             "batch_size": batch_size, "target_field": target_field, "kv_cache": kv_cache, "cache_tokens": cache_tokens,
-            "adapter": adapter_id(llm.model), "diff_against": None if base is None else _identity(base)}
+            "adapter": adapter_id(llm.model), "diff_against": None if base is None else _identity(base),
+            "layers": _layers(llm, layers, base is not None)}
+
+
+def _layers(llm, layers: Any, diff: bool) -> str | list[int] | None:
+    """``layers`` checked against the model: ``"all"``, sorted layer indices, or None (an empty
+    selection records none); ``"auto"``: all for a diff, none for an explanation."""
+    from .latent import select_layers
+
+    if layers == "auto":
+        return "all" if diff else None
+    chosen = select_layers(llm.config.n_layer, layers)
+    return "all" if layers == "all" else (chosen or None)
 
 
 def check_diff_options(fmt: str, kv_cache: str | None) -> None:
@@ -342,9 +357,9 @@ def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, sett
         for s, shard in todo:
             if base is None:
                 rows = explain_shard(llm, shard, settings["method"], settings["batch_size"], settings["kv_cache"],
-                                     settings["cache_tokens"], bar)
+                                     settings["cache_tokens"], bar, settings["layers"])
             else:
-                rows = diff_shard(llm, base, shard, settings["method"], bar)
+                rows = diff_shard(llm, base, shard, settings["method"], bar, settings["layers"])
             _write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
     finally:
         bar.close()
@@ -352,7 +367,8 @@ def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, sett
 
 
 def explain_shard(llm, items: Sequence[Item], method: str = "attnlrp", batch_size: int = 8,
-                  kv_cache: str | None = None, cache_tokens: int | None = None, bar=None) -> list[dict]:
+                  kv_cache: str | None = None, cache_tokens: int | None = None, bar=None,
+                  layers: str | Sequence[int] | None = None) -> list[dict]:
     """The output rows of ``items``, in their order. Batches are formed by prompt length (fewer
     padding tokens), a function of ``items`` alone, so the same items always batch the same way.
 
@@ -370,16 +386,17 @@ def explain_shard(llm, items: Sequence[Item], method: str = "attnlrp", batch_siz
         batch = order[lo:lo + batch_size]
         explained = explain_batch(llm.model, llm.tokenizer, [ids[i] for i in batch],
                                   [items[i].target for i in batch], method=method, kv_cache=kv_cache,
-                                  cache_tokens=cache_tokens)
+                                  cache_tokens=cache_tokens, layers=layers)
         rows.update((i, _row(items[i], e)) for i, e in zip(batch, explained))
         if bar is not None:
             bar.update(len(batch))
     return [rows[i] for i in range(len(items))]
 
 
-def diff_shard(llm, base, items: Sequence[Item], method: str = DEFAULT_DIFF_METHOD, bar=None) -> list[dict]:
+def diff_shard(llm, base, items: Sequence[Item], method: str = DEFAULT_DIFF_METHOD, bar=None,
+               layers: str | Sequence[int] | None = "all") -> list[dict]:
     """The diff rows of ``items`` (``llm`` tuned, against ``base``), in their order, one record at
-    a time: :func:`~lucidlm.explain.diff.explain_diff` with every layer's latent relevances.
+    a time: :func:`~lucidlm.explain.diff.explain_diff` with the latent relevances of ``layers``.
 
     >>> from lucidlm import LLM, Config, GPT
     >>> tuned, base = (LLM(GPT(Config.from_name("tiny-llama")).eval()) for _ in range(2))
@@ -394,7 +411,7 @@ def diff_shard(llm, base, items: Sequence[Item], method: str = DEFAULT_DIFF_METH
         ids = _prompt_ids(llm.tokenizer, item)
         prompt = item.prompt if isinstance(item.prompt, str) else ids  # text: the rows keep it (word alignment)
         diff = explain_diff(llm.model, llm.tokenizer, base.model, base.tokenizer, prompt, target=item.target,
-                            method=method, layers="all")
+                            method=method, layers=layers)
         rows.append(_row(item, diff))
         if bar is not None:
             bar.update(1)

@@ -79,7 +79,8 @@ def read_results(out: str | Path) -> list[dict]:
     """The rows of a finished run (``DIR/manifest.json``), in record order, from JSONL or Parquet
     shards alike: ``id`` and the explanation's wire form (``Explanation.from_dict(row)`` rebuilds
     it; a diff run's rows: ``ExplanationDiff.from_dict(row)``), with every number a Python float
-    (relevances the float32 values that were computed; NaN where the file spells ``"NaN"``). Rows an older lucidlm wrote are upgraded to this form.
+    (relevances the float32 values that were computed; NaN where the file spells ``"NaN"``). Rows
+    an older lucidlm wrote are upgraded to this form.
 
     >>> read_results("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
