@@ -23,10 +23,10 @@ the tuned one: a tuned checkpoint, or the base with ``adapter=``), one row per r
 (:data:`DIFF_ROW_FIELDS`: ``id``, then the diff's wire form, with both models' latent relevances,
 which ``lucidlm diff-report`` ranks components by: of every layer by default, about 2 MB of JSON a
 record for SmolLM2-135M's 30 layers of 1536 neurons; ``layers=`` chooses fewer, ``None`` none).
-Diffs are made one record
-at a time (no batches) and written as JSONL only (a row nests two explanations); sharding, resuming
-and ``torchrun`` are as above, and ``run.json`` names the base (and a fingerprint of the tuned
-model's adapter weights), so a resume against another base or adapter is refused.
+Diffs are made one record at a time (no batches) and written as JSONL only (a row nests two
+explanations); sharding, resuming and ``torchrun`` are as above, and ``run.json`` names the base
+(and a fingerprint of the tuned model's adapter weights), so a resume against another base or
+adapter is refused.
 
 The command is :mod:`lucidlm.commands.explain_dataset`; module import is torch-free (the command's
 help names :data:`FORMATS` before anything loads).
