@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, cache, convert, evaluate, explain, explain_dataset, generate, models, serve, train
+from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, generate, models, \
+    serve, train
 from .commands.checks import check
 from .commands.options import Command, Parser, UsageError
 from .errors import LucidError
@@ -34,9 +35,9 @@ Bad arguments and lucidlm errors exit with status 2 and one line on stderr."""
 
 #: every command, in the order ``lucidlm --help`` lists them
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    generate.GENERATE, generate.CHAT, explain.EXPLAIN, explain_dataset.EXPLAIN_DATASET, convert.CONVERT,
-    models.MODELS, convert.DOWNLOAD, train.FINETUNE, train.PRETRAIN, convert.MERGE, serve.SERVE, serve.VIEW,
-    evaluate.EVALUATE, bench.BENCH, cache.CACHE)}
+    generate.GENERATE, generate.CHAT, explain.EXPLAIN, diff.DIFF, explain_dataset.EXPLAIN_DATASET,
+    diff_report.DIFF_REPORT, convert.CONVERT, models.MODELS, convert.DOWNLOAD, train.FINETUNE, train.PRETRAIN,
+    convert.MERGE, serve.SERVE, serve.VIEW, evaluate.EVALUATE, bench.BENCH, cache.CACHE)}
 
 
 def build_parser() -> argparse.ArgumentParser:

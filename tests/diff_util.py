@@ -1,5 +1,6 @@
-"""Tuned models for the diff tests: a LoRA adapter whose B matrices are not zero (an adapter at its
-initial state changes nothing, so there would be no difference to draw or serve)."""
+"""Tuned models for the diff tests (renderings, server, CLI, dataset): a LoRA adapter whose B
+matrices are not zero (an adapter at its initial state changes nothing, so there would be no
+difference to draw, serve or report)."""
 
 from __future__ import annotations
 
@@ -34,13 +35,20 @@ def tiny_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return open_branches(tuned.eval(), seed), base
 
 
-def save_opened_adapter(checkpoint: Path, out: Path, seed: int = 0) -> Path:
-    """An adapter for the HF checkpoint directory ``checkpoint``, saved to ``out`` as lucidlm does."""
+def save_opened_adapter(checkpoint: Path, out: Path, seed: int = 0, scale: float = 0.2, r: int = 4) -> Path:
+    """An adapter (rank ``r``, alpha 2r) for the HF checkpoint directory ``checkpoint`` with its B
+    matrices opened (``scale=0``: the initial state, B = 0), saved to ``out`` in PEFT's format as
+    lucidlm does."""
     from lucidlm import LLM
     from lucidlm.train.lora import attach_lora, save_adapter
 
     llm = LLM.load(checkpoint)
-    attach_lora(llm.model, r=4, alpha=8)
-    open_branches(llm.model, seed, scale=0.2)
+    attach_lora(llm.model, r=r, alpha=2 * r)
+    open_branches(llm.model, seed, scale=scale)
     save_adapter(llm.model, out, base_model=str(checkpoint))
-    return out
+    return Path(out)
+
+
+def make_adapter(base_dir, directory, seed: int = 0, scale: float = 0.5) -> Path:
+    """A rank-2 opened adapter (the CLI and dataset tests' tuned model): see :func:`save_opened_adapter`."""
+    return save_opened_adapter(Path(base_dir), Path(directory), seed=seed, scale=scale, r=2)

@@ -15,7 +15,18 @@ always in the same batches, so the files do not depend on how many processes wro
 files are byte-identical to a one-process run's (on the same hardware and thread count).
 ``DIR/run.json`` records the settings when the run starts (a rerun with other settings is
 refused), ``DIR/manifest.json`` the shards when it ends; :func:`read_results` reads the rows back
-in record order.
+in record order (the files: :mod:`lucidlm.explain.shards`).
+
+**Diffs** (``diff_against=base``, ``lucidlm explain-dataset --diff-against BASE``): each record is
+explained by both models as an :class:`~lucidlm.explain.diff.ExplanationDiff` (the run's model is
+the tuned one: a tuned checkpoint, or the base with ``adapter=``), one row per record
+(:data:`DIFF_ROW_FIELDS`: ``id``, then the diff's wire form, with both models' latent relevances,
+which ``lucidlm diff-report`` ranks components by: of every layer by default, about 2 MB of JSON a
+record for SmolLM2-135M's 30 layers of 1536 neurons; ``layers=`` chooses fewer, ``None`` none).
+Diffs are made one record at a time (no batches) and written as JSONL only (a row nests two
+explanations); sharding, resuming and ``torchrun`` are as above, and ``run.json`` names the base
+(and a fingerprint of the tuned model's adapter weights), so a resume against another base or
+adapter is refused.
 
 The command is :mod:`lucidlm.commands.explain_dataset`; module import is torch-free (the command's
 help names :data:`FORMATS` before anything loads).
@@ -32,16 +43,23 @@ from typing import Any
 
 from ..errors import DataError, ExplainError
 from ..methods import METHODS, check_method
+from .shards import MANIFEST, RUN_FILE, _complete, _json_line, _pyarrow, _write_shard, read_results  # noqa: F401
 
 FORMATS = ("jsonl", "parquet")
 #: the fields of every output row: the record's ``id``, then the explanation's wire form
 #: (:meth:`~lucidlm.explain.explanation.Explanation.to_dict`; README, "Wire format")
 ROW_FIELDS = ("id", "format", "version", "type", "tokens", "token_ids", "relevance", "target", "target_ids",
               "target_logit", "method", "evicted", "layers", "prompt", "score_label", "segments")
-#: what a resumed run must share with the run that started ``DIR``
+#: the fields of every output row of a diff run: the record's ``id``, then the diff's wire form
+#: (:meth:`~lucidlm.explain.diff.ExplanationDiff.to_dict`)
+DIFF_ROW_FIELDS = ("id", "format", "version", "type", "base", "tuned", "relevance", "logit_delta",
+                   "adapter_relevance")
+#: what a resumed run must share with the run that started ``DIR`` (``adapter``: a fingerprint of
+#: the model's LoRA weights; ``diff_against``: the base of a diff run, else None)
 SETTINGS = ("method", "model", "dtype", "format", "shard_size", "batch_size", "target_field", "kv_cache",
-            "cache_tokens")
-RUN_FILE, MANIFEST = "run.json", "manifest.json"
+            "cache_tokens", "adapter", "diff_against", "layers")
+#: the method of a run that names none: diffs default to cp-lrp, as :func:`~lucidlm.explain.diff.explain_diff`
+DEFAULT_METHOD, DEFAULT_DIFF_METHOD = "attnlrp", "cp-lrp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +85,12 @@ class DatasetRun:
     seconds: float
     shards: list[str]
     is_main: bool = True
+    against: str | None = None  # the base of a diff run
 
     def summary(self, method: str, fmt: str) -> str:
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
-        return (f"explained {self.records} records with {method} ({self.computed} now, {self.records - self.computed} "
+        what = f"explained {self.records} records" + (f" as diffs against {self.against}" if self.against else "")
+        return (f"{what} with {method} ({self.computed} now, {self.records - self.computed} "
                 f"from an earlier run) in {self.seconds:.1f} s, {rate:.2f} records/s; wrote {self.out} "
                 f"({len(self.shards)} {fmt} shards, {MANIFEST})")
 
@@ -157,10 +177,17 @@ def load_hf_dataset(name: str, split: str = "train"):
 
 # ----------------------------------------------------------------------------- explaining
 def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out: str | Path,
-                    method: str = "attnlrp", batch_size: int = 8, target_field: str = "target",
+                    method: str | None = None, batch_size: int = 8, target_field: str = "target",
                     kv_cache: str | None = None, cache_tokens: int | None = None, format: str = "jsonl",
-                    shard_size: int = 1000, limit: int | None = None, progress: bool = False) -> DatasetRun:
+                    shard_size: int = 1000, limit: int | None = None, progress: bool = False,
+                    diff_against=None, layers: str | Sequence[int] | None = "auto") -> DatasetRun:
     """Explain every record of ``data`` (see the module docstring) into the directory ``out``.
+
+    ``method``: default ``"attnlrp"``, or ``"cp-lrp"`` for diffs. ``diff_against``: a base ``LLM``
+    of the same architecture and vocabulary: each record becomes the diff of ``llm`` (the tuned
+    model) against it, explained one record at a time (``batch_size`` does not apply; ``kv_cache``
+    and ``format="parquet"`` are refused). ``layers``: whose latent relevances each row holds
+    (``"all"``, layer indices, or ``None``); ``"auto"`` (default): none for explanations, all for diffs.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; the process group is joined
     here (gloo on CPU, nccl on CUDA) and left to the caller to close
@@ -174,15 +201,23 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     2
     >>> [(row["id"], row["target_ids"], len(row["relevance"])) for row in read_results(out)][1]
     (1, [9], 2)
+    >>> base = LLM(GPT(Config.from_name("tiny-llama")).eval())
+    >>> run = explain_dataset(llm, [{"prompt": [1, 5, 7]}], tempfile.mkdtemp(), diff_against=base)
+    >>> [(row["type"], len(row["relevance"])) for row in read_results(run.out)]
+    [('ExplanationDiff', 3)]
     """
     from ..distributed import all_sum, barrier, setup
 
-    settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size)
+    method = method or (DEFAULT_METHOD if diff_against is None else DEFAULT_DIFF_METHOD)
+    settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size,
+                         diff_against, layers)
     items = list(data)[:limit] if _is_items(data) else read_items(data, target_field, limit)
     _check_ids(items, llm.config.vocab_size)
     world = setup()
     if world.size > 1:
-        llm.model.to(world.device)
+        for model in (llm, diff_against):
+            if model is not None:
+                model.model.to(world.device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, settings, write=world.is_main)
@@ -192,21 +227,22 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     mine = [s for s in range(len(shards)) if s % world.size == world.rank]
     todo = [s for s in mine if not _complete(_shard_path(out, s, format), len(shards[s]), format)]
     computed = _explain_shards(llm, [(s, shards[s]) for s in todo], out, settings, items,
-                               progress and world.is_main)
+                               progress and world.is_main, diff_against)
     barrier(world)
     computed = int(all_sum(float(computed), world, world.device))
     names = [_shard_path(out, s, format).name for s in range(len(shards))]
     if world.is_main:
         _write_manifest(out, settings, shards, names)
-    return DatasetRun(out, len(items), computed, time.perf_counter() - start, names, world.is_main)
+    return DatasetRun(out, len(items), computed, time.perf_counter() - start, names, world.is_main,
+                      settings["diff_against"])
 
 
 def _is_items(data: Any) -> bool:
     return isinstance(data, Sequence) and not isinstance(data, str) and bool(data) and isinstance(data[0], Item)
 
 
-def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None,
-              cache_tokens: int | None, fmt: str, shard_size: int) -> dict[str, Any]:
+def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: str | None, cache_tokens: int | None,
+              fmt: str, shard_size: int, base=None, layers: Any = "auto") -> dict[str, Any]:
     """The run's settings, checked (ExplainError naming the argument) before any work."""
     check_method(method, METHODS)
     if fmt not in FORMATS:
@@ -214,11 +250,67 @@ def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: st
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise ExplainError(f"{name}={value!r}: expected a positive integer")
+    if base is not None:
+        check_diff_options(fmt, kv_cache)
+        from .diff import check_comparable
+
+        check_comparable(llm.model, base.model, llm.tokenizer, base.tokenizer)
     if fmt == "parquet":
         _pyarrow()
     dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
     return {"method": method, "model": model_id(llm), "dtype": dtype, "format": fmt, "shard_size": shard_size,
-            "batch_size": batch_size, "target_field": target_field, "kv_cache": kv_cache, "cache_tokens": cache_tokens}
+            "batch_size": batch_size, "target_field": target_field, "kv_cache": kv_cache, "cache_tokens": cache_tokens,
+            "adapter": adapter_id(llm.model), "diff_against": None if base is None else _identity(base),
+            "layers": _layers(llm, layers, base is not None)}
+
+
+def _layers(llm, layers: Any, diff: bool) -> str | list[int] | None:
+    """``layers`` checked against the model: ``"all"``, sorted layer indices, or None (an empty
+    selection records none); ``"auto"``: all for a diff, none for an explanation."""
+    from .latent import select_layers
+
+    if layers == "auto":
+        return "all" if diff else None
+    chosen = select_layers(llm.config.n_layer, layers)
+    return "all" if layers == "all" else (chosen or None)
+
+
+def check_diff_options(fmt: str, kv_cache: str | None) -> None:
+    """What a diff run cannot do (torch-free: the command checks it before loading a model).
+
+    >>> check_diff_options("parquet", None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lucidlm.errors.ExplainError: format='parquet' with diff_against: a diff row nests two explanations; ...
+    """
+    if fmt != "jsonl":
+        raise ExplainError(f"format={fmt!r} with diff_against: a diff row nests two explanations; "
+                           "write JSONL (format='jsonl')")
+    if kv_cache is not None:
+        raise ExplainError(f"kv_cache={kv_cache!r} with diff_against: a diff explains both models' dense "
+                           "forward; leave kv_cache out")
+
+
+def adapter_id(model) -> str | None:
+    """A fingerprint of ``model``'s LoRA weights (names and bytes: the first 16 hex digits of their
+    SHA-256), or None without LoRA layers: run.json tells adapters apart without their directory."""
+    import hashlib
+
+    import torch
+
+    digest, found = hashlib.sha256(), False
+    for name, p in sorted(model.named_parameters()):
+        if "lora_" in name:
+            found = True
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16] if found else None
+
+
+def _identity(llm) -> str:
+    """How run.json names a diff's base: :func:`model_id`, plus its adapter's fingerprint if any."""
+    adapter = adapter_id(llm.model)
+    return model_id(llm) + (f" + adapter {adapter}" if adapter else "")
 
 
 def model_id(llm) -> str:
@@ -235,16 +327,6 @@ def model_id(llm) -> str:
     if not llm.source or "/" in name or name == FILENAME.partition(".")[0]:  # a folder name has no "/"
         return name
     return str(Path(llm.source).expanduser().resolve())
-
-
-def _pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise ExplainError("format='parquet' needs the 'pyarrow' package: pip install pyarrow "
-                           "(or write JSONL: format='jsonl')") from None
-    return pyarrow
 
 
 def _check_ids(items: Sequence[Item], vocab_size: int) -> None:
@@ -267,14 +349,17 @@ def _shard_path(out: Path, shard: int, fmt: str) -> Path:
 
 
 def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, settings: dict, items: Sequence[Item],
-                    show: bool) -> int:
-    """Explain and write each shard; returns the number of records explained."""
+                    show: bool, base=None) -> int:
+    """Explain (or diff against ``base``) and write each shard; returns the number of records done."""
     bar = _bar(sum(len(shard) for _, shard in todo), show)
     id_kind = "str" if any(isinstance(item.id, str) for item in items) else "int"
     try:
         for s, shard in todo:
-            rows = explain_shard(llm, shard, settings["method"], settings["batch_size"], settings["kv_cache"],
-                                 settings["cache_tokens"], bar)
+            if base is None:
+                rows = explain_shard(llm, shard, settings["method"], settings["batch_size"], settings["kv_cache"],
+                                     settings["cache_tokens"], bar, settings["layers"])
+            else:
+                rows = diff_shard(llm, base, shard, settings["method"], bar, settings["layers"])
             _write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
     finally:
         bar.close()
@@ -282,7 +367,8 @@ def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, sett
 
 
 def explain_shard(llm, items: Sequence[Item], method: str = "attnlrp", batch_size: int = 8,
-                  kv_cache: str | None = None, cache_tokens: int | None = None, bar=None) -> list[dict]:
+                  kv_cache: str | None = None, cache_tokens: int | None = None, bar=None,
+                  layers: str | Sequence[int] | None = None) -> list[dict]:
     """The output rows of ``items``, in their order. Batches are formed by prompt length (fewer
     padding tokens), a function of ``items`` alone, so the same items always batch the same way.
 
@@ -300,11 +386,36 @@ def explain_shard(llm, items: Sequence[Item], method: str = "attnlrp", batch_siz
         batch = order[lo:lo + batch_size]
         explained = explain_batch(llm.model, llm.tokenizer, [ids[i] for i in batch],
                                   [items[i].target for i in batch], method=method, kv_cache=kv_cache,
-                                  cache_tokens=cache_tokens)
+                                  cache_tokens=cache_tokens, layers=layers)
         rows.update((i, _row(items[i], e)) for i, e in zip(batch, explained))
         if bar is not None:
             bar.update(len(batch))
     return [rows[i] for i in range(len(items))]
+
+
+def diff_shard(llm, base, items: Sequence[Item], method: str = DEFAULT_DIFF_METHOD, bar=None,
+               layers: str | Sequence[int] | None = "all") -> list[dict]:
+    """The diff rows of ``items`` (``llm`` tuned, against ``base``), in their order, one record at
+    a time: :func:`~lucidlm.explain.diff.explain_diff` with the latent relevances of ``layers``.
+
+    >>> from lucidlm import LLM, Config, GPT
+    >>> tuned, base = (LLM(GPT(Config.from_name("tiny-llama")).eval()) for _ in range(2))
+    >>> [(r["id"], r["base"]["target_ids"] == r["tuned"]["target_ids"]) for r in diff_shard(tuned, base,
+    ...  read_items([{"prompt": [4, 2]}, {"prompt": [7], "target": 3}]))]
+    [(0, True), (1, True)]
+    """
+    from .diff import explain_diff
+
+    rows = []
+    for item in items:
+        ids = _prompt_ids(llm.tokenizer, item)
+        prompt = item.prompt if isinstance(item.prompt, str) else ids  # text: the rows keep it (word alignment)
+        diff = explain_diff(llm.model, llm.tokenizer, base.model, base.tokenizer, prompt, target=item.target,
+                            method=method, layers=layers)
+        rows.append(_row(item, diff))
+        if bar is not None:
+            bar.update(1)
+    return rows
 
 
 def _prompt_ids(tokenizer, item: Item) -> list[int]:
@@ -322,7 +433,7 @@ def _prompt_ids(tokenizer, item: Item) -> list[int]:
 
 
 def _row(item: Item, e) -> dict[str, Any]:
-    """The output row of ``item``: its id, then its explanation's wire form."""
+    """The output row of ``item``: its id, then its explanation's (or diff's) wire form."""
     return {"id": item.id, **e.to_dict()}
 
 
@@ -340,59 +451,6 @@ class _NoBar:
 
     def close(self) -> None:
         pass
-
-
-# ----------------------------------------------------------------------------- files
-def _write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
-    from ..fileio import atomic_path, atomic_write
-
-    if fmt == "jsonl":
-        atomic_write(path, "".join(_json_line(row) for row in rows))
-        return
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(_table(rows, id_kind), str(tmp))
-
-
-def _json_line(row: dict) -> str:
-    # the wire form is strict JSON already: a non-finite float (an overflow in half precision) is
-    # spelled as a string that float() reads back ("NaN", "Infinity")
-    return json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
-
-
-def _table(rows: list[dict], id_kind: str):
-    pa = _pyarrow()
-    ids, segment = pa.list_(pa.int64()), pa.struct([("label", pa.string()), ("start", pa.int64()),
-                                                     ("end", pa.int64())])
-    schema = pa.schema([
-        ("id", pa.string() if id_kind == "str" else pa.int64()), ("format", pa.string()), ("version", pa.int64()),
-        ("type", pa.string()), ("tokens", pa.list_(pa.string())), ("token_ids", ids),
-        ("relevance", pa.list_(pa.float32())), ("target", pa.string()), ("target_ids", ids),
-        ("target_logit", pa.float64()), ("method", pa.string()), ("evicted", pa.list_(pa.bool_())),
-        ("layers", pa.string()), ("prompt", pa.string()), ("score_label", pa.string()),
-        ("segments", pa.list_(segment))])
-    return pa.Table.from_pylist([_parquet_row(row, id_kind) for row in rows], schema=schema)
-
-
-def _parquet_row(row: dict, id_kind: str) -> dict:
-    """A row as Parquet's typed columns hold it: numbers as floats (NaN and the infinities are
-    native there), ``layers`` (a dict of tensors of any shape) as its JSON text."""
-    from .wire import unspell
-
-    layers = None if row["layers"] is None else json.dumps(row["layers"], allow_nan=False)
-    return dict(row, id=str(row["id"]) if id_kind == "str" else row["id"], relevance=unspell(row["relevance"]),
-                target_logit=unspell(row["target_logit"]), layers=layers)
-
-
-def _complete(path: Path, rows: int, fmt: str) -> bool:
-    """A shard file exists with ``rows`` rows (written atomically, so never partial; another row
-    count means the data changed since: the shard is redone)."""
-    if not path.is_file():
-        return False
-    if fmt == "jsonl":
-        return path.read_bytes().count(b"\n") == rows
-    return _pyarrow().parquet.read_metadata(str(path)).num_rows == rows
 
 
 def _check_resume(out: Path, settings: dict, write: bool) -> None:
@@ -423,57 +481,7 @@ def _same_settings(path: Path, saved: Any, settings: dict) -> None:
 def _write_manifest(out: Path, settings: dict, shards: list[Sequence[Item]], names: list[str]) -> None:
     from ..fileio import atomic_write
 
-    manifest = dict(settings, records=sum(map(len, shards)), fields=list(ROW_FIELDS),
+    fields = ROW_FIELDS if settings.get("diff_against") is None else DIFF_ROW_FIELDS
+    manifest = dict(settings, records=sum(map(len, shards)), fields=list(fields),
                     shards=[{"file": name, "rows": len(shard)} for name, shard in zip(names, shards)])
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
-def read_results(out: str | Path) -> list[dict]:
-    """The rows of a finished run (``DIR/manifest.json``), in record order, from JSONL or Parquet
-    shards alike: ``id`` and the explanation's wire form (``Explanation.from_dict(row)`` rebuilds
-    it), with every number a Python float (relevances the float32 values that were computed;
-    NaN where the file spells ``"NaN"``). Rows an older lucidlm wrote are upgraded to this form.
-
-    >>> read_results("/nonexistent")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    lucidlm.errors.ExplainError: /nonexistent/manifest.json: no such file (expected the manifest of a ...)
-    """
-    from ..fileio import read_json
-
-    out = Path(out)
-    manifest = read_json(out / MANIFEST, ExplainError, "the manifest of a finished explain-dataset run")
-    rows: list[dict] = []
-    for shard in manifest["shards"]:
-        got = _read_shard(out / shard["file"], manifest["format"])
-        if len(got) != shard["rows"]:
-            raise ExplainError(f"{out / shard['file']}: {len(got)} rows, the manifest says {shard['rows']}")
-        rows.extend(got)
-    return rows
-
-
-def _read_shard(path: Path, fmt: str) -> list[dict]:
-    if not path.is_file():
-        raise ExplainError(f"{path}: no such shard file (listed in {MANIFEST})")
-    if fmt == "parquet":
-        rows = _pyarrow().parquet.read_table(str(path)).to_pylist()
-        for row in rows:
-            if row.get("layers") is not None:  # stored as JSON text (see _parquet_row)
-                row["layers"] = json.loads(row["layers"])
-    else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [_read_row(row) for row in rows]
-
-
-def _read_row(row: dict) -> dict:
-    """A stored row in the current wire form (an older version's row, with no ``format`` and the
-    score under ``logit``, is upgraded), its numbers as floats."""
-    from .wire import unspell
-
-    if "format" not in row:
-        from .explanation import Explanation
-
-        row = {"id": row["id"], **Explanation.from_dict(row).to_dict()}
-    return dict(row, relevance=unspell(row["relevance"]), target_logit=unspell(row["target_logit"]),
-                layers=unspell(row["layers"]))
-
