@@ -93,3 +93,16 @@ def test_explaining_in_one_thread_leaves_another_threads_forward_plain():
         go.set()
         thread.join()
     assert not errors
+
+
+def test_check_stays_the_function_whatever_was_imported_first():
+    """Importing every explain submodule first (as tests/test_doctests.py does) must not replace
+    the public function lucidlm.explain.check with a module of the same name."""
+    import importlib
+    import pkgutil
+
+    import lucidlm.explain
+
+    for info in pkgutil.iter_modules(lucidlm.explain.__path__, "lucidlm.explain."):
+        importlib.import_module(info.name)
+    assert callable(lucidlm.explain.check) and lucidlm.explain.check.__name__ == "check"

@@ -4,10 +4,11 @@ __all__ = ["check"]
 
 
 def __getattr__(name: str):
-    # check (and torch) load on first use: the CLI imports lucidlm.explain.dataset's options at start-up
+    # check (and torch) load on first use. Its module is named conservation, not check: importing a
+    # submodule binds its name on the package, and a submodule called check would replace the
+    # function lucidlm.explain.check whenever something imported it first
     if name == "check":
-        from .check import check
+        from .conservation import check
 
-        globals()["check"] = check  # over the submodule the import just bound to this name
         return check
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

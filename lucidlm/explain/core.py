@@ -15,7 +15,7 @@ Two levels, so that each explainer passes only what makes it different:
 * :class:`Pass`: one forward from ``h0`` and its backward(s), for the explainers that score in
   their own way: a generation (one backward per generated token from one forward), integrated
   gradients (the embeddings are path points supplied from outside, no rules) and
-  :func:`~lucidlm.explain.check.check` (CP-LRP under a probe, with the biases' gradients watched).
+  :func:`~lucidlm.explain.conservation.check` (CP-LRP under a probe, with the biases' gradients watched).
 
 The checks every entry point shares live here too: :func:`check_explainable` (the method's name,
 through :func:`lucidlm.methods.check_method`, and no ``torch.inference_mode``) and
