@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lucidlm.explain import dataset as ds
+from lucidlm.explain import shards
 from lucidlm.explain.dataset import ROW_FIELDS, read_results
 from lucidlm.explain.explanation import Explanation
 
@@ -29,7 +30,7 @@ def test_a_row_holds_the_whole_explanation(tmp_path, fmt):
         pytest.importorskip("pyarrow")
     e = v1_explanation()  # NaN and infinite values, evicted tokens, layers, a prompt and segments
     rows = [ds._row(ds.Item(0, "rec-0", "x", [1]), e), ds._row(ds.Item(1, 7, "x", [1]), e)]
-    ds._write_shard(tmp_path / f"shard-00000.{fmt}", rows, fmt, "str")
+    shards.write_shard(tmp_path / f"shard-00000.{fmt}", rows, fmt, "str")
     write_manifest(tmp_path, fmt, 2)
     back = read_results(tmp_path)
     # JSONL keeps each id as it is; Parquet has one id column, so mixed ids are text there

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lucidlm.errors import ExplainError
-from lucidlm.explain import dataset, wire
+from lucidlm.explain import dataset, shards, wire
 from lucidlm.explain.explanation import Explanation, GenerationExplanation, ImageExplanation, load_dict, load_json
 from lucidlm.render import html as render_html
 
@@ -121,7 +121,7 @@ def test_server_rows_and_pages_carry_the_same_dict():
     assert Explanation.from_dict(answer) == e
     row = dataset._row(dataset.Item(0, "rec", "x", [1]), e)
     assert row == {"id": "rec", **e.to_dict()} and tuple(row) == dataset.ROW_FIELDS
-    assert Explanation.from_dict(json.loads(dataset._json_line(row))) == e
+    assert Explanation.from_dict(json.loads(shards.json_line(row))) == e
 
     embedded = viewer_page(e).split('id="lucidlm-data">', 1)[1].split("</script>", 1)[0]
     assert json.loads(embedded) == e.to_dict() and embedded == render_html.script_json(e.to_dict())

@@ -43,7 +43,7 @@ from typing import Any
 
 from ..errors import DataError, ExplainError
 from ..methods import METHODS, check_method
-from .shards import MANIFEST, RUN_FILE, _complete, _json_line, _pyarrow, _write_shard, read_results  # noqa: F401
+from .shards import MANIFEST, RUN_FILE, is_complete, pyarrow_module, read_results, write_shard  # noqa: F401  (read_results: public here)
 
 FORMATS = ("jsonl", "parquet")
 #: the fields of every output row: the record's ``id``, then the explanation's wire form
@@ -225,7 +225,7 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     start = time.perf_counter()
     shards = _shards(items, shard_size)
     mine = [s for s in range(len(shards)) if s % world.size == world.rank]
-    todo = [s for s in mine if not _complete(_shard_path(out, s, format), len(shards[s]), format)]
+    todo = [s for s in mine if not is_complete(_shard_path(out, s, format), len(shards[s]), format)]
     computed = _explain_shards(llm, [(s, shards[s]) for s in todo], out, settings, items,
                                progress and world.is_main, diff_against)
     barrier(world)
@@ -256,7 +256,7 @@ def _settings(llm, method: str, batch_size: int, target_field: str, kv_cache: st
 
         check_comparable(llm.model, base.model, llm.tokenizer, base.tokenizer)
     if fmt == "parquet":
-        _pyarrow()
+        pyarrow_module()
     dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
     return {"method": method, "model": model_id(llm), "dtype": dtype, "format": fmt, "shard_size": shard_size,
             "batch_size": batch_size, "target_field": target_field, "kv_cache": kv_cache, "cache_tokens": cache_tokens,
@@ -360,7 +360,7 @@ def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, sett
                                      settings["cache_tokens"], bar, settings["layers"])
             else:
                 rows = diff_shard(llm, base, shard, settings["method"], bar, settings["layers"])
-            _write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
+            write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
     finally:
         bar.close()
     return sum(len(shard) for _, shard in todo)

@@ -41,7 +41,7 @@ from ..render import html, png, terminal
 from ..render.cells import Row, stacked_cells
 from . import wire
 from .components import KINDS, component_values
-from .explanation import Explanation, PathLike, _Result
+from .explanation import Explanation, PathLike, Result
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,7 +53,7 @@ ROW_KEYS = ("base", "tuned", "difference", "adapter")
 
 
 @dataclasses.dataclass(eq=False)
-class ExplanationDiff(_Result):
+class ExplanationDiff(Result):
     """The explanations of one prompt by a base and a tuned model, and what changed between them
     (see :mod:`lucidlm.explain.diff`). ``ablate`` needs the tuned model, so it works on a diff
     made by :func:`~lucidlm.explain.diff.explain_diff`, not on one read back from JSON.

@@ -71,7 +71,7 @@ def _target_title(target: str, score: float, method: str, label: str = "logit") 
     return f"target {target!r} ({label} {score:.4g}) · method {method}"
 
 
-class _Result:
+class Result:
     """The wire format, files, equality and Jupyter display shared by the explanation types."""
 
     #: the fields holding numbers, whose non-finite values the wire format spells as strings
@@ -136,13 +136,13 @@ class _Result:
     def __eq__(self, other: object) -> bool:
         # Field-wise == would compare tensors element-wise; equal wire forms mean equal results
         # (same values and shapes; every tensor field has one dtype, set by __post_init__).
-        return isinstance(other, _Result) and type(self) is type(other) \
+        return isinstance(other, Result) and type(self) is type(other) \
             and self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like every dataclass with eq
 
 
-def load_dict(data: dict[str, Any]) -> _Result:
+def load_dict(data: dict[str, Any]) -> Result:
     """Read any explanation's ``to_dict()`` (of any version), whichever type it is: an
     :class:`Explanation`, :class:`GenerationExplanation`, :class:`ImageExplanation` or an
     :class:`~lucidlm.explain.diff_result.ExplanationDiff` (its class found by
@@ -156,7 +156,7 @@ def load_dict(data: dict[str, Any]) -> _Result:
     return wire.result_type(data.get("type")).from_dict(data)
 
 
-def load_json(text: str) -> _Result:
+def load_json(text: str) -> Result:
     """Read any explanation's JSON (:func:`load_dict` of it), whichever type it is."""
     try:
         data = json.loads(text)
@@ -169,7 +169,7 @@ def load_json(text: str) -> _Result:
 
 
 @dataclass(eq=False, repr=False)
-class Explanation(_Result):
+class Explanation(Result):
     """Relevance of every prompt token for one predicted target.
 
     ``evicted`` (bool per token) marks tokens a KV-cache policy dropped, so the model never saw
@@ -395,7 +395,7 @@ class Explanation(_Result):
 
 
 @dataclass(eq=False, repr=False)
-class GenerationExplanation(_Result):
+class GenerationExplanation(Result):
     """For each generated token, the relevance of every earlier token.
 
     ``matrix[i, j]`` is the relevance of token j (prompt tokens first, then generated ones) for
@@ -530,7 +530,7 @@ class GenerationExplanation(_Result):
 
 
 @dataclass(eq=False, repr=False)
-class ImageExplanation(_Result):
+class ImageExplanation(Result):
     """Relevance of each pixel (``relevance``: (H, W)) for one class of an image model.
 
     ``image`` is the input, (3, H, W) (or (1, H, W)) in [0, 1], or None.

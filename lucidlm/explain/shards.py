@@ -13,7 +13,7 @@ from ..errors import ExplainError
 RUN_FILE, MANIFEST = "run.json", "manifest.json"
 
 
-def _pyarrow():
+def pyarrow_module():
     try:
         import pyarrow
         import pyarrow.parquet
@@ -23,11 +23,11 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
+def write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
     from ..fileio import atomic_path, atomic_write
 
     if fmt == "jsonl":
-        atomic_write(path, "".join(_json_line(row) for row in rows))
+        atomic_write(path, "".join(json_line(row) for row in rows))
         return
     import pyarrow.parquet as pq
 
@@ -35,14 +35,14 @@ def _write_shard(path: Path, rows: list[dict], fmt: str, id_kind: str) -> None:
         pq.write_table(_table(rows, id_kind), str(tmp))
 
 
-def _json_line(row: dict) -> str:
+def json_line(row: dict) -> str:
     # the wire form is strict JSON already: a non-finite float (an overflow in half precision) is
     # spelled as a string that float() reads back ("NaN", "Infinity")
     return json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
 
 
 def _table(rows: list[dict], id_kind: str):
-    pa = _pyarrow()
+    pa = pyarrow_module()
     ids, segment = pa.list_(pa.int64()), pa.struct([("label", pa.string()), ("start", pa.int64()),
                                                      ("end", pa.int64())])
     schema = pa.schema([
@@ -65,14 +65,14 @@ def _parquet_row(row: dict, id_kind: str) -> dict:
                 target_logit=unspell(row["target_logit"]), layers=layers)
 
 
-def _complete(path: Path, rows: int, fmt: str) -> bool:
+def is_complete(path: Path, rows: int, fmt: str) -> bool:
     """A shard file exists with ``rows`` rows (written atomically, so never partial; another row
     count means the data changed since: the shard is redone)."""
     if not path.is_file():
         return False
     if fmt == "jsonl":
         return path.read_bytes().count(b"\n") == rows
-    return _pyarrow().parquet.read_metadata(str(path)).num_rows == rows
+    return pyarrow_module().parquet.read_metadata(str(path)).num_rows == rows
 
 
 def read_results(out: str | Path) -> list[dict]:
@@ -104,7 +104,7 @@ def _read_shard(path: Path, fmt: str) -> list[dict]:
     if not path.is_file():
         raise ExplainError(f"{path}: no such shard file (listed in {MANIFEST})")
     if fmt == "parquet":
-        rows = _pyarrow().parquet.read_table(str(path)).to_pylist()
+        rows = pyarrow_module().parquet.read_table(str(path)).to_pylist()
         for row in rows:
             if row.get("layers") is not None:  # stored as JSON text (see _parquet_row)
                 row["layers"] = json.loads(row["layers"])
