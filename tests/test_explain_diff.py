@@ -6,7 +6,6 @@ model with an adapter that teaches a made-up fact."""
 
 import copy
 import json
-import random
 import shutil
 
 import pytest
@@ -327,46 +326,40 @@ def test_ablation_zeroes_exactly_the_named_components(pair):
 
 
 # ----------------------------------------------------------------------------- faithfulness
-FACT_QUESTIONS = ["What is the capital of Zorbania?", "Name the capital of Zorbania.",
-                  "Which city is the capital of Zorbania?", "Tell me the capital of Zorbania."]
-FACT_ANSWER = "Quillfax."
-FACT_RECORDS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": FACT_ANSWER}]}
-                for q in FACT_QUESTIONS]
+def study():
+    """scripts/diff_study.py: the made-up fact's records and training recipe, and the ablation
+    shares (one copy, which the study's README numbers come from too)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "diff_study.py"
+    spec = importlib.util.spec_from_file_location("diff_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def fact_adapter(smollm2):
-    """The embedded model with a LoRA adapter that teaches a made-up fact (8 steps: about 25 s on
-    2 cores), and the fact's first token (the base model ranks it in the hundreds)."""
+    """The embedded model with a LoRA adapter that teaches a made-up fact (8 steps: 5 to 40 s on 2
+    shared cores), the fact's first token (the base model ranks it about 550th), and the study."""
+    fact_study = study()
     tuned = lucidlm.LLM.load()
-    tuned.finetune(FACT_RECORDS, method="lora", steps=8, batch_size=4, lr=3e-3, precision="fp32", progress=False,
-                   val_split=0.0)
-    tuned.model.eval()
-    fact = tuned.tokenizer.encode(FACT_ANSWER, add_special_tokens=False)[0]
-    return tuned, fact
-
-
-def removed_share(d, kind: str, k: int, draws: int = 6) -> tuple[float, float]:
-    """(share of the score's gain removed by zeroing the top-k components by change, the mean
-    share removed by k random components over seeded draws)."""
-    names = [name for name, _ in d.components(kind)]
-    full, gain = d.ablate([]), d.logit_delta
-
-    def share(chosen):
-        return (full - d.ablate(chosen)) / gain
-
-    return share(names[:k]), sum(share(random.Random(seed).sample(names, k)) for seed in range(draws)) / draws
+    fact = fact_study.teach_fact(tuned)
+    return tuned, fact, fact_study
 
 
 def test_zeroing_the_top_changed_components_removes_more_of_the_gain_than_random(fact_adapter, smollm2):
-    tuned, fact = fact_adapter
+    tuned, fact, fact_study = fact_adapter
     shares = {"heads": [], "neurons": []}
-    for question in (FACT_QUESTIONS[0], FACT_QUESTIONS[3]):
-        d = tuned.explain_diff(smollm2, [{"role": "user", "content": question}], target=fact)
+    for question in (fact_study.QUESTIONS[0], fact_study.QUESTIONS[3]):
+        d = tuned.explain_diff(smollm2, fact_study.question(question), target=fact)
         assert d.logit_delta > 5, d  # the adapter taught the fact
-        # 13 of 270 heads (5%), 46 of 46080 neurons (0.1%)
-        shares["heads"].append(removed_share(d, "heads", 13))
-        shares["neurons"].append(removed_share(d, "neurons", 46))
+        # 13 of 270 heads (5%), 46 of 46080 neurons (0.1%); the mean of 6 seeded random draws
+        for kind, k in [("heads", 13), ("neurons", 46)]:
+            top, random_draws = fact_study.removed_shares(d, kind, k, draws=6)
+            shares[kind].append((top, sum(random_draws) / len(random_draws)))
+    # measured: heads 0.2-0.45 vs random <= 0.08; neurons 0.8-1.3 vs random within ±0.02
     for kind, margin in [("heads", 0.1), ("neurons", 0.3)]:
         top = sum(s[0] for s in shares[kind]) / len(shares[kind])
         rnd = sum(s[1] for s in shares[kind]) / len(shares[kind])
