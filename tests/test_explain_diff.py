@@ -364,3 +364,42 @@ def test_zeroing_the_top_changed_components_removes_more_of_the_gain_than_random
         top = sum(s[0] for s in shares[kind]) / len(shares[kind])
         rnd = sum(s[1] for s in shares[kind]) / len(shares[kind])
         assert top > rnd + margin, (kind, shares[kind])
+
+
+def test_mixture_of_experts_components_are_ranked_and_ablated_by_expert(hf_checkpoint):
+    _, directory = hf_checkpoint("mixtral")
+    base = LLM.load(directory, dtype=torch.float64)
+    tuned = LLM.load(directory, dtype=torch.float64)
+    torch.manual_seed(0)
+    attach_lora(tuned.model, r=4, alpha=8)  # on MoE: the attention projections only
+    tuned.model.double().eval()
+    randomise_b(tuned.model)
+    d = tuned.explain_diff(base, PROMPT, target=7)
+    names = [name for name, _ in d.components("neurons")]
+    n_expert, size = 4, tuned.model.layers[0].mlp.experts[0].down_proj.in_features
+    assert len(names) == 3 * n_expert * size and all(".mlp.expert." in name for name in names)
+    assert rel_err(d.relevance.double().sum().item(), d.logit_delta) < REL  # no biases in Mixtral
+    top = names[0]
+    assert d.ablate([top]) != pytest.approx(d.tuned.target_logit, rel=1e-9)  # the top neuron was routed to
+    with pytest.raises(ExplainError, match="named layers.I.mlp.expert.E.neuron.J"):
+        d.ablate(["layers.0.mlp.neuron.1"])
+    with pytest.raises(ExplainError, match="experts 0 to 3"):
+        d.ablate(["layers.0.mlp.expert.4.neuron.1"])
+
+
+# ----------------------------------------------------------------------------- bench explain's diff rows
+def test_bench_explain_diff_rows_run_the_adapter_split(tiny_lm_dir):
+    from lucidlm.bench import explain as bench_explain
+    from lucidlm.bench.args import diff_list
+
+    llm = LLM.load(tiny_lm_dir)
+    ids = bench_explain.prompt_ids(llm.tokenizer, 12, llm.config.vocab_size)
+    lora = bench_explain._step(llm, "diff lora")(ids)
+    full = bench_explain._step(llm, "diff full")(ids)
+    assert lora.adapter_relevance is not None and lora.adapter_relevance.abs().max() > 0  # B is not 0
+    assert lora.tuned.method == "cp-lrp" and lora.tuned.layers is not None  # as LLM.explain_diff runs it
+    assert full.adapter_relevance is None and full.logit_delta == 0.0  # a copy: nothing changed
+    assert not lora_layers(llm.model)  # the model itself is left alone
+    assert diff_list("lora") == ["lora"] and diff_list("none") == []
+    with pytest.raises(ExplainError, match="--diffs: 'merged'"):
+        diff_list("lora,merged")
