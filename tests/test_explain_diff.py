@@ -131,7 +131,8 @@ def test_cp_lrp_differences_sum_to_the_logit_delta(pair, target, objective):
 def test_an_adapter_at_its_initial_state_changes_nothing():
     base = tiny()
     tuned = with_lora(base, random_b=False)  # peft's B = 0: the adapter is a no-op
-    assert all(torch.count_nonzero(b.weight) == 0 for layer in lora_layers(tuned).values() for b in layer.lora_B.values())
+    branches = [b for layer in lora_layers(tuned).values() for b in layer.lora_B.values()]
+    assert branches and all(torch.count_nonzero(b.weight) == 0 for b in branches)
     d = explain_diff(tuned, None, base, None, PROMPT, target=(7, 40))
     assert d.adapter_relevance is not None  # the branches ran, and carried nothing
     assert d.logit_delta == 0.0
