@@ -62,7 +62,7 @@ def run(args) -> int:
     if args.child:
         print(json.dumps(measure(args, args.child, args.length)))
         return 0
-    methods, diffs = method_list(args.methods, METHODS), diff_list(args.diffs)  # checked before torch loads
+    methods, diffs = method_list(args.methods, METHODS), diff_list(args.diffs)  # before any work
     import torch
 
     from . import emit, prepare_model, progress
