@@ -28,6 +28,9 @@ LR = {"lora": 2e-4, "full": 2e-5}
 #: bench kv: the default texts, and the policies measured beside dense
 LICENSES = Path("/usr/share/common-licenses")
 DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
+#: bench explain: the diff rows (``explain_diff`` of the model against a copy of itself): ``lora``
+#: with a LoRA adapter on the copy (the adapter split runs), ``full`` a copy as a full fine-tune
+DIFF_ROWS = ("lora", "full")
 #: bench faithfulness: every method explain() offers, LRP and baselines (``random``: the floor to beat)
 FAITHFULNESS_METHODS = EXPLAIN_METHODS
 #: the weights' dtypes of the kv, longctx and serve benches: float16 is left out, nothing there was
@@ -63,6 +66,10 @@ def add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="attnlrp,cp-lrp",
                    help="explanation methods to time (comma-separated, from " + ", ".join(METHODS) + ")")
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help=_DTYPE_HELP)
+    p.add_argument("--diffs", default=",".join(DIFF_ROWS),
+                   help="explain_diff rows, measured with cp-lrp when --methods has it and reported as × one cp-lrp "
+                        "explanation: comma-separated from lora (against a copy with a LoRA adapter: the adapter "
+                        "split runs), full (against a plain copy: a full fine-tune), or none")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
@@ -134,6 +141,24 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating runs per engine (median reported)")
     p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--method", choices=list(LR), help=argparse.SUPPRESS)
+
+
+def diff_list(text: str) -> list[str]:
+    """``--diffs``: names from :data:`DIFF_ROWS`, or ``none`` (an :class:`~lucidlm.errors.ExplainError`
+    names anything else).
+
+    >>> diff_list("full, lora"), diff_list("none")
+    (['full', 'lora'], [])
+    """
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in DIFF_ROWS:
+            raise ExplainError(f"--diffs: {name!r}: expected some of {', '.join(DIFF_ROWS)}, or none")
+    if not names:
+        raise ExplainError(f"--diffs: empty list; expected some of {', '.join(DIFF_ROWS)}, or none")
+    return names
 
 
 def method_list(text: str, allowed: Sequence[str], option: str = "--methods") -> list[str]:

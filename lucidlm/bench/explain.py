@@ -7,7 +7,13 @@ Rows, for each prompt length (default 256 and 1024 tokens):
   the top logit with respect to them (plain autograd, no rules, no weight gradients): the least any
   gradient-based explanation can cost;
 * ``attnlrp``, ``cp-lrp`` (the default ``--methods``): :func:`lucidlm.explain.explainer.explain`, i.e. the
-  rules' forward + one backward + the bookkeeping around them.
+  rules' forward + one backward + the bookkeeping around them;
+* ``diff lora``, ``diff full`` (``--diffs``, measured when ``--methods`` has cp-lrp):
+  :meth:`lucidlm.LLM.explain_diff` with cp-lrp and its defaults (latent relevances of every layer,
+  for ``components``), of a copy of the model against the model: ``lora`` with a LoRA adapter on
+  the copy (peft's default layers, r=8, B random, so the adapter split's second backward runs),
+  ``full`` a plain copy (a full fine-tune: two explanations). Below the table each diff row is
+  also given as × one cp-lrp explanation (time and memory) at the same length.
 
 How it measures
 ---------------
@@ -43,9 +49,11 @@ import torch
 from . import run_child
 from ..methods import METHODS
 from .args import add_explain as add_arguments
-from .args import method_list
+from .args import diff_list, method_list
 
 ROWS = ("forward", "forward+backward")
+#: a diff row's name, and the row it is reported against
+DIFF_PREFIX, DIFF_REFERENCE = "diff ", "cp-lrp"
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
 
@@ -54,11 +62,14 @@ def run(args) -> int:
     if args.child:
         print(json.dumps(measure(args, args.child, args.length)))
         return 0
+    methods, diffs = method_list(args.methods, METHODS), diff_list(args.diffs)  # before any work
     import torch
 
     from . import emit, prepare_model, progress
 
-    rows = ROWS + tuple(method_list(args.methods, METHODS))  # the rule methods, as its --help lists
+    rows = ROWS + tuple(methods)  # the rule methods, as its --help lists
+    if DIFF_REFERENCE in methods:
+        rows += tuple(DIFF_PREFIX + d for d in diffs)
     lengths = [int(n) for n in args.lengths.split(",")]
     prepare_model(args.model)  # a GGUF converts here, with progress, not silently in a child
     for line in _header_lines(args.threads or torch.get_num_threads(), lengths, args):
@@ -77,6 +88,9 @@ def run(args) -> int:
             while shown < len(rows) and all((rows[shown], n) in results for n in lengths):
                 emit(format_row(results, rows[shown], lengths))
                 shown += 1
+    for row in rows:
+        if row.startswith(DIFF_PREFIX):
+            emit(format_diff_ratio(results, row, lengths))
     return 0
 
 
@@ -130,9 +144,32 @@ def _step(llm, row: str):
             logits = model(inputs_embeds=h0, positions=pos, last_only=True)[0, -1]
             return torch.autograd.grad(logits[logits.argmax()], h0)
         return forward_backward
+    if row.startswith(DIFF_PREFIX):
+        tuned = tuned_copy(llm, adapter=row == DIFF_PREFIX + "lora")
+        return lambda ids: tuned.explain_diff(llm, ids, method=DIFF_REFERENCE)
     from ..explain.explainer import explain
 
     return lambda ids: explain(model, llm.tokenizer, ids, method=row)
+
+
+def tuned_copy(llm, adapter: bool):
+    """A copy of ``llm`` (its own weights and tokenizer, as a second checkpoint would be), with
+    ``adapter``: a LoRA adapter on peft's default layers whose B is random (at peft's B = 0 the
+    adapter would change nothing; the cost is the same either way)."""
+    import copy
+
+    from ..train.lora import attach_lora, lora_layers
+
+    tuned = copy.deepcopy(llm)
+    if adapter:
+        generator = torch.Generator().manual_seed(0)
+        attach_lora(tuned.model, r=8, alpha=16)
+        with torch.no_grad():
+            for layer in lora_layers(tuned.model).values():
+                for b in layer.lora_B.values():
+                    b.weight.copy_(torch.randn(b.weight.shape, generator=generator) * 0.01)
+    tuned.model.eval()
+    return tuned
 
 
 def prompt_ids(tokenizer, n: int, vocab_size: int) -> list[int]:
@@ -184,6 +221,25 @@ def _header_lines(threads, lengths, args) -> list[str]:
     head = f"{'':<18}" + "".join(f"{f'{n} tokens':>34}" for n in lengths)
     sub = f"{'':<18}" + f"{'s':>9}{'×f+b':>7}{'MiB':>10}{'×f+b':>8}" * len(lengths)
     return lines + [head, sub]
+
+
+def format_diff_ratio(results: dict, row: str, lengths) -> str:
+    """A diff row as × one cp-lrp explanation at each length (time, memory).
+
+    >>> r = {("diff lora", 8): {"seconds": 5.0, "peak_mib": 30.0}, ("cp-lrp", 8): {"seconds": 2.0, "peak_mib": 20.0}}
+    >>> format_diff_ratio(r, "diff lora", [8])
+    'diff lora: × one cp-lrp explanation: 8 tokens 2.50× time, 1.50× memory'
+    """
+    cells = []
+    for n in lengths:
+        r, one = results[(row, n)], results[(DIFF_REFERENCE, n)]
+        if "seconds" not in r or "seconds" not in one:
+            cells.append(f"{n} tokens failed")
+            continue
+        memory = (f"{r['peak_mib'] / one['peak_mib']:.2f}×" if r.get("peak_mib") is not None and one.get("peak_mib")
+                  else "n/a")
+        cells.append(f"{n} tokens {r['seconds'] / one['seconds']:.2f}× time, {memory} memory")
+    return f"{row}: × one {DIFF_REFERENCE} explanation: " + "; ".join(cells)
 
 
 def format_row(results: dict, row: str, lengths) -> str:
