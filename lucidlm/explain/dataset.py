@@ -410,8 +410,9 @@ def diff_shard(llm, base, items: Sequence[Item], method: str = DEFAULT_DIFF_METH
     for item in items:
         ids = _prompt_ids(llm.tokenizer, item)
         prompt = item.prompt if isinstance(item.prompt, str) else ids  # text: the rows keep it (word alignment)
+        # checked: the run compared the two models once, before the first shard
         diff = explain_diff(llm.model, llm.tokenizer, base.model, base.tokenizer, prompt, target=item.target,
-                            method=method, layers=layers)
+                            method=method, layers=layers, checked=True)
         rows.append(_row(item, diff))
         if bar is not None:
             bar.update(1)

@@ -117,15 +117,17 @@ def switched_branches(model: nn.Module, switch: rules.BranchSwitch) -> Iterator[
 # ----------------------------------------------------------------------------- the diff
 def explain_diff(tuned: nn.Module, tuned_tokenizer, base: nn.Module, base_tokenizer, prompt: str | Sequence[int],
                  target: Target = None, method: str = "cp-lrp", layers: str | Sequence[int] | None = "all",
-                 objective: str = "logprob") -> ExplanationDiff:
+                 objective: str = "logprob", checked: bool = False) -> ExplanationDiff:
     """Explain ``prompt`` with ``tuned`` (splitting off what flows through its adapter branches)
     and with ``base`` for the same target ids; see :mod:`lucidlm.explain.diff`. ``target``: as in
     :func:`~lucidlm.explain.explainer.explain` (``None``: the tuned model's top token). ``layers``:
     whose latent relevances to record (default all: :meth:`ExplanationDiff.components` ranks them;
-    ``None`` records none)."""
+    ``None`` records none). ``checked``: the caller has run :func:`check_comparable` on this pair
+    already (a dataset run checks once, not per record: comparing two vocabularies takes ~50 ms)."""
     check_explainable(method, rules.METHODS)
     check_objective(objective)
-    check_comparable(tuned, base, tuned_tokenizer, base_tokenizer)
+    if not checked:
+        check_comparable(tuned, base, tuned_tokenizer, base_tokenizer)
     given = Prompt.resolve(tuned, tuned_tokenizer, prompt, target)
     tuned_e, adapter = _explain_tuned(tuned, tuned_tokenizer, given, method, objective, layers)
     fixed = _fixed(given, tuned_e.target_ids)

@@ -138,7 +138,8 @@ class SwitchedBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return (grad if ctx.switch.open else torch.zeros_like(grad)), None
+        # closed: None, which autograd reads as a zero gradient and so skips the branch's own backward
+        return (grad if ctx.switch.open else None), None
 
 
 def switched_branch(x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
@@ -146,12 +147,12 @@ def switched_branch(x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
 
     >>> switch = BranchSwitch()
     >>> x = torch.ones(2, requires_grad=True)
-    >>> y = switched_branch(x * 3, switch).sum()
+    >>> y = (x + switched_branch(x * 3, switch)).sum()     # a base path and a branch
     >>> torch.autograd.grad(y, x, retain_graph=True)[0].tolist()
-    [3.0, 3.0]
-    >>> switch.open = False
+    [4.0, 4.0]
+    >>> switch.open = False                                 # the base path only
     >>> torch.autograd.grad(y, x)[0].tolist()
-    [0.0, 0.0]
+    [1.0, 1.0]
     """
     return SwitchedBranch.apply(x, switch)
 
