@@ -1,6 +1,6 @@
-"""The ``lucidlm`` command line: generate, chat, explain, convert, download, finetune, pretrain, merge,
-models, serve, view, bench ... This module is the parser and ``main`` only; each command lives in
-:mod:`lucidlm.commands`.
+"""The ``lucidlm`` command line: generate, chat, explain, explain-dataset, diff, diff-report, convert,
+models, download, finetune, pretrain, merge, serve, view, evaluate, bench, cache. This module is the
+parser and ``main`` only; each command lives in :mod:`lucidlm.commands`.
 
 Instant start-up: this module imports neither torch nor a model, so ``--help``, ``lucidlm models``
 and every argument mistake answer at once. Every argument is checked before anything loads: bad
