@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ExplainError
-from ..fileio import atomic_write
 from ..render import html, png, terminal
 from ..render.cells import Row, stacked_cells
 from . import wire
 from .components import KINDS, component_values
-from .explanation import Explanation, PathLike, Result
+from .explanation import Explanation, Result
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -199,17 +197,6 @@ class ExplanationDiff(Result):
         """The matplotlib Figure :meth:`to_png` draws (Agg canvas, outside pyplot): title, each row's
         label and tokens wrapped at ``columns``, one colour bar, legend."""
         return png.rows_figure(*self.cells(skip_first), self.title(), columns)
-
-    def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
-        """PNG bytes at 150 dpi of :meth:`png_figure`."""
-        return png.figure_png(self.png_figure(skip_first, columns))
-
-    def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
-        """Write :meth:`to_png` to ``path`` atomically."""
-        return atomic_write(path, self.to_png(skip_first))
-
-    def __str__(self) -> str:
-        return self.to_terminal()
 
     def __repr__(self) -> str:
         return (f"ExplanationDiff(target={self.tuned.target!r}, method={self.tuned.method!r}, "

@@ -80,6 +80,24 @@ class Result:
     def to_html(self, full_page: bool = True) -> str:  # pragma: no cover - every subclass has one
         raise NotImplementedError
 
+    def png_figure(self, *options: Any, **named: Any) -> Figure:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def to_png(self, *options: Any, **named: Any) -> bytes:
+        """PNG bytes at 150 dpi of :meth:`png_figure`, which takes the same options (``skip_first``,
+        ``columns``; ``overlay`` for an image)."""
+        return png.figure_png(self.png_figure(*options, **named))
+
+    def save_png(self, path: PathLike, *options: Any, **named: Any) -> Path:
+        """Write :meth:`to_png` to ``path`` atomically; returns the path."""
+        return atomic_write(path, self.to_png(*options, **named))
+
+    def __str__(self) -> str:
+        return self.to_terminal()
+
+    def to_terminal(self, *options: Any, **named: Any) -> str:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         """The wire format (:mod:`lucidlm.explain.wire`): ``format``, ``version``, ``type``, then
         every field as plain JSON (tensors as nested lists, non-finite floats as strings)."""
@@ -373,18 +391,6 @@ class Explanation(Result):
         with ticks at ±scale and 0, one-line legend."""
         return png.tokens_figure(*self.cells(skip_first), self.title(), columns)
 
-    def to_png(self, skip_first: bool = True, columns: int = 80) -> bytes:
-        """PNG bytes at 150 dpi: tokens as coloured boxes wrapped like text (at most ``columns``
-        wide), colour bar and legend (see :meth:`png_figure`)."""
-        return png.figure_png(self.png_figure(skip_first, columns))
-
-    def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
-        """Write :meth:`to_png` to ``path`` atomically."""
-        return atomic_write(path, self.to_png(skip_first))
-
-    def __str__(self) -> str:
-        return self.to_terminal()
-
     def __repr__(self) -> str:
         best = self.top(1, skip_first=True)
         return (f"Explanation(target={self.target!r}, method={self.method!r}, "
@@ -509,18 +515,6 @@ class GenerationExplanation(Result):
         colors = png.row_colors([r.cells(skip_first)[0] for r in self.rows()], len(self.tokens))
         return png.matrix_figure(colors, self.tokens, self.generated_tokens, self.title())
 
-    def to_png(self, skip_first: bool = True) -> bytes:
-        """PNG bytes at 150 dpi: the matrix as an image (rows = generated tokens, columns = all
-        tokens), each row coloured on its own scale; later tokens light grey, evicted ones grey."""
-        return png.figure_png(self.png_figure(skip_first))
-
-    def save_png(self, path: PathLike, skip_first: bool = True) -> Path:
-        """Write :meth:`to_png` to ``path`` atomically."""
-        return atomic_write(path, self.to_png(skip_first))
-
-    def __str__(self) -> str:
-        return self.to_terminal()
-
     def __repr__(self) -> str:
         return (f"GenerationExplanation(method={self.method!r}, n_prompt={len(self.prompt_tokens)}, "
                 f"generated={''.join(self.generated_tokens)[:40]!r})")
@@ -565,20 +559,12 @@ class ImageExplanation(Result):
         return _target_title(self.target, self.target_logit, self.method)
 
     def png_figure(self, overlay: bool = True) -> Figure:
-        """The matplotlib Figure :meth:`to_png` draws."""
+        """The matplotlib Figure :meth:`to_png` draws: the heatmap (colour map symmetric around 0),
+        over the image if ``overlay`` (opacity follows |relevance|) or beside it."""
         image = None
         if self.image is not None:  # (C, H, W) -> (H, W, 3) for matplotlib
             image = self.image.clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()
         return png.image_figure(self.relevance.numpy(), image, overlay, self.title())
-
-    def to_png(self, overlay: bool = True) -> bytes:
-        """PNG bytes at 150 dpi: the heatmap (colour map symmetric around 0), over the image if
-        ``overlay`` (opacity follows |relevance|) or beside it."""
-        return png.figure_png(self.png_figure(overlay))
-
-    def save_png(self, path: PathLike, overlay: bool = True) -> Path:
-        """Write :meth:`to_png` to ``path`` atomically."""
-        return atomic_write(path, self.to_png(overlay))
 
     def to_html(self, full_page: bool = True, overlay: bool = True) -> str:
         """Self-contained HTML: header and the PNG inline as a ``data:`` URI."""
