@@ -9,7 +9,7 @@ runs.
 * :mod:`.options`: the parser class, argument types, shared option groups (model, KV cache,
   sampling) and the :class:`~lucidlm.commands.options.Command` record;
 * :mod:`.checks`: what is checked before anything loads (exit status 2 and one line);
-* :mod:`.generate` (generate, chat), :mod:`.explain`, :mod:`.explain_dataset`, :mod:`.evaluate`,
+* :mod:`.generate` (generate, chat), :mod:`.explain`, :mod:`.explain_dataset`, :mod:`.evaluate` (benchmarks), :mod:`.faithfulness`,
   :mod:`.convert` (convert, download, merge), :mod:`.train` (finetune, pretrain), :mod:`.models`,
   :mod:`.serve` (serve, view), :mod:`.cache`, :mod:`.bench`.
 """
