@@ -43,7 +43,7 @@ from ..api import LLM
 from ..cache import build_cache
 from ..cache.prefill import stream
 from ..cache.spec import PolicySpec, check_budget, parse_policy
-from ..errors import EvaluationError
+from ..errors import CacheError, EvaluationError
 from ..generate import Sampling, generate_ids, left_pad
 
 #: how to install what this module needs
@@ -222,10 +222,14 @@ class LucidLM(_base()):
         split = len(whole) - len(cont) + 1  # the context's tokens: the last one predicts the first continuation token
         param = next(self.llm.model.parameters())
         budget = self.policy.budget(self.cache_tokens, len(whole), prompt=split)
-        # a budget that holds everything evicts nothing: the (quantised) dense cache is the same run,
-        # and it has no protected windows a short context could fall below
-        spec = self.policy if budget < len(whole) else PolicySpec("dense", self.policy.quant)
-        cache = build_cache(self.llm.config, 1, spec, budget, dtype=param.dtype, device=param.device)
+        try:
+            cache = build_cache(self.llm.config, 1, self.policy, budget, dtype=param.dtype, device=param.device)
+        except CacheError:  # a budget below the policy's protected slots (a short context's share) ...
+            if budget < len(whole):
+                raise
+            # ... that holds everything evicts nothing: the (quantised) dense cache is the same run
+            cache = build_cache(self.llm.config, 1, PolicySpec("dense", self.policy.quant), budget,
+                                dtype=param.dtype, device=param.device)
         x = torch.tensor([whole], device=param.device)
         logits = [chunk for chunk in stream(self.llm.model, x[:, :split], cache, self.chunk_size, last_only=True)][-1]
         pieces = [logits[0]]
