@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="requests per forward pass")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render each prompt with the checkpoint's chat template")
-    p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="a LoRA adapter to evaluate with")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="a LoRA adapter to evaluate with (default: none)")
     add_cache(p)
     add_dtype(p, "the weights' dtype in memory")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where results.json is written")

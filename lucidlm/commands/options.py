@@ -211,9 +211,8 @@ def add_cache(p: argparse.ArgumentParser) -> None:
                         "'snapkv(window=16)+int8' (default: dense; window, with a note, when only "
                         "--cache-tokens is given)")
     p.add_argument("--cache-tokens", type=budget, default=None, metavar="N",
-                   help=f"KV-cache budget in tokens per layer, or a share of each prompt such as 25%% "
-                        f"(default: the context for dense, "
-                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies)")
+                   help=f"KV-cache budget in tokens per layer (default: the context for dense, "
+                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies), or a share of each prompt such as 25%%")
 
 
 def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
