@@ -168,6 +168,13 @@ def test_shares_reach_every_budget_taker(checkpoint):
     assert isinstance(llm.generate(text, max_new_tokens=3, kv_cache="window", cache_tokens="50%"), str)
     half = llm.perplexity(text, kv_cache="window", cache_tokens="50%", chunk_size=2).perplexity
     assert half != pytest.approx(llm.perplexity(text).perplexity, rel=1e-6)
+    explained = llm.explain(text, kv_cache="window", cache_tokens="50%")
+    assert explained.evicted is not None and bool(explained.evicted.any())
+    from lucidlm.serve.schemas import ExplainRequest
+
+    assert ExplainRequest(prompt="hi", cache_tokens="25%").cache_tokens == "25%"
+    with pytest.raises(ValueError, match="a share must be in"):
+        ExplainRequest(prompt="hi", cache_tokens="150%")
     assert llm.perplexity(text, kv_cache="window", cache_tokens="100%").perplexity == \
         pytest.approx(llm.perplexity(text).perplexity, rel=1e-5)
 

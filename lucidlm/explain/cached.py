@@ -66,7 +66,7 @@ class Recording(LayerCache):
 
 
 def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
-                   method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | None = None,
+                   method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | str | None = None,
                    chunk_size: int = 256, layers: str | Sequence[int] | None = None) -> Explanation:
     """Explain the next-token prediction made through a ``kv_cache`` policy of ``cache_tokens``
     slots (``chunk_size``: the prefill's chunk, between which the policy evicts)."""
