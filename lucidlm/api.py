@@ -232,13 +232,14 @@ class LLM:
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, stream: bool = False,
-                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None):
+                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None):
         """Continue raw text (no chat template). Greedy when ``temperature == 0``.
 
         ``prompt`` a string returns a string (an iterator of text pieces with ``stream=True``); a list
         of strings is generated as one batch and returns a list. Generation stops at the checkpoint's
         stop tokens, at any string in ``stop`` (not included in the output), or after
-        ``max_new_tokens``. ``kv_cache``/``cache_tokens`` pick the KV-cache policy and its budget.
+        ``max_new_tokens``. ``kv_cache``/``cache_tokens`` pick the KV-cache policy and its budget (tokens
+        per layer, or a share of the longest prompt such as ``"25%"``).
         """
         tok = self._require_tokenizer("generate")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -250,7 +251,7 @@ class LLM:
     def chat(self, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
-             kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None):
+             kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None):
         """Reply to a conversation rendered with the checkpoint's own chat template.
 
         ``messages``: a list of ``{"role": ..., "content": ...}`` dicts, or a string (one user turn).
@@ -263,7 +264,7 @@ class LLM:
                                        stop, stream, kv_cache, cache_tokens)
 
     def _generate_from_ids(self, ids, single: bool, max_new_tokens: int, sampling: Sampling, stop, stream: bool,
-                           kv_cache: str | PolicySpec, cache_tokens: int | None):
+                           kv_cache: str | PolicySpec, cache_tokens: int | str | None):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         policy = parse_policy(kv_cache)  # now, not at the first step of the lazy generation
         steps = generate_ids(self.model, ids, max_new_tokens, sampling, self.tokenizer.eos_ids,
@@ -291,7 +292,7 @@ class LLM:
 
     # ---- measurements and explanations ------------------------------------------------------
     def perplexity(self, text: str | Sequence[int], kv_cache: str | PolicySpec = "dense",
-                   cache_tokens: int | None = None, chunk_size: int = 256, progress: bool = False):
+                   cache_tokens: int | str | None = None, chunk_size: int = 256, progress: bool = False):
         """Perplexity of ``text`` streamed through a KV cache of policy ``kv_cache`` holding
         ``cache_tokens`` slots. Returns a :class:`~lucidlm.perplexity.PerplexityResult`."""
         from .perplexity import perplexity
@@ -301,7 +302,7 @@ class LLM:
                           progress=progress)
 
     def explain(self, prompt: str | Sequence[int], target: Any = None, method: str = "attnlrp",
-                layers: Any = None, kv_cache: str | None = None, cache_tokens: int | None = None,
+                layers: Any = None, kv_cache: str | None = None, cache_tokens: int | str | None = None,
                 context: Sequence[str] | None = None, options: dict | None = None):
         """Relevance of every prompt token for the next-token prediction (one backward pass).
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, generate, models, \
-    serve, train
+from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, faithfulness, \
+    generate, models, serve, train
 from .commands.checks import check
 from .commands.options import Command, Parser, UsageError
 from .errors import LucidError
@@ -37,7 +37,7 @@ Bad arguments and lucidlm errors exit with status 2 and one line on stderr."""
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     generate.GENERATE, generate.CHAT, explain.EXPLAIN, diff.DIFF, explain_dataset.EXPLAIN_DATASET,
     diff_report.DIFF_REPORT, convert.CONVERT, models.MODELS, convert.DOWNLOAD, train.FINETUNE, train.PRETRAIN,
-    convert.MERGE, serve.SERVE, serve.VIEW, evaluate.EVALUATE, bench.BENCH, cache.CACHE)}
+    convert.MERGE, serve.SERVE, serve.VIEW, evaluate.EVALUATE, faithfulness.FAITHFULNESS, bench.BENCH, cache.CACHE)}
 
 
 def build_parser() -> argparse.ArgumentParser:

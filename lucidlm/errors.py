@@ -60,6 +60,11 @@ class AdapterError(CheckpointError):
     """A LoRA adapter is malformed, uses a feature we cannot load, or does not fit the base model."""
 
 
+class EvaluationError(LucidError, ValueError):
+    """A benchmark evaluation cannot run: lm-evaluation-harness missing, an unknown task, a task
+    directory that does not exist, or a bad option."""
+
+
 class TargetHint(UserWarning):
     """The explained target is probably not the token the user meant (e.g. ``'Paris'`` where the
     model predicts ``' Paris'``): a warning, since the explanation itself is valid."""

@@ -79,7 +79,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
-                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | None = None,
+                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None,
                  chunk_size: int = 256, decoder=None) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (``None`` once that sequence has stopped).
 
@@ -102,7 +102,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     compiled = decoder is not None and spec.is_plain_dense and cache_tokens is None
     if compiled:  # static shapes: capacities rounded up, so that prompts share compiled graphs
         cache_tokens = decoder.capacity(needed, config.block_size)
-    cache_tokens = spec.budget(cache_tokens, needed)
+    cache_tokens = spec.budget(cache_tokens, needed, prompt=longest)  # a share: of the longest prompt
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None

@@ -40,7 +40,7 @@ class PerplexityResult:
 
 
 def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str | PolicySpec = "dense",
-               cache_tokens: int | None = None, chunk_size: int = 256, progress: bool = False) -> PerplexityResult:
+               cache_tokens: int | str | None = None, chunk_size: int = 256, progress: bool = False) -> PerplexityResult:
     """Perplexity of ``token_ids`` under ``model`` (a GPT or an LLM) with cache policy ``kv_cache``
     (a spec's text or a parsed :class:`~lucidlm.cache.spec.PolicySpec`).
 

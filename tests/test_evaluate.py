@@ -1,6 +1,6 @@
 """lucidlm.evaluate: every faithfulness metric against curves computed by hand on a toy model whose
 score is a known linear function of which tokens are present; batching equals one prompt at a
-time on a real GPT; every input form gives the same result; the ``lucidlm evaluate`` command."""
+time on a real GPT; every input form gives the same result; the ``lucidlm faithfulness`` command."""
 
 from __future__ import annotations
 
@@ -290,14 +290,14 @@ def test_plot_needs_a_curve(tmp_path):
 
 def test_doctests():
     from lucidlm import evaluate
-    from lucidlm.commands import evaluate as command
+    from lucidlm.commands import faithfulness as command
     from lucidlm.evaluate import inputs, metrics, plot, result, runs
 
     for module in (evaluate, inputs, metrics, result, plot, runs, command):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
-# ----------------------------------------------------------------------------- lucidlm evaluate DIR
+# ----------------------------------------------------------------------------- lucidlm faithfulness DIR
 @pytest.fixture
 def dataset_dir(tmp_path):
     """A hand-written explain-dataset directory (the format lucidlm.explain.dataset.read_results
@@ -330,7 +330,7 @@ def test_the_evaluate_command_on_a_directory(dataset_dir, tmp_path, capsys):
 
     directory, rows, model_dir = dataset_dir
     out, png = tmp_path / "faith.json", tmp_path / "faith.png"
-    assert main(["evaluate", str(directory), "--model", str(model_dir), "--out", str(out), "--plot", str(png),
+    assert main(["faithfulness", str(directory), "--model", str(model_dir), "--out", str(out), "--plot", str(png),
                  "--replacement", "2"]) == 0
     stdout = capsys.readouterr().out.splitlines()
     assert stdout[0].startswith(f"faithfulness of 4 explanations (attnlrp) in {directory} on model")
@@ -346,13 +346,13 @@ def test_the_evaluate_command_refuses_bad_arguments(dataset_dir, tmp_path, capsy
     from lucidlm.cli import main
 
     directory, _, _ = dataset_dir
-    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert main(["faithfulness", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
-    assert main(["evaluate", str(directory)]) == 2  # the manifest's "model" is a bare folder name
+    assert main(["faithfulness", str(directory)]) == 2  # the manifest's "model" is a bare folder name
     assert "pass --model" in capsys.readouterr().err
-    assert main(["evaluate", str(directory), "--metrics", "deletion,auc"]) == 2
+    assert main(["faithfulness", str(directory), "--metrics", "deletion,auc"]) == 2
     assert "metrics" in capsys.readouterr().err
-    assert main(["evaluate", str(directory), "--out", str(tmp_path / "no" / "x.json")]) == 2
+    assert main(["faithfulness", str(directory), "--out", str(tmp_path / "no" / "x.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -367,7 +367,7 @@ def test_the_model_a_manifest_names():
 
 
 def test_evaluate_and_bench_help_import_no_torch():
-    code = ("import sys\nfrom lucidlm.cli import main\nfor argv in (['evaluate', '--help'], "
+    code = ("import sys\nfrom lucidlm.cli import main\nfor argv in (['faithfulness', '--help'], "
             "['bench', 'faithfulness', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n"
             "        pass\nassert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -84,7 +84,7 @@ def test_rows_equal_single_explanations(llm, data, tiny_lm_dir, tmp_path):
     assert rows[1]["target"] == " four" and rows[2]["target_ids"] == [42]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records"] == 10 and manifest["method"] == "attnlrp" and manifest["format"] == "jsonl"
-    assert manifest["model"] == str(tiny_lm_dir.resolve())  # what --model (and lucidlm evaluate) loads back
+    assert manifest["model"] == str(tiny_lm_dir.resolve())  # what --model (and lucidlm faithfulness) loads back
     assert [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
 
 

@@ -175,16 +175,25 @@ class PolicySpec:
         the packed prefill of a batch work on."""
         return self.is_dense and self.quant is None
 
-    def budget(self, cache_tokens: int | None, needed: int) -> int:
+    def budget(self, cache_tokens: int | str | None, needed: int, prompt: int | None = None) -> int:
         """Slots per layer: ``cache_tokens`` when given, else ``needed`` (what must fit) for a dense
         policy and :data:`DEFAULT_CACHE_TOKENS` for an evicting one.
 
+        ``cache_tokens`` may be a share such as ``"25%"`` (kvpress's compression ratio, as a share
+        kept): it resolves against ``prompt`` (the prompt's length; default ``needed``), rounded up,
+        at least one slot. Budgets are resolved here and nowhere else.
+
         >>> PolicySpec("dense").budget(None, 100), PolicySpec("h2o").budget(None, 100)
         (100, 512)
+        >>> PolicySpec("snapkv").budget("25%", 120, prompt=100), PolicySpec("window").budget("50%", 7)
+        (25, 4)
         """
-        if cache_tokens is not None:
-            return cache_tokens
-        return needed if self.is_dense else DEFAULT_CACHE_TOKENS
+        if cache_tokens is None:
+            return needed if self.is_dense else DEFAULT_CACHE_TOKENS
+        share = parse_share(cache_tokens)
+        if share is None:
+            return int(cache_tokens)
+        return max(1, math.ceil(share * (needed if prompt is None else prompt) - 1e-9))
 
     def __str__(self) -> str:
         known = [p.name for p in TABLE[self.eviction].params] if self.eviction in TABLE else []
@@ -195,6 +204,49 @@ class PolicySpec:
     def value(self, name: str):
         """The parameter's given value, else its table default (None: derived from the budget)."""
         return self.params.get(name, TABLE[self.eviction].param(name).default)
+
+
+def parse_share(cache_tokens: int | str | None) -> float | None:
+    """The share a budget such as ``"25%"`` states, as a fraction in (0, 1]; None for a token count
+    (an int, or text of one). :class:`CacheError` for 0%, over 100%, or text that is neither.
+
+    >>> parse_share("25%"), parse_share(64), parse_share("64")
+    (0.25, None, None)
+    >>> parse_share("150%")
+    Traceback (most recent call last):
+    ...
+    lucidlm.errors.CacheError: cache_tokens='150%': a share must be in (0%, 100%]
+    """
+    if cache_tokens is None or isinstance(cache_tokens, bool):
+        if isinstance(cache_tokens, bool):
+            raise CacheError(f"cache_tokens={cache_tokens!r}: expected a positive integer or a share such as '25%'")
+        return None
+    if isinstance(cache_tokens, int):
+        if cache_tokens < 1:
+            raise CacheError(f"cache_tokens={cache_tokens}: expected a positive integer or a share such as '25%'")
+        return None
+    text = str(cache_tokens).strip()
+    if re.fullmatch(r"\d+", text):
+        return parse_share(int(text))
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
+    if match is None:
+        raise CacheError(f"cache_tokens={cache_tokens!r}: expected a positive integer or a share such as '25%'")
+    share = float(match[1]) / 100
+    if not 0 < share <= 1:
+        raise CacheError(f"cache_tokens={cache_tokens!r}: a share must be in (0%, 100%]")
+    return share
+
+
+def check_budget(cache_tokens: int | str | None) -> int | str | None:
+    """``cache_tokens`` as given when it is a valid budget (None, a positive token count, or a share
+    in (0%, 100%]); a count given as text comes back as an int. Else :class:`CacheError`.
+
+    >>> check_budget("25%"), check_budget("64"), check_budget(None)
+    ('25%', 64, None)
+    """
+    if parse_share(cache_tokens) is not None:
+        return str(cache_tokens).strip().replace(" ", "")
+    return None if cache_tokens is None else int(cache_tokens)
 
 
 def _malformed(text: str) -> CacheError:
@@ -311,8 +363,10 @@ __all__ = [
     "Param",
     "Policy",
     "PolicySpec",
+    "check_budget",
     "check_policy",
     "describe_policies",
     "parse_policy",
+    "parse_share",
     "split_policies",
 ]

@@ -10,7 +10,7 @@ runs.
   sampling) and the :class:`~lucidlm.commands.options.Command` record;
 * :mod:`.checks`: what is checked before anything loads (exit status 2 and one line);
 * :mod:`.generate` (generate, chat), :mod:`.explain`, :mod:`.explain_dataset`, :mod:`.diff`,
-  :mod:`.diff_report`, :mod:`.evaluate`,
+  :mod:`.diff_report`, :mod:`.evaluate` (benchmarks through lm-eval), :mod:`.faithfulness`,
   :mod:`.convert` (convert, download, merge), :mod:`.train` (finetune, pretrain), :mod:`.models`,
   :mod:`.serve` (serve, view), :mod:`.cache`, :mod:`.bench`.
 """

@@ -1,78 +1,149 @@
-"""``lucidlm evaluate DIR``: faithfulness metrics of the explanations ``lucidlm explain-dataset``
-wrote to DIR, measured on the model that made them.
+"""``lucidlm evaluate MODEL --tasks T1,T2 --out DIR``: lm-evaluation-harness benchmarks run on
+lucidlm's own model (:class:`lucidlm.evaluate.harness.LucidLM`), with its adapter, KV-cache
+policy and dtype, as ``litgpt evaluate`` names it. (The faithfulness of explanations is
+``lucidlm faithfulness DIR``.)
 
-The rows come from :func:`lucidlm.explain.dataset.read_results` (record order); the model is
-``--model``, else the one DIR/manifest.json names, else the embedded default
-(:func:`lucidlm.evaluate.runs.model_for`). The table goes to stdout; ``--out`` writes the full
-result as JSON and ``--plot`` the mean curves as a PNG, both atomically. ``lucidlm.evaluate``
-imports torch, so it is imported only when the command runs.
+Writes ``DIR/results.json`` in the harness's own schema (``results[task]["acc,none"]`` ...) with
+the run's ``config`` (model, adapter, policy, budget, dtype), and with ``--log-samples`` one
+``samples_TASK.jsonl`` per task; everything is written to a temporary directory first and moved
+into DIR at the end, so a failed run leaves nothing there. Prints the harness's table.
 
->>> args = EVALUATE.parse(["run", "--steps", "4"])
->>> args.metrics, args.score, args.steps
-('deletion,insertion,comprehensiveness,sufficiency,abpc', 'prob', 4)
+Needs ``pip install lucidlm[eval]``; the harness and torch are imported only when the command runs.
+
+>>> args = EVALUATE.parse(["m", "--tasks", "a,b", "--out", "o", "--cache-tokens", "25%"])
+>>> task_names(args.tasks), args.cache_tokens, args.num_fewshot
+(['a', 'b'], '25%', None)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from ..errors import ExplainError
-from .options import Command, positive, token_id
+from ..errors import EvaluationError
+from .options import Command, Paths, add_cache, add_dtype, non_negative_int, positive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", type=Path, metavar="DIR", help="an explain-dataset output directory")
-    p.add_argument("--metrics", default="deletion,insertion,comprehensiveness,sufficiency,abpc",
-                   help="comma-separated metrics")
-    p.add_argument("--model", default=None, help="the checkpoint that made the explanations (default: the one "
-                                                 "DIR/manifest.json names, else the embedded model)")
-    p.add_argument("--replacement", type=token_id, default=None, metavar="ID",
-                   help="token id that replaces removed tokens (default: the single-space token, else 0)")
-    p.add_argument("--score", default="prob", choices=["prob", "logit"], help="the target's probability or logit")
-    p.add_argument("--steps", type=positive, default=None, help="curve points per prompt (default: every token)")
-    p.add_argument("--keep-first", action="store_true", help="never replace token 0 (often the attention sink)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result as JSON (default: none)")
-    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
-                   help="write the mean deletion/insertion curves as a PNG (default: none)")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="HF directory, .gguf file or hub repo id (default: the embedded model)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
+    p.add_argument("--include-path", type=Path, default=None, metavar="DIR",
+                   help="a directory of task YAML files of your own (default: the harness's tasks only)")
+    p.add_argument("--num-fewshot", type=non_negative_int, default=None, metavar="N",
+                   help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--limit", type=positive, default=None, metavar="N",
+                   help="evaluate only the first N examples of each task (default: all)")
+    p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="requests per forward pass")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each prompt with the checkpoint's chat template")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="a LoRA adapter to evaluate with (default: none)")
+    add_cache(p)
+    add_dtype(p, "the weights' dtype in memory")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where results.json is written")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every sample's prompt, responses and metrics (samples_TASK.jsonl)")
+
+
+def task_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _inputs(args: argparse.Namespace) -> Paths:
+    return [("--include-path", args.include_path), ("--adapter", args.adapter)]
+
+
+def _outputs(args: argparse.Namespace) -> Paths:
+    return [("--out", args.out)]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check every argument, then load the rows and the model and measure."""
-    from ..api import LLM
-    from ..evaluate.metrics import check_metrics, faithfulness
-    from ..evaluate.runs import model_for, read_manifest, replacement_text
-    from ..explain.dataset import read_results
+    """Check the tasks, load the model, run the harness, then write OUT atomically."""
+    from ..evaluate.harness import require_lm_eval
 
-    directory = Path(args.directory)
-    metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
-    _check_inputs(directory, args.out, args.plot)
-    manifest = read_manifest(directory)
-    rows = read_results(directory)
-    llm = LLM.load(model_for(args.model, manifest), progress=True)
-    llm.model.eval()
-    result = faithfulness(llm, rows, metrics=metrics, replacement=args.replacement, score=args.score,
-                          steps=args.steps, keep_first=args.keep_first, progress=True)
-    method = result.method or manifest.get("method") or "unknown method"
-    print(f"faithfulness of {len(rows)} explanations ({method}) in {directory} on {llm.name}: "
-          f"score {args.score}, tokens replaced by {replacement_text(llm.tokenizer, result.replacement)}"
-          + (", token 0 kept" if args.keep_first else ""))
-    print(result.table())
-    if args.out is not None:
-        print(f"wrote {result.save_json(args.out)}", file=sys.stderr)
-    if args.plot is not None:
-        print(f"wrote {result.plot(args.plot)}", file=sys.stderr)
+    names = task_names(args.tasks)
+    if not names:
+        raise EvaluationError("--tasks names no task")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EvaluationError(f"{out}: exists and is not an empty directory (choose a new --out)")
+    lm_eval = require_lm_eval()
+    manager = _task_manager(args.include_path)
+    _check_tasks(manager, names, args.include_path)
+    from ..evaluate.harness import LucidLM
+
+    lm = LucidLM(pretrained=args.model, adapter=args.adapter, kv_cache=args.kv_cache, cache_tokens=args.cache_tokens,
+                 dtype=args.dtype, batch_size=args.batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=manager, log_samples=args.log_samples,
+                                      apply_chat_template=args.apply_chat_template, batch_size=args.batch_size)
+    if results is None:
+        raise EvaluationError("the harness returned no results")
+    results.setdefault("config", {}).update(config_block(lm, args))
+    written = write_results(results, out)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    print(f"wrote {written}", file=sys.stderr)
     return 0
 
 
-def _check_inputs(directory: Path, *outputs: Path | None) -> None:
-    if not directory.is_dir():
-        raise ExplainError(f"{directory}: no such directory (expected the output of lucidlm explain-dataset)")
-    for path in outputs:
-        if path is not None and not Path(path).parent.is_dir():
-            raise ExplainError(f"{path}: the directory {Path(path).parent} does not exist")
+def config_block(lm, args: argparse.Namespace) -> dict:
+    """What results.json records of the run: model, adapter, policy, budget, dtype."""
+    return {"model": str(lm.llm.source or lm.llm.name), "model_name": lm.llm.name,
+            "adapter": None if args.adapter is None else str(args.adapter),
+            "policy": None if lm.policy is None else str(lm.policy), "budget": lm.cache_tokens, "dtype": args.dtype,
+            "batch_size": args.batch_size, "apply_chat_template": args.apply_chat_template}
 
 
-EVALUATE = Command("evaluate", "faithfulness metrics of the explanations lucidlm explain-dataset wrote to DIR",
-                   add_arguments, run)
+def write_results(results: dict, out: Path) -> Path:
+    """``results.json`` (and ``samples_TASK.jsonl``) in ``out``, built in a temporary directory
+    beside it and moved in only when complete."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = results.pop("samples", None) or {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable,
+                                                         ensure_ascii=False) + "\n")
+        for task, rows in samples.items():
+            with open(staging / f"samples_{task}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        if out.is_dir():
+            out.rmdir()  # empty (checked before the run)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "results.json"
+
+
+def _task_manager(include_path: Path | None):
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvaluationError(f"--include-path {include_path}: no such directory")
+    return TaskManager(include_path=None if include_path is None else str(include_path))
+
+
+def _check_tasks(manager, names: list[str], include_path: Path | None) -> None:
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known and not Path(n).is_file()]
+    if unknown:
+        where = f"the harness's tasks or {include_path}" if include_path is not None else "the harness's tasks"
+        raise EvaluationError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                              f"not in {where} (lm-eval ls tasks lists them; --include-path adds your own)")
+
+
+EVALUATE = Command("evaluate", "lm-evaluation-harness benchmarks on lucidlm's own model (adapters, KV-cache "
+                               "policies, dtypes as they run here)", add_arguments, run, inputs=_inputs,
+                   outputs=_outputs, model=lambda args: ("MODEL", args.model))

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_policy
+from ..cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_budget, check_policy
 from ..checkpoints.embedded import FILENAME
 from ..dtypes import MODEL_DTYPES
 from ..errors import CacheError
@@ -170,6 +170,22 @@ def fraction(text: str) -> float:
     return _number(text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
 
 
+def budget(text: str) -> int | str:
+    """A KV-cache budget: tokens per layer, or a share of each prompt such as ``25%``.
+
+    >>> budget("64"), budget("25%")
+    (64, '25%')
+    >>> budget("0%")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: cache_tokens='0%': a share must be in (0%, 100%]
+    """
+    try:
+        return check_budget(text)
+    except CacheError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def policy(text: str) -> str:
     try:
         return check_policy(text)
@@ -194,9 +210,9 @@ def add_cache(p: argparse.ArgumentParser) -> None:
                    help=f"KV-cache policy {GRAMMAR} with NAME one of {policies}, e.g. 'sink(n_sink=8)' or "
                         "'snapkv(window=16)+int8' (default: dense; window, with a note, when only "
                         "--cache-tokens is given)")
-    p.add_argument("--cache-tokens", type=positive, default=None, metavar="N",
+    p.add_argument("--cache-tokens", type=budget, default=None, metavar="N",
                    help=f"KV-cache budget in tokens per layer (default: the context for dense, "
-                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies)")
+                        f"{DEFAULT_CACHE_TOKENS} for the evicting policies), or a share of each prompt such as 25%%")
 
 
 def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:

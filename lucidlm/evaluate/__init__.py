@@ -4,8 +4,11 @@ sufficiency, ABPC) of token attributions, for any explanation method.
 * :func:`faithfulness` (:mod:`lucidlm.evaluate.metrics`): the metrics and their curves;
 * :class:`FaithfulnessResult` (:mod:`lucidlm.evaluate.result`): per-explanation values, means,
   JSON, a table and :meth:`~FaithfulnessResult.plot`;
-* ``lucidlm evaluate DIR`` (:mod:`lucidlm.commands.evaluate`) on an ``explain-dataset`` directory, and
-  ``lucidlm bench faithfulness`` (every method on the same prompts) are built on them.
+* ``lucidlm faithfulness DIR`` (:mod:`lucidlm.commands.faithfulness`) on an ``explain-dataset`` directory, and
+  ``lucidlm bench faithfulness`` (every method on the same prompts) are built on them;
+* :class:`~lucidlm.evaluate.harness.LucidLM` (:mod:`lucidlm.evaluate.harness`, imported on demand: it
+  needs ``pip install lucidlm[eval]``): lm-evaluation-harness on lucidlm's own model, behind
+  ``lucidlm evaluate MODEL --tasks ...``.
 
 >>> from lucidlm.evaluate import faithfulness, METRICS
 >>> METRICS

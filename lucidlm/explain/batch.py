@@ -33,7 +33,7 @@ from .targets import Target, resolve_target
 def explain_batch(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
                   targets: Sequence[Target] | None = None, method: str = "attnlrp",
                   layers: str | Sequence[int] | None = None, objective: str = "logprob",
-                  kv_cache: str | None = None, cache_tokens: int | None = None) -> list[Explanation]:
+                  kv_cache: str | None = None, cache_tokens: int | str | None = None) -> list[Explanation]:
     """One :class:`Explanation` per prompt, as :func:`~lucidlm.explain.explainer.explain` gives
     it, with the prompts explained together in one forward and one backward pass.
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..cache import build_cache, prefill
 from ..cache.base import KVCache, LayerCache, VisibleKeys
+from ..cache.spec import parse_policy
 from ..errors import ExplainError
 from ..methods import METHODS
 from .core import Prompt, check_explainable, explain_prompts
@@ -65,7 +66,7 @@ class Recording(LayerCache):
 
 
 def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
-                   method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | None = None,
+                   method: str = "attnlrp", kv_cache: str = "dense", cache_tokens: int | str | None = None,
                    chunk_size: int = 256, layers: str | Sequence[int] | None = None) -> Explanation:
     """Explain the next-token prediction made through a ``kv_cache`` policy of ``cache_tokens``
     slots (``chunk_size``: the prefill's chunk, between which the policy evicts)."""
@@ -88,7 +89,7 @@ def cached_run(model: nn.Module, ids: list[int], kv_cache: str, cache_tokens: in
     chunks, then the last one as a decode step): per layer ``seen[query, key]``, and the last
     prediction's logits (vocab,), which the replay reproduces."""
     param = next(model.parameters())
-    budget = cache_tokens if cache_tokens is not None else len(ids)
+    budget = len(ids) if cache_tokens is None else parse_policy(kv_cache).budget(cache_tokens, len(ids))
     cache = build_cache(model.config, 1, kv_cache, budget, dtype=param.dtype, device=param.device)
     recording = KVCache([Recording(layer, len(ids)) for layer in cache.layers])
     x = torch.tensor([ids], device=param.device)

@@ -40,7 +40,7 @@ from .targets import Target, TargetSpec, leading_space_hint, resolve_target, tok
 # ----------------------------------------------------------------------------- public API
 def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
             method: str = "attnlrp", layers: str | Sequence[int] | None = None, objective: str = "logprob",
-            kv_cache: str | None = None, cache_tokens: int | None = None,
+            kv_cache: str | None = None, cache_tokens: int | str | None = None,
             options: dict | None = None) -> Explanation:
     """Relevance of every prompt token for ``target`` (one forward + one backward).
 

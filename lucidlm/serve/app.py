@@ -66,7 +66,7 @@ class BodyLimit:
 
 
 def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = None,
-               cache_tokens: int | None = None, api_key: str | None = None, max_queue: int = 16,
+               cache_tokens: int | str | None = None, api_key: str | None = None, max_queue: int = 16,
                max_body_bytes: int = 1 << 20, base: LLM | Callable[[], LLM] | None = None) -> FastAPI:
     """The server's app for ``llm``. ``kv_cache``/``cache_tokens``: the KV-cache policy every
     generation runs with (explanations too, when the request asks for it). ``api_key``: required

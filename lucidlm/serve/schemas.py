@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..cache.spec import check_budget
 from ..methods import check_method
 
 Stop = str | list[str] | None
@@ -116,8 +117,13 @@ class ExplainRequest(BaseModel):
     method: str = "attnlrp"
     layers: bool | Literal["all"] | list[int] = False
     kv_cache: str | None = None
-    cache_tokens: Annotated[int, Field(ge=1)] | None = None
+    cache_tokens: Annotated[int, Field(ge=1)] | str | None = None  # tokens, or a share such as "25%"
     diff: bool = False
+
+    @field_validator("cache_tokens")
+    @classmethod
+    def _budget(cls, value: int | str | None) -> int | str | None:
+        return check_budget(value)  # a CacheError is a ValueError: 0% or over 100% is a 422
 
     @field_validator("method")
     @classmethod

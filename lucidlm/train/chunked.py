@@ -102,7 +102,16 @@ class ChunkedCache:
         if not _positive_int(self.chunk_size):
             raise TrainError(f"chunk_size={self.chunk_size!r}: expected a positive integer (tokens per chunk)")
         if self.cache_tokens is not None and not _positive_int(self.cache_tokens):
-            raise TrainError(f"cache_tokens={self.cache_tokens!r}: expected a positive integer (slots per layer)")
+            from ..cache.spec import parse_share
+            from ..errors import CacheError
+
+            try:
+                share = parse_share(self.cache_tokens) if isinstance(self.cache_tokens, str) else None
+            except CacheError as exc:
+                raise TrainError(str(exc)) from None
+            if share is None:
+                raise TrainError(f"cache_tokens={self.cache_tokens!r}: expected a positive integer (slots per "
+                                 "layer) or a share of each micro-batch such as '25%'")
 
     def budget(self, tokens: int) -> int:
         """Slots per layer for a micro-batch of ``tokens`` tokens."""
