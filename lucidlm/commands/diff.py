@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..methods import METHODS
-from .options import EMBEDDED, Command, Paths, add_dtype, positive, token_id
+from .options import EMBEDDED, Command, Paths, add_dtype, add_target, positive, token_id
 
 DIFF_EPILOG = ("The summary line gives the explained score under both models and its change, the adapter's share "
                "of the tuned relevance (sum|adapter| / (sum|adapter| + sum|base weights|) over the prompt tokens; "
@@ -49,12 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check-base", action="store_true",
                    help="with --adapter: attach it even if it names another base model")
     add_dtype(p, "both models' dtype in memory")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target", default=None, metavar="TEXT",
-                        help="text to explain: one token, or several (explained as a continuation, by its "
-                             "log-prob) (default: the tuned model's top next token)")
-    target.add_argument("--target-id", type=token_id, default=None, metavar="ID",
-                        help="token id to explain (default: the tuned model's top next token)")
+    add_target(p, "the tuned model's")
     contrast = p.add_mutually_exclusive_group()
     contrast.add_argument("--contrast", default=None, metavar="TEXT",
                           help="explain the target's logit minus this token's (a contrast pair; needs --target "

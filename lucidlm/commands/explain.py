@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import Command, Paths, add_cache, add_model, cache_kwargs, load, token_id
+from .options import Command, Paths, add_cache, add_model, add_target, cache_kwargs, load
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -25,12 +25,7 @@ EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explai
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text whose next token is explained")
     add_model(p)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target", default=None, metavar="TEXT",
-                        help="text to explain: one token, or several (explained as a continuation, by its "
-                             "log-prob); --target 7042 is the text '7042' (default: the model's top next token)")
-    target.add_argument("--target-id", type=token_id, default=None, metavar="ID",
-                        help="token id to explain (default: the model's top next token)")
+    add_target(p)
     p.add_argument("--method", default="attnlrp", choices=EXPLAIN_METHODS, help="explanation method")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
     p.add_argument("--keep-first", action="store_true", help="include the first token in the colour scale")

@@ -204,6 +204,17 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p, "the weights' dtype in memory")
 
 
+def add_target(p: argparse.ArgumentParser, whose: str = "the model's") -> None:
+    """``--target TEXT`` / ``--target-id ID``, one of them (``whose``: the model whose top next token
+    is the default target)."""
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", default=None, metavar="TEXT",
+                        help="text to explain: one token, or several (explained as a continuation, by its "
+                             f"log-prob); --target 7042 is the text '7042' (default: {whose} top next token)")
+    target.add_argument("--target-id", type=token_id, default=None, metavar="ID",
+                        help=f"token id to explain (default: {whose} top next token)")
+
+
 def add_cache(p: argparse.ArgumentParser) -> None:
     policies = " | ".join(EVICTIONS)
     p.add_argument("--kv-cache", type=policy, default=None, metavar="POLICY",
