@@ -100,3 +100,42 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "--include-path DIR" in done.stdout and "--log-samples" in done.stdout
     assert done.stderr.count("error") == 2
+
+
+def test_bench_kv_tasks_prints_accuracy_per_policy_and_budget(setup, capsys):
+    """``lucidlm bench kv --tasks``: one row per policy, budget and metric; the dense row equals the
+    harness's own HFLM on the same weights."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tasks = setup
+    assert main(["bench", "kv", "--model", str(model), "--tasks", "lucid_mc", "--include-path", str(tasks),
+                 "--policies", "window,h2o", "--fractions", "0.5", "--limit", "4"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    table = {(r[0].strip(), r[1].strip(), r[3].strip()): float(r[4]) for r in rows[1:]}
+    assert set(table) == {(p, b, m) for p, b in (("dense", "-"), ("window", "50%"), ("h2o", "50%"))
+                          for m in ("acc", "acc_norm")}
+    oracle = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32,device=cpu", tasks=["lucid_mc"],
+                                     limit=4, task_manager=TaskManager(include_path=str(tasks)))
+    assert table[("dense", "-", "acc")] == pytest.approx(oracle["results"]["lucid_mc"]["acc,none"], abs=1e-3)
+
+
+def test_apply_chat_template_matches_the_harness_hflm(setup, tmp_path, capsys):
+    """``--apply-chat-template`` through the whole command: the requests are the chat-formatted ones,
+    scored as the harness's HFLM scores them on the same weights (and unlike the plain run's)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tasks = setup
+    out = tmp_path / "chat"
+    assert main(["evaluate", str(model), "--tasks", "lucid_mc", "--include-path", str(tasks), "--limit", "4",
+                 "--apply-chat-template", "--log-samples", "--out", str(out)]) == 0
+    ours = [json.loads(line) for line in (out / "samples_lucid_mc.jsonl").read_text().splitlines()]
+    oracle = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32,device=cpu",
+                                     tasks=["lucid_mc"], limit=4, apply_chat_template=True, log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tasks)))
+    theirs = oracle["samples"]["lucid_mc"]
+    assert [s["arguments"] for s in ours] == [[list(a) for a in s["arguments"]] for s in theirs]
+    assert "<|im_start|>" in ours[0]["arguments"][0][0]  # the chat template really was applied
+    for a, b in zip(ours, theirs):
+        assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)

@@ -101,6 +101,13 @@ def add_kv(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; dense always runs")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--decode-steps", type=int, default=64, help="greedy steps timed after the text")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-evaluation-harness tasks: print their accuracy with dense and each policy at each "
+                        "fraction of every prompt instead of the perplexity table (needs lucidlm[eval]) "
+                        "(default: none)")
+    p.add_argument("--include-path", type=Path, default=None, metavar="DIR",
+                   help="with --tasks: a directory of your own task YAMLs (default: none)")
+    p.add_argument("--limit", type=int, default=100, help="with --tasks: samples per task")
     _add_device(p)
 
 

@@ -30,6 +30,8 @@ def run(args) -> int:
 
     from . import emit
 
+    if args.tasks is not None:
+        return run_tasks(args)
     try:
         text = load_text(args.text)
         llm = LLM.load(args.model, dtype=args.dtype, device=args.device, progress=True)
@@ -47,6 +49,43 @@ def run(args) -> int:
         emit(line)
     measure(llm.model, ids, policies, fractions, args.chunk_size, args.decode_steps,
             on_row=lambda row: emit(format_row(row)))
+    return 0
+
+
+def run_tasks(args) -> int:
+    """``--tasks``: lm-evaluation-harness accuracy with the dense cache and with every policy at every
+    fraction of each prompt (a budget of ``F%``, resolved per request), one table."""
+    from lucidlm import LLM
+    from lucidlm.cache.spec import split_policies
+    from lucidlm.errors import LucidError
+
+    from . import emit
+
+    try:
+        from lucidlm.evaluate.harness import require_lm_eval, task_manager, task_names
+
+        names = task_names(args.tasks)
+        lm_eval = require_lm_eval()
+        manager = task_manager(names, args.include_path)
+        llm = LLM.load(args.model, dtype=args.dtype, device=args.device, progress=True)
+    except (LucidError, OSError) as exc:
+        print(f"lucidlm bench kv: {exc}")
+        return 1
+    from lucidlm.evaluate.harness import LucidLM
+
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    runs = [("dense", None)] + [(p, f) for f in fractions for p in split_policies(args.policies) if p != "dense"]
+    emit(f"{llm.source}: tasks {', '.join(names)}, {args.limit} samples each, {args.device} {args.dtype}")
+    emit("| policy | budget | task | metric | value |")
+    emit("|---|---:|---|---|---:|")
+    for policy, fraction in runs:
+        budget = None if fraction is None else f"{100 * fraction:g}%"
+        lm = LucidLM(llm, kv_cache=None if policy == "dense" else policy, cache_tokens=budget)
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=args.limit, task_manager=manager)
+        for task, metrics in sorted(results["results"].items()):
+            for metric, value in sorted(metrics.items()):
+                if metric.endswith(",none") and "stderr" not in metric and isinstance(value, float):
+                    emit(f"| {policy} | {budget or '-'} | {task} | {metric.split(',')[0]} | {value:.3f} |")
     return 0
 
 

@@ -11,8 +11,8 @@ into DIR at the end, so a failed run leaves nothing there. Prints the harness's 
 Needs ``pip install lucidlm[eval]``; the harness and torch are imported only when the command runs.
 
 >>> args = EVALUATE.parse(["m", "--tasks", "a,b", "--out", "o", "--cache-tokens", "25%"])
->>> task_names(args.tasks), args.cache_tokens, args.num_fewshot
-(['a', 'b'], '25%', None)
+>>> args.tasks, args.cache_tokens, args.num_fewshot
+('a,b', '25%', None)
 """
 
 from __future__ import annotations
@@ -50,10 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write every sample's prompt, responses and metrics (samples_TASK.jsonl)")
 
 
-def task_names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
 def _inputs(args: argparse.Namespace) -> Paths:
     return [("--include-path", args.include_path), ("--adapter", args.adapter)]
 
@@ -64,17 +60,14 @@ def _outputs(args: argparse.Namespace) -> Paths:
 
 def run(args: argparse.Namespace) -> int:
     """Check the tasks, load the model, run the harness, then write OUT atomically."""
-    from ..evaluate.harness import require_lm_eval
+    from ..evaluate.harness import require_lm_eval, task_manager, task_names
 
     names = task_names(args.tasks)
-    if not names:
-        raise EvaluationError("--tasks names no task")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EvaluationError(f"{out}: exists and is not an empty directory (choose a new --out)")
     lm_eval = require_lm_eval()
-    manager = _task_manager(args.include_path)
-    _check_tasks(manager, names, args.include_path)
+    manager = task_manager(names, args.include_path)
     from ..evaluate.harness import LucidLM
 
     lm = LucidLM(pretrained=args.model, adapter=args.adapter, kv_cache=args.kv_cache, cache_tokens=args.cache_tokens,
@@ -125,23 +118,6 @@ def write_results(results: dict, out: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out / "results.json"
-
-
-def _task_manager(include_path: Path | None):
-    from lm_eval.tasks import TaskManager
-
-    if include_path is not None and not Path(include_path).is_dir():
-        raise EvaluationError(f"--include-path {include_path}: no such directory")
-    return TaskManager(include_path=None if include_path is None else str(include_path))
-
-
-def _check_tasks(manager, names: list[str], include_path: Path | None) -> None:
-    known = set(manager.all_tasks)
-    unknown = [n for n in names if n not in known and not Path(n).is_file()]
-    if unknown:
-        where = f"the harness's tasks or {include_path}" if include_path is not None else "the harness's tasks"
-        raise EvaluationError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-                              f"not in {where} (lm-eval ls tasks lists them; --include-path adds your own)")
 
 
 EVALUATE = Command("evaluate", "lm-evaluation-harness benchmarks on lucidlm's own model (adapters, KV-cache "

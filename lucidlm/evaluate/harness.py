@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -363,3 +364,34 @@ except EvaluationError:
     pass
 
 __all__ = ["EXTRA", "NAME", "LucidLM", "register", "require_lm_eval"]
+
+
+# ----------------------------------------------------------------------------- tasks
+def task_names(text: str) -> list[str]:
+    """``--tasks`` text as task names (an EvaluationError when it names none).
+
+    >>> task_names("arc_easy, hellaswag")
+    ['arc_easy', 'hellaswag']
+    """
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise EvaluationError("--tasks names no task")
+    return names
+
+
+def task_manager(names: list[str], include_path: Path | str | None = None):
+    """The harness's ``TaskManager`` (with the tasks of ``include_path``), after checking that every
+    name is one of its tasks (or a task YAML file): an EvaluationError names the unknown ones."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvaluationError(f"--include-path {include_path}: no such directory")
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known and not Path(n).is_file()]
+    if unknown:
+        where = f"the harness's tasks or {include_path}" if include_path is not None else "the harness's tasks"
+        raise EvaluationError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                              f"not in {where} (lm-eval ls tasks lists them; --include-path adds your own)")
+    return manager
