@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import Command, UsageError
+from .options import Command, UsageError, missing_model
 
 
 def check(args: argparse.Namespace, command: Command) -> list[str]:
@@ -59,8 +59,6 @@ def _check_utf8(text: str | None, what: str) -> None:
 def _check_model(value: str | None, flag: str) -> None:
     if value is None:
         return
-    from ..checkpoints.hub import is_repo_id
-
-    if not Path(value).exists() and not is_repo_id(value):
-        raise UsageError(f"argument {flag}: {value} does not exist (expected an HF directory, a .gguf file "
-                         "or a hub repo id org/name)")
+    problem = missing_model(value)
+    if problem is not None:
+        raise UsageError(f"argument {flag}: {problem}")

@@ -17,23 +17,13 @@ import sys
 from pathlib import Path
 
 from ..methods import METHODS
-from .options import EMBEDDED, Command, Paths, add_dtype, add_target, positive, token_id
+from .options import EMBEDDED, Command, Paths, add_dtype, add_target, hints_as_notes, model_path, positive, token_id
 
 DIFF_EPILOG = ("The summary line gives the explained score under both models and its change, the adapter's share "
                "of the tuned relevance (sum|adapter| / (sum|adapter| + sum|base weights|) over the prompt tokens; "
                "only with --adapter) and the tokens whose relevance changed most. The components whose latent "
                "relevance changed most are in the JSON (both models' layers), for lucidlm diff-report and "
                "ExplanationDiff.components().")
-
-
-def model_path(text: str) -> str:
-    """An argument type: a checkpoint that exists here, or a hub repo id (checked without opening it)."""
-    from ..checkpoints.hub import is_repo_id
-
-    if not Path(text).exists() and not is_repo_id(text):
-        raise argparse.ArgumentTypeError(f"{text} does not exist (expected an HF directory, a .gguf file or a hub "
-                                         "repo id org/name)")
-    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,20 +111,9 @@ def _models(args: argparse.Namespace):
 
 
 def _explain(tuned, base, prompt, target, method: str):
-    """The diff; a hint about the target becomes a note on stderr, not a Python warning."""
-    import warnings
-
-    from ..errors import TargetHint
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TargetHint)
-        diff = tuned.explain_diff(base, prompt, target=target, method=method)
-    for w in caught:
-        if issubclass(w.category, TargetHint):
-            print(f"lucidlm: note: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return diff
+    """The diff; a hint about the target becomes a note on stderr (:func:`hints_as_notes`)."""
+    with hints_as_notes():
+        return tuned.explain_diff(base, prompt, target=target, method=method)
 
 
 def summary(diff, top: int = 5) -> str:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import Command, Paths, add_cache, add_model, add_target, cache_kwargs, load
+from .options import Command, Paths, add_cache, add_model, add_target, cache_kwargs, hints_as_notes, load
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -58,21 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _explain(llm, prompt, target, args: argparse.Namespace):
-    """Explain and print the terminal heatmap; a hint about the target becomes a note on stderr,
-    not a Python warning with file and line."""
-    import warnings
-
-    from ..errors import TargetHint
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TargetHint)
+    """Explain and print the terminal heatmap; a hint about the target becomes a note on stderr after
+    it (:func:`hints_as_notes`)."""
+    with hints_as_notes():
         explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args))
-    print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
-    for w in caught:
-        if issubclass(w.category, TargetHint):
-            print(f"lucidlm: note: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
     return explanation
 
 

@@ -20,8 +20,7 @@ from ..errors import DataError
 from ..explain.dataset import DEFAULT_DIFF_METHOD, DEFAULT_METHOD, FORMATS, Item, check_diff_options, \
     explain_dataset, load_hf_dataset, read_items
 from ..methods import METHODS
-from .diff import model_path
-from .options import Command, Paths, add_cache, add_model, positive
+from .options import Command, Paths, add_cache, add_model, model_path, positive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

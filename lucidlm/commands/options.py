@@ -22,9 +22,12 @@ argparse.ArgumentTypeError: expected a probability in (0, 1], got 1.5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+import sys
+from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..cache.spec import DEFAULT_CACHE_TOKENS, EVICTIONS, GRAMMAR, check_budget, check_policy
@@ -186,6 +189,24 @@ def budget(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def missing_model(value: str) -> str | None:
+    """Why ``value`` cannot be a model (checked without opening it), or None: it must exist here or be
+    a hub repo id."""
+    from ..checkpoints.hub import is_repo_id
+
+    if Path(value).exists() or is_repo_id(value):
+        return None
+    return f"{value} does not exist (expected an HF directory, a .gguf file or a hub repo id org/name)"
+
+
+def model_path(text: str) -> str:
+    """An argument type: a checkpoint that exists here, or a hub repo id (see :func:`missing_model`)."""
+    problem = missing_model(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def policy(text: str) -> str:
     try:
         return check_policy(text)
@@ -269,3 +290,22 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop)
     return kwargs | cache_kwargs(args)
+
+
+@contextlib.contextmanager
+def hints_as_notes() -> Iterator[None]:
+    """Inside the block, a :class:`~lucidlm.errors.TargetHint` (the target is probably not the token
+    the user meant) is collected and printed on exit as one ``lucidlm: note:`` line on stderr, not as
+    a Python warning with file and line; other warnings are shown as usual."""
+    import warnings
+
+    from ..errors import TargetHint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TargetHint)
+        yield
+    for w in caught:
+        if issubclass(w.category, TargetHint):
+            print(f"lucidlm: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
