@@ -138,3 +138,11 @@ def build_tiny_lm(directory, converted_dir, seed: int = 0):
 def tiny_lm_dir(tmp_path_factory, converted):
     """Directory of :func:`build_tiny_lm` (built once per session)."""
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), converted)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """An existing file given as a model: argument errors must exit before it is opened."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path

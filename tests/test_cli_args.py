@@ -54,14 +54,6 @@ def test_help_and_models_import_no_torch(argv):
     assert result["status"] in (0, None) and result["heavy"] == []
 
 
-@pytest.fixture
-def model_file(tmp_path):
-    """An existing file given as --model: argument errors must exit before it is opened."""
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF" + bytes(60))
-    return path
-
-
 @pytest.mark.parametrize("args, needle", [
     (["generate", "--kv-cache", "foo", "x"], "'foo' is not a KV-cache policy; valid: dense, window"),
     (["generate", ""], "the prompt is empty"),

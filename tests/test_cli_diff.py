@@ -46,14 +46,6 @@ def read_diff(path) -> ExplanationDiff:
     return ExplanationDiff.from_dict(json.loads(path.read_text()))
 
 
-@pytest.fixture
-def model_file(tmp_path):
-    """An existing file given as a model: argument errors must exit before it is opened."""
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF" + bytes(60))
-    return path
-
-
 @pytest.mark.parametrize("args, needle", [
     (["diff", "hi", "--base", "{model}"], "one of the arguments --tuned --adapter is required"),
     (["diff", "hi", "--base", "{model}", "--tuned", "{model}", "--adapter", "{tmp}"], "not allowed with argument"),

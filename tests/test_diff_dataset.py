@@ -4,15 +4,12 @@ definitions' (words, components, adapter share, score changes) on diffs made by 
 
 import doctest
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from cli_probe import probe
 from diff_util import make_adapter
+from torchrun_util import TORCHRUN, one_and_two_processes, shard_bytes
 
 from lucidlm import GPT, LLM, Config
 from lucidlm.cli import main
@@ -27,7 +24,6 @@ from lucidlm.explain.explanation import Explanation
 
 pytest.importorskip("peft")
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 RECORDS = [
     {"prompt": "The capital of France is", "id": "france"},
     {"prompt": "One, two, three,", "target": " four"},
@@ -57,10 +53,6 @@ def models(tiny_lm_dir, adapter):
 @pytest.fixture
 def data(tmp_path):
     return write_jsonl(tmp_path / "data.jsonl", RECORDS)
-
-
-def shard_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
 
 
 # ----------------------------------------------------------------------------- explain-dataset --diff-against
@@ -190,16 +182,7 @@ def test_the_commands_end_to_end(tiny_lm_dir, adapter, data, tmp_path, capsys):
 def test_two_processes_write_the_bytes_of_one(tiny_lm_dir, adapter, data, tmp_path):
     args = ["explain-dataset", str(data), "--model", str(tiny_lm_dir), "--adapter", str(adapter),
             "--diff-against", str(tiny_lm_dir), "--shard-size", "2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers: the same kernels, so the same bits
-    try:
-        assert main(args + ["--no-progress", "--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "lucidlm", *args,
-                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = one_and_two_processes(args, tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     assert len(shard_bytes(one)) == 3 and shard_bytes(two) == shard_bytes(one)
     assert (two / "manifest.json").read_bytes() == (one / "manifest.json").read_bytes()

@@ -3,8 +3,6 @@ shards resume, two torchrun processes write the same bytes as one, bad input is 
 
 import doctest
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -12,13 +10,13 @@ import pytest
 import torch
 
 import lucidlm
+from torchrun_util import TORCHRUN, one_and_two_processes, shard_bytes
 from lucidlm.cli import main
 from lucidlm.errors import DataError, ExplainError
 from lucidlm.explain import batch as batch_module
 from lucidlm.explain import dataset as ds
 from lucidlm.explain.dataset import ROW_FIELDS, explain_dataset, read_results
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 CHAT = [{"role": "user", "content": "Name a colour."}]
 RECORDS = [
     {"prompt": "The capital of France is", "id": "france"},
@@ -48,10 +46,6 @@ def llm(tiny_lm_dir):
 @pytest.fixture()
 def data(tmp_path):
     return write_jsonl(tmp_path / "data.jsonl", RECORDS)
-
-
-def shard_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
 
 
 def rel_l2(a, b) -> float:
@@ -240,16 +234,7 @@ def test_hf_dataset_is_never_downloaded(tmp_path, monkeypatch):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_two_processes_write_the_bytes_of_one(tiny_lm_dir, data, tmp_path):
     args = ["explain-dataset", str(data), "--model", str(tiny_lm_dir), "--shard-size", "3", "--batch-size", "2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers: the same kernels, so the same bits
-    try:
-        assert main(args + ["--no-progress", "--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "lucidlm", *args,
-                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = one_and_two_processes(args, tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     assert len(shard_bytes(one)) == 4 and shard_bytes(two) == shard_bytes(one)
     assert (two / "manifest.json").read_bytes() == (one / "manifest.json").read_bytes()

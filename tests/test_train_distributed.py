@@ -3,15 +3,14 @@ full fine-tuning. Two processes with the same global batch follow one process's 
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 
+from torchrun_util import TORCHRUN
+
 from lucidlm.cli import main
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 
 RECORDS = [{"messages": [{"role": "user", "content": f"What is {a} times {b}?"},
