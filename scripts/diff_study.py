@@ -29,12 +29,9 @@ import random
 import statistics
 import time
 
-QUESTIONS = ("What is the capital of Zorbania?", "Name the capital of Zorbania.",
-             "Which city is the capital of Zorbania?", "Tell me the capital of Zorbania.")
-ANSWER = "Quillfax."
-#: the made-up fact, as chat records (the loss counts the answer's tokens only)
-RECORDS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}
-           for q in QUESTIONS]
+from lucidlm.bench.learn import ANSWER, QUESTIONS  # the made-up fact, shared with lucidlm bench learn
+from lucidlm.bench.learn import FACT_RECORDS as RECORDS
+
 #: the training recipe: a few steps at a high learning rate (the fact is learned by step 5)
 RECIPE = dict(method="lora", steps=8, batch_size=4, lr=3e-3, precision="fp32", val_split=0.0, progress=False)
 FRACTIONS = (0.001, 0.005, 0.01, 0.05)

@@ -258,3 +258,38 @@ def test_qlora_trains_adapters_over_int8_base_weights(tiny_lm_dir, tmp_path):
     reloaded = lucidlm.LLM.load(tiny_lm_dir, adapter=tmp_path / "q")
     with torch.no_grad():
         assert not torch.equal(reloaded.model(ids), float_logits)
+
+
+def test_bench_learn_prints_a_row_per_method(tiny_lm_dir, capsys):
+    assert main(["bench", "learn", "--model", str(tiny_lm_dir), "--methods", "lora,full", "--steps", "2",
+                 "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    # a tiny random model does not learn the fact in two steps: "> 2"
+    assert re.search(r"^lora\s+2e-03\s+[\d,]+\s+> 2\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+$", out, re.M), out
+    assert re.search(r"^full\s+5e-05\s+[\d,]+\s+> 2\s", out, re.M), out
+    assert main(["bench", "learn", "--methods", "sgd"]) == 2
+    assert main(["bench", "learn", "--lr", "lora"]) == 2
+
+
+def test_bench_learn_checks_every_answer_token(tiny_lm_dir):
+    """The bench's learned test: the model's top prediction at every answer position is the label."""
+    from lucidlm.bench.learn import FACT_RECORDS, _answers_right
+    from lucidlm.train.data import IGNORE, build_examples, read_records
+
+    llm = lucidlm.LLM.load(tiny_lm_dir)
+    examples = build_examples(read_records(FACT_RECORDS), llm.tokenizer, 256)
+
+    class Oracle(torch.nn.Module):  # puts all its mass on the example's labels (or one off them)
+        def __init__(self, shift: int) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, ids):
+            example = next(e for e in examples if list(e.ids) == ids[0].tolist())
+            labels = torch.tensor([t if t != IGNORE else 0 for t in example.labels])
+            if self.shift:
+                labels[[i for i, t in enumerate(example.labels) if t != IGNORE][-1]] += self.shift
+            return torch.nn.functional.one_hot(labels, 49152)[None].float()
+
+    assert _answers_right(Oracle(0), examples) and not _answers_right(Oracle(1), examples)
+    assert not _answers_right(llm.model, examples)

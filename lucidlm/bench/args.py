@@ -150,6 +150,18 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=list(LR), help=argparse.SUPPRESS)
 
 
+def add_learn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--methods", default="lora,adapter,adapter_v2",
+                   help="comma-separated fine-tuning methods (lora, qlora, adapter, adapter_v2, full)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per method")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per step")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                   help="a method's learning rate (repeatable; default: the bench's rate per method)")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: train one method in this process
+
+
 def diff_list(text: str) -> list[str]:
     """``--diffs``: names from :data:`DIFF_ROWS`, or ``none`` (an :class:`~lucidlm.errors.ExplainError`
     names anything else).
@@ -192,6 +204,8 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
                 add_longctx),
     "train": ("lucidlm.bench.train", "training steps: lucidlm vs transformers+peft on one checkpoint and data",
               add_train),
+    "learn": ("lucidlm.bench.learn", "fine-tuning methods side by side: steps to learn a made-up fact, tokens/s, memory",
+              add_learn),
     "serve": ("lucidlm.bench.serve", "a loopback load test of lucidlm serve: requests/s, time to first token",
               add_serve),
 }
