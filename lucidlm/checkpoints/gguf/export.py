@@ -104,4 +104,4 @@ def _tokenizer(source_meta: dict[str, Any], directory: pathlib.Path | None, arch
         return {k: v for k, v in source_meta.items() if k.startswith("tokenizer.")}
     if directory is None:
         raise ExportError("the model has no tokenizer files: a GGUF file must carry its tokenizer")
-    return tokenizer_keys(pathlib.Path(directory), arch, hf.get("vocab_size", 0))
+    return tokenizer_keys(pathlib.Path(directory), arch, hf)

@@ -95,11 +95,10 @@ def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        "attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"]),
         "attention.key_length": head_dim,
         "attention.value_length": head_dim,
         **_rope_keys(_rope(hf), hf["model_type"]),
-    }
+    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {})
 
 
 def _llama(hf: dict[str, Any]) -> dict[str, Any]:

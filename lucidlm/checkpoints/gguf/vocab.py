@@ -47,9 +47,11 @@ _PRE_BY_HASH = {
 }  # fmt: skip
 
 
-def tokenizer_keys(directory: pathlib.Path, arch: str, vocab_size: int) -> dict[str, Any]:
+def tokenizer_keys(directory: pathlib.Path, arch: str, hf: dict[str, Any]) -> dict[str, Any]:
     """Every ``tokenizer.*`` key for the tokenizer files in ``directory`` (``tokenizer.json`` and
-    ``tokenizer_config.json``, as :class:`lucidlm.tokenizer.Tokenizer` reads them).
+    ``tokenizer_config.json``, as :class:`lucidlm.tokenizer.Tokenizer` reads them); special ids the
+    tokenizer does not name come from the model's ``config.json`` ``hf``, as llama.cpp's SpecialVocab
+    takes them.
 
     Raises:
         ExportError: no ``tokenizer.json``, or a tokenizer model other than BPE.
@@ -65,7 +67,7 @@ def tokenizer_keys(directory: pathlib.Path, arch: str, vocab_size: int) -> dict[
         raise ExportError(f"{path}: a {model.get('type')!r} tokenizer cannot be exported to GGUF; "
                           "supported: BPE (byte-level, or SentencePiece with byte fallback)")
     wrapped = Tokenizer.from_dir(directory)
-    tokens, types = _tokens(data, vocab_size)
+    tokens, types = _tokens(data, hf.get("vocab_size") or 0)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     keys: dict[str, Any]
     if model.get("byte_fallback"):
@@ -77,7 +79,7 @@ def tokenizer_keys(directory: pathlib.Path, arch: str, vocab_size: int) -> dict[
     else:
         keys = {"model": "gpt2", "pre": _pre_tokenizer(data, wrapped, path), "tokens": tokens, "token_type": types,
                 "merges": merges}
-    keys |= _special_keys(wrapped)
+    keys |= _special_keys(wrapped, hf, len(tokens))
     out = {f"tokenizer.ggml.{k}": v for k, v in keys.items()}
     if wrapped.chat_template:
         out["tokenizer.chat_template"] = wrapped.chat_template
@@ -132,16 +134,19 @@ def _pre_tokenizer(data: dict[str, Any], wrapped, path: pathlib.Path) -> str:
                       f"{digest}); supported: {', '.join(sorted(set(_PRE_BY_HASH.values())))}")
 
 
-def _special_keys(wrapped) -> dict[str, Any]:
+def _special_keys(wrapped, hf: dict[str, Any], n_tokens: int) -> dict[str, Any]:
     """Special token ids and whether encode() adds BOS/EOS (what llama.cpp's SpecialVocab writes)."""
     keys: dict[str, Any] = {}
-    for hf, gguf_key in SPECIAL_ID_KEYS.items():
-        token = wrapped.special_tokens.get(hf.removesuffix("_id"))
+    for name, gguf_key in SPECIAL_ID_KEYS.items():
+        token = wrapped.special_tokens.get(name.removesuffix("_id"))
         token_id = wrapped.token_to_id(token) if token else None
-        if hf == "bos_token_id" and wrapped.bos_id is not None:
+        if name == "bos_token_id" and wrapped.bos_id is not None:
             token_id = wrapped.bos_id
-        if hf == "eos_token_id" and wrapped.eos_ids:
+        if name == "eos_token_id" and wrapped.eos_ids:
             token_id = wrapped.eos_ids[0]
+        fallback = hf.get(name)
+        if token_id is None and isinstance(fallback, int) and 0 <= fallback < n_tokens:
+            token_id = fallback
         if token_id is not None:
             keys[gguf_key] = int(token_id)
     ids = wrapped.encode("a")
