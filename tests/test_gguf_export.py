@@ -86,11 +86,14 @@ def _rounded(model, kind: str):
 
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     model = copy.deepcopy(model)
+    # GPT-2's Conv1D stores (in, out): the file's blocks run along the input, so round the transpose
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and "norm" not in name and kind != "f32":
-                array = p.detach().numpy().astype(np.float32)
-                p.copy_(torch.from_numpy(dequantize(quantize(array, qtype), qtype).reshape(array.shape)))
+                array = (p.t() if name in conv1d else p).detach().contiguous().numpy().astype(np.float32)
+                rounded = torch.from_numpy(dequantize(quantize(array, qtype), qtype).reshape(array.shape))
+                p.copy_(rounded.t() if name in conv1d else rounded)
     return model
 
 
