@@ -11,7 +11,7 @@
   for readers that take them (transformers, lucidlm).
 
 >>> _merge_scores(["a", "b", "ab", "abb", "zz"], ["a b", "ab b"])
-[0.0, 0.0, -0.0, -1.0, -7.0]
+[0.0, 0.0, -0.0, -1.0, -6.0]
 """
 
 from __future__ import annotations
