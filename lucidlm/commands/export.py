@@ -29,7 +29,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", choices=_TYPES, default="f16", type=str.lower,
                    help="tensor type: f32 and f16/bf16 keep the weights (norms stay f32); q8_0 and q4_0 are "
                         "llama.cpp's 8- and 4-bit blocks")
-    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to merge in first")
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to merge in first (default: none)")
     p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
     add_model(p)
 
