@@ -91,6 +91,24 @@ class LLM:
                                   "model, and quantise it again after loading")
         return save_model(model, directory, tokenizer_dir=self.tokenizer_dir)
 
+    def export_gguf(self, path: str | Path, type: str = "f16", progress: bool = False) -> Path:
+        """Write the model as one GGUF file that llama.cpp (and ``transformers``, and :meth:`load`)
+        reads: ``type`` is f32, f16, bf16, q8_0 or q4_0; the tokenizer, chat template and
+        ``general.*`` metadata go along; attached LoRA adapters are merged into the written
+        weights. Written atomically. See :mod:`lucidlm.checkpoints.gguf.export`."""
+        import copy
+
+        from .checkpoints.gguf.export import export_gguf
+        from .model.quant import is_quantized
+        from .train.lora import has_lora, merge_lora
+
+        model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
+        if is_quantized(model):
+            raise CheckpointError(f"{self.source}: the model was quantised in memory (int8): export the float "
+                                  "model (export_gguf's type= quantises)")
+        return export_gguf(model, path, type, tokenizer_dir=self.tokenizer_dir, source=self.source,
+                           name=self.name, progress=progress)
+
     @classmethod
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",

@@ -1,5 +1,5 @@
 """The ``lucidlm`` command line: generate, chat, explain, explain-dataset, diff, diff-report, convert,
-models, download, finetune, pretrain, merge, serve, view, evaluate, bench, cache. This module is the
+models, download, finetune, pretrain, merge, export, serve, view, evaluate, bench, cache. This module is the
 parser and ``main`` only; each command lives in :mod:`lucidlm.commands`.
 
 Instant start-up: this module imports neither torch nor a model, so ``--help``, ``lucidlm models``
@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, faithfulness, \
-    generate, models, serve, train
+from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, export, \
+    faithfulness, generate, models, serve, train
 from .commands.checks import check
 from .commands.options import Command, Parser, UsageError
 from .errors import LucidError
@@ -37,7 +37,8 @@ Bad arguments and lucidlm errors exit with status 2 and one line on stderr."""
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     generate.GENERATE, generate.CHAT, explain.EXPLAIN, diff.DIFF, explain_dataset.EXPLAIN_DATASET,
     diff_report.DIFF_REPORT, convert.CONVERT, models.MODELS, convert.DOWNLOAD, train.FINETUNE, train.PRETRAIN,
-    convert.MERGE, serve.SERVE, serve.VIEW, evaluate.EVALUATE, faithfulness.FAITHFULNESS, bench.BENCH, cache.CACHE)}
+    convert.MERGE, export.EXPORT, serve.SERVE, serve.VIEW, evaluate.EVALUATE, faithfulness.FAITHFULNESS, bench.BENCH,
+    cache.CACHE)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,10 @@ class GGUFError(CheckpointError):
     """A GGUF file is malformed or holds an architecture/quantisation we cannot read."""
 
 
+class ExportError(CheckpointError):
+    """A model cannot be written as GGUF: its family or a setting has no GGUF spelling llama.cpp reads."""
+
+
 class TokenizerError(LucidError, ValueError):
     """No usable tokenizer could be built, or a token is not in the vocabulary."""
 

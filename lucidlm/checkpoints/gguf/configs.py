@@ -88,18 +88,21 @@ def phi3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     return config
 
 
-def _layer_types(n_layer: int, every: int) -> list[str]:
+def layer_types(n_layer: int, every: int) -> list[str]:
     """Every ``every``-th layer global, the others sliding (llama.cpp's ``set_swa_pattern``)."""
     return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
 
 
+def gemma_attention_scalar(n_layer: int, hidden: int, heads: int, head_dim: int, layers_27b: int) -> int:
+    """Gemma's ``query_pre_attn_scalar`` as llama.cpp derives it: ``head_dim``, except in the 27B
+    models (recognised by their layer count), which use ``hidden / heads``."""
+    return hidden // heads if n_layer == layers_27b else head_dim
+
+
 def _gemma_config(k: Keys, names: frozenset[str], layers_27b: int) -> dict[str, Any]:
     config = _decoder_config(k, names)
-    # llama.cpp scales attention by 1/sqrt(head_dim), except in the 27B models (recognised by
-    # their layer count), which use 1/sqrt(hidden / heads): Gemma's query_pre_attn_scalar
-    scalar = config["head_dim"]
-    if config["num_hidden_layers"] == layers_27b:
-        scalar = config["hidden_size"] // config["num_attention_heads"]
+    scalar = gemma_attention_scalar(config["num_hidden_layers"], config["hidden_size"],
+                                    config["num_attention_heads"], config["head_dim"], layers_27b)
     return config | {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar}
 
 
@@ -107,7 +110,7 @@ def gemma2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     config = _gemma_config(k, names, layers_27b=46)
     return config | {
         "sliding_window": k.integer("attention.sliding_window", 4096),
-        "layer_types": _layer_types(config["num_hidden_layers"], every=2),
+        "layer_types": layer_types(config["num_hidden_layers"], every=2),
         # llama.cpp's defaults when the keys are absent
         "attn_logit_softcapping": k.number("attn_logit_softcapping", 50.0),
         "final_logit_softcapping": k.number("final_logit_softcapping", 30.0),
@@ -121,7 +124,7 @@ def gemma3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # sliding layers use RoPE base 10000 without scaling (llama.cpp hard-codes both)
     local = {"rope_type": "default", "rope_theta": k.number("rope.freq_base_swa", 10000.0)}
     config |= {
-        "layer_types": _layer_types(config["num_hidden_layers"], every=6 if window > 0 else 1),
+        "layer_types": layer_types(config["num_hidden_layers"], every=6 if window > 0 else 1),
         "rope_parameters": {"sliding_attention": local, "full_attention": config["rope_parameters"]},
         "attn_logit_softcapping": None,
         "final_logit_softcapping": k.number("final_logit_softcapping", None),

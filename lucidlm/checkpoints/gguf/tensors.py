@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ...errors import GGUFError
+from ...errors import ExportError, GGUFError
 from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, llama_config,
                       phi3_config, qwen_config, stablelm_config)
 from .reader import Keys, dequantize, field
@@ -183,6 +183,13 @@ def _hf_name(gguf_name: str, family: GGUFFamily) -> str | None:
     return None
 
 
+def _permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's Q/K row permutation (``LlamaModel.permute``): each head's "two halves" rows
+    become interleaved pairs. :func:`_unpermute_rows` undoes it."""
+    half = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
 def _unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation.
 
@@ -215,6 +222,86 @@ def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
     parts = [q.reshape(n_kv, n_head // n_kv, head_dim, *rest), k.reshape(n_kv, 1, head_dim, *rest),
              v.reshape(n_kv, 1, head_dim, *rest)]
     return torch.cat(parts, dim=1).reshape(value.shape)
+
+
+def _ungroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
+    """llama.cpp's Falcon regrouping: ``[group][q_1..q_r | k | v]`` rows into ``[q; k; v]`` (the
+    inverse of :func:`_regroup_qkv`)."""
+    per_group = value.reshape(n_kv, n_head // n_kv + 2, -1, *value.shape[1:])
+    parts = [per_group[:, :-2].flatten(0, 2), per_group[:, -2].flatten(0, 1), per_group[:, -1].flatten(0, 1)]
+    return torch.cat(parts).reshape(value.shape)
+
+
+def _apply(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -> torch.Tensor:
+    """Do to one tensor what llama.cpp's converter does (the inverse of :func:`_restore`)."""
+    leaf = name.split(".")[-2]
+    if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
+        value = _ungroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    if leaf in family.conv1d and value.ndim == 2:
+        value = value.t()
+    if family.norm_offset and name.endswith("norm.weight"):
+        value = value + family.norm_offset
+    if family.permuted_qk and leaf in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if leaf == "attn_q" else config["num_key_value_heads"]
+        value = _permute_rows(value, heads)
+    return value
+
+
+def _gguf_names(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
+    """Hugging Face name patterns -> GGUF name templates: the family's tables read backwards."""
+    prefix = re.escape(family.layers)
+    pairs = [(re.compile(rf"{prefix}\.(\d+)\.{re.escape(hf)}\.(weight|bias)"), f"blk.{{0}}.{leaf}.{{1}}")
+             for leaf, hf in family.blocks.items()]
+    pairs += [(re.compile(rf"{re.escape(hf)}\.(weight|bias)"), f"{leaf}.{{0}}") for leaf, hf in family.globals.items()]
+    return pairs
+
+
+def gguf_tensors(state: Mapping[str, torch.Tensor], arch: str, config: dict) -> dict[str, torch.Tensor]:
+    """An HF state dict of architecture ``arch`` as llama.cpp's converter writes it: GGUF names, and
+    its changes to the weights (float32 out). Per-head norms are stacked into one tensor. The reader
+    (:func:`convert_tensors`) turns the result back into ``state``.
+
+    Raises:
+        ExportError: a tensor has no GGUF name in this architecture.
+    """
+    base = GGUF_FAMILIES[arch]
+    names = {f"blk.0.{base.variant[0]}.weight"} if base.variant and _has_variant(state, base) else set()
+    family = base.for_names(names)
+    patterns = _gguf_names(family)
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for hf_name, tensor in state.items():
+        if stacked := _per_head(hf_name, family, patterns):  # StableLM's q_layernorm.norms.<head>.weight
+            name, head = stacked
+            stacks.setdefault(name, {})[head] = tensor.detach().float()
+            continue
+        name = _gguf_name(hf_name, patterns)
+        if name is None:
+            raise ExportError(f"tensor {hf_name!r} has no GGUF name in a {arch!r} model")
+        out[name] = _apply(tensor.detach().float(), name, family, config)
+    for name, heads in stacks.items():
+        out[name] = torch.stack([heads[h] for h in sorted(heads)])
+    return out
+
+
+def _has_variant(state: Mapping[str, torch.Tensor], family: GGUFFamily) -> bool:
+    """Whether ``state`` holds the HF module that only the family's variant names (Falcon-40B's ln_attn)."""
+    module = family.blocks[family.variant[0]]
+    return any(f".{module}." in name for name in state)
+
+
+def _per_head(hf_name: str, family: GGUFFamily, patterns) -> tuple[str, int] | None:
+    """``(GGUF name, head)`` of one of the per-head tensors llama.cpp stacks, else None."""
+    match = re.fullmatch(r"(.*)\.(\d+)\.(weight|bias)", hf_name) if family.per_head else None
+    name = match and _gguf_name(f"{match[1]}.{match[3]}", patterns)
+    return (name, int(match[2])) if name and name.split(".")[-2] in family.per_head else None
+
+
+def _gguf_name(hf_name: str, patterns: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in patterns:
+        if match := pattern.fullmatch(hf_name):
+            return template.format(*match.groups())
+    return None
 
 
 def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) -> dict[str, torch.Tensor]:

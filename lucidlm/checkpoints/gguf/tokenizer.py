@@ -31,21 +31,23 @@ _PRE_TOKENIZER_SPLITS = {
     for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")
 }
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-_SPACE = "\u2581"  # SentencePiece's spelling of a space ("▁")
+# llama.cpp token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# transformers' name of each special id -> its GGUF key, ``tokenizer.ggml.<key>``
+SPECIAL_ID_KEYS = {
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "padding_token_id",
+    "unk_token_id": "unknown_token_id",
+}
+SPACE = "\u2581"  # SentencePiece's spelling of a space ("▁")
 # Architectures whose SentencePiece tokenizer differs from Llama's, as transformers rebuilds them.
-_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 def special_ids(meta: dict[str, Any]) -> dict[str, int]:
     """``{"bos_token_id": 1, ...}``: the special token ids the GGUF names, as transformers calls them."""
-    pairs = {
-        "bos_token_id": "bos_token_id",
-        "eos_token_id": "eos_token_id",
-        "pad_token_id": "padding_token_id",
-        "unk_token_id": "unknown_token_id",
-    }
-    return {hf: int(meta[f"tokenizer.ggml.{g}"]) for hf, g in pairs.items() if f"tokenizer.ggml.{g}" in meta}
+    return {hf: int(meta[f"tokenizer.ggml.{g}"]) for hf, g in SPECIAL_ID_KEYS.items() if f"tokenizer.ggml.{g}" in meta}
 
 
 def generation_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -114,12 +116,12 @@ def build_tokenizer(meta: dict[str, Any], path: str | os.PathLike[str] = "<gguf>
     else:
         tokenizer, keep = _sentencepiece_tokenizer(meta, tokens, path)
     types = list(meta.get("tokenizer.ggml.token_type", []))
-    specials = [t for t, ty in zip(tokens, types) if ty == _CONTROL and keep(t)]
+    specials = [t for t, ty in zip(tokens, types) if ty == CONTROL and keep(t)]
     specials += [t for t in _special_tokens(meta).values() if t not in specials and keep(t)]
     # Without these, "<|im_start|>" in text would be cut into pieces instead of kept whole.
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     vocab = tokenizer.get_vocab(with_added_tokens=False)
-    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
+    user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
     tokenizer.post_processor = _post_processor(meta)
     return tokenizer
@@ -165,9 +167,9 @@ def _sentencepiece_tokenizer(meta: dict[str, Any], tokens: list[str], path: str 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     arch = meta.get("general.architecture")
-    gemma = arch in _GEMMA_ARCHS
+    gemma = arch in GEMMA_ARCHS
     if gemma:
-        tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
         ranks = [-float(i) for i in range(len(tokens))]
     else:
         ranks = [float(s) for s in _tokenizer_array(meta, "scores", path)]
@@ -182,15 +184,15 @@ def _sentencepiece_tokenizer(meta: dict[str, Any], tokens: list[str], path: str 
         merges = _merges_from_ranks(tokens, ranks, vocab)
     unk = _special_tokens(meta).get("unk_token", "<unk>") if gemma else None
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma:
-        tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+        tokenizer.normalizer = normalizers.Replace(" ", SPACE)
         tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     elif arch == "phi3":
-        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
         steps.append(decoders.Strip(content=" ", left=1))
     else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
         steps.append(decoders.Strip(content=" ", left=1))
     tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer, lambda token: True

@@ -1,0 +1,222 @@
+"""A Hugging Face ``config.json`` as the ``{arch}.*`` metadata llama.cpp's ``convert_hf_to_gguf.py``
+writes: the inverse of :mod:`~.configs`, which reads those keys back into the same config.
+
+Which GGUF architecture a model becomes comes from :data:`~.tensors.GGUF_FAMILIES` (each family's
+``model_type``; Mistral is exported as ``llama``, as llama.cpp does). A setting that llama.cpp
+cannot express (YaRN or Llama-3 RoPE scaling, a Gemma attention scale other than the one llama.cpp
+derives from the layer count, a layer pattern it does not know) is an :class:`ExportError` rather
+than a file that computes something else.
+
+>>> hf = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+...       "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+>>> gguf_architecture(hf), architecture_keys(hf, "gpt2")["feed_forward_length"]
+('gpt2', 256)
+>>> gguf_architecture({"model_type": "bert"})
+Traceback (most recent call last):
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3, stablelm
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import ExportError
+from .configs import gemma_attention_scalar, layer_types
+from .tensors import GGUF_FAMILIES
+
+# model types llama.cpp's converter writes as another family's architecture
+_ALIASES = {"mistral": "llama"}
+
+
+def _architectures() -> dict[str, str]:
+    return {family.model_type: arch for arch, family in GGUF_FAMILIES.items()} | _ALIASES
+
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(_architectures()))
+
+
+def gguf_architecture(hf: dict[str, Any]) -> str:
+    """The GGUF ``general.architecture`` of an HF config; ExportError naming the supported list."""
+    model_type = hf.get("model_type")
+    arch = _architectures().get(model_type)
+    if arch is None:
+        raise ExportError(f"a {model_type!r} model cannot be exported to GGUF; supported model types: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return arch
+
+
+def architecture_keys(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """``{arch}.<name>`` values (names without the ``{arch}.`` prefix) for an HF config."""
+    return _BUILDERS[arch](hf)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings in transformers 5's ``rope_parameters`` spelling, from either spelling."""
+    params = dict(hf.get("rope_parameters") or {})
+    old = hf.get("rope_scaling") or {}
+    params.setdefault("rope_type", old.get("rope_type", old.get("type", "default")))
+    if "factor" in old:
+        params.setdefault("factor", old["factor"])
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if "partial_rotary_factor" in hf:
+        params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+    return params
+
+
+def _rope_keys(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """``rope.freq_base`` and, for linear scaling, ``rope.scaling.*``: what :mod:`.configs` reads."""
+    keys = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        keys |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])}
+    elif kind != "default":
+        raise ExportError(f"a {model!r} model with {kind!r} RoPE scaling cannot be exported to GGUF: lucidlm "
+                          "reads back only unscaled or linear RoPE")
+    return keys
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def _head_dim(hf: dict[str, Any]) -> int:
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
+    """The keys every RoPE decoder family writes alike (``TextModel.set_gguf_parameters``)."""
+    heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
+    return {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hf["hidden_size"],
+        "block_count": hf["num_hidden_layers"],
+        "feed_forward_length": hf["intermediate_size"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        **_rope_keys(_rope(hf), hf["model_type"]),
+    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {})
+
+
+def _llama(hf: dict[str, Any]) -> dict[str, Any]:
+    return _decoder(hf) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+
+
+def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("use_sliding_window"):
+        raise ExportError(f"a {hf['model_type']!r} model with use_sliding_window=true cannot be exported to GGUF: "
+                          "llama.cpp runs Qwen without a sliding window")
+    return _decoder(hf)
+
+
+def _phi3(hf: dict[str, Any]) -> dict[str, Any]:
+    keys = _decoder(hf)
+    del keys["attention.key_length"], keys["attention.value_length"]  # llama.cpp derives them
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    rotary = int(_rope(hf).get("partial_rotary_factor", 1.0) * head_dim)
+    return keys | {"rope.dimension_count": rotary, "attention.sliding_window": hf.get("sliding_window") or 0}
+
+
+def _check_gemma_scale(hf: dict[str, Any], layers_27b: int) -> None:
+    expected = gemma_attention_scalar(hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"],
+                                      _head_dim(hf), layers_27b)
+    if hf.get("query_pre_attn_scalar", expected) != expected:
+        raise ExportError(f"a {hf['model_type']!r} model with query_pre_attn_scalar={hf['query_pre_attn_scalar']} "
+                          f"cannot be exported to GGUF: llama.cpp scales attention by 1/sqrt({expected}) for this "
+                          "shape")
+
+
+def _check_layers(hf: dict[str, Any], expected: list[str]) -> None:
+    found = hf.get("layer_types")
+    if found is not None and list(found) != expected:
+        raise ExportError(f"a {hf['model_type']!r} model with layer_types={found} cannot be exported to GGUF: "
+                          f"llama.cpp knows only the pattern {expected}")
+
+
+def _gemma2(hf: dict[str, Any]) -> dict[str, Any]:
+    _check_gemma_scale(hf, layers_27b=46)
+    _check_layers(hf, layer_types(hf["num_hidden_layers"], every=2))
+    return _decoder(hf) | {
+        "attn_logit_softcapping": float(hf.get("attn_logit_softcapping") or 50.0),
+        "final_logit_softcapping": float(hf.get("final_logit_softcapping") or 30.0),
+        "attention.sliding_window": hf["sliding_window"],
+    }
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """(global RoPE, local base) from transformers 5's per-layer-type parameters or the older keys."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:
+        return params["full_attention"], params.get("sliding_attention", {}).get("rope_theta", 10000.0)
+    return _rope(hf), hf.get("rope_local_base_freq", 10000.0)
+
+
+def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
+    _check_gemma_scale(hf, layers_27b=62)
+    n_layer = hf["num_hidden_layers"]
+    sliding = "sliding_attention" in (hf.get("layer_types") or ["sliding_attention"])
+    _check_layers(hf, layer_types(n_layer, every=6 if sliding else 1))
+    if hf.get("attn_logit_softcapping") is not None:
+        raise ExportError("a 'gemma3' model with attn_logit_softcapping cannot be exported to GGUF: llama.cpp "
+                          "runs Gemma 3 without it")
+    full, local = _gemma3_rope(hf)
+    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith("rope.")}
+    keys |= _rope_keys(full, "gemma3") | {"rope.freq_base_swa": float(local)}
+    if sliding:
+        keys["attention.sliding_window"] = hf["sliding_window"]
+    if hf.get("final_logit_softcapping") is not None:
+        keys["final_logit_softcapping"] = float(hf["final_logit_softcapping"])
+    return keys
+
+
+def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith("attention.")}
+    return keys | {
+        "rope.dimension_count": int(_rope(hf).get("partial_rotary_factor", 0.25) * head_dim),
+        "attention.head_count": hf["num_attention_heads"],
+        "attention.head_count_kv": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "use_parallel_residual": bool(hf.get("use_parallel_residual", False)),
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+    }
+
+
+def _gpt2(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ExportError(f"a 'gpt2' model with activation_function={hf['activation_function']!r} cannot be "
+                          "exported to GGUF: llama.cpp runs GPT-2 with gelu_new")
+    return {
+        "block_count": hf["n_layer"],
+        "context_length": hf["n_positions"],
+        "embedding_length": hf["n_embd"],
+        "feed_forward_length": hf.get("n_inner") or 4 * hf["n_embd"],
+        "attention.head_count": hf["n_head"],
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
+    }
+
+
+def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
+    new = bool(hf.get("new_decoder_architecture"))
+    if hf.get("alibi") or not hf.get("parallel_attn", True) or not (new or hf.get("multi_query", True)):
+        raise ExportError("a 'falcon' model with ALiBi, a sequential block or multi-head KV (falcon-rw) cannot be "
+                          "exported to GGUF: lucidlm reads back RoPE Falcons with parallel blocks only")
+    hidden = hf["hidden_size"]
+    return {
+        "context_length": hf.get("max_position_embeddings") or 2048,
+        "embedding_length": hidden,
+        "feed_forward_length": hf.get("ffn_hidden_size") or 4 * hidden,
+        "block_count": hf["num_hidden_layers"],
+        "attention.head_count": hf["num_attention_heads"],
+        "attention.head_count_kv": hf["num_kv_heads"] if new else 1,
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
+        **_rope_keys(_rope(hf), "falcon"),
+    }
+
+
+_BUILDERS = {
+    "llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
+    "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
+}  # fmt: skip
