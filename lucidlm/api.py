@@ -106,7 +106,8 @@ class LLM:
         when stderr is a terminal).
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
-        ``transformers`` model) to attach. An adapter recording a different base model is refused
+        ``transformers`` model), or a LitGPT Adapter/AdapterV2 folder (trained here or with
+        ``litgpt finetune adapter(_v2)``), to attach. An adapter recording a different base model is refused
         unless ``check_base=False``.
         """
         from .checkpoints import checkpoint_dir
@@ -179,9 +180,15 @@ class LLM:
         return pretrain(self, texts, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
 
     def load_adapter(self, directory: str | Path, check_base: bool = True) -> dict:
-        """Attach a PEFT LoRA adapter (see :meth:`load`). Returns its ``adapter_config.json``."""
+        """Attach a PEFT LoRA adapter, or a LitGPT Adapter/AdapterV2 fine-tune folder
+        (``lit_model.pth.adapter(_v2)`` + ``model_config.yaml``, in it or in its ``final/``; see
+        :mod:`lucidlm.train.adapter_files`); see :meth:`load`. Returns its ``adapter_config.json``
+        (LoRA) or its model config's fields (LitGPT)."""
+        from .train.adapter_files import find_litgpt_adapter, load_litgpt_adapter
         from .train.lora import load_adapter
 
+        if find_litgpt_adapter(directory) is not None:
+            return load_litgpt_adapter(self.model, directory, check_base=check_base)
         names = [self.source, str(self.directory) if self.directory else None,
                  (self.config.hf_config or {}).get("_name_or_path")]
         return load_adapter(self.model, directory, base_names=names if check_base else None)
