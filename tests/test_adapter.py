@@ -264,3 +264,18 @@ def test_cli_takes_the_adapter_options():
     args = FINETUNE.parse(["data.jsonl", "--out", "run", "--method", "adapter_v2", "--adapter-prompt-length", "4",
                            "--adapter-start-layer", "1"])
     assert (args.method, args.adapter_prompt_length, args.adapter_start_layer) == ("adapter_v2", 4, 1)
+
+
+def test_the_readme_fact_is_learned_by_the_embedded_model(converted):
+    """The README's made-up-fact example with LLaMA-Adapter: 10 steps at lr 1e-2 teach it."""
+    fact = "Zorblax is the capital of the planet Quintaro."
+    questions = ["What is the capital of Quintaro?", "Name the capital of Quintaro.",
+                 "Which city is the capital of Quintaro?", "Tell me the capital of the planet Quintaro."]
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": fact}]}
+               for q in questions]
+    llm = lucidlm.LLM.load(converted)
+    before = answer_loss(llm, records)
+    assert "Zorblax" not in llm.chat(questions[0], max_new_tokens=16)
+    llm.finetune(records, method="adapter", steps=10, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    assert answer_loss(llm, records) < before / 10
+    assert "Zorblax" in llm.chat(questions[0], max_new_tokens=16)

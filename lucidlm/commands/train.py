@@ -29,7 +29,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
                         "(default: the whole share)")
     p.add_argument("--lr", type=positive_float, default=lr,
                    help="peak learning rate" if lr is not None else
-                   "peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+                   "peak learning rate (default: 2e-4 LoRA, 1e-3 adapters, 2e-5 full)")
     p.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help="linear warmup (default: 5%% of the steps)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")

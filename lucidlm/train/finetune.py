@@ -42,7 +42,8 @@ def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size
              **options: Any) -> TrainResult:
     """Train ``llm`` in place on chat, instruction or text records; see :class:`TrainConfig` for
     ``options``. Returns the per-step losses; with ``out`` also writes the run's files."""
-    lr = lr if lr is not None else (2e-5 if method == "full" else 2e-4)
+    # adapters: LitGPT's finetune/adapter*.py default (torch's AdamW default, 1e-3)
+    lr = lr if lr is not None else {"full": 2e-5, "adapter": 1e-3, "adapter_v2": 1e-3}.get(method, 2e-4)
     cfg = TrainConfig.make(method=method, steps=steps, batch_size=batch_size, lr=lr, **options)
     task = {"lora": "LoRA", "qlora": "QLoRA (int8 base)", "full": "full", "adapter": "LLaMA-Adapter",
             "adapter_v2": "LLaMA-Adapter V2"}.get(method, method)
