@@ -83,8 +83,10 @@ class LLM:
 
         from .checkpoints import save_model
         from .model.quant import is_quantized
+        from .train.adapter import refuse_unmergeable
         from .train.lora import has_lora, merge_lora
 
+        refuse_unmergeable(self.model, "save")
         model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
         if is_quantized(model):  # an adapter's merge turns its int8 base back into float; plain int8 stays
             raise CheckpointError(f"{self.source}: the model was quantised in memory (int8): save the float "
@@ -229,9 +231,12 @@ class LLM:
         return self
 
     def merge_adapter(self) -> "LLM":
-        """Fold attached LoRA adapters into the base weights (faster inference; saveable)."""
+        """Fold attached LoRA adapters into the base weights (faster inference; saveable). A
+        LLaMA-Adapter cannot be folded (its prefix attention has no weight to go into): AdapterError."""
+        from .train.adapter import refuse_unmergeable
         from .train.lora import merge_lora
 
+        refuse_unmergeable(self.model, "merge")
         merge_lora(self.model)
         return self
 

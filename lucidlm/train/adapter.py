@@ -245,6 +245,16 @@ def merge_adapter(model: nn.Module) -> list[str]:
     return left
 
 
+def refuse_unmergeable(model: nn.Module, action: str) -> None:
+    """AdapterError when ``model`` carries a LLaMA-Adapter: ``action`` (save, merge) would need its
+    prefix folded into the weights, which cannot be done."""
+    version = adapter_version(model)
+    if version is not None:
+        raise AdapterError(f"cannot {action} a model with a LLaMA-Adapter ({version}): its prefix attention cannot be "
+                           "merged into the weights; keep the adapter folder and load it onto the base "
+                           "(LLM.load(base, adapter=DIR))")
+
+
 def _fold(module: AdapterV2Linear, tied: bool) -> bool:
     scale, bias = module.adapter_scale.detach(), module.adapter_bias.detach()
     if (module.bias is None and bool(bias.any())) or (tied and not bool((scale == 1).all())):
@@ -260,4 +270,4 @@ def _fold(module: AdapterV2Linear, tied: bool) -> bool:
 
 __all__ = ["AdapterV2Linear", "PrefixAttention", "adapter_settings", "adapter_state", "adapter_version",
            "attach_adapter", "has_adapter", "is_adapter_parameter", "mark_trainable", "merge_adapter",
-           "prefix_layers", "v2_targets"]
+           "prefix_layers", "refuse_unmergeable", "v2_targets"]

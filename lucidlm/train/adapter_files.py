@@ -283,6 +283,8 @@ def load_litgpt_adapter(model: nn.Module, directory: str | Path, check_base: boo
     prompt_length, start_layer = _settings(state, fields, path, len(model.layers))
     attach_adapter(model, version, prompt_length, start_layer)
     _copy_in(model, state, path)
+    for p in model.parameters():  # loaded to be used: frozen (finetune marks the adapter trainable again)
+        p.requires_grad_(False)
     return {**fields, "adapter_prompt_length": prompt_length, "adapter_start_layer": start_layer,
             "version": version}
 
