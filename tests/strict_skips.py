@@ -4,7 +4,8 @@ a failure, except the few named in :data:`ALLOWED_SKIPS`.
 Every other skip in the suite means the environment lacks something the suite needs: an optional
 test dependency (``pytest.importorskip``: gguf, transformers, accelerate, openai, httpx, peft,
 pexpect, pyarrow, datasets, hypothesis, tokenizers, playwright), a tool (Debian's chromium, node,
-a C++ compiler, torchrun), torchvision in ``.venv-torchvision``, or the embedded SmolLM2 model. On
+a C++ compiler, torchrun), torchvision in ``.venv-torchvision``, LitGPT in ``.venv-litgpt``, or the
+embedded SmolLM2 model. On
 a developer's machine those skip, so that a partial setup still runs what it can; in CI they would
 make a broken setup look green, so there they fail, with the skip's own reason.
 

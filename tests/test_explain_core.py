@@ -95,7 +95,7 @@ def test_every_baseline_name_has_its_function():
 def test_training_methods_have_their_own_name():
     from lucidlm.train import loop
 
-    assert loop.TRAIN_METHODS == ("lora", "qlora", "full") and not hasattr(loop, "METHODS")
+    assert loop.TRAIN_METHODS == ("lora", "qlora", "full", "adapter", "adapter_v2") and not hasattr(loop, "METHODS")
 
 
 # ----------------------------------------------------------------------------- the core

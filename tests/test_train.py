@@ -151,7 +151,7 @@ def test_pretraining_from_scratch_memorises_a_text(tiny_lm_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("options, message", [
-    (dict(method="qlora-9000"), "method='qlora-9000': expected one of lora, qlora, full"),
+    (dict(method="qlora-9000"), "method='qlora-9000': expected one of lora, qlora, full, adapter, adapter_v2"),
     (dict(steps=0), "steps=0: expected a positive integer"),
     (dict(lr=-1.0), "lr=-1.0: expected a positive number"),
     (dict(precision="fp8"), "precision='fp8'"),

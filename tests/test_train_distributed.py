@@ -1,5 +1,5 @@
 """``torchrun --nproc-per-node 2 -m lucidlm finetune`` (gloo on these CPUs): DDP for LoRA, FSDP2 for
-full fine-tuning. Two processes with the same global batch follow one process's loss trajectory."""
+full fine-tuning, DDP for LitGPT's AdapterV2. Two processes with the same global batch follow one process's loss trajectory."""
 
 import json
 import os
@@ -25,13 +25,20 @@ def losses(out):
     return [e["loss"] for e in log if "loss" in e], [e["val_loss"] for e in log if "val_loss" in e]
 
 
-@pytest.mark.parametrize("method, engine", [("lora", "DDP"), ("full", "FSDP2")])
+#: per method: its extra options, and the file its result is
+EXTRA = {"lora": ([], "adapter_model.safetensors"), "full": ([], "model.safetensors"),
+         "adapter_v2": (["--adapter-start-layer", "0", "--adapter-prompt-length", "4", "--lr", "5e-2"],
+                        "lit_model.pth.adapter_v2")}
+
+
+@pytest.mark.parametrize("method, engine", [("lora", "DDP"), ("full", "FSDP2"), ("adapter_v2", "DDP")])
 def test_two_processes_follow_one(method, engine, tiny_lm_dir, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    extra, result = EXTRA[method]
     args = ["finetune", str(data), "--model", str(tiny_lm_dir), "--method", method, "--steps", "4",
             "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32", "--val-split", "0.15",
-            "--eval-every", "2", "--no-progress"]
+            "--eval-every", "2", "--no-progress", *extra]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "lucidlm", *args,
@@ -41,7 +48,6 @@ def test_two_processes_follow_one(method, engine, tiny_lm_dir, tmp_path):
     assert len(one[0]) == 4 and len(one[1]) == 2
     assert two[0] == pytest.approx(one[0], rel=1e-5) and two[1] == pytest.approx(one[1], rel=1e-5)
     assert one[0][-1] < one[0][0]
-    result = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (tmp_path / "two" / result).is_file()
     assert run.stderr.count("trained 4 steps") == 1  # only rank 0 reports (and writes)
 

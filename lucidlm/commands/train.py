@@ -1,4 +1,4 @@
-"""``lucidlm finetune`` (LoRA, QLoRA or full fine-tuning on chat / instruction / text JSONL) and
+"""``lucidlm finetune`` (LoRA, QLoRA, LLaMA-Adapter (V2) or full fine-tuning on chat / instruction / text JSONL) and
 ``lucidlm pretrain`` (next-token training of all weights on raw text). Under ``torchrun`` every
 process runs the command; the process group is left before it returns.
 
@@ -29,7 +29,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
                         "(default: the whole share)")
     p.add_argument("--lr", type=positive_float, default=lr,
                    help="peak learning rate" if lr is not None else
-                   "peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+                   "peak learning rate (default: 2e-4 LoRA, 1e-3 adapters, 2e-5 full)")
     p.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help="linear warmup (default: 5%% of the steps)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
@@ -54,14 +54,18 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
 def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="JSONL: {messages}, {instruction, input, output} or {text} per line")
     p.add_argument("--method", default="lora", choices=TRAIN_METHODS,
-                   help="qlora: LoRA over int8 base weights")
+                   help="qlora: LoRA over int8 base weights; adapter/adapter_v2: LitGPT's LLaMA-Adapter (V2)")
     add_model(p)
     p.add_argument("--adapter", type=Path, default=None,
-                   help="continue training this LoRA adapter (default: a new adapter)")
+                   help="continue training this LoRA or LitGPT adapter (default: a new adapter)")
     p.add_argument("--lora-r", type=positive, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scale numerator (scale = alpha / r)")
     p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linear layers)")
+    p.add_argument("--adapter-prompt-length", type=positive, default=10, metavar="N",
+                   help="--method adapter/adapter_v2: learned prefix tokens per layer")
+    p.add_argument("--adapter-start-layer", type=non_negative_int, default=2, metavar="N",
+                   help="--method adapter/adapter_v2: the first layer with a prefix")
     p.add_argument("--prompt-style", default="auto", choices=PROMPT_STYLES,
                    help="instruction records: the chat template (auto, when there is one) or the Alpaca prompt")
     add_cache(p)  # train through a bounded KV cache, in chunks (lucidlm/train/chunked.py)
@@ -77,7 +81,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     return _train(lambda: llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                       lora_targets=targets, prompt_style=args.prompt_style,
+                                       lora_targets=targets, adapter_prompt_length=args.adapter_prompt_length,
+                                       adapter_start_layer=args.adapter_start_layer, prompt_style=args.prompt_style,
                                        **cache_kwargs(args), chunk_size=args.chunk_size,
                                        **_training_options(args)))
 

@@ -117,8 +117,13 @@ def check(model: nn.Module, tokens: int = 8, seed: int = 0, tolerance: float = 1
     return CheckReport(float(logit.detach()), total, deepest, len(probe.relevance_in))
 
 
+#: parameters that add to what a module computes whatever its input, and so absorb relevance as a
+#: bias does: biases, and LLaMA-Adapter's learned prefix and AdapterV2's bias (lucidlm.train.adapter)
+_ABSORBING = ("bias", "adapter_bias", "adapter_wte.weight")
+
+
 def _is_bias(name: str) -> bool:
-    return name == "bias" or name.endswith(".bias")
+    return any(name == leaf or name.endswith("." + leaf) for leaf in _ABSORBING)
 
 
 class _Probe:

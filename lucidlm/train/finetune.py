@@ -6,7 +6,8 @@ A run writes into ``out``:
   ``tokens_per_s``, ``grad_norm``) and one per evaluation (``step``, ``val_loss``);
 * ``loss.png``: the loss curve;
 * ``checkpoint/``: what ``resume=True`` continues from;
-* the result: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for LoRA, or
+* the result: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for LoRA,
+  LitGPT's ``lit_model.pth.adapter(_v2)`` + ``model_config.yaml`` for ``adapter``/``adapter_v2``, or
   a whole checkpoint directory (Hugging Face layout when the model has an HF config, else
   lucidlm's own) for full fine-tuning and pretraining.
 
@@ -27,10 +28,11 @@ from typing import Any
 
 import torch
 
-from ..errors import TrainError
+from ..errors import AdapterError, TrainError
 from . import data as datamod
 from .distributed import World, full_state, setup, uses_fsdp
 from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult, default_max_seq_length, mean_loss
+from .names import ADAPTER_METHODS
 
 Data = str | Path | Sequence[dict[str, Any]]
 
@@ -40,9 +42,11 @@ def finetune(llm, data: Data, method: str = "lora", steps: int = 100, batch_size
              **options: Any) -> TrainResult:
     """Train ``llm`` in place on chat, instruction or text records; see :class:`TrainConfig` for
     ``options``. Returns the per-step losses; with ``out`` also writes the run's files."""
-    lr = lr if lr is not None else (2e-5 if method == "full" else 2e-4)
+    # adapters: LitGPT's finetune/adapter*.py default (torch's AdamW default, 1e-3)
+    lr = lr if lr is not None else {"full": 2e-5, "adapter": 1e-3, "adapter_v2": 1e-3}.get(method, 2e-4)
     cfg = TrainConfig.make(method=method, steps=steps, batch_size=batch_size, lr=lr, **options)
-    task = {"lora": "LoRA", "qlora": "QLoRA (int8 base)", "full": "full"}.get(method, method)
+    task = {"lora": "LoRA", "qlora": "QLoRA (int8 base)", "full": "full", "adapter": "LLaMA-Adapter",
+            "adapter_v2": "LLaMA-Adapter V2"}.get(method, method)
     return _run(llm, data, cfg, out, on_step, task=f"{task} fine-tuning")
 
 
@@ -81,6 +85,7 @@ def text_records(texts: Sequence[str] | Data) -> list[dict[str, Any]] | str | Pa
 
 
 def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, task: str) -> TrainResult:
+    from .adapter import has_adapter
     from .lora import attach_lora, has_lora
 
     world = setup()
@@ -112,6 +117,8 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(cfg.seed)
     if cfg.method in ("lora", "qlora"):
+        if has_adapter(model):
+            raise TrainError(f"method={cfg.method!r} on a model with a LLaMA-Adapter: load the base model again")
         if not has_lora(model):
             if cfg.method == "qlora":
                 from ..model.quant import quantize_linears
@@ -120,9 +127,11 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
             attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
+    elif cfg.method in ADAPTER_METHODS:
+        _prepare_adapter(model, cfg)
     else:
-        if has_lora(model):
-            raise TrainError("method='full' on a model with a LoRA adapter: merge it first (lucidlm merge)")
+        if has_lora(model) or has_adapter(model):
+            raise TrainError("method='full' on a model with an adapter: merge it first (lucidlm merge)")
         for p in model.parameters():
             p.requires_grad_(True)
     signature = cfg.signature() | {"data": datamod.fingerprint(records), "examples": len(examples)}
@@ -139,6 +148,26 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
     return result
 
 
+def _prepare_adapter(model, cfg: TrainConfig) -> None:
+    """Attach the LLaMA-Adapter ``cfg.method`` names (or continue training the one attached with
+    the same settings); only its parameters train."""
+    from .adapter import adapter_settings, adapter_version, attach_adapter, has_adapter, mark_trainable
+    from .lora import has_lora
+
+    if has_lora(model):
+        raise TrainError(f"method={cfg.method!r} on a model with a LoRA adapter: merge it first (lucidlm merge)")
+    wanted = (cfg.method, cfg.adapter_prompt_length, cfg.adapter_start_layer)
+    if not has_adapter(model):
+        try:
+            attach_adapter(model, *wanted)
+        except AdapterError as exc:
+            raise TrainError(str(exc)) from None
+    elif (adapter_version(model), *adapter_settings(model)) != wanted:
+        raise TrainError(f"the model already carries {adapter_version(model)} (prompt length, start layer "
+                         f"{adapter_settings(model)}): train it with those settings, or load the base model again")
+    mark_trainable(model)
+
+
 def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise TrainError(f"out={out}: exists and is not a directory")
@@ -152,6 +181,12 @@ def _check_out(out: Path, resume: bool) -> None:
 
 def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
     """Rank 0 writes the adapter or the whole model (gathered from every rank's shard)."""
+    if cfg.method in ADAPTER_METHODS:
+        if world.is_main:
+            from .adapter_files import save_litgpt_adapter
+
+            save_litgpt_adapter(model, out, base_model=llm.source)
+        return
     if cfg.method != "full":
         if world.is_main:
             from .lora import save_adapter

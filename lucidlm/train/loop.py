@@ -48,7 +48,7 @@ CHECKPOINT, LOG, CURVE = "checkpoint", "log.jsonl", "loss.png"
 class TrainConfig:
     """Every option of a run (``finetune(..., **options)`` and the CLI flags set these)."""
 
-    method: str = "lora"  # lora | qlora (LoRA over int8 base weights) | full
+    method: str = "lora"  # lora | qlora (LoRA over int8 base weights) | full | adapter | adapter_v2
     steps: int = 100
     batch_size: int = 8  # global: split across processes
     micro_batch_size: int | None = None  # per process per forward; None = the process's whole share
@@ -68,6 +68,8 @@ class TrainConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | None = None
+    adapter_prompt_length: int = 10  # method="adapter"/"adapter_v2": prefix tokens per layer (LitGPT's default)
+    adapter_start_layer: int = 2  # the first layer with a prefix (LitGPT's default)
     strategy: str = "auto"  # auto: DDP for LoRA, FSDP2 for full fine-tuning (several processes)
     kv_cache: str | None = None  # a policy spec: train in chunks through a bounded KV cache (chunked.py)
     cache_tokens: int | None = None  # slots per layer (None: the sequence for dense, 512 for the others)
@@ -104,6 +106,10 @@ class TrainConfig:
             (_is_int(self.lora_r) and self.lora_r >= 1, f"lora_r={self.lora_r!r}: expected a positive integer"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip={self.grad_clip!r}: expected a positive number"),
             (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout!r}: expected a fraction in [0, 1)"),
+            (_is_int(self.adapter_prompt_length) and self.adapter_prompt_length >= 1,
+             f"adapter_prompt_length={self.adapter_prompt_length!r}: expected a positive integer"),
+            (_is_int(self.adapter_start_layer) and self.adapter_start_layer >= 0,
+             f"adapter_start_layer={self.adapter_start_layer!r}: expected a non-negative integer"),
         ]
         for ok, message in checks:
             if not ok:

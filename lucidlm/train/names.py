@@ -2,11 +2,13 @@
 and the training code checks its arguments against the same tuples.
 
 >>> TRAIN_METHODS
-('lora', 'qlora', 'full')
+('lora', 'qlora', 'full', 'adapter', 'adapter_v2')
 """
 
-#: ``finetune(method=...)``: LoRA, LoRA over int8 base weights, or every weight
-TRAIN_METHODS = ("lora", "qlora", "full")
+#: LitGPT's LLaMA-Adapter and LLaMA-Adapter V2 (lucidlm.train.adapter)
+ADAPTER_METHODS = ("adapter", "adapter_v2")
+#: ``finetune(method=...)``: LoRA, LoRA over int8 base weights, every weight, or an adapter
+TRAIN_METHODS = ("lora", "qlora", "full", *ADAPTER_METHODS)
 #: ``precision=``: auto = bf16-mixed where the hardware computes bfloat16 natively
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 #: ``strategy=`` under torchrun: auto = DDP for LoRA, FSDP2 for full fine-tuning
