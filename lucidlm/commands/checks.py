@@ -29,7 +29,7 @@ def check(args: argparse.Namespace, command: Command) -> list[str]:
         _check_utf8(getattr(args, name, None), "the prompt" if name == "prompt" else f"argument --{name}")
     flag, model = command.model(args)
     _check_model(model, flag)
-    for flag, path in command.inputs(args):
+    for flag, path in [("--adapter", getattr(args, "adapter", None)), *command.inputs(args)]:
         if path is not None and not Path(path).exists():
             raise UsageError(f"{path}: no such file or directory ({flag})")
     for flag, path in command.outputs(args):

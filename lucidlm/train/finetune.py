@@ -156,7 +156,7 @@ def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
         if world.is_main:
             from .lora import save_adapter
 
-            save_adapter(model, out, base_model=llm.source)
+            save_adapter(model, out, base_model=llm.hub_id or llm.name)  # a name that travels, not a path
         return
     state = full_state(model, [n for n, _ in model.named_parameters()])
     if not world.is_main:
