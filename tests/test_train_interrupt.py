@@ -105,7 +105,7 @@ def test_ctrl_c_on_the_command_line_checkpoints_and_resume_finishes(tiny_lm_dir,
     run with the losses of an uninterrupted one."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    steps = 300
+    steps = 150
     argv = ["finetune", str(data), "--model", str(tiny_lm_dir), "--steps", str(steps), "--batch-size", "4",
             "--lr", "1e-2", "--val-split", "0", "--precision", "fp32", "--no-progress", "--save-every", "0"]
     out = tmp_path / "cut"
