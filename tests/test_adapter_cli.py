@@ -51,7 +51,8 @@ def test_explain_explains_the_adapted_model(tiny_lm_dir, adapter, tmp_path):
     explained = load_json(out.read_text())
     ids = torch.tensor([explained.token_ids])
     logits = {}
-    for name, llm in (("tuned", lucidlm.LLM.load(tiny_lm_dir, adapter=adapter)), ("base", lucidlm.LLM.load(tiny_lm_dir))):
+    models = {"tuned": lucidlm.LLM.load(tiny_lm_dir, adapter=adapter), "base": lucidlm.LLM.load(tiny_lm_dir)}
+    for name, llm in models.items():
         with torch.no_grad():
             logits[name] = llm.model(ids)[0, -1, 42].item()
     assert explained.target_logit == pytest.approx(logits["tuned"], rel=1e-4)

@@ -1,5 +1,6 @@
 """What every command's arguments must satisfy before anything loads: text is non-empty UTF-8, the
-model exists (or is a hub repo id), the files read exist and the directories written to exist.
+model exists (or is a hub repo id), the files read (``--adapter`` wherever a command has it) exist
+and the directories written to exist.
 Touches only the file system's metadata: no model file is opened, nothing heavy imported.
 
 >>> import argparse
