@@ -55,16 +55,28 @@ class LLM:
         ('my-model.Q8_0', 'run-3')
         """
         from .checkpoints.embedded import FILENAME
+        from .checkpoints.origin import snapshot_repo
 
         if not self.source:
             return self.config.name or "lucidlm"
         path = Path(self.source)
         if path.name == FILENAME:
             return FILENAME.partition(".")[0]
-        parts = path.parts
-        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-            return parts[-3].removeprefix("models--").replace("--", "/")
-        return path.stem if path.suffix == ".gguf" else path.name
+        return snapshot_repo(path) or (path.stem if path.suffix == ".gguf" else path.name)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hugging Face repo id of this checkpoint when it is known (the embedded default's, a
+        hub snapshot's, a GGUF's ``general.source.*`` metadata), else None: what an adapter
+        trained here records as its base.
+
+        >>> from lucidlm import Config, GPT
+        >>> LLM(GPT(Config.from_name("tiny-llama")), source="/x/SmolLM2-135M-Instruct.Q4_1.gguf").hub_id
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+        """
+        from .checkpoints.origin import hub_id
+
+        return hub_id(self.source)
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -127,8 +139,9 @@ class LLM:
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
         ``transformers`` model), or a LitGPT Adapter/AdapterV2 folder (trained here or with
-        ``litgpt finetune adapter(_v2)``), to attach. An adapter recording a different base model is refused
-        unless ``check_base=False``.
+        ``litgpt finetune adapter(_v2)``), to attach. An adapter trained on a different base model is
+        refused unless ``check_base=False``: its recorded hub id, else the fingerprint of its base
+        weights (so the embedded GGUF and ``lucidlm convert`` of it count as one base), decides.
         """
         from .checkpoints import checkpoint_dir
         from .checkpoints.hf import load_hf_dir
@@ -210,7 +223,7 @@ class LLM:
         if find_litgpt_adapter(directory) is not None:
             return load_litgpt_adapter(self.model, directory, check_base=check_base)
         names = [self.source, str(self.directory) if self.directory else None,
-                 (self.config.hf_config or {}).get("_name_or_path")]
+                 (self.config.hf_config or {}).get("_name_or_path"), self.hub_id]
         return load_adapter(self.model, directory, base_names=names if check_base else None)
 
     def quantize(self, method: str = "int8", lm_head: bool = True) -> LLM:

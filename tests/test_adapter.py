@@ -19,6 +19,7 @@ from lucidlm.explain import check
 from lucidlm.model import rules
 from lucidlm.train.adapter import adapter_state, attach_adapter, has_adapter, merge_adapter, prefix_layers
 from lucidlm.train.adapter_files import CONFIG_YAML, WEIGHTS, load_litgpt_adapter, save_litgpt_adapter
+from lucidlm.train.base_check import FINGERPRINT_FILE
 from lucidlm.train.finetune import answer_loss
 
 VERSIONS = ("adapter", "adapter_v2")
@@ -145,7 +146,8 @@ def test_kv_cache_decode_equals_the_full_forward(family, version, hf_checkpoint)
 def test_saved_adapter_reloads_with_the_same_logits(version, tmp_path):
     model = adapted("tiny-llama", version, n_layer=3)
     out = save_litgpt_adapter(model, tmp_path / "run", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS[version], CONFIG_YAML])  # nothing temporary
+    # nothing temporary; the base weights' fingerprint beside LitGPT's two files
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS[version], CONFIG_YAML, FINGERPRINT_FILE])
     fields = yaml.safe_load((out / CONFIG_YAML).read_text())
     assert (fields["adapter_prompt_length"], fields["adapter_start_layer"]) == (3, 1)
     assert fields["hf_config"] == {"org": "HuggingFaceTB", "name": "SmolLM2-135M-Instruct"}
@@ -157,6 +159,11 @@ def test_saved_adapter_reloads_with_the_same_logits(version, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+    torch.manual_seed(1)  # the same architecture with other weights: the fingerprint refuses it
+    other = GPT(Config.from_name("tiny-llama", n_layer=3)).eval()
+    with pytest.raises(AdapterError, match="weights differ from this model's"):
+        load_litgpt_adapter(other, out)
+    load_litgpt_adapter(other, out, check_base=False)
 
 
 def test_a_different_base_is_refused_naming_the_field(tmp_path):

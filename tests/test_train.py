@@ -198,7 +198,7 @@ def test_cli_finetune_then_generate_with_the_adapter(tiny_lm_dir, tmp_path, caps
                  "--batch-size", "2", "--lora-r", "4", "--precision", "fp32", "--no-progress"]) == 0
     assert "trained 2 steps" in capsys.readouterr().err
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_lm_dir)
+    assert config["r"] == 4 and config["base_model_name_or_path"] == tiny_lm_dir.name  # a name, not a local path
     assert main(["finetune", str(data), "--model", str(tiny_lm_dir), "--out", str(out)]) == 2
     assert "already holds a training run" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path / "missing.jsonl"), "--model", str(tiny_lm_dir),

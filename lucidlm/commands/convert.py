@@ -1,9 +1,13 @@
 """Checkpoints in and out: ``lucidlm convert`` (GGUF or HF directory -> HF directory), ``lucidlm
 download`` (a hub repo's safetensors) and ``lucidlm merge`` (fold a LoRA adapter into its base).
 
->>> args = MERGE.parse(["base", "adapter", "out", "--dtype", "bfloat16"])
+>>> args = MERGE.parse(["adapter", "out", "--dtype", "bfloat16"])  # onto the embedded model
 >>> MERGE.model(args), MERGE.inputs(args)
-(('BASE', 'base'), [('ADAPTER', PosixPath('adapter'))])
+(('BASE', None), [('ADAPTER', PosixPath('adapter'))])
+>>> MERGE.model(MERGE.parse(["--model", "org/base", "adapter", "out"]))
+('--model', 'org/base')
+>>> MERGE.model(MERGE.parse(["base", "adapter", "out"]))  # the older form: BASE first
+('BASE', 'base')
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .options import Command, Paths, add_dtype
+from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model, cli_hints
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
@@ -46,20 +50,37 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def add_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="HF directory, .gguf or hub repo id of the base model")
-    p.add_argument("adapter", type=Path, help="a PEFT LoRA adapter directory")
-    p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
-    add_dtype(p, "dtype of the merged weights")
+    p.usage = "lucidlm merge [-h] [--model BASE] [--dtype DTYPE] [--no-check-base] ADAPTER OUT_DIR"
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="ADAPTER OUT_DIR: a PEFT LoRA adapter directory and a new (or empty) directory; the older "
+                        "BASE ADAPTER OUT_DIR form names the base first")
+    add_model(p)  # and --dtype: the merged weights' dtype
     p.add_argument("--no-check-base", action="store_true", help="merge even if the adapter names another base")
+
+
+def merge_paths(args: argparse.Namespace) -> tuple[str | None, Path, Path]:
+    """(base, adapter, out) from ``[--model BASE] ADAPTER OUT_DIR`` or ``BASE ADAPTER OUT_DIR``
+    (base None: the embedded model); UsageError for any other count, or a base given twice."""
+    paths = args.paths
+    if len(paths) == 2:
+        return args.model, Path(paths[0]), Path(paths[1])
+    if len(paths) == 3:
+        if args.model is not None:
+            raise UsageError(f"the base is given twice (--model {args.model} and {paths[0]}): "
+                             "pass ADAPTER OUT_DIR with --model BASE")
+        return paths[0], Path(paths[1]), Path(paths[2])
+    raise UsageError(f"expected ADAPTER OUT_DIR (with --model BASE, default: the embedded {EMBEDDED}), "
+                     f"got {len(paths)} path(s)")
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from ..api import LLM
 
-    _check_new_dir(args.out_dir)
-    llm = LLM.load(args.base, adapter=args.adapter, dtype=args.dtype, progress=True,
-                   check_base=not args.no_check_base)
-    _write_checkpoint_dir(llm.merge_adapter(), args.out_dir)
+    base, adapter, out = merge_paths(args)
+    _check_new_dir(out)
+    with cli_hints():
+        llm = LLM.load(base, adapter=adapter, dtype=args.dtype, progress=True, check_base=not args.no_check_base)
+    _write_checkpoint_dir(llm.merge_adapter(), out)
     return 0
 
 
@@ -87,16 +108,16 @@ def _convert_inputs(args: argparse.Namespace) -> Paths:
 
 
 def _merge_inputs(args: argparse.Namespace) -> Paths:
-    return [("ADAPTER", args.adapter)]
+    return [("ADAPTER", merge_paths(args)[1])]
 
 
 def _merge_base(args: argparse.Namespace) -> tuple[str, str | None]:
-    return "BASE", args.base
+    return ("--model" if args.model is not None else "BASE"), merge_paths(args)[0]
 
 
 CONVERT = Command("convert", "GGUF or HF directory -> HF safetensors directory", add_convert, run_convert,
                   inputs=_convert_inputs)
 DOWNLOAD = Command("download", "fetch a Hugging Face repo's safetensors checkpoint (never pickles)", add_download,
                    run_download)
-MERGE = Command("merge", "fold a LoRA adapter into its base: BASE ADAPTER -> HF directory", add_merge, run_merge,
-                inputs=_merge_inputs, model=_merge_base)
+MERGE = Command("merge", "fold a LoRA adapter into its base (--model, default: the embedded model) -> HF directory",
+                add_merge, run_merge, inputs=_merge_inputs, model=_merge_base)

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EvaluationError
-from .options import Command, Paths, add_cache, add_dtype, non_negative_int, positive
+from .options import Command, Paths, add_adapter, add_cache, add_dtype, load, non_negative_int, positive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="requests per forward pass")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render each prompt with the checkpoint's chat template")
-    p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="a LoRA adapter to evaluate with (default: none)")
+    add_adapter(p, "evaluate MODEL with this adapter attached")
     add_cache(p)
     add_dtype(p, "the weights' dtype in memory")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where results.json is written")
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> Paths:
-    return [("--include-path", args.include_path), ("--adapter", args.adapter)]
+    return [("--include-path", args.include_path)]
 
 
 def _outputs(args: argparse.Namespace) -> Paths:
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     manager = task_manager(names, args.include_path)
     from ..evaluate.harness import LucidLM
 
-    lm = LucidLM(pretrained=args.model, adapter=args.adapter, kv_cache=args.kv_cache, cache_tokens=args.cache_tokens,
-                 dtype=args.dtype, batch_size=args.batch_size)
+    lm = LucidLM(load(args), kv_cache=args.kv_cache, cache_tokens=args.cache_tokens, dtype=args.dtype,
+                 batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
                                       task_manager=manager, log_samples=args.log_samples,
                                       apply_chat_template=args.apply_chat_template, batch_size=args.batch_size)

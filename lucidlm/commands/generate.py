@@ -1,7 +1,8 @@
 """``lucidlm generate`` (continue raw text) and ``lucidlm chat`` (an interactive chat).
 
->>> GENERATE.parse(["Once upon", "--max-new-tokens", "5"]).max_new_tokens
-5
+>>> args = GENERATE.parse(["Once upon", "--max-new-tokens", "5", "--adapter", "run"])
+>>> args.max_new_tokens, args.adapter, args.no_check_base
+(5, PosixPath('run'), False)
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import Command, add_model, add_sampling, load, sampling_kwargs
+from .options import Command, add_adapter, add_model, add_sampling, load, sampling_kwargs
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     add_model(p)
+    add_adapter(p, "continue with this adapter attached to --model")
     add_sampling(p, 128)
 
 
@@ -30,6 +32,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (default: none)")
     add_model(p)
+    add_adapter(p, "chat with this adapter attached to --model")
     add_sampling(p, 512)
 
 

@@ -225,6 +225,16 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p, "the weights' dtype in memory")
 
 
+def add_adapter(p: argparse.ArgumentParser, use: str = "attach this adapter to --model") -> None:
+    """``--adapter DIR`` (whatever :meth:`lucidlm.LLM.load_adapter` reads: a PEFT LoRA directory ...)
+    and ``--no-check-base``; the pre-load check (:func:`lucidlm.commands.checks.check`) makes sure
+    DIR exists, :func:`load` attaches it."""
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                   help=f"{use}: a PEFT LoRA adapter directory, such as lucidlm finetune's --out (default: none)")
+    p.add_argument("--no-check-base", action="store_true",
+                   help="attach --adapter even if its recorded base model is not --model")
+
+
 def add_target(p: argparse.ArgumentParser, whose: str = "the model's") -> None:
     """``--target TEXT`` / ``--target-id ID``, one of them (``whose``: the model whose top next token
     is the default target)."""
@@ -266,11 +276,29 @@ def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
 
 # ----------------------------------------------------------------------------- reading the groups back
 def load(args: argparse.Namespace):
-    """The ``--model`` at ``--dtype`` (compiled with ``--compile``), with progress on stderr."""
+    """The ``--model`` at ``--dtype`` with its ``--adapter`` (compiled with ``--compile``), with
+    progress on stderr."""
     from ..api import LLM
 
-    llm = LLM.load(args.model, dtype=args.dtype, progress=True)
+    with cli_hints():
+        llm = LLM.load(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, progress=True,
+                       check_base=not getattr(args, "no_check_base", False))
     return llm.compile() if getattr(args, "compile", False) else llm
+
+
+@contextlib.contextmanager
+def cli_hints() -> Iterator[None]:
+    """Inside the block, a lucidlm error that tells a Python caller which argument to pass (such as
+    ``check_base=False``) tells the command's flag instead (``--no-check-base``)."""
+    from ..errors import AdapterError
+    from ..train.base_check import PYTHON_HINT
+
+    try:
+        yield
+    except AdapterError as exc:
+        if PYTHON_HINT not in str(exc):
+            raise
+        raise AdapterError(str(exc).replace(PYTHON_HINT, "pass --no-check-base to attach it anyway")) from None
 
 
 def cache_kwargs(args: argparse.Namespace) -> dict:

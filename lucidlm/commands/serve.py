@@ -4,8 +4,8 @@ view`` (a saved explanation as a viewer page; without a file: serve and open the
 >>> args = SERVE.parse(["--port", "8080"])
 >>> args.host, args.port, args.max_queue, args.adapter
 ('127.0.0.1', 8080, 16, None)
->>> _serve_inputs(SERVE.parse(["--model", "base", "--adapter", "tuned"]))
-[('--adapter', PosixPath('tuned'))]
+>>> SERVE.parse(["--model", "base", "--adapter", "tuned"]).adapter
+PosixPath('tuned')
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import Command, Paths, add_cache, add_model, cache_kwargs, load, port, positive
+from .options import Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, port, positive
 
 
 def add_serving(p: argparse.ArgumentParser) -> None:
     add_model(p)
-    p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                   help="serve --model with this PEFT LoRA adapter attached; /v1/explain then also answers "
-                        "\"diff\": true (and the viewer's diff mode) against --model without it (default: none, "
-                        "no diff)")
+    add_adapter(p, "serve --model with this adapter attached; /v1/explain then also answers \"diff\": true (and "
+                   "the viewer's diff mode) against --model without it")
     add_cache(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, loopback; other addresses need --api-key)")
@@ -44,9 +42,7 @@ def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
     check_bind(args.host, api_key)  # before the model loads: a refusal costs nothing
     from ..serve import serve
 
-    llm = load(args)
-    if args.adapter is not None:
-        llm.load_adapter(args.adapter)
+    llm = load(args)  # with --adapter attached
     name = args.model_name or llm.name
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
     print(f"lucidlm: serving {name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
@@ -70,10 +66,6 @@ def _base_loader(args: argparse.Namespace):
     from ..api import LLM
 
     return functools.partial(LLM.load, args.model, dtype=args.dtype)
-
-
-def _serve_inputs(args: argparse.Namespace) -> Paths:
-    return [("--adapter", args.adapter)]
 
 
 def add_view(p: argparse.ArgumentParser) -> None:
@@ -110,14 +102,13 @@ def run_view(args: argparse.Namespace) -> int:
 
 
 def _view_inputs(args: argparse.Namespace) -> Paths:
-    return [("FILE", args.file)] + _serve_inputs(args)
+    return [("FILE", args.file)]
 
 
 def _view_outputs(args: argparse.Namespace) -> Paths:
     return [("--out", args.out)]
 
 
-SERVE = Command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /", add_serving, run_serve,
-                inputs=_serve_inputs)
+SERVE = Command("serve", "OpenAI-compatible server with /v1/explain and the viewer at /", add_serving, run_serve)
 VIEW = Command("view", "open a saved explanation (JSON) in the viewer; no FILE: serve and open /", add_view, run_view,
                inputs=_view_inputs, outputs=_view_outputs)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..train.names import PRECISIONS, PROMPT_STYLES, STRATEGIES, TRAIN_METHODS
-from .options import (Command, Paths, add_cache, add_dtype, add_model, cache_kwargs, fraction, non_negative_float,
-                      non_negative_int, positive, positive_float)
+from .options import (Command, Paths, add_adapter, add_cache, add_dtype, add_model, cache_kwargs, fraction, load,
+                      non_negative_float, non_negative_int, positive, positive_float)
 
 
 def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
@@ -43,11 +43,16 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
                    help="fraction held out for validation (default: 0.1)")
     p.add_argument("--eval-every", type=positive, default=None, help="validate every N steps "
                                                                       "(default: 10 times per run)")
-    p.add_argument("--save-every", type=positive, default=None,
-                   help="checkpoint every N steps (default: only at the end)")
+    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
+                   help="checkpoint every N steps, 0: only at the end (default: every tenth of the run; always at "
+                        "the end and on Ctrl-C)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="under torchrun: auto = DDP for LoRA, FSDP2 for full")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out that holds an earlier run (deletes its log, checkpoint and "
+                            "adapter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -56,8 +61,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lora", choices=TRAIN_METHODS,
                    help="qlora: LoRA over int8 base weights; adapter/adapter_v2: LitGPT's LLaMA-Adapter (V2)")
     add_model(p)
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="continue training this LoRA or LitGPT adapter (default: a new adapter)")
+    add_adapter(p, "continue training this LoRA or LitGPT adapter, not a new one")
     p.add_argument("--lora-r", type=positive, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scale numerator (scale = alpha / r)")
     p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input")
@@ -75,9 +79,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..api import LLM
-
-    llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype)
+    llm = load(args)  # with --adapter attached
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     return _train(lambda: llm.finetune(args.data, method=args.method, out=args.out, lora_r=args.lora_r,
                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -115,18 +117,27 @@ def _training_options(args: argparse.Namespace) -> dict:
                    lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                    grad_clip=args.grad_clip, max_seq_length=args.max_seq_length, precision=args.precision,
                    seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
-                   strategy=args.strategy, resume=args.resume, progress=not args.no_progress)
+                   strategy=args.strategy, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress)
     if args.val_split is not None:
         options["val_split"] = args.val_split
     return options
 
 
 def _train(run) -> int:
-    """Run a training call, leave torchrun's process group, report."""
+    """Run a training call, leave torchrun's process group, report. Ctrl-C: the run checkpoints,
+    and this says how to go on (exit status 130, as for any interrupted command)."""
     from ..distributed import closing_group
+    from ..train.loop import TrainInterrupted
 
-    with closing_group():
-        result = run()
+    try:
+        with closing_group():
+            result = run()
+    except TrainInterrupted as stopped:
+        print(f"lucidlm: interrupted after step {stopped.step} of {stopped.steps}; checkpoint in "
+              f"{stopped.out / 'checkpoint'}: run the same command with --resume to continue (or --overwrite to "
+              "start afresh)", file=sys.stderr)
+        return 130
     _report(result)
     return 0
 
@@ -156,7 +167,7 @@ def _report(result) -> None:
 
 
 def _finetune_inputs(args: argparse.Namespace) -> Paths:
-    return [("DATA", args.data), ("--adapter", args.adapter)]
+    return [("DATA", args.data)]
 
 
 def _pretrain_inputs(args: argparse.Namespace) -> Paths:

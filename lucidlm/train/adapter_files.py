@@ -22,12 +22,12 @@ scale split and fuse exactly.
 >>> model = GPT(Config.from_name("tiny-llama"))
 >>> attach_adapter(model, "adapter_v2", prompt_length=3, start_layer=1)
 >>> out = save_litgpt_adapter(model, tempfile.mkdtemp())
->>> sorted(p.name for p in out.iterdir())
-['lit_model.pth.adapter_v2', 'model_config.yaml']
+>>> sorted(p.name for p in out.iterdir())  # and the base weights' fingerprint (lucidlm's)
+['lit_model.pth.adapter_v2', 'lucidlm_base.json', 'model_config.yaml']
 >>> litgpt_name("layers.1.attn.k_proj.adapter_bias", model)
 ('transformer.h.1.attn.qkv.adapter_bias', 1)
->>> fresh = GPT(Config.from_name("tiny-llama"))
->>> load_litgpt_adapter(fresh, out)["adapter_start_layer"]
+>>> fresh = GPT(Config.from_name("tiny-llama"))  # other random weights: the base check would refuse
+>>> load_litgpt_adapter(fresh, out, check_base=False)["adapter_start_layer"]
 1
 """
 
@@ -46,6 +46,7 @@ from ..errors import AdapterError
 from ..fileio import atomic_path, atomic_write
 from ..model.mlp import MLP
 from .adapter import adapter_settings, adapter_state, adapter_version, attach_adapter
+from .base_check import check_fingerprint, write_fingerprint
 from .names import ADAPTER_METHODS
 
 CONFIG_YAML = "model_config.yaml"
@@ -223,6 +224,7 @@ def save_litgpt_adapter(model: nn.Module, directory: str | Path, base_model: str
     with atomic_path(directory / WEIGHTS[version]) as tmp:
         torch.save({"model": litgpt_state(model)}, tmp)
     atomic_write(directory / CONFIG_YAML, yaml.safe_dump(fields, sort_keys=True))
+    write_fingerprint(model, directory, base_model)  # the base check by weights, as for LoRA
     return directory
 
 
@@ -280,6 +282,8 @@ def load_litgpt_adapter(model: nn.Module, directory: str | Path, check_base: boo
     version, state, fields = read_litgpt_adapter(path)
     if check_base and fields:
         check_litgpt_base(fields, model.config, path.parent / CONFIG_YAML)
+    if check_base:  # a file of ours also carries the base weights' fingerprint (LitGPT's do not)
+        check_fingerprint(model, path.parent, fields.get("name"))
     prompt_length, start_layer = _settings(state, fields, path, len(model.layers))
     attach_adapter(model, version, prompt_length, start_layer)
     _copy_in(model, state, path)

@@ -5,7 +5,9 @@ A run writes into ``out``:
 * ``log.jsonl``: one object per step (``step``, ``loss``, ``lr``, ``tokens`` seen so far,
   ``tokens_per_s``, ``grad_norm``) and one per evaluation (``step``, ``val_loss``);
 * ``loss.png``: the loss curve;
-* ``checkpoint/``: what ``resume=True`` continues from;
+* ``checkpoint/``: what ``resume=True`` continues from, written every tenth of the run by default
+  (``save_every``), at the end, and when Ctrl-C stops the run (:class:`~lucidlm.train.loop.TrainInterrupted`);
+  ``overwrite=True`` deletes an earlier run's files and starts afresh;
 * the result: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for LoRA,
   LitGPT's ``lit_model.pth.adapter(_v2)`` + ``model_config.yaml`` for ``adapter``/``adapter_v2``, or
   a whole checkpoint directory (Hugging Face layout when the model has an HF config, else
@@ -22,6 +24,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +35,11 @@ import torch
 
 from ..errors import AdapterError, TrainError
 from . import data as datamod
-from .distributed import World, full_state, setup, uses_fsdp
-from .loop import CHECKPOINT, LOG, Trainer, TrainConfig, TrainResult, default_max_seq_length, mean_loss
+from . import lora
+from .adapter_files import CONFIG_YAML, WEIGHTS
+from .base_check import FINGERPRINT_FILE
+from .distributed import World, barrier, full_state, setup, uses_fsdp
+from .loop import CHECKPOINT, CURVE, LOG, Trainer, TrainConfig, TrainResult, default_max_seq_length, mean_loss
 from .names import ADAPTER_METHODS
 
 Data = str | Path | Sequence[dict[str, Any]]
@@ -94,7 +102,7 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
                          f"{world.size} processes")
     out = Path(out) if out is not None else None
     if out is not None:
-        _check_out(out, cfg.resume)
+        cfg = _check_out(out, cfg, world)
     model = llm.model
     if world.device.type == "cuda" and next(model.parameters()).device != world.device:
         model.to(world.device)
@@ -168,15 +176,54 @@ def _prepare_adapter(model, cfg: TrainConfig) -> None:
     mark_trainable(model)
 
 
-def _check_out(out: Path, resume: bool) -> None:
+#: what a run writes into out (``overwrite`` deletes these, and nothing else, before it starts)
+RUN_FILES = (LOG, CURVE, CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", lora.CONFIG_FILE,
+             lora.WEIGHTS_FILE, FINGERPRINT_FILE, CONFIG_YAML, *WEIGHTS.values())
+
+
+def _check_out(out: Path, cfg: TrainConfig, world: World) -> TrainConfig:
+    """What ``out`` allows: a new run, ``resume`` from its checkpoint, or ``overwrite`` (its run's
+    files deleted first). A run that stopped before its first checkpoint is not a dead end: resume
+    starts it again from step 0 (with a warning), a plain rerun says to pass ``overwrite``. Returns
+    the config to run (``resume`` off when there is nothing to resume)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"out={out}: exists and is not a directory")
     held = out.is_dir() and any((out / name).exists() for name in (LOG, CHECKPOINT, f".{CHECKPOINT}.old"))
-    if held and not resume:
-        raise TrainError(f"out={out}: already holds a training run (log.jsonl/checkpoint); pass resume=True "
-                         "(--resume) to continue it, or choose a new directory")
-    if resume and not held:
-        raise TrainError(f"out={out}: no checkpoint to resume from")
+    checkpoint = has_checkpoint(out)
+    barrier(world)  # every rank has looked before rank 0 deletes anything
+    if held and cfg.overwrite:
+        _clear_run(out, world)
+    elif held and not cfg.resume:
+        if checkpoint:
+            raise TrainError(f"out={out}: already holds a training run (log.jsonl/checkpoint); pass resume=True "
+                             "(--resume) to continue it, overwrite=True (--overwrite) to start afresh, or choose "
+                             "a new directory")
+        raise TrainError(f"out={out}: holds a run that stopped before its first checkpoint; pass overwrite=True "
+                         "(--overwrite) to start afresh, or choose a new directory")
+    elif cfg.resume and not held:
+        raise TrainError(f"out={out}: no checkpoint to resume from (no earlier run there)")
+    elif cfg.resume and not checkpoint:
+        warnings.warn(f"out={out}: the earlier run stopped before its first checkpoint: starting again from "
+                      "step 0", stacklevel=5)
+        _clear_run(out, world)
+        return dataclasses.replace(cfg, resume=False)
+    return cfg
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint to resume from (``.old``: a crash between two renames)."""
+    return any((out / name / "trainer.json").is_file() for name in (CHECKPOINT, f".{CHECKPOINT}.old"))
+
+
+def _clear_run(out: Path, world: World) -> None:
+    if world.is_main:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    barrier(world)
 
 
 def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
@@ -185,13 +232,13 @@ def _save_result(llm, model, cfg: TrainConfig, out: Path, world: World) -> None:
         if world.is_main:
             from .adapter_files import save_litgpt_adapter
 
-            save_litgpt_adapter(model, out, base_model=llm.source)
+            save_litgpt_adapter(model, out, base_model=llm.hub_id or llm.name)
         return
     if cfg.method != "full":
         if world.is_main:
             from .lora import save_adapter
 
-            save_adapter(model, out, base_model=llm.source)
+            save_adapter(model, out, base_model=llm.hub_id or llm.name)  # a name that travels, not a path
         return
     state = full_state(model, [n for n, _ in model.named_parameters()])
     if not world.is_main:

@@ -19,14 +19,17 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pickle  # only for its error type: checkpoints load with weights_only=True
 import shutil
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     val_split: float = 0.1
     eval_every: int | None = None  # None: 10 evaluations per run
-    save_every: int | None = None  # None: checkpoint only at the end
+    save_every: int | None = None  # None: every max(1, steps // 10) steps; 0: only at the end (and on Ctrl-C)
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     prompt_style: str = "auto"  # instruction records: auto (chat template if any) | chat | alpaca
     lora_r: int = 8
@@ -76,9 +79,10 @@ class TrainConfig:
     chunk_size: int | None = None  # tokens per chunk (None: 256)
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out directory that holds an earlier run
 
     #: options that may change between a run and its resumption without changing its losses
-    VOLATILE = ("micro_batch_size", "eval_every", "save_every", "strategy", "progress", "resume")
+    VOLATILE = ("micro_batch_size", "eval_every", "save_every", "strategy", "progress", "resume", "overwrite")
 
     @classmethod
     def make(cls, **options: Any) -> "TrainConfig":
@@ -105,6 +109,10 @@ class TrainConfig:
              f"max_seq_length={self.max_seq_length!r}: expected an integer >= 2"),
             (_is_int(self.lora_r) and self.lora_r >= 1, f"lora_r={self.lora_r!r}: expected a positive integer"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip={self.grad_clip!r}: expected a positive number"),
+            (self.save_every is None or (_is_int(self.save_every) and self.save_every >= 0),
+             f"save_every={self.save_every!r}: expected an integer >= 0 (0: only at the end)"),
+            (not (self.resume and self.overwrite), "resume=True and overwrite=True: choose one (resume continues "
+                                                   "the run in out, overwrite starts it afresh)"),
             (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout!r}: expected a fraction in [0, 1)"),
             (_is_int(self.adapter_prompt_length) and self.adapter_prompt_length >= 1,
              f"adapter_prompt_length={self.adapter_prompt_length!r}: expected a positive integer"),
@@ -126,6 +134,15 @@ class TrainConfig:
         return ChunkedCache(self.kv_cache, self.cache_tokens,
                             DEFAULT_CHUNK_SIZE if self.chunk_size is None else self.chunk_size)
 
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints (0: none before the end). The default, ten a run, bounds what
+        a crash loses to a tenth of the run; each checkpoint replaces the previous one.
+
+        >>> TrainConfig(steps=100).checkpoint_every(), TrainConfig(steps=5).checkpoint_every()
+        (10, 1)
+        """
+        return max(1, self.steps // 10) if self.save_every is None else self.save_every
+
     def signature(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint."""
         d = dataclasses.asdict(self)
@@ -137,6 +154,45 @@ class TrainConfig:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after ``step`` of ``steps``, with a checkpoint of that step in ``out``:
+    the same call with ``resume=True`` continues it."""
+
+    def __init__(self, step: int, steps: int, out: Path) -> None:
+        super().__init__(f"interrupted after step {step} of {steps}; checkpoint in {out / CHECKPOINT}: "
+                         "resume=True continues the run")
+        self.step, self.steps, self.out = step, steps, out
+
+
+@contextlib.contextmanager
+def stop_on_sigint(enabled: bool = True) -> Iterator[threading.Event]:
+    """Inside the block the first Ctrl-C (SIGINT) only sets the event it yields (the loop finishes
+    its step, checkpoints and stops); a second one interrupts at once. Installed only in the main
+    thread (the only one Python lets set a handler) and where SIGINT is not ignored; the previous
+    handler is back when the block ends."""
+    import signal
+
+    requested = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if not enabled or threading.current_thread() is not threading.main_thread() \
+            or previous in (signal.SIG_IGN, None):
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nlucidlm: stopping after this step with a checkpoint (Ctrl-C again: stop at once, without one)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclasses.dataclass
@@ -310,23 +366,12 @@ class Trainer:
         eval_every = cfg.eval_every or max(1, cfg.steps // 10)
         self.model.train()
         started, tokens_before = time.perf_counter(), self.tokens
+        save_every = cfg.checkpoint_every() if self.out is not None else 0
         bar = tqdm(total=cfg.steps, initial=self.start, desc=self.task,
                    unit="step", disable=not (cfg.progress and main), dynamic_ncols=True)
         try:
-            for step in range(self.start, cfg.steps):
-                t0, before = time.perf_counter(), self.tokens
-                entry = self.step(step, train)
-                entry["tokens_per_s"] = round((self.tokens - before) / max(time.perf_counter() - t0, 1e-9), 1)
-                self._record(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-                bar.update(1)
-                done = step + 1
-                if val and (done % eval_every == 0 or done == cfg.steps):
-                    self._record({"step": done, "val_loss": self.evaluate(val)})
-                if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-                    self.save_checkpoint(done)
-                if self.on_step is not None:
-                    self.on_step(entry)
+            with stop_on_sigint(enabled=self.out is not None) as stop:
+                self._steps(train, val, bar, eval_every, save_every, stop)
         finally:
             bar.close()
             self.model.eval()
@@ -340,6 +385,31 @@ class Trainer:
             val_losses=[(e["step"], e["val_loss"]) for e in self.log if "val_loss" in e],
             log=list(self.log), out=self.out, steps=cfg.steps, tokens=self.tokens - tokens_before,
             seconds=seconds)
+
+    def _steps(self, train: Sequence[Example], val: Sequence[Example], bar, eval_every: int, save_every: int,
+               stop: threading.Event) -> None:
+        """Steps ``start`` … ``steps``, validating and checkpointing on schedule; after a step in
+        which ``stop`` was set (Ctrl-C), a checkpoint and :class:`TrainInterrupted`."""
+        cfg = self.cfg
+        for step in range(self.start, cfg.steps):
+            t0, before = time.perf_counter(), self.tokens
+            entry = self.step(step, train)
+            entry["tokens_per_s"] = round((self.tokens - before) / max(time.perf_counter() - t0, 1e-9), 1)
+            self._record(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = step + 1
+            if val and (done % eval_every == 0 or done == cfg.steps):
+                self._record({"step": done, "val_loss": self.evaluate(val)})
+            scheduled = bool(save_every) and done % save_every == 0 and done != cfg.steps  # the end's: in fit
+            if scheduled:
+                self.save_checkpoint(done)
+            if self.on_step is not None:
+                self.on_step(entry)
+            if done != cfg.steps and all_sum(float(stop.is_set()), self.world, self.device) > 0:  # ranks agree
+                if not scheduled:
+                    self.save_checkpoint(done)
+                raise TrainInterrupted(done, cfg.steps, self.out)
 
     def _record(self, entry: dict[str, Any]) -> None:
         self.log.append(entry)

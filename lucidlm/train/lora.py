@@ -37,6 +37,7 @@ from ..checkpoints.layouts import hf_module_of, is_transposed, our_modules_of
 from ..errors import AdapterError, TrainError
 from ..fileio import atomic_path, atomic_write, read_json
 from ..model.quant import Int8Linear
+from .base_check import PYTHON_HINT, check_fingerprint, write_fingerprint
 
 _LINEAR = (nn.Linear, Int8Linear)  # what LoRA can wrap
 
@@ -123,7 +124,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- save (ours -> PEFT)
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``peft`` does, with the
-    checkpoint's module names. Each file is written atomically."""
+    checkpoint's module names, and the base weights' fingerprint (``lucidlm_base.json``, see
+    :mod:`lucidlm.train.base_check`). ``base_model``: the base's hub id, or a name (never a local
+    path: the adapter travels). Each file is written atomically."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -166,6 +169,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write(directory / CONFIG_FILE, json.dumps(peft_config.to_dict(), indent=2, default=list))
+    write_fingerprint(model, directory, base_model)
     return directory
 
 
@@ -269,7 +273,7 @@ def load_adapter(model: nn.Module, directory: str | Path, base_names: list[str] 
     from peft.utils.other import get_pattern_key
 
     config, tensors = read_adapter(directory)
-    _check_base(config, base_names, Path(directory), model.config)
+    _check_base(config, base_names, Path(directory), model)
     pairs = _pair_tensors(tensors, Path(directory) / WEIGHTS_FILE)
     ours_r, ours_alpha, weights = {}, {}, {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -334,13 +338,26 @@ def base_identity(name: str | None) -> str:
     return Path(str(name).rstrip("/")).name.split(".")[0].lower() if name else ""
 
 
-def _check_base(config: dict, base_names: list[str] | None, directory: Path, model_config) -> None:
+def _check_base(config: dict, base_names: list[str] | None, directory: Path, model: nn.Module) -> None:
+    """Refuse an adapter trained on another model (``base_names`` None: no check). A recorded hub
+    id that names this model settles it at once; else the weights' fingerprint stored beside the
+    adapter decides (a folder name is too weak: every run's folder may be called ``model``); an
+    adapter without one (``peft``'s) falls back to names."""
+    if base_names is None:
+        return
+    from ..checkpoints.hub import is_repo_id
+
     recorded = config.get("base_model_name_or_path")
-    if not recorded or not base_names or _same_base(str(recorded), [n for n in base_names if n], model_config):
+    names = [n for n in base_names if n]
+    same_name = bool(recorded and names and base_identity(str(recorded)) in {base_identity(n) for n in names})
+    if same_name and is_repo_id(str(recorded)):
+        return
+    if check_fingerprint(model, directory, recorded) is not None:
+        return
+    if same_name or not recorded or not names or _same_base(str(recorded), names, model.config):
         return
     raise AdapterError(f"{directory}: adapter was trained on base_model_name_or_path={recorded!r}, "
-                       f"not on this model ({', '.join(sorted(n for n in base_names if n))}); "
-                       "pass check_base=False to load it anyway")
+                       f"not on this model ({', '.join(sorted(names))}); {PYTHON_HINT}")
 
 
 _SHAPE_FIELDS = ("family", "vocab_size", "n_embd", "n_layer", "n_head", "n_query_groups", "head_size",
@@ -348,11 +365,9 @@ _SHAPE_FIELDS = ("family", "vocab_size", "n_embd", "n_layer", "n_head", "n_query
 
 
 def _same_base(recorded: str, names: list[str], model_config) -> bool:
-    """Whether ``recorded`` names this model: the same name (``org/Model`` and ``.../Model.Q4.gguf``
-    agree), the same local file, or a local checkpoint directory of the same architecture and size
-    (a copy or conversion of it)."""
-    if base_identity(recorded) in {base_identity(n) for n in names}:
-        return True
+    """Whether ``recorded`` (an adapter without a fingerprint) names this model: the same local
+    file, or a local checkpoint directory of the same architecture and size (a copy or conversion
+    of it; adapters written before fingerprints recorded local paths)."""
     path = Path(recorded)
     if not path.exists():
         return False
