@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the weights' dtypes the command line offers for models (float64 is for checks, not for running)
 MODEL_DTYPES = DTYPES[:3]
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: the tensor types a GGUF export writes (``LLM.export_gguf(type=...)``, ``lucidlm export --type``),
+#: in llama.cpp's spelling
+GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def dtype_name(name: object, argument: str = "dtype") -> str:

@@ -130,6 +130,10 @@ def test_the_command_line_names_its_flag(hf_checkpoint, tmp_path, capsys):
     assert "pass --no-check-base to attach it anyway" in err and "check_base=False" not in err
     assert len(err.strip().splitlines()) == 1
     assert main(["merge", "--model", str(other), str(adapter), str(tmp_path / "merged"), "--no-check-base"]) == 0
+    capsys.readouterr()
+    assert main(["diff", "hello", "--base", str(other), "--adapter", str(adapter)]) == 2  # diff says it too
+    err = capsys.readouterr().err
+    assert "pass --no-check-base to attach it anyway" in err and "check_base=False" not in err
 
 
 def test_every_family_fingerprints(hf_checkpoint, tmp_path):

@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..dtypes import MODEL_DTYPES
+from ..dtypes import GGUF_EXPORT_TYPES, MODEL_DTYPES
 from ..errors import ExplainError
 from ..methods import EXPLAIN_METHODS, METHODS, check_method
 from ..train.names import PRECISIONS
@@ -162,6 +162,15 @@ def add_learn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: train one method in this process
 
 
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--types", default=",".join(GGUF_EXPORT_TYPES),
+                   help="comma-separated GGUF tensor types, from " + ", ".join(GGUF_EXPORT_TYPES))
+    p.add_argument("--prompt", default="The capital of France is", help="the prompt whose greedy text is compared")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens compared")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+
+
 def diff_list(text: str) -> list[str]:
     """``--diffs``: names from :data:`DIFF_ROWS`, or ``none`` (an :class:`~lucidlm.errors.ExplainError`
     names anything else).
@@ -196,6 +205,8 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
                add_decode),
     "explain": ("lucidlm.bench.explain", "what an explanation costs next to a forward and a forward+backward",
                 add_explain),
+    "export": ("lucidlm.bench.export", "GGUF export per type: file size, time, same greedy text after reloading",
+               add_export),
     "faithfulness": ("lucidlm.bench.faithfulness",
                      "deletion test: do explanations point at the tokens the prediction depends on?",
                      add_faithfulness),

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from ..methods import METHODS
-from .options import EMBEDDED, Command, Paths, add_dtype, add_target, hints_as_notes, model_path, positive, token_id
+from .options import (EMBEDDED, Command, Paths, add_dtype, add_target, cli_hints, hints_as_notes, model_path, positive,
+                      token_id)
 
 DIFF_EPILOG = ("The summary line gives the explained score under both models and its change, the adapter's share "
                "of the tuned relevance (sum|adapter| / (sum|adapter| + sum|base weights|) over the prompt tokens; "
@@ -105,8 +106,9 @@ def _models(args: argparse.Namespace):
     from ..api import LLM
 
     source = args.tuned if args.adapter is None else args.base
-    tuned = LLM.load(source, adapter=args.adapter, dtype=args.dtype, progress=True,
-                     check_base=not args.no_check_base)
+    with cli_hints():  # a refused base names --no-check-base
+        tuned = LLM.load(source, adapter=args.adapter, dtype=args.dtype, progress=True,
+                         check_base=not args.no_check_base)
     return tuned, LLM.load(args.base, dtype=args.dtype, progress=True)
 
 

@@ -46,7 +46,7 @@ from ..errors import AdapterError
 from ..fileio import atomic_path, atomic_write
 from ..model.mlp import MLP
 from .adapter import adapter_settings, adapter_state, adapter_version, attach_adapter
-from .base_check import check_fingerprint, write_fingerprint
+from .base_check import PYTHON_HINT, check_fingerprint, write_fingerprint
 from .names import ADAPTER_METHODS
 
 CONFIG_YAML = "model_config.yaml"
@@ -303,7 +303,7 @@ def check_litgpt_base(fields: dict[str, Any], config, path: Path) -> None:
         differ.append(f"vocab_size: {sorted(vocab)} (file) vs {config.vocab_size} (model)")
     if differ:
         raise AdapterError(f"{path}: the adapter was trained on a different architecture ({'; '.join(differ)}); "
-                           "pass check_base=False to load it anyway")
+                           f"{PYTHON_HINT}")
 
 
 def _settings(state: dict[str, torch.Tensor], fields: dict[str, Any], path: Path, n_layer: int) -> tuple[int, int]:
