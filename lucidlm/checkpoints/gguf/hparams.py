@@ -117,7 +117,9 @@ def _phi3(hf: dict[str, Any]) -> dict[str, Any]:
     del keys["attention.key_length"], keys["attention.value_length"]  # llama.cpp derives them
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     rotary = int(_rope(hf).get("partial_rotary_factor", 1.0) * head_dim)
-    return keys | {"rope.dimension_count": rotary, "attention.sliding_window": hf.get("sliding_window") or 0}
+    original = _rope(hf).get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    return keys | {"rope.dimension_count": rotary, "attention.sliding_window": hf.get("sliding_window") or 0,
+                   "rope.scaling.original_context_length": original or hf["max_position_embeddings"]}
 
 
 def _check_gemma_scale(hf: dict[str, Any], layers_27b: int) -> None:
@@ -174,7 +176,8 @@ def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith("attention.")}
+    _default_rope_base(hf, "stablelm")
+    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith(("attention.", "rope.freq_base"))}
     return keys | {
         "rope.dimension_count": int(_rope(hf).get("partial_rotary_factor", 0.25) * head_dim),
         "attention.head_count": hf["num_attention_heads"],
@@ -184,15 +187,23 @@ def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _default_rope_base(hf: dict[str, Any], model: str) -> None:
+    """The families whose converter writes no RoPE base: llama.cpp runs them with 10000."""
+    if (theta := float(_rope(hf).get("rope_theta", 10000.0))) != 10000.0:
+        raise ExportError(f"a {model!r} model with rope_theta={theta} cannot be exported to GGUF: llama.cpp runs "
+                          "it with 10000")
+
+
 def _gpt2(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ExportError(f"a 'gpt2' model with activation_function={hf['activation_function']!r} cannot be "
-                          "exported to GGUF: llama.cpp runs GPT-2 with gelu_new")
+    if hf.get("activation_function", "gelu_new") != "gelu_new" or (hf.get("n_inner") or 4 * hf["n_embd"]) != 4 * hf[
+            "n_embd"]:
+        raise ExportError("a 'gpt2' model with activation_function other than gelu_new, or n_inner other than "
+                          "4 * n_embd, cannot be exported to GGUF: llama.cpp runs GPT-2 with those")
     return {
         "block_count": hf["n_layer"],
-        "context_length": hf["n_positions"],
+        "context_length": hf.get("n_ctx") or hf["n_positions"],
         "embedding_length": hf["n_embd"],
-        "feed_forward_length": hf.get("n_inner") or 4 * hf["n_embd"],
+        "feed_forward_length": 4 * hf["n_embd"],
         "attention.head_count": hf["n_head"],
         "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
@@ -204,15 +215,19 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
         raise ExportError("a 'falcon' model with ALiBi, a sequential block or multi-head KV (falcon-rw) cannot be "
                           "exported to GGUF: lucidlm reads back RoPE Falcons with parallel blocks only")
     hidden = hf["hidden_size"]
+    _default_rope_base(hf, "falcon")
+    if (hf.get("ffn_hidden_size") or 4 * hidden) != 4 * hidden:
+        raise ExportError("a 'falcon' model with ffn_hidden_size other than 4 * hidden_size cannot be exported to "
+                          "GGUF: llama.cpp's converter writes 4 * hidden_size")
     return {
-        "context_length": hf.get("max_position_embeddings") or 2048,
+        "tensor_data_layout": "jploski",  # the [q; k; v] regrouping (tensors.py)
+        "context_length": 2048,  # what llama.cpp's converter writes for every Falcon
         "embedding_length": hidden,
-        "feed_forward_length": hf.get("ffn_hidden_size") or 4 * hidden,
+        "feed_forward_length": 4 * hidden,
         "block_count": hf["num_hidden_layers"],
         "attention.head_count": hf["num_attention_heads"],
         "attention.head_count_kv": hf["num_kv_heads"] if new else 1,
         "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
-        **_rope_keys(_rope(hf), "falcon"),
     }
 
 
