@@ -63,6 +63,10 @@ CASES = {
     "mistral": Case("mistral", "llama", dict(sliding_window=None)),
     "qwen3-q8": Case("qwen3", "qwen3", types=("q8_0",)),
     "qwen3": Case("qwen3", "qwen3"),
+    "granite": Case("granite", "granite"),
+    "smollm3": Case("smollm3", "smollm3", dict(no_rope_layer_interval=4, use_sliding_window=False,
+                                               sliding_window=None, layer_types=None, no_rope_layers=None)),
+    "olmo2": Case("olmo2", "olmo2"),
     # Phi-4's byte-level BPE: the converter reads it only under this class name
     "phi3": Case("phi3", "phi3", tokenizer_config=dict(tokenizer_class="GPT2Tokenizer")),
     "gemma3": Case("gemma3", "gemma3", dict(_GEMMA3_LAYERS)),
@@ -147,3 +151,16 @@ def test_export_equals_llamacpps_conversion(case_id, kind, llamacpp, tmp_path):
     assert f"{files[kind].name}.error" not in errors, errors.get(f"{files[kind].name}.error")
     ours = LLM.load(directory).export_gguf(tmp_path / "ours.gguf", type=kind)
     assert differences(ours, files[kind], ignored_keys=PATH_GUESSED_KEYS) == []
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_lucidlm_reads_the_export_back(case_id, llamacpp, tmp_path):
+    """``LLM.load(export)`` computes what the source model computes (transformers' own model)."""
+    made, _ = llamacpp
+    directory, _ = made[case_id]
+    ids = torch.tensor([[1, 5, 17, 42, 9, 3, 60, 11, 88, 20]])
+    source = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    out = LLM.load(directory).export_gguf(tmp_path / "ours.gguf", type="f32")
+    with torch.no_grad():
+        torch.testing.assert_close(LLM.load(out, cache_dir=tmp_path / "cache").model(ids), source(ids).logits,
+                                   atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
 """
 
 from __future__ import annotations
@@ -95,14 +95,36 @@ def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
         **_rope_keys(_rope(hf), hf["model_type"]),
-    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {})
+    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {}) | (
+        # the converter names the head size only where config.json does (else it is hidden / heads)
+        {"attention.key_length": head_dim, "attention.value_length": head_dim} if hf.get("head_dim") else {})
 
 
 def _llama(hf: dict[str, Any]) -> dict[str, Any]:
     return _decoder(hf) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+
+
+def _granite(hf: dict[str, Any]) -> dict[str, Any]:
+    keys = {k: v for k, v in _llama(hf).items() if k not in ("attention.key_length", "attention.value_length")}
+    scales = {"attention_multiplier": "attention.scale", "embedding_multiplier": "embedding_scale",
+              "residual_multiplier": "residual_scale", "logits_scaling": "logit_scale"}
+    return keys | {key: float(hf[name]) for name, key in scales.items() if hf.get(name)}
+
+
+def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
+    interval = hf.get("no_rope_layer_interval", 4)
+    if hf.get("use_sliding_window") or interval != 4 or hf.get("no_rope_layers") not in (
+            None, [int((i + 1) % 4 != 0) for i in range(hf["num_hidden_layers"])]):
+        raise ExportError("a 'smollm3' model with a sliding window or a RoPE-free layer other than every 4th "
+                          "cannot be exported to GGUF: llama.cpp runs SmolLM3 without RoPE in every 4th layer only")
+    return _llama(hf)
+
+
+def _olmo2(hf: dict[str, Any]) -> dict[str, Any]:
+    if "sliding_attention" in (hf.get("layer_types") or []):
+        raise ExportError("an 'olmo2' model with sliding-window layers cannot be exported to GGUF by lucidlm")
+    return _decoder(hf)
 
 
 def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +136,7 @@ def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _phi3(hf: dict[str, Any]) -> dict[str, Any]:
     keys = _decoder(hf)
-    del keys["attention.key_length"], keys["attention.value_length"]  # llama.cpp derives them
+    keys.pop("attention.key_length", None), keys.pop("attention.value_length", None)  # llama.cpp derives them
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     rotary = int(_rope(hf).get("partial_rotary_factor", 1.0) * head_dim)
     original = _rope(hf).get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
@@ -232,6 +254,6 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 _BUILDERS = {
-    "llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
+    "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
     "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
 }  # fmt: skip
