@@ -66,6 +66,7 @@ CASES = {
     "granite": Case("granite", "granite"),
     "smollm3": Case("smollm3", "smollm3", dict(no_rope_layer_interval=4, use_sliding_window=False,
                                                sliding_window=None, layer_types=None, no_rope_layers=None)),
+    "olmo": Case("olmo", "olmo"),
     "olmo2": Case("olmo2", "olmo2"),
     # Phi-4's byte-level BPE: the converter reads it only under this class name
     "phi3": Case("phi3", "phi3", tokenizer_config=dict(tokenizer_class="GPT2Tokenizer")),

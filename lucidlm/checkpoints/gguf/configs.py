@@ -80,6 +80,14 @@ def smollm3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     return llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
 
 
+def olmo_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # OLMo's LayerNorm has no parameters and a fixed eps; clamp_kqv clips q, k and v
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    return config | {"hidden_act": "silu", "attention_bias": _has(names, "attn_q.bias"),
+                     "clip_qkv": k.number("attention.clamp_kqv", None)}
+
+
 def olmo2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     return _decoder_config(k, names) | {"hidden_act": "silu", "attention_bias": _has(names, "attn_q.bias")}
 

@@ -13,7 +13,7 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
 """
 
 from __future__ import annotations
@@ -119,6 +119,11 @@ def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
         raise ExportError("a 'smollm3' model with a sliding window or a RoPE-free layer other than every 4th "
                           "cannot be exported to GGUF: llama.cpp runs SmolLM3 without RoPE in every 4th layer only")
     return _llama(hf)
+
+
+def _olmo(hf: dict[str, Any]) -> dict[str, Any]:
+    keys = _decoder(hf) | {"attention.layer_norm_epsilon": 1e-5}
+    return keys | ({"attention.clamp_kqv": float(hf["clip_qkv"])} if hf.get("clip_qkv") is not None else {})
 
 
 def _olmo2(hf: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +259,6 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 _BUILDERS = {
-    "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
+    "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
     "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
 }  # fmt: skip

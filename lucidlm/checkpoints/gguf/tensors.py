@@ -24,7 +24,7 @@ import torch
 
 from ...errors import ExportError, GGUFError
 from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, granite_config,
-                      llama_config, olmo2_config, phi3_config, qwen_config, smollm3_config, stablelm_config)
+                      llama_config, olmo2_config, olmo_config, phi3_config, qwen_config, smollm3_config, stablelm_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -141,6 +141,8 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
                         ignored=frozenset({"rope_freqs.weight"})),
     "smollm3": GGUFFamily("SmolLM3ForCausalLM", "smollm3", smollm3_config, _LLAMA_BLOCKS, permuted_qk=True),
     "granite": GGUFFamily("GraniteForCausalLM", "granite", granite_config, _LLAMA_BLOCKS, permuted_qk=True),
+    # OLMo's LayerNorms have no parameters: no norm tensors
+    "olmo": GGUFFamily("OlmoForCausalLM", "olmo", olmo_config, _LLAMA_BLOCKS, permuted_qk=True),
     "olmo2": GGUFFamily("Olmo2ForCausalLM", "olmo2", olmo2_config, _OLMO2_BLOCKS),
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", qwen_config, _LLAMA_BLOCKS),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
