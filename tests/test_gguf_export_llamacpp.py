@@ -156,12 +156,16 @@ def test_export_equals_llamacpps_conversion(case_id, kind, llamacpp, tmp_path):
 
 @pytest.mark.parametrize("case_id", sorted(CASES))
 def test_lucidlm_reads_the_export_back(case_id, llamacpp, tmp_path):
-    """``LLM.load(export)`` computes what the source model computes (transformers' own model)."""
+    """``LLM.load`` of our export, and of llama.cpp's conversion, computes what the source model computes
+    (transformers' own model)."""
     made, _ = llamacpp
-    directory, _ = made[case_id]
+    directory, files = made[case_id]
     ids = torch.tensor([[1, 5, 17, 42, 9, 3, 60, 11, 88, 20]])
     source = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     out = LLM.load(directory).export_gguf(tmp_path / "ours.gguf", type="f32")
+    files = [out, *([files["f32"]] if "f32" in files else [])]  # and llama.cpp's own file
     with torch.no_grad():
-        torch.testing.assert_close(LLM.load(out, cache_dir=tmp_path / "cache").model(ids), source(ids).logits,
-                                   atol=1e-4, rtol=1e-4)
+        expected = source(ids).logits
+        for path in files:
+            torch.testing.assert_close(LLM.load(path, cache_dir=tmp_path / "cache").model(ids), expected,
+                                       atol=1e-4, rtol=1e-4)
