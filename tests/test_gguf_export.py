@@ -196,8 +196,8 @@ def test_hub_name_goes_into_general_metadata(source, tmp_path):
 
 
 def test_unsupported_family_is_a_typed_error(hf_checkpoint, tmp_path):
-    _, directory = hf_checkpoint("olmo2")
-    with pytest.raises(ExportError, match=r"'olmo2' model cannot be exported.*supported model types: .*llama"):
+    _, directory = hf_checkpoint("gptj")
+    with pytest.raises(ExportError, match=r"'gptj' model cannot be exported.*supported model types: .*llama"):
         LLM.load(directory).export_gguf(tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
 

@@ -65,6 +65,33 @@ def llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def granite_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # llama.cpp's converter writes each multiplier only when the config sets it (1.0 otherwise)
+    return llama_config(k, names) | {
+        "embedding_multiplier": k.number("embedding_scale", 1.0),
+        "residual_multiplier": k.number("residual_scale", 1.0),
+        "attention_multiplier": k.number("attention.scale", 1.0),
+        "logits_scaling": k.number("logit_scale", 1.0),
+    }
+
+
+def smollm3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # llama.cpp skips RoPE in every 4th layer (its n_no_rope_layer_step) and runs no sliding window
+    return llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
+
+
+def olmo_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # OLMo's LayerNorm has no parameters and a fixed eps; clamp_kqv clips q, k and v
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    return config | {"hidden_act": "silu", "attention_bias": _has(names, "attn_q.bias"),
+                     "clip_qkv": k.number("attention.clamp_kqv", None)}
+
+
+def olmo2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    return _decoder_config(k, names) | {"hidden_act": "silu", "attention_bias": _has(names, "attn_q.bias")}
+
+
 def qwen_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # Qwen2 always has q/k/v biases; Qwen3 has none unless the file holds them. llama.cpp ignores
     # sliding windows for both (Qwen ships them disabled).

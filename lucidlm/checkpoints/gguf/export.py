@@ -67,10 +67,7 @@ def export_gguf(
 def _tensors(model, arch: str, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     heads = hf.get("num_attention_heads")
-    tensors = gguf_tensors(state, arch, {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or heads})
-    if arch == "gpt2" and "output.weight" not in tensors:  # llama.cpp writes GPT-2's tied output matrix
-        tensors["output.weight"] = tensors["token_embd.weight"]
-    return tensors
+    return gguf_tensors(state, arch, {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or heads})
 
 
 def _gguf_metadata(source: str | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
 """
 
 from __future__ import annotations
@@ -95,14 +95,41 @@ def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
         **_rope_keys(_rope(hf), hf["model_type"]),
-    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {})
+    } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {}) | (
+        # the converter names the head size only where config.json does (else it is hidden / heads)
+        {"attention.key_length": head_dim, "attention.value_length": head_dim} if hf.get("head_dim") else {})
 
 
 def _llama(hf: dict[str, Any]) -> dict[str, Any]:
     return _decoder(hf) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+
+
+def _granite(hf: dict[str, Any]) -> dict[str, Any]:
+    keys = {k: v for k, v in _llama(hf).items() if k not in ("attention.key_length", "attention.value_length")}
+    scales = {"attention_multiplier": "attention.scale", "embedding_multiplier": "embedding_scale",
+              "residual_multiplier": "residual_scale", "logits_scaling": "logit_scale"}
+    return keys | {key: float(hf[name]) for name, key in scales.items() if hf.get(name)}
+
+
+def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
+    interval = hf.get("no_rope_layer_interval", 4)
+    if hf.get("use_sliding_window") or interval != 4 or hf.get("no_rope_layers") not in (
+            None, [int((i + 1) % 4 != 0) for i in range(hf["num_hidden_layers"])]):
+        raise ExportError("a 'smollm3' model with a sliding window or a RoPE-free layer other than every 4th "
+                          "cannot be exported to GGUF: llama.cpp runs SmolLM3 without RoPE in every 4th layer only")
+    return _llama(hf)
+
+
+def _olmo(hf: dict[str, Any]) -> dict[str, Any]:
+    keys = _decoder(hf) | {"attention.layer_norm_epsilon": 1e-5}
+    return keys | ({"attention.clamp_kqv": float(hf["clip_qkv"])} if hf.get("clip_qkv") is not None else {})
+
+
+def _olmo2(hf: dict[str, Any]) -> dict[str, Any]:
+    if "sliding_attention" in (hf.get("layer_types") or []):
+        raise ExportError("an 'olmo2' model with sliding-window layers cannot be exported to GGUF by lucidlm")
+    return _decoder(hf)
 
 
 def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
@@ -114,10 +141,12 @@ def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _phi3(hf: dict[str, Any]) -> dict[str, Any]:
     keys = _decoder(hf)
-    del keys["attention.key_length"], keys["attention.value_length"]  # llama.cpp derives them
+    keys.pop("attention.key_length", None), keys.pop("attention.value_length", None)  # llama.cpp derives them
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     rotary = int(_rope(hf).get("partial_rotary_factor", 1.0) * head_dim)
-    return keys | {"rope.dimension_count": rotary, "attention.sliding_window": hf.get("sliding_window") or 0}
+    original = _rope(hf).get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    return keys | {"rope.dimension_count": rotary, "attention.sliding_window": hf.get("sliding_window") or 0,
+                   "rope.scaling.original_context_length": original or hf["max_position_embeddings"]}
 
 
 def _check_gemma_scale(hf: dict[str, Any], layers_27b: int) -> None:
@@ -174,7 +203,8 @@ def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith("attention.")}
+    _default_rope_base(hf, "stablelm")
+    keys = {k: v for k, v in _decoder(hf).items() if not k.startswith(("attention.", "rope.freq_base"))}
     return keys | {
         "rope.dimension_count": int(_rope(hf).get("partial_rotary_factor", 0.25) * head_dim),
         "attention.head_count": hf["num_attention_heads"],
@@ -184,15 +214,23 @@ def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _default_rope_base(hf: dict[str, Any], model: str) -> None:
+    """The families whose converter writes no RoPE base: llama.cpp runs them with 10000."""
+    if (theta := float(_rope(hf).get("rope_theta", 10000.0))) != 10000.0:
+        raise ExportError(f"a {model!r} model with rope_theta={theta} cannot be exported to GGUF: llama.cpp runs "
+                          "it with 10000")
+
+
 def _gpt2(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ExportError(f"a 'gpt2' model with activation_function={hf['activation_function']!r} cannot be "
-                          "exported to GGUF: llama.cpp runs GPT-2 with gelu_new")
+    if hf.get("activation_function", "gelu_new") != "gelu_new" or (hf.get("n_inner") or 4 * hf["n_embd"]) != 4 * hf[
+            "n_embd"]:
+        raise ExportError("a 'gpt2' model with activation_function other than gelu_new, or n_inner other than "
+                          "4 * n_embd, cannot be exported to GGUF: llama.cpp runs GPT-2 with those")
     return {
         "block_count": hf["n_layer"],
-        "context_length": hf["n_positions"],
+        "context_length": hf.get("n_ctx") or hf["n_positions"],
         "embedding_length": hf["n_embd"],
-        "feed_forward_length": hf.get("n_inner") or 4 * hf["n_embd"],
+        "feed_forward_length": 4 * hf["n_embd"],
         "attention.head_count": hf["n_head"],
         "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
@@ -204,19 +242,23 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
         raise ExportError("a 'falcon' model with ALiBi, a sequential block or multi-head KV (falcon-rw) cannot be "
                           "exported to GGUF: lucidlm reads back RoPE Falcons with parallel blocks only")
     hidden = hf["hidden_size"]
+    _default_rope_base(hf, "falcon")
+    if (hf.get("ffn_hidden_size") or 4 * hidden) != 4 * hidden:
+        raise ExportError("a 'falcon' model with ffn_hidden_size other than 4 * hidden_size cannot be exported to "
+                          "GGUF: llama.cpp's converter writes 4 * hidden_size")
     return {
-        "context_length": hf.get("max_position_embeddings") or 2048,
+        "tensor_data_layout": "jploski",  # the [q; k; v] regrouping (tensors.py)
+        "context_length": 2048,  # what llama.cpp's converter writes for every Falcon
         "embedding_length": hidden,
-        "feed_forward_length": hf.get("ffn_hidden_size") or 4 * hidden,
+        "feed_forward_length": 4 * hidden,
         "block_count": hf["num_hidden_layers"],
         "attention.head_count": hf["num_attention_heads"],
         "attention.head_count_kv": hf["num_kv_heads"] if new else 1,
         "attention.layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
-        **_rope_keys(_rope(hf), "falcon"),
     }
 
 
 _BUILDERS = {
-    "llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
+    "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
     "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
 }  # fmt: skip

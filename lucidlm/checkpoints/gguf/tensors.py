@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ...errors import ExportError, GGUFError
-from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, llama_config,
-                      phi3_config, qwen_config, stablelm_config)
+from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, granite_config,
+                      llama_config, olmo2_config, olmo_config, phi3_config, qwen_config, smollm3_config, stablelm_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -64,6 +64,14 @@ _GEMMA_BLOCKS = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
     **_ATTENTION,
+    **_GLU,
+}
+# OLMo 2 normalises after attention and MLP (no pre-norms), and the whole of q and k
+_OLMO2_BLOCKS = {
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    **_ATTENTION,
+    **_QK_NORMS,
     **_GLU,
 }
 # StableLM 2 12B normalises each head separately; llama.cpp stacks those norms into one (heads, head_dim)
@@ -131,6 +139,11 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     # with the same weights and, below its 4096-token default window, the same outputs)
     "llama": GGUFFamily("LlamaForCausalLM", "llama", llama_config, _LLAMA_BLOCKS, permuted_qk=True,
                         ignored=frozenset({"rope_freqs.weight"})),
+    "smollm3": GGUFFamily("SmolLM3ForCausalLM", "smollm3", smollm3_config, _LLAMA_BLOCKS, permuted_qk=True),
+    "granite": GGUFFamily("GraniteForCausalLM", "granite", granite_config, _LLAMA_BLOCKS, permuted_qk=True),
+    # OLMo's LayerNorms have no parameters: no norm tensors
+    "olmo": GGUFFamily("OlmoForCausalLM", "olmo", olmo_config, _LLAMA_BLOCKS, permuted_qk=True),
+    "olmo2": GGUFFamily("Olmo2ForCausalLM", "olmo2", olmo2_config, _OLMO2_BLOCKS),
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", qwen_config, _LLAMA_BLOCKS),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
     "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", phi3_config, _PHI3_BLOCKS),

@@ -1,0 +1,55 @@
+"""Run llama.cpp's ``convert_hf_to_gguf.py`` on several model directories in one process (its
+import of torch and transformers is most of a conversion's time):
+
+    python tests/llamacpp_driver.py CONVERTER_DIR MODEL_DIR OUTFILE OUTTYPE [MODEL_DIR OUTFILE OUTTYPE ...]
+
+A conversion that fails leaves ``OUTFILE.error`` (its traceback) and the others go on.
+
+The converter imports ``sentencepiece`` before it looks for a ``tokenizer.model`` file; our models
+have none (their tokenizers are ``tokenizer.json``): see :func:`_without_sentencepiece`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pathlib
+import sys
+import traceback
+
+
+def _without_sentencepiece(base) -> None:
+    """Where ``sentencepiece`` is not installed, raise the converter's own FileNotFoundError for a
+    directory without ``tokenizer.model`` before its import of the package (the next line of
+    ``TextModel._create_vocab_sentencepiece`` does the same), so that it falls back to
+    ``tokenizer.json`` as it does with the package."""
+    if importlib.util.find_spec("sentencepiece") is not None:
+        return
+    original = base.TextModel._create_vocab_sentencepiece
+
+    def create_vocab(self):
+        if not (self.dir_model / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
+        return original(self)
+
+    base.TextModel._create_vocab_sentencepiece = create_vocab
+
+
+def main(argv: list[str]) -> None:
+    converter = pathlib.Path(argv[0])
+    sys.path.insert(0, str(converter))
+    spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", converter / "convert_hf_to_gguf.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _without_sentencepiece(importlib.import_module("conversion.base"))
+    jobs = argv[1:]
+    for model_dir, outfile, outtype in zip(jobs[::3], jobs[1::3], jobs[2::3]):
+        sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", outfile, "--outtype", outtype]
+        try:
+            script.main()
+        except (Exception, SystemExit):  # noqa: BLE001 - the test reports it for this case alone
+            pathlib.Path(outfile + ".error").write_text(traceback.format_exc())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
