@@ -114,14 +114,16 @@ class LLM:
 
         from .checkpoints.gguf.export import export_gguf
         from .model.quant import is_quantized
+        from .train.adapter import refuse_unmergeable
         from .train.lora import has_lora, merge_lora
 
+        refuse_unmergeable(self.model, "export")  # GGUF has no place for a LLaMA-Adapter's prefix attention
         model = merge_lora(copy.deepcopy(self.model)) if has_lora(self.model) else self.model
         if is_quantized(model):
             raise CheckpointError(f"{self.source}: the model was quantised in memory (int8): export the float "
                                   "model (export_gguf's type= quantises)")
         return export_gguf(model, path, type, tokenizer_dir=self.tokenizer_dir, source=self.source,
-                           name=self.name, progress=progress)
+                           name=self.hub_id or self.name, progress=progress)
 
     @classmethod
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,

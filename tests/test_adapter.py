@@ -194,12 +194,14 @@ def test_bad_files_are_typed_errors(tmp_path):
         _loaded(tmp_path / "nowhere")
 
 
-def test_save_and_merge_of_an_adapted_llm_are_refused(tmp_path):
-    llm = lucidlm.LLM(adapted("tiny-llama", "adapter", n_layer=3))
-    for action in (lambda: llm.save(tmp_path / "m"), llm.merge_adapter):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_save_merge_and_gguf_export_of_an_adapted_llm_are_refused(version, tmp_path):
+    llm = lucidlm.LLM(adapted("tiny-llama", version, n_layer=3))
+    for action in (lambda: llm.save(tmp_path / "m"), llm.merge_adapter,
+                   lambda: llm.export_gguf(tmp_path / "m.gguf")):
         with pytest.raises(AdapterError, match="prefix attention cannot be merged"):
             action()
-    assert not (tmp_path / "m").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_merge_folds_v2_scales_and_biases_and_keeps_the_prefix(hf_checkpoint):

@@ -116,7 +116,8 @@ def test_merge_takes_the_base_as_every_command_does(tiny_lm_dir, adapter, tmp_pa
 def test_on_the_embedded_model_finetune_merge_without_a_base_and_load_onto_its_conversion(tmp_path, capsys):
     """Fine-tune the embedded model a few steps; the adapter records the hub id; ``lucidlm merge
     ADAPTER OUT`` (no base) writes base + adapter; the adapter loads onto ``lucidlm convert`` of the
-    GGUF in bfloat16 (another name, another dtype) without --no-check-base."""
+    GGUF in bfloat16 (another name, another dtype) without --no-check-base; ``lucidlm export
+    --adapter`` writes a GGUF file that names the base and holds the tuned weights."""
     records = [{"messages": [{"role": "user", "content": "What is the capital of Zorbania?"},
                              {"role": "assistant", "content": "Quillfax."}]}] * 4
     data = tmp_path / "d.jsonl"
@@ -141,6 +142,12 @@ def test_on_the_embedded_model_finetune_merge_without_a_base_and_load_onto_its_c
     assert converted.hub_id is None and "smollm2" not in str(converted.source).lower()  # only weights vouch
     with torch.no_grad():
         torch.testing.assert_close(converted.model(ids).float(), expected, rtol=0.05, atol=0.3)
+    # exported to GGUF with the adapter merged: the file names the base's hub id and holds the tuned weights
+    assert main(["export", str(tmp_path / "tuned.gguf"), "--adapter", str(run), "--type", "f16"]) == 0
+    exported = lucidlm.LLM.load(tmp_path / "tuned.gguf")
+    assert exported.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model(ids), expected, rtol=0.02, atol=0.1)
 
 
 def test_help_lists_the_adapter_options():

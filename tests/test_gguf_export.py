@@ -188,7 +188,8 @@ def test_hub_name_goes_into_general_metadata(source, tmp_path):
     llm.source = "/cache/hub/models--Qwen--Qwen2-0.5B/snapshots/abc"
     meta = read_metadata(llm.export_gguf(tmp_path / "q.gguf", type="f16"))
     assert meta["general.name"] == "Qwen2-0.5B" and meta["general.organization"] == "Qwen"
-    assert meta["general.source.huggingface.repository"] == "Qwen/Qwen2-0.5B"
+    assert meta["general.source.repo_url"] == "https://huggingface.co/Qwen/Qwen2-0.5B"
+    assert LLM.load(tmp_path / "q.gguf").hub_id == "Qwen/Qwen2-0.5B"  # what an adapter trained on it records
     assert meta["general.file_type"] == 1 and meta["general.quantization_version"] == 2
 
 

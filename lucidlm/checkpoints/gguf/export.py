@@ -4,8 +4,10 @@ source file's own keys when the model came from a GGUF file) and ``general.*`` m
 :func:`.writer.write_gguf`. :meth:`lucidlm.LLM.export_gguf` and ``lucidlm export`` call
 :func:`export_gguf`.
 
->>> general_keys({}, "HuggingFaceTB/SmolLM2-135M-Instruct")["general.source.huggingface.repository"]
-'HuggingFaceTB/SmolLM2-135M-Instruct'
+>>> general_keys({}, "HuggingFaceTB/SmolLM2-135M-Instruct")["general.source.repo_url"]
+'https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct'
+>>> general_keys({"general.name": "SmolLM2"}, "HuggingFaceTB/SmolLM2-135M-Instruct")["general.source.repo_url"]
+'https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct'
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ...errors import ExportError
 from ..layouts import ours_to_hf
+from ..origin import GGUF_SOURCE_KEYS
 from .hparams import architecture_keys, gguf_architecture
 from .tensors import gguf_tensors
 from .vocab import tokenizer_keys
@@ -84,14 +87,17 @@ def _gguf_metadata(source: str | None) -> dict[str, Any]:
 
 def general_keys(source_meta: dict[str, Any], name: str | None) -> dict[str, Any]:
     """``general.*``: the source GGUF's own (name, organization, license...) or, for a Hugging Face
-    model, its name and, for a hub id, the organization and the repository."""
-    kept = {k: v for k, v in source_meta.items() if k.startswith("general.") and k not in _FILE_KEYS}
-    if kept or not name:
-        return kept
-    organization, _, base = name.rpartition("/")
-    keys: dict[str, Any] = {"general.name": base}
-    if organization and "/" not in organization:
-        keys |= {"general.organization": organization, "general.source.huggingface.repository": name}
+    model, its name and organization; a hub id ``org/name`` also becomes ``general.source.repo_url``
+    (llama.cpp's key for the repository a file was converted from) unless the source names one, so
+    that the file, and an adapter trained on it, still name their base on another machine."""
+    keys = {k: v for k, v in source_meta.items() if k.startswith("general.") and k not in _FILE_KEYS}
+    organization, _, base = (name or "").rpartition("/")
+    if not keys and name:
+        keys["general.name"] = base
+        if organization and "/" not in organization:
+            keys["general.organization"] = organization
+    if organization and "/" not in organization and not any(k in keys for k in GGUF_SOURCE_KEYS):
+        keys["general.source.repo_url"] = f"https://huggingface.co/{name}"
     return keys
 
 
