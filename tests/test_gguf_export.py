@@ -258,3 +258,17 @@ def test_embedded_model_exports_and_reloads(smollm2, tmp_path):
         assert diff < (0.05 if kind == "f16" else 1.0), (kind, diff)
         if kind == "f16":
             assert back.generate(prompt, max_new_tokens=16) == smollm2.generate(prompt, max_new_tokens=16)
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_a_typed_error():
+    """A file's per-frequency RoPE factors read back as the Llama 3 config that reproduces them, or refused."""
+    from lucidlm.checkpoints.gguf.rope_freqs import llama3_factors, llama3_parameters
+    from lucidlm.errors import GGUFError
+
+    params = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                  original_max_position_embeddings=100)
+    back = llama3_parameters(llama3_factors(params, 64), 10000.0, 64, "f.gguf")
+    torch.testing.assert_close(llama3_factors(back, 64), llama3_factors(params, 64))
+    assert llama3_parameters(torch.full((32,), 4.0), 10000.0, 64, "f.gguf")["rope_type"] == "linear"
+    with pytest.raises(GGUFError, match="f.gguf: its rope_freqs factors are not Llama 3"):
+        llama3_parameters(torch.linspace(1.0, 3.0, 32).flip(0), 10000.0, 64, "f.gguf")

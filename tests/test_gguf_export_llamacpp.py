@@ -60,6 +60,8 @@ _FALCON = dict(ffn_hidden_size=256, max_position_embeddings=2048)
 CASES = {
     "llama2": Case("llama2", "llama", types=("f32", "q8_0")),
     "smollm2": Case("smollm2", "llama"),
+    # Llama 3.1's RoPE scaling: no rope.scaling.* keys, a rope_freqs tensor of per-frequency factors
+    "llama3": Case("llama3", "llama", types=("f32", "q8_0")),
     "mistral": Case("mistral", "llama", dict(sliding_window=None)),
     "qwen3-q8": Case("qwen3", "qwen3", types=("q8_0",)),
     "qwen3": Case("qwen3", "qwen3"),

@@ -3,7 +3,7 @@ writes: the inverse of :mod:`~.configs`, which reads those keys back into the sa
 
 Which GGUF architecture a model becomes comes from :data:`~.tensors.GGUF_FAMILIES` (each family's
 ``model_type``; Mistral is exported as ``llama``, as llama.cpp does). A setting that llama.cpp
-cannot express (YaRN or Llama-3 RoPE scaling, a Gemma attention scale other than the one llama.cpp
+cannot express (YaRN RoPE scaling, Llama-3 RoPE outside a ``llama`` model, a Gemma attention scale other than the one llama.cpp
 derives from the layer count, a layer pattern it does not know) is an :class:`ExportError` rather
 than a file that computes something else.
 
@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ...errors import ExportError
 from .configs import gemma_attention_scalar, layer_types
+from .rope_freqs import llama3_factors
 from .tensors import GGUF_FAMILIES
 
 # model types llama.cpp's converter writes as another family's architecture
@@ -56,26 +59,35 @@ def architecture_keys(hf: dict[str, Any], arch: str) -> dict[str, Any]:
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     """RoPE settings in transformers 5's ``rope_parameters`` spelling, from either spelling."""
     params = dict(hf.get("rope_parameters") or {})
-    old = hf.get("rope_scaling") or {}
-    params.setdefault("rope_type", old.get("rope_type", old.get("type", "default")))
-    if "factor" in old:
-        params.setdefault("factor", old["factor"])
+    old = dict(hf.get("rope_scaling") or {})
+    params.setdefault("rope_type", old.pop("type", old.get("rope_type", "default")))
+    for key, value in old.items():
+        params.setdefault(key, value)
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     if "partial_rotary_factor" in hf:
         params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
     return params
 
 
-def _rope_keys(params: dict[str, Any], model: str) -> dict[str, Any]:
-    """``rope.freq_base`` and, for linear scaling, ``rope.scaling.*``: what :mod:`.configs` reads."""
+def _rope_keys(params: dict[str, Any], model: str, llama3: bool = False) -> dict[str, Any]:
+    """``rope.freq_base`` and, for linear scaling, ``rope.scaling.*``: what :mod:`.configs` reads.
+    ``llama3``: the family carries Llama 3's scaling as the ``rope_freqs`` tensor (:mod:`.rope_freqs`)."""
     keys = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
     kind = params.get("rope_type", "default")
     if kind == "linear":
         keys |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])}
-    elif kind != "default":
+    elif kind != "default" and not (kind == "llama3" and llama3):
         raise ExportError(f"a {model!r} model with {kind!r} RoPE scaling cannot be exported to GGUF: lucidlm "
-                          "reads back only unscaled or linear RoPE")
+                          "reads back only unscaled or linear RoPE, and Llama 3's in a 'llama' model")
     return keys
+
+
+def rope_freqs(hf: dict[str, Any], arch: str) -> torch.Tensor | None:
+    """The ``rope_freqs`` tensor llama.cpp's converter adds to a Llama model with Llama 3 RoPE, else None."""
+    params = _rope(hf)
+    if arch != "llama" or params["rope_type"] != "llama3":
+        return None
+    return llama3_factors(params, _head_dim(hf))
 
 
 # ----------------------------------------------------------------------------- families
@@ -85,7 +97,7 @@ def _head_dim(hf: dict[str, Any]) -> int:
     return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
-def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
+def _decoder(hf: dict[str, Any], llama3: bool = False) -> dict[str, Any]:
     """The keys every RoPE decoder family writes alike (``TextModel.set_gguf_parameters``)."""
     heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
     return {
@@ -95,18 +107,19 @@ def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        **_rope_keys(_rope(hf), hf["model_type"]),
+        **_rope_keys(_rope(hf), hf["model_type"], llama3),
     } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {}) | (
         # the converter names the head size only where config.json does (else it is hidden / heads)
         {"attention.key_length": head_dim, "attention.value_length": head_dim} if hf.get("head_dim") else {})
 
 
-def _llama(hf: dict[str, Any]) -> dict[str, Any]:
-    return _decoder(hf) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+def _llama(hf: dict[str, Any], llama3: bool = True) -> dict[str, Any]:
+    return _decoder(hf, llama3) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
 
 
 def _granite(hf: dict[str, Any]) -> dict[str, Any]:
-    keys = {k: v for k, v in _llama(hf).items() if k not in ("attention.key_length", "attention.value_length")}
+    keys = {k: v for k, v in _llama(hf, llama3=False).items()
+            if k not in ("attention.key_length", "attention.value_length")}
     scales = {"attention_multiplier": "attention.scale", "embedding_multiplier": "embedding_scale",
               "residual_multiplier": "residual_scale", "logits_scaling": "logit_scale"}
     return keys | {key: float(hf[name]) for name, key in scales.items() if hf.get(name)}
@@ -118,7 +131,7 @@ def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
             None, [int((i + 1) % 4 != 0) for i in range(hf["num_hidden_layers"])]):
         raise ExportError("a 'smollm3' model with a sliding window or a RoPE-free layer other than every 4th "
                           "cannot be exported to GGUF: llama.cpp runs SmolLM3 without RoPE in every 4th layer only")
-    return _llama(hf)
+    return _llama(hf, llama3=False)
 
 
 def _olmo(hf: dict[str, Any]) -> dict[str, Any]:
