@@ -224,3 +224,66 @@ def gpt2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
         "layer_norm_epsilon": k.number("attention.layer_norm_epsilon", 1e-5),
         "activation_function": "gelu_new",
     }
+
+
+def _partial_rotary(k: Keys, head_dim: int) -> float:
+    """The rotated fraction of each head, from ``rope.dimension_count``."""
+    return k.integer("rope.dimension_count", head_dim) / head_dim
+
+
+def cohere_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Command-R: one LayerNorm (no bias) before a parallel attention and MLP, interleaved RoPE, logits
+    # scaled by logit_scale; Command-R+ normalises each head's q and k (attn_q_norm, attn_k_norm)
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    return config | {
+        "hidden_act": "silu",
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "logit_scale": k.number("logit_scale", 1.0),
+        "use_qk_norm": _has(names, "attn_q_norm.weight"),
+        "attention_bias": _has(names, "attn_q.bias"),
+    }
+
+
+def phi2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Phi-2: LayerNorm before a parallel attention and MLP, a GELU MLP, partial RoPE, an output bias
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    theta = k.number("rope.freq_base", 10000.0)
+    fraction = _partial_rotary(k, hidden // heads)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": k.integer("feed_forward_length"),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": k.integer("attention.head_count_kv", heads),
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "hidden_act": "gelu_new",
+        "partial_rotary_factor": fraction,
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
+        "max_position_embeddings": k.integer("context_length", 2048),
+        "qk_layernorm": False,
+    }
+
+
+def gptneox_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Pythia: LayerNorms, a fused per-head query_key_value (llama.cpp reorders it into [q; k; v]),
+    # partial RoPE, a parallel block unless use_parallel_residual says otherwise
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    theta = k.number("rope.freq_base", 10000.0)
+    fraction = _partial_rotary(k, hidden // heads)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": k.integer("feed_forward_length"),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "hidden_act": "gelu",
+        "rotary_pct": fraction,
+        "rotary_emb_base": theta,
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
+        "use_parallel_residual": k.flag("use_parallel_residual", True),
+        "attention_bias": _has(names, "attn_qkv.bias"),
+        "max_position_embeddings": k.integer("context_length", 2048),
+    }

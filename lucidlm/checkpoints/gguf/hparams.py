@@ -13,7 +13,7 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo, olmo2, phi, phi3, qwen2, qwen3, smollm3, stablelm
 """
 
 from __future__ import annotations
@@ -271,7 +271,55 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cohere(hf: dict[str, Any]) -> dict[str, Any]:
+    if (kind := _rope(hf)["rope_type"]) != "default":
+        raise ExportError(f"a 'cohere' model with {kind!r} RoPE scaling cannot be exported to GGUF: llama.cpp's "
+                          "converter writes Command-R without RoPE scaling")
+    keys = _decoder(hf) | {"logit_scale": float(hf["logit_scale"]), "rope.scaling.type": "none"}
+    return keys | {"attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5))}
+
+
+def _rotary_dims(hf: dict[str, Any], head_dim: int) -> int:
+    return int(_rope(hf).get("partial_rotary_factor", hf.get("rotary_pct", 1.0)) * head_dim)
+
+
+def _phi2(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    _default_rope_base(hf, "phi")
+    grouped = (hf.get("num_key_value_heads") or heads) != heads
+    if hf["intermediate_size"] != 4 * hidden or hf.get("qk_layernorm") or grouped:
+        raise ExportError("a 'phi' model with intermediate_size other than 4 * hidden_size, qk_layernorm or grouped "
+                          "KV heads cannot be exported to GGUF: llama.cpp runs Phi-2 without them")
+    fraction = _rope(hf).get("partial_rotary_factor", 0.5)
+    return {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hidden,
+        "feed_forward_length": 4 * hidden,
+        "block_count": hf["num_hidden_layers"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": heads,
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+        "rope.dimension_count": int(fraction * hidden) // heads,
+    }
+
+
+def _gptneox(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    _default_rope_base(hf, "gpt_neox")
+    return {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hidden,
+        "block_count": hf["num_hidden_layers"],
+        "feed_forward_length": hf["intermediate_size"],
+        "rope.dimension_count": _rotary_dims(hf, hidden // heads),
+        "attention.head_count": heads,
+        "use_parallel_residual": bool(hf.get("use_parallel_residual", True)),
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+    }
+
+
 _BUILDERS = {
     "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
-    "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
+    "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
+    "phi2": _phi2, "gptneox": _gptneox,
 }  # fmt: skip

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from ...errors import ExportError, GGUFError
-from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, granite_config,
-                      llama_config, olmo2_config, olmo_config, phi3_config, qwen_config, smollm3_config, stablelm_config)
+from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config,
+                      gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
+                      qwen_config, smollm3_config, stablelm_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -94,6 +95,28 @@ _GPT2_BLOCKS = {
     "ffn_up": "mlp.c_fc",
     "ffn_down": "mlp.c_proj",
 }
+# Command-R: one norm before a parallel attention and MLP
+_COHERE_BLOCKS = {"attn_norm": "input_layernorm", **_ATTENTION, **_QK_NORMS, **_GLU}
+_PHI2_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
+_PHI2_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.dense",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+_GPTNEOX_GLOBALS = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+                    "output": "embed_out"}
+_GPTNEOX_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "attention.query_key_value",
+    "attn_output": "attention.dense",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
 _FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
 # falcon-7b's (and Falcon2's) one norm is input_layernorm; in a file with attn_norm_2 (falcon-40b)
 # llama.cpp's converter made ln_mlp attn_norm and ln_attn attn_norm_2
@@ -123,6 +146,7 @@ class GGUFFamily:
     per_head: frozenset[str] = frozenset()  # leaves llama.cpp stacked from HF's ``<module>.<head>`` tensors
     ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
     grouped_qkv: bool = False  # llama.cpp reordered Falcon's per-KV-group [q_1..q_r|k|v] rows into [q; k; v]
+    headwise_qkv: bool = False  # llama.cpp reordered GPT-NeoX's per-head [q|k|v] rows into [q; k; v]
     # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
     variant: tuple[str, Mapping[str, str]] | None = None
 
@@ -153,6 +177,10 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
                          norm_offset=1.0),
     "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS,
                            per_head=frozenset({"attn_q_norm", "attn_k_norm"})),
+    "command-r": GGUFFamily("CohereForCausalLM", "cohere", cohere_config, _COHERE_BLOCKS),
+    "phi2": GGUFFamily("PhiForCausalLM", "phi", phi2_config, _PHI2_BLOCKS, globals=_PHI2_GLOBALS),
+    "gptneox": GGUFFamily("GPTNeoXForCausalLM", "gpt_neox", gptneox_config, _GPTNEOX_BLOCKS,
+                          globals=_GPTNEOX_GLOBALS, layers="gpt_neox.layers", headwise_qkv=True),
     "gpt2": GGUFFamily("GPT2LMHeadModel", "gpt2", gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
                        layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
     "falcon": GGUFFamily("FalconForCausalLM", "falcon", falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
@@ -225,7 +253,20 @@ def _restore(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -
         value = value.t()
     if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
         value = _regroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    if family.headwise_qkv and leaf == "attn_qkv":
+        value = _headwise_qkv(value, config["num_attention_heads"])
     return value
+
+
+def _headwise_qkv(value: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's GPT-NeoX ``[q; k; v]``: back to ``[head][q | k | v]`` (weights and biases)."""
+    return value.reshape(3, n_head, -1, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
+
+
+def _split_qkv(value: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's GPT-NeoX reordering: ``[head][q | k | v]`` rows into ``[q; k; v]`` (the inverse of
+    :func:`_headwise_qkv`)."""
+    return value.reshape(n_head, 3, -1, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
 
 
 def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
@@ -250,6 +291,8 @@ def _apply(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -> 
     leaf = name.split(".")[-2]
     if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
         value = _ungroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    if family.headwise_qkv and leaf == "attn_qkv":
+        value = _split_qkv(value, config["num_attention_heads"])
     if leaf in family.conv1d and value.ndim == 2:
         value = value.t()
     if family.norm_offset and name.endswith("norm.weight"):
