@@ -90,6 +90,11 @@ CASES = {
     # Pythia's config.json names rotary_pct (the converter reads only that)
     "pythia": Case("pythia", "gptneox", dict(rope_parameters=_NEOX_ROPE), types=("f32", "q8_0"),
                    added=dict(rotary_pct=0.25), ours_only=_FILE_TYPE),
+    # llama.cpp writes Mixtral as "llama" with stacked experts and keeps no sliding window
+    "mixtral": Case("mixtral", "llama", dict(sliding_window=None), types=("f32", "q8_0")),
+    # llama.cpp runs every layer of a Qwen MoE as a mixture of experts
+    "qwen2-moe": Case("qwen2-moe", "qwen2moe", dict(mlp_only_layers=[]), types=("f32", "q8_0")),
+    "qwen3-moe": Case("qwen3-moe", "qwen3moe", dict(decoder_sparse_step=1), types=("f32", "q8_0")),
     "pythia-sequential": Case("pythia-sequential", "gptneox", added=dict(rotary_pct=0.25), ours_only=_FILE_TYPE),
 }
 

@@ -54,6 +54,12 @@ def _decoder_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 
 
 def llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    if _has(names, "ffn_gate_exps.weight"):
+        return mixtral_config(k, names)
+    return _llama_config(k, names)
+
+
+def _llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     config = _decoder_config(k, names)
     # older files name the head size only through the RoPE width, which equals it for Llama models
     head_dim = k.integer("attention.key_length", k.integer("rope.dimension_count", config["head_dim"]))
@@ -65,9 +71,47 @@ def llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def _experts(k: Keys) -> dict[str, Any]:
+    return {"num_experts": k.integer("expert_count"), "num_experts_per_tok": k.integer("expert_used_count")}
+
+
+def mixtral_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # a "llama" file with ffn_*_exps tensors is Mixtral's (llama.cpp runs it without a sliding window)
+    experts = _experts(k)
+    return _llama_config(k, names) | {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": experts["num_experts"],
+        "num_experts_per_tok": experts["num_experts_per_tok"],
+        "sliding_window": None,
+    }
+
+
+def _qwen_moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # llama.cpp runs every layer as a mixture of experts (no dense layers)
+    return qwen_config(k, names) | _experts(k) | {
+        "moe_intermediate_size": k.integer("expert_feed_forward_length"),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
+def qwen2moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Qwen1.5-MoE: a gated shared expert beside the routed ones, whose weights llama.cpp does not renormalise
+    return _qwen_moe_config(k, names) | {
+        "shared_expert_intermediate_size": k.integer("expert_shared_feed_forward_length"),
+        "norm_topk_prob": False,
+    }
+
+
+def qwen3moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Qwen3-MoE: no shared expert; llama.cpp renormalises the chosen experts' weights
+    return _qwen_moe_config(k, names) | {"norm_topk_prob": True}
+
+
 def granite_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp's converter writes each multiplier only when the config sets it (1.0 otherwise)
-    return llama_config(k, names) | {
+    return _llama_config(k, names) | {
         "embedding_multiplier": k.number("embedding_scale", 1.0),
         "residual_multiplier": k.number("residual_scale", 1.0),
         "attention_multiplier": k.number("attention.scale", 1.0),
@@ -77,7 +121,7 @@ def granite_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 
 def smollm3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp skips RoPE in every 4th layer (its n_no_rope_layer_step) and runs no sliding window
-    return llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
+    return _llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
 
 
 def olmo_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:

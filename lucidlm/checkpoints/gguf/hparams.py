@@ -2,10 +2,11 @@
 writes: the inverse of :mod:`~.configs`, which reads those keys back into the same config.
 
 Which GGUF architecture a model becomes comes from :data:`~.tensors.GGUF_FAMILIES` (each family's
-``model_type``; Mistral is exported as ``llama``, as llama.cpp does). A setting that llama.cpp
-cannot express (YaRN RoPE scaling, Llama-3 RoPE outside a ``llama`` model, a Gemma attention scale other than the one llama.cpp
-derives from the layer count, a layer pattern it does not know) is an :class:`ExportError` rather
-than a file that computes something else.
+``model_type``; Mistral and Mixtral are exported as ``llama``, as llama.cpp does). A setting that
+llama.cpp cannot express (YaRN RoPE scaling, Llama-3 RoPE outside a ``llama`` model, a Gemma
+attention scale other than the one llama.cpp derives from the layer count, a layer pattern it does
+not know, a dense layer in a Qwen MoE) is an :class:`ExportError` rather than a file that computes
+something else.
 
 >>> hf = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
 ...       "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
@@ -13,7 +14,7 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo, olmo2, phi, phi3, qwen2, qwen3, smollm3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, mixtral, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .rope_freqs import llama3_factors
 from .tensors import GGUF_FAMILIES
 
 # model types llama.cpp's converter writes as another family's architecture
-_ALIASES = {"mistral": "llama"}
+_ALIASES = {"mistral": "llama", "mixtral": "llama"}
 
 
 def _architectures() -> dict[str, str]:
@@ -114,7 +115,27 @@ def _decoder(hf: dict[str, Any], llama3: bool = False) -> dict[str, Any]:
 
 
 def _llama(hf: dict[str, Any], llama3: bool = True) -> dict[str, Any]:
-    return _decoder(hf, llama3) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+    keys = _decoder(hf, llama3) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+    return keys | (_experts(hf) if hf["model_type"] == "mixtral" else {})
+
+
+def _experts(hf: dict[str, Any]) -> dict[str, Any]:
+    count = hf.get("num_local_experts") or hf["num_experts"]  # the converter reads either name
+    return {"expert_count": count, "expert_used_count": hf["num_experts_per_tok"]}
+
+
+def _qwen_moe(hf: dict[str, Any], normalised: bool) -> dict[str, Any]:
+    model = hf["model_type"]
+    if (hf.get("decoder_sparse_step") or 1) != 1 or hf.get("mlp_only_layers"):
+        raise ExportError(f"a {model!r} model with dense layers (decoder_sparse_step, mlp_only_layers) cannot be "
+                          "exported to GGUF: llama.cpp runs every layer as a mixture of experts")
+    if bool(hf.get("norm_topk_prob", normalised)) != normalised:
+        raise ExportError(f"a {model!r} model with norm_topk_prob={hf['norm_topk_prob']} cannot be exported to "
+                          f"GGUF: llama.cpp runs it with norm_topk_prob={normalised}")
+    keys = _qwen(hf) | _experts(hf) | {"expert_feed_forward_length": hf["moe_intermediate_size"]}
+    if "shared_expert_intermediate_size" in hf:
+        keys["expert_shared_feed_forward_length"] = hf["shared_expert_intermediate_size"]
+    return keys
 
 
 def _granite(hf: dict[str, Any]) -> dict[str, Any]:
@@ -321,5 +342,6 @@ def _gptneox(hf: dict[str, Any]) -> dict[str, Any]:
 _BUILDERS = {
     "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
     "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
-    "phi2": _phi2, "gptneox": _gptneox,
+    "phi2": _phi2, "gptneox": _gptneox, "qwen2moe": lambda hf: _qwen_moe(hf, normalised=False),
+    "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True),
 }  # fmt: skip
