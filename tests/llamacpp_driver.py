@@ -6,12 +6,14 @@ import of torch and transformers is most of a conversion's time):
 A conversion that fails leaves ``OUTFILE.error`` (its traceback) and the others go on.
 
 The converter imports ``sentencepiece`` before it looks for a ``tokenizer.model`` file; our models
-have none (their tokenizers are ``tokenizer.json``): see :func:`_without_sentencepiece`.
+have none (their tokenizers are ``tokenizer.json``): see :func:`_without_sentencepiece`. Under
+transformers 5 it misses config.json keys it reads by name: see :func:`_with_config_json_keys`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import pathlib
 import sys
@@ -35,6 +37,22 @@ def _without_sentencepiece(base) -> None:
     base.TextModel._create_vocab_sentencepiece = create_vocab
 
 
+def _with_config_json_keys(base) -> None:
+    """Give the converter the config.json keys that transformers 5's ``AutoConfig(...).to_dict()`` no
+    longer returns (GPT-NeoX's ``rotary_pct`` moved into ``rope_parameters``), as transformers 4 did:
+    the converter reads them by name."""
+    original = base.ModelBase.load_hparams
+
+    def load_hparams(dir_model, is_mistral_format):
+        config = original(dir_model, is_mistral_format)
+        path = pathlib.Path(dir_model) / "config.json"
+        if not is_mistral_format and path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8")) | config
+        return config
+
+    base.ModelBase.load_hparams = staticmethod(load_hparams)
+
+
 def main(argv: list[str]) -> None:
     converter = pathlib.Path(argv[0])
     sys.path.insert(0, str(converter))
@@ -42,6 +60,7 @@ def main(argv: list[str]) -> None:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     _without_sentencepiece(importlib.import_module("conversion.base"))
+    _with_config_json_keys(importlib.import_module("conversion.base"))
     jobs = argv[1:]
     for model_dir, outfile, outtype in zip(jobs[::3], jobs[1::3], jobs[2::3]):
         sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", outfile, "--outtype", outtype]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import pathlib
 
 import numpy as np
@@ -259,3 +260,40 @@ def test_embedded_model_exports_and_reloads(smollm2, tmp_path):
         assert diff < (0.05 if kind == "f16" else 1.0), (kind, diff)
         if kind == "f16":
             assert back.generate(prompt, max_new_tokens=16) == smollm2.generate(prompt, max_new_tokens=16)
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_a_typed_error():
+    """A file's per-frequency RoPE factors read back as the Llama 3 config that reproduces them, or refused."""
+    from lucidlm.checkpoints.gguf.rope_freqs import llama3_factors, llama3_parameters
+    from lucidlm.errors import GGUFError
+
+    params = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                  original_max_position_embeddings=100)
+    back = llama3_parameters(llama3_factors(params, 64), 10000.0, 64, "f.gguf")
+    torch.testing.assert_close(llama3_factors(back, 64), llama3_factors(params, 64))
+    assert llama3_parameters(torch.full((32,), 4.0), 10000.0, 64, "f.gguf")["rope_type"] == "linear"
+    with pytest.raises(GGUFError, match="f.gguf: its rope_freqs factors are not Llama 3"):
+        llama3_parameters(torch.linspace(1.0, 3.0, 32).flip(0), 10000.0, 64, "f.gguf")
+
+
+_DECODER = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                intermediate_size=256, max_position_embeddings=128, vocab_size=96)
+_LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("hf, arch, needle", [
+    (dict(_DECODER, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          mlp_only_layers=[1]), "qwen2moe", "dense layers"),
+    (dict(_DECODER, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          norm_topk_prob=False), "qwen3moe", "norm_topk_prob=True"),
+    (dict(_DECODER, model_type="phi", intermediate_size=96), "phi2", "4 * hidden_size"),
+    (dict(_DECODER, model_type="granite", rope_parameters=_LLAMA3), "granite", "'llama3' RoPE scaling"),
+    (dict(_DECODER, model_type="cohere", logit_scale=0.5, rope_parameters=dict(rope_type="linear", factor=2.0)),
+     "command-r", "'linear' RoPE scaling"),
+])
+def test_settings_llamacpp_cannot_express_are_typed_errors(hf, arch, needle):
+    from lucidlm.checkpoints.gguf.hparams import architecture_keys
+
+    with pytest.raises(ExportError, match=re.escape(needle)):
+        architecture_keys(hf, arch)

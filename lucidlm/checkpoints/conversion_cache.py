@@ -36,7 +36,7 @@ from ..fileio import cache_root  # noqa: F401  (the one cache directory; this mo
 
 # Bump when the layout or content of a converted directory changes: entries of other versions are
 # then never used again (``lucidlm cache list`` marks them "old", ``lucidlm cache clear`` removes them).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 SOURCE_FILE = "lucidlm-source.json"  # in each entry: where it came from (what ``cache list`` shows)
 _SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor's data

@@ -34,8 +34,9 @@ import lucidlm.checkpoints.conversion_cache as conversion_cache
 
 from ...errors import GGUFError, LucidError
 from ...fileio import atomic_path, cache_root, temp_dir
-from .reader import (GGUF_MAGIC, SUPPORTED_QUANTS, Keys, check_bounds, check_magic, check_quants, field, metadata,
-                     open_reader)
+from .reader import (GGUF_MAGIC, SUPPORTED_QUANTS, Keys, check_bounds, check_magic, check_quants, dequantize, field,
+                     metadata, open_reader)
+from .rope_freqs import llama3_parameters
 from .tensors import GGUF_FAMILIES, SUPPORTED_ARCHITECTURES, check_names, convert_tensors
 from .tokenizer import SUPPORTED_TOKENIZERS, build_tokenizer, generation_config, special_ids, tokenizer_config
 
@@ -180,7 +181,7 @@ def _write_hf_dir(reader, path: pathlib.Path, out: pathlib.Path, dtype: torch.dt
 
     meta = metadata(reader)
     names = [t.name for t in reader.tensors]
-    config = _hf_config(meta, names, dtype, path)
+    config = _with_rope_freqs(_hf_config(meta, names, dtype, path), reader, path)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", generation_config(meta))
     tokenizer = build_tokenizer(meta, path)
@@ -191,6 +192,19 @@ def _write_hf_dir(reader, path: pathlib.Path, out: pathlib.Path, dtype: torch.dt
         bar.set_postfix_str("writing model.safetensors")
         with atomic_path(out / "model.safetensors") as tmp:  # and the umask's mode: save_file makes 0600
             save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def _with_rope_freqs(config: dict[str, Any], reader, path: pathlib.Path) -> dict[str, Any]:
+    """``config`` with the RoPE scaling a ``rope_freqs`` tensor (Llama 3.1's) stands for."""
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return config
+    params = config["rope_parameters"]
+    if params["rope_type"] != "default":
+        raise GGUFError(f"{path} scales RoPE both by rope.scaling.type {params['rope_type']!r} and by a rope_freqs "
+                        "tensor: lucidlm implements one or the other")
+    factors = torch.from_numpy(dequantize(tensor))
+    return config | {"rope_parameters": llama3_parameters(factors, params["rope_theta"], config["head_dim"], path)}
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:

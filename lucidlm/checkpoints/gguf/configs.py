@@ -54,6 +54,12 @@ def _decoder_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 
 
 def llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    if _has(names, "ffn_gate_exps.weight"):
+        return mixtral_config(k, names)
+    return _llama_config(k, names)
+
+
+def _llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     config = _decoder_config(k, names)
     # older files name the head size only through the RoPE width, which equals it for Llama models
     head_dim = k.integer("attention.key_length", k.integer("rope.dimension_count", config["head_dim"]))
@@ -65,9 +71,47 @@ def llama_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def _experts(k: Keys) -> dict[str, Any]:
+    return {"num_experts": k.integer("expert_count"), "num_experts_per_tok": k.integer("expert_used_count")}
+
+
+def mixtral_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # a "llama" file with ffn_*_exps tensors is Mixtral's (llama.cpp runs it without a sliding window)
+    experts = _experts(k)
+    return _llama_config(k, names) | {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": experts["num_experts"],
+        "num_experts_per_tok": experts["num_experts_per_tok"],
+        "sliding_window": None,
+    }
+
+
+def _qwen_moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # llama.cpp runs every layer as a mixture of experts (no dense layers)
+    return qwen_config(k, names) | _experts(k) | {
+        "moe_intermediate_size": k.integer("expert_feed_forward_length"),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
+def qwen2moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Qwen1.5-MoE: a gated shared expert beside the routed ones, whose weights llama.cpp does not renormalise
+    return _qwen_moe_config(k, names) | {
+        "shared_expert_intermediate_size": k.integer("expert_shared_feed_forward_length"),
+        "norm_topk_prob": False,
+    }
+
+
+def qwen3moe_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Qwen3-MoE: no shared expert; llama.cpp renormalises the chosen experts' weights
+    return _qwen_moe_config(k, names) | {"norm_topk_prob": True}
+
+
 def granite_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp's converter writes each multiplier only when the config sets it (1.0 otherwise)
-    return llama_config(k, names) | {
+    return _llama_config(k, names) | {
         "embedding_multiplier": k.number("embedding_scale", 1.0),
         "residual_multiplier": k.number("residual_scale", 1.0),
         "attention_multiplier": k.number("attention.scale", 1.0),
@@ -77,7 +121,7 @@ def granite_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 
 def smollm3_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp skips RoPE in every 4th layer (its n_no_rope_layer_step) and runs no sliding window
-    return llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
+    return _llama_config(k, names) | {"no_rope_layer_interval": 4, "use_sliding_window": False}
 
 
 def olmo_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
@@ -223,4 +267,67 @@ def gpt2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
         "n_inner": k.integer("feed_forward_length", None),
         "layer_norm_epsilon": k.number("attention.layer_norm_epsilon", 1e-5),
         "activation_function": "gelu_new",
+    }
+
+
+def _partial_rotary(k: Keys, head_dim: int) -> float:
+    """The rotated fraction of each head, from ``rope.dimension_count``."""
+    return k.integer("rope.dimension_count", head_dim) / head_dim
+
+
+def cohere_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Command-R: one LayerNorm (no bias) before a parallel attention and MLP, interleaved RoPE, logits
+    # scaled by logit_scale; Command-R+ normalises each head's q and k (attn_q_norm, attn_k_norm)
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    return config | {
+        "hidden_act": "silu",
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "logit_scale": k.number("logit_scale", 1.0),
+        "use_qk_norm": _has(names, "attn_q_norm.weight"),
+        "attention_bias": _has(names, "attn_q.bias"),
+    }
+
+
+def phi2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Phi-2: LayerNorm before a parallel attention and MLP, a GELU MLP, partial RoPE, an output bias
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    theta = k.number("rope.freq_base", 10000.0)
+    fraction = _partial_rotary(k, hidden // heads)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": k.integer("feed_forward_length"),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": k.integer("attention.head_count_kv", heads),
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "hidden_act": "gelu_new",
+        "partial_rotary_factor": fraction,
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
+        "max_position_embeddings": k.integer("context_length", 2048),
+        "qk_layernorm": False,
+    }
+
+
+def gptneox_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # Pythia: LayerNorms, a fused per-head query_key_value (llama.cpp reorders it into [q; k; v]),
+    # partial RoPE, a parallel block unless use_parallel_residual says otherwise
+    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
+    theta = k.number("rope.freq_base", 10000.0)
+    fraction = _partial_rotary(k, hidden // heads)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": k.integer("feed_forward_length"),
+        "num_hidden_layers": k.integer("block_count"),
+        "num_attention_heads": heads,
+        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+        "hidden_act": "gelu",
+        "rotary_pct": fraction,
+        "rotary_emb_base": theta,
+        "rope_theta": theta,
+        "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
+        "use_parallel_residual": k.flag("use_parallel_residual", True),
+        "attention_bias": _has(names, "attn_qkv.bias"),
+        "max_position_embeddings": k.integer("context_length", 2048),
     }

@@ -21,7 +21,7 @@ import torch
 from ...errors import ExportError
 from ..layouts import ours_to_hf
 from ..origin import GGUF_SOURCE_KEYS
-from .hparams import architecture_keys, gguf_architecture
+from .hparams import architecture_keys, gguf_architecture, rope_freqs
 from .tensors import gguf_tensors
 from .vocab import tokenizer_keys
 from .writer import check_type, write_gguf
@@ -70,7 +70,9 @@ def export_gguf(
 def _tensors(model, arch: str, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     heads = hf.get("num_attention_heads")
-    return gguf_tensors(state, arch, {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or heads})
+    tensors = gguf_tensors(state, arch, {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or heads})
+    factors = rope_freqs(hf, arch)
+    return tensors if factors is None else {"rope_freqs.weight": factors, **tensors}
 
 
 def _gguf_metadata(source: str | None) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 writes: the inverse of :mod:`~.configs`, which reads those keys back into the same config.
 
 Which GGUF architecture a model becomes comes from :data:`~.tensors.GGUF_FAMILIES` (each family's
-``model_type``; Mistral is exported as ``llama``, as llama.cpp does). A setting that llama.cpp
-cannot express (YaRN or Llama-3 RoPE scaling, a Gemma attention scale other than the one llama.cpp
-derives from the layer count, a layer pattern it does not know) is an :class:`ExportError` rather
-than a file that computes something else.
+``model_type``; Mistral and Mixtral are exported as ``llama``, as llama.cpp does). A setting that
+llama.cpp cannot express (YaRN RoPE scaling, Llama-3 RoPE outside a ``llama`` model, a Gemma
+attention scale other than the one llama.cpp derives from the layer count, a layer pattern it does
+not know, a dense layer in a Qwen MoE) is an :class:`ExportError` rather than a file that computes
+something else.
 
 >>> hf = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
 ...       "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
@@ -13,19 +14,22 @@ than a file that computes something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: falcon, gemma, gemma2, gemma3_text, gpt2, granite, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3, smollm3, stablelm
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, mixtral, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ...errors import ExportError
 from .configs import gemma_attention_scalar, layer_types
+from .rope_freqs import llama3_factors
 from .tensors import GGUF_FAMILIES
 
 # model types llama.cpp's converter writes as another family's architecture
-_ALIASES = {"mistral": "llama"}
+_ALIASES = {"mistral": "llama", "mixtral": "llama"}
 
 
 def _architectures() -> dict[str, str]:
@@ -56,26 +60,35 @@ def architecture_keys(hf: dict[str, Any], arch: str) -> dict[str, Any]:
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     """RoPE settings in transformers 5's ``rope_parameters`` spelling, from either spelling."""
     params = dict(hf.get("rope_parameters") or {})
-    old = hf.get("rope_scaling") or {}
-    params.setdefault("rope_type", old.get("rope_type", old.get("type", "default")))
-    if "factor" in old:
-        params.setdefault("factor", old["factor"])
+    old = dict(hf.get("rope_scaling") or {})
+    params.setdefault("rope_type", old.pop("type", old.get("rope_type", "default")))
+    for key, value in old.items():
+        params.setdefault(key, value)
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     if "partial_rotary_factor" in hf:
         params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
     return params
 
 
-def _rope_keys(params: dict[str, Any], model: str) -> dict[str, Any]:
-    """``rope.freq_base`` and, for linear scaling, ``rope.scaling.*``: what :mod:`.configs` reads."""
+def _rope_keys(params: dict[str, Any], model: str, llama3: bool = False) -> dict[str, Any]:
+    """``rope.freq_base`` and, for linear scaling, ``rope.scaling.*``: what :mod:`.configs` reads.
+    ``llama3``: the family carries Llama 3's scaling as the ``rope_freqs`` tensor (:mod:`.rope_freqs`)."""
     keys = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
     kind = params.get("rope_type", "default")
     if kind == "linear":
         keys |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])}
-    elif kind != "default":
+    elif kind != "default" and not (kind == "llama3" and llama3):
         raise ExportError(f"a {model!r} model with {kind!r} RoPE scaling cannot be exported to GGUF: lucidlm "
-                          "reads back only unscaled or linear RoPE")
+                          "reads back only unscaled or linear RoPE, and Llama 3's in a 'llama' model")
     return keys
+
+
+def rope_freqs(hf: dict[str, Any], arch: str) -> torch.Tensor | None:
+    """The ``rope_freqs`` tensor llama.cpp's converter adds to a Llama model with Llama 3 RoPE, else None."""
+    params = _rope(hf)
+    if arch != "llama" or params["rope_type"] != "llama3":
+        return None
+    return llama3_factors(params, _head_dim(hf))
 
 
 # ----------------------------------------------------------------------------- families
@@ -85,7 +98,7 @@ def _head_dim(hf: dict[str, Any]) -> int:
     return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
-def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
+def _decoder(hf: dict[str, Any], llama3: bool = False) -> dict[str, Any]:
     """The keys every RoPE decoder family writes alike (``TextModel.set_gguf_parameters``)."""
     heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
     return {
@@ -95,18 +108,39 @@ def _decoder(hf: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        **_rope_keys(_rope(hf), hf["model_type"]),
+        **_rope_keys(_rope(hf), hf["model_type"], llama3),
     } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {}) | (
         # the converter names the head size only where config.json does (else it is hidden / heads)
         {"attention.key_length": head_dim, "attention.value_length": head_dim} if hf.get("head_dim") else {})
 
 
-def _llama(hf: dict[str, Any]) -> dict[str, Any]:
-    return _decoder(hf) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+def _llama(hf: dict[str, Any], llama3: bool = True) -> dict[str, Any]:
+    keys = _decoder(hf, llama3) | {"vocab_size": hf["vocab_size"], "rope.dimension_count": _head_dim(hf)}
+    return keys | (_experts(hf) if hf["model_type"] == "mixtral" else {})
+
+
+def _experts(hf: dict[str, Any]) -> dict[str, Any]:
+    count = hf.get("num_local_experts") or hf["num_experts"]  # the converter reads either name
+    return {"expert_count": count, "expert_used_count": hf["num_experts_per_tok"]}
+
+
+def _qwen_moe(hf: dict[str, Any], normalised: bool) -> dict[str, Any]:
+    model = hf["model_type"]
+    if (hf.get("decoder_sparse_step") or 1) != 1 or hf.get("mlp_only_layers"):
+        raise ExportError(f"a {model!r} model with dense layers (decoder_sparse_step, mlp_only_layers) cannot be "
+                          "exported to GGUF: llama.cpp runs every layer as a mixture of experts")
+    if bool(hf.get("norm_topk_prob", normalised)) != normalised:
+        raise ExportError(f"a {model!r} model with norm_topk_prob={hf['norm_topk_prob']} cannot be exported to "
+                          f"GGUF: llama.cpp runs it with norm_topk_prob={normalised}")
+    keys = _qwen(hf) | _experts(hf) | {"expert_feed_forward_length": hf["moe_intermediate_size"]}
+    if "shared_expert_intermediate_size" in hf:
+        keys["expert_shared_feed_forward_length"] = hf["shared_expert_intermediate_size"]
+    return keys
 
 
 def _granite(hf: dict[str, Any]) -> dict[str, Any]:
-    keys = {k: v for k, v in _llama(hf).items() if k not in ("attention.key_length", "attention.value_length")}
+    keys = {k: v for k, v in _llama(hf, llama3=False).items()
+            if k not in ("attention.key_length", "attention.value_length")}
     scales = {"attention_multiplier": "attention.scale", "embedding_multiplier": "embedding_scale",
               "residual_multiplier": "residual_scale", "logits_scaling": "logit_scale"}
     return keys | {key: float(hf[name]) for name, key in scales.items() if hf.get(name)}
@@ -118,7 +152,7 @@ def _smollm3(hf: dict[str, Any]) -> dict[str, Any]:
             None, [int((i + 1) % 4 != 0) for i in range(hf["num_hidden_layers"])]):
         raise ExportError("a 'smollm3' model with a sliding window or a RoPE-free layer other than every 4th "
                           "cannot be exported to GGUF: llama.cpp runs SmolLM3 without RoPE in every 4th layer only")
-    return _llama(hf)
+    return _llama(hf, llama3=False)
 
 
 def _olmo(hf: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +292,56 @@ def _falcon(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cohere(hf: dict[str, Any]) -> dict[str, Any]:
+    if (kind := _rope(hf)["rope_type"]) != "default":
+        raise ExportError(f"a 'cohere' model with {kind!r} RoPE scaling cannot be exported to GGUF: llama.cpp's "
+                          "converter writes Command-R without RoPE scaling")
+    keys = _decoder(hf) | {"logit_scale": float(hf["logit_scale"]), "rope.scaling.type": "none"}
+    return keys | {"attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5))}
+
+
+def _rotary_dims(hf: dict[str, Any], head_dim: int) -> int:
+    return int(_rope(hf).get("partial_rotary_factor", hf.get("rotary_pct", 1.0)) * head_dim)
+
+
+def _phi2(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    _default_rope_base(hf, "phi")
+    grouped = (hf.get("num_key_value_heads") or heads) != heads
+    if hf["intermediate_size"] != 4 * hidden or hf.get("qk_layernorm") or grouped:
+        raise ExportError("a 'phi' model with intermediate_size other than 4 * hidden_size, qk_layernorm or grouped "
+                          "KV heads cannot be exported to GGUF: llama.cpp runs Phi-2 without them")
+    fraction = _rope(hf).get("partial_rotary_factor", 0.5)
+    return {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hidden,
+        "feed_forward_length": 4 * hidden,
+        "block_count": hf["num_hidden_layers"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": heads,
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+        "rope.dimension_count": int(fraction * hidden) // heads,
+    }
+
+
+def _gptneox(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    _default_rope_base(hf, "gpt_neox")
+    return {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hidden,
+        "block_count": hf["num_hidden_layers"],
+        "feed_forward_length": hf["intermediate_size"],
+        "rope.dimension_count": _rotary_dims(hf, hidden // heads),
+        "attention.head_count": heads,
+        "use_parallel_residual": bool(hf.get("use_parallel_residual", True)),
+        "attention.layer_norm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+    }
+
+
 _BUILDERS = {
     "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
-    "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon,
+    "gemma3": _gemma3, "stablelm": _stablelm, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
+    "phi2": _phi2, "gptneox": _gptneox, "qwen2moe": lambda hf: _qwen_moe(hf, normalised=False),
+    "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True),
 }  # fmt: skip

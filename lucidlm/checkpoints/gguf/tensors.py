@@ -1,7 +1,8 @@
 """Tensor tables: how each GGUF ``general.architecture`` names its tensors in a Hugging Face
 checkpoint, and the undoing of what llama.cpp's converter did to the weights (Llama's Q/K row
-permutation, Gemma's ``1 + w`` norms, GPT-2's transposed Conv1D matrices, Falcon's
-``query_key_value`` regrouped into ``[q; k; v]``, StableLM's per-head norms stacked into one).
+permutation, Gemma's ``1 + w`` norms, GPT-2's transposed Conv1D matrices, Falcon's and GPT-NeoX's
+``query_key_value`` regrouped into ``[q; k; v]``, StableLM's per-head norms and each layer's experts
+stacked into one tensor: a ``{}`` in a module name marks the stacked index).
 
 Each supported architecture is one :class:`GGUFFamily` in :data:`GGUF_FAMILIES`: the config builder
 of :mod:`~.configs`, the Hugging Face name of every GGUF tensor, and the transformations to undo.
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 
 from ...errors import ExportError, GGUFError
-from .configs import (falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config, granite_config,
-                      llama_config, olmo2_config, olmo_config, phi3_config, qwen_config, smollm3_config, stablelm_config)
+from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config,
+                      gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
+                      qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -77,8 +79,8 @@ _OLMO2_BLOCKS = {
 # StableLM 2 12B normalises each head separately; llama.cpp stacks those norms into one (heads, head_dim)
 _STABLELM_BLOCKS = {
     **_LLAMA_BLOCKS,
-    "attn_q_norm": "self_attn.q_layernorm.norms",
-    "attn_k_norm": "self_attn.k_layernorm.norms",
+    "attn_q_norm": "self_attn.q_layernorm.norms.{}",
+    "attn_k_norm": "self_attn.k_layernorm.norms.{}",
 }
 _GPT2_GLOBALS = {
     "token_embd": "transformer.wte",
@@ -94,6 +96,53 @@ _GPT2_BLOCKS = {
     "ffn_up": "mlp.c_fc",
     "ffn_down": "mlp.c_proj",
 }
+# Command-R: one norm before a parallel attention and MLP
+_COHERE_BLOCKS = {"attn_norm": "input_layernorm", **_ATTENTION, **_QK_NORMS, **_GLU}
+_PHI2_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
+_PHI2_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.dense",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+_GPTNEOX_GLOBALS = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+                    "output": "embed_out"}
+_GPTNEOX_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "attention.query_key_value",
+    "attn_output": "attention.dense",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+# llama.cpp stacks each layer's experts into one ffn_*_exps tensor (the router is ffn_gate_inp)
+_MIXTRAL_BLOCKS = {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+    "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+    "ffn_up_exps": "block_sparse_moe.experts.{}.w3",
+}
+_QWEN_EXPERTS = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{}.up_proj",
+    "ffn_down_exps": "mlp.experts.{}.down_proj",
+}
+_QWEN2MOE_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    **_ATTENTION,
+    **_QWEN_EXPERTS,
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_QWEN3MOE_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTENTION,
+                    **_QK_NORMS, **_QWEN_EXPERTS}
 _FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
 # falcon-7b's (and Falcon2's) one norm is input_layernorm; in a file with attn_norm_2 (falcon-40b)
 # llama.cpp's converter made ln_mlp attn_norm and ln_attn attn_norm_2
@@ -120,9 +169,9 @@ class GGUFFamily:
     permuted_qk: bool = False  # llama.cpp reordered Q/K rows for its interleaved RoPE
     norm_offset: float = 0.0  # GGUF ``*norm.weight`` = HF weight + offset (Gemma scales by 1 + w)
     conv1d: frozenset[str] = frozenset()  # leaves HF stores (in, out) and llama.cpp transposed
-    per_head: frozenset[str] = frozenset()  # leaves llama.cpp stacked from HF's ``<module>.<head>`` tensors
     ignored: frozenset[str] = frozenset()  # tensors transformers recomputes from the config
     grouped_qkv: bool = False  # llama.cpp reordered Falcon's per-KV-group [q_1..q_r|k|v] rows into [q; k; v]
+    headwise_qkv: bool = False  # llama.cpp reordered GPT-NeoX's per-head [q|k|v] rows into [q; k; v]
     # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
     variant: tuple[str, Mapping[str, str]] | None = None
 
@@ -135,10 +184,11 @@ class GGUFFamily:
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
     # Mistral and Mixtral GGUFs are "llama" too; llama.cpp keeps no sliding window for them, so
-    # they load as Llama (transformers picks MistralForCausalLM only for general.name == "mistral",
-    # with the same weights and, below its 4096-token default window, the same outputs)
+    # Mistral loads as Llama (transformers picks MistralForCausalLM only for general.name == "mistral",
+    # with the same weights and, below its 4096-token default window, the same outputs) and a file
+    # with stacked experts (ffn_*_exps) as Mixtral without a window
     "llama": GGUFFamily("LlamaForCausalLM", "llama", llama_config, _LLAMA_BLOCKS, permuted_qk=True,
-                        ignored=frozenset({"rope_freqs.weight"})),
+                        ignored=frozenset({"rope_freqs.weight"}), variant=("ffn_gate_exps", _MIXTRAL_BLOCKS)),
     "smollm3": GGUFFamily("SmolLM3ForCausalLM", "smollm3", smollm3_config, _LLAMA_BLOCKS, permuted_qk=True),
     "granite": GGUFFamily("GraniteForCausalLM", "granite", granite_config, _LLAMA_BLOCKS, permuted_qk=True),
     # OLMo's LayerNorms have no parameters: no norm tensors
@@ -146,13 +196,18 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "olmo2": GGUFFamily("Olmo2ForCausalLM", "olmo2", olmo2_config, _OLMO2_BLOCKS),
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", qwen_config, _LLAMA_BLOCKS),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", qwen_config, {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "qwen2moe": GGUFFamily("Qwen2MoeForCausalLM", "qwen2_moe", qwen2moe_config, _QWEN2MOE_BLOCKS),
+    "qwen3moe": GGUFFamily("Qwen3MoeForCausalLM", "qwen3_moe", qwen3moe_config, _QWEN3MOE_BLOCKS),
     "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", phi3_config, _PHI3_BLOCKS),
     "gemma": GGUFFamily("GemmaForCausalLM", "gemma", gemma1_config, _LLAMA_BLOCKS, norm_offset=1.0),
     "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", gemma2_config, _GEMMA_BLOCKS, norm_offset=1.0),
     "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", gemma3_config, {**_GEMMA_BLOCKS, **_QK_NORMS},
                          norm_offset=1.0),
-    "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS,
-                           per_head=frozenset({"attn_q_norm", "attn_k_norm"})),
+    "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS),
+    "command-r": GGUFFamily("CohereForCausalLM", "cohere", cohere_config, _COHERE_BLOCKS),
+    "phi2": GGUFFamily("PhiForCausalLM", "phi", phi2_config, _PHI2_BLOCKS, globals=_PHI2_GLOBALS),
+    "gptneox": GGUFFamily("GPTNeoXForCausalLM", "gpt_neox", gptneox_config, _GPTNEOX_BLOCKS,
+                          globals=_GPTNEOX_GLOBALS, layers="gpt_neox.layers", headwise_qkv=True),
     "gpt2": GGUFFamily("GPT2LMHeadModel", "gpt2", gpt2_config, _GPT2_BLOCKS, globals=_GPT2_GLOBALS,
                        layers="transformer.h", conv1d=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
     "falcon": GGUFFamily("FalconForCausalLM", "falcon", falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
@@ -171,10 +226,11 @@ def check_names(names: list[str], arch: str, path: pathlib.Path) -> None:
                 f"{path} holds tensor {name!r}: the model uses {_UNSUPPORTED_TENSORS[name]}, "
                 "which lucidlm does not implement"
             )
-    misplaced = [n for n in names if not _fits(n, GGUF_FAMILIES[arch])]
+    misplaced = [n for n in names if not _fits(n, GGUF_FAMILIES[arch].for_names(names))]
     if misplaced:
         # a file mislabelled by hand or by a custom exporter: say which architecture it looks like
-        fits = [a for a, family in GGUF_FAMILIES.items() if a != arch and all(_fits(n, family) for n in names)]
+        fits = [a for a, family in GGUF_FAMILIES.items()
+                if a != arch and all(_fits(n, family.for_names(names)) for n in names)]
         hint = f"; its tensor names fit these supported architectures instead: {', '.join(fits)}" if fits else ""
         raise GGUFError(f"{path} holds tensor {misplaced[0]!r}, which has no place in a {arch!r} model{hint}")
 
@@ -225,7 +281,20 @@ def _restore(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -
         value = value.t()
     if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
         value = _regroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    if family.headwise_qkv and leaf == "attn_qkv":
+        value = _headwise_qkv(value, config["num_attention_heads"])
     return value
+
+
+def _headwise_qkv(value: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's GPT-NeoX ``[q; k; v]``: back to ``[head][q | k | v]`` (weights and biases)."""
+    return value.reshape(3, n_head, -1, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
+
+
+def _split_qkv(value: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's GPT-NeoX reordering: ``[head][q | k | v]`` rows into ``[q; k; v]`` (the inverse of
+    :func:`_headwise_qkv`)."""
+    return value.reshape(n_head, 3, -1, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
 
 
 def _regroup_qkv(value: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
@@ -250,6 +319,8 @@ def _apply(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -> 
     leaf = name.split(".")[-2]
     if family.grouped_qkv and leaf == "attn_qkv" and config.get("new_decoder_architecture"):
         value = _ungroup_qkv(value, config["num_attention_heads"], config["num_kv_heads"])
+    if family.headwise_qkv and leaf == "attn_qkv":
+        value = _split_qkv(value, config["num_attention_heads"])
     if leaf in family.conv1d and value.ndim == 2:
         value = value.t()
     if family.norm_offset and name.endswith("norm.weight"):
@@ -263,10 +334,15 @@ def _apply(value: torch.Tensor, name: str, family: GGUFFamily, config: dict) -> 
 def _gguf_names(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     """Hugging Face name patterns -> GGUF name templates: the family's tables read backwards."""
     prefix = re.escape(family.layers)
-    pairs = [(re.compile(rf"{prefix}\.(\d+)\.{re.escape(hf)}\.(weight|bias)"), f"blk.{{0}}.{leaf}.{{1}}")
-             for leaf, hf in family.blocks.items()]
+    pairs = [(re.compile(rf"{prefix}\.(\d+)\.{_module_pattern(hf)}\.(weight|bias)"),
+              f"blk.{{0}}.{leaf}.{{{2 if '{}' in hf else 1}}}") for leaf, hf in family.blocks.items()]
     pairs += [(re.compile(rf"{re.escape(hf)}\.(weight|bias)"), f"{leaf}.{{0}}") for leaf, hf in family.globals.items()]
     return pairs
+
+
+def _module_pattern(hf: str) -> str:
+    """A module name as a regex; a stacked module's ``{}`` (expert or head) becomes a ``(\\d+)`` group."""
+    return re.escape(hf).replace(r"\{\}", r"(\d+)")
 
 
 def gguf_tensors(state: Mapping[str, torch.Tensor], arch: str, config: dict) -> dict[str, torch.Tensor]:
@@ -284,37 +360,31 @@ def gguf_tensors(state: Mapping[str, torch.Tensor], arch: str, config: dict) -> 
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[int, torch.Tensor]] = {}
     for hf_name, tensor in state.items():
-        if stacked := _per_head(hf_name, family, patterns):  # StableLM's q_layernorm.norms.<head>.weight
-            name, head = stacked
-            stacks.setdefault(name, {})[head] = tensor.detach().float()
+        name, index = _gguf_name(hf_name, patterns)
+        if index is not None:  # one of the tensors llama.cpp stacks (experts, StableLM's per-head norms)
+            stacks.setdefault(name, {})[index] = tensor.detach().float()
             continue
-        name = _gguf_name(hf_name, patterns)
         if name is None:
             raise ExportError(f"tensor {hf_name!r} has no GGUF name in a {arch!r} model")
         out[name] = _apply(tensor.detach().float(), name, family, config)
-    for name, heads in stacks.items():
-        out[name] = torch.stack([heads[h] for h in sorted(heads)])
+    for name, parts in stacks.items():
+        out[name] = _apply(torch.stack([parts[i] for i in sorted(parts)]), name, family, config)
     return out
 
 
 def _has_variant(state: Mapping[str, torch.Tensor], family: GGUFFamily) -> bool:
     """Whether ``state`` holds the HF module that only the family's variant names (Falcon-40B's ln_attn)."""
-    module = family.blocks[family.variant[0]]
+    module = {**family.blocks, **family.variant[1]}[family.variant[0]].split("{}")[0].rstrip(".")
     return any(f".{module}." in name for name in state)
 
 
-def _per_head(hf_name: str, family: GGUFFamily, patterns) -> tuple[str, int] | None:
-    """``(GGUF name, head)`` of one of the per-head tensors llama.cpp stacks, else None."""
-    match = re.fullmatch(r"(.*)\.(\d+)\.(weight|bias)", hf_name) if family.per_head else None
-    name = match and _gguf_name(f"{match[1]}.{match[3]}", patterns)
-    return (name, int(match[2])) if name and name.split(".")[-2] in family.per_head else None
-
-
-def _gguf_name(hf_name: str, patterns: list[tuple[re.Pattern[str], str]]) -> str | None:
+def _gguf_name(hf_name: str, patterns: list[tuple[re.Pattern[str], str]]) -> tuple[str | None, int | None]:
+    """(GGUF name, index in its stack or None); (None, None) if ``hf_name`` has no place."""
     for pattern, template in patterns:
         if match := pattern.fullmatch(hf_name):
-            return template.format(*match.groups())
-    return None
+            groups = match.groups()
+            return template.format(*groups), int(groups[1]) if len(groups) == 3 else None
+    return None, None
 
 
 def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) -> dict[str, torch.Tensor]:
@@ -329,9 +399,8 @@ def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) ->
             continue
         value = _restore(torch.from_numpy(dequantize(tensor)), tensor.name, family, config)
         name = _hf_name(tensor.name, family)
-        if tensor.name.split(".")[-2] in family.per_head:  # one (heads, head_dim) -> heads tensors
-            stem, suffix = name.rsplit(".", 1)
-            out.update({f"{stem}.{h}.{suffix}": row.to(dtype).contiguous() for h, row in enumerate(value)})
+        if "{}" in name:  # one stacked tensor -> one per expert (or head)
+            out.update({name.format(i): part.to(dtype).contiguous() for i, part in enumerate(value)})
         else:
             out[name] = value.to(dtype).contiguous()
     return out

@@ -30,6 +30,7 @@ EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 _FILE_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2)}
 # tensors the converter keeps in F32 whatever the file type (MODEL_TENSOR.POS_EMBD, TOKEN_TYPES)
 _ALWAYS_F32 = ("position_embd.weight", "token_types.weight")
+_ALWAYS_F32_LEAVES = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")  # the MoE routers
 _QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION
 
 
@@ -44,7 +45,8 @@ def tensor_type(name: str, shape: tuple[int, ...], kind: str):
     """The ggml type llama.cpp's converter gives tensor ``name`` in a ``kind`` file."""
     from gguf import GGMLQuantizationType
 
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in _ALWAYS_F32:
+    if len(shape) <= 1 or name.endswith(("_norm.weight", *_ALWAYS_F32_LEAVES)) or not name.endswith(".weight") or (
+            name in _ALWAYS_F32):
         return GGMLQuantizationType.F32
     return GGMLQuantizationType[_FILE_TYPES[kind][0]]
 
