@@ -17,16 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+from ..dtypes import GGUF_EXPORT_TYPES
 from .options import Command, Paths, UsageError, add_model
 
-_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # lucidlm.checkpoints.gguf.writer.EXPORT_TYPES, without torch
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", nargs="?", default=None,
                    help="HF directory, .gguf file or hub repo id org/name (default: --model, else the embedded model)")
     p.add_argument("out", type=Path, help="the .gguf file to write (replaced atomically if it exists)")
-    p.add_argument("--type", choices=_TYPES, default="f16", type=str.lower,
+    p.add_argument("--type", choices=GGUF_EXPORT_TYPES, default="f16", type=str.lower,
                    help="tensor type: f32 and f16/bf16 keep the weights (norms stay f32); q8_0 and q4_0 are "
                         "llama.cpp's 8- and 4-bit blocks")
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to merge in first (default: none)")

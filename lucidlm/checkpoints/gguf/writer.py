@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...dtypes import GGUF_EXPORT_TYPES
 from ...errors import ExportError
 from ...fileio import atomic_path
 
-EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+EXPORT_TYPES = GGUF_EXPORT_TYPES  # the torch-free list the command line offers
 # --type -> (ggml tensor type, llama.cpp's general.file_type)
 _FILE_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2)}
 # tensors the converter keeps in F32 whatever the file type (MODEL_TENSOR.POS_EMBD, TOKEN_TYPES)
