@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -147,23 +148,37 @@ def _edit_json(path: pathlib.Path, added: dict[str, Any], dropped: tuple[str, ..
 
 @pytest.fixture(scope="module")
 def llamacpp(tmp_path_factory, converted):
-    """case id -> (model directory, {type: llama.cpp's GGUF file}), every case converted in one process."""
+    """case id -> (model directory, {type: llama.cpp's GGUF file}), every case converted in one process,
+    once per test session: under xdist the first worker converts into the session's shared folder while
+    the others wait on its lock, then read the same files."""
+    from filelock import FileLock
+
     folder = converter_dir()
     if folder is None:
         pytest.skip(f"llama.cpp's converter is not in {ROOT / '.llamacpp-convert'} or ${CONVERTER_ENV}: run "
                     "scripts/fetch_llamacpp_convert.py")
-    root = tmp_path_factory.mktemp("llamacpp")
-    made, jobs = {}, []
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common parent
+    root = shared / "llamacpp-conversions"
+    with FileLock(str(shared / "llamacpp-conversions.lock")):
+        if not (root / "done").exists():
+            _convert_all(root, folder, converted)
+    made = {case_id: (root / case_id, {kind: root / f"{case_id}-{kind}.gguf" for kind in case.types})
+            for case_id, case in CASES.items()}
+    return made, {p.name: p.read_text() for p in root.glob("*.error")}
+
+
+def _convert_all(root: pathlib.Path, folder: pathlib.Path, converted: pathlib.Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)  # a run that died half-way
+    root.mkdir(parents=True)
+    jobs = []
     for case_id, case in CASES.items():
         directory = _model_dir(case, root / case_id, converted)
-        files = {kind: root / f"{case_id}-{kind}.gguf" for kind in case.types}
-        jobs += [str(a) for kind, out in files.items() for a in (directory, out, kind)]
-        made[case_id] = directory, files
+        jobs += [str(a) for kind in case.types for a in (directory, root / f"{case_id}-{kind}.gguf", kind)]
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "llamacpp_driver.py"), str(folder), *jobs],
                          capture_output=True, text=True)
-    errors = {p.name: p.read_text() for p in root.glob("*.error")}
     assert run.returncode == 0, run.stderr[-4000:]
-    return made, errors
+    (root / "done").write_text("")
 
 
 @pytest.mark.parametrize("case_id, kind", [(c, k) for c in CASES for k in CASES[c].types])
