@@ -12,12 +12,15 @@ The original context is 32 tokens here (tiny models, short prompts); transformer
 * ``yarn`` has fixed frequencies and an attention factor on cos/sin.
 """
 
+import warnings
+
 import pytest
 import torch
 import transformers as T
 
 import lucidlm
 from lucidlm import Config
+from lucidlm.compiled import CompileFallback, CompiledDecoder, missing_compiler
 from lucidlm.errors import ConfigError
 from lucidlm.generate import generate_ids
 
@@ -136,6 +139,41 @@ def test_dynamic_state_follows_transformers_across_generations(tmp_path_factory)
         with torch.no_grad():
             expected, got = greedy(hf, llm, ids, new)
         assert got == expected, f"prompt of {length} tokens"
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "llama-longrope", "llama-dynamic"])
+def test_left_padded_batch_through_the_cache(name, tmp_path_factory):
+    """Two prompts of different lengths in one batch (left padding for transformers, our packed
+    prefill): the sequence length is the longest row's, on both sides."""
+    hf, llm = build(name, tmp_path_factory)
+    prompts = [prompt(ORIGINAL - 10, seed=11)[0].tolist(), prompt(ORIGINAL - 16, seed=12)[0].tolist()]
+    width, new = len(prompts[0]), 24
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                               pad_token_id=0)[:, width:].tolist()
+        steps = list(generate_ids(llm.model, prompts, max_new_tokens=new))
+    assert [[s[row] for s in steps] for row in range(2)] == expected
+
+
+@pytest.mark.skipif(missing_compiler(torch.device("cpu")) is not None,
+                    reason="TorchInductor needs a C++ compiler (g++/clang++), none installed")
+@pytest.mark.parametrize("name", ["phi3-longrope", "llama-yarn", "llama-dynamic"])
+def test_compiled_decode_steps(name, tmp_path_factory):
+    """LongRoPE's choice is a torch.where and YaRN's frequencies are fixed: their decode steps
+    compile (Phi-3's recompute at the switch prepares the new cache again); dynamic NTK keeps host
+    state, so its steps run eagerly (no graph, no warning). Tokens equal transformers' either way."""
+    hf, llm = build(name, tmp_path_factory)
+    ids = prompt(ORIGINAL - 12, seed=5)
+    decoder = CompiledDecoder(llm.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallback)
+        got = [t[0] for t in generate_ids(llm.model, [ids[0].tolist()], max_new_tokens=30, decoder=decoder)]
+    expected, _ = greedy(hf, llm, ids, 30)
+    assert got == expected
+    assert (decoder._compiled is None) == (name == "llama-dynamic")
 
 
 # ---- bad input: a typed ConfigError naming the field ----------------------------------------------
