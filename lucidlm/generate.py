@@ -107,7 +107,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    if length_dependent(config.rope_scaling):  # one forward, as transformers: its length picks the frequencies
+    if length_dependent(config.rope_scaling) and spec.is_dense:
+        # one forward, as transformers: its length picks the frequencies (a bounded policy keeps its
+        # chunks, and so its memory bound: each chunk then rotates by its own length)
         chunk_size = max(chunk_size, needed)
     cache, logits = _prefill(model, prompts, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
     next_pos = pos.max(dim=1).values.to(device) + 1

@@ -84,11 +84,12 @@ def build(name: str, tmp_path_factory):
     return model, lucidlm.LLM.load(directory)
 
 
-def greedy(hf, llm, ids: torch.Tensor, new: int) -> tuple[list[int], list[int]]:
-    """transformers' ``generate`` and our ``generate_ids`` (through the cache), greedy, no stop token."""
+def greedy(hf, llm, ids: torch.Tensor, new: int, chunk_size: int = 256) -> tuple[list[int], list[int]]:
+    """transformers' ``generate`` and our ``generate_ids`` (through the cache), greedy, no stop token.
+    ``chunk_size`` below the prompt: a dense cache's prefill still runs as one forward."""
     hf.generation_config.eos_token_id = None  # a random model may pick token 2: neither side stops
     expected = hf.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    got = [t[0] for t in generate_ids(llm.model, [ids[0].tolist()], max_new_tokens=new)]
+    got = [t[0] for t in generate_ids(llm.model, [ids[0].tolist()], max_new_tokens=new, chunk_size=chunk_size)]
     assert len(expected) == new
     return expected, got
 
@@ -111,10 +112,10 @@ def test_logits_short_and_long_prompts(name, tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_tokens_through_the_cache_cross_the_switch(name, tmp_path_factory):
     hf, llm = build(name, tmp_path_factory)
-    for length, new in ((ORIGINAL - 12, 30), (ORIGINAL - 1, 6), (ORIGINAL + 4, 8)):
+    for length, new, chunk in ((ORIGINAL - 12, 30, 256), (ORIGINAL - 1, 6, 256), (ORIGINAL + 4, 8, 8)):
         ids = prompt(length, seed=100 + length)
         with torch.no_grad():
-            expected, got = greedy(hf, llm, ids, new)
+            expected, got = greedy(hf, llm, ids, new, chunk)
         assert got == expected, f"{name}: prompt of {length} tokens"
 
 
