@@ -224,3 +224,18 @@ def test_longrope_with_an_odd_rotary_dim_is_refused_as_transformers_cannot_run_i
               partial_rotary_factor=0.25, original_max_position_embeddings=ORIGINAL, rope_scaling=_longrope(2))
     with pytest.raises(ConfigError, match="short_factor has 2 entries, expected 3"):
         Config.from_hf(hf)
+
+
+@pytest.mark.parametrize("params", [
+    dict(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=1.0),
+    dict(rope_type="yarn", factor=40.0, mscale=0.707, mscale_all_dim=0.707),
+    dict(rope_type="yarn", factor=4.0),
+    dict(rope_type="default"),
+])
+def test_mla_softmax_scale_is_transformers(params):
+    """DeepSeek-V2/V3's ``q·kᵀ`` scale with ``mscale_all_dim`` folded in (for the MLA attention)."""
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
+    from lucidlm.model.rope import softmax_scale
+
+    assert softmax_scale(192 ** -0.5, params) == yarn_apply_mscale(params, 192 ** -0.5)

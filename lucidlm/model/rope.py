@@ -6,6 +6,11 @@ Convention for partial rotary (GPT-NeoX ``rotary_pct``, Phi ``partial_rotary_fac
 with the "rotate half" layout. For an odd ``dim`` that is the next even number of dimensions, with the
 frequencies still divided by the odd ``dim``: exactly what transformers does today (older releases
 of several models sliced ``dim`` dimensions but built ``dim + 1`` cos/sin entries, a shape bug).
+
+Scaling (``rope_scaling["rope_type"]``): ``linear``, ``llama3``, ``yarn``, ``longrope`` and ``dynamic``,
+each computed as transformers 5's ``modeling_rope_utils.py`` computes it, operation for operation
+(bit-equal frequencies); :class:`RotaryFrequencies` adds the rules of its ``dynamic_rope_update`` for
+the two types whose frequencies depend on the forward's sequence length.
 """
 
 from __future__ import annotations
