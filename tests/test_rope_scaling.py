@@ -110,6 +110,20 @@ def test_logits_short_and_long_prompts(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_frequencies_are_bit_equal(name, tmp_path_factory):
+    """Frequencies and attention factor, computed operation for operation as transformers does:
+    equal to the last bit, before the switch, after it, growing and reset (dynamic)."""
+    hf, llm = build(name, tmp_path_factory)
+    rotary_hf, rotary = hf.model.rotary_emb, llm.model.layers[0].attn.rotary
+    assert rotary.scale == rotary_hf.attention_scaling
+    x = torch.zeros(1)
+    for length in (ORIGINAL - 12, ORIGINAL, ORIGINAL + 1, ORIGINAL + 30, ORIGINAL + 20, ORIGINAL - 1):
+        positions = torch.arange(length)[None]
+        rotary_hf(x, positions)
+        torch.testing.assert_close(rotary.frequencies(positions), rotary_hf.inv_freq, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_tokens_through_the_cache_cross_the_switch(name, tmp_path_factory):
     hf, llm = build(name, tmp_path_factory)
     for length, new, chunk in ((ORIGINAL - 12, 30, 256), (ORIGINAL - 1, 6, 256), (ORIGINAL + 4, 8, 8)):
