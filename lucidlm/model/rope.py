@@ -212,6 +212,7 @@ class RotaryFrequencies:
         if self.initial.device != positions.device:  # moved once, not copied at every forward
             self.initial = self.initial.to(positions.device)
             self.long = None if self.long is None else self.long.to(positions.device)
+            self._grown = None if self._grown is None else self._grown.to(positions.device)
         if self.rope_type == "longrope":
             return torch.where(positions.max() + 1 > self.switch, self.long, self.initial)
         if self.rope_type == "dynamic":
