@@ -124,9 +124,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        if sequences is not None:
-            sequences = [seq + [t] for seq, t in zip(sequences, token.tolist())]
-        if sequences is not None and int(next_pos.max()) == switch:  # LongRoPE's switch: start over, long factors
+        if sequences is not None:  # Phi-3 LongRoPE: kept until the switch, then started over with long factors
+            for seq, t in zip(sequences, token.tolist()):
+                seq.append(t)
+        if sequences is not None and int(next_pos.max()) == switch:
             ids, pos = left_pad(sequences)
             cache, logits = _prefill(model, sequences, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
             step_fn, sequences = decoder if compiled and decoder.prepare(cache) else decode_step, None

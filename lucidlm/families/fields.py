@@ -70,8 +70,10 @@ def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     completed as transformers completes them: ``original_max_position_embeddings``, a missing YaRN
     or LongRoPE ``factor``, dynamic NTK's ``max_position_embeddings``).
 
-    >>> rope_fields({"head_dim": 8, "max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
-    {'rope_theta': 10000.0, 'rotary_fraction': 1.0, 'rope_scaling': {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 64}}
+    >>> fields = rope_fields({"head_dim": 8, "max_position_embeddings": 64,
+    ...                       "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    >>> fields["rope_theta"], fields["rope_scaling"]
+    (10000.0, {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 64})
     """
     params = _rope_parameters(hf)
     rope_type = params["rope_type"]
