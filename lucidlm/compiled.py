@@ -106,6 +106,9 @@ class CompiledDecoder:
                               CompileFallback, stacklevel=3)
         if self.fallback_reason is not None or not all(isinstance(layer, DenseLayerCache) for layer in cache.layers):
             return False
+        if (self.model.config.rope_scaling or {}).get("rope_type") == "dynamic":
+            return False  # dynamic NTK reads each step's length on the host (transformers' state): eager
+
         kernel_ready()  # build/load the CPU kernel now: inside a graph being traced it could not
         self._compile_for_current_weights()
         for layer in cache.layers:

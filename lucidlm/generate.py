@@ -20,6 +20,7 @@ import torch
 from .cache.base import KVCache, VisibleKeys
 from .cache.spec import PolicySpec, parse_policy
 from .errors import CacheError, GenerationError
+from .model.rope import length_dependent, recompute_position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +107,32 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    if length_dependent(config.rope_scaling) and spec.is_dense:
+        # one forward, as transformers: its length picks the frequencies (a bounded policy keeps its
+        # chunks, and so its memory bound: each chunk then rotates by its own length)
+        chunk_size = max(chunk_size, needed)
     cache, logits = _prefill(model, prompts, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
     next_pos = pos.max(dim=1).values.to(device) + 1
     step_fn = decoder if compiled and decoder.prepare(cache) else decode_step
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    switch = recompute_position(config.rope_scaling)
+    sequences = [list(p) for p in prompts] if switch is not None and longest <= switch else None
     for step in range(max_new_tokens):
         token = sample(logits, sampling, generator)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = step_fn(token[:, None], next_pos[:, None], cache, model)
+        if sequences is not None:  # Phi-3 LongRoPE: kept until the switch, then started over with long factors
+            for seq, t in zip(sequences, token.tolist()):
+                seq.append(t)
+        if sequences is not None and int(next_pos.max()) == switch:
+            ids, pos = left_pad(sequences)
+            cache, logits = _prefill(model, sequences, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
+            step_fn, sequences = decoder if compiled and decoder.prepare(cache) else decode_step, None
+        else:
+            logits = step_fn(token[:, None], next_pos[:, None], cache, model)
         next_pos = next_pos + 1
 
 

@@ -66,9 +66,9 @@ def test_unknown_architecture(llama_dir):
 def test_unsupported_rope_type(llama_dir):
     path = llama_dir / "config.json"
     config = json.loads(path.read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    config["rope_parameters"] = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0}
     path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
+    with pytest.raises(ConfigError, match="rope_type 'proportional' is not supported"):
         lucidlm.LLM.load(llama_dir)
 
 

@@ -31,11 +31,10 @@ import lucidlm
 from lucidlm.config import Config
 from lucidlm.errors import ConfigError
 from lucidlm.model.mlp import ACTIVATIONS
-from lucidlm.model.rope import inverse_frequencies
+from lucidlm.model.rope import attention_factor, inverse_frequencies
 
 DATA = Path(lucidlm.__file__).parent / "catalogue" / "configs"  # the catalogue's published configs
 REAL = {p.stem: json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))}
-UNSUPPORTED = {"Phi-3-mini-128k-instruct": "longrope"}
 _DROP = object()
 
 #: name -> (real config, changes): keys other real checkpoints set differently or leave out
@@ -86,13 +85,14 @@ VARIANTS = {
     "falcon-sequential-mha-bias": ("falcon-7b", {"parallel_attn": False, "multi_query": False, "bias": True,
                                                  "ffn_hidden_size": 12000, "tie_word_embeddings": False}),
     "falcon-legacy-n_embed": ("falcon-7b", {"hidden_size": _DROP, "n_embed": 4544}),
+    "Llama-3.2-1B+yarn": ("Llama-3.2-1B", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                            "original_max_position_embeddings": 8192}}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }
 REJECTED = {  # options transformers supports and we do not: a ConfigError naming the option
-    "Llama-dynamic-rope": ("Llama-2-7b-hf", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
-    "Llama-yarn-rope": ("Llama-3.2-1B", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                                          "original_max_position_embeddings": 8192}}, "yarn"),
+    "Llama-proportional-rope": ("Llama-2-7b-hf", {"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+                                "proportional"),
     "gpt2-inverse-layer-scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     "phi-2-qk-layernorm": ("phi-2", {"qk_layernorm": True}, "qk_layernorm"),
     "falcon-rw-alibi": ("falcon-7b", {"alibi": True, "multi_query": False}, "alibi"),
@@ -109,7 +109,7 @@ def _apply(base: dict, changes: dict) -> dict:
     return d
 
 
-CASES = {**{n: d for n, d in REAL.items() if n not in UNSUPPORTED},
+CASES = {**REAL,
          **{n: _apply(REAL[b], ch) for n, (b, ch) in VARIANTS.items()}}
 
 
@@ -199,7 +199,7 @@ def test_fields_match_transformers(name):
             ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
         torch.testing.assert_close(torch.cat((freqs.sin(), freqs.cos()), 1), rot.embed_positions, atol=0, rtol=0)
         return
-    assert getattr(rot, "attention_scaling", 1.0) == 1.0
+    assert getattr(rot, "attention_scaling", 1.0) == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
     mine = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
     if theirs.model_type == "gemma3_text":
         torch.testing.assert_close(mine, rot.full_attention_inv_freq, atol=0, rtol=1e-6)
@@ -240,6 +240,10 @@ def shrink(d: dict) -> dict:
         d.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         if d.get("shared_expert_intermediate_size"):
             d["shared_expert_intermediate_size"] = 48
+    rope = d.get("rope_scaling") or {}
+    if "long_factor" in rope:  # LongRoPE: 8 of the factors for the 8 rotated pairs; SEQ past the switch
+        d["rope_scaling"] = dict(rope, **{k: rope[k][::len(rope[k]) // 8][:8] for k in ("short_factor", "long_factor")})
+        d["original_max_position_embeddings"] = SEQ - 8
     if d.get("rotary_dim"):  # GPT-J: a quarter of each head, as gpt-j-6b (64 of 256)
         d["rotary_dim"] = 4
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids must exist in the small vocabulary
@@ -309,13 +313,6 @@ def test_unsupported_options_are_named(name):
     base, changes, option = REJECTED[name]
     with pytest.raises(ConfigError, match=option):
         Config.from_hf(_apply(REAL[base], changes))
-
-
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_unsupported_real_configs_are_named(name):
-    hf_config(REAL[name])  # transformers reads it
-    with pytest.raises(ConfigError, match=UNSUPPORTED[name]):
-        Config.from_hf(REAL[name])
 
 
 def test_every_claimed_family_has_a_real_config():

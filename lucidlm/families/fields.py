@@ -62,19 +62,61 @@ def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-_SUPPORTED_ROPE = ("default", "llama3", "linear")
+_SUPPORTED_ROPE = ("default", "dynamic", "linear", "llama3", "longrope", "yarn")
 
 
 def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` (None, or the scaling parameters)."""
+    """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` (None, or the scaling parameters,
+    completed as transformers completes them: ``original_max_position_embeddings``, a missing YaRN
+    or LongRoPE ``factor``, dynamic NTK's ``max_position_embeddings``).
+
+    >>> fields = rope_fields({"head_dim": 8, "max_position_embeddings": 64,
+    ...                       "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    >>> fields["rope_theta"], fields["rope_scaling"]
+    (10000.0, {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 64})
+    """
     params = _rope_parameters(hf)
     rope_type = params["rope_type"]
     if rope_type not in _SUPPORTED_ROPE:
         raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE)}")
+    fraction = float(params.get("partial_rotary_factor", 1.0))
     scaling = None if rope_type == "default" else {
         k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    return {"rope_theta": float(params["rope_theta"]),
-            "rotary_fraction": float(params.get("partial_rotary_factor", 1.0)), "rope_scaling": scaling}
+    if scaling is not None:
+        _complete_scaling(scaling, hf, _rotary_dim(hf, fraction))
+    return {"rope_theta": float(params["rope_theta"]), "rotary_fraction": fraction, "rope_scaling": scaling}
+
+
+def _rotary_dim(hf: dict[str, Any], fraction: float) -> int:
+    head_size = hf.get("head_dim") or first(hf, "hidden_size", "n_embd") // first(hf, "num_attention_heads", "n_head")
+    return int(head_size * fraction)
+
+
+def _complete_scaling(s: dict[str, Any], hf: dict[str, Any], dim: int) -> None:
+    """Fill in what transformers derives (``standardize_rope_params`` and the init functions) and
+    refuse what it cannot compute, naming the field."""
+    rope_type, trained = s["rope_type"], first(hf, "max_position_embeddings", "n_positions", default=4096)
+    if rope_type in ("llama3", "yarn", "longrope"):
+        # a top-level original_max_position_embeddings (Phi-3) wins, as in transformers
+        s["original_max_position_embeddings"] = first(hf, "original_max_position_embeddings", default=None) \
+            or s.get("original_max_position_embeddings") or trained
+    if rope_type in ("yarn", "longrope") and s.get("factor") is None:
+        s["factor"] = trained / s["original_max_position_embeddings"]
+    if rope_type == "dynamic":
+        s["max_position_embeddings"] = trained
+    factor = s.get("factor")
+    if rope_type != "longrope" and not (isinstance(factor, (int, float)) and factor > 0):
+        raise ConfigError(f"rope_scaling.factor={factor!r} for rope_type {rope_type!r}: expected a number > 0")
+    if rope_type == "yarn" and dim % 2:
+        raise ConfigError(f"partial_rotary_factor: yarn needs an even rotary dimension, got {dim} "
+                          "(transformers fails on it too)")
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            got = s.get(key)
+            if not isinstance(got, (list, tuple)) or len(got) != (dim + 1) // 2:
+                n = len(got) if isinstance(got, (list, tuple)) else got
+                raise ConfigError(f"rope_scaling.{key} has {n!r} entries, expected {(dim + 1) // 2} "
+                                  f"(one per rotated pair: rotary dimension {dim} / 2)")
 
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -109,4 +151,7 @@ def generic_fields(hf: dict[str, Any], traits: dict[str, Any]) -> dict[str, Any]
     }
     if traits.get("position_embedding", "rope") == "rope":
         fields.update(rope_fields(hf))
+        scaling = fields["rope_scaling"] or {}
+        if scaling.get("rope_type") == "dynamic":  # dynamic NTK exists to run past the trained length
+            fields["block_size"] = int(fields["block_size"] * max(scaling["factor"], 1.0))
     return fields

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .fields import activation, first, n_layer
+from .fields import activation, first, n_layer, rope_fields
 
 
 def attention_bias(hf: dict[str, Any]) -> dict[str, Any]:  # one flag for q, k, v and o
@@ -28,6 +28,15 @@ def mlp_bias(hf: dict[str, Any]) -> dict[str, Any]:
 def window_everywhere(hf: dict[str, Any]) -> dict[str, Any]:
     # Mistral, Mixtral, Phi-3: the window, when set, applies to every layer (layer_types is ignored)
     return {"sliding_window": hf.get("sliding_window"), "layer_types": None}
+
+
+def phi3_longrope(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers' Phi3ForCausalLM.prepare_inputs_for_generation drops the cache of a generation that
+    # reaches original_max_position_embeddings + 1 tokens and recomputes it all with the long factors
+    scaling = rope_fields(hf)["rope_scaling"]
+    if scaling is None or scaling["rope_type"] != "longrope":
+        return {}
+    return {"rope_scaling": {**scaling, "recompute_at_switch": True}}
 
 
 def qwen_windows(hf: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from . import rules
 from .kernels import explicit_attention, position_mask
 from .linear import Linear
 from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
-from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+from .rope import RotaryFrequencies, apply_rope, rope_cos_sin
 
 #: where the forwards of this thread/task append their attention weights inside
 #: ``with recording_weights()`` (attention rollout); a ContextVar, so other threads never record
@@ -91,12 +91,13 @@ class CausalSelfAttention(nn.Module):
             self._rope_args = (c.head_size, c.rotary_fraction, theta, None if local else c.rope_scaling)
             self.rope_interleaved = c.rope_interleaved
             # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
-            self.inv_freq = inverse_frequencies(*self._rope_args)
+            self.rotary = RotaryFrequencies(*self._rope_args)
+            self._rope_key = self._rope_args[:3] + (repr(self._rope_args[3]), self.rope_interleaved)  # equal: shared
 
     def reset_rope(self) -> None:
         """Recompute the RoPE frequencies (after building the model on the meta device)."""
         if self.use_rope:
-            self.inv_freq = inverse_frequencies(*self._rope_args)
+            self.rotary = RotaryFrequencies(*self._rope_args)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None,
                 rope_memo: dict | None = None) -> torch.Tensor:
@@ -136,11 +137,10 @@ class CausalSelfAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
-        key = self._rope_args[:3] + (repr(self._rope_args[3]), self.rope_interleaved)  # equal RoPE: shared
-        if key not in memo:
-            if self.inv_freq.device != pos.device:  # moved once, not copied at every forward
-                self.inv_freq = self.inv_freq.to(pos.device)
-            memo[key] = rope_cos_sin(self.inv_freq, pos, dtype, self.rope_interleaved)
+        key = self._rope_key
+        if key not in memo:  # the first layer with this RoPE: its frequencies for this forward's length
+            memo[key] = rope_cos_sin(self.rotary.frequencies(pos), pos, dtype, self.rope_interleaved,
+                                     self.rotary.scale)
         return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------
