@@ -1,5 +1,6 @@
 """Checkpoints in and out: ``lucidlm convert`` (GGUF or HF directory -> HF directory), ``lucidlm
-download`` (a hub repo's safetensors) and ``lucidlm merge`` (fold a LoRA adapter into its base).
+download`` (a hub repo's safetensors, by repo id or catalogue name) and ``lucidlm merge`` (fold a
+LoRA adapter into its base).
 
 >>> args = MERGE.parse(["adapter", "out", "--dtype", "bfloat16"])  # onto the embedded model
 >>> MERGE.model(args), MERGE.inputs(args)
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model, cli_hints
+from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model, cli_hints, hub_name
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def add_download(p: argparse.ArgumentParser) -> None:
-    p.add_argument("repo_id", help="org/name on the Hugging Face hub")
+    p.add_argument("repo_id", type=hub_name, metavar="REPO",
+                   help="org/name on the Hugging Face hub, or a catalogue name (lucidlm models)")
     p.add_argument("--dir", type=Path, default=None, help="copy into this directory (default: the HF cache)")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="fetch again files the cache holds (after a corrupt download)")
