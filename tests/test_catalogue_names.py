@@ -124,3 +124,13 @@ def test_a_manifest_may_name_the_model_by_its_catalogue_name():
     from lucidlm.evaluate.runs import model_for
 
     assert model_for(None, {"model": "qwen3-0.6b"}) == "qwen3-0.6b"
+
+
+def test_convert_takes_a_name_as_its_source(hub, tiny, tmp_path):
+    hf_model, saved = tiny
+    hub(REPO, saved)
+    assert main(["convert", "llama-3.2-1b", str(tmp_path / "out")]) == 0
+    assert_same_logits(tmp_path / "out", hf_model)
+    result, stderr = probe("convert", "lama-3.2-1b", tmp_path / "again")
+    assert result["status"] == 2 and result["heavy"] == []
+    assert "argument SRC: lama-3.2-1b does not exist" in stderr and NAME in stderr

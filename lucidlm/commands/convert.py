@@ -22,7 +22,7 @@ from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model,
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", type=Path, help="a .gguf file or an HF directory")
+    p.add_argument("src", help="a .gguf file, an HF directory, a hub repo id org/name or a catalogue name")
     p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
     add_dtype(p, "dtype of the saved weights")
 
@@ -105,8 +105,8 @@ def _write_checkpoint_dir(llm, out: Path) -> None:
     print(f"wrote {out}: {dtype} weights, {format_bytes(size)}{hint}", file=sys.stderr)
 
 
-def _convert_inputs(args: argparse.Namespace) -> Paths:
-    return [("SRC", args.src)]
+def _convert_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    return "SRC", args.src
 
 
 def _merge_inputs(args: argparse.Namespace) -> Paths:
@@ -118,7 +118,7 @@ def _merge_base(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 CONVERT = Command("convert", "GGUF or HF directory -> HF safetensors directory", add_convert, run_convert,
-                  inputs=_convert_inputs)
+                  model=_convert_source)
 DOWNLOAD = Command("download", "fetch a Hugging Face repo's safetensors checkpoint (never pickles)", add_download,
                    run_download)
 MERGE = Command("merge", "fold a LoRA adapter into its base (--model, default: the embedded model) -> HF directory",
