@@ -44,8 +44,7 @@ def _print_catalogue(counts: dict[str, int]) -> None:
     from ..checkpoints.hub import cached_snapshot
 
     embedded = _embedded_installed()
-    print("Catalogue: real checkpoints (--model NAME or REPO, LLM.load(NAME); a local path of that name wins); "
-          "ready = loads now, offline:")
+    print("Catalogue: real checkpoints (--model NAME or REPO, LLM.load(NAME)); ready = loads now, offline:")
     print(f"  {'ready':<9}{'name':<26} {'repo':<38} {'architecture':<15} {'params':>7}")
     missing = 0
     for name in sorted(CATALOGUE, key=str.lower):
