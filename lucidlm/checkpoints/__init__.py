@@ -10,9 +10,8 @@ def checkpoint_dir(path: str | Path | None, cache_dir: str | Path | None = None,
                    progress: bool = False) -> tuple[Path, Path]:
     """Where a model to load lives: ``(source, directory)``, where ``source`` is what was named
     (the embedded GGUF for ``None``, the cached snapshot of a hub repo id or catalogue name, a local
-    path) and
-    ``directory`` the Hugging Face directory to read (a GGUF's conversion in the cache). Converts
-    or downloads once, with ``progress`` on stderr."""
+    path) and ``directory`` the Hugging Face directory to read (a GGUF's conversion in the cache).
+    Converts or downloads once, with ``progress`` on stderr."""
     from ..errors import CheckpointError
 
     if path is None:

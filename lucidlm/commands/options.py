@@ -229,6 +229,7 @@ def hub_name(text: str) -> str:
     """
     from ..catalogue import name_hint, repo_for
 
+    # not hub_repo(): nothing local is named here, so a folder called like the entry does not matter
     repo = text if "/" in text else repo_for(text)
     if repo is None:
         raise argparse.ArgumentTypeError(f"{text} is neither a hub repo id org/name nor a catalogue name"
