@@ -131,9 +131,10 @@ class LLM:
              cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
              quantize: str | None = None) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
-        downloaded once into the Hugging Face cache, safetensors only), or (``path=None``) the
-        embedded default SmolLM2-135M-Instruct. A directory without tokenizer files loads with
-        ``tokenizer=None``.
+        downloaded once into the Hugging Face cache, safetensors only) or a catalogue name for one
+        (``"Llama-3.2-1B"``, any case, as ``lucidlm models`` lists them; a local path of that name
+        wins), or (``path=None``) the embedded default SmolLM2-135M-Instruct. A directory without
+        tokenizer files loads with ``tokenizer=None``.
 
         ``quantize="int8"``: weight-only int8 after loading (see :meth:`quantize`).
         ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:

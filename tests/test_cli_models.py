@@ -44,7 +44,7 @@ def test_models_says_what_loads_now_and_how_to_get_the_rest(tmp_path):
     assert row(out, "SmolLM2-1.7B-Instruct").split()[0] == "cached"
     assert row(out, "SmolLM2-135M-Instruct").split()[0] == "embedded"
     assert row(out, "Qwen3-0.6B").split()[0] == "-" and row(out, "gpt2").split()[0] == "-"
-    assert f"{len(CATALOGUE) - 2} not downloaded: lucidlm download REPO" in out
+    assert f"{len(CATALOGUE) - 2} not downloaded: lucidlm download NAME" in out
     assert "1.71B" in row(out, "SmolLM2-1.7B-Instruct") and "tiny-llama" in out
 
 

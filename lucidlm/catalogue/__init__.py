@@ -4,7 +4,9 @@ Each entry is the official config file (``configs/NAME.json``, as it sits on the
 Hugging Face repo id. This package is data: ``Config.from_name(NAME)`` reads the file through
 :meth:`~lucidlm.config.Config.from_hf`, so the catalogue and checkpoint loading can never disagree;
 ``lucidlm models`` lists the entries with their parameter counts (``params.json``, written by
-``scripts/catalogue_params.py`` with :func:`lucidlm.model.size.parameter_count`).
+``scripts/catalogue_params.py`` with :func:`lucidlm.model.size.parameter_count`). A name also
+stands for its checkpoint wherever a model is named (``--model Llama-3.2-1B``,
+``LLM.load("llama-3.2-1b")``): :func:`repo_for` gives its repo id, any case.
 
 >>> CATALOGUE["SmolLM2-135M-Instruct"]
 'HuggingFaceTB/SmolLM2-135M-Instruct'
@@ -17,6 +19,7 @@ True
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -69,6 +72,46 @@ CATALOGUE: dict[str, str] = {
 #: transformers config class documented as that checkpoint, model cards, published config excerpts),
 #: and each one's parameter count equals what transformers builds from the same file
 UNVERIFIED: tuple[str, ...] = ()
+
+
+def repo_for(name: str) -> str | None:
+    """The hub repo id of the catalogue entry ``name`` (the exact name, else any case), or None.
+
+    >>> repo_for("Llama-3.2-1B"), repo_for("llama-3.2-1b"), repo_for("Llama-3.2")
+    ('meta-llama/Llama-3.2-1B', 'meta-llama/Llama-3.2-1B', None)
+    """
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    folded = {entry.casefold(): repo for entry, repo in CATALOGUE.items()}
+    return folded.get(name.casefold())
+
+
+def close_names(text: str, n: int = 3) -> list[str]:
+    """Up to ``n`` catalogue names that look like ``text`` (any case), closest first: the hint for
+    a model name that is not there.
+
+    >>> close_names("lama-3.2-1b")
+    ['Llama-3.2-1B', 'Llama-3.1-8B', 'Llama-2-7b-hf']
+    >>> close_names("runs/my-finetune"), close_names("gpt3")  # a path is no name
+    ([], ['gpt2'])
+    """
+    if "/" in text or "\\" in text:
+        return []
+    folded = {entry.casefold(): entry for entry in CATALOGUE}
+    matches = difflib.get_close_matches(text.casefold(), folded, n=n, cutoff=0.6)
+    return [folded[m] for m in matches]
+
+
+def name_hint(text: str) -> str:
+    """The end of a "does not exist" message for ``text``: the close catalogue names, or nothing.
+
+    >>> name_hint("Qwen3-0.6")
+    '; close catalogue names: Qwen3-0.6B, Qwen3-30B-A3B (lucidlm models lists them all)'
+    >>> name_hint("runs/model")
+    ''
+    """
+    close = close_names(text)
+    return f"; close catalogue names: {', '.join(close)} (lucidlm models lists them all)" if close else ""
 
 
 def human(n: int) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 def checkpoint_dir(path: str | Path | None, cache_dir: str | Path | None = None,
                    progress: bool = False) -> tuple[Path, Path]:
     """Where a model to load lives: ``(source, directory)``, where ``source`` is what was named
-    (the embedded GGUF for ``None``, a hub repo id's cached snapshot, a local path) and
-    ``directory`` the Hugging Face directory to read (a GGUF's conversion in the cache). Converts
-    or downloads once, with ``progress`` on stderr."""
+    (the embedded GGUF for ``None``, the cached snapshot of a hub repo id or catalogue name, a local
+    path) and ``directory`` the Hugging Face directory to read (a GGUF's conversion in the cache).
+    Converts or downloads once, with ``progress`` on stderr."""
     from ..errors import CheckpointError
 
     if path is None:
@@ -21,7 +21,7 @@ def checkpoint_dir(path: str | Path | None, cache_dir: str | Path | None = None,
     elif isinstance(path, str):
         from .hub import resolve
 
-        path = resolve(path, progress=progress)  # "org/name": the hub's safetensors, cached
+        path = resolve(path, progress=progress)  # "org/name", "Llama-3.2-1B": the hub's safetensors, cached
     path = Path(path)
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         from .gguf import gguf_to_hf_dir
@@ -29,8 +29,11 @@ def checkpoint_dir(path: str | Path | None, cache_dir: str | Path | None = None,
         return path, gguf_to_hf_dir(path, cache_dir=cache_dir, progress=progress)
     if path.is_dir():
         return path, path
-    raise CheckpointError(f"{path}: expected a Hugging Face directory (config.json + *.safetensors) "
-                          "or a .gguf file")
+    from ..catalogue import name_hint
+
+    where = "" if path.exists() else " does not exist;"
+    raise CheckpointError(f"{path}:{where} expected a Hugging Face directory (config.json + *.safetensors), "
+                          f"a .gguf file, a hub repo id org/name or a catalogue name{name_hint(str(path))}")
 
 
 def _is_gguf(path: Path) -> bool:

@@ -1,4 +1,6 @@
-"""Models from the Hugging Face Hub: ``lucidlm download org/name`` and ``LLM.load("org/name")``.
+"""Models from the Hugging Face Hub: ``lucidlm download org/name`` and ``LLM.load("org/name")``,
+or a catalogue name for one (``lucidlm models``: ``LLM.load("Llama-3.2-1B")``, any case; a local
+path of that name wins).
 
 Only configs, tokenizer files and safetensors weights are fetched (:data:`ALLOW_PATTERNS`): never
 pickles, never code. :func:`huggingface_hub.snapshot_download` does the transfer, so a download shows
@@ -21,6 +23,7 @@ import struct
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ..catalogue import repo_for
 from ..errors import CheckpointError
 
 _META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -39,10 +42,25 @@ def is_repo_id(text: str) -> bool:
             and not Path(text).exists())
 
 
+def hub_repo(text: str) -> str | None:
+    """The hub repo id ``text`` names, or None for a local path: ``org/name`` itself, or the repo of
+    a catalogue name (:func:`lucidlm.catalogue.repo_for`, any case). Nothing is fetched or opened:
+    an existing path of that name wins.
+
+    >>> hub_repo("Qwen/Qwen3-0.6B"), hub_repo("qwen3-0.6b"), hub_repo("runs/model.gguf")
+    ('Qwen/Qwen3-0.6B', 'Qwen/Qwen3-0.6B', None)
+    """
+    if is_repo_id(text):
+        return text
+    return None if Path(text).exists() else repo_for(text)
+
+
 def resolve(path_or_repo: str | Path, revision: str | None = None, progress: bool = True) -> Path:
-    """A local checkpoint directory for a repo id (downloaded or from the cache); a path as it is."""
-    if is_repo_id(str(path_or_repo)):
-        return download(str(path_or_repo), revision=revision, progress=progress)
+    """A local checkpoint directory for a repo id or catalogue name (downloaded or from the cache,
+    see :func:`hub_repo`); a path as it is."""
+    repo = hub_repo(str(path_or_repo))
+    if repo is not None:
+        return download(repo, revision=revision, progress=progress)
     return Path(path_or_repo)
 
 

@@ -1,5 +1,6 @@
 """Checkpoints in and out: ``lucidlm convert`` (GGUF or HF directory -> HF directory), ``lucidlm
-download`` (a hub repo's safetensors) and ``lucidlm merge`` (fold a LoRA adapter into its base).
+download`` (a hub repo's safetensors, by repo id or catalogue name) and ``lucidlm merge`` (fold a
+LoRA adapter into its base).
 
 >>> args = MERGE.parse(["adapter", "out", "--dtype", "bfloat16"])  # onto the embedded model
 >>> MERGE.model(args), MERGE.inputs(args)
@@ -17,11 +18,11 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model, cli_hints
+from .options import EMBEDDED, Command, Paths, UsageError, add_dtype, add_model, cli_hints, hub_name
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", type=Path, help="a .gguf file or an HF directory")
+    p.add_argument("src", help="a .gguf file, an HF directory, a hub repo id org/name or a catalogue name")
     p.add_argument("out_dir", type=Path, help="a new (or empty) directory")
     add_dtype(p, "dtype of the saved weights")
 
@@ -36,7 +37,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def add_download(p: argparse.ArgumentParser) -> None:
-    p.add_argument("repo_id", help="org/name on the Hugging Face hub")
+    p.add_argument("repo_id", type=hub_name, metavar="REPO",
+                   help="org/name on the Hugging Face hub, or a catalogue name (lucidlm models)")
     p.add_argument("--dir", type=Path, default=None, help="copy into this directory (default: the HF cache)")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="fetch again files the cache holds (after a corrupt download)")
@@ -103,8 +105,8 @@ def _write_checkpoint_dir(llm, out: Path) -> None:
     print(f"wrote {out}: {dtype} weights, {format_bytes(size)}{hint}", file=sys.stderr)
 
 
-def _convert_inputs(args: argparse.Namespace) -> Paths:
-    return [("SRC", args.src)]
+def _convert_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    return "SRC", args.src
 
 
 def _merge_inputs(args: argparse.Namespace) -> Paths:
@@ -116,7 +118,7 @@ def _merge_base(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 CONVERT = Command("convert", "GGUF or HF directory -> HF safetensors directory", add_convert, run_convert,
-                  inputs=_convert_inputs)
+                  model=_convert_source)
 DOWNLOAD = Command("download", "fetch a Hugging Face repo's safetensors checkpoint (never pickles)", add_download,
                    run_download)
 MERGE = Command("merge", "fold a LoRA adapter into its base (--model, default: the embedded model) -> HF directory",

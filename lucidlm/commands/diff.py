@@ -30,8 +30,8 @@ DIFF_EPILOG = ("The summary line gives the explained score under both models and
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text whose next token is explained by both models")
     p.add_argument("--base", default=None, metavar="MODEL",
-                   help=f"the base model: HF directory, .gguf file or hub repo id org/name (default: the embedded "
-                        f"{EMBEDDED})")
+                   help=f"the base model: HF directory, .gguf file, hub repo id org/name or catalogue name "
+                        f"(default: the embedded {EMBEDDED})")
     tuned = p.add_mutually_exclusive_group(required=True)
     tuned.add_argument("--tuned", type=model_path, metavar="MODEL",
                        help="the tuned checkpoint (a full fine-tune, a merged adapter) of the base's architecture")

@@ -24,7 +24,8 @@ from .options import Command, Paths, UsageError, add_model
 
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", nargs="?", default=None,
-                   help="HF directory, .gguf file or hub repo id org/name (default: --model, else the embedded model)")
+                   help="HF directory, .gguf file, hub repo id org/name or catalogue name (default: --model, else "
+                        "the embedded model)")
     p.add_argument("out", type=Path, help="the .gguf file to write (replaced atomically if it exists)")
     p.add_argument("--type", choices=GGUF_EXPORT_TYPES, default="f16", type=str.lower,
                    help="tensor type: f32 and f16/bf16 keep the weights (norms stay f32); q8_0 and q4_0 are "

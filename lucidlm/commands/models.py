@@ -44,7 +44,7 @@ def _print_catalogue(counts: dict[str, int]) -> None:
     from ..checkpoints.hub import cached_snapshot
 
     embedded = _embedded_installed()
-    print("Catalogue: real checkpoints (--model REPO, LLM.load(REPO)); ready = loads now, offline:")
+    print("Catalogue: real checkpoints (--model NAME or REPO, LLM.load(NAME)); ready = loads now, offline:")
     print(f"  {'ready':<9}{'name':<26} {'repo':<38} {'architecture':<15} {'params':>7}")
     missing = 0
     for name in sorted(CATALOGUE, key=str.lower):
@@ -56,7 +56,7 @@ def _print_catalogue(counts: dict[str, int]) -> None:
     print(f"  embedded = the default model (leave out --model{'' if embedded else '; not installed'}); "
           "cached = in the local Hugging Face cache")
     if missing:
-        print(f"  {missing} not downloaded: lucidlm download REPO (safetensors only), then --model REPO")
+        print(f"  {missing} not downloaded: lucidlm download NAME (safetensors only, once), then --model NAME")
     if not embedded:
         from ..checkpoints.embedded import INSTALL_HINT
 

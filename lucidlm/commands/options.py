@@ -190,21 +190,51 @@ def budget(text: str) -> int | str:
 
 
 def missing_model(value: str) -> str | None:
-    """Why ``value`` cannot be a model (checked without opening it), or None: it must exist here or be
-    a hub repo id."""
-    from ..checkpoints.hub import is_repo_id
+    """Why ``value`` cannot be a model (checked without opening it, offline), or None: it must exist
+    here, be a hub repo id or a catalogue name (``lucidlm models``, any case).
 
-    if Path(value).exists() or is_repo_id(value):
+    >>> missing_model("llama-3.2-1b") is None
+    True
+    >>> missing_model("Llama-3.2-1")
+    'Llama-3.2-1 does not exist (expected ... or a catalogue name); close catalogue names: Llama-3.2-1B, ...'
+    """
+    from ..catalogue import name_hint
+    from ..checkpoints.hub import hub_repo
+
+    if Path(value).exists() or hub_repo(value) is not None:
         return None
-    return f"{value} does not exist (expected an HF directory, a .gguf file or a hub repo id org/name)"
+    return (f"{value} does not exist (expected an HF directory, a .gguf file, a hub repo id org/name or a catalogue "
+            f"name){name_hint(value)}")
 
 
 def model_path(text: str) -> str:
-    """An argument type: a checkpoint that exists here, or a hub repo id (see :func:`missing_model`)."""
+    """An argument type: a checkpoint that exists here, a hub repo id or a catalogue name (see
+    :func:`missing_model`)."""
     problem = missing_model(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def hub_name(text: str) -> str:
+    """An argument type: a hub repo id ``org/name`` as it is, or a catalogue name (``lucidlm
+    models``, any case) as its repo id; checked offline.
+
+    >>> hub_name("Qwen/Qwen3-0.6B"), hub_name("gpt2")
+    ('Qwen/Qwen3-0.6B', 'openai-community/gpt2')
+    >>> hub_name("gpt3")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: gpt3 is neither a hub repo id ... catalogue name; close catalogue names: gpt2 ...
+    """
+    from ..catalogue import name_hint, repo_for
+
+    # not hub_repo(): nothing local is named here, so a folder called like the entry does not matter
+    repo = text if "/" in text else repo_for(text)
+    if repo is None:
+        raise argparse.ArgumentTypeError(f"{text} is neither a hub repo id org/name nor a catalogue name"
+                                         f"{name_hint(text)}")
+    return repo
 
 
 def policy(text: str) -> str:
@@ -220,8 +250,8 @@ def add_dtype(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"HF directory, .gguf file or hub repo id org/name "
-                                   f"(default: the embedded {EMBEDDED})")
+    p.add_argument("--model", help=f"HF directory, .gguf file, hub repo id org/name or catalogue name (lucidlm "
+                                   f"models) (default: the embedded {EMBEDDED})")
     add_dtype(p, "the weights' dtype in memory")
 
 

@@ -30,17 +30,17 @@ def model_for(flag: str | None, manifest: dict[str, Any]) -> str | None:
     """The checkpoint to load: ``--model``, else the manifest's ``model`` (a path or a hub repo id;
     the embedded model's name or none: the embedded default)."""
     from ..checkpoints.embedded import FILENAME
-    from ..checkpoints.hub import is_repo_id
+    from ..checkpoints.hub import hub_repo
 
     if flag is not None:
         return flag
     named = manifest.get("model")
     if named is None or named == FILENAME.partition(".")[0]:
         return None
-    if Path(named).exists() or is_repo_id(str(named)):
+    if Path(named).exists() or hub_repo(str(named)) is not None:
         return str(named)
-    raise ExplainError(f"manifest.json names the model {named!r}, which is neither a checkpoint path nor a hub "
-                       "repo id: pass --model")
+    raise ExplainError(f"manifest.json names the model {named!r}, which is neither a checkpoint path, a hub "
+                       "repo id nor a catalogue name: pass --model")
 
 
 def replacement_text(tokenizer: Any, replacement: int) -> str:
