@@ -82,7 +82,7 @@ class Config:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False  # Cohere, GPT-J: rotate pairs (0,1), (2,3) ... instead of halves
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, Phi partial_rotary_factor)
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3"|"yarn"|"longrope"|"dynamic", ...}
     rope_local_theta: float | None = None  # Gemma 3: base of the sliding-window layers
     rope_layers: tuple[bool, ...] | None = None  # per layer: whether it rotates (SmolLM3); None = all
     # MLP
