@@ -76,6 +76,7 @@ class Config:
     clip_qkv: float | None = None  # OLMo: clamp q, k and v to [-clip_qkv, clip_qkv]
     attention_scale: float | None = None  # None = head_size ** -0.5 (Gemma: query_pre_attn_scalar)
     attn_logit_softcapping: float | None = None
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax that takes mass, adds no value
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention"/"sliding_attention"
     # rotary embeddings
@@ -86,7 +87,7 @@ class Config:
     rope_local_theta: float | None = None  # Gemma 3: base of the sliding-window layers
     rope_layers: tuple[bool, ...] | None = None  # per layer: whether it rotates (SmolLM3); None = all
     # MLP
-    mlp: Literal["glu", "mlp", "moe"] = "glu"
+    mlp: Literal["glu", "mlp", "moe", "clamped_moe"] = "glu"  # clamped_moe: gpt-oss's experts
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     mlp_bias: bool = False
     n_expert: int = 0
@@ -95,6 +96,8 @@ class Config:
     moe_norm_topk: bool = True  # renormalise the top-k routing weights (Mixtral; Qwen-MoE norm_topk_prob)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
+    swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float = 7.0  # ... with gate clamped above and up on both sides at this limit
     # custom components (see docs/custom-models.md): classes built as cls(config, layer) for
     # attention and blocks, cls(config) for the MLP; None = the built-in ones
     attention_class: type | None = None
@@ -129,7 +132,7 @@ class Config:
             self.moe_layers = tuple(bool(m) for m in self.moe_layers)
             if len(self.moe_layers) != self.n_layer:
                 raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
-        if self.mlp == "moe" and not (0 < self.n_expert_per_token <= self.n_expert):
+        if self.mlp in ("moe", "clamped_moe") and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError("a 'moe' MLP needs 0 < n_expert_per_token <= n_expert")
 
     def _check_sizes(self) -> None:

@@ -86,6 +86,14 @@ FAMILIES = {
                                          num_attention_heads=4, num_kv_heads=2, max_position_embeddings=128,
                                          new_decoder_architecture=True, bias=False, bos_token_id=1, eos_token_id=2,
                                          pad_token_id=0),
+    # gpt-oss-20b: sinks, biases, YaRN, even layers slide over 128 tokens, 32 experts top-4 with a
+    # clamped SwiGLU (limit 7); here head size 24 (not a power of two), a window of 4 and a limit
+    # small enough to clamp random weights
+    "gpt-oss": lambda: _cfg(T.GptOssConfig, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
+                            intermediate_size=32, sliding_window=4, swiglu_limit=0.08,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0,
+                                                 beta_slow=1.0, truncate=False, original_max_position_embeddings=16)),
 }
 
 

@@ -174,6 +174,14 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
                         ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "layers.{i}.mlp.down_proj.")),
                        fused=_fused_pair("gpt_neox.layers.{i}.attention.query_key_value", _QKV, _split_neox, _fuse_neox),
                        ignore=(r".*\.attention\.(masked_)?bias$", r".*rotary_emb\.inv_freq$"), prefix="gpt_neox."),
+    # gpt-oss: the experts' stacked (experts, in, out) matrices and their biases, one tensor each
+    "gpt_oss": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "mlp.experts.gate_up_proj_bias", "layers.{i}.mlp.experts.gate_up.bias"),
+        (_LAYER + "mlp.experts.gate_up_proj", "layers.{i}.mlp.experts.gate_up.weight"),
+        (_LAYER + "mlp.experts.down_proj_bias", "layers.{i}.mlp.experts.down.bias"),
+        (_LAYER + "mlp.experts.down_proj", "layers.{i}.mlp.experts.down.weight"))),
     "falcon": _falcon_layout("input_layernorm", "post_attention_layernorm"),  # shared norm, or sequential
     "falcon_new": _falcon_layout("ln_attn", "ln_mlp"),  # new_decoder_architecture: two parallel norms
 })

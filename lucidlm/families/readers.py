@@ -215,3 +215,14 @@ def phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")
     return {}
+
+
+def gpt_oss(hf: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss: sinks and biases in every attention, ``layer_types`` (default: even layers slide),
+    and every MLP an MoE of ``num_local_experts`` clamped-SwiGLU experts of ``intermediate_size``."""
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                      for i in range(n_layer(hf))]
+    return {"n_expert": hf["num_local_experts"], "n_expert_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["intermediate_size"], "swiglu_alpha": float(hf["swiglu_alpha"]),
+            "swiglu_limit": float(hf["swiglu_limit"]), "sliding_window": hf.get("sliding_window"),
+            "layer_types": types, **attention_bias(hf)}

@@ -104,6 +104,13 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
                 rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),
            (r.neox,), "gpt_neox"),
+    Family("GptOssForCausalLM", "gpt_oss", dict(_LLAMA, mlp="clamped_moe", attn_sinks=True),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, head_dim=64, sliding_window=128, attention_bias=True,
+                num_local_experts=128, num_experts_per_tok=4, swiglu_alpha=1.702, swiglu_limit=7.0,
+                max_position_embeddings=131072, rope_theta=150000.0,
+                rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                     original_max_position_embeddings=4096)),
+           (r.gpt_oss,), "gpt_oss"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

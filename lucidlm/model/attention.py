@@ -83,6 +83,8 @@ class CausalSelfAttention(nn.Module):
         self.window = c.sliding_window if c.is_sliding(layer) else None
         self.scale = c.attention_scale or c.head_size ** -0.5
         self.softcap = c.attn_logit_softcapping
+        # gpt-oss: per head, not per token, so no cache policy ever evicts it
+        self.sinks = nn.Parameter(torch.zeros(c.n_head)) if c.attn_sinks else None
         self.clip = c.clip_qkv
         self.use_rope = c.position_embedding == "rope" and (c.rope_layers is None or c.rope_layers[layer])
         if self.use_rope:
@@ -154,7 +156,8 @@ class CausalSelfAttention(nn.Module):
         record = _recording()
         if want_scores or self.softcap is not None or _few_queries_on_cpu(q) or record is not None:
             mask = self._mask(q_pos, k_pos, visible)
-            out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap)
+            sinks = None if self.sinks is None else rules.sink_logits(self.sinks)
+            out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap, sinks=sinks)
             scores = self._scores(weights, q_pos, score_queries) if want_scores else None
             if record is not None:
                 record.append(weights.detach())
@@ -169,6 +172,8 @@ class CausalSelfAttention(nn.Module):
         return mask if visible is None else mask & visible
 
     def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool, visible: torch.Tensor | None = None):
+        if self.sinks is not None:
+            return self._fused_with_sinks(q, k, v, self._mask(q_pos, k_pos, visible))
         if visible is not None:
             mask, causal = self._mask(q_pos, k_pos, visible), False
         elif causal_prefill and self.window is None and bool((q_pos >= 0).all()):
@@ -178,6 +183,18 @@ class CausalSelfAttention(nn.Module):
         else:
             mask, causal = self._mask(q_pos, k_pos, None), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.n_groups != self.n_head)
+
+    def _fused_with_sinks(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """SDPA with gpt-oss's sinks: one more key per group, zero key and zero value, whose logit is
+        the head's sink through a float mask (q·0 + sink); the explicit kernel's weights exactly."""
+        (B, H, Q, _), K = q.shape, k.shape[2]
+        zero = k.new_zeros(*k.shape[:-2], 1, k.shape[-1])
+        k, v = torch.cat([k, zero], dim=-2), torch.cat([v, zero], dim=-2)
+        keys = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        sink = rules.sink_logits(self.sinks).to(q.dtype).view(1, H, 1, 1).expand(B, H, Q, 1)
+        bias = torch.cat([keys.expand(B, H, Q, K), sink], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
                                               enable_gqa=self.n_groups != self.n_head)
 
     @staticmethod

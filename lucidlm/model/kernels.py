@@ -46,8 +46,8 @@ def _grouped(mask: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float, softcap: float | None = None,
-                       dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float, softcap: float | None = None, dropout_p: float = 0.0,
+                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention written out, with the LRP rules of the method in force.
 
     q: (..., heads, queries, head_size); k, v: (..., groups, keys, head_size), ``groups`` dividing
@@ -55,7 +55,9 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     semantics: bool says *may attend*, a float mask is added; a masked logit becomes the dtype's
     minimum rather than -inf, so a row with no visible key gives uniform weights instead of NaN.
     The softmax is taken in at least float32 (as ``transformers``' eager path; float64 stays
-    float64). Returns the output (..., heads, queries, head_size) and the weights
+    float64). ``sinks`` (heads,): gpt-oss's learned per-head logit, one more column of every row's
+    softmax that takes probability mass and carries no value (the weights returned leave it out, so
+    a row sums to less than 1). Returns the output (..., heads, queries, head_size) and the weights
     (..., groups, heads // groups, queries, keys).
     """
     heads, groups = q.shape[-3], k.shape[-3]
@@ -72,8 +74,19 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         else:
             logits = logits + mask
-    weights = F.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    if sinks is None:
+        weights = F.softmax(logits, dim=-1, dtype=dtype).to(q.dtype)
+    else:
+        weights = _sink_softmax(logits, sinks, groups, dtype).to(q.dtype)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     out = rules.attention_weights(weights).flatten(-3, -2) @ v  # (..., groups, heads/g * queries, d)
     return out.unflatten(-2, (per_group, n_q)).flatten(-4, -3), weights
+
+
+def _sink_softmax(logits: torch.Tensor, sinks: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over [logits, sink] per row, the sink's column dropped (``transformers``' gpt-oss
+    eager attention): w_j = exp(l_j) / (Σ_k exp(l_k) + exp(s_h))."""
+    column = sinks.to(logits.dtype).reshape(groups, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    return F.softmax(torch.cat([logits, column], dim=-1), dim=-1, dtype=dtype)[..., :-1]

@@ -1,4 +1,5 @@
-"""Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family) and sparse MoE."""
+"""Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family), sparse MoE and
+gpt-oss's MoE of clamped-SwiGLU experts."""
 
 from __future__ import annotations
 
@@ -87,8 +88,80 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert non-linearity: ``g * sigmoid(alpha * g) * (u + 1)`` with ``g = min(gate, limit)``
+    and ``u = clamp(up, -limit, limit)``.
+
+    LRP: the clamp and the gate's swish form one element-wise map of ``gate`` (identity rule, AttnLRP
+    Sec. 3: R_gate = R_out of the map), and so do the clamp and the ``+ 1`` of ``up`` (identity
+    rule: the shift hands its share back to ``up`` instead of absorbing it, so CP-LRP conserves);
+    the product of the two takes the uniform rule (AttnLRP Eq. 7) as in :class:`GLU`, and under
+    CP-LRP the gate is a constant (``rules.gate``), so all relevance flows through ``up``.
+
+    >>> g = torch.tensor([-1.0, 0.5, 9.0]); u = torch.tensor([0.5, -8.0, 1.0])
+    >>> clamped_swiglu(g, u, alpha=1.702, limit=7.0).tolist() == (
+    ...     g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7)) * (u.clamp(-7, 7) + 1)).tolist()
+    True
+    """
+    swish = rules.activation(lambda g: (c := g.clamp(max=limit)) * torch.sigmoid(c * alpha), rules.gate(gate))
+    return rules.product(swish, rules.activation(lambda u: u.clamp(-limit, limit) + 1, up))
+
+
+class StackedLinear(nn.Module):
+    """Every expert's ``x @ weight[e] + bias[e]`` in one (experts, in, out) matrix, as gpt-oss stores
+    it (``gate_up_proj``/``down_proj`` and their biases); the parent reads ``weight``/``bias``."""
+
+    def __init__(self, experts: int, size_in: int, size_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, size_in, size_out))
+        self.bias = nn.Parameter(torch.empty(experts, size_out))
+
+    def product(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return x @ self.weight[expert] + self.bias[expert]
+
+
+class ClampedExperts(nn.Module):
+    """gpt-oss's experts: ``down(clamped_swiglu(gate_up(x)))``, the gate and up columns interleaved
+    (even columns gate, odd up), every product with a bias; each token's output weighted by its
+    routing weight."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        size = config.moe_intermediate_size or config.intermediate_size
+        self.gate_up = StackedLinear(config.n_expert, config.n_embd, 2 * size)
+        self.down = StackedLinear(config.n_expert, size, config.n_embd)
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def forward(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(flat)
+        for e in range(self.gate_up.weight.shape[0]):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                gate_up = self.gate_up.product(flat[token], e)
+                hidden = clamped_swiglu(gate_up[..., ::2], gate_up[..., 1::2], self.alpha, self.limit)
+                out = out.index_add(0, token, self.down.product(hidden, e) * weights[token, slot, None])
+        return out
+
+
+class ClampedMoE(nn.Module):
+    """gpt-oss's MoE: a router with a bias, the top-k logits softmaxed among themselves (a constant for
+    LRP, ``rules.router_weights``), then :class:`ClampedExperts`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.router = Linear(config.n_embd, config.n_expert, bias=True)
+        self.experts = ClampedExperts(config)
+        self.k = config.n_expert_per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        top, chosen = self.router(flat).topk(self.k, dim=-1)
+        weights = rules.router_weights(F.softmax(top, dim=-1, dtype=top.dtype))
+        return self.experts(flat, chosen, weights).view_as(x)
+
+
 def build_mlp(config, layer: int | None = None) -> nn.Module:
     """The MLP of ``layer``: a dense GLU where ``moe_layers`` marks a layer of an MoE model dense."""
     if config.mlp == "moe" and config.moe_layers is not None and layer is not None and not config.moe_layers[layer]:
         return GLU(config)
-    return {"mlp": MLP, "glu": GLU, "moe": MoE}[config.mlp](config)
+    return {"mlp": MLP, "glu": GLU, "moe": MoE, "clamped_moe": ClampedMoE}[config.mlp](config)

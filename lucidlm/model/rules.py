@@ -252,3 +252,18 @@ def router_weights(weights: torch.Tensor) -> torch.Tensor:
     The alternative, the uniform rule, would hand half of every expert's relevance to the router
     logits, i.e. to *which* expert was chosen rather than *what* it computed."""
     return stop_gradient(weights) if _lrp() else weights
+
+
+def sink_logits(sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's learned per-head sink logits, one more column of the attention softmax that takes
+    probability mass and carries no value. CP-LRP: a constant, as the rest of the softmax
+    (:func:`attention_weights`). AttnLRP: the softmax's gradient × input reaches the sink logit like
+    a bias term: the relevance it takes stays in the parameter (absorbed, like a bias's) and none
+    of it reaches a token; the keys' logits keep the rest.
+
+    >>> s = torch.zeros(2, requires_grad=True)
+    >>> with explaining("cp-lrp"):
+    ...     sink_logits(s).requires_grad
+    False
+    """
+    return stop_gradient(sinks) if current() == "cp-lrp" else sinks
