@@ -136,7 +136,7 @@ def expected_fields(c) -> dict:
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):
         windows = [window] * n_layer
-    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe"):
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer
@@ -146,6 +146,7 @@ def expected_fields(c) -> dict:
     kv = (c.num_kv_heads if c.new_decoder_architecture else 1 if c.multi_query else n_head) if mt == "falcon" \
         else getattr(c, "num_key_value_heads", None) or n_head
     moe = mt in ("qwen2_moe", "qwen3_moe")
+    gpt_oss = mt == "gpt_oss"  # every layer an MoE of intermediate_size experts, softmax over the top-k
     sparse = [i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0 for i in range(n_layer)] if moe else 0
     return dict(
         vocab_size=c.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
@@ -161,10 +162,11 @@ def expected_fields(c) -> dict:
         scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt == "granite"
         else head ** -0.5,
         activation=act,
-        n_expert=getattr(c, "num_local_experts", 0) if mt == "mixtral" else c.num_experts if moe else 0,
-        n_expert_per_token=getattr(c, "num_experts_per_tok", 0) if mt in ("mixtral", "qwen2_moe", "qwen3_moe") else 0,
+        n_expert=getattr(c, "num_local_experts", 0) if mt in ("mixtral", "gpt_oss") else c.num_experts if moe else 0,
+        n_expert_per_token=getattr(c, "num_experts_per_tok", 0)
+        if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss") else 0,
         moe=(c.moe_intermediate_size, getattr(c, "shared_expert_intermediate_size", 0), c.norm_topk_prob, sparse)
-        if moe else None,
+        if moe else (c.intermediate_size, 0, True, [True] * n_layer) if gpt_oss else None,
     )
 
 
@@ -215,6 +217,7 @@ SEQ = 40
 
 def shrink(d: dict) -> dict:
     d = copy.deepcopy(d)
+    d.pop("quantization_config", None)  # gpt-oss's MXFP4 experts: a random CPU model stays in float
     heads_key = "n_head" if "n_head" in d else "num_attention_heads"
     kv_key = "num_kv_heads" if "num_kv_heads" in d else "num_key_value_heads"  # Falcon: num_kv_heads
     ratio = d[heads_key] // (d.get(kv_key) or d[heads_key])

@@ -55,6 +55,7 @@ CATALOGUE: dict[str, str] = {
     "gemma-3-1b-it": "google/gemma-3-1b-it",
     "gpt2": "openai-community/gpt2",
     "gpt-j-6b": "EleutherAI/gpt-j-6b",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
     "granite-3.0-2b-instruct": "ibm-granite/granite-3.0-2b-instruct",
     "pythia-70m": "EleutherAI/pythia-70m",
     "pythia-160m": "EleutherAI/pythia-160m",
