@@ -8,15 +8,20 @@ SwiGLU limit small enough that random weights are clamped on both sides.
 """
 
 import copy
+import json
 import types
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.models.gpt_oss import modeling_gpt_oss
 
 import lucidlm
 from lucidlm import Config
 from lucidlm.cache import POLICIES
+from lucidlm.checkpoints.mxfp4 import dequantize_mxfp4
+from lucidlm.errors import CheckpointError
 from lucidlm.generate import generate_ids
 from lucidlm.model import rules
 from lucidlm.model.attention import CausalSelfAttention, recording_weights
@@ -155,6 +160,55 @@ def test_every_policy_evicting_runs(pair, policy):
     prompts = [_ids(llm.config.vocab_size, 12, seed=6)[0].tolist(), [5, 6, 7]]
     steps = list(generate_ids(llm.model, prompts, 10, kv_cache=policy, cache_tokens=8))
     assert len(steps) == 10 and all(0 <= t < llm.config.vocab_size for step in steps for t in step)
+
+
+# ---- MXFP4 experts (the published checkpoints) ----------------------------------------------
+def _mxfp4(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 blocks and scales for an (experts, rows, cols) matrix (every nibble code, small
+    exponents so the weights stay near the trained range)."""
+    g = torch.Generator().manual_seed(seed)
+    experts, rows, cols = shape
+    blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 123, (experts, rows, cols // 32), generator=g, dtype=torch.uint8)
+    return blocks, scales
+
+
+def test_dequantize_equals_transformers():
+    blocks, scales = _mxfp4((3, 8, 64), seed=0)
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    got = dequantize_mxfp4({"x.down_proj_blocks": blocks, "x.down_proj_scales": scales}, torch.float32)
+    assert torch.equal(got["x.down_proj"], expected)
+
+
+def test_mxfp4_checkpoint_loads_dequantized(hf_checkpoint, tmp_path):
+    """A checkpoint with MXFP4 experts (as openai/gpt-oss-20b ships them) loads; its logits equal
+    transformers' model holding the experts transformers' dequantizer makes of the same bytes."""
+    hf_model, directory = hf_checkpoint("gpt-oss")
+    hf_model = copy.deepcopy(hf_model)
+    state = load_file(directory / "model.safetensors")
+    c = hf_model.config
+    for i, layer in enumerate(hf_model.model.layers):
+        for j, (name, rows, cols) in enumerate((("gate_up_proj", 2 * c.intermediate_size, c.hidden_size),
+                                                ("down_proj", c.hidden_size, c.intermediate_size))):
+            blocks, scales = _mxfp4((c.num_local_experts, rows, cols), seed=10 * i + j)
+            with torch.no_grad():
+                getattr(layer.mlp.experts, name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            del state[key]
+            state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+    save_file(state, tmp_path / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _ids(c.vocab_size, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(lucidlm.LLM.load(tmp_path).model(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_mxfp4_blocks_without_scales_are_named():
+    blocks, _ = _mxfp4((1, 2, 32), seed=0)
+    with pytest.raises(CheckpointError, match="down_proj_blocks.*down_proj_scales"):
+        dequantize_mxfp4({"x.down_proj_blocks": blocks})
 
 
 # ---- LRP ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 from ..fileio import atomic_path, atomic_write
 from ..model import GPT
 from .layouts import hf_to_ours, ours_to_hf
+from .mxfp4 import dequantize_mxfp4
 
 
 #: the files besides the weights that make a checkpoint directory usable (copied when one is derived)
@@ -82,6 +83,9 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
         tensors = read_tensors(f)
         state.update(tensors)
         origin.update(dict.fromkeys(tensors, f))
+    if any(name.endswith("_blocks") for name in state):  # gpt-oss's MXFP4 experts
+        origin.update({name.removesuffix("_blocks"): f for name, f in origin.items() if name.endswith("_blocks")})
+        state = dequantize_mxfp4(state, dtype or torch.get_default_dtype())
     ours, unknown = hf_to_ours(state, config)
     if unknown:
         raise CheckpointError(f"{origin[unknown[0]]}: unexpected tensors for {config.family!r} layout: "
