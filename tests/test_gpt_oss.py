@@ -235,3 +235,11 @@ def test_explain_check_passes_and_both_methods_explain(pair):
     for method in ("attnlrp", "cp-lrp"):
         explanation = llm.explain([4, 9, 17, 33, 50, 61, 70], target=7, method=method)
         assert torch.isfinite(explanation.relevance).all()
+
+
+def test_litgpt_adapter_export_names_what_litgpt_lacks(pair):
+    from lucidlm.train.adapter_files import litgpt_config
+
+    _, llm = pair
+    missing = litgpt_config(llm.config)[1]
+    assert "attn_sinks" in missing and any("clamped_moe" in m for m in missing)

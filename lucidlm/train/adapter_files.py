@@ -114,7 +114,7 @@ def litgpt_config(config, prompt_length: int | None = None, start_layer: int | N
     express (an empty list when LitGPT builds the same model)."""
     c, missing = config, []
     mlp = {"glu": "GemmaMLP" if c.activation in ("gelu", "gelu_tanh") else "LLaMAMLP", "mlp": "GptNeoxMLP",
-           "moe": "LLaMAMoE"}[c.mlp]
+           "moe": "LLaMAMoE", "clamped_moe": "LLaMAMoE"}[c.mlp]  # clamped_moe: listed as missing
     name = Path(str(base_model or c.name)).name or "custom"
     name = name.replace("Gemma", "gemma").replace("OLMo", "olmo")  # LitGPT reads its norms off these words
     if c.norm_unit_offset:
@@ -166,6 +166,8 @@ def _inexpressible(c) -> list[str]:
         (c.rope_local_theta is not None, "rope_local_theta"),
         (c.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size"),
         (c.moe_layers is not None, "moe_layers"),
+        (c.mlp == "clamped_moe", "mlp='clamped_moe' (gpt-oss's biased, clamped-SwiGLU experts)"),
+        (c.attn_sinks, "attn_sinks"),
         (c.mlp == "moe" and not c.moe_norm_topk, "moe_norm_topk=False"),
         (c.activation == "relu" or (c.mlp == "glu" and c.activation not in ("silu", "gelu", "gelu_tanh")),
          f"activation={c.activation!r}"),
