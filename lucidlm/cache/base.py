@@ -128,9 +128,10 @@ class DenseLayerCache(LayerCache):
     """Keeps every token, in buffers preallocated for ``capacity`` tokens (no copies per step)."""
 
     def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", value_size: int | None = None) -> None:
         self.k = torch.zeros(batch, groups, capacity, head_size, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        value_size = head_size if value_size is None else value_size  # 0: a layer that caches keys only
+        self.v = torch.zeros(batch, groups, capacity, value_size, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.capacity, self.filled, self._last = capacity, 0, 0
         self.cursor: torch.Tensor | None = None  # set by make_static
@@ -185,7 +186,9 @@ class DenseLayerCache(LayerCache):
 
 def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> KVCache:
-    """A dense cache for ``capacity`` tokens (default: the model's context length)."""
+    """A dense cache for ``capacity`` tokens (default: the model's context length), with the slot
+    sizes of ``config.kv_slot_sizes()``."""
     capacity = capacity or config.block_size
-    return KVCache([DenseLayerCache(batch, config.n_query_groups, config.head_size, capacity, dtype, device)
+    groups, key_size, value_size = config.kv_slot_sizes()
+    return KVCache([DenseLayerCache(batch, groups, key_size, capacity, dtype, device, value_size)
                     for _ in range(config.n_layer)])
