@@ -183,3 +183,30 @@ def test_bad_mla_config_json_names_the_file_and_field():
     hf = {**CONFIGS["v2-lite"]().to_dict(), "architectures": ["DeepseekV2ForCausalLM"], "kv_lora_rank": 1000}
     with pytest.raises(ConfigError, match="config dict: kv_lora_rank=1000 does not fit"):
         Config.from_hf(hf)
+
+
+@pytest.mark.parametrize("policy", ["dense", "window"])
+def test_training_through_the_latent_cache_is_the_full_forward(policy):
+    """Chunked training (gradients through the cached latents) equals one forward over the whole
+    sequence when nothing is evicted (the full forward is transformers' logits, above)."""
+    from torch.nn import functional as F
+
+    from lucidlm.train.chunked import ChunkedCache
+
+    hf_config = CONFIGS["v3"]()
+    torch.manual_seed(0)
+    model = lucidlm.GPT(Config.from_hf({**hf_config.to_dict(), "architectures": hf_config.architectures}))
+    ids = prompt(20, seed=6)
+    labels = torch.roll(ids, -1, 1)
+    plan = ChunkedCache(policy, cache_tokens=32, chunk_size=6)
+    grads = []
+    for loss_fn in (lambda: plan.loss(model, ids, labels),
+                    lambda: F.cross_entropy(model(ids)[0], labels[0], reduction="sum")):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), model.layers[1].attn.kv_b_proj.weight.grad.clone()))
+    (chunked, g_chunked), (full, g_full) = grads
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_chunked, g_full, rtol=1e-4, atol=1e-6)
+    assert g_full.abs().max() > 0
