@@ -11,6 +11,7 @@ import lucidlm
 from lucidlm import Config
 from lucidlm.cache import build_cache
 from lucidlm.cache.base import DenseLayerCache
+from lucidlm.compiled import CompiledDecoder, missing_compiler
 from lucidlm.errors import ConfigError
 from lucidlm.generate import generate_ids
 from lucidlm.model.mla import MLAttention
@@ -35,6 +36,9 @@ CONFIGS = {
     "v3": lambda: T.DeepseekV3Config(**_COMMON, q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True,
                                      routed_scaling_factor=2.5, rope_interleave=True),
     # V3 with the rotate-half layout and an odd head size (nope 13 + rope 6 = 19)
+    # every layer dense (first_k_dense_replace = num_hidden_layers): a decode step torch.compile takes whole
+    "v2-dense": lambda: T.DeepseekV2Config(**{**_COMMON, "first_k_dense_replace": 3}, q_lora_rank=None,
+                                           rope_parameters=dict(_YARN)),
     "v3-halves": lambda: T.DeepseekV3Config(**{**_COMMON, "qk_nope_head_dim": 13}, q_lora_rank=24, n_group=2,
                                             topk_group=1, norm_topk_prob=False, rope_interleave=False),
 }
@@ -79,9 +83,9 @@ def test_builds_latent_attention_and_deepseek_moe(pair):
     name, _, llm = pair
     layers = llm.model.layers
     assert all(isinstance(layer.attn, MLAttention) for layer in layers)
-    assert not isinstance(layers[0].mlp, DeepSeekMoE)  # first_k_dense_replace=1
-    assert all(isinstance(layer.mlp, DeepSeekMoE) for layer in layers[1:])
-    assert hasattr(layers[0].attn, "q_proj") == (name == "v2-lite")
+    assert not isinstance(layers[0].mlp, DeepSeekMoE)  # first_k_dense_replace=1 (v2-dense: 3)
+    assert all(isinstance(layer.mlp, DeepSeekMoE) != (name == "v2-dense") for layer in layers[1:])
+    assert hasattr(layers[0].attn, "q_proj") == (name in ("v2-lite", "v2-dense"))
 
 
 def test_logits_match_transformers(pair):
@@ -98,6 +102,15 @@ def test_greedy_through_the_latent_cache_matches_generate(pair, chunk_size):
     _, hf, llm = pair
     expected, got = greedy(hf, llm.model, prompt(17, seed=3), 20, chunk_size=chunk_size)
     assert got == expected
+
+
+@pytest.mark.skipif(missing_compiler(torch.device("cpu")) is not None,
+                    reason="TorchInductor needs a C++ compiler (g++/clang++), none installed")
+def test_compiled_decode_over_the_static_latent_cache_matches_generate(tmp_path_factory):
+    hf, llm = build("v2-dense", tmp_path_factory)
+    decoder = CompiledDecoder(llm.model)
+    expected, got = greedy(hf, llm.model, prompt(9, seed=7), 10, decoder=decoder)
+    assert decoder.fallback_reason is None and got == expected
 
 
 @pytest.mark.parametrize("policy", ["window", "sink", "h2o", "snapkv"])
