@@ -12,6 +12,11 @@ Attention talks to one :class:`LayerCache` per layer in two steps:
    averaged over the query heads of its KV group: shape (batch, n_query_groups, len(key_pos)).
    The policy then evicts down to its budget.
 
+What a slot holds is the attention's choice, sized by ``config.kv_slot_sizes()`` (groups, key size,
+value size): keys and values per KV group for most models; multi-head latent attention
+(:mod:`lucidlm.model.mla`) hands over its latent plus shared rotary key as the "keys" of one group and
+zero-width values, so every policy keeps and evicts latent slots.
+
 Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
 Besides these two steps, attention reads three attributes, which every layer cache has (the base
 class gives their defaults): ``wants_scores``, ``score_queries`` (which of a step's queries the

@@ -60,7 +60,7 @@ class MLAttention(CausalSelfAttention):
         self.kv_a_layernorm = RMSNorm(self.rank, _LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.rank, c.n_head * (self.nope + self.v_size), bias=False)
         self.o_proj = Linear(c.n_head * self.v_size, c.n_embd, bias=c.attn_bias)
-        self.window, self.softcap, self.clip = None, None, None
+        self.window, self.softcap = None, None  # full causal attention, no soft-cap (read by attend)
         self.scale = softmax_scale(qk ** -0.5, c.rope_scaling)
         self.use_rope, self.rope_interleaved = True, c.rope_interleaved
         self._rope_args = (self.rope, 1.0, c.rope_theta, c.rope_scaling)
@@ -75,8 +75,8 @@ class MLAttention(CausalSelfAttention):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent, k_rot = self.kv_a_layernorm(latent)[:, None], k_rot[:, None]  # (B, 1, T, size)
         cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
-        q_rot, k_rot = apply_rope(q_rot, cos, sin, self.rope_interleaved), apply_rope(k_rot, cos, sin,
-                                                                                    self.rope_interleaved)
+        q_rot = apply_rope(q_rot, cos, sin, self.rope_interleaved)
+        k_rot = apply_rope(k_rot, cos, sin, self.rope_interleaved)  # rotated once, then cached as it is
         slots = torch.cat([latent, k_rot], dim=-1)
         if cache is not None:  # the latent is what the cache keeps: keys only, no values
             slots, _, key_pos = cache.extend(slots, slots[..., :0], pos)
