@@ -133,6 +133,13 @@ def test_evicting_policies_keep_latent_slots(policy, tmp_path_factory):
         assert cache.kept_positions()[0] == set(range(12, 20))
 
 
+def test_value_norm_policy_refuses_a_cache_without_values():
+    from lucidlm.errors import CacheError
+
+    with pytest.raises(CacheError, match="h2o-vlen.*no values"):
+        build_cache(Config(**_tiny()), batch=1, policy="h2o-vlen", cache_tokens=8)
+
+
 def test_latent_cache_bytes_per_token_against_full_keys_and_values():
     """DeepSeek-V2-Lite (the catalogue's config): its cache holds 512 + 64 numbers per token and
     layer, where full keys and values of the same attention hold 16 heads x (192 + 128)."""

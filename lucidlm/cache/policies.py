@@ -475,6 +475,9 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
     capacities, params = _capacities(spec, config.n_layer, cache_tokens)
     cls = EVICTION_CLASSES[spec.eviction]
     groups, key_size, value_size = config.kv_slot_sizes()
+    if value_size == 0 and cls is VLengthH2OLayerCache:
+        raise CacheError(f"policy {str(spec)!r} ranks tokens by their values' norms, and this model's cache holds no "
+                         "values (multi-head latent attention caches the latent); use h2o")
     return KVCache([cls(batch, groups, key_size, c, dtype, device, store=store, value_size=value_size, **params)
                     for c in capacities])
 
