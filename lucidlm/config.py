@@ -26,6 +26,7 @@ from .catalogue import CATALOGUE, CONFIGS
 from .errors import ConfigError, UnsupportedArchitectureError
 from .families import (COMPONENTS, FAMILIES, REGISTRY, Family, architecture_of, qualified_name,
                         register_component, register_family)
+from .families.deepseek import check_deepseek
 from .families.fields import read_hf_config
 
 # the registries and the family type, where they were always imported from (lucidlm.families holds them)
@@ -87,7 +88,7 @@ class Config:
     rope_local_theta: float | None = None  # Gemma 3: base of the sliding-window layers
     rope_layers: tuple[bool, ...] | None = None  # per layer: whether it rotates (SmolLM3); None = all
     # MLP
-    mlp: Literal["glu", "mlp", "moe", "clamped_moe"] = "glu"  # clamped_moe: gpt-oss's experts
+    mlp: Literal["glu", "mlp", "moe", "clamped_moe", "deepseek_moe"] = "glu"  # clamped_moe: gpt-oss's experts
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     mlp_bias: bool = False
     n_expert: int = 0
@@ -98,6 +99,19 @@ class Config:
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
     swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # ... with gate clamped above and up on both sides at this limit
+    # DeepSeek's MoE (mlp="deepseek_moe", lucidlm.model.mlp.DeepSeekMoE): grouped top-k routing
+    moe_scoring: Literal["softmax", "sigmoid"] = "softmax"  # V2 softmax | V3 sigmoid + e_score_correction_bias
+    topk_method: Literal["greedy", "group_limited_greedy"] = "greedy"  # V2's choice among groups (V3: grouped)
+    n_group: int = 1  # experts in n_group groups, the top-k taken within the best topk_group groups
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routing weights times this
+    n_shared_experts: int = 0  # an always-on GLU of moe_intermediate_size * n_shared_experts
+    # multi-head latent attention (DeepSeek-V2/V3, lucidlm.model.mla); kv_lora_rank None = not MLA
+    q_lora_rank: int | None = None  # None: a full-rank q_proj (V2-Lite)
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0  # per-head key dims without RoPE (from the latent)
+    qk_rope_head_dim: int = 0  # the rotary key dims, one key shared by all heads
+    v_head_dim: int = 0
     # custom components (see docs/custom-models.md): classes built as cls(config, layer) for
     # attention and blocks, cls(config) for the MLP; None = the built-in ones
     attention_class: type | None = None
@@ -132,8 +146,9 @@ class Config:
             self.moe_layers = tuple(bool(m) for m in self.moe_layers)
             if len(self.moe_layers) != self.n_layer:
                 raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
-        if self.mlp in ("moe", "clamped_moe") and not (0 < self.n_expert_per_token <= self.n_expert):
-            raise ConfigError("a 'moe' MLP needs 0 < n_expert_per_token <= n_expert")
+        if self.mlp in ("moe", "clamped_moe", "deepseek_moe") and not (0 < self.n_expert_per_token <= self.n_expert):
+            raise ConfigError(f"a {self.mlp!r} MLP needs 0 < n_expert_per_token <= n_expert")
+        check_deepseek(self)
 
     def _check_sizes(self) -> None:
         """The sizes are positive integers (a string or a negative count from a config.json would
@@ -157,6 +172,18 @@ class Config:
         by the odd ``dim``). We follow that convention exactly; see ``model/rope.py``.
         """
         return 2 * math.ceil(int(self.head_size * self.rotary_fraction) / 2)
+
+    def kv_slot_sizes(self) -> tuple[int, int, int]:
+        """What one KV-cache slot of a layer holds: (groups, key size, value size): full keys and
+        values per KV head, or for multi-head latent attention (:mod:`lucidlm.model.mla`) the
+        latent and the shared rotary key, with no values.
+
+        >>> Config.from_name("tiny-llama").kv_slot_sizes()
+        (2, 16, 16)
+        """
+        if self.kv_lora_rank is not None:  # MLA: one latent + shared rotary key for all heads, no values
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.n_query_groups, self.head_size, self.head_size
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` uses sliding-window attention."""

@@ -82,6 +82,15 @@ FAMILIES = {
                                      num_attention_heads=4, max_position_embeddings=128, multi_query=True,
                                      parallel_attn=True, bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     # falcon-40b/180B: new decoder architecture, grouped KV heads, ln_attn and ln_mlp on the same input
+    # DeepSeek: multi-head latent attention (V2: full q_proj; V3: low-rank q, sigmoid routing in groups)
+    "deepseek-v2": lambda: _cfg(T.DeepseekV2Config, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                                qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=4,
+                                num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=24,
+                                first_k_dense_replace=1, tie_word_embeddings=False),
+    "deepseek-v3": lambda: _cfg(T.DeepseekV3Config, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
+                                qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=4,
+                                num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                moe_intermediate_size=24, first_k_dense_replace=1, tie_word_embeddings=False),
     "falcon-new": lambda: T.FalconConfig(vocab_size=96, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=3,
                                          num_attention_heads=4, num_kv_heads=2, max_position_embeddings=128,
                                          new_decoder_architecture=True, bias=False, bos_token_id=1, eos_token_id=2,

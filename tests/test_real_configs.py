@@ -31,7 +31,7 @@ import lucidlm
 from lucidlm.config import Config
 from lucidlm.errors import ConfigError
 from lucidlm.model.mlp import ACTIVATIONS
-from lucidlm.model.rope import attention_factor, inverse_frequencies
+from lucidlm.model.rope import attention_factor, inverse_frequencies, softmax_scale
 
 DATA = Path(lucidlm.__file__).parent / "catalogue" / "configs"  # the catalogue's published configs
 REAL = {p.stem: json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))}
@@ -148,6 +148,9 @@ def expected_fields(c) -> dict:
     moe = mt in ("qwen2_moe", "qwen3_moe")
     gpt_oss = mt == "gpt_oss"  # every layer an MoE of intermediate_size experts, softmax over the top-k
     sparse = [i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0 for i in range(n_layer)] if moe else 0
+    deepseek = mt in ("deepseek_v2", "deepseek_v3")  # MLA: q·kᵀ per head is nope + rope (head_dim: rope)
+    if deepseek:
+        head = c.qk_nope_head_dim + c.qk_rope_head_dim
     return dict(
         vocab_size=c.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_query_groups=kv, head_size=head,
@@ -160,14 +163,24 @@ def expected_fields(c) -> dict:
         final_logit_softcapping=c.final_logit_softcapping if gemma else None,
         attn_logit_softcapping=c.attn_logit_softcapping if gemma else None,
         scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt == "granite"
-        else head ** -0.5,
+        else _deepseek_scale(c, head) if deepseek else head ** -0.5,
         activation=act,
-        n_expert=getattr(c, "num_local_experts", 0) if mt in ("mixtral", "gpt_oss") else c.num_experts if moe else 0,
+        n_expert=getattr(c, "num_local_experts", 0) if mt in ("mixtral", "gpt_oss") else c.num_experts if moe
+        else c.n_routed_experts if deepseek else 0,
         n_expert_per_token=getattr(c, "num_experts_per_tok", 0)
-        if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss") else 0,
+        if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss") or deepseek else 0,
         moe=(c.moe_intermediate_size, getattr(c, "shared_expert_intermediate_size", 0), c.norm_topk_prob, sparse)
-        if moe else (c.intermediate_size, 0, True, [True] * n_layer) if gpt_oss else None,
+        if moe else (c.intermediate_size, 0, True, [True] * n_layer) if gpt_oss
+        else (c.moe_intermediate_size, 0, bool(c.norm_topk_prob) and mt == "deepseek_v3",
+              [i >= c.first_k_dense_replace for i in range(n_layer)]) if deepseek else None,
     )
+
+
+def _deepseek_scale(c, head: int) -> float:
+    """DeepseekV2Attention.scaling: q·kᵀ's scale with YaRN's mscale_all_dim folded in."""
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
+    return yarn_apply_mscale(c.rope_parameters, head ** -0.5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -182,7 +195,8 @@ def test_fields_match_transformers(name):
                windows=[ours.sliding_window if ours.is_sliding(i) else None for i in range(ours.n_layer)],
                final_logit_softcapping=ours.final_logit_softcapping,
                attn_logit_softcapping=ours.attn_logit_softcapping,
-               scale=ours.attention_scale or ours.head_size ** -0.5, activation=want["activation"],
+               scale=ours.attention_scale or softmax_scale(ours.head_size ** -0.5, ours.rope_scaling)
+               if ours.kv_lora_rank else ours.attention_scale or ours.head_size ** -0.5, activation=want["activation"],
                n_expert=ours.n_expert, n_expert_per_token=ours.n_expert_per_token,
                moe=(ours.moe_intermediate_size, ours.shared_expert_intermediate_size, ours.moe_norm_topk,
                     list(ours.moe_layers or [True] * ours.n_layer))
@@ -202,7 +216,8 @@ def test_fields_match_transformers(name):
         torch.testing.assert_close(torch.cat((freqs.sin(), freqs.cos()), 1), rot.embed_positions, atol=0, rtol=0)
         return
     assert getattr(rot, "attention_scaling", 1.0) == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
-    mine = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
+    rotary_head = ours.qk_rope_head_dim if ours.kv_lora_rank else ours.head_size  # MLA rotates its rope dims
+    mine = inverse_frequencies(rotary_head, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
     if theirs.model_type == "gemma3_text":
         torch.testing.assert_close(mine, rot.full_attention_inv_freq, atol=0, rtol=1e-6)
         local = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_local_theta)
@@ -247,6 +262,12 @@ def shrink(d: dict) -> dict:
     if "long_factor" in rope:  # LongRoPE: 8 of the factors for the 8 rotated pairs; SEQ past the switch
         d["rope_scaling"] = dict(rope, **{k: rope[k][::len(rope[k]) // 8][:8] for k in ("short_factor", "long_factor")})
         d["original_max_position_embeddings"] = SEQ - 8
+    if d.get("kv_lora_rank"):  # DeepSeek: MLA ranks and dims, 8 experts (V3: 4 groups of 2) in a 64-wide model
+        d.update(kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, moe_intermediate_size=24,
+                 n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=d.get("q_lora_rank") and 24)
+        if (d.get("n_group") or 1) > 1:
+            d.update(n_group=4, topk_group=2)
+        d.pop("quantization_config", None)  # V3's published fp8 weights: a random model is float32
     if d.get("rotary_dim"):  # GPT-J: a quarter of each head, as gpt-j-6b (64 of 256)
         d["rotary_dim"] = 4
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids must exist in the small vocabulary

@@ -12,6 +12,11 @@ Attention talks to one :class:`LayerCache` per layer in two steps:
    averaged over the query heads of its KV group: shape (batch, n_query_groups, len(key_pos)).
    The policy then evicts down to its budget.
 
+What a slot holds is the attention's choice, sized by ``config.kv_slot_sizes()`` (groups, key size,
+value size): keys and values per KV group for most models; multi-head latent attention
+(:mod:`lucidlm.model.mla`) hands over its latent plus shared rotary key as the "keys" of one group and
+zero-width values, so every policy keeps and evicts latent slots.
+
 Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
 Besides these two steps, attention reads three attributes, which every layer cache has (the base
 class gives their defaults): ``wants_scores``, ``score_queries`` (which of a step's queries the
@@ -128,9 +133,10 @@ class DenseLayerCache(LayerCache):
     """Keeps every token, in buffers preallocated for ``capacity`` tokens (no copies per step)."""
 
     def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", value_size: int | None = None) -> None:
         self.k = torch.zeros(batch, groups, capacity, head_size, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        value_size = head_size if value_size is None else value_size  # 0: a layer that caches keys only
+        self.v = torch.zeros(batch, groups, capacity, value_size, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.capacity, self.filled, self._last = capacity, 0, 0
         self.cursor: torch.Tensor | None = None  # set by make_static
@@ -185,7 +191,9 @@ class DenseLayerCache(LayerCache):
 
 def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> KVCache:
-    """A dense cache for ``capacity`` tokens (default: the model's context length)."""
+    """A dense cache for ``capacity`` tokens (default: the model's context length), with the slot
+    sizes of ``config.kv_slot_sizes()``."""
     capacity = capacity or config.block_size
-    return KVCache([DenseLayerCache(batch, config.n_query_groups, config.head_size, capacity, dtype, device)
+    groups, key_size, value_size = config.kv_slot_sizes()
+    return KVCache([DenseLayerCache(batch, groups, key_size, capacity, dtype, device, value_size)
                     for _ in range(config.n_layer)])

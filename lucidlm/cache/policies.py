@@ -96,11 +96,14 @@ class SlotLayerCache(LayerCache):
 
     def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 store: type[FloatStore] = FloatStore) -> None:
+                 store: type[FloatStore] = FloatStore, value_size: int | None = None) -> None:
         self.capacity = capacity
+        value_size = head_size if value_size is None else value_size
         self.store = store(head_size, dtype)
-        empty = torch.zeros(batch, groups, 0, head_size, dtype=dtype, device=device)
-        self.k, self.v = self.store.encode(empty), self.store.encode(empty)  # lists of parts
+        # no values (0: a layer that caches keys only, MLA's latent) are nothing to quantise
+        self.value_store = store(value_size, dtype) if value_size else FloatStore(0, dtype)
+        self.k = self.store.encode(torch.zeros(batch, groups, 0, head_size, dtype=dtype, device=device))
+        self.v = self.value_store.encode(torch.zeros(batch, groups, 0, value_size, dtype=dtype, device=device))
         self.pos = torch.full((batch, 0), -1, dtype=torch.long, device=device)
         self._new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -108,7 +111,7 @@ class SlotLayerCache(LayerCache):
     def extend(self, k, v, pos):
         self._new = (k, v, pos)
         keys = torch.cat([self.store.decode(self.k), k.to(self.store.dtype)], dim=2)
-        values = torch.cat([self.store.decode(self.v), v.to(self.store.dtype)], dim=2)
+        values = torch.cat([self.value_store.decode(self.v), v.to(self.value_store.dtype)], dim=2)
         return keys, values, torch.cat([self.pos, pos], dim=1)
 
     def settle(self, scores):
@@ -123,7 +126,7 @@ class SlotLayerCache(LayerCache):
         self.observe(scores, k, v, pos)
         keep = self.select(all_pos) if all_pos.shape[1] > self.capacity else None
         self.k = self._merge(self.k, self.store.encode(k), keep)
-        self.v = self._merge(self.v, self.store.encode(v), keep)
+        self.v = self._merge(self.v, self.value_store.encode(v), keep)
         self.pos = all_pos if keep is None else all_pos.gather(1, keep)
         if keep is not None:
             for name in self.slot_state:
@@ -290,7 +293,7 @@ class QuantH2OLayerCache(H2OLayerCache):
         self.q_error = self._empty_state()  # (batch, slots)
 
     def observe(self, scores, k, v, pos):
-        error = (self.store.error(k.detach()) + self.store.error(v.detach())).mean(1)
+        error = (self.store.error(k.detach()) + self.value_store.error(v.detach())).mean(1)
         self.q_error = torch.cat([self.q_error, error], dim=1)
         super().observe(scores, k, v, pos)
 
@@ -471,7 +474,11 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
     store = STORES[spec.quant] if spec.quant else FloatStore
     capacities, params = _capacities(spec, config.n_layer, cache_tokens)
     cls = EVICTION_CLASSES[spec.eviction]
-    return KVCache([cls(batch, config.n_query_groups, config.head_size, c, dtype, device, store=store, **params)
+    groups, key_size, value_size = config.kv_slot_sizes()
+    if value_size == 0 and cls is VLengthH2OLayerCache:
+        raise CacheError(f"policy {str(spec)!r} ranks tokens by their values' norms, and this model's cache holds no "
+                         "values (multi-head latent attention caches the latent); use h2o")
+    return KVCache([cls(batch, groups, key_size, c, dtype, device, store=store, value_size=value_size, **params)
                     for c in capacities])
 
 

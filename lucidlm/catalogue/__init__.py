@@ -30,6 +30,7 @@ PARAMS_FILE = Path(__file__).parent / "params.json"
 
 #: catalogue name -> Hugging Face repo id (the name is the file name of its config in configs/)
 CATALOGUE: dict[str, str] = {
+    "DeepSeek-V2-Lite": "deepseek-ai/DeepSeek-V2-Lite",
     "Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf",
     "Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
     "Llama-3.2-1B": "meta-llama/Llama-3.2-1B",
@@ -72,7 +73,10 @@ CATALOGUE: dict[str, str] = {
 #: word) or every architecture field against two independent sources (LitGPT's config.py, the
 #: transformers config class documented as that checkpoint, model cards, published config excerpts),
 #: and each one's parameter count equals what transformers builds from the same file
-UNVERIFIED: tuple[str, ...] = ()
+#: DeepSeek-V3 (written from the DeepSeek-V3 model card's config; its DeepseekV3 family fields are
+#: what tests/test_real_configs.py checks against transformers) stays out of the catalogue until
+#: its file is compared with the hub's word for word
+UNVERIFIED: tuple[str, ...] = ("DeepSeek-V3",)
 
 
 def repo_for(name: str) -> str | None:

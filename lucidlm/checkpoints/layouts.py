@@ -154,6 +154,10 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
                    fused=_fused_pair("transformer.h.{i}.attn.c_attn", _QKV, _split_qkv, _cat),
                    transposed=(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",),
                    ignore=(r".*\.attn\.(masked_)?bias$",), prefix="transformer."),
+    # DeepSeek-V2/V3 (lucidlm.model.mla): attention and MoE modules carry transformers' own names
+    "deepseek": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
     "qwen_moe": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
         (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Registry
 from . import readers as r
+from .deepseek import deepseek
 from .family import Family
 
 _LLAMA = dict(norm="rmsnorm", mlp="glu")
@@ -21,6 +22,18 @@ _GEMMA = dict(norm="rmsnorm", mlp="glu", norm_unit_offset=True, scale_embeddings
 _LLAMA_DEFAULTS = dict(tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu")
 _GEMMA_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=256, query_pre_attn_scalar=256,
                        hidden_activation="gelu_pytorch_tanh", sliding_window=4096)
+#: transformers' DeepseekV2Config/DeepseekV3Config defaults of the keys the reader reads
+_DEEPSEEK_DEFAULTS = dict(rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, kv_lora_rank=512,
+                          q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+_DEEPSEEK_V2_DEFAULTS = dict(_DEEPSEEK_DEFAULTS, vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                             moe_intermediate_size=1407, n_routed_experts=64, n_shared_experts=2,
+                             routed_scaling_factor=1.0, topk_method="greedy", first_k_dense_replace=0)
+_DEEPSEEK_V3_DEFAULTS = dict(_DEEPSEEK_DEFAULTS, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                             num_hidden_layers=61, num_attention_heads=128, max_position_embeddings=4096,
+                             moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+                             routed_scaling_factor=2.5, n_group=8, topk_group=4, num_experts_per_tok=8,
+                             first_k_dense_replace=3, norm_topk_prob=True, rope_interleave=True)
 _QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
 
 
@@ -94,6 +107,8 @@ _BUILTIN = (
            dict(_QWEN_DEFAULTS, rope_theta=10000.0, decoder_sparse_step=1, moe_intermediate_size=768,
                 num_experts_per_tok=8, num_local_experts=128, norm_topk_prob=False),
            (r.attention_bias, r.qwen_moe, r.qwen3_moe_windows), "qwen3_moe"),
+    Family("DeepseekV2ForCausalLM", "deepseek", _LLAMA, _DEEPSEEK_V2_DEFAULTS, (deepseek,), "deepseek_v2"),
+    Family("DeepseekV3ForCausalLM", "deepseek", _LLAMA, _DEEPSEEK_V3_DEFAULTS, (deepseek,), "deepseek_v3"),
     Family("FalconForCausalLM", "falcon", dict(norm="layernorm", mlp="mlp"),
            dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
                 layer_norm_epsilon=1e-5, max_position_embeddings=2048, tie_word_embeddings=True, alibi=False,

@@ -19,6 +19,7 @@ from ..config import Config
 from . import rules
 from .attention import CausalSelfAttention
 from .linear import Linear
+from .mla import MLAttention
 from .mlp import build_mlp
 from .norm import build_norm
 
@@ -30,7 +31,8 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.attn_norm = build_norm(c) if c.pre_norm else None
-        self.attn = (c.attention_class or CausalSelfAttention)(c, layer)
+        default = MLAttention if c.kv_lora_rank is not None else CausalSelfAttention
+        self.attn = (c.attention_class or default)(c, layer)
         self.post_attn_norm = build_norm(c) if c.post_attention_norm else None
         self.mlp_norm = build_norm(c) if c.pre_norm and not c.shared_attention_norm else None
         self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c, layer)

@@ -1,5 +1,5 @@
-"""Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family), sparse MoE and
-gpt-oss's MoE of clamped-SwiGLU experts."""
+"""Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family), sparse MoE, gpt-oss's MoE of
+clamped-SwiGLU experts and DeepSeek's grouped-routing MoE with shared experts."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ class GLU(nn.Module):
         return self.down_proj(hidden)
 
 
+def routed(experts: nn.ModuleList, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over each token's chosen experts (``chosen``, ``weights``: (tokens, k)) of the weight times
+    the expert's output on that token; ``flat``: (tokens, n_embd)."""
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(chosen == e)
+        if token.numel():
+            out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+    return out
+
+
 class MoE(nn.Module):
     """Sparse mixture of GLU experts: softmax router, top-k, weights renormalised (Mixtral; Qwen-MoE
     with norm_topk_prob) or not; optionally a shared expert times sigmoid(gate(x)) (Qwen2-MoE).
@@ -76,16 +87,75 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = rules.router_weights(weights.to(x.dtype))
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+        out = routed(self.experts, flat, chosen, rules.router_weights(weights.to(x.dtype)))
         if self.shared_expert is not None:
             gate = rules.router_weights(torch.sigmoid(self.shared_expert_gate(flat)))
             out = out + gate * self.shared_expert(flat)
         return out.view_as(x)
+
+
+class DeepSeekMoE(nn.Module):
+    """DeepSeek-V2/V3's MoE: routed GLU experts (named as in the checkpoints, ``experts.{e}.gate_proj``
+    ...) plus always-on ``shared_experts``. Routing as transformers 5: V2 (``moe_scoring="softmax"``)
+    takes the top-k of the softmax, among the ``topk_group`` groups with the best expert where
+    ``topk_method="group_limited_greedy"``; V3 (``"sigmoid"``) ranks groups by their two best sigmoid
+    scores plus ``e_score_correction_bias``, picks experts by the biased scores and weights them by
+    the plain ones (renormalised where ``moe_norm_topk``). Both scale by ``routed_scaling_factor``.
+    The routing weights are constants for LRP (``rules.router_weights``)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        size = config.moe_intermediate_size or config.intermediate_size
+        self.gate = DeepSeekRouter(config)
+        self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
+        shared = size * config.n_shared_experts
+        self.shared_experts = GLU(config, bias=False, size=shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat)
+        out = routed(self.experts, flat, chosen, rules.router_weights(weights.to(x.dtype))).view_as(x)
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+
+class DeepSeekRouter(nn.Module):
+    """(tokens, k) routing weights and chosen experts; see :class:`DeepSeekMoE`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.c = config
+        self.weight = nn.Parameter(torch.zeros(config.n_expert, config.n_embd))
+        if config.moe_scoring == "sigmoid":  # V3's load-balancing bias: in the choice, not the weights
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_expert))
+
+    def forward(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.c
+        logits = F.linear(flat.float(), self.weight.float())  # transformers routes in float32
+        if c.moe_scoring == "softmax":
+            scores = logits.softmax(dim=-1)
+            if c.topk_method == "group_limited_greedy":
+                scores = scores.masked_fill(~self._best_groups(self._per_group(scores).max(dim=-1).values), 0.0)
+            weights, chosen = scores.topk(c.n_expert_per_token, dim=-1, sorted=False)
+        else:
+            scores = logits.sigmoid()
+            biased = scores + self.e_score_correction_bias.float()
+            group_scores = self._per_group(biased).topk(2, dim=-1)[0].sum(dim=-1)
+            chosen = biased.masked_fill(~self._best_groups(group_scores), float("-inf")).topk(
+                c.n_expert_per_token, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, chosen)
+        if c.moe_norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, chosen
+
+    def _per_group(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.view(-1, self.c.n_group, self.c.n_expert // self.c.n_group)
+
+    def _best_groups(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """(tokens, experts) bool: the experts of each token's ``topk_group`` best groups."""
+        c = self.c
+        best = group_scores.topk(c.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return mask[:, :, None].expand(-1, -1, c.n_expert // c.n_group).reshape(-1, c.n_expert)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -162,6 +232,7 @@ class ClampedMoE(nn.Module):
 
 def build_mlp(config, layer: int | None = None) -> nn.Module:
     """The MLP of ``layer``: a dense GLU where ``moe_layers`` marks a layer of an MoE model dense."""
-    if config.mlp == "moe" and config.moe_layers is not None and layer is not None and not config.moe_layers[layer]:
+    sparse = config.mlp in ("moe", "deepseek_moe")
+    if sparse and config.moe_layers is not None and layer is not None and not config.moe_layers[layer]:
         return GLU(config)
-    return {"mlp": MLP, "glu": GLU, "moe": MoE, "clamped_moe": ClampedMoE}[config.mlp](config)
+    return {"mlp": MLP, "glu": GLU, "moe": MoE, "clamped_moe": ClampedMoE, "deepseek_moe": DeepSeekMoE}[config.mlp](config)

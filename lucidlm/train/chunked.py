@@ -127,7 +127,8 @@ class ChunkedCache:
             return build_cache(config, batch, self.spec, budget, dtype=dtype, device=device)
         # the inference dense cache writes in place into preallocated buffers: autograd cannot
         # differentiate through it, so dense training concatenates as the evicting policies do
-        return KVCache([DenseSlotLayerCache(batch, config.n_query_groups, config.head_size, budget, dtype, device)
+        groups, key_size, value_size = config.kv_slot_sizes()
+        return KVCache([DenseSlotLayerCache(batch, groups, key_size, budget, dtype, device, value_size=value_size)
                         for _ in range(config.n_layer)])
 
     def check(self, config, longest: int) -> None:
