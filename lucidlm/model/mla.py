@@ -60,7 +60,7 @@ class MLAttention(CausalSelfAttention):
         self.kv_a_layernorm = RMSNorm(self.rank, _LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.rank, c.n_head * (self.nope + self.v_size), bias=False)
         self.o_proj = Linear(c.n_head * self.v_size, c.n_embd, bias=c.attn_bias)
-        self.window, self.softcap = None, None  # full causal attention, no soft-cap (read by attend)
+        self.window, self.softcap, self.sinks = None, None, None  # full causal attention, no soft-cap, no sinks
         self.scale = softmax_scale(qk ** -0.5, c.rope_scaling)
         self.use_rope, self.rope_interleaved = True, c.rope_interleaved
         self._rope_args = (self.rope, 1.0, c.rope_theta, c.rope_scaling)
