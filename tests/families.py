@@ -86,6 +86,8 @@ FAMILIES = {
                                          num_attention_heads=4, num_kv_heads=2, max_position_embeddings=128,
                                          new_decoder_architecture=True, bias=False, bos_token_id=1, eos_token_id=2,
                                          pad_token_id=0),
+    # starcoder2-3b: LayerNorm, biases everywhere (use_bias), a window on every layer, tied head
+    "starcoder2": lambda: _cfg(T.Starcoder2Config, sliding_window=5, use_bias=True, tie_word_embeddings=True),
 }
 
 

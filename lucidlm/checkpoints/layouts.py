@@ -131,6 +131,12 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
     "olmo2": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
         (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "starcoder2": Layout(_TOP + (
+        (_LAYER + "self_attn.", "layers.{i}.attn."),
+        (_LAYER + "mlp.c_fc.", "layers.{i}.mlp.up_proj."),
+        (_LAYER + "mlp.c_proj.", "layers.{i}.mlp.down_proj."),
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
     "phi": Layout((("model.embed_tokens.", "embed."), ("model.final_layernorm.", "final_norm."),
                    ("lm_head.", "lm_head."),
                    (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),

@@ -202,6 +202,12 @@ def falcon(hf: dict[str, Any]) -> dict[str, Any]:
             "activation": activation({"hidden_act": hf["activation"]})}
 
 
+def starcoder2(hf: dict[str, Any]) -> dict[str, Any]:
+    # one use_bias for q, k, v, o and both MLP projections; LayerNorm eps under its own key
+    bias = bool(hf["use_bias"])
+    return {"norm_eps": float(hf["norm_epsilon"]), "attn_bias": bias, "attn_out_bias": bias, "mlp_bias": bias}
+
+
 def phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")

@@ -102,6 +102,10 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu", rotary_pct=0.25,
                 rotary_emb_base=10000, use_parallel_residual=True, attention_bias=True),
            (r.neox,), "gpt_neox"),
+    Family("Starcoder2ForCausalLM", "starcoder2", dict(norm="layernorm", mlp="mlp"),
+           dict(tie_word_embeddings=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", num_key_value_heads=2,
+                use_bias=True, max_position_embeddings=4096),
+           (r.starcoder2, r.window_everywhere), "starcoder2"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
