@@ -90,6 +90,10 @@ VARIANTS = {
     "starcoder2-no-bias": ("starcoder2-3b", {"use_bias": False, "tie_word_embeddings": False}),
     "starcoder2-defaults": ("starcoder2-3b", {"sliding_window": _DROP, "num_key_value_heads": _DROP,
                                               "norm_epsilon": _DROP, "hidden_act": _DROP, "use_bias": _DROP}),
+    # persimmon: without the q/k norm; the tiny-random test checkpoint's gelu and explicit rotary factor
+    "persimmon-no-qk-norm": ("persimmon-8b-base", {"qk_layernorm": False}),
+    "persimmon-gelu": ("persimmon-8b-base", {"hidden_act": "gelu", "partial_rotary_factor": 0.5,
+                                             "num_key_value_heads": _DROP, "rope_theta": _DROP}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }
@@ -135,7 +139,7 @@ def expected_fields(c) -> dict:
     mt = c.model_type
     n_embd, n_head = c.hidden_size, c.num_attention_heads
     gemma = mt in ("gemma2", "gemma3_text")
-    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon") else (getattr(c, "head_dim", None) or n_embd // n_head)
+    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon", "persimmon") else (getattr(c, "head_dim", None) or n_embd // n_head)
     window = getattr(c, "sliding_window", None)
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2"):

@@ -78,7 +78,8 @@ def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
+                "relu2": "relu2"}
 
 
 def activation(hf: dict[str, Any]) -> str:

@@ -106,6 +106,11 @@ _BUILTIN = (
            dict(tie_word_embeddings=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", num_key_value_heads=2,
                 use_bias=True, max_position_embeddings=4096),
            (r.starcoder2, r.window_everywhere), "starcoder2"),
+    Family("PersimmonForCausalLM", "persimmon",
+           dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True, mlp_bias=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
+                rope_theta=10000.0, qk_layernorm=True, max_position_embeddings=16384),
+           (r.persimmon,), "persimmon"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
