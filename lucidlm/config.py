@@ -71,7 +71,7 @@ class Config:
     # attention
     attn_bias: bool = False  # bias on q, k, v
     attn_out_bias: bool = False  # bias on the output projection
-    qk_norm: Literal[None, "head", "full", "layernorm_per_head", "layernorm_head_weights"] = None
+    qk_norm: Literal[None, "head", "full", "layernorm_per_head", "layernorm_head_weights", "layernorm_head"] = None
     # Qwen3/Gemma3: RMSNorm per head; OLMo-2: over the whole projection; StableLM: a bias-free LayerNorm
     # module per head; Cohere: one bias-free LayerNorm over head_size with a (heads, head_size) weight
     clip_qkv: float | None = None  # OLMo: clamp q, k and v to [-clip_qkv, clip_qkv]

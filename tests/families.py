@@ -103,6 +103,15 @@ FAMILIES = {
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                             rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0,
                                                  beta_slow=1.0, truncate=False, original_max_position_embeddings=16)),
+    # starcoder2-3b: LayerNorm, biases everywhere (use_bias), a window on every layer, tied head
+    "starcoder2": lambda: _cfg(T.Starcoder2Config, sliding_window=5, use_bias=True, tie_word_embeddings=True),
+    # persimmon-8b: LayerNorm, fused NeoX-style qkv, shared q/k LayerNorm, ReLU², half the head rotates;
+    # here head size 20 (not a power of two) with rotary fraction 0.3 -> 6 of 20 dims
+    "persimmon": lambda: T.PersimmonConfig(vocab_size=96, hidden_size=80, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, max_position_embeddings=128, qk_layernorm=True,
+                                           rope_parameters=dict(rope_type="default", rope_theta=25000.0,
+                                                                partial_rotary_factor=0.3),
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 

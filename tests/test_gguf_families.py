@@ -108,6 +108,14 @@ CASES = {
     "stablelm": Case("stablelm", "stablelm"),
     "stablelm-parallel": Case("stablelm-parallel", "stablelm",
                               oracle_gap="it drops the per-head q/k norms (attn_q_norm, attn_k_norm)"),
+    # llama.cpp keeps no window for Starcoder2 (and transformers' loader sets none)
+    "starcoder2": Case("starcoder2", "starcoder2", dict(sliding_window=None)),
+    "starcoder2-no-bias": Case("starcoder2", "starcoder2", dict(sliding_window=None, use_bias=False,
+                                                                tie_word_embeddings=False),
+                               oracle_gap="it does not read use_bias: it builds every bias and initialises it"),
+    # starcoder2-3b's RoPE base
+    "starcoder2-theta": Case("starcoder2", "starcoder2", dict(sliding_window=None, rope_parameters=dict(
+        rope_type="default", rope_theta=999999.4420358813)), oracle_gap="it ignores rope.freq_base (keeps 10000)"),
     "gpt2": Case("gpt2", "gpt2", dict(n_positions=1024)),  # transformers' loader keeps n_positions=1024
     # llama.cpp writes feed_forward_length = 4 * hidden and context_length = 2048 for every Falcon
     "falcon": Case("falcon", "falcon", dict(_FALCON)),
@@ -161,6 +169,11 @@ def _metadata(config, arch: str) -> dict[str, Any]:
                 R.DIMENSION_COUNT: int(rope["partial_rotary_factor"] * head_dim),
                 A.HEAD_COUNT: config.num_attention_heads, A.HEAD_COUNT_KV: config.num_key_value_heads,
                 K.USE_PARALLEL_RESIDUAL: config.use_parallel_residual, A.LAYERNORM_EPS: config.layer_norm_eps}
+    if arch == "starcoder2":  # LayerNorm (eps under its own key), no key_length
+        return {K.CONTEXT_LENGTH: config.max_position_embeddings, K.EMBEDDING_LENGTH: config.hidden_size,
+                K.BLOCK_COUNT: config.num_hidden_layers, K.FEED_FORWARD_LENGTH: config.intermediate_size,
+                A.HEAD_COUNT: config.num_attention_heads, A.HEAD_COUNT_KV: config.num_key_value_heads,
+                A.LAYERNORM_EPS: config.norm_epsilon, R.FREQ_BASE: rope["rope_theta"]}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     meta = {K.CONTEXT_LENGTH: config.max_position_embeddings, K.EMBEDDING_LENGTH: config.hidden_size,
             K.BLOCK_COUNT: config.num_hidden_layers, K.FEED_FORWARD_LENGTH: config.intermediate_size,
@@ -356,6 +369,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "stablelm": "StableLmForCausalLM",
     "gpt2": "GPT2LMHeadModel", "falcon": "FalconForCausalLM", "falcon-new": "FalconForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM",
 }  # fmt: skip
 
 

@@ -87,6 +87,14 @@ VARIANTS = {
     "falcon-legacy-n_embed": ("falcon-7b", {"hidden_size": _DROP, "n_embed": 4544}),
     "Llama-3.2-1B+yarn": ("Llama-3.2-1B", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                             "original_max_position_embeddings": 8192}}),
+    # starcoder2 without biases, and with the class defaults (no window, 2 KV heads, eps 1e-5, gelu-tanh)
+    "starcoder2-no-bias": ("starcoder2-3b", {"use_bias": False, "tie_word_embeddings": False}),
+    "starcoder2-defaults": ("starcoder2-3b", {"sliding_window": _DROP, "num_key_value_heads": _DROP,
+                                              "norm_epsilon": _DROP, "hidden_act": _DROP, "use_bias": _DROP}),
+    # persimmon: without the q/k norm; the tiny-random test checkpoint's gelu and explicit rotary factor
+    "persimmon-no-qk-norm": ("persimmon-8b-base", {"qk_layernorm": False}),
+    "persimmon-gelu": ("persimmon-8b-base", {"hidden_act": "gelu", "partial_rotary_factor": 0.5,
+                                             "num_key_value_heads": _DROP, "rope_theta": _DROP}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }
@@ -131,10 +139,10 @@ def expected_fields(c) -> dict:
     mt = c.model_type
     n_embd, n_head = c.hidden_size, c.num_attention_heads
     gemma = mt in ("gemma2", "gemma3_text")
-    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon") else (getattr(c, "head_dim", None) or n_embd // n_head)
+    head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon", "persimmon") else (getattr(c, "head_dim", None) or n_embd // n_head)
     window = getattr(c, "sliding_window", None)
     n_layer = c.num_hidden_layers
-    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):
+    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2"):
         windows = [window] * n_layer
     elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
@@ -157,7 +165,7 @@ def expected_fields(c) -> dict:
         intermediate_size=(c.n_inner or 4 * n_embd) if mt in ("gpt2", "gptj") else c.ffn_hidden_size
         if mt == "falcon" else c.intermediate_size,
         block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
-        norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+        norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
                        if getattr(c, k, None) is not None), 1e-5 if mt == "olmo" else None),  # OLMo: fixed
         windows=windows,
         final_logit_softcapping=c.final_logit_softcapping if gemma else None,

@@ -61,6 +61,8 @@ CATALOGUE: dict[str, str] = {
     "pythia-70m": "EleutherAI/pythia-70m",
     "pythia-160m": "EleutherAI/pythia-160m",
     "stablelm-2-1_6b": "stabilityai/stablelm-2-1_6b",
+    "starcoder2-3b": "bigcode/starcoder2-3b",
+    "persimmon-8b-base": "adept/persimmon-8b-base",
 }
 
 

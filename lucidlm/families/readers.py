@@ -211,6 +211,18 @@ def falcon(hf: dict[str, Any]) -> dict[str, Any]:
             "activation": activation({"hidden_act": hf["activation"]})}
 
 
+def starcoder2(hf: dict[str, Any]) -> dict[str, Any]:
+    # one use_bias for q, k, v, o and both MLP projections; LayerNorm eps under its own key
+    bias = bool(hf["use_bias"])
+    return {"norm_eps": float(hf["norm_epsilon"]), "attn_bias": bias, "attn_out_bias": bias, "mlp_bias": bias}
+
+
+def persimmon(hf: dict[str, Any]) -> dict[str, Any]:
+    # Persimmon reads neither head_dim nor num_key_value_heads; a shared q/k LayerNorm over head_size
+    return {"head_size": None, "n_query_groups": hf["num_attention_heads"],
+            "qk_norm": "layernorm_head" if hf.get("qk_layernorm") else None}
+
+
 def phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")

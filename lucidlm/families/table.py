@@ -126,6 +126,15 @@ _BUILTIN = (
                 rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
                                      original_max_position_embeddings=4096)),
            (r.gpt_oss,), "gpt_oss"),
+    Family("Starcoder2ForCausalLM", "starcoder2", dict(norm="layernorm", mlp="mlp"),
+           dict(tie_word_embeddings=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", num_key_value_heads=2,
+                use_bias=True, max_position_embeddings=4096),
+           (r.starcoder2, r.window_everywhere), "starcoder2"),
+    Family("PersimmonForCausalLM", "persimmon",
+           dict(norm="layernorm", mlp="mlp", attn_bias=True, attn_out_bias=True, mlp_bias=True),
+           dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
+                rope_theta=10000.0, qk_layernorm=True, max_position_embeddings=16384),
+           (r.persimmon,), "persimmon"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

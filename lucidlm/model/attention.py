@@ -25,7 +25,7 @@ from ..cache.base import LayerCache
 from . import rules
 from .kernels import explicit_attention, position_mask
 from .linear import Linear
-from .norm import HeadWeightsLayerNorm, PerHeadNorm, RMSNorm
+from .norm import HeadWeightsLayerNorm, LayerNorm, PerHeadNorm, RMSNorm
 from .rope import RotaryFrequencies, apply_rope, rope_cos_sin
 
 #: where the forwards of this thread/task append their attention weights inside
@@ -80,6 +80,8 @@ class CausalSelfAttention(nn.Module):
             cls = PerHeadNorm if c.qk_norm == "layernorm_per_head" else HeadWeightsLayerNorm
             self.q_norm = cls(c.n_head, c.head_size, c.norm_eps)
             self.k_norm = cls(c.n_query_groups, c.head_size, c.norm_eps)
+        elif c.qk_norm == "layernorm_head":  # Persimmon: one LayerNorm (with bias) over head_size, every head
+            self.q_norm, self.k_norm = LayerNorm(c.head_size, c.norm_eps), LayerNorm(c.head_size, c.norm_eps)
         self.window = c.sliding_window if c.is_sliding(layer) else None
         self.scale = c.attention_scale or c.head_size ** -0.5
         self.softcap = c.attn_logit_softcapping
@@ -116,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
-        if self.qk_norm in ("head", "layernorm_per_head", "layernorm_head_weights"):
+        if self.qk_norm in ("head", "layernorm_per_head", "layernorm_head_weights", "layernorm_head"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})

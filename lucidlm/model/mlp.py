@@ -12,11 +12,26 @@ from torch.nn import functional as F
 from . import rules
 from .linear import Linear
 
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """ReLU², y = max(x, 0)² (So et al., "Primer", NeurIPS 2021, Sec. 4; Arcee's and Nemotron's MLP).
+    Element-wise, so it is explained like every activation here: the identity rule through
+    :func:`rules.activation` (AttnLRP, Sec. 3: R_x = R_y; in gradient × input form the backward
+    scales the gradient by y / x = max(x, 0)).
+
+    >>> relu_squared(torch.tensor([-2.0, 3.0])).tolist()
+    [0.0, 9.0]
+    """
+    return F.relu(x).square()
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
+    "relu2": relu_squared,
 }
 
 

@@ -226,6 +226,14 @@ def stablelm_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def starcoder2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # LayerNorm with biases (use_bias: every projection has one); llama.cpp keeps no sliding window
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    return config | {"norm_epsilon": k.number("attention.layer_norm_epsilon", 1e-5), "hidden_act": "gelu_pytorch_tanh",
+                     "use_bias": _has(names, "attn_q.bias"), "sliding_window": None}
+
+
 def falcon_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp runs every Falcon as a parallel block whose attention reads attn_norm_2 when the file
     # has it (falcon-40b/180B's ln_attn; attn_norm is then ln_mlp) and attn_norm otherwise; one KV head without

@@ -26,7 +26,8 @@ import torch
 from ...errors import ExportError, GGUFError
 from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config,
                       gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
-                      qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config)
+                      qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config,
+                      starcoder2_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -96,6 +97,8 @@ _GPT2_BLOCKS = {
     "ffn_up": "mlp.c_fc",
     "ffn_down": "mlp.c_proj",
 }
+_STARCODER2_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTENTION,
+                      "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 # Command-R: one norm before a parallel attention and MLP
 _COHERE_BLOCKS = {"attn_norm": "input_layernorm", **_ATTENTION, **_QK_NORMS, **_GLU}
 _PHI2_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
@@ -204,6 +207,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", gemma3_config, {**_GEMMA_BLOCKS, **_QK_NORMS},
                          norm_offset=1.0),
     "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS),
+    "starcoder2": GGUFFamily("Starcoder2ForCausalLM", "starcoder2", starcoder2_config, _STARCODER2_BLOCKS),
     "command-r": GGUFFamily("CohereForCausalLM", "cohere", cohere_config, _COHERE_BLOCKS),
     "phi2": GGUFFamily("PhiForCausalLM", "phi", phi2_config, _PHI2_BLOCKS, globals=_PHI2_GLOBALS),
     "gptneox": GGUFFamily("GPTNeoXForCausalLM", "gpt_neox", gptneox_config, _GPTNEOX_BLOCKS,
