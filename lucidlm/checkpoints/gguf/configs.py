@@ -299,21 +299,12 @@ def cohere_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 
 def phi2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # Phi-2: LayerNorm before a parallel attention and MLP, a GELU MLP, partial RoPE, an output bias
-    hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
-    theta = k.number("rope.freq_base", 10000.0)
-    fraction = _partial_rotary(k, hidden // heads)
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": k.integer("feed_forward_length"),
-        "num_hidden_layers": k.integer("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": k.integer("attention.head_count_kv", heads),
-        "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
+    common, theta, fraction = _layernorm_partial_rope(k)
+    return common | {
+        "num_key_value_heads": k.integer("attention.head_count_kv", common["num_attention_heads"]),
         "hidden_act": "gelu_new",
         "partial_rotary_factor": fraction,
         "rope_theta": theta,
-        "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
-        "max_position_embeddings": k.integer("context_length", 2048),
         "qk_layernorm": False,
     }
 
@@ -321,6 +312,20 @@ def phi2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
 def gptneox_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # Pythia: LayerNorms, a fused per-head query_key_value (llama.cpp reorders it into [q; k; v]),
     # partial RoPE, a parallel block unless use_parallel_residual says otherwise
+    common, theta, fraction = _layernorm_partial_rope(k)
+    return common | {
+        "hidden_act": "gelu",
+        "rotary_pct": fraction,
+        "rotary_emb_base": theta,
+        "rope_theta": theta,
+        "use_parallel_residual": k.flag("use_parallel_residual", True),
+        "attention_bias": _has(names, "attn_qkv.bias"),
+    }
+
+
+def _layernorm_partial_rope(k: Keys) -> tuple[dict[str, Any], float, float]:
+    """What Phi-2 and GPT-NeoX files share: sizes, the LayerNorm epsilon, the context and partial
+    RoPE; returned with the RoPE base and the rotary fraction, which each spells its own way."""
     hidden, heads = k.integer("embedding_length"), k.integer("attention.head_count")
     theta = k.number("rope.freq_base", 10000.0)
     fraction = _partial_rotary(k, hidden // heads)
@@ -330,12 +335,6 @@ def gptneox_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
         "num_hidden_layers": k.integer("block_count"),
         "num_attention_heads": heads,
         "layer_norm_eps": k.number("attention.layer_norm_epsilon", 1e-5),
-        "hidden_act": "gelu",
-        "rotary_pct": fraction,
-        "rotary_emb_base": theta,
-        "rope_theta": theta,
         "rope_parameters": _rope_parameters(k, theta) | {"partial_rotary_factor": fraction},
-        "use_parallel_residual": k.flag("use_parallel_residual", True),
-        "attention_bias": _has(names, "attn_qkv.bias"),
         "max_position_embeddings": k.integer("context_length", 2048),
-    }
+    }, theta, fraction

@@ -104,9 +104,7 @@ _COHERE_BLOCKS = {"attn_norm": "input_layernorm", **_ATTENTION, **_QK_NORMS, **_
 _PHI2_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
 _PHI2_BLOCKS = {
     "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
+    **_ATTENTION,
     "attn_output": "self_attn.dense",
     "ffn_up": "mlp.fc1",
     "ffn_down": "mlp.fc2",
