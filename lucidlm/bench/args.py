@@ -33,6 +33,8 @@ DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
 DIFF_ROWS = ("lora", "full")
 #: bench faithfulness: every method explain() offers, LRP and baselines (``random``: the floor to beat)
 FAITHFULNESS_METHODS = EXPLAIN_METHODS
+#: bench kv-bytes: the catalogue configs measured by default (MLA, GQA, MoE, sliding/full + sinks)
+KV_BYTES_MODELS = ("DeepSeek-V2-Lite", "Llama-3.2-1B", "Qwen3-30B-A3B", "gpt-oss-20b", "Mistral-7B-v0.1")
 #: the weights' dtypes of the kv, longctx and serve benches: float16 is left out, nothing there was
 #: measured or checked in it
 MEASURED_DTYPES = tuple(d for d in MODEL_DTYPES if d != "float16")
@@ -171,6 +173,13 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
 
 
+def add_kv_bytes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=",".join(KV_BYTES_MODELS),
+                   help="comma-separated catalogue names (lucidlm models lists them)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens in the cache (the forward's length)")
+    p.add_argument("--dtype", default="bfloat16", choices=MEASURED_DTYPES, help="the cache's dtype")
+
+
 def diff_list(text: str) -> list[str]:
     """``--diffs``: names from :data:`DIFF_ROWS`, or ``none`` (an :class:`~lucidlm.errors.ExplainError`
     names anything else).
@@ -211,6 +220,9 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
                      "deletion test: do explanations point at the tokens the prediction depends on?",
                      add_faithfulness),
     "kv": ("lucidlm.bench.kv", "what each KV-cache policy costs on real text: perplexity, memory, speed", add_kv),
+    "kv-bytes": ("lucidlm.bench.kv_bytes",
+                 "KV-cache bytes per token of real configs: lucidlm, transformers, full keys and values",
+                 add_kv_bytes),
     "longctx": ("lucidlm.bench.longctx", "long-context retrieval (passkey, needle) under each KV-cache policy",
                 add_longctx),
     "train": ("lucidlm.bench.train", "training steps: lucidlm vs transformers+peft on one checkpoint and data",
