@@ -112,6 +112,11 @@ FAMILIES = {
                                            rope_parameters=dict(rope_type="default", rope_theta=25000.0,
                                                                 partial_rotary_factor=0.3),
                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # c4ai-command-r7b: Cohere's parallel block, 3 sliding layers (interleaved RoPE) then one full layer
+    # without positions; here head size 24 (not a power of two) and a window of 4
+    "cohere2": lambda: _cfg(T.Cohere2Config, head_dim=24, sliding_window=4, logit_scale=0.25,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
 }
 
 

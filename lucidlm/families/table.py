@@ -135,6 +135,12 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
                 rope_theta=10000.0, qk_layernorm=True, max_position_embeddings=16384),
            (r.persimmon,), "persimmon"),
+    Family("Cohere2ForCausalLM", "llama",
+           dict(norm="layernorm", norm_bias=False, mlp="glu", parallel_residual=True, shared_attention_norm=True,
+                rope_interleaved=True),
+           dict(tie_word_embeddings=True, layer_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
+                logit_scale=0.0625, sliding_window=4096, sliding_window_pattern=4),
+           (r.cohere2,), "cohere2"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
