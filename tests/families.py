@@ -117,6 +117,14 @@ FAMILIES = {
     "cohere2": lambda: _cfg(T.Cohere2Config, head_dim=24, sliding_window=4, logit_scale=0.25,
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                             rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
+    # EXAONE-4.0-32B: post-norms only, per-head q/k RMSNorm, 3 sliding layers then one full layer without
+    # RoPE (llama3-scaled); here every 2nd layer is full, head size 24, a window of 4. EXAONE-4.0-1.2B: no
+    # window, every layer full and rotating
+    "exaone4": lambda: _cfg(T.Exaone4Config, head_dim=24, sliding_window=4, sliding_window_pattern=2,
+                            rope_parameters=dict(_LLAMA3_ROPE, rope_theta=1000000.0, factor=16.0)),
+    "exaone4-global": lambda: _cfg(T.Exaone4Config, head_dim=20, sliding_window=None,
+                                   layer_types=["full_attention"] * 3,
+                                   rope_parameters=dict(_LLAMA3_ROPE, rope_theta=1000000.0, factor=16.0)),
 }
 
 

@@ -102,6 +102,10 @@ VARIANTS = {
                                                           "layer_norm_eps": _DROP, "tie_word_embeddings": _DROP,
                                                           "rope_theta": _DROP}),
     "command-r7b-pattern-2-bias": ("c4ai-command-r7b-12-2024", {"sliding_window_pattern": 2, "attention_bias": True}),
+    # EXAONE-4.0-1.2B style: no window, every layer full and rotating; and another pattern
+    "EXAONE-4.0-global": ("EXAONE-4.0-32B", {"sliding_window": None, "sliding_window_pattern": None,
+                                             "layer_types": ["full_attention"] * 64}),
+    "EXAONE-4.0-pattern-2": ("EXAONE-4.0-32B", {"sliding_window_pattern": 2, "head_dim": _DROP}),
 }
 REJECTED = {  # options transformers supports and we do not: a ConfigError naming the option
     "Llama-proportional-rope": ("Llama-2-7b-hf", {"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
@@ -109,6 +113,9 @@ REJECTED = {  # options transformers supports and we do not: a ConfigError namin
     "gpt2-inverse-layer-scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     "phi-2-qk-layernorm": ("phi-2", {"qk_layernorm": True}, "qk_layernorm"),
     "falcon-rw-alibi": ("falcon-7b", {"alibi": True, "multi_query": False}, "alibi"),
+    # transformers' Exaone4Config cannot read these either (a modulo by the pattern: 0 without a window)
+    "EXAONE-4.0-no-window-no-types": ("EXAONE-4.0-32B", {"sliding_window": None}, "sliding_window_pattern"),
+    "EXAONE-4.0-string-pattern": ("EXAONE-4.0-32B", {"sliding_window_pattern": "LLLG"}, "sliding_window_pattern"),
 }
 
 
@@ -149,7 +156,7 @@ def expected_fields(c) -> dict:
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2"):
         windows = [window] * n_layer
-    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss", "cohere2"):
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss", "cohere2", "exaone4"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer

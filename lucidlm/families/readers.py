@@ -256,3 +256,20 @@ def cohere2(hf: dict[str, Any]) -> dict[str, Any]:
     return {"logit_scale": float(hf["logit_scale"]), **attention_bias(hf), "qk_norm": None, "rotary_fraction": 1.0,
             "sliding_window": window, "layer_types": types,
             "rope_layers": tuple(window is not None and t == "sliding_attention" for t in types)}
+
+
+def exaone4(hf: dict[str, Any]) -> dict[str, Any]:
+    """EXAONE 4: ``layer_types`` (default: every ``sliding_window_pattern``-th layer full). With a
+    ``sliding_window`` the full layers use no positions ("global NoPE"); without one every layer
+    rotates and none slides."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = hf.get("sliding_window_pattern") if window is not None else None
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            # transformers' Exaone4Config fails here too (a modulo by the pattern, 0 without a window)
+            raise ConfigError(f"sliding_window_pattern={pattern!r} (sliding_window={window!r}) without layer_types: "
+                              "expected layer_types, or a sliding_window and a positive integer pattern")
+        types = every_nth_full(n_layer(hf), pattern)
+    return {"sliding_window": window, "layer_types": types,
+            "rope_layers": tuple(window is None or t == "sliding_attention" for t in types)}

@@ -141,6 +141,11 @@ _BUILTIN = (
            dict(tie_word_embeddings=True, layer_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
                 logit_scale=0.0625, sliding_window=4096, sliding_window_pattern=4),
            (r.cohere2,), "cohere2"),
+    Family("Exaone4ForCausalLM", "olmo2", dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True,
+                                               qk_norm="head"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, num_key_value_heads=32,
+                sliding_window=4096, sliding_window_pattern=4),
+           (r.exaone4,), "exaone4"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
