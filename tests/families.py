@@ -125,6 +125,15 @@ FAMILIES = {
     "exaone4-global": lambda: _cfg(T.Exaone4Config, head_dim=20, sliding_window=None,
                                    layer_types=["full_attention"] * 3,
                                    rope_parameters=dict(_LLAMA3_ROPE, rope_theta=1000000.0, factor=16.0)),
+    # Olmo-3-1025-7B: OLMo 2 with 3 sliding layers per full one, YaRN on the full layers only; here
+    # head size 20 and a window of 4
+    "olmo3": lambda: _cfg(T.Olmo3Config, hidden_size=80, sliding_window=4,
+                          layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                          rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                           "full_attention": dict(rope_type="yarn", rope_theta=500000.0, factor=8.0,
+                                                                  beta_fast=32.0, beta_slow=1.0,
+                                                                  attention_factor=1.2079441541679836,
+                                                                  original_max_position_embeddings=16)}),
 }
 
 

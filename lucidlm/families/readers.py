@@ -273,3 +273,23 @@ def exaone4(hf: dict[str, Any]) -> dict[str, Any]:
         types = every_nth_full(n_layer(hf), pattern)
     return {"sliding_window": window, "layer_types": types,
             "rope_layers": tuple(window is None or t == "sliding_attention" for t in types)}
+
+
+#: Olmo3Config's ``default_theta``: the sliding layers' base unless rope_parameters names another
+_OLMO3_THETA = 500000.0
+
+
+def olmo3(hf: dict[str, Any]) -> dict[str, Any]:
+    """OLMo 3: OLMo 2 with ``layer_types`` (default: every 4th layer full). RoPE per layer type: the
+    full layers take ``rope_scaling`` (YaRN in the published configs) and ``rope_theta``; the sliding
+    layers plain RoPE at ``rope_parameters.sliding_attention.rope_theta``, else 500000 (transformers'
+    Olmo3Config hands a top-level ``rope_theta`` to the full layers only)."""
+    types = hf.get("layer_types") or every_nth_full(n_layer(hf), 4)
+    params = hf.get("rope_parameters") or {}
+    local = params.get("sliding_attention") or {}
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default":
+        raise ConfigError(f"rope_parameters.sliding_attention.rope_type={local_type!r} is not supported for OLMo 3's "
+                          "sliding layers (expected 'default')")
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
+            "rope_local_theta": float(local.get("rope_theta", _OLMO3_THETA)), **attention_bias(hf)}

@@ -146,6 +146,11 @@ _BUILTIN = (
            dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, num_key_value_heads=32,
                 sliding_window=4096, sliding_window_pattern=4),
            (r.exaone4,), "exaone4"),
+    Family("Olmo3ForCausalLM", "olmo2",
+           dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, rope_theta=500000.0,
+                sliding_window=4096),
+           (r.olmo3,), "olmo3"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
