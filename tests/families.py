@@ -112,6 +112,28 @@ FAMILIES = {
                                            rope_parameters=dict(rope_type="default", rope_theta=25000.0,
                                                                 partial_rotary_factor=0.3),
                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # c4ai-command-r7b: Cohere's parallel block, 3 sliding layers (interleaved RoPE) then one full layer
+    # without positions; here head size 24 (not a power of two) and a window of 4
+    "cohere2": lambda: _cfg(T.Cohere2Config, head_dim=24, sliding_window=4, logit_scale=0.25,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
+    # EXAONE-4.0-32B: post-norms only, per-head q/k RMSNorm, 3 sliding layers then one full layer without
+    # RoPE (llama3-scaled); here every 2nd layer is full, head size 24, a window of 4. EXAONE-4.0-1.2B: no
+    # window, every layer full and rotating
+    "exaone4": lambda: _cfg(T.Exaone4Config, head_dim=24, sliding_window=4, sliding_window_pattern=2,
+                            rope_parameters=dict(_LLAMA3_ROPE, rope_theta=1000000.0, factor=16.0)),
+    "exaone4-global": lambda: _cfg(T.Exaone4Config, head_dim=20, sliding_window=None,
+                                   layer_types=["full_attention"] * 3,
+                                   rope_parameters=dict(_LLAMA3_ROPE, rope_theta=1000000.0, factor=16.0)),
+    # Olmo-3-1025-7B: OLMo 2 with 3 sliding layers per full one, YaRN on the full layers only; here
+    # head size 20 and a window of 4
+    "olmo3": lambda: _cfg(T.Olmo3Config, hidden_size=80, sliding_window=4,
+                          layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                          rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                           "full_attention": dict(rope_type="yarn", rope_theta=500000.0, factor=8.0,
+                                                                  beta_fast=32.0, beta_slow=1.0,
+                                                                  attention_factor=1.2079441541679836,
+                                                                  original_max_position_embeddings=16)}),
 }
 
 

@@ -33,7 +33,7 @@ def rel_err(a: float, b: float) -> float:
 
 
 # --------------------------------------------------------------------------- conservation
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "smollm2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "smollm2", "mixtral", "cohere2", "exaone4", "olmo3"])
 def test_cp_lrp_conserves_the_logit_without_biases(family, hf_checkpoint):
     """CP-LRP makes a bias-free model locally linear: relevances sum to the logit exactly."""
     model = load(hf_checkpoint, family).double()

@@ -11,8 +11,8 @@ import torch
 import lucidlm
 from lucidlm.generate import generate_ids
 
-NEW_FAMILIES = ["starcoder2", "persimmon"]
-PROMPT = [5, 17, 3, 42, 8, 11, 60, 23]  # longer than starcoder2's window of 5
+NEW_FAMILIES = ["starcoder2", "persimmon", "cohere2", "exaone4", "exaone4-global", "olmo3"]
+PROMPT = [5, 17, 3, 42, 8, 11, 60, 23]  # longer than every window of these tiny configs (4 or 5)
 N_NEW = 12
 
 

@@ -97,6 +97,23 @@ VARIANTS = {
                                              "num_key_value_heads": _DROP, "rope_theta": _DROP}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
+    # Cohere2 with the class defaults (pattern 4, logit scale 1/16, eps, tying, theta)
+    "command-r7b-defaults": ("c4ai-command-r7b-12-2024", {"sliding_window_pattern": _DROP, "logit_scale": _DROP,
+                                                          "layer_norm_eps": _DROP, "tie_word_embeddings": _DROP,
+                                                          "rope_theta": _DROP}),
+    "command-r7b-pattern-2-bias": ("c4ai-command-r7b-12-2024", {"sliding_window_pattern": 2, "attention_bias": True}),
+    # EXAONE-4.0-1.2B style: no window, every layer full and rotating; and another pattern
+    "EXAONE-4.0-global": ("EXAONE-4.0-32B", {"sliding_window": None, "sliding_window_pattern": None,
+                                             "layer_types": ["full_attention"] * 64}),
+    "EXAONE-4.0-pattern-2": ("EXAONE-4.0-32B", {"sliding_window_pattern": 2, "head_dim": _DROP}),
+    # OLMo 3 as transformers 5 writes it (RoPE per layer type), a top-level theta (the full layers' only), and
+    # without layer_types (every 4th layer full)
+    "Olmo-3-rope-per-type": ("Olmo-3-1025-7B", {"rope_scaling": _DROP, "rope_theta": _DROP, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0, "beta_fast": 32.0,
+                           "beta_slow": 1.0, "original_max_position_embeddings": 8192}}}),
+    "Olmo-3-theta": ("Olmo-3-1025-7B", {"rope_theta": 20000.0, "rope_scaling": _DROP}),
+    "Olmo-3-no-layer-types": ("Olmo-3-1025-7B", {"layer_types": _DROP, "attention_bias": True}),
 }
 REJECTED = {  # options transformers supports and we do not: a ConfigError naming the option
     "Llama-proportional-rope": ("Llama-2-7b-hf", {"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
@@ -104,6 +121,12 @@ REJECTED = {  # options transformers supports and we do not: a ConfigError namin
     "gpt2-inverse-layer-scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     "phi-2-qk-layernorm": ("phi-2", {"qk_layernorm": True}, "qk_layernorm"),
     "falcon-rw-alibi": ("falcon-7b", {"alibi": True, "multi_query": False}, "alibi"),
+    "Olmo-3-scaled-sliding-rope": ("Olmo-3-1025-7B", {"rope_parameters": {
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}}, "sliding_attention.rope_type"),
+    # transformers' Exaone4Config cannot read these either (a modulo by the pattern: 0 without a window)
+    "EXAONE-4.0-no-window-no-types": ("EXAONE-4.0-32B", {"sliding_window": None}, "sliding_window_pattern"),
+    "EXAONE-4.0-string-pattern": ("EXAONE-4.0-32B", {"sliding_window_pattern": "LLLG"}, "sliding_window_pattern"),
 }
 
 
@@ -144,7 +167,8 @@ def expected_fields(c) -> dict:
     n_layer = c.num_hidden_layers
     if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2"):
         windows = [window] * n_layer
-    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss"):
+    elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss", "cohere2", "exaone4",
+                "olmo3"):
         windows = [window if t == "sliding_attention" else None for t in c.layer_types]
     else:
         windows = [None] * n_layer
@@ -182,6 +206,22 @@ def expected_fields(c) -> dict:
         else (c.moe_intermediate_size, 0, bool(c.norm_topk_prob) and mt == "deepseek_v3",
               [i >= c.first_k_dense_replace for i in range(n_layer)]) if deepseek else None,
     )
+
+
+def rotating_layers(c) -> list[bool]:
+    """Which layers apply RoPE: ours (``Config.rope_layers``), or transformers' (a config object), read off
+    its attention modules (built on the meta device) with the condition its forward tests."""
+    if isinstance(c, Config):
+        return [c.rope_layers is None or c.rope_layers[i] for i in range(c.n_layer)]
+    if c.model_type not in ("cohere2", "exaone4"):
+        return [not getattr(c, "no_rope_layers", None) or bool(c.no_rope_layers[i]) for i in range(c.num_hidden_layers)]
+    cls = AutoModelForCausalLM._model_mapping[type(c)]
+    attention = getattr(sys.modules[cls.__module__], cls.__name__.replace("ForCausalLM", "Attention"))
+    with torch.device("meta"):
+        layers = [attention(c, i) for i in range(c.num_hidden_layers)]
+    if c.model_type == "cohere2":  # Cohere2Attention.forward: RoPE where the layer has a window
+        return [a.sliding_window is not None for a in layers]
+    return [a.sliding_window is None or a.is_sliding for a in layers]  # Exaone4Attention.forward
 
 
 def _deepseek_scale(c, head: int) -> float:
@@ -223,10 +263,12 @@ def test_fields_match_transformers(name):
             ours.head_size, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
         torch.testing.assert_close(torch.cat((freqs.sin(), freqs.cos()), 1), rot.embed_positions, atol=0, rtol=0)
         return
-    assert getattr(rot, "attention_scaling", 1.0) == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
+    assert rotating_layers(ours) == rotating_layers(theirs)
+    scaling = getattr(rot, "attention_scaling", getattr(rot, "full_attention_attention_scaling", 1.0))
+    assert scaling == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
     rotary_head = ours.qk_rope_head_dim if ours.kv_lora_rank else ours.head_size  # MLA rotates its rope dims
     mine = inverse_frequencies(rotary_head, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
-    if theirs.model_type == "gemma3_text":
+    if theirs.model_type in ("gemma3_text", "olmo3"):  # RoPE per layer type
         torch.testing.assert_close(mine, rot.full_attention_inv_freq, atol=0, rtol=1e-6)
         local = inverse_frequencies(ours.head_size, ours.rotary_fraction, ours.rope_local_theta)
         torch.testing.assert_close(local, rot.sliding_attention_inv_freq, atol=0, rtol=1e-6)

@@ -77,8 +77,13 @@ CATALOGUE: dict[str, str] = {
 #: and each one's parameter count equals what transformers builds from the same file
 #: DeepSeek-V3 (written from the DeepSeek-V3 model card's config; its DeepseekV3 family fields are
 #: what tests/test_real_configs.py checks against transformers) stays out of the catalogue until
-#: its file is compared with the hub's word for word
-UNVERIFIED: tuple[str, ...] = ("DeepSeek-V3",)
+#: its file is compared with the hub's word for word. Cohere2, EXAONE 4 and OLMo 3 likewise: no copy of a
+#: published config.json was reachable offline, so each is written from published copies of its fields
+#: (c4ai-command-r7b-12-2024: a vendored Cohere2 architecture table for that checkpoint and the module sizes
+#: printed in a 4-bit re-upload's model card, no max_position_embeddings; EXAONE-4.0-32B: TensorRT-LLM's test
+#: copy with its two marked test edits undone, 64 layers and a 4096 window; Olmo-3-1025-7B: the 7B's fields
+#: as vendored by mini-sglang, prime-rl and an OLMo-3 tiny-model script, 32 layers)
+UNVERIFIED: tuple[str, ...] = ("DeepSeek-V3", "c4ai-command-r7b-12-2024", "EXAONE-4.0-32B", "Olmo-3-1025-7B")
 
 
 def repo_for(name: str) -> str | None:

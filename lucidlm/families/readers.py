@@ -7,6 +7,9 @@ they run after the generic keys (:func:`lucidlm.families.fields.generic_fields`)
 >>> qwen_windows({"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 8,
 ...               "max_window_layers": 2})["layer_types"]
 ['full_attention', 'full_attention', 'sliding_attention']
+>>> cohere2({"num_hidden_layers": 4, "sliding_window": 8, "sliding_window_pattern": 4,
+...          "logit_scale": 0.25})["rope_layers"]  # Command R7B: the full layer has no positions
+(True, True, True, False)
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ def qwen_windows(hf: dict[str, Any]) -> dict[str, Any]:
     return {"sliding_window": window, "layer_types": types}
 
 
+def every_nth_full(n: int, pattern: int) -> list[str]:
+    """``layer_types`` where every ``pattern``-th layer is full and the others slide (Gemma 2/3,
+    gpt-oss, Cohere2, EXAONE 4, OLMo 3 when config.json lists no layer_types)."""
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
 def gemma(hf: dict[str, Any]) -> dict[str, Any]:
     """Gemma 2/3: every ``sliding_window_pattern``-th layer is global (Gemma 2: every 2nd)."""
     if hf.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention=True is not supported (lucidlm is causal only)")
-    pattern = hf["sliding_window_pattern"]
-    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                                      for i in range(n_layer(hf))]
+    types = hf.get("layer_types") or every_nth_full(n_layer(hf), hf["sliding_window_pattern"])
     return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
             "attn_logit_softcapping": hf.get("attn_logit_softcapping"),
             "final_logit_softcapping": hf.get("final_logit_softcapping"),
@@ -232,9 +239,57 @@ def phi(hf: dict[str, Any]) -> dict[str, Any]:
 def gpt_oss(hf: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: sinks and biases in every attention, ``layer_types`` (default: even layers slide),
     and every MLP an MoE of ``num_local_experts`` clamped-SwiGLU experts of ``intermediate_size``."""
-    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
-                                      for i in range(n_layer(hf))]
+    types = hf.get("layer_types") or every_nth_full(n_layer(hf), 2)
     return {"n_expert": hf["num_local_experts"], "n_expert_per_token": hf["num_experts_per_tok"],
             "moe_intermediate_size": hf["intermediate_size"], "swiglu_alpha": float(hf["swiglu_alpha"]),
             "swiglu_limit": float(hf["swiglu_limit"]), "sliding_window": hf.get("sliding_window"),
             "layer_types": types, **attention_bias(hf)}
+
+
+def cohere2(hf: dict[str, Any]) -> dict[str, Any]:
+    """Cohere2 (Command R7B / A): Cohere's parallel block without q/k norm; ``layer_types`` (default:
+    every ``sliding_window_pattern``-th layer full). Only the sliding layers rotate (all of head_dim:
+    Cohere2RotaryEmbedding reads no partial factor); full layers have no positions, and with
+    ``sliding_window`` None no layer rotates."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types") or every_nth_full(n_layer(hf), hf["sliding_window_pattern"])
+    return {"logit_scale": float(hf["logit_scale"]), **attention_bias(hf), "qk_norm": None, "rotary_fraction": 1.0,
+            "sliding_window": window, "layer_types": types,
+            "rope_layers": tuple(window is not None and t == "sliding_attention" for t in types)}
+
+
+def exaone4(hf: dict[str, Any]) -> dict[str, Any]:
+    """EXAONE 4: ``layer_types`` (default: every ``sliding_window_pattern``-th layer full). With a
+    ``sliding_window`` the full layers use no positions ("global NoPE"); without one every layer
+    rotates and none slides."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = hf.get("sliding_window_pattern") if window is not None else None
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            # transformers' Exaone4Config fails here too (a modulo by the pattern, 0 without a window)
+            raise ConfigError(f"sliding_window_pattern={pattern!r} (sliding_window={window!r}) without layer_types: "
+                              "expected layer_types, or a sliding_window and a positive integer pattern")
+        types = every_nth_full(n_layer(hf), pattern)
+    return {"sliding_window": window, "layer_types": types,
+            "rope_layers": tuple(window is None or t == "sliding_attention" for t in types)}
+
+
+#: Olmo3Config's ``default_theta``: the sliding layers' base unless rope_parameters names another
+_OLMO3_THETA = 500000.0
+
+
+def olmo3(hf: dict[str, Any]) -> dict[str, Any]:
+    """OLMo 3: OLMo 2 with ``layer_types`` (default: every 4th layer full). RoPE per layer type: the
+    full layers take ``rope_scaling`` (YaRN in the published configs) and ``rope_theta``; the sliding
+    layers plain RoPE at ``rope_parameters.sliding_attention.rope_theta``, else 500000 (transformers'
+    Olmo3Config hands a top-level ``rope_theta`` to the full layers only)."""
+    types = hf.get("layer_types") or every_nth_full(n_layer(hf), 4)
+    params = hf.get("rope_parameters") or {}
+    local = params.get("sliding_attention") or {}
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default":
+        raise ConfigError(f"rope_parameters.sliding_attention.rope_type={local_type!r} is not supported for OLMo 3's "
+                          "sliding layers (expected 'default')")
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
+            "rope_local_theta": float(local.get("rope_theta", _OLMO3_THETA)), **attention_bias(hf)}

@@ -135,6 +135,22 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
                 rope_theta=10000.0, qk_layernorm=True, max_position_embeddings=16384),
            (r.persimmon,), "persimmon"),
+    Family("Cohere2ForCausalLM", "llama",
+           dict(norm="layernorm", norm_bias=False, mlp="glu", parallel_residual=True, shared_attention_norm=True,
+                rope_interleaved=True),
+           dict(tie_word_embeddings=True, layer_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
+                logit_scale=0.0625, sliding_window=4096, sliding_window_pattern=4),
+           (r.cohere2,), "cohere2"),
+    Family("Exaone4ForCausalLM", "olmo2", dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True,
+                                               qk_norm="head"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, num_key_value_heads=32,
+                sliding_window=4096, sliding_window_pattern=4),
+           (r.exaone4,), "exaone4"),
+    Family("Olmo3ForCausalLM", "olmo2",
+           dict(_LLAMA, pre_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, rope_theta=500000.0,
+                sliding_window=4096),
+           (r.olmo3,), "olmo3"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

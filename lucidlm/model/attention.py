@@ -90,7 +90,9 @@ class CausalSelfAttention(nn.Module):
         self.clip = c.clip_qkv
         self.use_rope = c.position_embedding == "rope" and (c.rope_layers is None or c.rope_layers[layer])
         if self.use_rope:
-            local = c.rope_local_theta is not None and self.window is not None  # Gemma 3 local layers
+            # Gemma 3, OLMo 3: RoPE per layer type (as transformers picks it), whether or not a window is set
+            sliding_type = c.layer_types is not None and c.layer_types[layer] == "sliding_attention"
+            local = c.rope_local_theta is not None and sliding_type
             theta = c.rope_local_theta if local else c.rope_theta
             self._rope_args = (c.head_size, c.rotary_fraction, theta, None if local else c.rope_scaling)
             self.rope_interleaved = c.rope_interleaved
