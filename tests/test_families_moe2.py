@@ -17,6 +17,7 @@ from transformers.models.dbrx import modeling_dbrx
 
 import lucidlm
 from lucidlm import Config, rules
+from lucidlm.cache import POLICIES
 from lucidlm.errors import ConfigError
 from lucidlm.explain.explainer import explain
 from lucidlm.generate import generate_ids
@@ -47,6 +48,28 @@ def test_cached_greedy_tokens_equal_transformers_generate(family, pairs):
     hf_model, llm = pairs[family]
     ours = [step[0] for step in generate_ids(llm.model, [PROMPT], N_NEW)]
     assert ours == hf_greedy(hf_model, PROMPT, N_NEW)
+
+
+_EXACT = [p for p in POLICIES if "int" not in p]  # quantised buffers round the keys: not exact
+
+
+@pytest.mark.parametrize("policy", _EXACT)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_through_every_cache_with_room_equal_transformers_generate(family, policy, pairs):
+    """Every policy with room for all the tokens keeps what the dense cache keeps: transformers' tokens
+    (JetMoE's cache holds the shared heads, which every expert's queries read)."""
+    hf_model, llm = pairs[family]
+    got = [step[0] for step in generate_ids(llm.model, [PROMPT], N_NEW, kv_cache=policy, cache_tokens=64)]
+    assert got == hf_greedy(hf_model, PROMPT, N_NEW)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if not p.startswith(("dense", "int"))])
+def test_every_policy_evicting_runs_through_the_mixture_of_attention(policy, pairs):
+    """With 8 slots per layer the policies evict (H2O/SnapKV score the shared heads by the weights
+    of the expert heads that read them), and decoding goes on."""
+    llm = pairs["jetmoe"][1]
+    steps = list(generate_ids(llm.model, [PROMPT + PROMPT, [5, 6, 7]], 10, kv_cache=policy, cache_tokens=8))
+    assert len(steps) == 10 and all(0 <= t < llm.config.vocab_size for step in steps for t in step)
 
 
 def test_dbrx_clip_clamps_and_rope_base_is_the_top_level_one(pairs):
