@@ -88,13 +88,15 @@ class Config:
     rope_local_theta: float | None = None  # Gemma 3: base of the sliding-window layers
     rope_layers: tuple[bool, ...] | None = None  # per layer: whether it rotates (SmolLM3); None = all
     # MLP
-    mlp: Literal["glu", "mlp", "moe", "clamped_moe", "deepseek_moe"] = "glu"  # clamped_moe: gpt-oss's experts
+    mlp: Literal["glu", "mlp", "moe", "clamped_moe", "deepseek_moe", "dbrx_moe", "jetmoe_moe"] = "glu"
+    # clamped_moe: gpt-oss's experts; dbrx_moe / jetmoe_moe: DBRX's and JetMoE's stacked GLU experts
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     mlp_bias: bool = False
     n_expert: int = 0
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # each expert's hidden size; None = intermediate_size
     moe_norm_topk: bool = True  # renormalise the top-k routing weights (Mixtral; Qwen-MoE norm_topk_prob)
+    moe_norm_p: float = 1.0  # DBRX (dbrx_moe): ... by their p-norm (moe_normalize_expert_weights)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
     swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
@@ -112,6 +114,10 @@ class Config:
     qk_nope_head_dim: int = 0  # per-head key dims without RoPE (from the latent)
     qk_rope_head_dim: int = 0  # the rotary key dims, one key shared by all heads
     v_head_dim: int = 0
+    # JetMoE's mixture of attention heads (lucidlm.model.moa): n_expert query/output projection pairs, the
+    # router's n_expert_per_token chosen per token, each a head group over the n_query_groups shared k/v heads
+    moa: bool = False
+    block_norm_eps: float | None = None  # the blocks' norms' eps where it differs from the final norm's (JetMoE)
     # custom components (see docs/custom-models.md): classes built as cls(config, layer) for
     # attention and blocks, cls(config) for the MLP; None = the built-in ones
     attention_class: type | None = None
@@ -146,8 +152,10 @@ class Config:
             self.moe_layers = tuple(bool(m) for m in self.moe_layers)
             if len(self.moe_layers) != self.n_layer:
                 raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
-        if self.mlp in ("moe", "clamped_moe", "deepseek_moe") and not (0 < self.n_expert_per_token <= self.n_expert):
-            raise ConfigError(f"a {self.mlp!r} MLP needs 0 < n_expert_per_token <= n_expert")
+        routed = self.mlp in ("moe", "clamped_moe", "deepseek_moe", "dbrx_moe", "jetmoe_moe")
+        if (routed or self.moa) and not (0 < self.n_expert_per_token <= self.n_expert):
+            raise ConfigError(f"a {'mixture of attention heads' if self.moa else repr(self.mlp) + ' MLP'} needs "
+                              f"0 < n_expert_per_token <= n_expert, got {self.n_expert_per_token} and {self.n_expert}")
         check_deepseek(self)
 
     def _check_sizes(self) -> None:

@@ -134,6 +134,23 @@ FAMILIES = {
                                                                   beta_fast=32.0, beta_slow=1.0,
                                                                   attention_factor=1.2079441541679836,
                                                                   original_max_position_embeddings=16)}),
+    # dbrx-instruct: fused clamped Wqkv, bias-free LayerNorm, 16 experts top-4 whose weights are divided by
+    # their p-norm (p=1); here head size 20 (not a power of two), a clip small enough to clamp random
+    # weights, p=2 to tell the norm from a sum, and a top-level RoPE base (transformers 5 reads it and ignores
+    # attn_config.rope_theta, which its attention still requires)
+    "dbrx": lambda: T.DbrxConfig(vocab_size=96, d_model=80, n_heads=4, n_layers=3, max_seq_len=128,
+                                 attn_config=dict(kv_n_heads=2, clip_qkv=0.3, rope_theta=500000.0),
+                                 ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2,
+                                                 moe_normalize_expert_weights=2.0),
+                                 rope_parameters=dict(rope_type="default", rope_theta=5000.0),
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # jetmoe-8b: 8 attention and 8 MLP experts, top-2, 16 shared kv heads of 128; here 3 experts top-2 over
+    # 2 shared heads of 24 (not a power of two), and a final-norm eps far from the blocks' fixed 1e-6
+    "jetmoe": lambda: T.JetMoeConfig(vocab_size=96, hidden_size=64, intermediate_size=40, num_hidden_layers=3,
+                                     num_key_value_heads=2, kv_channels=24, num_local_experts=3,
+                                     num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=0.05,
+                                     rope_parameters=dict(rope_type="default", rope_theta=20000.0),
+                                     bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 

@@ -202,6 +202,19 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
         (_LAYER + "mlp.experts.gate_up_proj", "layers.{i}.mlp.experts.gate_up.weight"),
         (_LAYER + "mlp.experts.down_proj_bias", "layers.{i}.mlp.experts.down.bias"),
         (_LAYER + "mlp.experts.down_proj", "layers.{i}.mlp.experts.down.weight"))),
+    # DBRX: a fused Wqkv; the experts' w1/v1/w2 stacked (experts * ffn, d_model), kept as they are
+    "dbrx": Layout((("transformer.wte.", "embed."), ("transformer.norm_f.", "final_norm."), ("lm_head.", "lm_head."),
+                    ("transformer.blocks.{i}.norm_attn_norm.norm_1.", "layers.{i}.attn_norm."),
+                    ("transformer.blocks.{i}.norm_attn_norm.norm_2.", "layers.{i}.mlp_norm."),
+                    ("transformer.blocks.{i}.norm_attn_norm.attn.out_proj.", "layers.{i}.attn.o_proj."),
+                    ("transformer.blocks.{i}.ffn.experts.mlp.", "layers.{i}.mlp.experts."),
+                    ("transformer.blocks.{i}.ffn.router.", "layers.{i}.mlp.router.")),
+                   fused=_fused_pair("transformer.blocks.{i}.norm_attn_norm.attn.Wqkv", _QKV, _split_qkv, _cat),
+                   prefix="transformer."),
+    # JetMoE (lucidlm.model.moa): the attention and MoE experts carry transformers' own names
+    "jetmoe": Layout(_TOP + ((_LAYER + "self_attention.", "layers.{i}.attn."), (_LAYER + "mlp.", "layers.{i}.mlp."),
+                             (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+                             (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
     "falcon": _falcon_layout("input_layernorm", "post_attention_layernorm"),  # shared norm, or sequential
     "falcon_new": _falcon_layout("ln_attn", "ln_mlp"),  # new_decoder_architecture: two parallel norms
 })

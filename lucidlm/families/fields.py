@@ -43,8 +43,18 @@ def first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 
 def n_layer(hf: dict[str, Any]) -> int:
-    """The number of layers, under either spelling."""
-    return first(hf, "num_hidden_layers", "n_layer")
+    """The number of layers, under any spelling (DBRX: ``n_layers``)."""
+    return first(hf, "num_hidden_layers", "n_layer", "n_layers")
+
+
+def width(hf: dict[str, Any]) -> int:
+    """The hidden size, under any spelling (GPT-2: ``n_embd``, DBRX: ``d_model``)."""
+    return first(hf, "hidden_size", "n_embd", "d_model")
+
+
+def heads(hf: dict[str, Any]) -> int:
+    """The number of query heads, under any spelling (DBRX: ``n_heads``)."""
+    return first(hf, "num_attention_heads", "n_head", "n_heads")
 
 
 def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
@@ -88,14 +98,15 @@ def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rotary_dim(hf: dict[str, Any], fraction: float) -> int:
-    head_size = hf.get("head_dim") or first(hf, "hidden_size", "n_embd") // first(hf, "num_attention_heads", "n_head")
+    head_size = first(hf, "head_dim", "kv_channels") or width(hf) // heads(hf)
     return int(head_size * fraction)
 
 
 def _complete_scaling(s: dict[str, Any], hf: dict[str, Any], dim: int) -> None:
     """Fill in what transformers derives (``standardize_rope_params`` and the init functions) and
     refuse what it cannot compute, naming the field."""
-    rope_type, trained = s["rope_type"], first(hf, "max_position_embeddings", "n_positions", default=4096)
+    rope_type = s["rope_type"]
+    trained = first(hf, "max_position_embeddings", "n_positions", "max_seq_len", default=4096)
     if rope_type in ("llama3", "yarn", "longrope"):
         # a top-level original_max_position_embeddings (Phi-3) wins, as in transformers
         s["original_max_position_embeddings"] = first(hf, "original_max_position_embeddings", default=None) \
@@ -135,17 +146,16 @@ def activation(hf: dict[str, Any]) -> str:
 def generic_fields(hf: dict[str, Any], traits: dict[str, Any]) -> dict[str, Any]:
     """Keys that mean the same thing in every family's config.json (sliding windows, biases and
     soft-caps are read per family: transformers ignores them where the family has no such option)."""
-    n_embd = first(hf, "hidden_size", "n_embd")
-    n_head = first(hf, "num_attention_heads", "n_head")
+    n_embd, n_head = width(hf), heads(hf)
     fields = {
         "vocab_size": hf.get("vocab_size"),
         "n_embd": n_embd,
         "n_layer": n_layer(hf),
         "n_head": n_head,
         "n_query_groups": first(hf, "num_key_value_heads", default=n_head),
-        "head_size": hf.get("head_dim"),
+        "head_size": first(hf, "head_dim", "kv_channels"),  # JetMoE: kv_channels
         "intermediate_size": first(hf, "intermediate_size", "n_inner"),
-        "block_size": first(hf, "max_position_embeddings", "n_positions", default=4096),
+        "block_size": first(hf, "max_position_embeddings", "n_positions", "max_seq_len", default=4096),
         "norm_eps": first(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "activation": activation(hf),

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Registry
 from . import readers as r
+from .dbrx_jetmoe import dbrx, jetmoe
 from .deepseek import deepseek
 from .family import Family
 
@@ -151,6 +152,14 @@ _BUILTIN = (
            dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, max_position_embeddings=2048, rope_theta=500000.0,
                 sliding_window=4096),
            (r.olmo3,), "olmo3"),
+    Family("DbrxForCausalLM", "dbrx", dict(norm="layernorm", norm_bias=False, mlp="dbrx_moe"),
+           dict(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=32000, tie_word_embeddings=False),
+           (dbrx,), "dbrx"),
+    Family("JetMoeForCausalLM", "jetmoe", dict(_LLAMA, mlp="jetmoe_moe"),
+           dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=12, num_key_value_heads=16, kv_channels=128,
+                intermediate_size=5632, max_position_embeddings=4096, activation_function="silu", num_local_experts=8,
+                num_experts_per_tok=2, tie_word_embeddings=True, rms_norm_eps=1e-6),
+           (jetmoe,), "jetmoe"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

@@ -21,6 +21,7 @@ from .attention import CausalSelfAttention
 from .linear import Linear
 from .mla import MLAttention
 from .mlp import build_mlp
+from .moa import MoAttention
 from .norm import build_norm
 
 
@@ -30,13 +31,14 @@ class Block(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
         c = config
-        self.attn_norm = build_norm(c) if c.pre_norm else None
-        default = MLAttention if c.kv_lora_rank is not None else CausalSelfAttention
+        eps = c.block_norm_eps  # None: the final norm's (JetMoE's block norms differ)
+        self.attn_norm = build_norm(c, eps=eps) if c.pre_norm else None
+        default = MLAttention if c.kv_lora_rank is not None else MoAttention if c.moa else CausalSelfAttention
         self.attn = (c.attention_class or default)(c, layer)
-        self.post_attn_norm = build_norm(c) if c.post_attention_norm else None
-        self.mlp_norm = build_norm(c) if c.pre_norm and not c.shared_attention_norm else None
+        self.post_attn_norm = build_norm(c, eps=eps) if c.post_attention_norm else None
+        self.mlp_norm = build_norm(c, eps=eps) if c.pre_norm and not c.shared_attention_norm else None
         self.mlp = c.mlp_class(c) if c.mlp_class is not None else build_mlp(c, layer)
-        self.post_mlp_norm = build_norm(c) if c.post_mlp_norm else None
+        self.post_mlp_norm = build_norm(c, eps=eps) if c.post_mlp_norm else None
         self.parallel = c.parallel_residual
         self.residual_multiplier = c.residual_multiplier  # Granite
 

@@ -1,5 +1,6 @@
 """Feed-forward variants: plain MLP (GPT-2, NeoX, Phi-2), gated GLU (Llama family), sparse MoE, gpt-oss's MoE of
-clamped-SwiGLU experts and DeepSeek's grouped-routing MoE with shared experts."""
+clamped-SwiGLU experts, DeepSeek's grouped-routing MoE with shared experts, and DBRX's and JetMoE's MoEs of
+stacked GLU experts."""
 
 from __future__ import annotations
 
@@ -245,9 +246,104 @@ class ClampedMoE(nn.Module):
         return self.experts(flat, chosen, weights).view_as(x)
 
 
+def glu_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """One GLU expert from stacked weights, (out, in) each: ``down(act(gate x) * up x)`` with
+    :class:`GLU`'s rules (the gate a constant under CP-LRP, the uniform rule on the product)."""
+    hidden = rules.product(rules.activation(act, rules.gate(F.linear(x, gate))), F.linear(x, up))
+    return F.linear(hidden, down)
+
+
+class TopKRouter(nn.Module):
+    """``layer``: the router's logits. ``"softmax_topk"`` (DBRX): the top-k of the softmax, divided by
+    their ``p``-norm where ``p`` is set; ``"topk_softmax"`` (JetMoE): the top-k logits (in float32)
+    softmaxed among themselves. Returns the (tokens, k) weights, a constant for LRP
+    (``rules.router_weights``), and the chosen experts."""
+
+    def __init__(self, config, kind: str, p: float | None = None) -> None:
+        super().__init__()
+        self.layer = Linear(config.n_embd, config.n_expert, bias=False)
+        self.kind, self.k, self.p = kind, config.n_expert_per_token, p
+
+    def forward(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.layer(flat)
+        if self.kind == "topk_softmax":
+            top, chosen = logits.float().topk(self.k, dim=-1)
+            weights = F.softmax(top, dim=-1).type_as(flat)
+        else:
+            weights, chosen = F.softmax(logits, dim=-1, dtype=logits.dtype).topk(self.k, dim=-1)
+            if self.p is not None:
+                weights = weights / weights.norm(p=self.p, dim=-1, keepdim=True)
+        return rules.router_weights(weights), chosen
+
+
+class DbrxExperts(nn.Module):
+    """DBRX's experts as its checkpoints store them: ``w1`` (gate), ``v1`` (up) and ``w2`` (down,
+    transposed), each (experts * ffn_hidden_size, d_model)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        shape = (config.n_expert * config.moe_intermediate_size, config.n_embd)
+        self.w1, self.v1, self.w2 = (nn.Parameter(torch.empty(shape)) for _ in range(3))
+        self.size, self.act = config.moe_intermediate_size, ACTIVATIONS[config.activation]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        part = slice(e * self.size, (e + 1) * self.size)
+        return glu_expert(x, self.w1[part], self.v1[part], self.w2[part].t(), self.act)
+
+
+class DbrxMoE(nn.Module):
+    """DBRX's MoE: :class:`TopKRouter` (``"softmax_topk"``, p-norm ``moe_norm_p`` where
+    ``moe_norm_topk``) over :class:`DbrxExperts`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.router = TopKRouter(config, "softmax_topk", config.moe_norm_p if config.moe_norm_topk else None)
+        self.experts = DbrxExperts(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.router(flat)
+        experts = [functools.partial(self.experts.expert, e) for e in range(self.router.layer.out_features)]
+        return routed(experts, flat, chosen, weights).view_as(x)
+
+
+class ParallelExperts(nn.Module):
+    """Every expert's (out, in) matrix in one (experts, out, in) ``weight`` (JetMoE's ``input_linear``
+    and ``output_linear``)."""
+
+    def __init__(self, experts: int, size_in: int, size_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, size_out, size_in))
+
+
+class JetMoeMoE(nn.Module):
+    """JetMoE's MoE: :class:`TopKRouter` (``"topk_softmax"``) over GLU experts whose gate and up
+    matrices are the two halves of ``input_linear``, plus a ``bias`` on the sum."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        size = config.moe_intermediate_size or config.intermediate_size
+        self.router = TopKRouter(config, "topk_softmax")
+        self.input_linear = ParallelExperts(config.n_expert, config.n_embd, 2 * size)
+        self.output_linear = ParallelExperts(config.n_expert, size, config.n_embd)
+        self.bias = nn.Parameter(torch.zeros(config.n_embd))
+        self.act = ACTIVATIONS[config.activation]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.input_linear.weight[e].chunk(2, dim=0)
+        return glu_expert(x, gate, up, self.output_linear.weight[e], self.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.router(flat)
+        experts = [functools.partial(self.expert, e) for e in range(self.input_linear.weight.shape[0])]
+        return routed(experts, flat, chosen, weights).view_as(x) + self.bias
+
+
 def build_mlp(config, layer: int | None = None) -> nn.Module:
     """The MLP of ``layer``: a dense GLU where ``moe_layers`` marks a layer of an MoE model dense."""
     sparse = config.mlp in ("moe", "deepseek_moe")
     if sparse and config.moe_layers is not None and layer is not None and not config.moe_layers[layer]:
         return GLU(config)
-    return {"mlp": MLP, "glu": GLU, "moe": MoE, "clamped_moe": ClampedMoE, "deepseek_moe": DeepSeekMoE}[config.mlp](config)
+    return {"mlp": MLP, "glu": GLU, "moe": MoE, "clamped_moe": ClampedMoE, "deepseek_moe": DeepSeekMoE,
+            "dbrx_moe": DbrxMoE, "jetmoe_moe": JetMoeMoE}[config.mlp](config)

@@ -107,8 +107,9 @@ class HeadWeightsLayerNorm(nn.Module):
         return layer_norm(x, self.weight[:, None], None, self.eps)
 
 
-def build_norm(config, size: int | None = None) -> nn.Module:
-    size = size or config.n_embd
+def build_norm(config, size: int | None = None, eps: float | None = None) -> nn.Module:
+    """The config's norm over ``size`` (default ``n_embd``) with ``eps`` (default ``norm_eps``)."""
+    size, eps = size or config.n_embd, config.norm_eps if eps is None else eps
     if config.norm == "layernorm":
-        return LayerNorm(size, config.norm_eps, bias=config.norm_bias, weight=config.norm_affine)
-    return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
+        return LayerNorm(size, eps, bias=config.norm_bias, weight=config.norm_affine)
+    return RMSNorm(size, eps, config.norm_unit_offset)
