@@ -112,6 +112,10 @@ FAMILIES = {
                                            rope_parameters=dict(rope_type="default", rope_theta=25000.0,
                                                                 partial_rotary_factor=0.3),
                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # OLMoE-1B-7B: 64 experts top-8, unnormalised softmax routing, q/k RMSNorm over the whole projections;
+    # here head size 18 (not a power of two) and a clip_qkv small enough to clamp the normalised q and k
+    "olmoe": lambda: _cfg(T.OlmoeConfig, hidden_size=72, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                          norm_topk_prob=False, clip_qkv=0.9),
 }
 
 

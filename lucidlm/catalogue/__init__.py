@@ -63,6 +63,7 @@ CATALOGUE: dict[str, str] = {
     "stablelm-2-1_6b": "stabilityai/stablelm-2-1_6b",
     "starcoder2-3b": "bigcode/starcoder2-3b",
     "persimmon-8b-base": "adept/persimmon-8b-base",
+    "OLMoE-1B-7B-0924": "allenai/OLMoE-1B-7B-0924",
 }
 
 

@@ -238,3 +238,17 @@ def gpt_oss(hf: dict[str, Any]) -> dict[str, Any]:
             "moe_intermediate_size": hf["intermediate_size"], "swiglu_alpha": float(hf["swiglu_alpha"]),
             "swiglu_limit": float(hf["swiglu_limit"]), "sliding_window": hf.get("sliding_window"),
             "layer_types": types, **attention_bias(hf)}
+
+
+def olmoe(hf: dict[str, Any]) -> dict[str, Any]:
+    """OLMoE: every layer an MoE of ``num_experts`` experts of ``intermediate_size``; q/k RMSNorm over
+    the whole projections (sized from hidden_size, so head_dim must be hidden_size / heads)."""
+    heads, head_dim = hf["num_attention_heads"], hf.get("head_dim")
+    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
+        raise ConfigError(f"OlmoeForCausalLM: head_dim={head_dim} * num_attention_heads={heads} must equal "
+                          f"hidden_size={hf['hidden_size']} (its q_norm spans hidden_size)")
+    clip = hf.get("clip_qkv")
+    return {"n_expert": first(hf, "num_experts", "num_local_experts"), "n_expert_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["intermediate_size"], "moe_norm_topk": bool(hf["norm_topk_prob"]),
+            "clip_qkv": None if clip is None else float(clip), **attention_bias(hf)}
+

@@ -135,6 +135,12 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
                 rope_theta=10000.0, qk_layernorm=True, max_position_embeddings=16384),
            (r.persimmon,), "persimmon"),
+    Family("OlmoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", qk_norm="full"),
+           dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16,
+                num_attention_heads=16, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                tie_word_embeddings=False, attention_bias=False, num_experts=64, num_experts_per_tok=8,
+                norm_topk_prob=False),
+           (r.olmoe,), "olmoe"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
