@@ -97,6 +97,9 @@ class Config:
     moe_norm_topk: bool = True  # renormalise the top-k routing weights (Mixtral; Qwen-MoE norm_topk_prob)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
+    # how mlp="moe" routes (lucidlm.model.mlp.MoE.route): the top-k of the softmax (Mixtral, Qwen-MoE, OLMoE)
+    # or the softmax of the top-k logits (GraniteMoE)
+    moe_routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # ... with gate clamped above and up on both sides at this limit
     # DeepSeek's MoE (mlp="deepseek_moe", lucidlm.model.mlp.DeepSeekMoE): grouped top-k routing

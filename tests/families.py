@@ -116,6 +116,11 @@ FAMILIES = {
     # here head size 18 (not a power of two) and a clip_qkv small enough to clamp the normalised q and k
     "olmoe": lambda: _cfg(T.OlmoeConfig, hidden_size=72, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
                           norm_topk_prob=False, clip_qkv=0.9),
+    # granite-3.1-1b-a400m: 32 experts top-8 (softmax over the top-k logits), Granite's multipliers, tied head;
+    # here head size 20 (not a power of two)
+    "granitemoe": lambda: _cfg(T.GraniteMoeConfig, hidden_size=80, num_local_experts=4, num_experts_per_tok=2,
+                               intermediate_size=32, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.015625, logits_scaling=6.0, tie_word_embeddings=True),
 }
 
 

@@ -1,4 +1,4 @@
-"""MoE families of issue 26 (OLMoE) beyond what every family gets from
+"""MoE families of issue 26 (OLMoE, GraniteMoE) beyond what every family gets from
 tests/test_parity.py, test_check.py and test_explain.py (logits, saving back, prefill + decode,
 conservation checks, both LRP methods): greedy tokens through our KV cache equal transformers'
 ``generate`` (the oracle), and bad configs get typed errors naming the field."""
@@ -15,7 +15,7 @@ from test_explain import EXACT, load, plain_logits, rel_err
 from test_explain import PROMPT as EXPLAIN_PROMPT
 from test_families_dense import hf_greedy
 
-MOE_FAMILIES = ["olmoe"]
+MOE_FAMILIES = ["olmoe", "granitemoe"]
 PROMPT = [5, 17, 3, 42, 8, 11, 60, 23]
 N_NEW = 12
 

@@ -98,6 +98,9 @@ VARIANTS = {
     # OLMoE renormalised and clipped; GraniteMoE and PhiMoE with their class defaults (PhiMoE: no LongRoPE,
     # no window, no biases; its tiny-random checkpoints' style)
     "OLMoE-norm-topk-clip": ("OLMoE-1B-7B-0924", {"norm_topk_prob": True, "clip_qkv": 8.0}),
+    "granitemoe-defaults": ("granite-3.1-1b-a400m-instruct", {"attention_multiplier": _DROP, "logits_scaling": _DROP,
+                                                              "embedding_multiplier": _DROP, "rms_norm_eps": _DROP,
+                                                              "tie_word_embeddings": _DROP}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }

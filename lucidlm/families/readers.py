@@ -252,3 +252,8 @@ def olmoe(hf: dict[str, Any]) -> dict[str, Any]:
             "moe_intermediate_size": hf["intermediate_size"], "moe_norm_topk": bool(hf["norm_topk_prob"]),
             "clip_qkv": None if clip is None else float(clip), **attention_bias(hf)}
 
+
+def granitemoe(hf: dict[str, Any]) -> dict[str, Any]:
+    # Granite's multipliers; every layer an MoE of num_local_experts experts of intermediate_size
+    return {**granite(hf), **moe(hf), "moe_intermediate_size": hf["intermediate_size"], **attention_bias(hf)}
+

@@ -141,6 +141,12 @@ _BUILTIN = (
                 tie_word_embeddings=False, attention_bias=False, num_experts=64, num_experts_per_tok=8,
                 norm_topk_prob=False),
            (r.olmoe,), "olmoe"),
+    Family("GraniteMoeForCausalLM", "granitemoe", dict(_LLAMA, mlp="moe", moe_routing="topk_softmax"),
+           dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, attention_bias=False, embedding_multiplier=1.0, logits_scaling=1.0,
+                residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8, num_experts_per_tok=2),
+           (r.granitemoe,), "granitemoe"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

@@ -78,10 +78,30 @@ def routed(experts: nn.ModuleList, flat: torch.Tensor, chosen: torch.Tensor, wei
     return out
 
 
+def softmax_topk(logits: torch.Tensor, k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, k) routing weights and chosen experts: the k largest of the float32 softmax over every
+    expert, renormalised to sum to 1 where ``normalise`` (Mixtral; Qwen-MoE and OLMoE norm_topk_prob)."""
+    weights, chosen = F.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True) if normalise else weights), chosen
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraniteMoE: the softmax over each token's k largest logits only (in float32).
+
+    >>> weights, chosen = topk_softmax(torch.tensor([[0.0, 2.0, 1.0]]), 2)
+    >>> chosen.tolist(), round(float(weights.sum()), 6)
+    ([[1, 2]], 1.0)
+    """
+    top, chosen = logits.float().topk(k, dim=-1)
+    return F.softmax(top, dim=-1), chosen
+
+
 class MoE(nn.Module):
-    """Sparse mixture of GLU experts: softmax router, top-k, weights renormalised (Mixtral; Qwen-MoE
-    with norm_topk_prob) or not; optionally a shared expert times sigmoid(gate(x)) (Qwen2-MoE).
-    Routing weights and the shared expert's gate are constants for LRP (``rules.router_weights``)."""
+    """Sparse mixture of GLU experts: a router, then ``config.moe_routing``: the top-k of the softmax,
+    renormalised (Mixtral; Qwen-MoE and OLMoE with norm_topk_prob) or not, or the softmax of the top-k
+    logits (GraniteMoE); optionally a shared expert times sigmoid(gate(x))
+    (Qwen2-MoE). Routing weights and the shared expert's gate are constants for LRP
+    (``rules.router_weights``)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -90,6 +110,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
         self.k = config.n_expert_per_token
         self.norm_topk = config.moe_norm_topk
+        self.routing = config.moe_routing
         if config.shared_expert_intermediate_size:
             self.shared_expert = GLU(config, bias=False, size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(config.n_embd, 1, bias=False)
@@ -98,15 +119,18 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.k, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights, chosen = self.route(self.router(flat))
         out = routed(self.experts, flat, chosen, rules.router_weights(weights.to(x.dtype)))
         if self.shared_expert is not None:
             gate = rules.router_weights(torch.sigmoid(self.shared_expert_gate(flat)))
             out = out + gate * self.shared_expert(flat)
         return out.view_as(x)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, k) routing weights and chosen experts of the router's logits."""
+        if self.routing == "topk_softmax":
+            return topk_softmax(logits, self.k)
+        return softmax_topk(logits, self.k, self.norm_topk)
 
 
 class DeepSeekMoE(nn.Module):
