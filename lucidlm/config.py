@@ -97,9 +97,10 @@ class Config:
     moe_norm_topk: bool = True  # renormalise the top-k routing weights (Mixtral; Qwen-MoE norm_topk_prob)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
-    # how mlp="moe" routes (lucidlm.model.mlp.MoE.route): the top-k of the softmax (Mixtral, Qwen-MoE, OLMoE)
-    # or the softmax of the top-k logits (GraniteMoE)
-    moe_routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # how mlp="moe" routes (lucidlm.model.mlp.MoE.route): the top-k of the softmax (Mixtral, Qwen-MoE, OLMoE), the
+    # softmax of the top-k logits (GraniteMoE), or PhiMoE's sparsemixer top-2 with its threshold moe_jitter_eps
+    moe_routing: Literal["softmax_topk", "topk_softmax", "sparsemixer"] = "softmax_topk"
+    moe_jitter_eps: float = 0.01  # PhiMoE router_jitter_noise: experts within 2 * eps (relative) of the best
     swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # ... with gate clamped above and up on both sides at this limit
     # DeepSeek's MoE (mlp="deepseek_moe", lucidlm.model.mlp.DeepSeekMoE): grouped top-k routing
@@ -151,6 +152,8 @@ class Config:
                 raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected n_layer={self.n_layer}")
         if self.mlp in ("moe", "clamped_moe", "deepseek_moe") and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError(f"a {self.mlp!r} MLP needs 0 < n_expert_per_token <= n_expert")
+        if self.moe_routing == "sparsemixer" and self.mlp == "moe" and self.n_expert_per_token != 2:
+            raise ConfigError(f"n_expert_per_token={self.n_expert_per_token}: sparsemixer routing picks exactly 2")
         check_deepseek(self)
 
     def _check_sizes(self) -> None:

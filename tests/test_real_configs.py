@@ -101,6 +101,9 @@ VARIANTS = {
     "granitemoe-defaults": ("granite-3.1-1b-a400m-instruct", {"attention_multiplier": _DROP, "logits_scaling": _DROP,
                                                               "embedding_multiplier": _DROP, "rms_norm_eps": _DROP,
                                                               "tie_word_embeddings": _DROP}),
+    "Phi-3.5-MoE-plain": ("Phi-3.5-MoE-instruct", {"rope_scaling": _DROP, "sliding_window": _DROP,
+                                                   "attention_bias": _DROP, "lm_head_bias": _DROP,
+                                                   "rope_theta": _DROP, "router_jitter_noise": 0.2}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
 }

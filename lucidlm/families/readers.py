@@ -257,3 +257,23 @@ def granitemoe(hf: dict[str, Any]) -> dict[str, Any]:
     # Granite's multipliers; every layer an MoE of num_local_experts experts of intermediate_size
     return {**granite(hf), **moe(hf), "moe_intermediate_size": hf["intermediate_size"], **attention_bias(hf)}
 
+
+def phimoe(hf: dict[str, Any]) -> dict[str, Any]:
+    """PhiMoE (Phi-3.5-MoE): biases where ``attention_bias``/``lm_head_bias`` say, sparsemixer top-2
+    (``num_experts_per_tok`` is not read: transformers always picks two) and, for ``longrope``, the
+    scaling of transformers 5.25's PhimoeRotaryEmbedding: the frequencies of ``short_factor`` at every
+    length (it never passes the length), cos and sin times ``short_mscale``, or ``long_mscale`` where
+    the forward runs past ``original_max_position_embeddings`` (where ``generate`` recomputes)."""
+    scaling = rope_fields(hf)["rope_scaling"]
+    if scaling is not None:
+        if scaling["rope_type"] != "longrope":
+            raise ConfigError(f"PhimoeForCausalLM: rope_scaling.rope_type {scaling['rope_type']!r} is not "
+                              "supported (transformers reads its long_mscale/short_mscale, a longrope setting)")
+        for key in ("short_mscale", "long_mscale"):
+            if isinstance(scaling.get(key), bool) or not isinstance(scaling.get(key), (int, float)):
+                raise ConfigError(f"rope_scaling.{key}={scaling.get(key)!r}: expected a number")
+        scaling = {**scaling, "long_factor": scaling["short_factor"], "attention_factor": float(scaling["short_mscale"]),
+                   "long_attention_factor": float(scaling["long_mscale"]), "recompute_at_switch": True}
+    return {"n_expert": hf["num_local_experts"], "n_expert_per_token": 2,
+            "moe_intermediate_size": hf["intermediate_size"], "moe_jitter_eps": float(hf["router_jitter_noise"]),
+            "lm_head_bias": bool(hf["lm_head_bias"]), "rope_scaling": scaling, **attention_bias(hf)}

@@ -144,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         key = self._rope_key
         if key not in memo:  # the first layer with this RoPE: its frequencies for this forward's length
             memo[key] = rope_cos_sin(self.rotary.frequencies(pos), pos, dtype, self.rope_interleaved,
-                                     self.rotary.scale)
+                                     self.rotary.scale_at(pos))
         return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------

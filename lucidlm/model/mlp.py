@@ -96,10 +96,31 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return F.softmax(top, dim=-1), chosen
 
 
+def sparsemixer(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2 routing (``sparsemixer`` of transformers 5.25, its eval path): the best expert, then
+    the best of the rest; each weighted by a softmax over the candidates whose logit is within
+    ``2 * eps`` of that pick's, relative to ``max(|logit|, pick)``, read at the pick (the second
+    softmax runs without the first pick). In the logits' own dtype, as transformers.
+
+    >>> weights, chosen = sparsemixer(torch.tensor([[3.0, 0.0, 2.99]]), eps=0.01)
+    >>> chosen.tolist(), [round(w, 4) for w in weights[0].tolist()]
+    ([[0, 2]], [0.5025, 1.0])
+    """
+    first_weight, first = _sparsemixer_pick(scores, scores, eps)
+    second_weight, second = _sparsemixer_pick(scores.scatter(-1, first, float("-inf")), scores, eps)
+    return torch.cat([first_weight, second_weight], dim=-1), torch.cat([first, second], dim=-1)
+
+
+def _sparsemixer_pick(candidates: torch.Tensor, scores: torch.Tensor, eps: float):
+    best, chosen = candidates.max(dim=-1, keepdim=True)
+    far = (best - scores) / scores.abs().clamp(min=best) > 2 * eps
+    return candidates.masked_fill(far, float("-inf")).softmax(dim=-1).gather(-1, chosen), chosen
+
+
 class MoE(nn.Module):
     """Sparse mixture of GLU experts: a router, then ``config.moe_routing``: the top-k of the softmax,
-    renormalised (Mixtral; Qwen-MoE and OLMoE with norm_topk_prob) or not, or the softmax of the top-k
-    logits (GraniteMoE); optionally a shared expert times sigmoid(gate(x))
+    renormalised (Mixtral; Qwen-MoE and OLMoE with norm_topk_prob) or not, the softmax of the top-k
+    logits (GraniteMoE) or PhiMoE's sparsemixer; optionally a shared expert times sigmoid(gate(x))
     (Qwen2-MoE). Routing weights and the shared expert's gate are constants for LRP
     (``rules.router_weights``)."""
 
@@ -110,7 +131,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
         self.k = config.n_expert_per_token
         self.norm_topk = config.moe_norm_topk
-        self.routing = config.moe_routing
+        self.routing, self.jitter_eps = config.moe_routing, config.moe_jitter_eps
         if config.shared_expert_intermediate_size:
             self.shared_expert = GLU(config, bias=False, size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(config.n_embd, 1, bias=False)
@@ -130,6 +151,8 @@ class MoE(nn.Module):
         """(tokens, k) routing weights and chosen experts of the router's logits."""
         if self.routing == "topk_softmax":
             return topk_softmax(logits, self.k)
+        if self.routing == "sparsemixer":
+            return sparsemixer(logits, self.jitter_eps)
         return softmax_topk(logits, self.k, self.norm_topk)
 
 
