@@ -48,6 +48,15 @@ def test_cp_lrp_conserves_the_logit_without_biases(family, hf_checkpoint):
     assert rel_err(e.relevance.double().sum().item(), e.target_logit) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["olmoe", "granitemoe"])
+def test_latent_relevances_conserve_per_branch(family, hf_checkpoint):
+    """Bias-free, CP-LRP: each expert's neurons hold exactly what its layer's MLP passes on (the
+    check of tests/test_explain.py, on these families' experts)."""
+    import test_explain
+
+    test_explain.test_latent_relevances_conserve_per_branch(family, hf_checkpoint)
+
+
 def test_phimoe_logits_past_the_longrope_switch(hf_checkpoint):
     """A forward longer than original_max_position_embeddings (16) takes long_mscale; transformers 5.25
     keeps the short factors (it computes the frequencies without the length)."""
