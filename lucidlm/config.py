@@ -99,6 +99,10 @@ class Config:
     moe_norm_p: float = 1.0  # DBRX (dbrx_moe): ... by their p-norm (moe_normalize_expert_weights)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared GLU expert times sigmoid(gate(x)); 0 = none
     moe_layers: tuple[bool, ...] | None = None  # per layer: sparse MoE (True) or a dense GLU; None = all MoE
+    # how mlp="moe" routes (lucidlm.model.mlp.MoE.route): the top-k of the softmax (Mixtral, Qwen-MoE, OLMoE), the
+    # softmax of the top-k logits (GraniteMoE), or PhiMoE's sparsemixer top-2 with its threshold moe_jitter_eps
+    moe_routing: Literal["softmax_topk", "topk_softmax", "sparsemixer"] = "softmax_topk"
+    moe_jitter_eps: float = 0.01  # PhiMoE router_jitter_noise: experts within 2 * eps (relative) of the best
     swiglu_alpha: float = 1.702  # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # ... with gate clamped above and up on both sides at this limit
     # DeepSeek's MoE (mlp="deepseek_moe", lucidlm.model.mlp.DeepSeekMoE): grouped top-k routing
@@ -156,6 +160,8 @@ class Config:
         if (routed or self.moa) and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError(f"a {'mixture of attention heads' if self.moa else repr(self.mlp) + ' MLP'} needs "
                               f"0 < n_expert_per_token <= n_expert, got {self.n_expert_per_token} and {self.n_expert}")
+        if self.moe_routing == "sparsemixer" and self.mlp == "moe" and self.n_expert_per_token != 2:
+            raise ConfigError(f"n_expert_per_token={self.n_expert_per_token}: sparsemixer routing picks exactly 2")
         check_deepseek(self)
 
     def _check_sizes(self) -> None:

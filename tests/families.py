@@ -151,6 +151,26 @@ FAMILIES = {
                                      num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=0.05,
                                      rope_parameters=dict(rope_type="default", rope_theta=20000.0),
                                      bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # OLMoE-1B-7B: 64 experts top-8, unnormalised softmax routing, q/k RMSNorm over the whole projections;
+    # here head size 18 (not a power of two) and a clip_qkv small enough to clamp the normalised q and k
+    "olmoe": lambda: _cfg(T.OlmoeConfig, hidden_size=72, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                          norm_topk_prob=False, clip_qkv=0.9),
+    # granite-3.1-1b-a400m: 32 experts top-8 (softmax over the top-k logits), Granite's multipliers, tied head;
+    # here head size 20 (not a power of two)
+    "granitemoe": lambda: _cfg(T.GraniteMoeConfig, hidden_size=80, num_local_experts=4, num_experts_per_tok=2,
+                               intermediate_size=32, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.015625, logits_scaling=6.0, tie_word_embeddings=True),
+    # Phi-3.5-MoE: LayerNorm with bias, attention and head biases, sparsemixer top-2, LongRoPE with mscales;
+    # here head size 18, a window of 7, a jitter eps large enough for the sparsemixer's mask to bite, and
+    # the long/short switch at 16 tokens with distinct mscales
+    "phimoe": lambda: _cfg(T.PhimoeConfig, hidden_size=72, num_local_experts=4, num_experts_per_tok=2,
+                           intermediate_size=32, attention_bias=True, lm_head_bias=True, sliding_window=7,
+                           router_jitter_noise=0.2,
+                           rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                short_factor=[1.0 + 0.1 * i for i in range(9)],
+                                                long_factor=[1.0 + 0.5 * i for i in range(9)],
+                                                short_mscale=1.1, long_mscale=1.3,
+                                                original_max_position_embeddings=16)),
 }
 
 

@@ -100,6 +100,15 @@ VARIANTS = {
     "dbrx-no-norm": ("dbrx-instruct", {
         "ffn_config": dict(REAL["dbrx-instruct"]["ffn_config"], moe_normalize_expert_weights=None),
         "rope_theta": 500000.0}),
+    # OLMoE renormalised and clipped; GraniteMoE and PhiMoE with their class defaults (PhiMoE: no LongRoPE,
+    # no window, no biases; its tiny-random checkpoints' style)
+    "OLMoE-norm-topk-clip": ("OLMoE-1B-7B-0924", {"norm_topk_prob": True, "clip_qkv": 8.0}),
+    "granitemoe-defaults": ("granite-3.1-1b-a400m-instruct", {"attention_multiplier": _DROP, "logits_scaling": _DROP,
+                                                              "embedding_multiplier": _DROP, "rms_norm_eps": _DROP,
+                                                              "tie_word_embeddings": _DROP}),
+    "Phi-3.5-MoE-plain": ("Phi-3.5-MoE-instruct", {"rope_scaling": _DROP, "sliding_window": _DROP,
+                                                   "attention_bias": _DROP, "lm_head_bias": _DROP,
+                                                   "rope_theta": _DROP, "router_jitter_noise": 0.2}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
     # Cohere2 with the class defaults (pattern 4, logit scale 1/16, eps, tying, theta)
@@ -180,7 +189,7 @@ def expected_fields(c) -> dict:
     head = n_embd // n_head if mt in ("gpt2", "gpt_neox", "gptj", "falcon", "persimmon") else (getattr(c, "head_dim", None) or n_embd // n_head)
     window = getattr(c, "sliding_window", None)
     n_layer = c.num_hidden_layers
-    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2"):
+    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2", "phimoe"):
         windows = [window] * n_layer
     elif mt in ("qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen2_moe", "gpt_oss", "cohere2", "exaone4",
                 "olmo3"):
@@ -194,6 +203,9 @@ def expected_fields(c) -> dict:
         else getattr(c, "num_key_value_heads", None) or n_head
     moe = mt in ("qwen2_moe", "qwen3_moe")
     gpt_oss = mt == "gpt_oss"  # every layer an MoE of intermediate_size experts, softmax over the top-k
+    # every layer an MoE of intermediate_size experts; only OLMoE reads norm_topk_prob (GraniteMoE: softmax
+    # over the top-k; PhiMoE: sparsemixer, always two experts whatever num_experts_per_tok says)
+    every_layer_moe = mt in ("olmoe", "granitemoe", "phimoe")
     sparse = [i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0 for i in range(n_layer)] if moe else 0
     deepseek = mt in ("deepseek_v2", "deepseek_v3")  # MLA: q·kᵀ per head is nope + rope (head_dim: rope)
     if deepseek:
@@ -213,15 +225,17 @@ def expected_fields(c) -> dict:
         windows=windows,
         final_logit_softcapping=c.final_logit_softcapping if gemma else None,
         attn_logit_softcapping=c.attn_logit_softcapping if gemma else None,
-        scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt == "granite"
+        scale=c.query_pre_attn_scalar ** -0.5 if gemma else c.attention_multiplier if mt in ("granite", "granitemoe")
         else _deepseek_scale(c, head) if deepseek else head ** -0.5,
         activation=act,
-        n_expert=getattr(c, "num_local_experts", 0) if mt in ("mixtral", "gpt_oss") else c.num_experts if moe
-        else c.n_routed_experts if deepseek else 0,
-        n_expert_per_token=getattr(c, "num_experts_per_tok", 0)
-        if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss") or deepseek else 0,
+        n_expert=getattr(c, "num_local_experts", 0) if mt in ("mixtral", "gpt_oss", "granitemoe", "phimoe")
+        else c.num_experts if moe or mt == "olmoe" else c.n_routed_experts if deepseek else 0,
+        n_expert_per_token=2 if mt == "phimoe" else getattr(c, "num_experts_per_tok", 0)
+        if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "granitemoe") or deepseek else 0,
         moe=(c.moe_intermediate_size, getattr(c, "shared_expert_intermediate_size", 0), c.norm_topk_prob, sparse)
         if moe else (c.intermediate_size, 0, True, [True] * n_layer) if gpt_oss
+        else (c.intermediate_size, 0, c.norm_topk_prob if mt == "olmoe" else True, [True] * n_layer)
+        if every_layer_moe
         else (c.moe_intermediate_size, 0, bool(c.norm_topk_prob) and mt == "deepseek_v3",
               [i >= c.first_k_dense_replace for i in range(n_layer)]) if deepseek else None,
     )
@@ -291,8 +305,10 @@ def test_fields_match_transformers(name):
         torch.testing.assert_close(torch.cat((freqs.sin(), freqs.cos()), 1), rot.embed_positions, atol=0, rtol=0)
         return
     assert rotating_layers(ours) == rotating_layers(theirs)
-    scaling = getattr(rot, "attention_scaling", getattr(rot, "full_attention_attention_scaling", 1.0))
-    assert scaling == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
+    want_scale = getattr(rot, "attention_scaling", getattr(rot, "full_attention_attention_scaling", 1.0))
+    if theirs.model_type == "phimoe" and theirs.rope_parameters["rope_type"] != "default":
+        want_scale = theirs.rope_parameters["short_mscale"]  # PhimoeRotaryEmbedding.forward's factor
+    assert want_scale == pytest.approx(attention_factor(ours.rope_scaling), rel=1e-12)
     rotary_head = ours.qk_rope_head_dim if ours.kv_lora_rank else ours.head_size  # MLA rotates its rope dims
     mine = inverse_frequencies(rotary_head, ours.rotary_fraction, ours.rope_theta, ours.rope_scaling)
     if theirs.model_type in ("gemma3_text", "olmo3"):  # RoPE per layer type
@@ -333,6 +349,8 @@ def shrink(d: dict) -> dict:
         d["sliding_window"] = 5
     if d.get("num_local_experts"):
         d["num_local_experts"] = 4
+        if d.get("num_experts_per_tok", 0) > 4:  # granite-3.1-1b-a400m: top-8 of 32
+            d["num_experts_per_tok"] = 2
     if d.get("num_experts"):  # Qwen-MoE
         d.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         if d.get("shared_expert_intermediate_size"):
@@ -433,8 +451,9 @@ NO_PUBLISHED_COPY = {"JetMoeForCausalLM": "jetmoe/jetmoe-8b's config.json: no co
 
 def test_every_claimed_family_has_a_real_config():
     from lucidlm.config import FAMILIES
+    from lucidlm.families import architecture_of
 
-    covered = {d["architectures"][0] for d in REAL.values()}
+    covered = {architecture_of(d) for d in REAL.values()}  # Phi-3.5-MoE names PhiMoEForCausalLM
     assert set(FAMILIES) - set(NO_PUBLISHED_COPY) <= covered, set(FAMILIES) - covered - set(NO_PUBLISHED_COPY)
     assert not covered & set(NO_PUBLISHED_COPY)  # an entry found since: drop it from NO_PUBLISHED_COPY
     assert transformers.__version__

@@ -64,6 +64,9 @@ CATALOGUE: dict[str, str] = {
     "starcoder2-3b": "bigcode/starcoder2-3b",
     "persimmon-8b-base": "adept/persimmon-8b-base",
     "dbrx-instruct": "databricks/dbrx-instruct",
+    "OLMoE-1B-7B-0924": "allenai/OLMoE-1B-7B-0924",
+    "granite-3.1-1b-a400m-instruct": "ibm-granite/granite-3.1-1b-a400m-instruct",
+    "Phi-3.5-MoE-instruct": "microsoft/Phi-3.5-MoE-instruct",
 }
 
 

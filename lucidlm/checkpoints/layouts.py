@@ -2,7 +2,8 @@
 
 A layout is a list of name templates (``{i}`` a layer, ``{e}`` an expert) matched as prefixes, plus
 fused tensors that one side stores as one matrix and we store as several (GPT-2 ``c_attn``,
-NeoX and Falcon ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``) and GPT-2's transposed Conv1D weights.
+NeoX and Falcon ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``), tensors that stack every
+expert of a layer (GraniteMoE ``input_linear``/``output_linear``) and GPT-2's transposed Conv1D weights.
 """
 
 from __future__ import annotations
@@ -28,10 +29,29 @@ class Fused:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stacked:
+    """One HF tensor (experts, rows, columns) holding every expert of a layer <-> per-expert tensors of
+    ours: expert ``e``'s rows split evenly into ``ours`` (templates with ``{i}`` and ``{e}``), in
+    order. GraniteMoE's ``input_linear`` is (experts, 2 * size, n_embd), gate rows then up rows."""
+
+    hf: str
+    ours: tuple[str, ...]
+
+    def split(self, tensor: torch.Tensor, groups: dict[str, str]) -> dict[str, torch.Tensor]:
+        return {template.format(e=e, **groups): part.contiguous()
+                for e, expert in enumerate(tensor) for template, part in zip(self.ours, expert.chunk(len(self.ours)))}
+
+    def stack(self, state: dict[str, torch.Tensor], groups: dict[str, str], n_expert: int) -> torch.Tensor:
+        return torch.stack([torch.cat([state[t.format(**{**groups, "e": e})] for t in self.ours])
+                            for e in range(n_expert)])
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
     renames: tuple[tuple[str, str], ...]  # (hf prefix template, our prefix template)
     fused: tuple[Fused, ...] = ()
     transposed: tuple[str, ...] = ()  # regexes of HF weights stored as (in, out) (GPT-2 Conv1D)
+    stacked: tuple[Stacked, ...] = ()  # HF tensors holding every expert of a layer
     ignore: tuple[str, ...] = ()  # regexes of HF buffers that are not weights
     # the base model's prefix: checkpoints saved from the bare model (e.g. the original "gpt2")
     # omit it, and transformers adds it back; so do we
@@ -217,6 +237,16 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
                              (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."))),
     "falcon": _falcon_layout("input_layernorm", "post_attention_layernorm"),  # shared norm, or sequential
     "falcon_new": _falcon_layout("ln_attn", "ln_mlp"),  # new_decoder_architecture: two parallel norms
+    # GraniteMoE: each layer's experts in two stacked tensors, the router under router.layer
+    "granitemoe": Layout(_TOP + (
+        (_LAYER + "self_attn.", "layers.{i}.attn."),
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
+        (_LAYER + "block_sparse_moe.router.layer.", "layers.{i}.mlp.router.")),
+        stacked=(Stacked(_LAYER + "block_sparse_moe.input_linear.weight",
+                         ("layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers.{i}.mlp.experts.{e}.up_proj.weight")),
+                 Stacked(_LAYER + "block_sparse_moe.output_linear.weight",
+                         ("layers.{i}.mlp.experts.{e}.down_proj.weight",)))),
 })
 
 
@@ -264,6 +294,10 @@ def hf_to_ours(state: dict[str, torch.Tensor], config: Config) -> tuple[dict[str
             for our_name, part in zip(spec.ours, spec.split(tensor, config)):
                 ours[our_name.format(**groups)] = part.contiguous()
             continue
+        stacked = _match_stacked(name, layout.stacked, hf_side=True)
+        if stacked:
+            ours.update(stacked[0].split(tensor, stacked[1]))
+            continue
         new = _rename(name, pairs)
         if new is None:
             unknown.append(name)
@@ -281,6 +315,16 @@ def _match_fused(name: str, fused: tuple[Fused, ...], hf_side: bool):
     return None
 
 
+def _match_stacked(name: str, stacked: tuple[Stacked, ...], hf_side: bool):
+    """(spec, groups) of the :class:`Stacked` tensor ``name`` is (``hf_side``) or is a member of."""
+    for spec in stacked:
+        for template in ([spec.hf] if hf_side else spec.ours):
+            m = _regex(template, prefix=False).match(name)
+            if m:
+                return spec, m.groupdict()
+    return None
+
+
 def ours_to_hf(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     """The inverse of :func:`hf_to_ours` (used to save checkpoints ``transformers`` can load)."""
     layout = LAYOUTS[config.family]
@@ -290,8 +334,14 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: Config) -> dict[str, torc
     for name, tensor in state.items():
         if config.tie_embeddings and name == "lm_head.weight":
             continue
+        stacked = _match_stacked(name, layout.stacked, hf_side=False)
         fused = _match_fused(name, layout.fused, hf_side=False)
-        if fused:
+        if stacked:
+            spec, groups = stacked
+            if groups["e"] != "0" or not _regex(spec.ours[0], prefix=False).match(name):
+                continue  # emitted once, with expert 0's first member
+            name, tensor = spec.hf.format(**groups), spec.stack(state, groups, config.n_expert)
+        elif fused:
             spec, groups = fused
             parts = [state[o.format(**groups)] for o in spec.ours]
             name, tensor = spec.hf.format(**groups), spec.fuse(parts, config)

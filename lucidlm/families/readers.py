@@ -293,3 +293,42 @@ def olmo3(hf: dict[str, Any]) -> dict[str, Any]:
                           "sliding layers (expected 'default')")
     return {"sliding_window": hf.get("sliding_window"), "layer_types": types,
             "rope_local_theta": float(local.get("rope_theta", _OLMO3_THETA)), **attention_bias(hf)}
+
+
+def olmoe(hf: dict[str, Any]) -> dict[str, Any]:
+    """OLMoE: every layer an MoE of ``num_experts`` experts of ``intermediate_size``; q/k RMSNorm over
+    the whole projections (sized from hidden_size, so head_dim must be hidden_size / heads)."""
+    heads, head_dim = hf["num_attention_heads"], hf.get("head_dim")
+    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
+        raise ConfigError(f"OlmoeForCausalLM: head_dim={head_dim} * num_attention_heads={heads} must equal "
+                          f"hidden_size={hf['hidden_size']} (its q_norm spans hidden_size)")
+    clip = hf.get("clip_qkv")
+    return {"n_expert": first(hf, "num_experts", "num_local_experts"), "n_expert_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["intermediate_size"], "moe_norm_topk": bool(hf["norm_topk_prob"]),
+            "clip_qkv": None if clip is None else float(clip), **attention_bias(hf)}
+
+
+def granitemoe(hf: dict[str, Any]) -> dict[str, Any]:
+    # Granite's multipliers; every layer an MoE of num_local_experts experts of intermediate_size
+    return {**granite(hf), **moe(hf), "moe_intermediate_size": hf["intermediate_size"], **attention_bias(hf)}
+
+
+def phimoe(hf: dict[str, Any]) -> dict[str, Any]:
+    """PhiMoE (Phi-3.5-MoE): biases where ``attention_bias``/``lm_head_bias`` say, sparsemixer top-2
+    (``num_experts_per_tok`` is not read: transformers always picks two) and, for ``longrope``, the
+    scaling of transformers 5.25's PhimoeRotaryEmbedding: the frequencies of ``short_factor`` at every
+    length (it never passes the length), cos and sin times ``short_mscale``, or ``long_mscale`` where
+    the forward runs past ``original_max_position_embeddings`` (where ``generate`` recomputes)."""
+    scaling = rope_fields(hf)["rope_scaling"]
+    if scaling is not None:
+        if scaling["rope_type"] != "longrope":
+            raise ConfigError(f"PhimoeForCausalLM: rope_scaling.rope_type {scaling['rope_type']!r} is not "
+                              "supported (transformers reads its long_mscale/short_mscale, a longrope setting)")
+        for key in ("short_mscale", "long_mscale"):
+            if isinstance(scaling.get(key), bool) or not isinstance(scaling.get(key), (int, float)):
+                raise ConfigError(f"rope_scaling.{key}={scaling.get(key)!r}: expected a number")
+        scaling = {**scaling, "long_factor": scaling["short_factor"], "attention_factor": float(scaling["short_mscale"]),
+                   "long_attention_factor": float(scaling["long_mscale"]), "recompute_at_switch": True}
+    return {"n_expert": hf["num_local_experts"], "n_expert_per_token": 2,
+            "moe_intermediate_size": hf["intermediate_size"], "moe_jitter_eps": float(hf["router_jitter_noise"]),
+            "lm_head_bias": bool(hf["lm_head_bias"]), "rope_scaling": scaling, **attention_bias(hf)}

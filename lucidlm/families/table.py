@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigError
@@ -36,6 +37,15 @@ _DEEPSEEK_V3_DEFAULTS = dict(_DEEPSEEK_DEFAULTS, vocab_size=129280, hidden_size=
                              routed_scaling_factor=2.5, n_group=8, topk_group=4, num_experts_per_tok=8,
                              first_k_dense_replace=3, norm_topk_prob=True, rope_interleave=True)
 _QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
+
+#: PhiMoE; published configs name the remote-code class PhiMoEForCausalLM (``architecture_of``)
+_PHIMOE = Family("PhimoeForCausalLM", "mixtral", dict(norm="layernorm", mlp="moe", moe_routing="sparsemixer"),
+                 dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
+                      max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=1e6,
+                      sliding_window=None, num_local_experts=16, router_jitter_noise=0.01, attention_bias=False,
+                      lm_head_bias=False),
+                 (r.phimoe, r.window_everywhere), "phimoe")
 
 
 #: the families lucidlm ships
@@ -160,6 +170,19 @@ _BUILTIN = (
                 intermediate_size=5632, max_position_embeddings=4096, activation_function="silu", num_local_experts=8,
                 num_experts_per_tok=2, tie_word_embeddings=True, rms_norm_eps=1e-6),
            (jetmoe,), "jetmoe"),
+    Family("OlmoeForCausalLM", "qwen_moe", dict(_LLAMA, mlp="moe", qk_norm="full"),
+           dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16,
+                num_attention_heads=16, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                tie_word_embeddings=False, attention_bias=False, num_experts=64, num_experts_per_tok=8,
+                norm_topk_prob=False),
+           (r.olmoe,), "olmoe"),
+    Family("GraniteMoeForCausalLM", "granitemoe", dict(_LLAMA, mlp="moe", moe_routing="topk_softmax"),
+           dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, attention_bias=False, embedding_multiplier=1.0, logits_scaling=1.0,
+                residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8, num_experts_per_tok=2),
+           (r.granitemoe,), "granitemoe"),
+    _PHIMOE,
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)
@@ -175,8 +198,17 @@ def register_family(family: Family) -> Family:
     return family
 
 
+#: the remote-code class names published configs give an architecture transformers spells otherwise
+_ALIASES = MappingProxyType({"PhiMoEForCausalLM": "PhimoeForCausalLM"})  # microsoft/Phi-3.5-MoE-instruct
+
+
 def architecture_of(raw: dict[str, Any]) -> str | None:
-    """``architectures[0]``, or the architecture registered for ``model_type``."""
+    """``architectures[0]`` (transformers' spelling of it), or the architecture registered for ``model_type``.
+
+    >>> architecture_of({"architectures": ["PhiMoEForCausalLM"]})
+    'PhimoeForCausalLM'
+    """
     if raw.get("architectures"):
-        return raw["architectures"][0]
+        name = raw["architectures"][0]
+        return _ALIASES.get(name, name)
     return next((f.architecture for f in FAMILIES.values() if f.model_type == raw.get("model_type")), None)

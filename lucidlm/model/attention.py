@@ -112,11 +112,11 @@ class CausalSelfAttention(nn.Module):
         per distinct set of frequencies rather than once per layer."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
+        if self.qk_norm == "full":  # before the clip (OLMoE), as transformers
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:  # OLMo: an element-wise non-linearity (identity rule)
             clip = self.clip
             q, k, v = (rules.activation(lambda t: t.clamp(-clip, clip), t) for t in (q, k, v))
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_groups, self.head_size).transpose(1, 2)
@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         key = self._rope_key
         if key not in memo:  # the first layer with this RoPE: its frequencies for this forward's length
             memo[key] = rope_cos_sin(self.rotary.frequencies(pos), pos, dtype, self.rope_interleaved,
-                                     self.rotary.scale)
+                                     self.rotary.scale_at(pos))
         return memo[key]
 
     # ---- kernels --------------------------------------------------------------------------

@@ -79,10 +79,51 @@ def routed(experts: nn.ModuleList, flat: torch.Tensor, chosen: torch.Tensor, wei
     return out
 
 
+def softmax_topk(logits: torch.Tensor, k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, k) routing weights and chosen experts: the k largest of the float32 softmax over every
+    expert, renormalised to sum to 1 where ``normalise`` (Mixtral; Qwen-MoE and OLMoE norm_topk_prob)."""
+    weights, chosen = F.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True) if normalise else weights), chosen
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraniteMoE: the softmax over each token's k largest logits only (in float32).
+
+    >>> weights, chosen = topk_softmax(torch.tensor([[0.0, 2.0, 1.0]]), 2)
+    >>> chosen.tolist(), round(float(weights.sum()), 6)
+    ([[1, 2]], 1.0)
+    """
+    top, chosen = logits.float().topk(k, dim=-1)
+    return F.softmax(top, dim=-1), chosen
+
+
+def sparsemixer(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2 routing (``sparsemixer`` of transformers 5.25, its eval path): the best expert, then
+    the best of the rest; each weighted by a softmax over the candidates whose logit is within
+    ``2 * eps`` of that pick's, relative to ``max(|logit|, pick)``, read at the pick (the second
+    softmax runs without the first pick). In the logits' own dtype, as transformers.
+
+    >>> weights, chosen = sparsemixer(torch.tensor([[3.0, 0.0, 2.99]]), eps=0.01)
+    >>> chosen.tolist(), [round(w, 4) for w in weights[0].tolist()]
+    ([[0, 2]], [0.5025, 1.0])
+    """
+    first_weight, first = _sparsemixer_pick(scores, scores, eps)
+    second_weight, second = _sparsemixer_pick(scores.scatter(-1, first, float("-inf")), scores, eps)
+    return torch.cat([first_weight, second_weight], dim=-1), torch.cat([first, second], dim=-1)
+
+
+def _sparsemixer_pick(candidates: torch.Tensor, scores: torch.Tensor, eps: float):
+    best, chosen = candidates.max(dim=-1, keepdim=True)
+    far = (best - scores) / scores.abs().clamp(min=best) > 2 * eps
+    return candidates.masked_fill(far, float("-inf")).softmax(dim=-1).gather(-1, chosen), chosen
+
+
 class MoE(nn.Module):
-    """Sparse mixture of GLU experts: softmax router, top-k, weights renormalised (Mixtral; Qwen-MoE
-    with norm_topk_prob) or not; optionally a shared expert times sigmoid(gate(x)) (Qwen2-MoE).
-    Routing weights and the shared expert's gate are constants for LRP (``rules.router_weights``)."""
+    """Sparse mixture of GLU experts: a router, then ``config.moe_routing``: the top-k of the softmax,
+    renormalised (Mixtral; Qwen-MoE and OLMoE with norm_topk_prob) or not, the softmax of the top-k
+    logits (GraniteMoE) or PhiMoE's sparsemixer; optionally a shared expert times sigmoid(gate(x))
+    (Qwen2-MoE). Routing weights and the shared expert's gate are constants for LRP
+    (``rules.router_weights``)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -91,6 +132,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(GLU(config, bias=False, size=size) for _ in range(config.n_expert))
         self.k = config.n_expert_per_token
         self.norm_topk = config.moe_norm_topk
+        self.routing, self.jitter_eps = config.moe_routing, config.moe_jitter_eps
         if config.shared_expert_intermediate_size:
             self.shared_expert = GLU(config, bias=False, size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(config.n_embd, 1, bias=False)
@@ -99,15 +141,20 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.k, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights, chosen = self.route(self.router(flat))
         out = routed(self.experts, flat, chosen, rules.router_weights(weights.to(x.dtype)))
         if self.shared_expert is not None:
             gate = rules.router_weights(torch.sigmoid(self.shared_expert_gate(flat)))
             out = out + gate * self.shared_expert(flat)
         return out.view_as(x)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, k) routing weights and chosen experts of the router's logits."""
+        if self.routing == "topk_softmax":
+            return topk_softmax(logits, self.k)
+        if self.routing == "sparsemixer":
+            return sparsemixer(logits, self.jitter_eps)
+        return softmax_topk(logits, self.k, self.norm_topk)
 
 
 class DeepSeekMoE(nn.Module):
@@ -267,9 +314,9 @@ class TopKRouter(nn.Module):
     def forward(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.layer(flat)
         if self.kind == "topk_softmax":
-            top, chosen = logits.float().topk(self.k, dim=-1)
-            weights = F.softmax(top, dim=-1).type_as(flat)
-        else:
+            weights, chosen = topk_softmax(logits, self.k)
+            weights = weights.type_as(flat)
+        else:  # in the logits' dtype, unlike softmax_topk (float32): as transformers' DBRX router
             weights, chosen = F.softmax(logits, dim=-1, dtype=logits.dtype).topk(self.k, dim=-1)
             if self.p is not None:
                 weights = weights / weights.norm(p=self.p, dim=-1, keepdim=True)

@@ -159,14 +159,14 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False,
-                 scale: float = 1.0):
+                 scale: float | torch.Tensor = 1.0):
     """cos/sin of shape (batch, 1, tokens, 2 * len(inv_freq)) for integer ``positions`` (batch, tokens);
     ``interleaved`` (Cohere, GPT-J): each frequency repeated in place (f0, f0, f1, f1 ...); ``scale``:
     YaRN's/LongRoPE's attention factor, applied in float32 before the cast (as transformers does)."""
     freqs = positions.clamp(min=0)[..., None].float() * inv_freq.to(positions.device)
     emb = (freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1))[:, None]
     cos, sin = emb.cos(), emb.sin()
-    if scale != 1.0:
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
         cos, sin = cos * scale, sin * scale
     return cos.to(dtype), sin.to(dtype)
 
@@ -204,6 +204,8 @@ class RotaryFrequencies:
         if self.rope_type == "longrope":
             self.switch = scaling["original_max_position_embeddings"]
             self.long = inverse_frequencies(*self.args, seq_len=self.switch + 1)
+        # PhiMoE: cos and sin times long_attention_factor (its long_mscale) past the switch
+        self.long_scale = (scaling or {}).get("long_attention_factor")
         self.trained = self.longest = (scaling or {}).get("max_position_embeddings")
         self._grown: torch.Tensor | None = None  # dynamic: the frequencies for ``longest``
 
@@ -218,6 +220,14 @@ class RotaryFrequencies:
         if self.rope_type == "dynamic":
             return self._dynamic(int(positions.max()) + 1, positions.device)
         return self.initial
+
+    def scale_at(self, positions: torch.Tensor) -> float | torch.Tensor:
+        """The factor on cos and sin for a forward over ``positions``: :attr:`scale`, or for PhiMoE's
+        LongRoPE (``long_attention_factor``) the long one where the sequence passes the switch."""
+        if self.long_scale is None:
+            return self.scale
+        past = positions.max() + 1 > self.switch
+        return torch.where(past, self.long_scale, self.scale).float()
 
     def _dynamic(self, seq_len: int, device: torch.device) -> torch.Tensor:
         if seq_len > self.longest:  # growth
