@@ -60,7 +60,7 @@ class Config:
     # norms
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    norm_unit_offset: bool = False  # Gemma: scale by (1 + weight)
+    norm_unit_offset: bool = False  # Gemma (RMSNorm), Nemotron (LayerNorm1P): scale by (1 + weight)
     norm_affine: bool = True  # False: OLMo's LayerNorm with neither weight nor bias
     norm_bias: bool = True  # LayerNorm: False for Cohere's bias-free LayerNorm
     pre_norm: bool = True  # False: OLMo-2 normalises only the sublayer outputs

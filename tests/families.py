@@ -151,6 +151,12 @@ FAMILIES = {
                                      num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=0.05,
                                      rope_parameters=dict(rope_type="default", rope_theta=20000.0),
                                      bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # AFM-4.5B: ReLU² MLP (no gate); a head size that is not a power of two
+    "arcee": lambda: _cfg(T.ArceeConfig, head_dim=24, hidden_act="relu2"),
+    # Minitron-4B: LayerNorm1P (1 + weight), ReLU², half of each head rotates; here head size 24 with
+    # fraction 0.625 -> 15 rotary dims (odd: transformers' cos/sin come out 16 wide and rotate 16)
+    "nemotron": lambda: _cfg(T.NemotronConfig, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
 }
 
 

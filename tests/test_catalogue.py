@@ -14,7 +14,8 @@ PUBLISHED = {"SmolLM2-135M-Instruct": 134_515_008, "gpt2": 124_439_808, "Llama-3
              "gemma-2b": 2_506_172_416, "stablelm-2-1_6b": 1_644_515_328, "SmolLM3-3B": 3_075_098_624,
              "OLMo-1B-hf": 1_176_764_416, "granite-3.0-2b-instruct": 2_533_531_648,
              "c4ai-command-r-v01": 34_980_831_232, "gpt-j-6b": 6_050_882_784,
-             "Qwen1.5-MoE-A2.7B": 14_315_784_192, "Qwen3-30B-A3B": 30_532_122_624, "falcon-7b": 6_921_720_704}
+             "Qwen1.5-MoE-A2.7B": 14_315_784_192, "Qwen3-30B-A3B": 30_532_122_624, "falcon-7b": 6_921_720_704,
+             "Nemotron-Mini-4B-Instruct": 4_190_509_056}
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))

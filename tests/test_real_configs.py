@@ -100,6 +100,17 @@ VARIANTS = {
     "dbrx-no-norm": ("dbrx-instruct", {
         "ffn_config": dict(REAL["dbrx-instruct"]["ffn_config"], moe_normalize_expert_weights=None),
         "rope_theta": 500000.0}),
+    # Nemotron with the class defaults (fraction 0.5, theta 10000, eps 1e-5); a Minitron-8B-style wider head
+    "nemotron-defaults": ("Nemotron-Mini-4B-Instruct", {"partial_rotary_factor": _DROP, "rope_theta": _DROP,
+                                                        "norm_eps": _DROP}),
+    "nemotron-head_dim": ("Nemotron-Mini-4B-Instruct", {"head_dim": 96, "partial_rotary_factor": 0.25}),
+    # Arcee as AFM-4.5B sets it (no published config.json reachable: see the report): ReLU², YaRN x20 of 4096
+    "arcee-afm-style": ("Llama-3.2-1B", {"architectures": ["ArceeForCausalLM"], "model_type": "arcee",
+                                         "hidden_act": "relu2", "tie_word_embeddings": False, "head_dim": 128,
+                                         "max_position_embeddings": 65536,
+                                         "rope_scaling": {"rope_type": "yarn", "factor": 20.0,
+                                                          "original_max_position_embeddings": 4096},
+                                         "rope_theta": 10000.0}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
     # Cohere2 with the class defaults (pattern 4, logit scale 1/16, eps, tying, theta)
@@ -208,7 +219,8 @@ def expected_fields(c) -> dict:
         intermediate_size=(c.n_inner or 4 * n_embd) if mt in ("gpt2", "gptj") else c.ffn_hidden_size
         if mt == "falcon" else c.intermediate_size,
         block_size=c.max_position_embeddings, tie_embeddings=c.tie_word_embeddings,
-        norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
+        norm_eps=next((getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
+                                                 "norm_eps")
                        if getattr(c, k, None) is not None), 1e-5 if mt == "olmo" else None),  # OLMo: fixed
         windows=windows,
         final_logit_softcapping=c.final_logit_softcapping if gemma else None,
@@ -428,7 +440,9 @@ def test_unsupported_options_are_named(name):
 
 #: families whose published config.json no vendored copy could be found of (no network where they were
 #: added): their tiny configs in tests/families.py are checked against transformers, but not a real file
-NO_PUBLISHED_COPY = {"JetMoeForCausalLM": "jetmoe/jetmoe-8b's config.json: no copy found in the code index"}
+NO_PUBLISHED_COPY = {"JetMoeForCausalLM": "jetmoe/jetmoe-8b's config.json: no copy found in the code index",
+                     # VARIANTS arcee-afm-style, apertus-8b-style, glm-4-9b-style, glm-4-0414-style stand in
+                     "ArceeForCausalLM": "arcee-ai/AFM-4.5B's config.json: only excerpts in the code index"}
 
 
 def test_every_claimed_family_has_a_real_config():

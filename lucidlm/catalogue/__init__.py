@@ -64,6 +64,8 @@ CATALOGUE: dict[str, str] = {
     "starcoder2-3b": "bigcode/starcoder2-3b",
     "persimmon-8b-base": "adept/persimmon-8b-base",
     "dbrx-instruct": "databricks/dbrx-instruct",
+    # the copy TensorRT-LLM vendors as Nemotron_4_4B_CONFIG (tests/unittest/_torch/modeling/test_modeling_nemotron.py)
+    "Nemotron-Mini-4B-Instruct": "nvidia/Nemotron-Mini-4B-Instruct",
 }
 
 

@@ -160,6 +160,12 @@ _BUILTIN = (
                 intermediate_size=5632, max_position_embeddings=4096, activation_function="silu", num_local_experts=8,
                 num_experts_per_tok=2, tie_word_embeddings=True, rms_norm_eps=1e-6),
            (jetmoe,), "jetmoe"),
+    Family("ArceeForCausalLM", "llama", dict(norm="rmsnorm", mlp="mlp"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, hidden_act="relu2"), (r.attention_bias, r.mlp_bias), "arcee"),
+    Family("NemotronForCausalLM", "llama", dict(norm="layernorm", norm_unit_offset=True, mlp="mlp"),
+           dict(tie_word_embeddings=False, norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
+                max_position_embeddings=4096),
+           (r.attention_bias, r.mlp_bias, r.nemotron), "nemotron"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

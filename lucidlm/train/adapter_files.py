@@ -160,6 +160,7 @@ def _inexpressible(c) -> list[str]:
         (c.clip_qkv is not None, f"clip_qkv={c.clip_qkv}"),
         (c.qk_norm in ("layernorm_per_head", "layernorm_head_weights", "layernorm_head"), f"qk_norm={c.qk_norm!r}"),
         (c.norm == "layernorm" and not c.norm_bias, "norm_bias=False"),
+        (c.norm == "layernorm" and c.norm_unit_offset, "norm_unit_offset with LayerNorm"),
         (c.attn_out_bias != c.mlp_bias, f"attn_out_bias={c.attn_out_bias} with mlp_bias={c.mlp_bias}"),
         (c.attn_out_bias and not c.attn_bias, "attn_out_bias without attn_bias"),
         (c.rope_layers is not None, "rope_layers"),
