@@ -90,7 +90,7 @@ class Config:
     # MLP
     mlp: Literal["glu", "mlp", "moe", "clamped_moe", "deepseek_moe", "dbrx_moe", "jetmoe_moe"] = "glu"
     # clamped_moe: gpt-oss's experts; dbrx_moe / jetmoe_moe: DBRX's and JetMoE's stacked GLU experts
-    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu | relu2 | xielu
     mlp_bias: bool = False
     n_expert: int = 0
     n_expert_per_token: int = 0
@@ -156,6 +156,8 @@ class Config:
         if (routed or self.moa) and not (0 < self.n_expert_per_token <= self.n_expert):
             raise ConfigError(f"a {'mixture of attention heads' if self.moa else repr(self.mlp) + ' MLP'} needs "
                               f"0 < n_expert_per_token <= n_expert, got {self.n_expert_per_token} and {self.n_expert}")
+        if self.activation == "xielu" and self.mlp != "mlp":  # its slopes are learned per plain MLP
+            raise ConfigError(f"activation='xielu' needs mlp='mlp' (Apertus' MLP), got mlp={self.mlp!r}")
         check_deepseek(self)
 
     def _check_sizes(self) -> None:

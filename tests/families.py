@@ -157,6 +157,10 @@ FAMILIES = {
     # fraction 0.625 -> 15 rotary dims (odd: transformers' cos/sin come out 16 wide and rotate 16)
     "nemotron": lambda: _cfg(T.NemotronConfig, head_dim=24, rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    # Apertus-8B: xIELU learned per layer, q/k RMSNorm per head, Llama 3 RoPE (here over a short
+    # original context, so that the scaling changes most frequencies); head size 24
+    "apertus": lambda: _cfg(T.ApertusConfig, head_dim=24, rope_parameters=dict(
+        _LLAMA3_ROPE, rope_theta=12000000.0)),
 }
 
 

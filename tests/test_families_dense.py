@@ -12,8 +12,9 @@ import lucidlm
 from lucidlm.explain.explainer import explain
 from lucidlm.generate import generate_ids
 
-NEW_FAMILIES = ["starcoder2", "persimmon", "cohere2", "exaone4", "exaone4-global", "olmo3", "arcee", "nemotron"]
-BIAS_FREE = ["arcee"]  # RMSNorm, no biases: CP-LRP's relevances sum to the logit
+NEW_FAMILIES = ["starcoder2", "persimmon", "cohere2", "exaone4", "exaone4-global", "olmo3", "arcee", "nemotron",
+                "apertus"]
+BIAS_FREE = ["arcee", "apertus"]  # RMSNorm, no biases: CP-LRP's relevances sum to the logit
 PROMPT = [5, 17, 3, 42, 8, 11, 60, 23]  # longer than every window of these tiny configs (4 or 5)
 N_NEW = 12
 
@@ -52,3 +53,11 @@ def test_cp_lrp_conserves_on_bias_free_families(family, hf_checkpoint):
     _, directory = hf_checkpoint(family)
     e = explain(lucidlm.LLM.load(directory).model, None, PROMPT, method="cp-lrp", objective="logit")
     assert abs(float(e.relevance.double().sum()) - e.target_logit) < 1e-4 * max(1.0, abs(e.target_logit))
+
+
+def test_xielu_outside_a_plain_mlp_is_a_config_error():
+    from lucidlm.config import Config
+    from lucidlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="activation='xielu' needs mlp='mlp'"):
+        Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, mlp="glu", activation="xielu")

@@ -131,6 +131,9 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
     "olmo2": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
         (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "apertus": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "attention_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "feedforward_layernorm.", "layers.{i}.mlp_norm."))),
     "starcoder2": Layout(_TOP + (
         (_LAYER + "self_attn.", "layers.{i}.attn."),
         (_LAYER + "mlp.c_fc.", "layers.{i}.mlp.up_proj."),

@@ -166,6 +166,12 @@ _BUILTIN = (
            dict(tie_word_embeddings=False, norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
                 max_position_embeddings=4096),
            (r.attention_bias, r.mlp_bias, r.nemotron), "nemotron"),
+    # Apertus: a plain MLP with xIELU learned per layer, q/k RMSNorm per head, Llama 3 RoPE by default
+    Family("ApertusForCausalLM", "apertus", dict(norm="rmsnorm", mlp="mlp", qk_norm="head"),
+           dict(tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="xielu", max_position_embeddings=65536,
+                rope_parameters=dict(rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8192)),
+           (r.attention_bias,), "apertus"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

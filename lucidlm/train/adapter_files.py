@@ -170,7 +170,7 @@ def _inexpressible(c) -> list[str]:
         (c.mlp == "clamped_moe", "mlp='clamped_moe' (gpt-oss's biased, clamped-SwiGLU experts)"),
         (c.attn_sinks, "attn_sinks"),
         (c.mlp == "moe" and not c.moe_norm_topk, "moe_norm_topk=False"),
-        (c.activation in ("relu", "relu2") or (c.mlp == "glu" and c.activation not in ("silu", "gelu", "gelu_tanh")),
+        (c.activation in ("relu", "relu2", "xielu") or (c.mlp == "glu" and c.activation not in ("silu", "gelu", "gelu_tanh")),
          f"activation={c.activation!r}"),
         (c.mlp == "mlp" and c.activation == "silu", "activation='silu' in a plain MLP"),
         (not c.pre_norm and not (c.post_attention_norm and c.post_mlp_norm), "pre_norm=False"),
