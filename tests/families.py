@@ -161,6 +161,13 @@ FAMILIES = {
     # original context, so that the scaling changes most frequencies); head size 24
     "apertus": lambda: _cfg(T.ApertusConfig, head_dim=24, rope_parameters=dict(
         _LLAMA3_ROPE, rope_theta=12000000.0)),
+    # GLM-4-9B / GLM-4-0414: adjacent-pair rotary over part of each head; here 15 of 24 dims (odd:
+    # transformers rotates 16, with frequencies over 15), q/k/v biases, no bias on o_proj
+    "glm": lambda: _cfg(T.GlmConfig, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    "glm4": lambda: _cfg(T.Glm4Config, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    "glm4-no-bias": lambda: _cfg(T.Glm4Config, attention_bias=False),  # bias-free: CP-LRP conserves
 }
 
 

@@ -13,8 +13,8 @@ from lucidlm.explain.explainer import explain
 from lucidlm.generate import generate_ids
 
 NEW_FAMILIES = ["starcoder2", "persimmon", "cohere2", "exaone4", "exaone4-global", "olmo3", "arcee", "nemotron",
-                "apertus"]
-BIAS_FREE = ["arcee", "apertus"]  # RMSNorm, no biases: CP-LRP's relevances sum to the logit
+                "apertus", "glm", "glm4"]
+BIAS_FREE = ["arcee", "apertus", "glm4-no-bias"]  # RMSNorm, no biases: CP-LRP's relevances sum to the logit
 PROMPT = [5, 17, 3, 42, 8, 11, 60, 23]  # longer than every window of these tiny configs (4 or 5)
 N_NEW = 12
 

@@ -120,6 +120,23 @@ VARIANTS = {
     "apertus-defaults": ("Llama-3.1-8B", {"architectures": ["ApertusForCausalLM"], "model_type": "apertus",
                                           "hidden_act": _DROP, "rope_theta": _DROP, "rope_scaling": _DROP,
                                           "max_position_embeddings": _DROP, "rms_norm_eps": _DROP}),
+    # GLM-4-9B-chat-hf's and GLM-4-9B-0414's fields (no published config.json reachable: see the report),
+    # on Llama 3.1 8B's shape; and with the class defaults (half of each head rotates, head_dim 128)
+    "glm-4-9b-style": ("Llama-3.1-8B", {"architectures": ["GlmForCausalLM"], "model_type": "glm",
+                                        "intermediate_size": 13696, "num_hidden_layers": 40, "num_key_value_heads": 2,
+                                        "head_dim": 128, "vocab_size": 151552, "attention_bias": True,
+                                        "rms_norm_eps": 1.5625e-07, "rope_theta": 10000.0, "rope_scaling": _DROP,
+                                        "partial_rotary_factor": 0.5, "pretraining_tp": _DROP, "mlp_bias": _DROP,
+                                        "pad_token_id": 151329}),
+    "glm-defaults": ("Llama-3.1-8B", {"architectures": ["GlmForCausalLM"], "model_type": "glm",
+                                      "rope_scaling": _DROP, "rms_norm_eps": _DROP, "num_key_value_heads": _DROP,
+                                      "pad_token_id": 151329}),
+    "glm-4-0414-style": ("Llama-3.1-8B", {"architectures": ["Glm4ForCausalLM"], "model_type": "glm4",
+                                          "intermediate_size": 13696, "num_hidden_layers": 40,
+                                          "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552,
+                                          "attention_bias": True, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+                                          "rope_scaling": _DROP, "partial_rotary_factor": 0.5,
+                                          "max_position_embeddings": 32768, "pad_token_id": 151329}),
     "SmolLM3-sliding": ("SmolLM3-3B", {"use_sliding_window": True, "sliding_window": 4096, "layer_types": _DROP,
                                        "no_rope_layers": _DROP}),
     # Cohere2 with the class defaults (pattern 4, logit scale 1/16, eps, tying, theta)
@@ -454,7 +471,9 @@ def test_unsupported_options_are_named(name):
 NO_PUBLISHED_COPY = {"JetMoeForCausalLM": "jetmoe/jetmoe-8b's config.json: no copy found in the code index",
                      # VARIANTS arcee-afm-style, apertus-8b-style, glm-4-9b-style, glm-4-0414-style stand in
                      "ArceeForCausalLM": "arcee-ai/AFM-4.5B's config.json: only excerpts in the code index",
-                     "ApertusForCausalLM": "swiss-ai/Apertus-8B's config.json: only excerpts in the code index"}
+                     "ApertusForCausalLM": "swiss-ai/Apertus-8B's config.json: only excerpts in the code index",
+                     "GlmForCausalLM": "THUDM/glm-4-9b-chat-hf's config.json: only excerpts in the code index",
+                     "Glm4ForCausalLM": "THUDM/GLM-4-9B-0414's config.json: only excerpts in the code index"}
 
 
 def test_every_claimed_family_has_a_real_config():
