@@ -60,7 +60,7 @@ class Config:
     # norms
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    norm_unit_offset: bool = False  # Gemma: scale by (1 + weight)
+    norm_unit_offset: bool = False  # Gemma (RMSNorm), Nemotron (LayerNorm1P): scale by (1 + weight)
     norm_affine: bool = True  # False: OLMo's LayerNorm with neither weight nor bias
     norm_bias: bool = True  # LayerNorm: False for Cohere's bias-free LayerNorm
     pre_norm: bool = True  # False: OLMo-2 normalises only the sublayer outputs
@@ -90,7 +90,7 @@ class Config:
     # MLP
     mlp: Literal["glu", "mlp", "moe", "clamped_moe", "deepseek_moe", "dbrx_moe", "jetmoe_moe"] = "glu"
     # clamped_moe: gpt-oss's experts; dbrx_moe / jetmoe_moe: DBRX's and JetMoE's stacked GLU experts
-    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu | relu2 | xielu
     mlp_bias: bool = False
     n_expert: int = 0
     n_expert_per_token: int = 0
@@ -162,6 +162,8 @@ class Config:
                               f"0 < n_expert_per_token <= n_expert, got {self.n_expert_per_token} and {self.n_expert}")
         if self.moe_routing == "sparsemixer" and self.mlp == "moe" and self.n_expert_per_token != 2:
             raise ConfigError(f"n_expert_per_token={self.n_expert_per_token}: sparsemixer routing picks exactly 2")
+        if self.activation == "xielu" and self.mlp != "mlp":  # its slopes are learned per plain MLP
+            raise ConfigError(f"activation='xielu' needs mlp='mlp' (Apertus' MLP), got mlp={self.mlp!r}")
         check_deepseek(self)
 
     def _check_sizes(self) -> None:

@@ -171,6 +171,23 @@ FAMILIES = {
                                                 long_factor=[1.0 + 0.5 * i for i in range(9)],
                                                 short_mscale=1.1, long_mscale=1.3,
                                                 original_max_position_embeddings=16)),
+    # AFM-4.5B: ReLU² MLP (no gate); a head size that is not a power of two
+    "arcee": lambda: _cfg(T.ArceeConfig, head_dim=24, hidden_act="relu2"),
+    # Minitron-4B: LayerNorm1P (1 + weight), ReLU², half of each head rotates; here head size 24 with
+    # fraction 0.625 -> 15 rotary dims (odd: transformers' cos/sin come out 16 wide and rotate 16)
+    "nemotron": lambda: _cfg(T.NemotronConfig, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    # Apertus-8B: xIELU learned per layer, q/k RMSNorm per head, Llama 3 RoPE (here over a short
+    # original context, so that the scaling changes most frequencies); head size 24
+    "apertus": lambda: _cfg(T.ApertusConfig, head_dim=24, rope_parameters=dict(
+        _LLAMA3_ROPE, rope_theta=12000000.0)),
+    # GLM-4-9B / GLM-4-0414: adjacent-pair rotary over part of each head; here 15 of 24 dims (odd:
+    # transformers rotates 16, with frequencies over 15), q/k/v biases, no bias on o_proj
+    "glm": lambda: _cfg(T.GlmConfig, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    "glm4": lambda: _cfg(T.Glm4Config, head_dim=24, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.625)),
+    "glm4-no-bias": lambda: _cfg(T.Glm4Config, attention_bias=False),  # bias-free: CP-LRP conserves
 }
 
 

@@ -7,7 +7,8 @@ A conversion that fails leaves ``OUTFILE.error`` (its traceback) and the others 
 
 The converter imports ``sentencepiece`` before it looks for a ``tokenizer.model`` file; our models
 have none (their tokenizers are ``tokenizer.json``): see :func:`_without_sentencepiece`. Under
-transformers 5 it misses config.json keys it reads by name: see :func:`_with_config_json_keys`.
+transformers 5 it misses config.json keys it reads by name: see :func:`_with_config_json_keys`. Nemotron's
+converter reads no ``tokenizer.json``: see :func:`_nemotron_vocab_from_tokenizer_json`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ def _without_sentencepiece(base) -> None:
     base.TextModel._create_vocab_sentencepiece = create_vocab
 
 
+def _nemotron_vocab_from_tokenizer_json(nemotron) -> None:
+    """``NemotronModel.set_vocab`` reads only a SentencePiece ``tokenizer.model`` (its published
+    checkpoints have one); our test models have a byte-level BPE ``tokenizer.json``: write it as
+    ``TextModel._set_vocab_gpt2`` does for every such model, so that the family's own keys and tensors
+    (what the test compares) come from the converter unchanged."""
+    original = nemotron.NemotronModel.set_vocab
+
+    def set_vocab(self):
+        if (self.dir_model / "tokenizer.model").is_file():
+            return original(self)
+        return self._set_vocab_gpt2()
+
+    nemotron.NemotronModel.set_vocab = set_vocab
+
+
 def _with_config_json_keys(base) -> None:
     """Give the converter the config.json keys that transformers 5's ``AutoConfig(...).to_dict()`` no
     longer returns (GPT-NeoX's ``rotary_pct`` moved into ``rope_parameters``), as transformers 4 did:
@@ -61,6 +77,7 @@ def main(argv: list[str]) -> None:
     spec.loader.exec_module(script)
     _without_sentencepiece(importlib.import_module("conversion.base"))
     _with_config_json_keys(importlib.import_module("conversion.base"))
+    _nemotron_vocab_from_tokenizer_json(importlib.import_module("conversion.nemotron"))
     jobs = argv[1:]
     for model_dir, outfile, outtype in zip(jobs[::3], jobs[1::3], jobs[2::3]):
         sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", outfile, "--outtype", outtype]

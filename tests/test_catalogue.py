@@ -16,7 +16,8 @@ PUBLISHED = {"SmolLM2-135M-Instruct": 134_515_008, "gpt2": 124_439_808, "Llama-3
              "c4ai-command-r-v01": 34_980_831_232, "gpt-j-6b": 6_050_882_784,
              "Qwen1.5-MoE-A2.7B": 14_315_784_192, "Qwen3-30B-A3B": 30_532_122_624, "falcon-7b": 6_921_720_704,
              "OLMoE-1B-7B-0924": 6_919_161_856, "granite-3.1-1b-a400m-instruct": 1_334_628_352,
-             "Phi-3.5-MoE-instruct": 41_873_153_344}
+             "Phi-3.5-MoE-instruct": 41_873_153_344,
+             "Nemotron-Mini-4B-Instruct": 4_190_509_056}
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))

@@ -82,6 +82,8 @@ CASES = {
     "gemma3": Case("gemma3", "gemma3", dict(_GEMMA3_LAYERS)),
     "stablelm": Case("stablelm", "stablelm"),
     "starcoder2": Case("starcoder2", "starcoder2", dict(sliding_window=None), types=("f32", "q8_0")),
+    # Nemotron with 15 of 24 dims rotating (hidden / heads: the converter's int(fraction * hidden) // heads)
+    "nemotron": Case("nemotron", "nemotron", dict(hidden_size=96, head_dim=None), types=("f32", "q8_0")),
     # GPT-2's config.json names its context n_ctx too (the converter reads it)
     "gpt2": Case("gpt2", "gpt2", dict(n_ctx=128), types=("f32", "q8_0")),
     "falcon-new": Case("falcon-new", "falcon", dict(_FALCON)),

@@ -48,7 +48,7 @@ CONFIG_KEYS = (
     "final_logit_softcapping", "hidden_act", "hidden_activation", "use_qkv_bias", "use_parallel_residual",
     "qk_layernorm", "n_positions", "layer_norm_epsilon", "activation_function",
     "ffn_hidden_size", "num_kv_heads", "multi_query", "new_decoder_architecture", "parallel_attn", "bias", "alibi",
-    "bos_token_id", "eos_token_id", "pad_token_id",
+    "bos_token_id", "eos_token_id", "pad_token_id", "norm_eps",
 )  # fmt: skip
 # keys transformers' loader sets on a config class whose model never reads them (Falcon reads
 # ffn_hidden_size and num_kv_heads)
@@ -116,6 +116,12 @@ CASES = {
     # starcoder2-3b's RoPE base
     "starcoder2-theta": Case("starcoder2", "starcoder2", dict(sliding_window=None, rope_parameters=dict(
         rope_type="default", rope_theta=999999.4420358813)), oracle_gap="it ignores rope.freq_base (keeps 10000)"),
+    # Nemotron as Minitron/Nemotron-Mini publish it: head size hidden / heads, half of each head rotates
+    # (transformers' loader reads neither rope.dimension_count nor key_length: it keeps 0.5 and hidden / heads)
+    "nemotron": Case("nemotron", "nemotron", dict(head_dim=None, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    "nemotron-odd-rotary": Case("nemotron", "nemotron", dict(hidden_size=96, head_dim=None),
+                                oracle_gap="it ignores rope.dimension_count (15 of 24 dims here; it rotates 12)"),
     "gpt2": Case("gpt2", "gpt2", dict(n_positions=1024)),  # transformers' loader keeps n_positions=1024
     # llama.cpp writes feed_forward_length = 4 * hidden and context_length = 2048 for every Falcon
     "falcon": Case("falcon", "falcon", dict(_FALCON)),
@@ -174,6 +180,15 @@ def _metadata(config, arch: str) -> dict[str, Any]:
                 K.BLOCK_COUNT: config.num_hidden_layers, K.FEED_FORWARD_LENGTH: config.intermediate_size,
                 A.HEAD_COUNT: config.num_attention_heads, A.HEAD_COUNT_KV: config.num_key_value_heads,
                 A.LAYERNORM_EPS: config.norm_epsilon, R.FREQ_BASE: rope["rope_theta"]}
+    if arch == "nemotron":  # NemotronModel: norm_eps under both eps keys, vocab size, rotated dims, no scaling
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        return {K.CONTEXT_LENGTH: config.max_position_embeddings, K.EMBEDDING_LENGTH: config.hidden_size,
+                K.BLOCK_COUNT: config.num_hidden_layers, K.FEED_FORWARD_LENGTH: config.intermediate_size,
+                A.HEAD_COUNT: config.num_attention_heads, A.HEAD_COUNT_KV: config.num_key_value_heads,
+                A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, K.VOCAB_SIZE: config.vocab_size,
+                A.LAYERNORM_RMS_EPS: config.norm_eps, A.LAYERNORM_EPS: config.norm_eps,
+                R.FREQ_BASE: rope["rope_theta"], R.SCALING_TYPE: "none",
+                R.DIMENSION_COUNT: int(rope["partial_rotary_factor"] * head_dim)}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     meta = {K.CONTEXT_LENGTH: config.max_position_embeddings, K.EMBEDDING_LENGTH: config.hidden_size,
             K.BLOCK_COUNT: config.num_hidden_layers, K.FEED_FORWARD_LENGTH: config.intermediate_size,
@@ -218,7 +233,7 @@ def _gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
         if arch == "llama" and leaf in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if leaf == "attn_q" else config.num_key_value_heads
             value = value.reshape(heads, 2, -1, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
-        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+        if (arch.startswith("gemma") or arch == "nemotron") and hf_name.endswith("norm.weight"):
             value = value + 1
         if arch == "gpt2" and leaf in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") and value.ndim == 2:
             value = value.T.contiguous()
@@ -369,7 +384,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "stablelm": "StableLmForCausalLM",
     "gpt2": "GPT2LMHeadModel", "falcon": "FalconForCausalLM", "falcon-new": "FalconForCausalLM",
-    "starcoder2": "Starcoder2ForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM", "nemotron": "NemotronForCausalLM",
 }  # fmt: skip
 
 

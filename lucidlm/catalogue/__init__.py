@@ -67,6 +67,8 @@ CATALOGUE: dict[str, str] = {
     "OLMoE-1B-7B-0924": "allenai/OLMoE-1B-7B-0924",
     "granite-3.1-1b-a400m-instruct": "ibm-granite/granite-3.1-1b-a400m-instruct",
     "Phi-3.5-MoE-instruct": "microsoft/Phi-3.5-MoE-instruct",
+    # the copy TensorRT-LLM vendors as Nemotron_4_4B_CONFIG (tests/unittest/_torch/modeling/test_modeling_nemotron.py)
+    "Nemotron-Mini-4B-Instruct": "nvidia/Nemotron-Mini-4B-Instruct",
 }
 
 

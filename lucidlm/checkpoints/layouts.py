@@ -124,6 +124,14 @@ def _falcon_layout(attn_norm: str, mlp_norm: str) -> Layout:
                   prefix="transformer.")
 
 
+def _glm_layout(*post_norms: tuple[str, str]) -> Layout:
+    return Layout(_TOP + _LLAMA_BODY + post_norms + (
+        (_LAYER + "input_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "post_attention_layernorm.", "layers.{i}.mlp_norm.")),
+        fused=_fused_pair(_LAYER + "mlp.gate_up_proj", ("layers.{i}.mlp.gate_proj", "layers.{i}.mlp.up_proj"),
+                          _split_halves, _cat))
+
+
 #: layout name (a :class:`~lucidlm.families.Family`'s ``layout``, a Config's ``family``) -> its
 #: :class:`Layout`; :func:`register_layout` adds one
 LAYOUTS: Registry[Layout] = Registry("layout", {
@@ -151,6 +159,13 @@ LAYOUTS: Registry[Layout] = Registry("layout", {
     "olmo2": Layout(_TOP + _LLAMA_BODY + (
         (_LAYER + "post_attention_layernorm.", "layers.{i}.post_attn_norm."),
         (_LAYER + "post_feedforward_layernorm.", "layers.{i}.post_mlp_norm."))),
+    "apertus": Layout(_TOP + _LLAMA_BODY + (
+        (_LAYER + "attention_layernorm.", "layers.{i}.attn_norm."),
+        (_LAYER + "feedforward_layernorm.", "layers.{i}.mlp_norm."))),
+    # GLM / GLM-4: transformers' fused gate_up_proj is [gate; up], as Phi-3's; GLM-4 adds sandwich norms
+    "glm": _glm_layout(),
+    "glm4": _glm_layout((_LAYER + "post_self_attn_layernorm.", "layers.{i}.post_attn_norm."),
+                        (_LAYER + "post_mlp_layernorm.", "layers.{i}.post_mlp_norm.")),
     "starcoder2": Layout(_TOP + (
         (_LAYER + "self_attn.", "layers.{i}.attn."),
         (_LAYER + "mlp.c_fc.", "layers.{i}.mlp.up_proj."),

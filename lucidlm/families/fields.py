@@ -132,7 +132,7 @@ def _complete_scaling(s: dict[str, Any], hf: dict[str, Any], dim: int) -> None:
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
-                "relu2": "relu2"}
+                "relu2": "relu2", "xielu": "xielu"}
 
 
 def activation(hf: dict[str, Any]) -> str:

@@ -230,6 +230,17 @@ def persimmon(hf: dict[str, Any]) -> dict[str, Any]:
             "qk_norm": "layernorm_head" if hf.get("qk_layernorm") else None}
 
 
+def qkv_bias(hf: dict[str, Any]) -> dict[str, Any]:  # GLM: attention_bias on q, k, v; o_proj has none
+    return {"attn_bias": bool(hf.get("attention_bias")), "attn_out_bias": False}
+
+
+def nemotron(hf: dict[str, Any]) -> dict[str, Any]:
+    # LayerNorm1P's eps under its own key; the head size is head_dim or hidden / heads: NemotronConfig
+    # ignores the kv_channels that Nemotron-Mini-4B's config.json carries (NeMo's name; JetMoE's reads it)
+    head_size = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return {"norm_eps": float(hf["norm_eps"]), "head_size": head_size}
+
+
 def phi(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ConfigError("PhiForCausalLM with qk_layernorm=True is not supported")

@@ -36,6 +36,10 @@ _DEEPSEEK_V3_DEFAULTS = dict(_DEEPSEEK_DEFAULTS, vocab_size=129280, hidden_size=
                              moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
                              routed_scaling_factor=2.5, n_group=8, topk_group=4, num_experts_per_tok=8,
                              first_k_dense_replace=3, norm_topk_prob=True, rope_interleave=True)
+#: transformers' GlmConfig/Glm4Config defaults (the same)
+_GLM_DEFAULTS = dict(tie_word_embeddings=False, rms_norm_eps=1.5625e-07, hidden_act="silu", head_dim=128,
+                     num_key_value_heads=2, attention_bias=True, partial_rotary_factor=0.5,
+                     max_position_embeddings=131072)
 _QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, sliding_window=4096, use_sliding_window=False, max_window_layers=28)
 
 #: PhiMoE; published configs name the remote-code class PhiMoEForCausalLM (``architecture_of``)
@@ -183,6 +187,23 @@ _BUILTIN = (
                 residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8, num_experts_per_tok=2),
            (r.granitemoe,), "granitemoe"),
     _PHIMOE,
+    Family("ArceeForCausalLM", "llama", dict(norm="rmsnorm", mlp="mlp"),
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, hidden_act="relu2"), (r.attention_bias, r.mlp_bias), "arcee"),
+    Family("NemotronForCausalLM", "llama", dict(norm="layernorm", norm_unit_offset=True, mlp="mlp"),
+           dict(tie_word_embeddings=False, norm_eps=1e-5, hidden_act="relu2", partial_rotary_factor=0.5,
+                max_position_embeddings=4096),
+           (r.attention_bias, r.mlp_bias, r.nemotron), "nemotron"),
+    # Apertus: a plain MLP with xIELU learned per layer, q/k RMSNorm per head, Llama 3 RoPE by default
+    Family("ApertusForCausalLM", "apertus", dict(norm="rmsnorm", mlp="mlp", qk_norm="head"),
+           dict(tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="xielu", max_position_embeddings=65536,
+                rope_parameters=dict(rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8192)),
+           (r.attention_bias,), "apertus"),
+    # GLM-4-9B (GlmForCausalLM) and GLM-4-0414 (Glm4ForCausalLM, + a norm after attention and after the MLP):
+    # half of each head rotates in adjacent pairs; q/k/v biases; a fused [gate; up] SwiGLU
+    Family("GlmForCausalLM", "glm", dict(_LLAMA, rope_interleaved=True), _GLM_DEFAULTS, (r.qkv_bias,), "glm"),
+    Family("Glm4ForCausalLM", "glm4", dict(_LLAMA, rope_interleaved=True, post_attention_norm=True,
+                                           post_mlp_norm=True), _GLM_DEFAULTS, (r.qkv_bias,), "glm4"),
 )
 
 #: ``architectures[0]`` -> its :class:`Family` (the one family table; :func:`register_family` adds)

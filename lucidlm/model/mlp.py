@@ -27,27 +27,67 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
+def xielu(x: torch.Tensor, alpha_p: torch.Tensor | float = 0.8, alpha_n: torch.Tensor | float = 0.8,
+          beta: torch.Tensor | float = 0.5, eps: torch.Tensor | float = -1e-6) -> torch.Tensor:
+    """xIELU (Huang et al., "Deriving Activation Functions Using Integration", arXiv:2411.13010;
+    Apertus' MLP): ``alpha_p x² + beta x`` for x > 0, ``alpha_n (expm1(min(x, eps)) - x) + beta x``
+    otherwise (the defaults are transformers' initial values; :class:`XIELU` learns them per layer).
+    Element-wise, so it is explained with the identity rule through :func:`rules.activation`
+    (AttnLRP, Sec. 3: R_x = R_y; in gradient × input form the backward scales the gradient by y / x).
+
+    >>> [round(v, 4) for v in xielu(torch.tensor([2.0, -1.0])).tolist()]  # 0.8·4 + 0.5·2; 0.8·(e⁻¹ - 1 + 1) - 0.5
+    [4.2, -0.2057]
+    """
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    negative = (torch.expm1(torch.minimum(x, eps)) - x) * alpha_n
+    return torch.where(x > 0, alpha_p * x * x + beta * x, negative + beta * x)
+
+
+class XIELU(nn.Module):
+    """:func:`xielu` with its two slopes learned per layer, stored as transformers' ``XIELUActivation``
+    stores them (the checkpoint's ``mlp.act_fn.*``): ``alpha_p = softplus(p)``, ``alpha_n = beta +
+    softplus(n)``, ``beta`` and ``eps`` fixed buffers.
+
+    >>> act = XIELU(); round(act(torch.tensor([2.0])).item(), 5)
+    4.2
+    """
+
+    def __init__(self, alpha_p: float = 0.8, alpha_n: float = 0.8, beta: float = 0.5, eps: float = -1e-6) -> None:
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.tensor(alpha_p).expm1().log().unsqueeze(0))  # softplus⁻¹
+        self.alpha_n = nn.Parameter(torch.tensor(alpha_n - beta).expm1().log().unsqueeze(0))
+        self.register_buffer("beta", torch.tensor(beta))
+        self.register_buffer("eps", torch.tensor(eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return xielu(x, F.softplus(self.alpha_p), alpha_n, self.beta, self.eps)
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
     "relu2": relu_squared,
+    "xielu": xielu,  # at its initial values; a plain MLP learns them per layer (XIELU)
 }
 
 
 class MLP(nn.Module):
-    """down(act(up(x)))."""
+    """down(act(up(x))); Apertus' learned xIELU is the module ``act_fn`` (its checkpoint name)."""
 
     def __init__(self, config, bias: bool | None = None) -> None:
         super().__init__()
         bias = config.mlp_bias if bias is None else bias
         self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=bias)
+        self.act_fn = XIELU() if config.activation == "xielu" else None
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(rules.activation(self.act, self.up_proj(x)))
+        act = self.act if self.act_fn is None else self.act_fn
+        return self.down_proj(rules.activation(act, self.up_proj(x)))
 
 
 class GLU(nn.Module):

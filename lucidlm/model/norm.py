@@ -66,20 +66,24 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with the normaliser exposed to the LRP rules."""
+    """LayerNorm with the normaliser exposed to the LRP rules. ``unit_offset``: Nemotron's
+    LayerNorm1P, which scales by (1 + weight)."""
 
-    def __init__(self, size: int, eps: float = 1e-5, bias: bool = True, weight: bool = True) -> None:
+    def __init__(self, size: int, eps: float = 1e-5, bias: bool = True, weight: bool = True,
+                 unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size)) if weight else None  # OLMo: neither weight nor bias
+        init = torch.zeros(size) if unit_offset else torch.ones(size)
+        self.weight = nn.Parameter(init) if weight else None  # OLMo: neither weight nor bias
         self.bias = nn.Parameter(torch.zeros(size)) if bias and weight else None
-        self.eps = eps
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1.0 if self.unit_offset else self.weight
         if rules.current() is None:  # fast fused kernel for plain inference
-            if self.weight is None:  # OLMo normalises in float32
+            if weight is None:  # OLMo normalises in float32
                 return nn.functional.layer_norm(x.to(_wide(x.dtype)), x.shape[-1:], None, None, self.eps).to(x.dtype)
-            return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+            return nn.functional.layer_norm(x, x.shape[-1:], weight, self.bias, self.eps)
+        return layer_norm(x, weight, self.bias, self.eps)
 
 
 class PerHeadNorm(nn.Module):
@@ -111,5 +115,6 @@ def build_norm(config, size: int | None = None, eps: float | None = None) -> nn.
     """The config's norm over ``size`` (default ``n_embd``) with ``eps`` (default ``norm_eps``)."""
     size, eps = size or config.n_embd, config.norm_eps if eps is None else eps
     if config.norm == "layernorm":
-        return LayerNorm(size, eps, bias=config.norm_bias, weight=config.norm_affine)
+        return LayerNorm(size, eps, bias=config.norm_bias, weight=config.norm_affine,
+                         unit_offset=config.norm_unit_offset)
     return RMSNorm(size, eps, config.norm_unit_offset)

@@ -234,6 +234,18 @@ def starcoder2_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
                      "use_bias": _has(names, "attn_q.bias"), "sliding_window": None}
 
 
+def nemotron_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
+    # LayerNorm1P (the file holds 1 + weight: GGUFFamily.norm_offset), a ReLU² MLP without gate, partial
+    # RoPE over rope.dimension_count of each head (transformers' loader reads neither that nor key_length)
+    config = _decoder_config(k, names)
+    del config["rms_norm_eps"]
+    fraction = _partial_rotary(k, config["head_dim"])
+    config["rope_parameters"]["partial_rotary_factor"] = fraction
+    return config | {"norm_eps": k.number("attention.layer_norm_epsilon", 1e-5), "hidden_act": "relu2",
+                     "partial_rotary_factor": fraction, "attention_bias": _has(names, "attn_q.bias"),
+                     "mlp_bias": _has(names, "ffn_up.bias")}
+
+
 def falcon_config(k: Keys, names: frozenset[str]) -> dict[str, Any]:
     # llama.cpp runs every Falcon as a parallel block whose attention reads attn_norm_2 when the file
     # has it (falcon-40b/180B's ln_attn; attn_norm is then ln_mlp) and attn_norm otherwise; one KV head without

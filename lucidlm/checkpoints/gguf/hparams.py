@@ -14,7 +14,7 @@ something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, mixtral, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, mixtral, nemotron, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
 """
 
 from __future__ import annotations
@@ -240,6 +240,18 @@ def _starcoder2(hf: dict[str, Any]) -> dict[str, Any]:
     return _decoder(hf) | {"attention.layer_norm_epsilon": float(hf.get("norm_epsilon", 1e-5))}
 
 
+def _nemotron(hf: dict[str, Any]) -> dict[str, Any]:
+    # NemotronModel: the generic keys (its norm_eps also as the RMS eps), the LayerNorm eps, the vocabulary
+    # size, the rotated dims of a head and an explicit scaling type. The converter computes the dims as
+    # int(fraction * hidden) // heads, which equals int(fraction * head_dim) whenever head_dim is hidden / heads
+    # (every published Nemotron); lucidlm writes the dims its model rotates
+    params, eps = _rope(hf), float(hf.get("norm_eps", 1e-5))
+    keys = _decoder(hf) | {"vocab_size": hf["vocab_size"], "attention.layer_norm_rms_epsilon": eps,
+                           "attention.layer_norm_epsilon": eps,
+                           "rope.dimension_count": int(params.get("partial_rotary_factor", 0.5) * _head_dim(hf))}
+    return keys if "rope.scaling.type" in keys else keys | {"rope.scaling.type": "none"}
+
+
 def _stablelm(hf: dict[str, Any]) -> dict[str, Any]:
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     _default_rope_base(hf, "stablelm")
@@ -346,7 +358,7 @@ def _gptneox(hf: dict[str, Any]) -> dict[str, Any]:
 
 _BUILDERS = {
     "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
-    "gemma3": _gemma3, "stablelm": _stablelm, "starcoder2": _starcoder2, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
+    "gemma3": _gemma3, "stablelm": _stablelm, "starcoder2": _starcoder2, "nemotron": _nemotron, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
     "phi2": _phi2, "gptneox": _gptneox, "qwen2moe": lambda hf: _qwen_moe(hf, normalised=False),
     "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True),
 }  # fmt: skip

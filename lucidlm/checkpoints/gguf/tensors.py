@@ -26,8 +26,8 @@ import torch
 from ...errors import ExportError, GGUFError
 from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config, gemma3_config, gpt2_config,
                       gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
-                      qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config,
-                      starcoder2_config)
+                      nemotron_config, qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config,
+                      stablelm_config, starcoder2_config)
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -147,6 +147,9 @@ _QWEN3MOE_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_
 _FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
 # falcon-7b's (and Falcon2's) one norm is input_layernorm; in a file with attn_norm_2 (falcon-40b)
 # llama.cpp's converter made ln_mlp attn_norm and ln_attn attn_norm_2
+# Nemotron: LayerNorm1P with biases, a ReLU² MLP without gate
+_NEMOTRON_BLOCKS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTENTION,
+                    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _FALCON_BLOCKS = {
     "attn_norm": "input_layernorm",
     "attn_norm_2": "ln_attn",
@@ -206,6 +209,8 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
                          norm_offset=1.0),
     "stablelm": GGUFFamily("StableLmForCausalLM", "stablelm", stablelm_config, _STABLELM_BLOCKS),
     "starcoder2": GGUFFamily("Starcoder2ForCausalLM", "starcoder2", starcoder2_config, _STARCODER2_BLOCKS),
+    # llama.cpp stores LayerNorm1P's weight as 1 + weight (Gemma's offset) and does not permute Q/K
+    "nemotron": GGUFFamily("NemotronForCausalLM", "nemotron", nemotron_config, _NEMOTRON_BLOCKS, norm_offset=1.0),
     "command-r": GGUFFamily("CohereForCausalLM", "cohere", cohere_config, _COHERE_BLOCKS),
     "phi2": GGUFFamily("PhiForCausalLM", "phi", phi2_config, _PHI2_BLOCKS, globals=_PHI2_GLOBALS),
     "gptneox": GGUFFamily("GPTNeoXForCausalLM", "gpt_neox", gptneox_config, _GPTNEOX_BLOCKS,
