@@ -148,7 +148,7 @@ def _patch_modules(handle: Handle) -> list[str]:
     """Patch every module that has a factory; return ``"name (Class)"`` of suspect leftovers."""
     unpatched = []
     for name, module in handle.model.named_modules():
-        factory = find_patch(handle.spec, module)
+        factory = find_patch(handle.spec, module, name, handle.model)
         if factory is None:
             if _suspect(module):
                 unpatched.append(f"{name or '<model>'} ({type(module).__name__})")
@@ -160,5 +160,7 @@ def _patch_modules(handle: Handle) -> list[str]:
 
 
 def _suspect(module: nn.Module) -> bool:
+    if any(True for _ in module.children()):  # a container (StableLM's per-head norms): its leaves are checked
+        return False
     cls = type(module)
     return cls.__module__ in _SUSPECT_MODULES or bool(_SUSPECT_NAME.search(cls.__name__))

@@ -29,6 +29,7 @@ from ..errors import PatchError
 from ..registry import Registry
 from . import patches
 from .patches import PatchFactory
+from .structure import structural_patch
 
 ClassKey = type | str
 
@@ -55,6 +56,9 @@ class ModelSpec:
       ``nn.ModuleList``).
     * ``forward``: optional patch factory for the model's own forward (e.g. logit soft-capping).
     * ``kind``: ``"text"`` (token relevances) or ``"image"`` (pixel relevances).
+    * ``structural``: modules that neither ``modules`` nor :data:`COMMON` name are patched by
+      what they are (:func:`lucidlm.hf.structure.structural_patch`): how the ``transformers``
+      families are covered without naming their classes.
     """
 
     name: str
@@ -62,6 +66,7 @@ class ModelSpec:
     blocks: str | None = None
     forward: PatchFactory | None = None
     kind: str = "text"
+    structural: bool = False
 
 
 #: model class (qualified name) -> its :class:`ModelSpec`; :func:`register` adds. The built-in
@@ -90,7 +95,7 @@ COMMON: dict[str, PatchFactory] = {
 
 def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = None, *,
              name: str | None = None, blocks: str | None = None,
-             forward: PatchFactory | None = None, kind: str = "text") -> ModelSpec:
+             forward: PatchFactory | None = None, kind: str = "text", structural: bool = False) -> ModelSpec:
     """Make a model class (and its subclasses) explainable by :func:`lucidlm.hf.explainable`.
 
     ``modules`` maps the model's module classes to patch factories from
@@ -107,7 +112,7 @@ def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = 
         raise PatchError(f"kind={kind!r}: expected 'text' or 'image'")
     key = _key(model)
     spec = ModelSpec(name or key.rsplit(".", 1)[-1], {_key(c): f for c, f in (modules or {}).items()},
-                     blocks, forward, kind)
+                     blocks, forward, kind, structural)
     MODELS[key] = spec
     return spec
 
@@ -126,13 +131,17 @@ def find_model(model: nn.Module) -> ModelSpec | None:
     return None
 
 
-def find_patch(spec: ModelSpec, module: nn.Module) -> PatchFactory | None:
-    """The factory for ``module`` under ``spec`` (its own table first, then :data:`COMMON`)."""
+def find_patch(spec: ModelSpec, module: nn.Module, name: str = "", model: nn.Module | None = None
+               ) -> PatchFactory | None:
+    """The factory for ``module`` (called ``name`` in ``model``) under ``spec``: its own table
+    first, then :data:`COMMON`, then (``spec.structural``) the module's structure."""
     for cls in type(module).__mro__:
         key = qualname(cls)
         factory = spec.modules.get(key) or COMMON.get(key)
         if factory is not None:
             return factory
+    if spec.structural and model is not None:
+        return structural_patch(module, name, model)
     return None
 
 

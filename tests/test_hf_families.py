@@ -1,0 +1,98 @@
+"""Every causal-LM family lucidlm implements natively is explainable by patching ``transformers``.
+
+Family by family (tiny random configs of tests/families.py, the same weights on both sides):
+
+* the oracle is lucidlm's native model (``lucidlm.LLM.load`` of the saved ``transformers``
+  model), an independent implementation of the same rules: the patched ``transformers`` model's
+  relevance equals it, for AttnLRP and CP-LRP;
+* nothing is left unpatched (no ``UnpatchedModuleWarning``) and the forward is unchanged;
+* with every bias at zero, in float64, CP-LRP's relevances sum to the explained logit.
+
+A new family is one row of ``lucidlm.hf.models.transformers_lm.FAMILIES`` and one entry of
+:data:`PATCHED` here (the tests/families.py config name).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lucidlm
+from lucidlm import hf
+
+PROMPT = [1, 17, 42, 5, 63, 8, 29, 77, 11]
+METHODS = ["attnlrp", "cp-lrp"]
+#: tests/families.py configs, at least one per native family (lucidlm.families.table)
+PATCHED = [
+    "llama2", "llama3", "smollm2", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+    "stablelm", "stablelm-parallel", "smollm3", "olmo", "olmo2", "granite", "cohere", "cohere-qk-norm",
+    "phi2", "phi3", "gpt2", "gptj", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "falcon",
+    "falcon-new", "pythia", "pythia-sequential", "gpt-oss", "starcoder2", "persimmon",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(hf_checkpoint):
+    """family -> (transformers model, native lucidlm.LLM of the same weights), built once, both in
+    float64 so that the comparison sees the rules rather than float32 rounding."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            model, directory = hf_checkpoint(family)
+            model = copy.deepcopy(model).double()
+            if model.config._experts_implementation is not None:  # grouped_mm has no float64 kernel
+                model.set_experts_implementation("eager")
+            cache[family] = (model, lucidlm.LLM.load(directory, dtype=torch.float64))
+        return cache[family]
+
+    return get
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", PATCHED)
+def test_patched_relevance_equals_native(pair, family, method):
+    model, llm = pair(family)
+    with torch.no_grad():
+        plain = model(torch.tensor([PROMPT])).logits[0, -1]
+    target = int(plain.argmax())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.UnpatchedModuleWarning)
+        ours = hf.attribute(model, PROMPT, target=target, method=method)
+    theirs = llm.explain(PROMPT, target=target, method=method)
+    # the patches change the backward only: the explained logit is the unpatched model's
+    assert float(ours.logit) == pytest.approx(float(plain[target]), rel=1e-6, abs=1e-6)
+    assert float(ours.logit) == pytest.approx(theirs.target_logit, rel=1e-6, abs=1e-6)
+    # the native explanation is returned in float32
+    assert rel_err(ours.relevance, theirs.relevance) < 1e-5, (ours.relevance, theirs.relevance)
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_cp_lrp_conserves_without_biases(pair, family):
+    model = copy.deepcopy(pair(family)[0])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    a = hf.attribute(model, PROMPT, method="cp-lrp")
+    assert a.relevance.dtype == torch.float64
+    assert abs(float(a.relevance.sum() - a.logit)) <= 1e-6 * max(1.0, abs(float(a.logit)))
+
+
+def test_every_native_family_has_a_patched_row():
+    """lucidlm.families.table's architectures all map to a registered transformers family."""
+    import transformers as T
+
+    from lucidlm.families.table import FAMILIES as NATIVE
+    from lucidlm.hf.registry import MODELS, qualname
+
+    missing = [architecture for architecture in NATIVE
+               if not any(qualname(c) in MODELS for c in getattr(T, architecture).__mro__)]
+    assert not missing, f"add a row to lucidlm/hf/models/transformers_lm.py for {missing}"
