@@ -22,6 +22,7 @@ import torch
 
 import lucidlm
 from lucidlm import hf
+from lucidlm.errors import PatchError
 
 PROMPT = [1, 17, 42, 5, 63, 8, 29, 77, 11]
 METHODS = ["attnlrp", "cp-lrp"]
@@ -96,3 +97,41 @@ def test_every_native_family_has_a_patched_row():
     missing = [architecture for architecture in NATIVE
                if not any(qualname(c) in MODELS for c in getattr(T, architecture).__mro__)]
     assert not missing, f"add a row to lucidlm/hf/models/transformers_lm.py for {missing}"
+
+
+# ----------------------------------------------------------------------------- what is refused
+
+
+def test_experts_with_an_unknown_gate_are_refused_by_name(hf_checkpoint):
+    """An experts module whose gated non-linearity has no rule here is an error naming it, not an
+    approximation."""
+    model = copy.deepcopy(hf_checkpoint("mixtral")[0])
+    experts = model.model.layers[0].mlp.experts
+    odd = type("OddExperts", (type(experts),), {"_apply_gate": lambda self, gate_up: gate_up.tanh()})
+    experts.__class__ = odd
+    with pytest.raises(PatchError, match="OddExperts"):
+        hf.explainable(model)
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing half-patched is left
+
+
+def test_a_norm_the_probe_cannot_reproduce_stays_unpatched_and_is_named(hf_checkpoint):
+    model = copy.deepcopy(hf_checkpoint("llama2")[0])
+    norm = model.model.norm
+    odd = type("OddRMSNorm", (type(norm),), {"forward": lambda self, x: torch.tanh(x) * self.weight})
+    norm.__class__ = odd
+    with pytest.warns(hf.UnpatchedModuleWarning, match=r"model\.norm \(OddRMSNorm\)"):
+        hf.explainable(model).remove()
+
+
+def test_the_attention_key_selects_nothing_else(hf_checkpoint):
+    """Registering lucidlm's attention function is global but inert: a model loaded with it and no
+    method in force computes plain attention."""
+    model = copy.deepcopy(hf_checkpoint("gemma2")[0])
+    with torch.no_grad():
+        before = model(torch.tensor([PROMPT])).logits
+    with hf.explainable(model):
+        pass  # registers the key
+    model.config._attn_implementation = "lucidlm_lrp"
+    with torch.no_grad():
+        after = model(torch.tensor([PROMPT])).logits
+    assert torch.allclose(before, after, atol=1e-5)

@@ -198,9 +198,14 @@ def _logits_and_grad(model: nn.Module, ids) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _attention_registry_snapshot():
+    """transformers' attention registry, less the one key lucidlm adds (harmless: only configs
+    that name it select it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return dict(ALL_ATTENTION_FUNCTIONS._global_mapping), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    from lucidlm.hf.attention import ATTENTION_KEY
+
+    return ({k: v for k, v in ALL_ATTENTION_FUNCTIONS._global_mapping.items() if k != ATTENTION_KEY},
+            dict(ALL_ATTENTION_FUNCTIONS._local_mapping))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -221,6 +226,7 @@ def test_patch_touches_one_instance_and_removal_restores_every_bit(attn):
     assert attention_cls.forward is class_forward
     assert _attention_registry_snapshot() == registry
     assert a.config._attn_implementation == attn
+    assert b.model.layers[0].self_attn.config._attn_implementation == attn
 
     handle.remove()
     for got, want in zip(_logits_and_grad(a, IDS), before_a):
@@ -436,5 +442,5 @@ def test_the_guide_runs(tmp_path, monkeypatch):
         for name in ("MyLM", "HandmadeLM"):
             if name in namespace:
                 hf.unregister(namespace[name])
-        hf.unregister("transformers.models.olmo2.modeling_olmo2.Olmo2PreTrainedModel")
+        hf.unregister("transformers.models.helium.modeling_helium.HeliumPreTrainedModel")
     assert (tmp_path / "my_lm.html").exists()
