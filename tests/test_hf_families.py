@@ -135,3 +135,64 @@ def test_the_attention_key_selects_nothing_else(hf_checkpoint):
     with torch.no_grad():
         after = model(torch.tensor([PROMPT])).logits
     assert torch.allclose(before, after, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- loading options
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma3", "olmo", "qwen2-moe", "deepseek-v3", "falcon"])
+def test_sdpa_loaded_model_explains_as_the_eager_one(hf_checkpoint, family):
+    """The model's mask differs with its attention implementation (SDPA's boolean mask, or none
+    at all for a plain causal prompt, against eager's additive one): the relevances do not."""
+    import transformers as T
+
+    eager = hf_checkpoint(family)[0]
+    sdpa = T.AutoModelForCausalLM.from_config(copy.deepcopy(eager.config), attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    sdpa.eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    for method in METHODS:
+        want = hf.attribute(eager, PROMPT, target=5, method=method).relevance
+        got = hf.attribute(sdpa, PROMPT, target=5, method=method).relevance
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "olmo2", "cohere-qk-norm", "gpt-oss", "deepseek-v3", "phi2"])
+def test_bfloat16_model_is_fully_patched(hf_checkpoint, family):
+    """The structural probe recognises the norms and MLPs in half precision too."""
+    model = copy.deepcopy(hf_checkpoint(family)[0]).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.UnpatchedModuleWarning)
+        a = hf.attribute(model, PROMPT, method="attnlrp")
+    assert torch.isfinite(a.relevance).all()
+
+
+def test_structure_covers_a_family_no_row_names():
+    """Nemotron (no row here): its LayerNorm1P subclasses nn.LayerNorm but scales by 1 + weight, so
+    the generic LayerNorm patch must not take it; the probe finds the unit offset. The forward is
+    unchanged and CP-LRP conserves without biases."""
+    import transformers as T
+
+    from lucidlm.hf.registry import MODELS
+
+    torch.manual_seed(0)
+    config = T.NemotronConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = T.NemotronForCausalLM(config).eval().double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith("bias") else p + torch.randn_like(p) * 0.05)
+        plain = model(torch.tensor([PROMPT])).logits
+    with MODELS.scoped():
+        hf.register("transformers.models.nemotron.modeling_nemotron.NemotronPreTrainedModel", name="Nemotron",
+                    structural=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hf.UnpatchedModuleWarning)
+            with hf.explainable(model, "cp-lrp"):
+                norm = model.model.layers[0].input_layernorm
+                assert "layer_norm_like" in vars(norm)["forward"].__qualname__
+                with torch.no_grad():
+                    assert torch.allclose(model(torch.tensor([PROMPT])).logits, plain, atol=1e-6)
+                a = hf.attribute(model, PROMPT)
+    assert abs(float(a.relevance.sum() - a.logit)) <= 1e-6 * max(1.0, abs(float(a.logit)))

@@ -137,12 +137,22 @@ def find_patch(spec: ModelSpec, module: nn.Module, name: str = "", model: nn.Mod
     first, then :data:`COMMON`, then (``spec.structural``) the module's structure."""
     for cls in type(module).__mro__:
         key = qualname(cls)
-        factory = spec.modules.get(key) or COMMON.get(key)
+        factory = spec.modules.get(key) or _common(key, cls, module)
         if factory is not None:
             return factory
     if spec.structural and model is not None:
         return structural_patch(module, name, model)
     return None
+
+
+def _common(key: str, cls: type, module: nn.Module) -> PatchFactory | None:
+    """The :data:`COMMON` patch of ``cls`` for ``module``, if the module still runs ``cls``'s
+    forward: a subclass that rewrites it (Nemotron's ``LayerNorm1P(nn.LayerNorm)`` scales by
+    ``1 + weight``) is not what the patch computes."""
+    factory = COMMON.get(key)
+    if factory is None or getattr(type(module), "forward", None) is not getattr(cls, "forward", None):
+        return None
+    return factory
 
 
 def supported() -> list[str]:
