@@ -92,11 +92,23 @@ def test_every_native_family_has_a_patched_row():
     import transformers as T
 
     from lucidlm.families.table import FAMILIES as NATIVE
-    from lucidlm.hf.registry import MODELS, qualname
+    from lucidlm.hf.registry import MODELS, REFUSED, qualname
 
     missing = [architecture for architecture in NATIVE
-               if not any(qualname(c) in MODELS for c in getattr(T, architecture).__mro__)]
-    assert not missing, f"add a row to lucidlm/hf/models/transformers_lm.py for {missing}"
+               if not any(qualname(c) in MODELS or qualname(c) in REFUSED for c in getattr(T, architecture).__mro__)]
+    assert not missing, f"add a row (or a REFUSED entry) to lucidlm/hf/models/transformers_lm.py for {missing}"
+
+
+def test_a_refused_family_says_why():
+    import transformers as T
+
+    from lucidlm.hf.registry import REFUSED, refuse
+
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    with REFUSED.scoped():
+        refuse("transformers.models.bloom.modeling_bloom.BloomPreTrainedModel", "ALiBi has no rule here")
+        with pytest.raises(PatchError, match=r"BloomForCausalLM .* cannot be explained by patching: ALiBi"):
+            hf.explainable(model)
 
 
 # ----------------------------------------------------------------------------- what is refused

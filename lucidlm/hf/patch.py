@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import PatchError
 from ..methods import check_method
 from .patches import IMAGE_METHODS, TEXT_METHODS, Rules
-from .registry import ModelSpec, find_model, find_patch, supported
+from .registry import ModelSpec, find_model, find_patch, refusal, supported
 
 _MISSING = object()
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -101,6 +101,9 @@ def require_spec(model: nn.Module) -> ModelSpec:
     spec = find_model(model)
     if spec is None:
         cls = type(model)
+        reason = refusal(model)
+        if reason is not None:
+            raise PatchError(f"{cls.__name__} ({cls.__module__}) cannot be explained by patching: {reason}")
         raise PatchError(
             f"{cls.__name__} ({cls.__module__}) is not supported by lucidlm.hf. Supported: "
             f"{', '.join(supported())}. Register your model with lucidlm.hf.register "

@@ -74,6 +74,10 @@ class ModelSpec:
 #: imports before anyone can reach this module (so no lazy import back from here)
 MODELS: Registry[ModelSpec] = Registry("explainable model")
 
+#: model class (qualified name) -> why lucidlm.hf refuses it: a family whose modules cannot be
+#: matched to lucidlm's rules is refused by name with the reason, never approximated (:func:`refuse`)
+REFUSED: Registry[str] = Registry("refused model")
+
 _TF_ACT = "transformers.activations."
 _NN = "torch.nn.modules."
 #: Patches every registered model gets for generic modules (its own ``modules`` win over these).
@@ -120,6 +124,25 @@ def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = 
 def unregister(model: ClassKey) -> None:
     """Forget a model class registered with :func:`register` (no error if it was not)."""
     MODELS.pop(_key(model), None)
+
+
+def refuse(model: ClassKey, reason: str) -> None:
+    """Record that a model class (and its subclasses) cannot be explained by patching, and why:
+    :func:`lucidlm.hf.explainable` then raises a :class:`PatchError` with ``reason``.
+
+    >>> from torch import nn
+    >>> class Odd(nn.Module): ...
+    >>> with REFUSED.scoped():
+    ...     refuse(Odd, "its experts mix attention heads")
+    ...     refusal(Odd())
+    'its experts mix attention heads'
+    """
+    REFUSED[_key(model)] = reason
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s class is refused (:func:`refuse`), or ``None``."""
+    return next((REFUSED[qualname(c)] for c in type(model).__mro__ if qualname(c) in REFUSED), None)
 
 
 def find_model(model: nn.Module) -> ModelSpec | None:

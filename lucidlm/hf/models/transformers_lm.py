@@ -7,7 +7,9 @@ a row names no module class. Adding a decoder family is one row of :data:`FAMILI
 
     Family("OLMoE", "olmoe", "Olmoe"),
 
-and one parameter of ``tests/test_hf_families.py`` (patched relevance == native relevance).
+and one parameter of ``tests/test_hf_families.py`` (patched relevance == native relevance). A
+native family whose modules cannot be matched goes into :data:`REFUSED` with the reason instead:
+explaining it is then a ``PatchError`` that says why, never an approximation.
 Model-level non-linearities (Gemma's final-logit soft-capping) are patched for every row where
 the config has them. BERT keeps explicit entries: it is an encoder, and the table shows how to
 name a family's own classes where structure is not enough.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .. import patches
 from ..patches import PatchFactory
-from ..registry import register
+from ..registry import refuse, register
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ FAMILIES: list[Family] = [
 ]
 
 
+#: families lucidlm implements natively whose ``transformers`` modules the patches cannot match,
+#: by (package, class prefix) -> the reason :func:`lucidlm.hf.explainable` gives (none today)
+REFUSED: dict[tuple[str, str], str] = {}
+
+
 def modeling_module(package: str) -> str:
     return f"transformers.models.{package}.modeling_{package}"
 
@@ -83,3 +90,5 @@ def register_family(family: Family) -> None:
 
 for _family in FAMILIES:
     register_family(_family)
+for (_package, _prefix), _reason in REFUSED.items():
+    refuse(f"{modeling_module(_package)}.{_prefix}PreTrainedModel", _reason)
