@@ -6,11 +6,11 @@ importing nothing of lucidlm):
 
     python3 -m venv /tmp/venv-lxt
     /tmp/venv-lxt/bin/pip install torch==2.13.0 "transformers==4.57.6" lxt==2.1
-    .venv/bin/python scripts/lxt_record.py --lxt-python /tmp/venv-lxt/bin/python
+    .venv/bin/python scripts/lxt_record.py --lxt-python /tmp/venv-lxt/bin/python [--families qwen2]
 
 What it writes (``--out``, default ``tests/data/lxt``):
 
-* ``<family>/`` (llama, qwen3, gemma3, gpt2): a tiny random ``transformers`` model built and saved
+* ``<family>/`` (llama, qwen2, qwen3, gemma3, gpt2: LXT 2.1's causal-LM maps): a tiny random ``transformers`` model built and saved
   by the child (weights re-drawn from a fixed seed so that no norm is 1 and no bias 0), and
   ``<family>.json``: LXT's relevances on four fixed id sequences (4 to 60 tokens), float64;
 * ``smollm2.json``: LXT's relevances on four fixed prompts (short and about 60 tokens) for the
@@ -55,6 +55,8 @@ _COMMON = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hi
            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 TINY = {
     "llama": ("LlamaConfig", {**_COMMON, "tie_word_embeddings": False}),
+    # Qwen2: q/k/v biases (LXT's qwen2 map), tied head
+    "qwen2": ("Qwen2Config", {**_COMMON, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {**_COMMON, "head_dim": 4, "tie_word_embeddings": False}),
     "gemma3": ("Gemma3TextConfig", {**_COMMON, "head_dim": 4, "query_pre_attn_scalar": 4, "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention"]}),
@@ -71,6 +73,39 @@ def tiny_ids(seed: int = 0) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------- LXT child
+def _import_lxt_without_torchvision() -> None:
+    """lxt.efficient.models imports its ViT map (torchvision) with every family. Where torchvision
+    does not import (a CPU torch beside PyPI's CUDA-linked torchvision), stand in the one name that
+    map reads, ``vision_transformer.nn`` (= ``torch.nn``), while lxt imports, and take it away
+    again (transformers, imported first, has already decided that torchvision is absent)."""
+    import sys
+    import types
+
+    try:
+        import torchvision.models.vision_transformer  # noqa: F401
+        return
+    except Exception:  # ImportError, or torchvision's RuntimeError on its C++ ops
+        pass
+    import torch
+    import transformers  # noqa: F401  (before the stand-in: its availability checks must not see it)
+
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    vit = types.ModuleType("torchvision.models.vision_transformer")
+    vit.nn = torch.nn
+    models = types.ModuleType("torchvision.models")
+    models.vision_transformer = vit
+    root = types.ModuleType("torchvision")
+    root.models = models
+    stand_in = {"torchvision": root, "torchvision.models": models, "torchvision.models.vision_transformer": vit}
+    sys.modules.update(stand_in)
+    try:
+        import lxt.efficient.models  # noqa: F401
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
+
+
 def _lxt_modules(family: str):
     import importlib
 
@@ -99,6 +134,8 @@ def child_build(family: str, directory: str, seed: int = 0) -> None:
 def child_explain(family: str, directory: str, method: str, dtype: str, sequences: list[list[int]]) -> list[dict]:
     """LXT's relevances for each id sequence (its top next token), under ``method``."""
     import torch
+
+    _import_lxt_without_torchvision()
     from lxt.efficient import monkey_patch
     from transformers import AutoModelForCausalLM
 
@@ -172,6 +209,8 @@ def main() -> None:
     parser.add_argument("--lxt-python", default="/tmp/venv-lxt/bin/python",
                         help="python of a venv with lxt 2.1 and transformers 4.5x")
     parser.add_argument("--out", default=str(ROOT / "tests" / "data" / "lxt"))
+    parser.add_argument("--families", nargs="+", choices=[*TINY, "smollm2"], default=[*TINY, "smollm2"],
+                        help="record only these (default: every tiny family and the embedded SmolLM2)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -186,10 +225,10 @@ def main() -> None:
             result = child_explain(family, directory, method, dtype, json.loads(sequences))
         print(json.dumps(result))
         return
-    drive(args.lxt_python, Path(args.out))
+    drive(args.lxt_python, Path(args.out), args.families)
 
 
-def drive(python: str, out: Path) -> None:
+def drive(python: str, out: Path, families: list[str]) -> None:
     import datetime
     import shutil
 
@@ -200,11 +239,11 @@ def drive(python: str, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"versions": _run_child(python, "versions"), "date": datetime.date.today().isoformat(),
-            "command": f"{Path(sys.executable).name} scripts/lxt_record.py --lxt-python {python}",
+            "command": f"{Path(sys.executable).name} scripts/lxt_record.py --lxt-python {python} --families {' '.join(families)}",
             "relevance": "sum over the hidden dimension of h * dlogit/dh at the first block's input",
             "lxt": "lxt.efficient.monkey_patch(modeling_<family>, lxt.efficient.models.<family>.attnLRP "
                    "| .cp_LRP); eager attention"}
-    for family in TINY:
+    for family in [f for f in TINY if f in families]:
         target = out / family
         if target.exists():
             shutil.rmtree(target)
@@ -215,6 +254,8 @@ def drive(python: str, out: Path) -> None:
         data = record(python, family, target, "float64", tiny_ids(), None, meta)
         atomic_write(out / f"{family}.json", json.dumps(data, indent=1) + "\n")
         print(f"wrote {out / family} and {out / family}.json", flush=True)
+    if "smollm2" not in families:
+        return
     directory = gguf_to_hf_dir(default_model_path(), progress=True)
     tokenizer = Tokenizer.from_dir(directory)
     sequences = [list(tokenizer.encode(p)) for p in PROMPTS]

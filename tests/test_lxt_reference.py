@@ -4,9 +4,10 @@
 transformers 4.57, in its own venv: see ``scripts/lxt_record.py``, which also wrote the tiny
 models' weights beside them). Both of lucidlm's paths must reproduce them on the same weights and
 ids: the native model (``lucidlm.LLM.load`` → ``explain``) and the patch layer
-(``lucidlm.hf.explain`` on the ``transformers`` 5 model). The tiny random models (Llama, Qwen3
-with q/k norms, Gemma 3 with its GeGLU and sandwich norms, GPT-2 with LayerNorm and biases) run in
-float64; the embedded SmolLM2-135M-Instruct in float32 as recorded.
+(``lucidlm.hf.explain`` on the ``transformers`` 5 model). The tiny random models (Llama, Qwen2 with
+q/k/v biases, Qwen3 with q/k norms, Gemma 3 with its GeGLU and sandwich norms, GPT-2 with LayerNorm
+and biases) run in float64; the embedded SmolLM2-135M-Instruct in float32 as recorded. LXT 2.1 has
+no other causal-LM map (its models: llama, qwen2, qwen3, gemma3, gpt2, bert, vit).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import lucidlm
 from lucidlm import hf
 
 DATA = pathlib.Path(__file__).parent / "data" / "lxt"
-TINY = ["llama", "qwen3", "gemma3", "gpt2"]
+TINY = ["llama", "qwen2", "qwen3", "gemma3", "gpt2"]
 METHODS = ["attnlrp", "cp-lrp"]
 #: relative L2 distance allowed. Measured: at most 4e-7 on the tiny models, 6e-7 on SmolLM2. The
 #: float64 models do not agree further because LXT's RMSNorm patch and transformers 4.57's eager

@@ -16,8 +16,10 @@ True
 * :func:`explainable`: patch one instance (context manager, or a call returning a handle with
   ``.remove()``); :func:`explain`: one prediction as an ``Explanation``/``ImageExplanation``;
   :func:`attribute`: the same relevances at full precision.
-* :func:`register`: make your own model explainable (docs/explaining-new-models.md);
-  :func:`supported`: the registered families; :mod:`lucidlm.hf.patches`: the patch factories.
+* :func:`register`: make your own model explainable (docs/explaining-new-models.md; with
+  ``structural=True`` its norms, MLPs, attention and experts are found by what they are);
+  :func:`refuse`: say why a model cannot be; :func:`supported`: the registered families;
+  :mod:`lucidlm.hf.patches`: the patch factories.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from . import models, patches
 from .api import Attribution, attribute, explain
 from .patch import Handle, UnpatchedModuleWarning, active, explainable
 from .patches import Rules
-from .registry import COMMON, ModelSpec, register, supported, unregister
+from .registry import COMMON, ModelSpec, refuse, register, supported, unregister
 
 __all__ = [
     "COMMON", "Attribution", "Handle", "ModelSpec", "Rules", "UnpatchedModuleWarning", "active",
-    "attribute", "explain", "explainable", "models", "patches", "register", "supported", "unregister",
+    "attribute", "explain", "explainable", "models", "patches", "refuse", "register", "supported", "unregister",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import PatchError
 from ..methods import check_method
 from .patches import IMAGE_METHODS, TEXT_METHODS, Rules
-from .registry import ModelSpec, find_model, find_patch, supported
+from .registry import ModelSpec, find_model, find_patch, refusal, supported
 
 _MISSING = object()
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -101,6 +101,9 @@ def require_spec(model: nn.Module) -> ModelSpec:
     spec = find_model(model)
     if spec is None:
         cls = type(model)
+        reason = refusal(model)
+        if reason is not None:
+            raise PatchError(f"{cls.__name__} ({cls.__module__}) cannot be explained by patching: {reason}")
         raise PatchError(
             f"{cls.__name__} ({cls.__module__}) is not supported by lucidlm.hf. Supported: "
             f"{', '.join(supported())}. Register your model with lucidlm.hf.register "
@@ -148,7 +151,7 @@ def _patch_modules(handle: Handle) -> list[str]:
     """Patch every module that has a factory; return ``"name (Class)"`` of suspect leftovers."""
     unpatched = []
     for name, module in handle.model.named_modules():
-        factory = find_patch(handle.spec, module)
+        factory = find_patch(handle.spec, module, name, handle.model)
         if factory is None:
             if _suspect(module):
                 unpatched.append(f"{name or '<model>'} ({type(module).__name__})")
@@ -160,5 +163,7 @@ def _patch_modules(handle: Handle) -> list[str]:
 
 
 def _suspect(module: nn.Module) -> bool:
+    if any(True for _ in module.children()):  # a container (StableLM's per-head norms): its leaves are checked
+        return False
     cls = type(module)
     return cls.__module__ in _SUSPECT_MODULES or bool(_SUSPECT_NAME.search(cls.__name__))

@@ -33,7 +33,8 @@ from torch.nn import functional as F
 from ..methods import check_method
 from ..model import norm as norms
 from ..model import rules as lrp
-from .attention import LRPAttentionMode, lrp_attention, sdpa_config, swapped
+from .attention import LRPAttentionMode, lrp_attention, lrp_config, swapped
+from .experts import lrp_experts_config
 
 Forward = Callable[..., Any]
 PatchFactory = Callable[[nn.Module, "Rules"], Forward | None]
@@ -116,7 +117,9 @@ def unchanged(module: nn.Module, rules: Rules) -> None:
 # ----------------------------------------------------------------------------- norms
 
 
-def _eps(module: nn.Module, x: torch.Tensor) -> float:
+def _eps(module: nn.Module, x: torch.Tensor, given: float | None = None) -> float:
+    if given is not None:
+        return given
     for name in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, name, None)
         if value is not None:
@@ -124,15 +127,16 @@ def _eps(module: nn.Module, x: torch.Tensor) -> float:
     return torch.finfo(x.dtype).eps  # torch.nn.RMSNorm(eps=None)
 
 
-def rms_norm(unit_offset: bool = False, cast_last: bool | None = None) -> PatchFactory:
+def rms_norm(unit_offset: bool = False, cast_last: bool | None = None, eps: float | None = None) -> PatchFactory:
     """RMSNorm with the normaliser 1/rms detached (:func:`lucidlm.model.norm.rms_norm`).
     ``unit_offset``: Gemma's ``x·(1 + weight)``. ``cast_last``: multiply by the weight before
     casting back to the input dtype (Gemma, OLMo 2) rather than after (Llama); it only matters in
-    half precision. Defaults to ``unit_offset``."""
+    half precision. Defaults to ``unit_offset``. ``eps``: for a module that keeps its epsilon in
+    its code rather than in an attribute (``variance_epsilon``, ``eps``, ``epsilon``)."""
 
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return norms.rms_norm(x, getattr(module, "weight", None), _eps(module, x), unit_offset, cast_last,
+            return norms.rms_norm(x, getattr(module, "weight", None), _eps(module, x, eps), unit_offset, cast_last,
                                   normalizer=rules.normalizer)
 
         return forward
@@ -148,6 +152,26 @@ def layer_norm(module: nn.Module, rules: Rules) -> Forward:
         return norms.layer_norm(x, module.weight, module.bias, module.eps, dims, normalizer=rules.normalizer)
 
     return forward
+
+
+def layer_norm_like(unit_offset: bool = False, eps: float | None = None) -> PatchFactory:
+    """A LayerNorm written by a family itself (OLMo's without affine, Cohere's without bias, per
+    head, Nemotron's LayerNorm1P with ``unit_offset``: ``x̂·(1 + weight)``): normalised over the
+    last dimension (or ``normalized_shape``), weight and bias where the module has them; ``eps``
+    as for :func:`rms_norm`."""
+
+    def factory(module: nn.Module, rules: Rules) -> Forward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if unit_offset and weight is not None:
+                weight = 1.0 + weight.float()
+            shape = getattr(module, "normalized_shape", None)
+            dims = tuple(range(-len(shape), 0)) if isinstance(shape, tuple | list) and shape else (-1,)
+            return norms.layer_norm(x, weight, bias, _eps(module, x, eps), dims, normalizer=rules.normalizer)
+
+        return forward
+
+    return factory
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -193,17 +217,70 @@ def fused_glu_mlp(gate_up: str = "gate_up_proj", down: str = "down_proj",
 
 
 def sdpa_attention(module: nn.Module, rules: Rules) -> Forward:
-    """Any attention module that ends in ``F.scaled_dot_product_attention`` — every
-    ``transformers`` 5.x attention that dispatches through ``ALL_ATTENTION_FUNCTIONS``, whatever
-    implementation it was loaded with (see :mod:`lucidlm.hf.attention`)."""
+    """Any attention module: a ``transformers`` 5.x one (it has a ``config``) is routed through
+    ``transformers``' attention registry to :func:`lucidlm.hf.attention.lrp_attention_function`,
+    whatever implementation it was loaded with; any other module that ends in
+    ``F.scaled_dot_product_attention`` gets that call replaced (see :mod:`lucidlm.hf.attention`).
+    The method reaches the kernel through the rules' context variable, set for this call only."""
     original = module.forward
-    config = sdpa_config(module.__dict__.get("config"))
+    config = lrp_config(module.__dict__.get("config"))
+
+    if config is None:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with LRPAttentionMode(rules.base):
+                return original(*args, **kwargs)
+    else:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with swapped(module, "config", config), lrp.explaining(rules.base):
+                return original(*args, **kwargs)
+
+    return forward
+
+
+#: the same factory under the name that says what it covers
+attention = sdpa_attention
+
+
+def experts(module: nn.Module, rules: Rules) -> Forward:
+    """A ``transformers`` experts module (stacked expert weights): routed to
+    :func:`lucidlm.hf.experts.lrp_experts_function` through ``transformers``' experts registry."""
+    original = module.forward
+    config = lrp_experts_config(module)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        with swapped(module, "config", config), LRPAttentionMode(rules.base):
+        with swapped(module, "config", config), lrp.explaining(rules.base):
             return original(*args, **kwargs)
 
     return forward
+
+
+def constant_output(module: nn.Module, rules: Rules) -> Forward:
+    """A router's gate (Qwen2-MoE's ``shared_expert_gate``): its output is a routing weight, a
+    constant for LRP as in lucidlm's native MoE (``rules.router_weights``)."""
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with lrp.explaining(rules.base):
+            return lrp.router_weights(original(*args, **kwargs))
+
+    return forward
+
+
+def clipped_projection(clip: float) -> PatchFactory:
+    """OLMo's ``clip_qkv``: the q/k/v projection's output clamped to ±``clip`` with the identity
+    rule (as lucidlm's native attention). The attention's own in-place clamp that follows is then
+    the identity with a unit gradient (clamp passes the gradient at its bounds)."""
+
+    def factory(module: nn.Module, rules: Rules) -> Forward:
+        original = module.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            # a copy: the attention clamps it in place, which the identity rule's saved output must not see
+            return rules.activation(lambda t: t.clamp(-clip, clip), original(x)).clone()
+
+        return forward
+
+    return factory
 
 
 # ----------------------------------------------------------------------------- model level

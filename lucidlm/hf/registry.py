@@ -29,6 +29,7 @@ from ..errors import PatchError
 from ..registry import Registry
 from . import patches
 from .patches import PatchFactory
+from .structure import structural_patch
 
 ClassKey = type | str
 
@@ -55,6 +56,9 @@ class ModelSpec:
       ``nn.ModuleList``).
     * ``forward``: optional patch factory for the model's own forward (e.g. logit soft-capping).
     * ``kind``: ``"text"`` (token relevances) or ``"image"`` (pixel relevances).
+    * ``structural``: modules that neither ``modules`` nor :data:`COMMON` name are patched by
+      what they are (:func:`lucidlm.hf.structure.structural_patch`): how the ``transformers``
+      families are covered without naming their classes.
     """
 
     name: str
@@ -62,12 +66,17 @@ class ModelSpec:
     blocks: str | None = None
     forward: PatchFactory | None = None
     kind: str = "text"
+    structural: bool = False
 
 
 #: model class (qualified name) -> its :class:`ModelSpec`; :func:`register` adds. The built-in
 #: families register themselves in :mod:`lucidlm.hf.models`, which the package's ``__init__``
 #: imports before anyone can reach this module (so no lazy import back from here)
 MODELS: Registry[ModelSpec] = Registry("explainable model")
+
+#: model class (qualified name) -> why lucidlm.hf refuses it: a family whose modules cannot be
+#: matched to lucidlm's rules is refused by name with the reason, never approximated (:func:`refuse`)
+REFUSED: Registry[str] = Registry("refused model")
 
 _TF_ACT = "transformers.activations."
 _NN = "torch.nn.modules."
@@ -90,7 +99,7 @@ COMMON: dict[str, PatchFactory] = {
 
 def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = None, *,
              name: str | None = None, blocks: str | None = None,
-             forward: PatchFactory | None = None, kind: str = "text") -> ModelSpec:
+             forward: PatchFactory | None = None, kind: str = "text", structural: bool = False) -> ModelSpec:
     """Make a model class (and its subclasses) explainable by :func:`lucidlm.hf.explainable`.
 
     ``modules`` maps the model's module classes to patch factories from
@@ -107,7 +116,7 @@ def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = 
         raise PatchError(f"kind={kind!r}: expected 'text' or 'image'")
     key = _key(model)
     spec = ModelSpec(name or key.rsplit(".", 1)[-1], {_key(c): f for c, f in (modules or {}).items()},
-                     blocks, forward, kind)
+                     blocks, forward, kind, structural)
     MODELS[key] = spec
     return spec
 
@@ -115,6 +124,25 @@ def register(model: ClassKey, modules: Mapping[ClassKey, PatchFactory] | None = 
 def unregister(model: ClassKey) -> None:
     """Forget a model class registered with :func:`register` (no error if it was not)."""
     MODELS.pop(_key(model), None)
+
+
+def refuse(model: ClassKey, reason: str) -> None:
+    """Record that a model class (and its subclasses) cannot be explained by patching, and why:
+    :func:`lucidlm.hf.explainable` then raises a :class:`PatchError` with ``reason``.
+
+    >>> from torch import nn
+    >>> class Odd(nn.Module): ...
+    >>> with REFUSED.scoped():
+    ...     refuse(Odd, "its experts mix attention heads")
+    ...     refusal(Odd())
+    'its experts mix attention heads'
+    """
+    REFUSED[_key(model)] = reason
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s class is refused (:func:`refuse`), or ``None``."""
+    return next((REFUSED[qualname(c)] for c in type(model).__mro__ if qualname(c) in REFUSED), None)
 
 
 def find_model(model: nn.Module) -> ModelSpec | None:
@@ -126,14 +154,28 @@ def find_model(model: nn.Module) -> ModelSpec | None:
     return None
 
 
-def find_patch(spec: ModelSpec, module: nn.Module) -> PatchFactory | None:
-    """The factory for ``module`` under ``spec`` (its own table first, then :data:`COMMON`)."""
+def find_patch(spec: ModelSpec, module: nn.Module, name: str = "", model: nn.Module | None = None
+               ) -> PatchFactory | None:
+    """The factory for ``module`` (called ``name`` in ``model``) under ``spec``: its own table
+    first, then :data:`COMMON`, then (``spec.structural``) the module's structure."""
     for cls in type(module).__mro__:
         key = qualname(cls)
-        factory = spec.modules.get(key) or COMMON.get(key)
+        factory = spec.modules.get(key) or _common(key, cls, module)
         if factory is not None:
             return factory
+    if spec.structural and model is not None:
+        return structural_patch(module, name, model)
     return None
+
+
+def _common(key: str, cls: type, module: nn.Module) -> PatchFactory | None:
+    """The :data:`COMMON` patch of ``cls`` for ``module``, if the module still runs ``cls``'s
+    forward: a subclass that rewrites it (Nemotron's ``LayerNorm1P(nn.LayerNorm)`` scales by
+    ``1 + weight``) is not what the patch computes."""
+    factory = COMMON.get(key)
+    if factory is None or getattr(type(module), "forward", None) is not getattr(cls, "forward", None):
+        return None
+    return factory
 
 
 def supported() -> list[str]:

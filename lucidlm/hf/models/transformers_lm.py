@@ -1,54 +1,94 @@
 """``transformers`` 5.x model families, one table row each.
 
-A row says which modeling module a family lives in, the prefix of its class names, and the patch
-for each of its own module classes (by class-name suffix). Everything generic (``nn.LayerNorm``,
-the ``transformers.activations`` classes) is covered by :data:`lucidlm.hf.registry.COMMON`.
-Adding a Llama-like family is one line: ``("Mistral", "mistral", "Mistral", LLAMA_LIKE)``.
+A row names a family and where its classes live; *what* to patch is found from the modules
+themselves (:mod:`lucidlm.hf.structure`: attention through ``transformers``' attention registry,
+experts through its experts registry, norms, gated MLPs and activations by their structure), so
+a row names no module class. Adding a decoder family is one row of :data:`FAMILIES`::
+
+    Family("OLMoE", "olmoe", "Olmoe"),
+
+and one parameter of ``tests/test_hf_families.py`` (patched relevance == native relevance). A
+native family whose modules cannot be matched goes into :data:`REFUSED` with the reason instead:
+explaining it is then a ``PatchError`` that says why, never an approximation.
+Model-level non-linearities (Gemma's final-logit soft-capping) are patched for every row where
+the config has them. BERT keeps explicit entries: it is an encoder, and the table shows how to
+name a family's own classes where structure is not enough.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from .. import patches
 from ..patches import PatchFactory
-from ..registry import register
+from ..registry import refuse, register
 
-#: RMSNorm + gated MLP + rotary attention: Llama, Qwen2, Qwen3 (whose q_norm/k_norm are RMSNorms
-#: too, so they are covered by the same row), Mistral.
-LLAMA_LIKE: Mapping[str, PatchFactory] = {
-    "RMSNorm": patches.rms_norm(),
-    "MLP": patches.glu_mlp(),
-    "Attention": patches.sdpa_attention,
-}
 
-#: (name shown to users, modeling module, class-name prefix, patches by class-name suffix, extras)
-FAMILIES: list[tuple[str, str, str, Mapping[str, PatchFactory], dict]] = [
-    ("Llama", "llama", "Llama", LLAMA_LIKE, {}),
-    ("Qwen2", "qwen2", "Qwen2", LLAMA_LIKE, {}),
-    ("Qwen3", "qwen3", "Qwen3", LLAMA_LIKE, {}),
-    ("Gemma 3", "gemma3", "Gemma3",
-     {"RMSNorm": patches.rms_norm(unit_offset=True),  # x·(1 + w); q_norm/k_norm and sandwich norms
-      "MLP": patches.glu_mlp(),
-      "Attention": patches.sdpa_attention},
-     {"forward": patches.softcapped_logits("final_logit_softcapping")}),
-    ("GPT-2", "gpt2", "GPT2", {"Attention": patches.sdpa_attention}, {}),  # MLP: its GELU module
-    ("BERT", "bert", "Bert",
-     {"SelfAttention": patches.sdpa_attention, "CrossAttention": patches.sdpa_attention}, {}),
-    # extensions, to show that a new family is one row
-    ("Mistral", "mistral", "Mistral", LLAMA_LIKE, {}),
-    ("Phi-3", "phi3", "Phi3",
-     {"RMSNorm": patches.rms_norm(), "MLP": patches.fused_glu_mlp(), "Attention": patches.sdpa_attention},
-     {}),
+@dataclass(frozen=True)
+class Family:
+    """One ``transformers`` family: its display name, ``transformers.models.<package>``, the prefix
+    of its class names (``<prefix>PreTrainedModel`` is what gets registered) and, rarely, patches
+    for its own classes by class-name suffix."""
+
+    name: str
+    package: str
+    prefix: str
+    modules: Mapping[str, PatchFactory] = field(default_factory=dict)
+
+
+#: every causal-LM family lucidlm implements natively (lucidlm.families.table), plus BERT
+FAMILIES: list[Family] = [
+    Family("Llama", "llama", "Llama"),
+    Family("Qwen2", "qwen2", "Qwen2"),
+    Family("Qwen3", "qwen3", "Qwen3"),
+    Family("Gemma 3", "gemma3", "Gemma3"),
+    Family("GPT-2", "gpt2", "GPT2"),
+    Family("BERT", "bert", "Bert",
+           {"SelfAttention": patches.sdpa_attention, "CrossAttention": patches.sdpa_attention}),
+    Family("Mistral", "mistral", "Mistral"),
+    Family("Phi-3", "phi3", "Phi3"),
+    Family("Mixtral", "mixtral", "Mixtral"),
+    Family("Gemma", "gemma", "Gemma"),
+    Family("Gemma 2", "gemma2", "Gemma2"),
+    Family("StableLM", "stablelm", "StableLm"),
+    Family("SmolLM3", "smollm3", "SmolLM3"),
+    Family("OLMo", "olmo", "Olmo"),
+    Family("OLMo 2", "olmo2", "Olmo2"),
+    Family("Granite", "granite", "Granite"),
+    Family("Cohere", "cohere", "Cohere"),
+    Family("Phi", "phi", "Phi"),
+    Family("GPT-J", "gptj", "GPTJ"),
+    Family("Qwen2-MoE", "qwen2_moe", "Qwen2Moe"),
+    Family("Qwen3-MoE", "qwen3_moe", "Qwen3Moe"),
+    Family("DeepSeek-V2", "deepseek_v2", "DeepseekV2"),
+    Family("DeepSeek-V3", "deepseek_v3", "DeepseekV3"),
+    Family("Falcon", "falcon", "Falcon"),
+    Family("GPT-NeoX", "gpt_neox", "GPTNeoX"),
+    Family("gpt-oss", "gpt_oss", "GptOss"),
+    Family("Starcoder2", "starcoder2", "Starcoder2"),
+    Family("Persimmon", "persimmon", "Persimmon"),
 ]
+
+
+#: families lucidlm implements natively whose ``transformers`` modules the patches cannot match,
+#: by (package, class prefix) -> the reason :func:`lucidlm.hf.explainable` gives (none today)
+REFUSED: dict[tuple[str, str], str] = {}
 
 
 def modeling_module(package: str) -> str:
     return f"transformers.models.{package}.modeling_{package}"
 
 
-for name, package, prefix, table, extras in FAMILIES:
-    where = modeling_module(package)
-    register(f"{where}.{prefix}PreTrainedModel",
-             {f"{where}.{prefix}{suffix}": factory for suffix, factory in table.items()},
-             name=name, **extras)
+def register_family(family: Family) -> None:
+    """Register one row (see :data:`FAMILIES`)."""
+    where = modeling_module(family.package)
+    register(f"{where}.{family.prefix}PreTrainedModel",
+             {f"{where}.{family.prefix}{suffix}": factory for suffix, factory in family.modules.items()},
+             name=family.name, forward=patches.softcapped_logits("final_logit_softcapping"), structural=True)
+
+
+for _family in FAMILIES:
+    register_family(_family)
+for (_package, _prefix), _reason in REFUSED.items():
+    refuse(f"{modeling_module(_package)}.{_prefix}PreTrainedModel", _reason)
