@@ -32,6 +32,8 @@ PATCHED = [
     "stablelm", "stablelm-parallel", "smollm3", "olmo", "olmo2", "granite", "cohere", "cohere-qk-norm",
     "phi2", "phi3", "gpt2", "gptj", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "falcon",
     "falcon-new", "pythia", "pythia-sequential", "gpt-oss", "starcoder2", "persimmon",
+    "arcee", "nemotron", "apertus", "glm", "glm4", "glm4-no-bias", "cohere2", "exaone4", "exaone4-global", "olmo3",
+    "olmoe", "granitemoe", "phimoe", "dbrx", "jetmoe",
 ]
 
 
@@ -180,9 +182,9 @@ def test_bfloat16_model_is_fully_patched(hf_checkpoint, family):
 
 
 def test_structure_covers_a_family_no_row_names():
-    """Nemotron (no row here): its LayerNorm1P subclasses nn.LayerNorm but scales by 1 + weight, so
-    the generic LayerNorm patch must not take it; the probe finds the unit offset. The forward is
-    unchanged and CP-LRP conserves without biases."""
+    """Nemotron, registered here by structure alone (as its row does): its LayerNorm1P subclasses
+    nn.LayerNorm but scales by 1 + weight, so the generic LayerNorm patch must not take it; the
+    probe finds the unit offset. The forward is unchanged and CP-LRP conserves without biases."""
     import transformers as T
 
     from lucidlm.hf.registry import MODELS

@@ -182,6 +182,11 @@ def _call_act(act: Any, rules: Rules, x: torch.Tensor) -> torch.Tensor:
     return act(x) if isinstance(act, nn.Module) else rules.activation(act, x)
 
 
+def _glu(act: Any, rules: Rules, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` with the rules of lucidlm's :class:`~lucidlm.model.mlp.GLU`."""
+    return rules.product(_call_act(act, rules, rules.gate(gate)), up)
+
+
 def glu_mlp(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
             act: str = "act_fn") -> PatchFactory:
     """``down(act(gate(x)) * up(x))`` (Llama family): AttnLRP's uniform rule on the gated product,
@@ -190,8 +195,8 @@ def glu_mlp(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj
 
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            gated = _call_act(getattr(module, act), rules, rules.gate(getattr(module, gate)(x)))
-            return getattr(module, down)(rules.product(gated, getattr(module, up)(x)))
+            hidden = _glu(getattr(module, act), rules, getattr(module, gate)(x), getattr(module, up)(x))
+            return getattr(module, down)(hidden)
 
         return forward
 
@@ -205,8 +210,7 @@ def fused_glu_mlp(gate_up: str = "gate_up_proj", down: str = "down_proj",
     def factory(module: nn.Module, rules: Rules) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             gate_states, up_states = getattr(module, gate_up)(x).chunk(2, dim=-1)
-            gated = _call_act(getattr(module, act), rules, rules.gate(gate_states))
-            return getattr(module, down)(rules.product(up_states, gated))
+            return getattr(module, down)(_glu(getattr(module, act), rules, gate_states, up_states))
 
         return forward
 
@@ -255,24 +259,64 @@ def experts(module: nn.Module, rules: Rules) -> Forward:
 
 
 def constant_output(module: nn.Module, rules: Rules) -> Forward:
-    """A router's gate (Qwen2-MoE's ``shared_expert_gate``): its output is a routing weight, a
-    constant for LRP as in lucidlm's native MoE (``rules.router_weights``)."""
+    """A router (Qwen2-MoE's ``shared_expert_gate``, DBRX's router, JetMoE's top-k gating): its
+    output decides how experts are weighted, a constant for LRP as in lucidlm's native MoE
+    (``rules.router_weights``). Every floating-point tensor of a tuple output is held constant;
+    router logits held constant make the weights computed from them constant too."""
     original = module.forward
+
+    def constant(value: Any) -> Any:
+        return lrp.router_weights(value) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         with lrp.explaining(rules.base):
-            return lrp.router_weights(original(*args, **kwargs))
+            out = original(*args, **kwargs)
+            return tuple(map(constant, out)) if isinstance(out, tuple) else constant(out)
 
     return forward
 
 
-def clipped_projection(clip: float) -> PatchFactory:
+def dbrx_expert_glu(module: nn.Module, rules: Rules) -> Forward:
+    """DBRX's ``DbrxExpertGLU.forward(x, w1, v1, w2)``, one expert's ``act(x·w1ᵀ)·(x·v1ᵀ)·w2``
+    computed inside the module: the gated product gets the GLU rule. (The routing weights that
+    ``DbrxExperts`` multiplies by are constant through ``DbrxRouter``'s :func:`constant_output`.)"""
+
+    def forward(x: torch.Tensor, expert_w1: torch.Tensor, expert_v1: torch.Tensor,
+                expert_w2: torch.Tensor) -> torch.Tensor:
+        return _glu(module.activation_fn, rules, x.matmul(expert_w1.T), x.matmul(expert_v1.T)).matmul(expert_w2)
+
+    return forward
+
+
+def jetmoe_moe(module: nn.Module, rules: Rules) -> Forward:
+    """JetMoE's ``JetMoeMoE``, which computes its experts' gated products inside its own forward:
+    the same computation (tokens grouped by expert through ``JetMoeParallelExperts``, ``act(gate)
+    · up`` from the two halves of ``input_linear``, the routing-weighted sum, ``bias``) with the
+    GLU rule on the product; the routing weights are constant through the router's
+    :func:`constant_output`. (The mixture of attention heads, ``JetMoeMoA``, is linear apart from
+    its routing weights, so the router's patch is all it needs.)"""
+
+    def forward(layer_input: torch.Tensor) -> torch.Tensor:
+        batch, length, width = layer_input.size()
+        flat = layer_input.reshape(-1, width)
+        _, batch_index, batch_gates, expert_size, _ = module.router(flat)
+        gate, up = module.input_linear(flat[batch_index], expert_size).chunk(2, dim=-1)
+        hidden = _glu(module.activation, rules, gate, up)
+        expert_outputs = module.output_linear(hidden, expert_size) * batch_gates[:, None]
+        out = expert_outputs.new_zeros(batch * length, module.input_size).index_add(0, batch_index, expert_outputs)
+        return out.view(batch, length, module.input_size) + module.bias
+
+    return forward
+
+
+def clipped_projection(clip: float, inner: PatchFactory | None = None) -> PatchFactory:
     """OLMo's ``clip_qkv``: the q/k/v projection's output clamped to ±``clip`` with the identity
     rule (as lucidlm's native attention). The attention's own in-place clamp that follows is then
-    the identity with a unit gradient (clamp passes the gradient at its bounds)."""
+    the identity with a unit gradient (clamp passes the gradient at its bounds). ``inner``: the
+    module's own patch, clamped after (OLMoE clamps the output of its q/k norms)."""
 
     def factory(module: nn.Module, rules: Rules) -> Forward:
-        original = module.forward
+        original = (inner(module, rules) if inner is not None else None) or module.forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             # a copy: the attention clamps it in place, which the identity rule's saved output must not see

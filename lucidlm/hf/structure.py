@@ -12,7 +12,8 @@ decoder family is covered by one table row (:mod:`lucidlm.hf.models.transformers
   RMSNorm or LayerNorm, with or without the unit offset ``1 + weight``, weight or bias;
 * a ``transformers.activations`` class: the identity rule;
 * a shared expert's gate (``shared_expert_gate``): a constant, as routing weights are;
-* OLMo's clipped q/k/v projections (``config.clip_qkv``): the clamp's identity rule.
+* OLMo's clipped q/k/v projections (``config.clip_qkv``; DBRX's fused ``Wqkv``): the clamp's
+  identity rule (OLMoE's on the outputs of its q/k norms).
 
 A guess about a norm or an MLP is *verified*: the candidate patch runs on a random probe input
 and must reproduce the module's own forward; when no candidate does, the module stays unpatched
@@ -42,7 +43,9 @@ from .experts import is_experts
 from .patches import PatchFactory, Rules
 
 _ACTIVATIONS = ("act_fn", "activation_fn", "act")
-_CLIPPED = ("q_proj", "k_proj", "v_proj")
+#: the projections an attention with ``config.clip_qkv`` clamps -> the norm that may follow each (OLMoE)
+_CLIPPED = {"q_proj": "q_norm", "k_proj": "k_norm", "v_proj": None, "Wqkv": None}
+_CLIPPED_NORMS = ("q_norm", "k_norm")
 
 
 def structural_patch(module: nn.Module, name: str, model: nn.Module) -> PatchFactory | None:
@@ -76,11 +79,24 @@ def _router_gate(module: nn.Module, name: str, model: nn.Module) -> PatchFactory
 
 
 def _clipped(module: nn.Module, name: str, model: nn.Module) -> PatchFactory | None:
-    parent, _, attr = name.rpartition(".")
-    if not isinstance(module, nn.Linear) or attr not in _CLIPPED or not parent:
+    """The module whose output the attention clamps: q/k/v's projection (DBRX: the fused ``Wqkv``),
+    or (OLMoE) the q/k norm that follows the projection, its own patch then clamped."""
+    parent_name, _, attr = name.rpartition(".")
+    if (attr not in _CLIPPED and attr not in _CLIPPED_NORMS) or not parent_name:
         return None
-    clip = getattr(getattr(model.get_submodule(parent), "config", None), "clip_qkv", None)
-    return patches.clipped_projection(float(clip)) if clip is not None else None
+    parent = model.get_submodule(parent_name)
+    clip = getattr(parent, "clip_qkv", None)  # DBRX keeps it on the attention (its config nests it)
+    if clip is None:
+        clip = getattr(getattr(parent, "config", None), "clip_qkv", None)
+    if clip is None:
+        return None
+    if attr in _CLIPPED_NORMS:
+        inner = _norm(module, name, model)
+        return patches.clipped_projection(float(clip), inner) if inner is not None else None
+    norm = _CLIPPED[attr]
+    if not isinstance(module, nn.Linear) or (norm is not None and getattr(parent, norm, None) is not None):
+        return None  # the clamp follows the norm
+    return patches.clipped_projection(float(clip))
 
 
 def _activation(module: nn.Module, name: str, model: nn.Module) -> PatchFactory | None:

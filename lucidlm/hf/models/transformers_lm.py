@@ -3,7 +3,7 @@
 A row names a family and where its classes live; *what* to patch is found from the modules
 themselves (:mod:`lucidlm.hf.structure`: attention through ``transformers``' attention registry,
 experts through its experts registry, norms, gated MLPs and activations by their structure), so
-a row names no module class. Adding a decoder family is one row of :data:`FAMILIES`::
+a row usually names no module class. Adding a decoder family is one row of :data:`FAMILIES`::
 
     Family("OLMoE", "olmoe", "Olmoe"),
 
@@ -11,8 +11,10 @@ and one parameter of ``tests/test_hf_families.py`` (patched relevance == native 
 native family whose modules cannot be matched goes into :data:`REFUSED` with the reason instead:
 explaining it is then a ``PatchError`` that says why, never an approximation.
 Model-level non-linearities (Gemma's final-logit soft-capping) are patched for every row where
-the config has them. BERT keeps explicit entries: it is an encoder, and the table shows how to
-name a family's own classes where structure is not enough.
+the config has them. Where structure is not enough a row names the family's own classes by
+class-name suffix: BERT (an encoder), and DBRX and JetMoE, whose experts multiply the gated
+product and the routing weights inside their own forwards (their routers' outputs are held
+constant, the products get the GLU rule).
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ FAMILIES: list[Family] = [
     Family("gpt-oss", "gpt_oss", "GptOss"),
     Family("Starcoder2", "starcoder2", "Starcoder2"),
     Family("Persimmon", "persimmon", "Persimmon"),
+    Family("Arcee", "arcee", "Arcee"),
+    Family("Nemotron", "nemotron", "Nemotron"),
+    Family("Apertus", "apertus", "Apertus"),
+    Family("GLM", "glm", "Glm"),
+    Family("GLM-4", "glm4", "Glm4"),
+    Family("Cohere2", "cohere2", "Cohere2"),
+    Family("EXAONE 4", "exaone4", "Exaone4"),
+    Family("OLMo 3", "olmo3", "Olmo3"),
+    Family("OLMoE", "olmoe", "Olmoe"),
+    Family("GraniteMoE", "granitemoe", "GraniteMoe"),
+    Family("PhiMoE", "phimoe", "Phimoe"),
+    # experts that multiply their gated products and routing weights inside their own forwards
+    Family("DBRX", "dbrx", "Dbrx", {"ExpertGLU": patches.dbrx_expert_glu, "Router": patches.constant_output}),
+    Family("JetMoE", "jetmoe", "JetMoe", {"MoE": patches.jetmoe_moe, "TopKGating": patches.constant_output}),
 ]
 
 
