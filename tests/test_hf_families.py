@@ -154,7 +154,8 @@ def test_the_attention_key_selects_nothing_else(hf_checkpoint):
 # ----------------------------------------------------------------------------- loading options
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma3", "olmo", "qwen2-moe", "deepseek-v3", "falcon"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma3", "olmo", "qwen2-moe", "deepseek-v3", "falcon",
+                                    "dbrx", "jetmoe"])
 def test_sdpa_loaded_model_explains_as_the_eager_one(hf_checkpoint, family):
     """The model's mask differs with its attention implementation (SDPA's boolean mask, or none
     at all for a plain causal prompt, against eager's additive one): the relevances do not."""
@@ -171,7 +172,8 @@ def test_sdpa_loaded_model_explains_as_the_eager_one(hf_checkpoint, family):
         assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama3", "gemma2", "olmo2", "cohere-qk-norm", "gpt-oss", "deepseek-v3", "phi2"])
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "olmo2", "cohere-qk-norm", "gpt-oss", "deepseek-v3", "phi2",
+                                    "dbrx", "jetmoe", "apertus"])
 def test_bfloat16_model_is_fully_patched(hf_checkpoint, family):
     """The structural probe recognises the norms and MLPs in half precision too."""
     model = copy.deepcopy(hf_checkpoint(family)[0]).to(torch.bfloat16)
