@@ -12,11 +12,15 @@ branch."""
 
 import pytest
 import torch
+from torch import nn
 
 import lucidlm
+from lucidlm import GPT, Config
+from lucidlm.errors import ExplainError
 from lucidlm.explain.components import ablated, component_values
 from lucidlm.explain.explainer import explain
 from lucidlm.model import rules
+from lucidlm.model.latents import neurons_of
 from families import FAMILIES
 
 PROMPT = [5, 17, 33, 8, 61, 12, 40, 3]
@@ -107,3 +111,40 @@ def test_ablating_a_component_removes_its_latent(family, hf_checkpoint):
     with ablated(model, [f"layers.{layer}"]):
         gone = explain(model, None, PROMPT, target=e.target_ids[0], layers=[layer])
     assert all((v == 0).all() for v in gone.layers.values())
+
+
+class PlainMLP(nn.Module):
+    """A custom MLP (``Config.mlp_class``) that names no latents."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.up = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(rules.activation(torch.relu, self.up(x)))
+
+
+class NamedMLP(PlainMLP):
+    def latents(self):
+        return {"mlp": neurons_of(self.down)}
+
+
+def custom(mlp_class):
+    torch.manual_seed(0)
+    config = Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, intermediate_size=48, mlp_class=mlp_class)
+    return GPT(config).double().eval()
+
+
+def test_a_custom_mlp_names_its_latents_or_gets_a_typed_error():
+    with pytest.raises(ExplainError, match=r"PlainMLP \(a block's mlp\) declares no latents\(\)"):
+        explain(custom(PlainMLP), None, PROMPT[:5], layers="all")
+    model = custom(NamedMLP)
+    e = explain(model, None, PROMPT[:5], method="cp-lrp", layers="all")
+    measured = branch_relevances(model, PROMPT[:5], e.target_ids[0])
+    assert e.layers["layers.1.mlp"].shape == (48,)
+    assert rel_err(e.layers["layers.1.mlp"].double().sum().item(), measured["mlp1"][0]) < 1e-4
+    j = int(e.layers["layers.1.mlp"].abs().argmax())
+    with ablated(model, [f"layers.1.mlp.neuron.{j}"]):
+        cut = explain(model, None, PROMPT[:5], target=e.target_ids[0], layers=[1])
+    assert e.layers["layers.1.mlp"][j] != 0 and cut.layers["layers.1.mlp"][j] == 0
