@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lucidlm
-from lucidlm.errors import TrainError
+from lucidlm.errors import AdapterError, TrainError
 from lucidlm.train.lora import lora_layers, merge_lora
 from families import FAMILIES, build_hf_model
 
@@ -92,3 +92,29 @@ def test_adapter_v2_finetune_or_a_typed_refusal(family, hf_checkpoint, tmp_path)
     reloaded = lucidlm.LLM.load(tmp_path / "model")
     reloaded.load_adapter(tmp_path / "run")
     torch.testing.assert_close(logits(reloaded.model, ids), logits(llm.model, ids))
+
+
+@pytest.mark.parametrize("family, target, module", [("gpt-oss", "gate_up", "layers.0.mlp.experts.gate_up"),
+                                                    ("dbrx", "experts", "layers.0.mlp.experts"),
+                                                    ("jetmoe", "input_linear", "layers.0.attn.experts.input_linear")])
+def test_lora_on_stacked_experts_is_a_typed_error(family, target, module, hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint(family)
+    llm = lucidlm.LLM.load(with_tokenizer(directory, tmp_path / "model"))
+    with pytest.raises(TrainError, match=f"lora_targets: '{target}' names {module}, a .* which LoRA cannot wrap"):
+        llm.finetune(TEXTS, method="lora", lora_targets=(target,), out=tmp_path / "run", **OPTIONS)
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_lora_on_linear_experts_trains_and_merges_but_is_not_saved(hf_checkpoint, tmp_path):
+    """Experts that are linear layers here (Qwen3-MoE) take LoRA and merge, but transformers 5 fuses
+    them, so the adapter has no PEFT file to go to: saving it at the end of the run names the module."""
+    _, directory = hf_checkpoint("qwen3-moe")
+    llm = lucidlm.LLM.load(with_tokenizer(directory, tmp_path / "model"))
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.experts\.\d+\.\w+_proj: LoRA on mixture-of-experts experts"):
+        llm.finetune(TEXTS, method="lora", lora_targets=("q_proj", "gate_proj", "up_proj", "down_proj"),
+                     out=tmp_path / "run", **OPTIONS)
+    assert any(".experts." in name for name in lora_layers(llm.model))
+    ids = torch.randint(3, 43, (1, 7), generator=torch.Generator().manual_seed(3))
+    adapted = logits(llm.model, ids)
+    merge_lora(llm.model)
+    assert rel_err(logits(llm.model, ids), adapted) < 1e-5

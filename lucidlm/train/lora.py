@@ -72,6 +72,7 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
     if not targets:
         raise TrainError(f"lora_targets: this model has no linear layer named {', '.join(DEFAULT_TARGETS)} outside "
                          "its MoE experts; name the modules to adapt (lora_targets=...)")
+    _check_wrappable(model, targets)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
                              use_rslora=use_rslora, bias="none")
@@ -83,6 +84,19 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
         raise TrainError(f"lora targets {targets}: {exc}") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+
+
+def _check_wrappable(model: nn.Module, targets: list[str]) -> None:
+    """A :class:`TrainError` naming a target that is not a linear layer: stacked expert weights
+    (gpt-oss ``gate_up``/``down``, DBRX ``experts``, JetMoE ``input_linear``/``output_linear``) are
+    parameters, which peft's LoRA cannot wrap."""
+    for name, module in model.named_modules():
+        target = next((t for t in targets if name == t or name.endswith("." + t)), None)
+        wrapped = hasattr(module, "base_layer") or ".lora_" in name  # peft's own layers: its business
+        if target is not None and not isinstance(module, _LINEAR) and not wrapped:
+            raise TrainError(f"lora_targets: {target!r} names {name}, a {type(module).__name__} (stacked weights, "
+                             "not a linear layer), which LoRA cannot wrap; adapt the attention's projections "
+                             "(the default) instead")
 
 
 def default_targets(model: nn.Module) -> list[str]:
