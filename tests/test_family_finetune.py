@@ -107,12 +107,16 @@ def test_lora_on_stacked_experts_is_a_typed_error(family, target, module, hf_che
 
 def test_lora_on_linear_experts_trains_and_merges_but_is_not_saved(hf_checkpoint, tmp_path):
     """Experts that are linear layers here (Qwen3-MoE) take LoRA and merge, but transformers 5 fuses
-    them, so the adapter has no PEFT file to go to: saving it at the end of the run names the module."""
+    them, so the adapter has no PEFT file to go to: a run that would save it is refused before it
+    trains, naming the expert."""
     _, directory = hf_checkpoint("qwen3-moe")
     llm = lucidlm.LLM.load(with_tokenizer(directory, tmp_path / "model"))
+    targets = ("q_proj", "gate_proj", "up_proj", "down_proj")
     with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.experts\.\d+\.\w+_proj: LoRA on mixture-of-experts experts"):
-        llm.finetune(TEXTS, method="lora", lora_targets=("q_proj", "gate_proj", "up_proj", "down_proj"),
-                     out=tmp_path / "run", **OPTIONS)
+        llm.finetune(TEXTS, method="lora", lora_targets=targets, out=tmp_path / "run", **OPTIONS)
+    assert not lora_layers(llm.model) and not (tmp_path / "run").exists()
+    result = llm.finetune(TEXTS, method="lora", lora_targets=targets, **OPTIONS)  # no out: nothing to save
+    assert result.losses[-1] < result.losses[0]
     assert any(".experts." in name for name in lora_layers(llm.model))
     ids = torch.randint(3, 43, (1, 7), generator=torch.Generator().manual_seed(3))
     adapted = logits(llm.model, ids)

@@ -99,6 +99,25 @@ def _check_wrappable(model: nn.Module, targets: list[str]) -> None:
                              "(the default) instead")
 
 
+_EXPERTS_UNSAVABLE = ("{name}: LoRA on mixture-of-experts experts cannot be saved in PEFT's format (transformers "
+                      "stores the experts as fused parameters); train with lora_targets=('q_proj', 'k_proj', "
+                      "'v_proj', 'o_proj'), or merge instead")
+
+
+def check_savable_targets(model: nn.Module, targets: tuple[str, ...] | list[str] | None) -> None:
+    """Before a run that saves its adapter: the :class:`AdapterError` :func:`save_adapter` would raise
+    at its end, when ``targets`` (``None``: the defaults) reach an MoE expert.
+
+    >>> from lucidlm import Config, GPT
+    >>> check_savable_targets(GPT(Config.from_name("tiny-llama")), ["q_proj"])  # nothing to refuse
+    """
+    targets = list(targets or default_targets(model))
+    for name, module in model.named_modules():
+        if ".experts." in name and isinstance(module, _LINEAR) and any(
+                name == t or name.endswith("." + t) for t in targets):
+            raise AdapterError(_EXPERTS_UNSAVABLE.format(name=name))
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """The full names of the linear layers with a :data:`DEFAULT_TARGETS` leaf name, in the attention
     only where the model has MoE layers. transformers 5 stores experts as fused parameters, and peft
@@ -169,9 +188,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     fused: dict[str, list] = {}
     for ours, layer in layers.items():
         if ".experts." in ours:
-            raise AdapterError(f"{ours}: LoRA on mixture-of-experts experts cannot be saved in PEFT's format "
-                               "(transformers stores the experts as fused parameters); train with "
-                               "lora_targets=('q_proj', 'k_proj', 'v_proj', 'o_proj'), or merge instead")
+            raise AdapterError(_EXPERTS_UNSAVABLE.format(name=ours))
         hf, spec, index = hf_module_of(ours, config)
         A, B, scaling = _parts(layer)
         rslora = _flag(layer.use_rslora)
