@@ -4,12 +4,14 @@ A component is what a latent relevance is recorded for (:mod:`lucidlm.explain.la
 that a ranking and an ablation speak the same language:
 
 * ``layers.{i}``: a whole block's two branches (attention and MLP outputs into the residual);
-* ``layers.{i}.attn.head.{h}``: one attention head (its slice of ``o_proj``'s input);
+* ``layers.{i}.attn.head.{h}``: one attention head (its slice of ``o_proj``'s input; JetMoE: one
+  attention expert's head, numbered as in ``layers.{i}.attn``);
 * ``layers.{i}.mlp.neuron.{j}``: one MLP neuron (column j of ``down_proj``'s input); in a
   mixture of experts ``layers.{i}.mlp.expert.{e}.neuron.{j}``.
 
-Zeroing a component zeroes that latent (the input of ``o_proj``/``down_proj`` there), so a
-component's ablation removes exactly what its latent relevance measures.
+Zeroing a component zeroes that latent (the block's latent sites, :mod:`lucidlm.model.latents`), so
+a component's ablation removes exactly what its latent relevance measures. A shared expert's neurons
+(``layers.{i}.shared_mlp``) have no names of their own: they go with their layer.
 
 >>> component_values({"layers.0.attn": torch.tensor([1.0, -2.0]), "layers.0.mlp": torch.tensor([0.5])}, "heads")
 {'layers.0.attn.head.0': 1.0, 'layers.0.attn.head.1': -2.0}
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
+from ..model.latents import block_latents
 
 #: what :meth:`ExplanationDiff.components` ranks
 KINDS = ("layers", "heads", "neurons")
@@ -89,32 +92,31 @@ def _check_fits(model: nn.Module, c: Component, name: str) -> None:
     n_layer = len(model.layers)
     if c.layer >= n_layer:
         raise ExplainError(f"component {name!r}: the model has layers 0 to {n_layer - 1}")
-    block = model.layers[c.layer]
-    experts = getattr(block.mlp, "experts", None)
-    if c.kind == "head" and c.index >= block.attn.n_head:
-        raise ExplainError(f"component {name!r}: layer {c.layer} has heads 0 to {block.attn.n_head - 1}")
+    sites = block_latents(model.layers[c.layer])
+    heads, neurons = sites["attn"], sites["mlp"]
+    if c.kind == "head" and c.index >= heads.shape()[0]:
+        raise ExplainError(f"component {name!r}: layer {c.layer} has heads 0 to {heads.shape()[0] - 1}")
     if c.kind == "neuron":
-        if (c.expert is None) != (experts is None):
-            form = "layers.I.mlp.expert.E.neuron.J" if experts is not None else "layers.I.mlp.neuron.J"
+        if (c.expert is None) == neurons.experts:
+            form = "layers.I.mlp.expert.E.neuron.J" if neurons.experts else "layers.I.mlp.neuron.J"
             raise ExplainError(f"component {name!r}: layer {c.layer}'s MLP neurons are named {form}")
-        if experts is not None and c.expert >= len(experts):
-            raise ExplainError(f"component {name!r}: layer {c.layer} has experts 0 to {len(experts) - 1}")
-        size = (experts[c.expert] if experts is not None else block.mlp).down_proj.in_features
-        if c.index >= size:
-            raise ExplainError(f"component {name!r}: layer {c.layer}'s MLP has neurons 0 to {size - 1}")
+        if neurons.experts and c.expert >= len(neurons.modules):
+            raise ExplainError(f"component {name!r}: layer {c.layer} has experts 0 to {len(neurons.modules) - 1}")
+        if c.index >= neurons.units:
+            raise ExplainError(f"component {name!r}: layer {c.layer}'s MLP has neurons 0 to {neurons.units - 1}")
 
 
 def _targets(model: nn.Module, c: Component) -> list[tuple[nn.Module, slice | int | None]]:
-    """(the linear layer whose input holds the component, the part of its last dim; None: all)."""
-    block = model.layers[c.layer]
-    experts = getattr(block.mlp, "experts", None)
-    downs = [e.down_proj for e in experts] if experts is not None else [block.mlp.down_proj]
-    if c.kind == "layer":
-        return [(block.attn.o_proj, None), *[(down, None) for down in downs]]
+    """(the module whose input holds the component, the part of its last dim; None: all), from the
+    block's latent sites (:mod:`lucidlm.model.latents`)."""
+    sites = block_latents(model.layers[c.layer])
+    if c.kind == "layer":  # both branches whole, shared experts included
+        return [(module, None) for site in sites.values() for module in site.modules]
     if c.kind == "head":
-        size = block.attn.o_proj.in_features // block.attn.n_head
-        return [(block.attn.o_proj, slice(c.index * size, (c.index + 1) * size))]
-    return [(downs[c.expert or 0], c.index)]
+        heads = sites["attn"]
+        module, head = heads.modules[c.index // heads.units], c.index % heads.units
+        return [(module, slice(head * heads.width, (head + 1) * heads.width))]
+    return [(sites["mlp"].modules[c.expert or 0], c.index)]
 
 
 @contextlib.contextmanager

@@ -1,17 +1,23 @@
 """Latent relevances: how much relevance passes through each MLP neuron and attention head.
 
 Relevance of a latent tensor z is Σ z · ∂score/∂z, the same gradient × input the explainer uses at
-the embeddings. We record two tensors per layer with forward pre-hooks (registered only when asked,
+the embeddings. Each block's attention and MLP name their latents (``latents()``, see
+:mod:`lucidlm.model.latents`); we record them with forward pre-hooks (registered only when asked,
 so a plain explanation pays nothing):
 
-* ``"layers.{i}.mlp"``: the input of ``down_proj`` (the MLP's neurons after activation and gate),
-  summed over tokens -> ``(intermediate_size,)``; for a mixture of experts
-  ``(n_expert, intermediate_size)``, each expert's neurons over the tokens routed to it.
-* ``"layers.{i}.attn"``: the input of ``o_proj`` (the concatenated head outputs), summed over tokens
-  and each head's dimensions -> ``(n_head,)``.
+* ``"layers.{i}.attn"``: the concatenated head outputs entering the output projection (``o_proj``;
+  MLA's ``o_proj`` over ``v_head_dim`` heads), summed over tokens and each head's dimensions ->
+  ``(n_head,)``. JetMoE's mixture of attention heads: every attention expert's heads entering its
+  ``output_linear``, over the tokens routed to it -> ``(n_expert * n_query_groups,)``, expert-major.
+* ``"layers.{i}.mlp"``: the MLP's neurons after activation and gate, entering ``down_proj``, summed
+  over tokens -> ``(intermediate_size,)``; for a mixture of experts ``(n_expert, size)``, each
+  expert's neurons over the tokens routed to it (also for stacked experts: gpt-oss, DBRX, JetMoE).
+* ``"layers.{i}.shared_mlp"``: the shared expert's neurons of Qwen2-MoE and DeepSeek, where there is
+  one -> ``(shared size,)``.
 
-Both are inputs of bias-free linear maps in most families, so their relevance is exactly what the
-branch hands to the residual stream (through ``down_proj``/``o_proj``).
+Each is the input of a map that is linear in it (routing weights are constants for LRP), so a
+branch's latent relevances sum to exactly what the branch hands to the residual stream through that
+map; with a bias-free output projection, to the branch's whole contribution.
 
 >>> import torch
 >>> from lucidlm import Config, GPT
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
+from ..model.latents import LatentSite, block_latents
 
 _RECORDING: contextvars.ContextVar[LatentRecorder | None] = contextvars.ContextVar("lucidlm_recording", default=None)
 
@@ -40,9 +47,8 @@ _RECORDING: contextvars.ContextVar[LatentRecorder | None] = contextvars.ContextV
 class _Record:
     key: str
     tensor: torch.Tensor  # the recorded activation (part of the autograd graph)
-    heads: int = 0  # > 0: attention, reduce to one value per head
-    expert: int | None = None  # MoE expert index
-    n_expert: int = 0
+    site: LatentSite
+    part: int  # which of the site's modules recorded it (the expert)
 
 
 class LatentRecorder:
@@ -61,16 +67,14 @@ class LatentRecorder:
         # the hooks sit on the shared model: they record only forwards of the context (thread or
         # task) that entered this recorder, never a generation running beside it in another thread
         self._token = _RECORDING.set(self)
-        for i in self.indices:
-            block = self.model.layers[i]
-            heads = block.attn.n_head
-            self._hook(block.attn.o_proj, f"layers.{i}.attn", heads=heads)
-            experts = getattr(block.mlp, "experts", None)
-            if experts is None:
-                self._hook(block.mlp.down_proj, f"layers.{i}.mlp")
-            else:
-                for e, expert in enumerate(experts):
-                    self._hook(expert.down_proj, f"layers.{i}.mlp", expert=e, n_expert=len(experts))
+        try:
+            for i in self.indices:
+                for suffix, site in block_latents(self.model.layers[i]).items():
+                    for e, module in enumerate(site.modules):
+                        self._hook(module, f"layers.{i}.{suffix}", site, e)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -79,10 +83,10 @@ class LatentRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, module: nn.Module, key: str, **kw) -> None:
+    def _hook(self, module: nn.Module, key: str, site: LatentSite, part: int) -> None:
         def record(_module, args):
             if _RECORDING.get() is self:
-                self.records.append(_Record(key, args[0], **kw))
+                self.records.append(_Record(key, args[0], site, part))
 
         self._handles.append(module.register_forward_pre_hook(record))
 
@@ -94,22 +98,19 @@ class LatentRecorder:
         """Latent relevances (float32, CPU) from the gradients of :meth:`tensors`."""
         out: dict[str, torch.Tensor] = {}
         for i in self.indices:  # every requested key exists, even if no token reached an expert
-            block = self.model.layers[i]
-            experts = getattr(block.mlp, "experts", None)
-            size = (experts[0] if experts is not None else block.mlp).down_proj.in_features
-            out[f"layers.{i}.attn"] = torch.zeros(block.attn.n_head)
-            out[f"layers.{i}.mlp"] = torch.zeros((len(experts), size) if experts is not None else size)
+            for suffix, site in block_latents(self.model.layers[i]).items():
+                out[f"layers.{i}.{suffix}"] = torch.zeros(site.shape())
         for r, g in zip(self.records, grads):
             if g is None:
                 continue
-            rel = r.tensor.detach().float() * g.float()
-            if r.heads:  # (..., heads * head_size) -> (heads,)
-                value = rel.reshape(-1, r.heads, rel.shape[-1] // r.heads).sum((0, 2))
-                out[r.key] += value.cpu()
-            elif r.expert is not None:
-                out[r.key][r.expert] += rel.reshape(-1, rel.shape[-1]).sum(0).cpu()
+            site = r.site
+            rel = (r.tensor.detach().float() * g.float()).reshape(-1, site.units, site.width).sum((0, 2)).cpu()
+            if site.kind == "heads":  # this module's heads: all of them, or expert r.part's
+                out[r.key][r.part * site.units:(r.part + 1) * site.units] += rel
+            elif site.experts:
+                out[r.key][r.part] += rel
             else:
-                out[r.key] += rel.reshape(-1, rel.shape[-1]).sum(0).cpu()
+                out[r.key] += rel
         return out
 
 

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from ..cache.base import LayerCache
 from . import rules
 from .kernels import explicit_attention, position_mask
+from .latents import LatentSite, heads_of
 from .linear import Linear
 from .norm import HeadWeightsLayerNorm, LayerNorm, PerHeadNorm, RMSNorm
 from .rope import RotaryFrequencies, apply_rope, rope_cos_sin
@@ -61,6 +62,10 @@ def _recording() -> list[torch.Tensor] | None:
 
 
 class CausalSelfAttention(nn.Module):
+    #: whether the queries, keys and values come from per-head projections of the hidden state
+    #: (``project_qkv``): LLaMA-Adapter's prefix goes through them (:mod:`lucidlm.train.adapter`)
+    per_head_qkv = True
+
     def __init__(self, config, layer: int) -> None:
         super().__init__()
         c = config
@@ -136,6 +141,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             cache.settle(scores)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+    def latents(self) -> dict[str, LatentSite]:
+        """The heads: the input of ``o_proj`` (:mod:`lucidlm.model.latents`)."""
+        return {"attn": heads_of(self.o_proj, self.n_head)}
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, (batch, tokens, heads * head_size) each: the place a custom

@@ -41,7 +41,10 @@ _LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(CausalSelfAttention):
-    """Multi-head latent attention; its cache slots hold ``[latent, rotated shared key]``."""
+    """Multi-head latent attention; its cache slots hold ``[latent, rotated shared key]``. Its latent
+    relevances are per head, at the input of ``o_proj`` (``n_head`` heads of ``v_head_dim``)."""
+
+    per_head_qkv = False  # keys and values are expanded from the shared latent
 
     def __init__(self, config: Config, layer: int) -> None:
         nn.Module.__init__(self)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import rules
+from .latents import LatentSite, Tap, neurons_of
 from .linear import Linear
 
 
@@ -89,6 +90,10 @@ class MLP(nn.Module):
         act = self.act if self.act_fn is None else self.act_fn
         return self.down_proj(rules.activation(act, self.up_proj(x)))
 
+    def latents(self) -> dict[str, LatentSite]:
+        """The neurons: the input of ``down_proj`` (:mod:`lucidlm.model.latents`)."""
+        return {"mlp": neurons_of(self.down_proj)}
+
 
 class GLU(nn.Module):
     """down(act(gate(x)) * up(x)): AttnLRP puts the uniform rule on the product; CP-LRP makes the
@@ -106,6 +111,19 @@ class GLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = rules.product(rules.activation(self.act, rules.gate(self.gate_proj(x))), self.up_proj(x))
         return self.down_proj(hidden)
+
+    def latents(self) -> dict[str, LatentSite]:
+        """The neurons: the input of ``down_proj`` (:mod:`lucidlm.model.latents`)."""
+        return {"mlp": neurons_of(self.down_proj)}
+
+
+def expert_latents(downs, size: int, shared: nn.Module | None = None) -> dict[str, LatentSite]:
+    """An MoE's latents: each routed expert's ``size`` neurons, the inputs of ``downs`` (one module
+    per expert), and the shared expert's (``"shared_mlp"``) where there is one."""
+    out = {"mlp": LatentSite(tuple(downs), size, experts=True)}
+    if shared is not None:
+        out["shared_mlp"] = shared.latents()["mlp"]
+    return out
 
 
 def routed(experts: nn.ModuleList, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -196,6 +214,10 @@ class MoE(nn.Module):
             return sparsemixer(logits, self.jitter_eps)
         return softmax_topk(logits, self.k, self.norm_topk)
 
+    def latents(self) -> dict[str, LatentSite]:
+        return expert_latents([e.down_proj for e in self.experts], self.experts[0].down_proj.in_features,
+                              self.shared_expert)
+
 
 class DeepSeekMoE(nn.Module):
     """DeepSeek-V2/V3's MoE: routed GLU experts (named as in the checkpoints, ``experts.{e}.gate_proj``
@@ -219,6 +241,10 @@ class DeepSeekMoE(nn.Module):
         weights, chosen = self.gate(flat)
         out = routed(self.experts, flat, chosen, rules.router_weights(weights.to(x.dtype))).view_as(x)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+    def latents(self) -> dict[str, LatentSite]:
+        return expert_latents([e.down_proj for e in self.experts], self.experts[0].down_proj.in_features,
+                              self.shared_experts)
 
 
 class DeepSeekRouter(nn.Module):
@@ -304,6 +330,9 @@ class ClampedExperts(nn.Module):
         self.gate_up = StackedLinear(config.n_expert, config.n_embd, 2 * size)
         self.down = StackedLinear(config.n_expert, size, config.n_embd)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.size = size
+        # each expert's neurons on their way into its down product (latent relevances, ablation)
+        self.taps = nn.ModuleList(Tap() for _ in range(config.n_expert))
 
     def forward(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(flat)
@@ -312,7 +341,7 @@ class ClampedExperts(nn.Module):
             if token.numel():
                 gate_up = self.gate_up.product(flat[token], e)
                 hidden = clamped_swiglu(gate_up[..., ::2], gate_up[..., 1::2], self.alpha, self.limit)
-                out = out.index_add(0, token, self.down.product(hidden, e) * weights[token, slot, None])
+                out = out.index_add(0, token, self.down.product(self.taps[e](hidden), e) * weights[token, slot, None])
         return out
 
 
@@ -332,12 +361,18 @@ class ClampedMoE(nn.Module):
         weights = rules.router_weights(F.softmax(top, dim=-1, dtype=top.dtype))
         return self.experts(flat, chosen, weights).view_as(x)
 
+    def latents(self) -> dict[str, LatentSite]:
+        """Each expert's neurons, entering its ``down`` product (whose bias gets its own share)."""
+        return expert_latents(self.experts.taps, self.experts.size)
 
-def glu_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+
+def glu_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
+               tap: nn.Module) -> torch.Tensor:
     """One GLU expert from stacked weights, (out, in) each: ``down(act(gate x) * up x)`` with
-    :class:`GLU`'s rules (the gate a constant under CP-LRP, the uniform rule on the product)."""
+    :class:`GLU`'s rules (the gate a constant under CP-LRP, the uniform rule on the product); the
+    neurons pass through the expert's ``tap`` (:class:`~lucidlm.model.latents.Tap`) into ``down``."""
     hidden = rules.product(rules.activation(act, rules.gate(F.linear(x, gate))), F.linear(x, up))
-    return F.linear(hidden, down)
+    return F.linear(tap(hidden), down)
 
 
 class TopKRouter(nn.Module):
@@ -372,10 +407,11 @@ class DbrxExperts(nn.Module):
         shape = (config.n_expert * config.moe_intermediate_size, config.n_embd)
         self.w1, self.v1, self.w2 = (nn.Parameter(torch.empty(shape)) for _ in range(3))
         self.size, self.act = config.moe_intermediate_size, ACTIVATIONS[config.activation]
+        self.taps = nn.ModuleList(Tap() for _ in range(config.n_expert))  # latent relevances, ablation
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         part = slice(e * self.size, (e + 1) * self.size)
-        return glu_expert(x, self.w1[part], self.v1[part], self.w2[part].t(), self.act)
+        return glu_expert(x, self.w1[part], self.v1[part], self.w2[part].t(), self.act, self.taps[e])
 
 
 class DbrxMoE(nn.Module):
@@ -392,6 +428,9 @@ class DbrxMoE(nn.Module):
         weights, chosen = self.router(flat)
         experts = [functools.partial(self.experts.expert, e) for e in range(self.router.layer.out_features)]
         return routed(experts, flat, chosen, weights).view_as(x)
+
+    def latents(self) -> dict[str, LatentSite]:
+        return expert_latents(self.experts.taps, self.experts.size)
 
 
 class ParallelExperts(nn.Module):
@@ -415,16 +454,20 @@ class JetMoeMoE(nn.Module):
         self.output_linear = ParallelExperts(config.n_expert, size, config.n_embd)
         self.bias = nn.Parameter(torch.zeros(config.n_embd))
         self.act = ACTIVATIONS[config.activation]
+        self.taps = nn.ModuleList(Tap() for _ in range(config.n_expert))  # latent relevances, ablation
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.input_linear.weight[e].chunk(2, dim=0)
-        return glu_expert(x, gate, up, self.output_linear.weight[e], self.act)
+        return glu_expert(x, gate, up, self.output_linear.weight[e], self.act, self.taps[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, chosen = self.router(flat)
         experts = [functools.partial(self.expert, e) for e in range(self.input_linear.weight.shape[0])]
         return routed(experts, flat, chosen, weights).view_as(x) + self.bias
+
+    def latents(self) -> dict[str, LatentSite]:
+        return expert_latents(self.taps, self.output_linear.weight.shape[2])
 
 
 def build_mlp(config, layer: int | None = None) -> nn.Module:

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from ..cache.base import LayerCache
 from ..config import Config
 from .attention import CausalSelfAttention
+from .latents import LatentSite, Tap
 from .linear import Linear
 from .mlp import ParallelExperts, TopKRouter
 from .rope import RotaryFrequencies, apply_rope
@@ -50,6 +51,8 @@ class MoAExperts(nn.Module):
         self.input_linear = ParallelExperts(config.n_expert, config.n_embd, size)
         self.output_linear = ParallelExperts(config.n_expert, size, config.n_embd)
         self.bias = nn.Parameter(torch.zeros(config.n_embd))
+        # each expert's heads on their way into its output_linear (latent relevances, ablation)
+        self.taps = nn.ModuleList(Tap() for _ in range(config.n_expert))
 
     def queries(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """(tokens, k, groups * head_size): each chosen expert's ``input_linear`` of its token."""
@@ -67,14 +70,22 @@ class MoAExperts(nn.Module):
         for e in range(self.output_linear.weight.shape[0]):
             token, slot = torch.where(chosen == e)
             if token.numel():
-                part = F.linear(heads[token, slot], self.output_linear.weight[e]) * weights[token, slot, None]
+                part = F.linear(self.taps[e](heads[token, slot]), self.output_linear.weight[e]) * weights[token, slot, None]
                 out = out.index_add(0, token, part)
         return out + self.bias
 
 
 class MoAttention(CausalSelfAttention):
     """JetMoE's attention: ``experts`` (:class:`MoAExperts`) for the queries and the output, one
-    ``kv_proj`` (keys, then values) for the ``n_query_groups`` shared heads."""
+    ``kv_proj`` (keys, then values) for the ``n_query_groups`` shared heads.
+
+    Latent relevances are per attention expert and head: ``n_expert * n_query_groups`` heads,
+    expert-major (head ``e * n_query_groups + g`` is expert ``e``'s head ``g``, which reads key/value
+    head ``g``), each the input of its expert's ``output_linear`` over the tokens routed to it. A
+    token's ``n_head`` computed heads are its chosen experts' heads, so the per-head values of
+    a dense attention would mix experts from token to token."""
+
+    per_head_qkv = False  # the queries come from the chosen experts, keys and values from kv_proj
 
     def __init__(self, config: Config, layer: int) -> None:
         nn.Module.__init__(self)
@@ -90,6 +101,10 @@ class MoAttention(CausalSelfAttention):
         self._rope_args = (c.head_size, c.rotary_fraction, c.rope_theta, c.rope_scaling)
         self.rotary = RotaryFrequencies(*self._rope_args)
         self._rope_key = self._rope_args[:3] + (repr(self._rope_args[3]), self.rope_interleaved)
+
+    def latents(self) -> dict[str, LatentSite]:
+        """Each attention expert's heads, entering its ``output_linear`` (see the class docstring)."""
+        return {"attn": LatentSite(tuple(self.experts.taps), self.n_groups, "heads", self.head_size, experts=True)}
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None,
                 rope_memo: dict | None = None) -> torch.Tensor:

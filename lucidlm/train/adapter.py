@@ -139,6 +139,10 @@ def _add_prefix(attn: nn.Module, prompt_length: int, name: str) -> None:
     if not isinstance(attn, CausalSelfAttention):
         raise AdapterError(f"{name}: {type(attn).__name__} is not derived from lucidlm's CausalSelfAttention, "
                            "so LLaMA-Adapter's prefix cannot be attached to it")
+    if not attn.per_head_qkv:  # MLA expands keys from a shared latent; MoA's queries come from experts
+        raise AdapterError(f"{name}: LLaMA-Adapter sends its prefix through the attention's query, key and value "
+                           f"projections (LitGPT's fused qkv), which {type(attn).__name__} does not have; "
+                           "fine-tune this model with method='lora'")
     weight = attn.q_proj.weight
     attn.__class__ = _subclass(type(attn), PrefixAttention, CausalSelfAttention)
     attn.adapter_wte = nn.Embedding(prompt_length, weight.shape[1], device=weight.device, dtype=weight.dtype)

@@ -113,8 +113,9 @@ def litgpt_config(config, prompt_length: int | None = None, start_layer: int | N
     """LitGPT's ``Config`` fields for a lucidlm :class:`~lucidlm.Config`, and what LitGPT cannot
     express (an empty list when LitGPT builds the same model)."""
     c, missing = config, []
-    mlp = {"glu": "GemmaMLP" if c.activation in ("gelu", "gelu_tanh") else "LLaMAMLP", "mlp": "GptNeoxMLP",
-           "moe": "LLaMAMoE", "clamped_moe": "LLaMAMoE"}[c.mlp]  # clamped_moe: listed as missing
+    # the MoEs LitGPT has no class for are listed as missing (_inexpressible); LLaMAMoE is the nearest
+    mlp = {"glu": "GemmaMLP" if c.activation in ("gelu", "gelu_tanh") else "LLaMAMLP",
+           "mlp": "GptNeoxMLP"}.get(c.mlp, "LLaMAMoE")
     name = Path(str(base_model or c.name)).name or "custom"
     name = name.replace("Gemma", "gemma").replace("OLMo", "olmo")  # LitGPT reads its norms off these words
     if c.norm_unit_offset:
@@ -168,6 +169,7 @@ def _inexpressible(c) -> list[str]:
         (c.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size"),
         (c.moe_layers is not None, "moe_layers"),
         (c.mlp == "clamped_moe", "mlp='clamped_moe' (gpt-oss's biased, clamped-SwiGLU experts)"),
+        (c.mlp in ("deepseek_moe", "dbrx_moe", "jetmoe_moe"), f"mlp={c.mlp!r}"),
         (c.attn_sinks, "attn_sinks"),
         (c.mlp == "moe" and not c.moe_norm_topk, "moe_norm_topk=False"),
         (c.activation in ("relu", "relu2", "xielu") or (c.mlp == "glu" and c.activation not in ("silu", "gelu", "gelu_tanh")),

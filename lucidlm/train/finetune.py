@@ -94,7 +94,7 @@ def text_records(texts: Sequence[str] | Data) -> list[dict[str, Any]] | str | Pa
 
 def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, task: str) -> TrainResult:
     from .adapter import has_adapter
-    from .lora import attach_lora, has_lora
+    from .lora import attach_lora, check_savable_targets, has_lora
 
     world = setup()
     if cfg.batch_size % world.size:
@@ -128,6 +128,8 @@ def _run(llm, data: Data, cfg: TrainConfig, out: str | Path | None, on_step, tas
         if has_adapter(model):
             raise TrainError(f"method={cfg.method!r} on a model with a LLaMA-Adapter: load the base model again")
         if not has_lora(model):
+            if out is not None:  # refuse an adapter the run could not save before training it
+                check_savable_targets(model, cfg.lora_targets)
             if cfg.method == "qlora":
                 from ..model.quant import quantize_linears
 

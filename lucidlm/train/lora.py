@@ -41,8 +41,10 @@ from .base_check import PYTHON_HINT, check_fingerprint, write_fingerprint
 
 _LINEAR = (nn.Linear, Int8Linear)  # what LoRA can wrap
 
-#: our module names LoRA targets by default: every linear layer of attention and MLP (not lm_head)
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: our module names LoRA targets by default: every linear layer of attention and MLP (not lm_head,
+#: not a router); MLA's low-rank factors (DeepSeek) and JetMoE's shared key/value projection too
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "kv_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # what PeftModel puts before the HF module names
 
@@ -66,11 +68,11 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
     peft = _peft()
     if r < 1:
         raise TrainError(f"lora_r={r}: expected a positive rank")
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-               if isinstance(m, _LINEAR) and ".experts." not in name}
-    # MoE experts are left out by default: transformers 5 stores them as fused parameters that a
-    # peft adapter cannot address, so an adapter on them would not load there
-    targets = list(targets or [t for t in DEFAULT_TARGETS if t in present])
+    targets = list(targets or default_targets(model))
+    if not targets:
+        raise TrainError(f"lora_targets: this model has no linear layer named {', '.join(DEFAULT_TARGETS)} outside "
+                         "its MoE experts; name the modules to adapt (lora_targets=...)")
+    _check_wrappable(model, targets)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
                              use_rslora=use_rslora, bias="none")
@@ -82,6 +84,55 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
         raise TrainError(f"lora targets {targets}: {exc}") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+
+
+def _check_wrappable(model: nn.Module, targets: list[str]) -> None:
+    """A :class:`TrainError` naming a target that is not a linear layer: stacked expert weights
+    (gpt-oss ``gate_up``/``down``, DBRX ``experts``, JetMoE ``input_linear``/``output_linear``) are
+    parameters, which peft's LoRA cannot wrap."""
+    for name, module in model.named_modules():
+        target = next((t for t in targets if name == t or name.endswith("." + t)), None)
+        wrapped = hasattr(module, "base_layer") or ".lora_" in name  # peft's own layers: its business
+        if target is not None and not isinstance(module, _LINEAR) and not wrapped:
+            raise TrainError(f"lora_targets: {target!r} names {name}, a {type(module).__name__} (stacked weights, "
+                             "not a linear layer), which LoRA cannot wrap; adapt the attention's projections "
+                             "(the default) instead")
+
+
+_EXPERTS_UNSAVABLE = ("{name}: LoRA on mixture-of-experts experts cannot be saved in PEFT's format (transformers "
+                      "stores the experts as fused parameters); train with lora_targets=('q_proj', 'k_proj', "
+                      "'v_proj', 'o_proj'), or merge instead")
+
+
+def check_savable_targets(model: nn.Module, targets: tuple[str, ...] | list[str] | None) -> None:
+    """Before a run that saves its adapter: the :class:`AdapterError` :func:`save_adapter` would raise
+    at its end, when ``targets`` (``None``: the defaults) reach an MoE expert.
+
+    >>> from lucidlm import Config, GPT
+    >>> check_savable_targets(GPT(Config.from_name("tiny-llama")), ["q_proj"])  # nothing to refuse
+    """
+    targets = list(targets or default_targets(model))
+    for name, module in model.named_modules():
+        if ".experts." in name and isinstance(module, _LINEAR) and any(
+                name == t or name.endswith("." + t) for t in targets):
+            raise AdapterError(_EXPERTS_UNSAVABLE.format(name=name))
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The full names of the linear layers with a :data:`DEFAULT_TARGETS` leaf name, in the attention
+    only where the model has MoE layers. transformers 5 stores experts as fused parameters, and peft
+    (0.21) converts every ``gate_proj``/``up_proj``/``down_proj`` target of such a model onto them,
+    those of its dense layers and shared experts too (DeepSeek's first layers, Qwen3-MoE's
+    ``mlp_only_layers``), so an adapter on any MLP of an MoE model would not load there as trained.
+
+    >>> from lucidlm import Config, GPT
+    >>> default_targets(GPT(Config.from_name("tiny-llama")))[:2]
+    ['layers.0.attn.q_proj', 'layers.0.attn.k_proj']
+    """
+    routed = getattr(model.config, "n_expert", 0) > 0
+    return [name for name, m in model.named_modules()
+            if isinstance(m, _LINEAR) and name.rsplit(".", 1)[-1] in DEFAULT_TARGETS
+            and ".experts." not in name and not (routed and ".mlp." in name)]
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -137,9 +188,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     fused: dict[str, list] = {}
     for ours, layer in layers.items():
         if ".experts." in ours:
-            raise AdapterError(f"{ours}: LoRA on mixture-of-experts experts cannot be saved in PEFT's format "
-                               "(transformers stores the experts as fused parameters); train with "
-                               "lora_targets=('q_proj', 'k_proj', 'v_proj', 'o_proj'), or merge instead")
+            raise AdapterError(_EXPERTS_UNSAVABLE.format(name=ours))
         hf, spec, index = hf_module_of(ours, config)
         A, B, scaling = _parts(layer)
         rslora = _flag(layer.use_rslora)

@@ -194,19 +194,20 @@ var lucidlmHeatmap = (function () {
   }
 
   // Fills the table `grid` with latent relevances (an explanation's `layers`): rows = layers, columns =
-  // attention heads ("layers.L.attn") and the MLP's total ("layers.L.mlp" summed), all on one colour
+  // attention heads ("layers.L.attn") and the MLP's total ("layers.L.mlp" summed, with a shared expert's
+  // "layers.L.shared_mlp"), all on one colour
   // scale of their own, which it returns (null when there is nothing to show). Cells are
   // td.cell[data-layer][data-head] (data-head "mlp" for the MLP) with data-relevance and a tooltip.
   function drawLayers(grid, layers) {
     grid.replaceChildren();
     const rows = new Map();
     for (const [key, value] of Object.entries(layers || {})) {
-      const m = /^layers\.(\d+)\.(attn|mlp)$/.exec(key);
+      const m = /^layers\.(\d+)\.(attn|mlp|shared_mlp)$/.exec(key);
       if (!m) continue;
       const layer = Number(m[1]);
       if (!rows.has(layer)) rows.set(layer, { attn: [], mlp: NaN });
       if (m[2] === "attn") rows.get(layer).attn = flatten(value);
-      else rows.get(layer).mlp = flatten(value).reduce((a, b) => a + b, 0);
+      else rows.get(layer).mlp = flatten(value).reduce((a, b) => a + b, rows.get(layer).mlp || 0);
     }
     if (!rows.size) return null;
     const heads = Math.max(...[...rows.values()].map((r) => r.attn.length));
