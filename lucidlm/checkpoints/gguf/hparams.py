@@ -30,10 +30,12 @@ from .tensors import GGUF_FAMILIES
 
 # model types llama.cpp's converter writes as another family's architecture
 _ALIASES = {"mistral": "llama", "mixtral": "llama"}
+# architectures lucidlm reads but does not write (export would have to match llama.cpp's converter exactly)
+_READ_ONLY = frozenset({"gpt-oss"})
 
 
 def _architectures() -> dict[str, str]:
-    return {family.model_type: arch for arch, family in GGUF_FAMILIES.items()} | _ALIASES
+    return {family.model_type: arch for arch, family in GGUF_FAMILIES.items() if arch not in _READ_ONLY} | _ALIASES
 
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_architectures()))

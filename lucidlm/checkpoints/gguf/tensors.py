@@ -28,6 +28,7 @@ from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config
                       gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
                       qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config,
                       starcoder2_config)
+from .gpt_oss import GPT_OSS_BLOCKS, gpt_oss_config, gpt_oss_tensors
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -175,6 +176,8 @@ class GGUFFamily:
     headwise_qkv: bool = False  # llama.cpp reordered GPT-NeoX's per-head [q|k|v] rows into [q; k; v]
     # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
     variant: tuple[str, Mapping[str, str]] | None = None
+    # (renamed state dict, config) -> HF state dict: puts back what llama.cpp split across tensors (gpt-oss's experts)
+    regroup: Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]] | None = None
 
     def for_names(self, names: Iterable[str]) -> GGUFFamily:
         """This family with the block names of the variant ``names`` (a file's tensors) show."""
@@ -215,6 +218,8 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "falcon": GGUFFamily("FalconForCausalLM", "falcon", falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
                          layers="transformer.h", grouped_qkv=True,
                          variant=("attn_norm_2", {"attn_norm": "ln_mlp"})),
+    "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", gpt_oss_config, {**_ATTENTION, **GPT_OSS_BLOCKS},
+                          regroup=gpt_oss_tensors),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(GGUF_FAMILIES)
@@ -405,4 +410,4 @@ def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) ->
             out.update({name.format(i): part.to(dtype).contiguous() for i, part in enumerate(value)})
         else:
             out[name] = value.to(dtype).contiguous()
-    return out
+    return family.regroup(out, config) if family.regroup else out
