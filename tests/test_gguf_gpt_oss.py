@@ -19,6 +19,7 @@ where the shared tests use 0.08); the experts' gate/up weights are scaled so the
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -85,33 +86,47 @@ def _with_mxfp4_experts(model, directory):
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def require_converter() -> pathlib.Path:
+    """llama.cpp's converter folder; skips the test, naming what is missing, without it."""
+    folder = converter_dir()
+    if folder is None:
+        pytest.skip(f"llama.cpp's converter is not in {ROOT / '.llamacpp-convert'} or ${CONVERTER_ENV}: run "
+                    "scripts/fetch_llamacpp_convert.py")
+    return folder
+
+
+def llamacpp_convert(directories: dict[str, pathlib.Path], out: pathlib.Path) -> dict[str, pathlib.Path]:
+    """name -> llama.cpp's F32 GGUF of each transformers checkpoint directory, converted in one process
+    (fails with the converter's traceback)."""
+    folder = require_converter()
+    files = {name: out / f"{name}.gguf" for name in directories}
+    jobs = [str(a) for name, directory in directories.items() for a in (directory, files[name], "f32")]
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "llamacpp_driver.py"), str(folder), *jobs],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for path in files.values():
+        error = path.with_name(path.name + ".error")
+        assert not error.exists(), error.read_text()
+    return files
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, converted):
     """kind -> (transformers model, llama.cpp's GGUF of it): "f32" and "mxfp4", converted in one process."""
     from lucidlm.checkpoints.hf import copy_tokenizer_files
 
-    folder = converter_dir()
-    if folder is None:
-        pytest.skip(f"llama.cpp's converter is not in {ROOT / '.llamacpp-convert'} or ${CONVERTER_ENV}: run "
-                    "scripts/fetch_llamacpp_convert.py")
+    require_converter()  # before building the models
     root = tmp_path_factory.mktemp("gpt-oss-gguf")
-    made, jobs = {}, []
+    models, directories = {}, {}
     for kind in ("f32", "mxfp4"):
-        model, directory = _source_model(), root / kind
+        models[kind], directories[kind] = _source_model(), root / kind
         if kind == "mxfp4":
-            _with_mxfp4_experts(model, directory)
+            _with_mxfp4_experts(models[kind], directories[kind])
         else:
-            model.save_pretrained(directory)
-        copy_tokenizer_files(converted, directory)
-        made[kind] = (model, root / f"{kind}.gguf")
-        jobs += [str(directory), str(root / f"{kind}.gguf"), "f32"]
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "llamacpp_driver.py"), str(folder), *jobs],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    for kind, (_, path) in made.items():
-        error = path.with_name(path.name + ".error")
-        assert not error.exists(), error.read_text()
-    return made
+            models[kind].save_pretrained(directories[kind])
+        copy_tokenizer_files(converted, directories[kind])
+    paths = llamacpp_convert(directories, root)
+    return {kind: (models[kind], paths[kind]) for kind in models}
 
 
 def _expert_types(path) -> set[str]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .reader import Keys
+from .yarn import yarn_parameters
 
 # llama.cpp hard-codes gpt-oss's clamped SwiGLU (LLM_FFN_SWIGLU_OAI_MOE)
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
@@ -93,30 +94,6 @@ def _layer_types(k: Keys, n_layer: int) -> list[str]:
         raise k.error("attention.sliding_window_pattern", period, "a period of at least 0")
     return ["sliding_attention" if period == 0 or i % period < period - 1 else "full_attention"
             for i in range(n_layer)]
-
-
-def yarn_parameters(k: Keys, theta: float, truncate: bool) -> dict[str, Any]:
-    """``rope_parameters`` from ``rope.scaling.*``: none, or YaRN with what llama.cpp's converter writes
-    (``truncate``: whether the model rounds the correction range to whole dimensions, which the file
-    does not say)."""
-    kind = k.text("rope.scaling.type", "none")
-    if kind == "none":
-        return {"rope_type": "default", "rope_theta": theta}
-    if kind != "yarn":
-        raise k.error("rope.scaling.type", kind, "'none' or 'yarn'")
-    if (extrapolation := k.number("rope.scaling.yarn_ext_factor", 1.0)) != 1.0:
-        raise k.error("rope.scaling.yarn_ext_factor", extrapolation, "1.0 (transformers' YaRN has no other)")
-    params = {
-        "rope_type": "yarn",
-        "rope_theta": theta,
-        "factor": k.number("rope.scaling.factor"),
-        "original_max_position_embeddings": k.integer("rope.scaling.original_context_length"),
-        "beta_fast": k.number("rope.scaling.yarn_beta_fast", 32.0),
-        "beta_slow": k.number("rope.scaling.yarn_beta_slow", 1.0),
-        "truncate": truncate,
-    }
-    attention = k.number("rope.scaling.yarn_attn_factor", None)
-    return params if attention is None else params | {"attention_factor": attention}
 
 
 def gpt_oss_tensors(state: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from .tensors import GGUF_FAMILIES
 # model types llama.cpp's converter writes as another family's architecture
 _ALIASES = {"mistral": "llama", "mixtral": "llama"}
 # architectures lucidlm reads but does not write (export would have to match llama.cpp's converter exactly)
-_READ_ONLY = frozenset({"gpt-oss"})
+_READ_ONLY = frozenset({"gpt-oss", "deepseek2"})
 
 
 def _architectures() -> dict[str, str]:

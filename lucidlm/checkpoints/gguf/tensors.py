@@ -28,6 +28,7 @@ from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config
                       gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
                       qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config, stablelm_config,
                       starcoder2_config)
+from .deepseek2 import DEEPSEEK2_BLOCKS, deepseek2_config, deepseek2_tensors
 from .gpt_oss import GPT_OSS_BLOCKS, gpt_oss_config, gpt_oss_tensors
 from .reader import Keys, dequantize, field
 
@@ -220,6 +221,9 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
                          variant=("attn_norm_2", {"attn_norm": "ln_mlp"})),
     "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", gpt_oss_config, {**_ATTENTION, **GPT_OSS_BLOCKS},
                           regroup=gpt_oss_tensors),
+    # DeepSeek-V2 (softmax router) and V3 (sigmoid router): multi-head latent attention
+    "deepseek2": GGUFFamily("DeepseekV2ForCausalLM", "deepseek_v2", deepseek2_config, DEEPSEEK2_BLOCKS,
+                            regroup=deepseek2_tensors),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(GGUF_FAMILIES)
