@@ -232,3 +232,44 @@ def test_export_stays_refused(files, tmp_path):
     with pytest.raises(ExportError, match="'gpt_oss' model cannot be exported"):
         llm.export_gguf(tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- the o200k split
+
+TEXTS = ["HelloWorld, it's JSONParser's 1234567 dollars", "don'T/path/to\nfile  \n\n  x", "Ünïcödé ÀBCdéf 12 345",
+         "a\r\n\tb   c", "CamelCase's UPPERcase lowerCASE"]
+
+
+def _tokenizer_gguf(path, converted_meta: dict, pre: str):
+    """A GGUF holding SmolLM2's byte-level vocabulary under ``tokenizer.ggml.pre`` = ``pre`` (and no tensors)."""
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(converted_meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(converted_meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(converted_meta["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gpt_oss_split_equals_transformers_gguf_tokenizer(tmp_path):
+    """Published gpt-oss GGUFs say ``tokenizer.ggml.pre`` "gpt-4o" (the o200k split): lucidlm tokenizes as
+    transformers' GGUF tokenizer does for it, which differs from GPT-2's split on these texts."""
+    from lucidlm.checkpoints.embedded import default_model_path
+    from lucidlm.checkpoints.gguf import read_metadata
+    from lucidlm.checkpoints.gguf.tokenizer import build_tokenizer
+
+    source = read_metadata(default_model_path())
+    encoded = {}
+    for pre in ("gpt-4o", "smollm"):
+        path = _tokenizer_gguf(tmp_path / f"{pre}.gguf", source, pre)
+        ours = build_tokenizer(read_metadata(path), path)
+        theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+        encoded[pre] = [ours.encode(text, add_special_tokens=False).ids for text in TEXTS]
+        assert encoded[pre] == [theirs.encode(text, add_special_tokens=False) for text in TEXTS]
+    assert encoded["gpt-4o"] != encoded["smollm"]
