@@ -11,6 +11,9 @@ Two files: one in F32, and one converted from a checkpoint whose experts are MXF
 openai/gpt-oss-20b ships them), which the converter keeps as ggml's MXFP4; that file's oracle holds
 the experts transformers' own MXFP4 dequantiser makes of the same bytes.
 
+Export: lucidlm's GGUF of the source checkpoint (F32 and Q8_0) must hold what llama.cpp's converter
+wrote (tests/test_gguf_export_llamacpp.py's standard), and settings llama.cpp does not run are refused.
+
 The tiny config is tests/families.py's "gpt-oss" (head size 24, a window of 4 on layers 0 and 2,
 YaRN, 4 experts top-2) with SmolLM2's vocabulary, and the SwiGLU limit llama.cpp hard-codes (7.0,
 where the shared tests use 0.08); the experts' gate/up weights are scaled so the clamp still bites.
@@ -39,7 +42,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from test_families_dense import hf_greedy  # noqa: E402 - after the importorskips
-from test_gguf_export_llamacpp import CONVERTER_ENV, ROOT, _SPECIAL, converter_dir  # noqa: E402
+from gguf_compare import differences  # noqa: E402
+from test_gguf_export_llamacpp import CONVERTER_ENV, PATH_GUESSED_KEYS, ROOT, _SPECIAL, converter_dir  # noqa: E402
 from test_gpt_oss import _mxfp4  # noqa: E402
 
 ARCHITECTURES = ("gpt-oss",)  # the GGUF architectures this module reads (tests/test_gguf_families.py counts them)
@@ -95,12 +99,14 @@ def require_converter() -> pathlib.Path:
     return folder
 
 
-def llamacpp_convert(directories: dict[str, pathlib.Path], out: pathlib.Path) -> dict[str, pathlib.Path]:
-    """name -> llama.cpp's F32 GGUF of each transformers checkpoint directory, converted in one process
-    (fails with the converter's traceback)."""
+def llamacpp_convert(directories: dict[str, pathlib.Path], out: pathlib.Path,
+                     types: dict[str, str] | None = None) -> dict[str, pathlib.Path]:
+    """name -> llama.cpp's GGUF of each transformers checkpoint directory (of ``--outtype`` ``types[name]``,
+    default f32), converted in one process (fails with the converter's traceback)."""
     folder = require_converter()
     files = {name: out / f"{name}.gguf" for name in directories}
-    jobs = [str(a) for name, directory in directories.items() for a in (directory, files[name], "f32")]
+    kinds = {name: (types or {}).get(name, "f32") for name in directories}
+    jobs = [str(a) for name, directory in directories.items() for a in (directory, files[name], kinds[name])]
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "llamacpp_driver.py"), str(folder), *jobs],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -112,7 +118,8 @@ def llamacpp_convert(directories: dict[str, pathlib.Path], out: pathlib.Path) ->
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, converted):
-    """kind -> (transformers model, llama.cpp's GGUF of it): "f32" and "mxfp4", converted in one process."""
+    """kind -> (transformers model, llama.cpp's GGUF of it): "f32", "mxfp4" (its experts) and "q8_0" (the f32
+    model as llama.cpp's q8_0), converted in one process."""
     from lucidlm.checkpoints.hf import copy_tokenizer_files
 
     require_converter()  # before building the models
@@ -125,8 +132,9 @@ def files(tmp_path_factory, converted):
         else:
             models[kind].save_pretrained(directories[kind])
         copy_tokenizer_files(converted, directories[kind])
-    paths = llamacpp_convert(directories, root)
-    return {kind: (models[kind], paths[kind]) for kind in models}
+    directories["q8_0"] = directories["f32"]  # the export's other type, compared below
+    paths = llamacpp_convert(directories, root, types={"q8_0": "q8_0"})
+    return {kind: (models[kind if kind != "q8_0" else "f32"], paths[kind]) for kind in directories}
 
 
 def _expert_types(path) -> set[str]:
@@ -224,13 +232,31 @@ def test_layer_pattern_is_llamacpps(period, expected):
     assert "".join(t[0].upper() for t in types) == expected
 
 
-def test_export_stays_refused(files, tmp_path):
-    """lucidlm reads gpt-oss GGUFs but does not write them: an ExportError, and no file."""
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_export_equals_llamacpps_conversion(files, kind, tmp_path):
+    """lucidlm's export of the source checkpoint holds what llama.cpp's converter wrote (tensors, metadata:
+    tests/test_gguf_export_llamacpp.py's standard), and its F32 export reads back to the source's logits."""
+    model, path = files["f32"]
+    ours = LLM.load(path.with_suffix("")).export_gguf(tmp_path / "ours.gguf", type=kind)
+    assert differences(ours, files[kind][1], ignored_keys=PATH_GUESSED_KEYS) == []
+    if kind != "f32":
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(LLM.load(ours, cache_dir=tmp_path / "cache").model(IDS), model(IDS).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, match", [({"swiglu_limit": 0.08}, "swiglu_limit=0.08"),
+                                           ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+                                           ({"rope_parameters": dict(rope_type="yarn", factor=8.0, truncate=True,
+                                                                     original_max_position_embeddings=16)}, "truncate")])
+def test_export_refuses_what_llamacpp_does_not_run(files, change, match, tmp_path):
     from lucidlm.errors import ExportError
 
     llm = LLM.load(files["f32"][1], cache_dir=tmp_path / "cache")
-    with pytest.raises(ExportError, match="'gpt_oss' model cannot be exported"):
-        llm.export_gguf(tmp_path / "out.gguf")
+    llm.model.config.hf_config = {**llm.model.config.hf_config, **change}
+    with pytest.raises(ExportError, match=match):
+        llm.export_gguf(tmp_path / "out.gguf", type="f32")
     assert not (tmp_path / "out.gguf").exists()
 
 

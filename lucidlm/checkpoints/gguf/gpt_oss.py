@@ -16,6 +16,8 @@ The YaRN correction range is not truncated (``truncate: false``), as in every pu
 ``config.json`` and transformers' model; llama.cpp's runtime rounds it to whole dimensions.
 
 Published gpt-oss GGUFs keep the experts in MXFP4 (ggml type 39); gguf's dequantiser reads them.
+Export does the converter's changes (:func:`gpt_oss_split`) and refuses what llama.cpp would not run
+as the model computes it (another SwiGLU limit or layer pattern, truncated YaRN: :mod:`.hparams`).
 
 >>> import torch
 >>> gate, up = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)  # (experts, ff, hidden)
@@ -125,3 +127,26 @@ def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Rows ``gate[0], up[0], gate[1], up[1], ...`` along dim 1: (experts, ff, ...) twice -> (experts, 2 * ff, ...)."""
     stacked = torch.stack((gate, up), dim=2)
     return stacked.reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]).contiguous()
+
+
+def gpt_oss_split(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' gpt-oss state dict -> the names and layouts llama.cpp's converter writes (before
+    GGUF naming): the inverse of :func:`gpt_oss_tensors`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):  # (experts, hidden, 2 * ff): gate columns even, up odd
+            rows = value.transpose(1, 2)
+            out[name.replace("gate_up_proj", "gate_proj.weight")] = rows[:, ::2].contiguous()
+            out[name.replace("gate_up_proj", "up_proj.weight")] = rows[:, 1::2].contiguous()
+        elif name.endswith(".mlp.experts.gate_up_proj_bias"):
+            out[name.replace("gate_up_proj_bias", "gate_proj.bias")] = value[:, ::2].contiguous()
+            out[name.replace("gate_up_proj_bias", "up_proj.bias")] = value[:, 1::2].contiguous()
+        elif name.endswith(".mlp.experts.down_proj"):
+            out[name + ".weight"] = value.transpose(1, 2).contiguous()
+        elif name.endswith(".mlp.experts.down_proj_bias"):
+            out[name.replace("down_proj_bias", "down_proj.bias")] = value
+        elif name.endswith(".self_attn.sinks"):
+            out[name + ".weight"] = value
+        else:
+            out[name] = value
+    return out
