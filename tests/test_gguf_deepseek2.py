@@ -11,6 +11,9 @@ in DeepSeek-V2's config), V2 with group-limited routing, and V3 (low-rank q, sig
 groups with correction biases, renormalised and scaled weights) with ``scoring_func: sigmoid`` in its
 config.json as the published DeepSeek-V3 config has it (the converter writes the gating function from it).
 This converter splits ``kv_b_proj`` into ``attn_k_b``/``attn_v_b``: every file checks their fusing back.
+
+Export: lucidlm's GGUF of each source checkpoint (F32; V3 also Q8_0) must hold what llama.cpp's converter
+wrote (tests/test_gguf_export_llamacpp.py's standard); settings it would read back otherwise are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from test_families_dense import hf_greedy  # noqa: E402 - after the importorskips
-from test_gguf_export_llamacpp import _SPECIAL  # noqa: E402
+from gguf_compare import differences  # noqa: E402
+from test_gguf_export_llamacpp import PATH_GUESSED_KEYS, _SPECIAL  # noqa: E402
 from test_gguf_gpt_oss import llamacpp_convert, require_converter  # noqa: E402
 
 ARCHITECTURES = ("deepseek2",)  # the GGUF architectures this module reads (tests/test_gguf_families.py counts them)
@@ -63,7 +67,8 @@ def _source_model(family: str, overrides: dict):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, converted):
-    """case -> (transformers model, llama.cpp's F32 GGUF of it), every case converted in one process."""
+    """case -> (transformers model, llama.cpp's F32 GGUF of it), and "v3-q8_0" (V3 as llama.cpp's Q8_0), every
+    case converted in one process."""
     from lucidlm.checkpoints.hf import copy_tokenizer_files
 
     require_converter()
@@ -75,15 +80,16 @@ def files(tmp_path_factory, converted):
         path = directories[case] / "config.json"
         path.write_text(json.dumps(json.loads(path.read_text()) | added))
         copy_tokenizer_files(converted, directories[case])
-    paths = llamacpp_convert(directories, root)
-    return {case: (models[case], paths[case]) for case in CASES}
+    directories["v3-q8_0"] = directories["v3"]  # the export's other type
+    paths = llamacpp_convert(directories, root, types={"v3-q8_0": "q8_0"})
+    return {name: (models[name.removesuffix("-q8_0")], paths[name]) for name in directories}
 
 
 def test_the_files_are_what_llamacpp_writes_for_deepseek(files):
     """The cases test what they claim: split k_b/v_b everywhere, sigmoid routing and its biases in V3,
     YaRN's log multiplier and the routing groups where the source has them."""
-    for case, (_, path) in files.items():
-        reader = gguf.GGUFReader(path)
+    for case in CASES:
+        reader = gguf.GGUFReader(files[case][1])
         meta = {k: f.contents() for k, f in reader.fields.items()}
         names = {t.name for t in reader.tensors}
         assert meta["general.architecture"] == "deepseek2"
@@ -130,10 +136,34 @@ def test_config_is_the_source_models(files, case, tmp_path):
     assert ours["rope_parameters"] == pytest.approx(source["rope_parameters"])
 
 
-def test_export_stays_refused(files, tmp_path):
-    llm = LLM.load(files["v3"][1], cache_dir=tmp_path / "cache")
-    with pytest.raises(ExportError, match="'deepseek_v3' model cannot be exported"):
-        llm.export_gguf(tmp_path / "out.gguf")
+@pytest.mark.parametrize("case, kind", [(case, "f32") for case in sorted(CASES)] + [("v3", "q8_0")])
+def test_export_equals_llamacpps_conversion(files, case, kind, tmp_path):
+    """lucidlm's export of the source checkpoint holds what llama.cpp's converter wrote (tensors, metadata:
+    tests/test_gguf_export_llamacpp.py's standard; the converter also guesses general.version from the
+    folder's name), and its F32 export reads back to the source's logits."""
+    model, path = files[case if kind == "f32" else f"{case}-{kind}"]
+    ours = LLM.load(files[case][1].with_suffix("")).export_gguf(tmp_path / "ours.gguf", type=kind)
+    assert differences(ours, path, ignored_keys=PATH_GUESSED_KEYS | {"general.version"}) == []
+    if kind == "f32":
+        with torch.no_grad():
+            torch.testing.assert_close(LLM.load(ours, cache_dir=tmp_path / "cache").model(IDS), model(IDS).logits,
+                                       atol=1e-4, rtol=1e-4)
+
+
+_GREEDY_V2 = dict(n_group=None, topk_group=None, topk_method="greedy")
+
+
+@pytest.mark.parametrize("case, change, match", [
+    ("v2-groups", dict(topk_method="greedy"), "topk_method='greedy'"),  # groups that V2's reader would route by
+    ("v2-groups", dict(_GREEDY_V2, norm_topk_prob=True), "norm_topk_prob=True"),
+    ("v2-yarn", dict(rope_parameters=dict(_YARN, mscale=1.0)), "mscale=1.0"),
+    ("v3", dict(rope_interleave=False), "rope_interleave=False"),
+])
+def test_export_refuses_what_lucidlm_would_read_back_otherwise(files, case, change, match, tmp_path):
+    llm = LLM.load(files[case][1], cache_dir=tmp_path / "cache")
+    llm.model.config.hf_config = {**llm.model.config.hf_config, **change}
+    with pytest.raises(ExportError, match=match):
+        llm.export_gguf(tmp_path / "out.gguf", type="f32")
     assert not (tmp_path / "out.gguf").exists()
 
 

@@ -17,6 +17,10 @@ files: ``key_length``/``value_length``). DeepSeek's YaRN keeps ``0.1 * mscale_al
 ``rope.scaling.yarn_log_multiplier`` and not ``mscale``, which llama.cpp takes to equal it (as in every
 published DeepSeek config).
 
+Export (:func:`deepseek2_keys`, :func:`deepseek2_split`) writes what the converter writes, V3's sigmoid
+gating function always (transformers 5 does not save ``scoring_func``), and refuses what this reader would
+read back otherwise (V2 with renormalised weights or another routing, YaRN with mscale != mscale_all_dim).
+
 >>> import torch
 >>> k_b, v_b = torch.zeros(2, 5, 3), torch.ones(2, 4, 5)  # heads 2, kv_rank 5, nope 3, v 4
 >>> fused = deepseek2_tensors({"m.self_attn.k_b_proj.weight": k_b, "m.self_attn.v_b_proj.weight": v_b})
@@ -30,8 +34,9 @@ from typing import Any
 
 import torch
 
+from ...errors import ExportError
 from .reader import Keys
-from .yarn import yarn_parameters
+from .yarn import yarn_keys, yarn_parameters
 
 SOFTMAX, SIGMOID = 1, 2  # llama.cpp's expert_gating_func values (0: unset, read as softmax)
 
@@ -158,3 +163,97 @@ def _fuse_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
     """(heads, kv_rank, nope) and (heads, v, kv_rank) -> kv_b_proj's (heads * (nope + v), kv_rank)."""
     fused = torch.cat((k_b.transpose(1, 2), v_b), dim=1)
     return fused.reshape(-1, fused.shape[-1]).contiguous()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def deepseek2_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """``deepseek2.*`` keys of a DeepSeek-V2/V3 config, as llama.cpp's converter writes them (what
+    :func:`deepseek2_config` reads back).
+
+    Raises:
+        ExportError: a setting the file cannot carry or lucidlm would read back otherwise.
+    """
+    v3, heads, rope = hf["model_type"] == "deepseek_v3", hf["num_attention_heads"], hf["qk_rope_head_dim"]
+    kv_rank, nope = hf["kv_lora_rank"], hf["qk_nope_head_dim"]
+    keys = {
+        "block_count": hf["num_hidden_layers"], "context_length": hf["max_position_embeddings"],
+        "embedding_length": hf["hidden_size"], "feed_forward_length": hf["intermediate_size"],
+        "attention.head_count": heads, "attention.head_count_kv": 1,  # MLA as llama.cpp runs it: one latent
+        **_rope_keys(hf), "attention.layer_norm_rms_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+        "expert_count": hf["n_routed_experts"], "expert_used_count": hf["num_experts_per_tok"],
+        **_routing_keys(hf, v3),
+        "attention.key_length": kv_rank + rope, "attention.value_length": kv_rank,
+        "leading_dense_block_count": hf.get("first_k_dense_replace") or 0, "vocab_size": hf["vocab_size"],
+        **({"attention.q_lora_rank": hf["q_lora_rank"]} if hf.get("q_lora_rank") is not None else {}),
+        "attention.kv_lora_rank": kv_rank, "attention.key_length_mla": nope + rope,
+        "attention.value_length_mla": hf["v_head_dim"], "expert_feed_forward_length": hf["moe_intermediate_size"],
+        "expert_shared_count": hf.get("n_shared_experts") or 0,
+        "expert_weights_scale": float(hf.get("routed_scaling_factor", 1.0)),
+        **({"expert_weights_norm": True} if hf.get("norm_topk_prob") else {}),
+        "rope.dimension_count": rope,
+    }
+    params = _rope(hf)
+    if params.get("mscale_all_dim") is not None:
+        keys["rope.scaling.yarn_log_multiplier"] = 0.1 * float(params["mscale_all_dim"])
+    return keys
+
+
+def _refuse(hf: dict[str, Any], setting: str, why: str) -> ExportError:
+    return ExportError(f"a {hf['model_type']!r} model with {setting} cannot be exported to GGUF: {why}")
+
+
+def _routing_keys(hf: dict[str, Any], v3: bool) -> dict[str, Any]:
+    """Routing groups and the gating function; V3's is always written (sigmoid), so that the file reads back as V3
+    even where config.json lost ``scoring_func`` (transformers 5 does not save it)."""
+    groups, used, method = hf.get("n_group"), hf.get("topk_group"), hf.get("topk_method")
+    keys = {**({"expert_group_count": groups} if groups is not None else {}),
+            **({"expert_group_used_count": used} if used is not None else {})}
+    if v3:
+        if not hf.get("rope_interleave", True) or method not in (None, "noaux_tc"):
+            raise _refuse(hf, f"rope_interleave={hf.get('rope_interleave')}, topk_method={method!r}",
+                          "llama.cpp runs DeepSeek-V3 with interleaved RoPE and noaux_tc routing")
+        return keys | {"expert_gating_func": SIGMOID}
+    grouped = groups is not None and groups > 1
+    if hf.get("norm_topk_prob") or hf.get("scoring_func", "softmax") != "softmax" or (
+            method or "greedy") != ("group_limited_greedy" if grouped else "greedy"):
+        raise _refuse(hf, f"norm_topk_prob={hf.get('norm_topk_prob')}, scoring_func={hf.get('scoring_func')!r}, "
+                          f"topk_method={method!r}, n_group={groups}",
+                      "a DeepSeek-V2 file is read back as softmax routing without renormalisation, greedy or "
+                      "group-limited (n_group > 1)")
+    return keys | ({"expert_gating_func": SOFTMAX} if "scoring_func" in hf else {})
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    return dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+
+
+def _rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    params = _rope(hf)
+    base = {"rope.freq_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return base
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    if kind != "yarn" or not params.get("truncate", True) or mscale_all is None or mscale != mscale_all:
+        raise _refuse(hf, f"{kind!r} RoPE scaling (mscale={mscale}, mscale_all_dim={mscale_all})",
+                      "lucidlm reads back DeepSeek's YaRN only with mscale = mscale_all_dim, truncated, as llama.cpp")
+    return yarn_keys(params) | base
+
+
+def deepseek2_split(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """transformers' DeepSeek state dict -> the names and layouts llama.cpp's converter writes (before GGUF
+    naming): ``kv_b_proj`` split into ``k_b`` (transposed) and ``v_b``; the inverse of :func:`deepseek2_tensors`."""
+    heads, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(".self_attn.kv_b_proj.weight"):
+            per_head = value.reshape(heads, -1, value.shape[-1])  # (heads, nope + v, kv_rank)
+            out[name.replace(".kv_b_proj.", ".k_b_proj.")] = per_head[:, :nope].transpose(1, 2).contiguous()
+            out[name.replace(".kv_b_proj.", ".v_b_proj.")] = per_head[:, nope:].contiguous()
+        elif name.endswith(".mlp.gate.e_score_correction_bias"):
+            out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = value
+        else:
+            out[name] = value
+    return out

@@ -129,7 +129,7 @@ def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return stacked.reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]).contiguous()
 
 
-def gpt_oss_split(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gpt_oss_split(state: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """transformers' gpt-oss state dict -> the names and layouts llama.cpp's converter writes (before
     GGUF naming): the inverse of :func:`gpt_oss_tensors`."""
     out: dict[str, torch.Tensor] = {}

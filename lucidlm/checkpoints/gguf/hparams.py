@@ -14,7 +14,7 @@ something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, granite, llama, mistral, mixtral, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, deepseek_v2, deepseek_v3, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, granite, llama, mistral, mixtral, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ import torch
 
 from ...errors import ExportError
 from .configs import gemma_attention_scalar, layer_types
+from .deepseek2 import deepseek2_keys
 from .gpt_oss import SWIGLU_ALPHA, SWIGLU_LIMIT
 from .rope_freqs import llama3_factors
 from .tensors import GGUF_FAMILIES
+from .yarn import yarn_keys
 
 # model types llama.cpp's converter writes as another family's architecture
-_ALIASES = {"mistral": "llama", "mixtral": "llama"}
-# architectures lucidlm reads but does not write (export would have to match llama.cpp's converter exactly)
-_READ_ONLY = frozenset({"deepseek2"})
+_ALIASES = {"mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
 
 
 def _architectures() -> dict[str, str]:
-    return {family.model_type: arch for arch, family in GGUF_FAMILIES.items() if arch not in _READ_ONLY} | _ALIASES
+    return {family.model_type: arch for arch, family in GGUF_FAMILIES.items()} | _ALIASES
 
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_architectures()))
@@ -380,13 +380,7 @@ def _yarn_keys(params: dict[str, Any]) -> dict[str, Any]:
     if kind != "yarn" or params.get("truncate", True):
         raise ExportError(f"a 'gpt_oss' model with {kind!r} RoPE scaling (truncate={params.get('truncate', True)}) "
                           "cannot be exported to GGUF: lucidlm reads gpt-oss back with untruncated YaRN only")
-    keys = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
-            "rope.scaling.original_context_length": params["original_max_position_embeddings"]}
-    for key, name in (("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
-                      ("beta_slow", "yarn_beta_slow")):
-        if params.get(key) is not None:
-            keys[f"rope.scaling.{name}"] = float(params[key])
-    return keys | base
+    return yarn_keys(params) | base
 
 
 _BUILDERS = {
@@ -394,4 +388,5 @@ _BUILDERS = {
     "gemma3": _gemma3, "stablelm": _stablelm, "starcoder2": _starcoder2, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
     "phi2": _phi2, "gptneox": _gptneox, "qwen2moe": lambda hf: _qwen_moe(hf, normalised=False),
     "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True), "gpt-oss": _gpt_oss,
+    "deepseek2": deepseek2_keys,
 }  # fmt: skip

@@ -47,3 +47,15 @@ def yarn_parameters(k: Keys, theta: float, truncate: bool | None = None) -> dict
         params["truncate"] = truncate
     attention = k.number("rope.scaling.yarn_attn_factor", None)
     return params if attention is None else params | {"attention_factor": attention}
+
+
+def yarn_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """``rope.scaling.*`` of YaRN ``rope_parameters``, as llama.cpp's converter writes them (the inverse
+    of :func:`yarn_parameters`; ``truncate`` and DeepSeek's mscales are each family's to check or write)."""
+    keys = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
+            "rope.scaling.original_context_length": params["original_max_position_embeddings"]}
+    for key, name in (("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                      ("beta_slow", "yarn_beta_slow")):
+        if params.get(key) is not None:
+            keys[f"rope.scaling.{name}"] = float(params[key])
+    return keys
