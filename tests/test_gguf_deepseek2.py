@@ -199,3 +199,27 @@ def test_files_without_the_mla_keys_read_the_head_sizes_from_key_length():
                                                                     "deepseek2.attention.value_length": 10}
     config = deepseek2_config(Keys(meta, "tiny.gguf"), frozenset())
     assert (config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]) == (12, 6, 10)
+
+
+# DeepSeek-Coder-V2-Lite-Instruct-Q4_K_M.gguf (DeepSeek-V2-Lite's architecture, from an older converter: one KV
+# head per query head, no _mla keys, kv_b unsplit): its deepseek2.* keys as llama.cpp's loader lists them
+PUBLISHED_V2_LITE = {
+    "deepseek2.block_count": 27, "deepseek2.context_length": 163840, "deepseek2.embedding_length": 2048,
+    "deepseek2.feed_forward_length": 10944, "deepseek2.attention.head_count": 16, "deepseek2.attention.head_count_kv": 16,
+    "deepseek2.rope.freq_base": 10000.0, "deepseek2.attention.layer_norm_rms_epsilon": 1e-06,
+    "deepseek2.expert_used_count": 6, "deepseek2.leading_dense_block_count": 1, "deepseek2.vocab_size": 102400,
+    "deepseek2.attention.kv_lora_rank": 512, "deepseek2.attention.key_length": 192,
+    "deepseek2.attention.value_length": 128, "deepseek2.expert_feed_forward_length": 1408, "deepseek2.expert_count": 64,
+    "deepseek2.expert_shared_count": 2, "deepseek2.expert_weights_scale": 1.0, "deepseek2.rope.dimension_count": 64,
+    "deepseek2.rope.scaling.type": "yarn", "deepseek2.rope.scaling.factor": 40.0,
+    "deepseek2.rope.scaling.original_context_length": 4096, "deepseek2.rope.scaling.yarn_log_multiplier": 0.0707,
+}
+
+
+def test_published_gguf_header_reads_as_the_published_config():
+    """A published DeepSeek-V2-Lite-architecture GGUF's header gives the model DeepSeek-V2-Lite's config.json
+    describes (the catalogue's copy): every lucidlm Config field, YaRN's mscales included."""
+    from test_gguf_gpt_oss import published_config_differences
+
+    assert published_config_differences({"general.architecture": "deepseek2", **PUBLISHED_V2_LITE}, 102400,
+                                        "DeepSeek-V2-Lite") == []

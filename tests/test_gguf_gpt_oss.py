@@ -299,3 +299,51 @@ def test_gpt_oss_split_equals_transformers_gguf_tokenizer(tmp_path):
         encoded[pre] = [ours.encode(text, add_special_tokens=False).ids for text in TEXTS]
         assert encoded[pre] == [theirs.encode(text, add_special_tokens=False) for text in TEXTS]
     assert encoded["gpt-4o"] != encoded["smollm"]
+
+
+# ----------------------------------------------------------------------------- a published file's header
+
+# ggml-org/gpt-oss-20b-GGUF (gpt-oss-20b-mxfp4.gguf): its gpt-oss.* keys as llama.cpp's loader lists them
+# (llama_model_loader's metadata dump); float32 values as the file stores them
+PUBLISHED_20B = {
+    "gpt-oss.block_count": 24, "gpt-oss.context_length": 131072, "gpt-oss.embedding_length": 2880,
+    "gpt-oss.feed_forward_length": 2880, "gpt-oss.attention.head_count": 64, "gpt-oss.attention.head_count_kv": 8,
+    "gpt-oss.rope.freq_base": 150000.0, "gpt-oss.attention.layer_norm_rms_epsilon": 1e-05,
+    "gpt-oss.expert_count": 32, "gpt-oss.expert_used_count": 4, "gpt-oss.attention.key_length": 64,
+    "gpt-oss.attention.value_length": 64, "gpt-oss.attention.sliding_window": 128,
+    "gpt-oss.expert_feed_forward_length": 2880, "gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 32.0,
+    "gpt-oss.rope.scaling.original_context_length": 4096,
+}
+
+
+def published_config_differences(meta: dict, vocab: int, catalogue_name: str) -> list[str]:
+    """The lucidlm Config fields that differ between a published GGUF's metadata (its floats as float32, as the
+    file stores them) and the checkpoint's published config.json (the catalogue's copy); floats to float32's
+    precision."""
+    import dataclasses
+
+    import numpy as np
+
+    from lucidlm import Config
+    from lucidlm.checkpoints import gguf as lgguf
+
+    meta = {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in meta.items()}
+    meta |= {"tokenizer.ggml.tokens": [""] * vocab}
+    hf = lgguf._hf_config(meta, ["output.weight", "token_embd.weight"], torch.float32)
+    ours, published = (dataclasses.asdict(c) for c in (Config.from_hf(hf), Config.from_name(catalogue_name)))
+    return [k for k in ours if k not in ("name", "hf_config") and not _close(ours[k], published[k])]
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=1e-6)
+    return a == b
+
+
+def test_published_gguf_header_reads_as_the_published_config():
+    """The header of ggml-org's gpt-oss-20b GGUF gives the model openai/gpt-oss-20b's config.json describes
+    (the catalogue's copy): every lucidlm Config field."""
+    assert published_config_differences({"general.architecture": "gpt-oss", **PUBLISHED_20B}, 201088,
+                                        "gpt-oss-20b") == []
