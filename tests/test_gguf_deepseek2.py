@@ -223,3 +223,29 @@ def test_published_gguf_header_reads_as_the_published_config():
 
     assert published_config_differences({"general.architecture": "deepseek2", **PUBLISHED_V2_LITE}, 102400,
                                         "DeepSeek-V2-Lite") == []
+
+
+def test_older_files_with_unsplit_kv_b_load(files, tmp_path):
+    """Files from before llama.cpp split kv_b (published DeepSeek-V2 GGUFs): ``attn_kv_b`` as transformers'
+    kv_b_proj, head_count_kv = head_count and the per-head sizes in key_length/value_length, without the _mla
+    keys. Made from llama.cpp's file by putting the source model's own kv_b_proj in place of attn_k_b/attn_v_b."""
+    from lucidlm.checkpoints.gguf import read_metadata
+    from lucidlm.checkpoints.gguf.reader import dequantize
+    from lucidlm.checkpoints.gguf.writer import write_gguf
+
+    model, path = files["v3"]
+    c = model.config
+    meta = {k: v for k, v in read_metadata(path).items()
+            if not k.endswith("_mla") and k not in ("general.architecture", "general.file_type",
+                                                    "general.quantization_version", "general.type")}
+    meta |= {"deepseek2.attention.head_count_kv": c.num_attention_heads,
+             "deepseek2.attention.key_length": c.qk_nope_head_dim + c.qk_rope_head_dim,
+             "deepseek2.attention.value_length": c.v_head_dim}
+    tensors = {t.name: torch.from_numpy(dequantize(t)) for t in gguf.GGUFReader(path).tensors
+               if ".attn_k_b." not in t.name and ".attn_v_b." not in t.name}
+    for i, layer in enumerate(model.model.layers):
+        tensors[f"blk.{i}.attn_kv_b.weight"] = layer.self_attn.kv_b_proj.weight.detach()
+    older = write_gguf(tmp_path / "older.gguf", "deepseek2", tensors, meta, "f32")
+    with torch.no_grad():
+        torch.testing.assert_close(LLM.load(older, cache_dir=tmp_path / "cache").model(IDS), model(IDS).logits,
+                                   atol=1e-4, rtol=1e-4)
