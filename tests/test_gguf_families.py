@@ -393,9 +393,14 @@ def test_gguf_converts_to_its_family(case_id, architecture, written, tmp_path):
     folder = gguf_to_hf_dir(written(case_id)[1], cache_dir=tmp_path / "cache", progress=False)
     assert transformers.AutoConfig.from_pretrained(str(folder)).architectures == [architecture]
     # the architectures only llama.cpp's converter writes here are read in tests/test_gguf_export_llamacpp.py
+    # (and tests/test_gguf_gpt_oss.py, tests/test_gguf_deepseek2.py)
     from test_gguf_export_llamacpp import CASES as LLAMACPP_CASES
+    from test_gguf_deepseek2 import ARCHITECTURES as DEEPSEEK2_ARCHITECTURES
+    from test_gguf_gpt_oss import ARCHITECTURES as GPT_OSS_ARCHITECTURES
 
-    assert sorted(lgguf.SUPPORTED_ARCHITECTURES) == sorted({c.arch for c in (*CASES.values(), *LLAMACPP_CASES.values())})
+    tested = {c.arch for c in (*CASES.values(), *LLAMACPP_CASES.values())}
+    tested |= {*GPT_OSS_ARCHITECTURES, *DEEPSEEK2_ARCHITECTURES}
+    assert sorted(lgguf.SUPPORTED_ARCHITECTURES) == sorted(tested)
 
 
 # ----------------------------------------------------------------------------- what transformers drops

@@ -14,7 +14,7 @@ something else.
 ('gpt2', 256)
 >>> gguf_architecture({"model_type": "bert"})
 Traceback (most recent call last):
-lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, mixtral, nemotron, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
+lucidlm.errors.ExportError: a 'bert' model cannot be exported to GGUF; supported model types: cohere, deepseek_v2, deepseek_v3, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, granite, llama, mistral, mixtral, nemotron, olmo, olmo2, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, stablelm, starcoder2
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ import torch
 
 from ...errors import ExportError
 from .configs import gemma_attention_scalar, layer_types
+from .deepseek2 import deepseek2_keys
+from .gpt_oss import SWIGLU_ALPHA, SWIGLU_LIMIT
 from .rope_freqs import llama3_factors
 from .tensors import GGUF_FAMILIES
+from .yarn import yarn_keys
 
 # model types llama.cpp's converter writes as another family's architecture
-_ALIASES = {"mistral": "llama", "mixtral": "llama"}
+_ALIASES = {"mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
 
 
 def _architectures() -> dict[str, str]:
@@ -356,9 +359,46 @@ def _gptneox(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gpt_oss(hf: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp runs gpt-oss with a fixed SwiGLU, even layers sliding, and YaRN read back untruncated
+    if (float(hf["swiglu_limit"]), float(hf["swiglu_alpha"])) != (SWIGLU_LIMIT, SWIGLU_ALPHA):
+        raise ExportError(f"a 'gpt_oss' model with swiglu_limit={hf['swiglu_limit']} or swiglu_alpha="
+                          f"{hf['swiglu_alpha']} cannot be exported to GGUF: llama.cpp runs {SWIGLU_LIMIT} and "
+                          f"{SWIGLU_ALPHA}")
+    _check_layers(hf, layer_types(hf["num_hidden_layers"], every=2))
+    heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
+    keys = {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hf["hidden_size"],
+        "block_count": hf["num_hidden_layers"],
+        "feed_forward_length": hf["intermediate_size"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
+        **_yarn_keys(_rope(hf)),
+        "attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"]),
+        "expert_count": hf["num_local_experts"],
+        "expert_used_count": hf["num_experts_per_tok"],
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+    }
+    return keys | {"attention.sliding_window": hf["sliding_window"], "expert_feed_forward_length": hf["intermediate_size"]}
+
+
+def _yarn_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """``rope.*`` of unscaled or YaRN RoPE, as the converter writes them (what :mod:`.yarn` reads back)."""
+    kind, base = params.get("rope_type", "default"), {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
+    if kind == "default":
+        return base
+    if kind != "yarn" or params.get("truncate", True):
+        raise ExportError(f"a 'gpt_oss' model with {kind!r} RoPE scaling (truncate={params.get('truncate', True)}) "
+                          "cannot be exported to GGUF: lucidlm reads gpt-oss back with untruncated YaRN only")
+    return yarn_keys(params) | base
+
+
 _BUILDERS = {
     "llama": _llama, "granite": _granite, "smollm3": _smollm3, "olmo": _olmo, "olmo2": _olmo2, "qwen2": _qwen, "qwen3": _qwen, "phi3": _phi3, "gemma": _decoder, "gemma2": _gemma2,
     "gemma3": _gemma3, "stablelm": _stablelm, "starcoder2": _starcoder2, "nemotron": _nemotron, "gpt2": _gpt2, "falcon": _falcon, "command-r": _cohere,
     "phi2": _phi2, "gptneox": _gptneox, "qwen2moe": lambda hf: _qwen_moe(hf, normalised=False),
-    "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True),
+    "qwen3moe": lambda hf: _qwen_moe(hf, normalised=True), "gpt-oss": _gpt_oss,
+    "deepseek2": deepseek2_keys,
 }  # fmt: skip

@@ -28,7 +28,7 @@ GGUF_MAGIC = b"GGUF"
 # Quantisations that gguf.quants.dequantize implements and that we have checked by hand.
 SUPPORTED_QUANTS = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4",
 )  # fmt: skip
 
 

@@ -28,6 +28,8 @@ from .configs import (cohere_config, falcon_config, gemma1_config, gemma2_config
                       gptneox_config, granite_config, llama_config, olmo2_config, olmo_config, phi2_config, phi3_config,
                       nemotron_config, qwen2moe_config, qwen3moe_config, qwen_config, smollm3_config,
                       stablelm_config, starcoder2_config)
+from .deepseek2 import DEEPSEEK2_BLOCKS, deepseek2_config, deepseek2_split, deepseek2_tensors
+from .gpt_oss import GPT_OSS_BLOCKS, gpt_oss_config, gpt_oss_split, gpt_oss_tensors
 from .reader import Keys, dequantize, field
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -178,6 +180,9 @@ class GGUFFamily:
     headwise_qkv: bool = False  # llama.cpp reordered GPT-NeoX's per-head [q|k|v] rows into [q; k; v]
     # (leaf, renames): a file holding ``blk.N.<leaf>`` names these block tensors differently
     variant: tuple[str, Mapping[str, str]] | None = None
+    # (renamed state dict, config) -> HF state dict: puts back what llama.cpp split across tensors (gpt-oss's experts)
+    regroup: Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]] | None = None
+    split: Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]] | None = None  # regroup's inverse (export)
 
     def for_names(self, names: Iterable[str]) -> GGUFFamily:
         """This family with the block names of the variant ``names`` (a file's tensors) show."""
@@ -220,6 +225,11 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "falcon": GGUFFamily("FalconForCausalLM", "falcon", falcon_config, _FALCON_BLOCKS, globals=_FALCON_GLOBALS,
                          layers="transformer.h", grouped_qkv=True,
                          variant=("attn_norm_2", {"attn_norm": "ln_mlp"})),
+    "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", gpt_oss_config, {**_ATTENTION, **GPT_OSS_BLOCKS},
+                          regroup=gpt_oss_tensors, split=gpt_oss_split),
+    # DeepSeek-V2 (softmax router) and V3 (sigmoid router): multi-head latent attention
+    "deepseek2": GGUFFamily("DeepseekV2ForCausalLM", "deepseek_v2", deepseek2_config, DEEPSEEK2_BLOCKS,
+                            regroup=deepseek2_tensors, split=deepseek2_split),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(GGUF_FAMILIES)
@@ -361,6 +371,7 @@ def gguf_tensors(state: Mapping[str, torch.Tensor], arch: str, config: dict) -> 
         ExportError: a tensor has no GGUF name in this architecture.
     """
     base = GGUF_FAMILIES[arch]
+    state = base.split(state, config) if base.split else state
     names = {f"blk.0.{base.variant[0]}.weight"} if base.variant and _has_variant(state, base) else set()
     family = base.for_names(names)
     patterns = _gguf_names(family)
@@ -410,4 +421,4 @@ def convert_tensors(reader, path, config: dict, dtype: torch.dtype, bar=None) ->
             out.update({name.format(i): part.to(dtype).contiguous() for i, part in enumerate(value)})
         else:
             out[name] = value.to(dtype).contiguous()
-    return out
+    return family.regroup(out, config) if family.regroup else out
