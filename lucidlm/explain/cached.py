@@ -76,7 +76,8 @@ def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], tar
         raise ExplainError("a multi-token continuation target cannot be explained under a KV-cache policy "
                            "(it would need one explained step per token): pass kv_cache=None")
     seen, _ = cached_run(model, request.ids, kv_cache, cache_tokens, chunk_size)
-    kept = torch.stack([s[-1] for s in seen]).any(0)  # held by some layer for the last query
+    kept = torch.stack([s[-1].cpu() for s in seen]).any(0)  # held by some layer for the last query (layers may
+    # sit on several devices: device_map)
     replay = KVCache([VisibleKeys(s) for s in seen])
     (explanation,) = explain_prompts(model, tokenizer, [request], method, "logit", cache=replay, layers=layers,
                                      evicted=~kept)
