@@ -105,12 +105,10 @@ def whole(checkpoint):
     return LLM.load(checkpoint)
 
 
-@pytest.fixture(scope="module")
-def split(checkpoint):
-    """The same checkpoint over stand-in devices cpu:0 / cpu:1, every transfer tagged and recorded."""
-    llm = LLM.load(checkpoint)
+def split_over_stand_ins(llm: LLM, device_map: dict) -> LLM:
+    """``llm`` over stand-in devices, every transfer tagged and recorded in ``llm.recorder``."""
     recorder = Recorder()
-    plan = resolve_device_map(llm.config, STAGES)
+    plan = resolve_device_map(llm.config, device_map)
     dispatch(llm.model, plan, move=recorder)
     for name, module in llm.model.named_modules():  # the weights too: a stray tensor meets them and raises
         for key, p in [(k, p) for k, p in module._parameters.items() if p is not None]:
@@ -118,6 +116,12 @@ def split(checkpoint):
             module._parameters[key] = torch.nn.Parameter(OnDevice.tag(p.detach(), device), p.requires_grad)
     llm.recorder = recorder
     return llm
+
+
+@pytest.fixture(scope="module")
+def split(checkpoint):
+    """The same checkpoint over stand-in devices cpu:0 / cpu:1."""
+    return split_over_stand_ins(LLM.load(checkpoint), STAGES)
 
 
 # ---------------------------------------------------------------------------- the map
@@ -313,3 +317,34 @@ def test_cli_device_map(checkpoint, capsys):
     result, err = probe("explain", "x", "--model", str(checkpoint), "--device-map", "layers.0-1", watched=checkpoint)
     assert result["status"] == 2 and result["heavy"] == [] and result["opened"] == []
     assert "--device-map: expected 'auto' or PART=DEVICE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tied_embeddings_over_stand_ins(tiny_lm_dir):
+    """lm_head shares the embeddings' weight, so the last block's output comes back to the first
+    device for it (the final norm stays with the last block)."""
+    whole = LLM.load(tiny_lm_dir)
+    split = split_over_stand_ins(LLM.load(tiny_lm_dir), {"layers.0": "cpu:0", "layers.1": "cpu:1"})
+    assert {k: str(v) for k, v in placement_of(split.model).items() if k in ("final_norm", "lm_head")} == {
+        "final_norm": "cpu:1", "lm_head": "cpu:0"}
+    prompt = "The capital of France is"
+    assert split.generate(prompt, max_new_tokens=6) == whole.generate(prompt, max_new_tokens=6)
+    torch.testing.assert_close(split.explain(prompt).relevance, whole.explain(prompt).relevance, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_through_load_on_this_machine(tiny_lm_dir):
+    llm = LLM.load(tiny_lm_dir, device_map="auto")
+    expected = {"cuda:0"} if torch.cuda.is_available() else {"cpu"}
+    assert {str(d) for d in placement_of(llm.model).values()} <= expected | {"cpu"}
+    assert llm.generate("One, two,", max_new_tokens=4) == LLM.load(tiny_lm_dir).generate("One, two,", max_new_tokens=4)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_split_in_two_equals_it_whole(smollm2):
+    """SmolLM2-135M (30 blocks, tied embeddings) loaded from its GGUF over two stand-in devices."""
+    split = LLM.load(device_map={"layers.0-14": "cpu:0", "layers.15-29": "cpu:1"})
+    assert str(placement_of(split.model)["layers.15"]) == "cpu:1"
+    prompt = "The capital of France is"
+    assert split.generate(prompt, max_new_tokens=8) == smollm2.generate(prompt, max_new_tokens=8)
+    mine, theirs = split.explain(prompt), smollm2.explain(prompt)
+    assert mine.target == theirs.target
+    torch.testing.assert_close(mine.relevance, theirs.relevance, rtol=1e-4, atol=1e-5)

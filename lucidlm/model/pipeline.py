@@ -20,7 +20,7 @@ a GPU.
 >>> config = dataclasses.replace(Config.from_name("tiny-llama"), n_layer=4)
 >>> plan = resolve_device_map(config, {"layers.0-1": "cpu", "model.layers.2": "meta", "layers.3": "meta"})
 >>> [str(plan[k]) for k in ("embed", "layers.1", "layers.2", "final_norm", "lm_head")]
-['cpu', 'cpu', 'meta', 'meta', 'cpu']
+['cpu', 'cpu', 'meta', 'meta', 'meta']
 >>> resolve_device_map(config, {"layers.0-2": "cpu"})
 Traceback (most recent call last):
     ...
