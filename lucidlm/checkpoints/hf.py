@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..fileio import atomic_path, atomic_write
 from ..model import GPT
-from ..model.pipeline import dispatch, part_of, place_empty, placement_for
+from ..model.pipeline import dispatch, memory_of, part_of, place_empty, placement_for
 from .layouts import hf_to_ours, ours_to_hf
 from .mxfp4 import dequantize_mxfp4
 
@@ -101,7 +101,7 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     # (assign=True): a bf16 checkpoint loaded as bf16 never passes through a float32 copy
     target = dtype if dtype is not None else torch.get_default_dtype()
     plan = None if device_map is None else placement_for(config, device_map, target)
-    where = (lambda name: device) if plan is None else (lambda name: plan[part_of(name)])
+    where = (lambda name: device) if plan is None else (lambda name: memory_of(plan[part_of(name)]))
     ours = {name: t.to(device=where(name), dtype=target if t.is_floating_point() else t.dtype)
             for name, t in ours.items()}
     model = model.to(dtype=target)  # on meta: the dtype change costs nothing

@@ -243,7 +243,7 @@ def place_empty(model: nn.Module, plan: Placement) -> nn.Module:
     """A model built on "meta" given uninitialised storage on each part's device (the loader fills it)."""
     for name, modules in model_parts(model).items():
         for module in modules:
-            module.to_empty(device=plan[name])
+            module.to_empty(device=memory_of(plan[name]))
     return model
 
 
@@ -256,8 +256,19 @@ def placement_of(model: nn.Module) -> Placement | None:
 Move = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
+def memory_of(device: torch.device) -> torch.device:
+    """The memory a device's tensors live in: ``cpu:1`` is the CPU (torch keeps one CPU memory, but
+    ``.to("cpu:1")`` would copy), any other device is itself.
+
+    >>> memory_of(torch.device("cpu", 1)), memory_of(torch.device("cuda", 1))
+    (device(type='cpu'), device(type='cuda', index=1))
+    """
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.to(device)
+    device = memory_of(device)
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def dispatch(model: nn.Module, plan: Placement, move: Move = _to) -> nn.Module:
@@ -285,8 +296,8 @@ def dispatch(model: nn.Module, plan: Placement, move: Move = _to) -> nn.Module:
 def _place(module: nn.Module, device: torch.device) -> None:
     if device.type == "meta":
         module.to_empty(device="meta")  # a stand-in: drops the weights, keeps shapes and dtypes
-    elif any(t.device != device for t in (*module.parameters(), *module.buffers())):
-        module.to(device)
+    elif any(t.device != memory_of(device) for t in (*module.parameters(), *module.buffers())):
+        module.to(memory_of(device))
 
 
 class _InputsTo:
@@ -302,7 +313,7 @@ class _InputsTo:
 
     def _carry(self, value):
         if isinstance(value, torch.Tensor):
-            return value if value.device == self.device and self.move is _to else self.move(value, self.device)
+            return self.move(value, self.device)
         if isinstance(value, dict):
             return value.setdefault(("device", str(self.device)), {})
         if _is_layer_cache(value):
