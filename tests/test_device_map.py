@@ -348,3 +348,27 @@ def test_the_embedded_model_split_in_two_equals_it_whole(smollm2):
     mine, theirs = split.explain(prompt), smollm2.explain(prompt)
     assert mine.target == theirs.target
     torch.testing.assert_close(mine.relevance, theirs.relevance, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["dense", "snapkv+int8", "pyramidkv"])
+def test_a_split_models_cache_is_built_on_its_blocks_devices(policy):
+    """Each layer's KV cache is allocated on its block's device, never first on the first device."""
+    from lucidlm import GPT
+    from lucidlm.cache import build_cache
+    from lucidlm.model.pipeline import cache_devices
+
+    model = GPT(_config())
+    dispatch(model, resolve_device_map(model.config, {"layers.0-1": "cpu", "layers.2-3": "meta"}))
+    devices = cache_devices(model, "cpu")
+    assert [str(d) for d in devices] == ["cpu", "cpu", "meta", "meta"]
+    cache = build_cache(model.config, 1, policy, 16, device=devices)
+    for layer, device in zip(cache.layers, ["cpu", "cpu", "meta", "meta"]):
+        assert {t.device.type for t in pytree.tree_leaves(vars(layer)) if isinstance(t, torch.Tensor)} == {device}
+    assert cache_devices(GPT(_config()), "cpu") == "cpu"
+
+
+def test_perplexity_through_the_split_equals_one_device(split, whole):
+    text = "One, two, three, four, five, six, seven."
+    mine, theirs = split.perplexity(text, kv_cache="window", cache_tokens=6, chunk_size=4), \
+        whole.perplexity(text, kv_cache="window", cache_tokens=6, chunk_size=4)
+    assert mine.perplexity == pytest.approx(theirs.perplexity, rel=1e-5)

@@ -252,6 +252,15 @@ def placement_of(model: nn.Module) -> Placement | None:
     return getattr(model, "_placement", None)
 
 
+def cache_devices(model: nn.Module, default: torch.device | str) -> torch.device | str | list[torch.device]:
+    """Where a KV cache for ``model`` goes: ``default`` for a model on one device, else a device per
+    layer, its block's (no layer's cache passes through the first device)."""
+    plan = placement_of(model)
+    if plan is None:
+        return default
+    return [memory_of(plan[f"layers.{i}"]) for i in range(len(model.layers))]
+
+
 # ---------------------------------------------------------------------------- running the pipeline
 Move = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
