@@ -223,8 +223,9 @@ def _greedy(llm, ids, policy, budget):
     return [step for step in steps]
 
 
-@pytest.mark.parametrize("policy, budget", [("dense", None), ("window", 6), ("sink", 6), ("h2o", 6),
-                                            ("snapkv", 6), ("int8", None), ("h2o+int4", 6)])
+@pytest.mark.parametrize("policy, budget", [("dense", None), ("window", 6), ("sink", 6), ("h2o", 6), ("snapkv", 6),
+                                            ("tova", 6), ("knorm", 6), ("pyramidkv", 6), ("int8", None),
+                                            ("h2o+int4", 6)])
 def test_generation_through_the_split_equals_one_device(split, whole, policy, budget):
     ids = [[5, 17, 300, 42, 9, 77, 12, 3, 8], [11, 3, 99]]  # a batch: left padding crosses the devices too
     split.recorder.hops.clear()
@@ -329,6 +330,12 @@ def test_tied_embeddings_over_stand_ins(tiny_lm_dir):
     prompt = "The capital of France is"
     assert split.generate(prompt, max_new_tokens=6) == whole.generate(prompt, max_new_tokens=6)
     torch.testing.assert_close(split.explain(prompt).relevance, whole.explain(prompt).relevance, rtol=1e-5, atol=1e-6)
+    # int8 replaces lm_head (and every linear) after the split: the moves stay in place
+    split.quantize()
+    whole.quantize()
+    split.recorder.hops.clear()
+    assert split.generate(prompt, max_new_tokens=6) == whole.generate(prompt, max_new_tokens=6)
+    assert ("cpu:1", "cpu:0") in split.recorder.hops
 
 
 def test_auto_through_load_on_this_machine(tiny_lm_dir):

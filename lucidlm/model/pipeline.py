@@ -295,8 +295,11 @@ def dispatch(model: nn.Module, plan: Placement, move: Move = _to) -> nn.Module:
                 continue  # the tied weight is the embeddings', already placed
             _place(module, plan[name])
     for name, modules in parts.items():
-        if name != "embed":
+        if name not in ("embed", "lm_head"):
             modules[0].register_forward_pre_hook(_InputsTo(plan[name], move), with_kwargs=True)
+    # lm_head's input moves as the final norm's output: quantize() and adapters replace lm_head (and
+    # would drop a hook on it), never the norm
+    model.final_norm.register_forward_hook(_OutputTo(plan["lm_head"], move))
     model.register_forward_hook(_OutputTo(plan["embed"], move))
     model._placement = dict(plan)
     return model
@@ -350,7 +353,8 @@ def _migrate(layer, device: torch.device, move: Move) -> None:
 
 
 class _OutputTo:
-    """A forward hook on the whole model: the logits back on the embeddings' device."""
+    """A forward hook: the module's output to ``device`` (the final norm's to lm_head's device; the
+    whole model's logits back to the embeddings' device)."""
 
     def __init__(self, device: torch.device, move: Move) -> None:
         self.device, self.move = device, move
