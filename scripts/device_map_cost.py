@@ -2,8 +2,9 @@
 in two by ``device_map`` (two CPU stand-in devices ``cpu:0``/``cpu:1``, so only the pipeline's own
 work is measured: the hooks and the moves, no transfer), each in a fresh child process: peak RSS
 after loading, after a greedy generation and after an explanation, decode tokens/s and the
-explanation's time. On GPUs the same command with ``--map 'layers.0-14=cuda:0,layers.15-29=cuda:1'``
-adds the transfers.
+explanation's time; and every block on its own stand-in (30 hops per forward). On GPUs the same
+command with ``--map 'layers.0-14=cuda:0,layers.15-29=cuda:1'`` adds the transfers (the 30-part
+row then names stand-ins, which a GPU machine runs on its CPU).
 
     PYTHONPATH=$PWD python scripts/device_map_cost.py [--tokens 64] [--prompt-tokens 512]
 """
@@ -45,10 +46,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--map", default="layers.0-14=cpu:0,layers.15-29=cpu:1")
+    p.add_argument("--map", default="layers.0-14=cpu:0,layers.15-29=cpu:1", help="the split to measure")
     args = p.parse_args()
+    every_block = ",".join(f"layers.{i}=cpu:{i}" for i in range(30))  # the most hops SmolLM2 can make
     rows = {}
-    for name, spec in (("whole", "none"), ("split", args.map)):
+    for name, spec in (("whole", "none"), ("split", args.map), ("30 parts", every_block)):
         done = subprocess.run([sys.executable, "-c", CHILD, spec, str(args.tokens), str(args.prompt_tokens)],
                               capture_output=True, text=True, check=True)
         rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
