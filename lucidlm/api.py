@@ -145,12 +145,19 @@ class LLM:
         ``litgpt finetune adapter(_v2)``), to attach. An adapter trained on a different base model is
         refused unless ``check_base=False``: its recorded hub id, else the fingerprint of its base
         weights (so the embedded GGUF and ``lucidlm convert`` of it count as one base), decides.
+
+        ``device_map``: a model larger than one device, its blocks placed across devices and run as
+        a pipeline (instead of ``device``): ``"auto"`` (balanced by parameter bytes over the GPUs,
+        then the CPU) or ``{part: device}`` with parts ``"embed"``, ``"layers.3"``,
+        ``"layers.0-11"``, ``"final_norm"``, ``"lm_head"`` (see :mod:`lucidlm.model.pipeline`).
         """
         from .checkpoints import checkpoint_dir
         from .checkpoints.hf import load_hf_dir
         from .checkpoints.native import is_native, load_native
 
         dtype = torch_dtype(dtype)
+        if device_map is not None and torch.device(device) != torch.device("cpu"):
+            raise ConfigError(f"device={device!r} and device_map: pass one (device_map places every part)")
         if progress is None:
             import sys
 

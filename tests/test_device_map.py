@@ -158,11 +158,16 @@ def test_bad_maps_are_typed_errors_naming_the_key(device_map, names):
     assert issubclass(DeviceMapError, ConfigError)
 
 
-def test_bad_map_through_load_fails_before_reading_weights(checkpoint):
+def test_bad_map_through_load_fails_before_reading_weights(checkpoint, monkeypatch):
+    import lucidlm.checkpoints.hf as hf
+
+    monkeypatch.setattr(hf, "read_tensors", lambda path: pytest.fail(f"read {path} before checking the map"))
     with pytest.raises(DeviceMapError, match="'layers.3' is on no device"):
         LLM.load(checkpoint, device_map={"layers.0-2": "cpu"})
     with pytest.raises(DeviceMapError, match="device_map='balanced'"):
         LLM.load(checkpoint, device_map="balanced")
+    with pytest.raises(ConfigError, match="device='meta' and device_map: pass one"):
+        LLM.load(checkpoint, device="meta", device_map="auto")
 
 
 # ---------------------------------------------------------------------------- "auto"

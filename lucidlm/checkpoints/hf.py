@@ -81,6 +81,8 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     ``"meta"`` part keeps no weights), and the model runs as a pipeline over them."""
     directory = Path(directory)
     config = Config.from_hf(directory)
+    target = dtype if dtype is not None else torch.get_default_dtype()
+    plan = None if device_map is None else placement_for(config, device_map, target)  # a bad map: before reading
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for f in weight_files(directory):
@@ -99,8 +101,6 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     _check_tensors(model, ours, directory)
     # each tensor goes to its final dtype and device once and becomes the parameter itself
     # (assign=True): a bf16 checkpoint loaded as bf16 never passes through a float32 copy
-    target = dtype if dtype is not None else torch.get_default_dtype()
-    plan = None if device_map is None else placement_for(config, device_map, target)
     where = (lambda name: device) if plan is None else (lambda name: memory_of(plan[part_of(name)]))
     ours = {name: t.to(device=where(name), dtype=target if t.is_floating_point() else t.dtype)
             for name, t in ours.items()}
