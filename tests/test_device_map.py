@@ -113,7 +113,9 @@ def split_over_stand_ins(llm: LLM, device_map: dict) -> LLM:
     for name, module in llm.model.named_modules():  # the weights too: a stray tensor meets them and raises
         for key, p in [(k, p) for k, p in module._parameters.items() if p is not None]:
             device = str(plan[part_of(f"{name}.{key}")])
-            module._parameters[key] = torch.nn.Parameter(OnDevice.tag(p.detach(), device), p.requires_grad)
+            tagged = torch.Tensor._make_subclass(OnDevice, p.detach(), p.requires_grad)  # a leaf, as the weight
+            tagged.stand_in = device
+            module._parameters[key] = tagged
     llm.recorder = recorder
     return llm
 
@@ -384,3 +386,19 @@ def test_perplexity_through_the_split_equals_one_device(split, whole):
     mine, theirs = split.perplexity(text, kv_cache="window", cache_tokens=6, chunk_size=4), \
         whole.perplexity(text, kv_cache="window", cache_tokens=6, chunk_size=4)
     assert mine.perplexity == pytest.approx(theirs.perplexity, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetuning_through_the_split_equals_one_device(checkpoint, method):
+    """The training loop needs nothing of the split: the losses and the trained weights equal one device's."""
+    records = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+               for a in range(3) for b in range(2)]
+    options = dict(method=method, steps=2, batch_size=3, lr=1e-3, precision="fp32", progress=False, seed=0)
+    whole = LLM.load(checkpoint)
+    split = split_over_stand_ins(LLM.load(checkpoint), STAGES)
+    theirs, mine = whole.finetune(records, **options), split.finetune(records, **options)
+    assert mine.losses == pytest.approx(theirs.losses, rel=1e-5)
+    trained = dict(whole.model.named_parameters())
+    for name, p in split.model.named_parameters():
+        torch.testing.assert_close(p.detach().as_subclass(torch.Tensor), trained[name].detach(), rtol=1e-5, atol=1e-6)
