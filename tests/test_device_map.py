@@ -190,6 +190,10 @@ def test_auto_balances_blocks_by_bytes_then_spills_to_cpu():
     tight = {"cuda:0": sizes["embed"] + sizes["layers.0"], "cuda:1": sizes["layers.1"], "cpu": None}
     plan = {k: str(v) for k, v in auto_device_map(config, tight).items()}
     assert [plan[f"layers.{i}"] for i in range(4)] == ["cuda:0", "cuda:1", "cpu", "cpu"]
+    # the last block fits its GPU, the final norm and lm_head after it do not: they go to the CPU
+    share = sizes["embed"] + 2 * sizes["layers.0"]
+    plan = {k: str(v) for k, v in auto_device_map(config, {"cuda:0": share, "cuda:1": share, "cpu": None}).items()}
+    assert [plan[k] for k in ("layers.0", "layers.3", "final_norm", "lm_head")] == ["cuda:0", "cuda:1", "cpu", "cpu"]
 
 
 # ---------------------------------------------------------------------------- placement

@@ -201,6 +201,11 @@ def auto_device_map(config, budgets: Mapping[str, int | None] | None = None,
             device = "cpu"  # not even one block fits the next device: the rest stays on the CPU
         assignment[f"layers.{i}"] = device
         used, count = used + size, count + 1
+    tail = sizes["final_norm"] + sizes["lm_head"]  # they follow the last block, if its device has room
+    if device != "cpu" and used + tail > _budget(budgets, device):
+        assignment["final_norm"] = "cpu"
+        if not config.tie_embeddings:
+            assignment["lm_head"] = "cpu"
     return resolve_device_map(config, assignment, check_devices=False)
 
 
