@@ -129,7 +129,7 @@ class LLM:
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
              cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
-             quantize: str | None = None) -> "LLM":
+             quantize: str | None = None, device_map: str | dict | None = None) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only) or a catalogue name for one
         (``"Llama-3.2-1B"``, any case, as ``lucidlm models`` lists them; a local path of that name
@@ -145,27 +145,41 @@ class LLM:
         ``litgpt finetune adapter(_v2)``), to attach. An adapter trained on a different base model is
         refused unless ``check_base=False``: its recorded hub id, else the fingerprint of its base
         weights (so the embedded GGUF and ``lucidlm convert`` of it count as one base), decides.
+
+        ``device_map``: a model larger than one device, its blocks placed across devices and run as
+        a pipeline (instead of ``device``): ``"auto"`` (balanced by parameter bytes over the GPUs,
+        then the CPU) or ``{part: device}`` with parts ``"embed"``, ``"layers.3"``,
+        ``"layers.0-11"``, ``"final_norm"``, ``"lm_head"`` (see :mod:`lucidlm.model.pipeline`).
         """
         from .checkpoints import checkpoint_dir
         from .checkpoints.hf import load_hf_dir
         from .checkpoints.native import is_native, load_native
 
         dtype = torch_dtype(dtype)
+        if device_map is not None and torch.device(device) != torch.device("cpu"):
+            raise ConfigError(f"device={device!r} and device_map: pass one (device_map places every part)")
         if progress is None:
             import sys
 
             progress = sys.stderr is not None and sys.stderr.isatty()
         path, directory = checkpoint_dir(path, cache_dir=cache_dir, progress=progress)
         if is_native(directory):
-            model = load_native(directory, dtype=dtype, device=device)
+            model = load_native(directory, dtype=dtype, device="cpu" if device_map is not None else device)
+            if device_map is not None:  # read on the CPU, then each part to its device
+                from .model.pipeline import dispatch, placement_for
+
+                model = dispatch(model, placement_for(model.config, device_map, dtype))
         else:
-            model = load_hf_dir(directory, dtype=dtype, device=device)
+            model = load_hf_dir(directory, dtype=dtype, device=device, device_map=device_map)
         llm = cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
         if adapter is not None:
             llm.load_adapter(adapter, check_base=check_base)
         if quantize is not None:
             llm.quantize(quantize)
-        if torch.device(device).type == "cpu":
+        from .model.pipeline import placement_of
+
+        placed = placement_of(llm.model)
+        if any(d.type == "cpu" for d in (placed.values() if placed else [torch.device(device)])):
             from .model.linear import kernel_ready
 
             kernel_ready()  # the CPU decode kernel: built here once per machine, not mid-reply
@@ -260,7 +274,11 @@ class LLM:
         >>> llm = LLM(GPT(Config.from_name("tiny-llama"))).compile()  # compiles at the first generation
         """
         from .compiled import CompiledDecoder
+        from .model.pipeline import placement_of
 
+        if len(set((placement_of(self.model) or {}).values())) > 1:
+            raise ConfigError("compile(): the model is split across devices (device_map); its decode steps "
+                              "run eagerly: load it without device_map to compile")
         self._decoder = CompiledDecoder(self.model)
         return self
 

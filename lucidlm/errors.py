@@ -69,6 +69,11 @@ class EvaluationError(LucidError, ValueError):
     directory that does not exist, or a bad option."""
 
 
+class DeviceMapError(ConfigError):
+    """A ``device_map`` names a part the model lacks, a device this machine lacks, or leaves a block
+    on no device."""
+
+
 class TargetHint(UserWarning):
     """The explained target is probably not the token the user meant (e.g. ``'Paris'`` where the
     model predicts ``' Paris'``): a warning, since the explanation itself is valid."""

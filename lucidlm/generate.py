@@ -20,6 +20,7 @@ import torch
 from .cache.base import KVCache, VisibleKeys
 from .cache.spec import PolicySpec, parse_policy
 from .errors import CacheError, GenerationError
+from .model.pipeline import cache_devices
 from .model.rope import length_dependent, recompute_position
 
 
@@ -144,7 +145,8 @@ def _prefill(model, prompts: Sequence[Sequence[int]], ids: torch.Tensor, pos: to
 
     if spec.is_plain_dense and len(prompts) > 1 and sum(map(len, prompts)) <= chunk_size * 8:
         return prefill_packed(model, prompts, cache_tokens, dtype, device)
-    cache = build_cache(model.config, len(prompts), spec, cache_tokens, dtype=dtype, device=device)
+    cache = build_cache(model.config, len(prompts), spec, cache_tokens, dtype=dtype,
+                        device=cache_devices(model, device))  # split by device_map: each layer's with its block
     return cache, prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
 
 
@@ -177,7 +179,7 @@ def prefill_packed(model, prompts: Sequence[Sequence[int]], cache_tokens: int,
     last = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
     last[ends - 1] = True
     logits = model(ids, positions=positions, cache=packed, select=last[None])
-    batch = dense_cache(model.config, len(prompts), cache_tokens, dtype, device)
+    batch = dense_cache(model.config, len(prompts), cache_tokens, dtype, cache_devices(model, device))
     for into, layer in zip(batch.layers, packed.layers):
         for row, (n, end) in enumerate(zip(lengths, ends.tolist())):
             into.k[row, :, longest - n:longest] = layer.k[0, :, end - n:end]

@@ -28,6 +28,7 @@ from .cache.base import KVCache
 from .cache.prefill import _model, check_context, stream
 from .cache.spec import PolicySpec, parse_policy
 from .errors import CacheError
+from .model.pipeline import cache_devices
 
 
 @dataclasses.dataclass
@@ -56,7 +57,8 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str | Polic
     spec = parse_policy(kv_cache)
     cache_tokens = spec.budget(cache_tokens, ids.shape[1])  # dense: room for exactly this text
     param = next(gpt.parameters())
-    cache = build_cache(gpt.config, 1, spec, cache_tokens, dtype=param.dtype, device=param.device)
+    cache = build_cache(gpt.config, 1, spec, cache_tokens, dtype=param.dtype,
+                        device=cache_devices(gpt, param.device))
     result, _ = score(gpt, ids.to(param.device), cache, chunk_size, progress)
     return result
 

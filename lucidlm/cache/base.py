@@ -190,10 +190,27 @@ class DenseLayerCache(LayerCache):
 
 
 def dense_cache(config, batch: int, capacity: int | None = None, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> KVCache:
+                device: torch.device | str | list = "cpu") -> KVCache:
     """A dense cache for ``capacity`` tokens (default: the model's context length), with the slot
-    sizes of ``config.kv_slot_sizes()``."""
+    sizes of ``config.kv_slot_sizes()``; ``device``: one, or one per layer (see :func:`layer_devices`)."""
     capacity = capacity or config.block_size
     groups, key_size, value_size = config.kv_slot_sizes()
-    return KVCache([DenseLayerCache(batch, groups, key_size, capacity, dtype, device, value_size)
-                    for _ in range(config.n_layer)])
+    return KVCache([DenseLayerCache(batch, groups, key_size, capacity, dtype, d, value_size)
+                    for d in layer_devices(device, config.n_layer)])
+
+
+def layer_devices(device: torch.device | str | list, n_layer: int) -> list:
+    """Where each layer's cache lives: ``device`` for all, or a list of one device per layer as it
+    is (a model split across devices by ``device_map`` keeps each layer's cache with its block).
+
+    >>> layer_devices("cpu", 2), layer_devices(["cpu", "meta"], 2)
+    (['cpu', 'cpu'], ['cpu', 'meta'])
+    """
+    if not isinstance(device, (list, tuple)):
+        return [device] * n_layer
+    if len(device) != n_layer:
+        from ..errors import CacheError
+
+        raise CacheError(f"device: {len(device)} devices for a cache of {n_layer} layers; expected one device "
+                         "or one per layer")
+    return list(device)

@@ -56,7 +56,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import CacheError
-from .base import KVCache, LayerCache, dense_cache
+from .base import KVCache, LayerCache, dense_cache, layer_devices
 from .quant import STORES, FloatStore
 from .spec import POLICY_NAMES, PolicySpec, parse_policy
 
@@ -456,11 +456,12 @@ def _capacities(spec: PolicySpec, n_layer: int, cache_tokens: int) -> tuple[list
 
 
 def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_tokens: int | None = None,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+                dtype: torch.dtype = torch.float32, device: torch.device | str | list = "cpu") -> KVCache:
     """A :class:`KVCache` for ``config`` with ``policy`` (a name, a spec string such as
     ``"snapkv(window=8)+int8"``, or a :class:`PolicySpec`) and ``cache_tokens`` slots per layer
     (``pyramidkv``: on average).
 
+    ``device``: one, or one per layer (:func:`~lucidlm.cache.base.layer_devices`).
     ``cache_tokens`` None: the context length for ``dense``, :data:`~lucidlm.cache.spec.DEFAULT_CACHE_TOKENS`
     otherwise (:meth:`PolicySpec.budget`).
     Raises :class:`CacheError` for an unknown policy or parameter, or a budget too small for it.
@@ -478,8 +479,9 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
     if value_size == 0 and cls is VLengthH2OLayerCache:
         raise CacheError(f"policy {str(spec)!r} ranks tokens by their values' norms, and this model's cache holds no "
                          "values (multi-head latent attention caches the latent); use h2o")
-    return KVCache([cls(batch, groups, key_size, c, dtype, device, store=store, value_size=value_size, **params)
-                    for c in capacities])
+    devices = layer_devices(device, config.n_layer)
+    return KVCache([cls(batch, groups, key_size, c, dtype, d, store=store, value_size=value_size, **params)
+                    for c, d in zip(capacities, devices)])
 
 
 def _factory(spec: PolicySpec, config, batch: int, cache_tokens: int | None = None, **kwargs) -> KVCache:

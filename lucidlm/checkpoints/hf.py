@@ -18,6 +18,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..fileio import atomic_path, atomic_write
 from ..model import GPT
+from ..model.pipeline import dispatch, memory_of, part_of, place_empty, placement_for
 from .layouts import hf_to_ours, ours_to_hf
 from .mxfp4 import dequantize_mxfp4
 
@@ -73,10 +74,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32,
-                device: str | torch.device = "cpu") -> GPT:
-    """Build a :class:`GPT` from a Hugging Face directory (config.json + safetensors)."""
+                device: str | torch.device = "cpu", device_map=None) -> GPT:
+    """Build a :class:`GPT` from a Hugging Face directory (config.json + safetensors).
+    ``device_map``: a device map (``"auto"`` or a dict, see :mod:`lucidlm.model.pipeline`): each
+    tensor goes straight to its part's device (no copy of the whole model on one device; a
+    ``"meta"`` part keeps no weights), and the model runs as a pipeline over them."""
     directory = Path(directory)
     config = Config.from_hf(directory)
+    target = dtype if dtype is not None else torch.get_default_dtype()
+    plan = None if device_map is None else placement_for(config, device_map, target)  # a bad map: before reading
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for f in weight_files(directory):
@@ -95,9 +101,11 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     _check_tensors(model, ours, directory)
     # each tensor goes to its final dtype and device once and becomes the parameter itself
     # (assign=True): a bf16 checkpoint loaded as bf16 never passes through a float32 copy
-    target = dtype if dtype is not None else torch.get_default_dtype()
-    ours = {name: t.to(device=device, dtype=target if t.is_floating_point() else t.dtype) for name, t in ours.items()}
-    model = model.to(dtype=target).to_empty(device=device)  # on meta: the dtype change costs nothing
+    where = (lambda name: device) if plan is None else (lambda name: memory_of(plan[part_of(name)]))
+    ours = {name: t.to(device=where(name), dtype=target if t.is_floating_point() else t.dtype)
+            for name, t in ours.items()}
+    model = model.to(dtype=target)  # on meta: the dtype change costs nothing
+    model = model.to_empty(device=device) if plan is None else place_empty(model, plan)
     model.load_state_dict(ours, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -105,7 +113,7 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = torch.float32
     for module in model.modules():  # non-persistent buffers (RoPE) were built on "meta"
         if hasattr(module, "reset_rope"):
             module.reset_rope()
-    return model
+    return model if plan is None else dispatch(model, plan)
 
 
 def _check_tensors(model: GPT, ours: dict[str, torch.Tensor], directory: Path) -> None:

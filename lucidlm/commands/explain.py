@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import Command, Paths, add_adapter, add_cache, add_model, add_target, cache_kwargs, hints_as_notes, load
+from .options import (Command, Paths, add_adapter, add_cache, add_device_map, add_model, add_target, cache_kwargs,
+                      hints_as_notes, load)
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text whose next token is explained")
     add_model(p)
     add_adapter(p, "explain --model with this adapter attached (lucidlm diff compares it with the base)")
+    add_device_map(p)
     add_target(p)
     p.add_argument("--method", default="attnlrp", choices=EXPLAIN_METHODS, help="explanation method")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import Command, add_adapter, add_model, add_sampling, load, sampling_kwargs
+from .options import Command, add_adapter, add_device_map, add_model, add_sampling, load, sampling_kwargs
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     add_model(p)
     add_adapter(p, "continue with this adapter attached to --model")
+    add_device_map(p)
     add_sampling(p, 128)
 
 
@@ -33,6 +34,7 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (default: none)")
     add_model(p)
     add_adapter(p, "chat with this adapter attached to --model")
+    add_device_map(p)
     add_sampling(p, 512)
 
 

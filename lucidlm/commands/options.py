@@ -255,6 +255,34 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p, "the weights' dtype in memory")
 
 
+def device_map(text: str) -> str | dict[str, str | int]:
+    """``--device-map``: ``auto``, or ``PART=DEVICE`` pairs separated by commas (a bare number is a
+    CUDA index); which parts and devices exist is checked when the model loads
+    (:mod:`lucidlm.model.pipeline`).
+
+    >>> device_map("layers.0-11=cuda:0, layers.12-23=1")
+    {'layers.0-11': 'cuda:0', 'layers.12-23': 1}
+    >>> device_map("layers.0-11")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected 'auto' or PART=DEVICE[,PART=DEVICE...] such as 'layers.0-11=cuda:0,layers.12-23=cuda:1', got 'layers.0-11'
+    """
+    if text.strip() == "auto":
+        return "auto"
+    pairs = [item.partition("=") for item in text.split(",")]
+    if not all(key.strip() and sep and value.strip() for key, sep, value in pairs):
+        raise argparse.ArgumentTypeError("expected 'auto' or PART=DEVICE[,PART=DEVICE...] such as "
+                                         f"'layers.0-11=cuda:0,layers.12-23=cuda:1', got {text!r}")
+    return {key.strip(): int(value) if value.strip().isdigit() else value.strip() for key, _, value in pairs}
+
+
+def add_device_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", type=device_map, default=None, metavar="MAP",
+                   help="a model larger than one device: 'auto' (blocks balanced over the GPUs, then the CPU) "
+                        "or PART=DEVICE pairs, parts embed, layers.N, layers.A-B, final_norm, lm_head, e.g. "
+                        "'layers.0-11=cuda:0,layers.12-23=cuda:1' (default: the whole model on one device)")
+
+
 def add_adapter(p: argparse.ArgumentParser, use: str = "attach this adapter to --model") -> None:
     """``--adapter DIR`` (whatever :meth:`lucidlm.LLM.load_adapter` reads: a PEFT LoRA directory ...)
     and ``--no-check-base``; the pre-load check (:func:`lucidlm.commands.checks.check`) makes sure
@@ -312,7 +340,8 @@ def load(args: argparse.Namespace):
 
     with cli_hints():
         llm = LLM.load(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, progress=True,
-                       check_base=not getattr(args, "no_check_base", False))
+                       check_base=not getattr(args, "no_check_base", False),
+                       device_map=getattr(args, "device_map", None))
     return llm.compile() if getattr(args, "compile", False) else llm
 
 

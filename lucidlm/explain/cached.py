@@ -39,6 +39,7 @@ from ..cache.base import KVCache, LayerCache, VisibleKeys
 from ..cache.spec import parse_policy
 from ..errors import ExplainError
 from ..methods import METHODS
+from ..model.pipeline import cache_devices
 from .core import Prompt, check_explainable, explain_prompts
 from .explanation import Explanation
 from .targets import Target
@@ -76,7 +77,8 @@ def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], tar
         raise ExplainError("a multi-token continuation target cannot be explained under a KV-cache policy "
                            "(it would need one explained step per token): pass kv_cache=None")
     seen, _ = cached_run(model, request.ids, kv_cache, cache_tokens, chunk_size)
-    kept = torch.stack([s[-1] for s in seen]).any(0)  # held by some layer for the last query
+    kept = torch.stack([s[-1].cpu() for s in seen]).any(0)  # held by some layer for the last query (layers may
+    # sit on several devices: device_map)
     replay = KVCache([VisibleKeys(s) for s in seen])
     (explanation,) = explain_prompts(model, tokenizer, [request], method, "logit", cache=replay, layers=layers,
                                      evicted=~kept)
@@ -90,7 +92,8 @@ def cached_run(model: nn.Module, ids: list[int], kv_cache: str, cache_tokens: in
     prediction's logits (vocab,), which the replay reproduces."""
     param = next(model.parameters())
     budget = len(ids) if cache_tokens is None else parse_policy(kv_cache).budget(cache_tokens, len(ids))
-    cache = build_cache(model.config, 1, kv_cache, budget, dtype=param.dtype, device=param.device)
+    cache = build_cache(model.config, 1, kv_cache, budget, dtype=param.dtype,
+                        device=cache_devices(model, param.device))
     recording = KVCache([Recording(layer, len(ids)) for layer in cache.layers])
     x = torch.tensor([ids], device=param.device)
     with torch.no_grad():

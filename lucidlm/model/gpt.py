@@ -122,7 +122,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         elif select is not None:
-            x = x[select]
+            x = x[select.to(x.device)]  # split across devices: the mask is on the first one
         logits = self.lm_head(self.final_norm(x))
         if self.config.logit_scale != 1.0:  # Cohere logit_scale, Granite 1 / logits_scaling
             logits = logits * self.config.logit_scale
