@@ -18,7 +18,7 @@ import torch
 from .cache.spec import PolicySpec, parse_policy
 from .config import Config
 from .dtypes import torch_dtype
-from .errors import CheckpointError, ConfigError, ExplainError, GenerationError, TokenizerError
+from .errors import CheckpointError, ConfigError, ExplainError, GenerationError, ParallelError, TokenizerError
 from .generate import Sampling, generate_ids
 from .model import GPT
 
@@ -129,7 +129,7 @@ class LLM:
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
              cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
-             quantize: str | None = None) -> "LLM":
+             quantize: str | None = None, tensor_parallel: bool = False) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only) or a catalogue name for one
         (``"Llama-3.2-1B"``, any case, as ``lucidlm models`` lists them; a local path of that name
@@ -139,6 +139,10 @@ class LLM:
         ``quantize="int8"``: weight-only int8 after loading (see :meth:`quantize`).
         ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:
         when stderr is a terminal).
+
+        ``tensor_parallel=True``: under ``torchrun``, each process keeps its share of the attention
+        heads and MLP columns (see :mod:`lucidlm.model.parallel`); generation and explanations then
+        run on every process together and equal one process's. Not with ``adapter``/``quantize``.
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
         ``transformers`` model), or a LitGPT Adapter/AdapterV2 folder (trained here or with
@@ -160,6 +164,13 @@ class LLM:
             model = load_native(directory, dtype=dtype, device=device)
         else:
             model = load_hf_dir(directory, dtype=dtype, device=device)
+        if tensor_parallel:
+            from .distributed import tensor_parallel as shard
+
+            if adapter is not None or quantize is not None:
+                raise ParallelError("tensor_parallel=True: load without adapter= and quantize= (adapters and int8 "
+                                    "weights are not sharded; merge the adapter into a checkpoint first)")
+            model = shard(model)
         llm = cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
         if adapter is not None:
             llm.load_adapter(adapter, check_base=check_base)
