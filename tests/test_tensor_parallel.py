@@ -19,7 +19,7 @@ from lucidlm import LLM, Config, GPT
 from lucidlm.cli import main
 from lucidlm.errors import ParallelError
 from lucidlm.explain.dataset import read_results
-from lucidlm.model.parallel import ColumnParallelLinear, RowParallelLinear, check_divisible, check_supported
+from lucidlm.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, check_divisible, check_supported
 from torchrun_util import TORCHRUN
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -182,3 +182,10 @@ def test_sharded_linears_compose_to_the_whole_layer():
     rows = [RowParallelLinear.from_linear(layer, slice(r * 3, r * 3 + 3)) for r in range(2)]
     partial = sum(torch.nn.functional.linear(x[:, r * 3:r * 3 + 3], rows[r].weight) for r in range(2))
     assert torch.allclose(partial + rows[0].bias, layer(x), atol=1e-6)
+
+
+def test_compiling_a_tensor_parallel_model_is_refused():
+    model = GPT(Config.from_name("tiny-llama"))
+    model.tensor_parallel = Shard(0, 2, model.config)  # as shard_model marks it
+    with pytest.raises(ParallelError, match="a tensor-parallel model decodes eagerly"):
+        LLM(model).compile()
