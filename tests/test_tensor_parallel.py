@@ -102,6 +102,15 @@ def test_relevances_equal_one_process(tp_results, one_process, method):
 
 
 @needs_torchrun
+def test_latent_relevances_cover_every_head_and_neuron(tp_results, one_process):
+    want = one_process["latent"]
+    assert len(want["layers.0.attn"]) == 4 and len(want["layers.0.mlp"]) == 64  # the whole model's
+    for found in tp_results:
+        assert found["latent"].keys() == want.keys()
+        assert all(close(found["latent"][key], want[key]) for key in want)
+
+
+@needs_torchrun
 def test_cli_generate_and_explain_print_one_process_output(tiny_lm_dir, tmp_path, capsys):
     generate = ["generate", "Once upon a time", "--model", str(tiny_lm_dir), "--max-new-tokens", "10"]
     assert main(generate) == 0

@@ -30,6 +30,8 @@ def results(llm: LLM) -> dict:
     for method in ("attnlrp", "cp-lrp"):
         e = llm.explain(PROMPT, method=method)
         out[method] = {"target": e.target_ids, "relevance": [float(r) for r in e.relevance]}
+    latent = llm.explain(PROMPT, method="cp-lrp", layers="all").layers
+    out["latent"] = {key: value.tolist() for key, value in latent.items()}
     cached = llm.explain(PROMPT, method="attnlrp", kv_cache="h2o", cache_tokens=8)
     out["attnlrp-h2o"] = {"target": cached.target_ids, "relevance": [float(r) for r in cached.relevance]}
     return out

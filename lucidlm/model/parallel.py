@@ -139,6 +139,12 @@ def gather_groups(x: torch.Tensor) -> torch.Tensor:
     return _all_gather(x.detach(), dim=1)
 
 
+def gather_units(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's slice of a per-head or per-neuron tensor (units, ...), in rank order: the whole
+    model's units (each rank holds a contiguous slice)."""
+    return _all_gather(x.detach(), dim=0)
+
+
 class ColumnParallelLinear(Linear):
     """This rank's output rows of ``layer`` (and of its bias): rows ``rows`` of the weight."""
 
