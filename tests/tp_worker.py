@@ -27,8 +27,8 @@ def results(llm: LLM) -> dict:
     """Greedy generations through each cache policy and explanations with both LRP methods."""
     out = {"generate": {p: llm.generate(PROMPT, max_new_tokens=12, kv_cache=p, cache_tokens=n) for p, n in POLICIES},
            "kept": {p: kept_positions(llm, p, n) for p, n in POLICIES[1:]}}
-    for method in ("attnlrp", "cp-lrp"):
-        e = llm.explain(PROMPT, method=method)
+    for method in ("attnlrp", "cp-lrp", "attention-rollout", "integrated-gradients"):
+        e = llm.explain(PROMPT, method=method, options={"steps": 32} if method == "integrated-gradients" else None)
         out[method] = {"target": e.target_ids, "relevance": [float(r) for r in e.relevance]}
     latent = llm.explain(PROMPT, method="cp-lrp", layers="all").layers
     out["latent"] = {key: value.tolist() for key, value in latent.items()}
