@@ -20,6 +20,7 @@ from lucidlm.cli import main
 from lucidlm.errors import ParallelError
 from lucidlm.explain.dataset import read_results
 from lucidlm.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, check_divisible, check_supported
+from cli_probe import probe
 from torchrun_util import TORCHRUN
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -148,11 +149,11 @@ def test_load_without_a_process_group_is_a_typed_error(tmp_path, monkeypatch):
         LLM.load(hf_llama(tmp_path), tensor_parallel=True)
 
 
-def test_cli_without_torchrun_exits_2_with_one_line(monkeypatch, capsys):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["generate", "hi", "--tensor-parallel"]) == 2  # before any model loads
-    err = capsys.readouterr().err.strip()
-    assert "--tensor-parallel needs the process group torchrun starts" in err and "\n" not in err
+@pytest.mark.parametrize("command", [["generate", "hi"], ["explain", "hi"], ["explain-dataset", "d.jsonl", "--out", "o"]])
+def test_cli_without_torchrun_exits_2_with_one_line_before_torch(command):
+    found, err = probe(*command, "--tensor-parallel", unset=("WORLD_SIZE",))
+    assert found["status"] == 2 and found["heavy"] == []
+    assert "--tensor-parallel needs the process group torchrun starts" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("fields, size, message", [
