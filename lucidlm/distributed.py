@@ -1,5 +1,6 @@
 """Joining the process group ``torchrun`` describes: gloo on CPU, nccl on GPU. Shared by training
-(:mod:`lucidlm.train`) and dataset explanations (:mod:`lucidlm.explain.dataset`).
+(:mod:`lucidlm.train`), dataset explanations (:mod:`lucidlm.explain.dataset`) and tensor
+parallelism (:func:`tensor_parallel`, :mod:`lucidlm.model.parallel`).
 
 One process (no ``WORLD_SIZE`` in the environment) needs nothing: :func:`setup` returns a world of
 size 1 and every helper here is then a no-op.
