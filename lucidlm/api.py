@@ -18,7 +18,7 @@ import torch
 from .cache.spec import PolicySpec, parse_policy
 from .config import Config
 from .dtypes import torch_dtype
-from .errors import CheckpointError, ConfigError, ExplainError, GenerationError, TokenizerError
+from .errors import CheckpointError, ConfigError, ExplainError, GenerationError, ParallelError, TokenizerError
 from .generate import Sampling, generate_ids
 from .model import GPT
 
@@ -129,7 +129,8 @@ class LLM:
     def load(cls, path: str | Path | None = None, adapter: str | Path | None = None,
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
              cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
-             quantize: str | None = None, device_map: str | dict | None = None) -> "LLM":
+             quantize: str | None = None, device_map: str | dict | None = None,
+             tensor_parallel: bool = False) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only) or a catalogue name for one
         (``"Llama-3.2-1B"``, any case, as ``lucidlm models`` lists them; a local path of that name
@@ -139,6 +140,10 @@ class LLM:
         ``quantize="int8"``: weight-only int8 after loading (see :meth:`quantize`).
         ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:
         when stderr is a terminal).
+
+        ``tensor_parallel=True``: under ``torchrun``, each process keeps its share of the attention
+        heads and MLP columns (see :mod:`lucidlm.model.parallel`); generation and explanations then
+        run on every process together and equal one process's. Not with ``adapter``/``quantize``.
 
         ``adapter``: a PEFT LoRA adapter directory (trained here or with ``peft`` on the
         ``transformers`` model), or a LitGPT Adapter/AdapterV2 folder (trained here or with
@@ -158,6 +163,9 @@ class LLM:
         dtype = torch_dtype(dtype)
         if device_map is not None and torch.device(device) != torch.device("cpu"):
             raise ConfigError(f"device={device!r} and device_map: pass one (device_map places every part)")
+        if tensor_parallel and device_map is not None:
+            raise ParallelError("tensor_parallel=True and device_map= are exclusive: each process of a sharded "
+                                "model keeps its share on its own device")
         if progress is None:
             import sys
 
@@ -171,6 +179,13 @@ class LLM:
                 model = dispatch(model, placement_for(model.config, device_map, dtype))
         else:
             model = load_hf_dir(directory, dtype=dtype, device=device, device_map=device_map)
+        if tensor_parallel:
+            from .distributed import tensor_parallel as shard
+
+            if adapter is not None or quantize is not None:
+                raise ParallelError("tensor_parallel=True: load without adapter= and quantize= (adapters and int8 "
+                                    "weights are not sharded; merge the adapter into a checkpoint first)")
+            model = shard(model)
         llm = cls(model, _tokenizer_for(directory), source=str(path), directory=directory)
         if adapter is not None:
             llm.load_adapter(adapter, check_base=check_base)

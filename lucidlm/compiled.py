@@ -66,6 +66,13 @@ class CompiledDecoder:
     """One-token decode steps of ``model`` through ``torch.compile``, over a static dense cache."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        from .model.parallel import shard_of
+
+        if shard_of(model) is not None:  # fullgraph=True: the all-reduce of each block would break it
+            from .errors import ParallelError
+
+            raise ParallelError("compile() / --compile: a tensor-parallel model decodes eagerly (its all-reduces "
+                                "are not compiled); drop --compile")
         self.model = model
         self.fallback_reason: str | None = None
         self._weights: tuple | None = None  # fingerprint of the weights the graphs were compiled with

@@ -1,5 +1,6 @@
 """Joining the process group ``torchrun`` describes: gloo on CPU, nccl on GPU. Shared by training
-(:mod:`lucidlm.train`) and dataset explanations (:mod:`lucidlm.explain.dataset`).
+(:mod:`lucidlm.train`), dataset explanations (:mod:`lucidlm.explain.dataset`) and tensor
+parallelism (:func:`tensor_parallel`, :mod:`lucidlm.model.parallel`).
 
 One process (no ``WORLD_SIZE`` in the environment) needs nothing: :func:`setup` returns a world of
 size 1 and every helper here is then a no-op.
@@ -57,6 +58,36 @@ def setup() -> World:
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return World(rank, size, local)
+
+
+def tensor_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` over the processes ``torchrun`` started (:mod:`lucidlm.model.parallel`): each
+    keeps its share of the heads and MLP columns, on its device. The global random generator is
+    seeded alike on every process (rank 0's seed), so unseeded sampling draws the same tokens.
+
+    >>> from lucidlm import Config, GPT
+    >>> tensor_parallel(GPT(Config.from_name("tiny-llama")))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lucidlm.errors.ParallelError: tensor_parallel=True needs a process group: run under torchrun ...
+    """
+    import torch.distributed as dist
+
+    from .errors import ParallelError
+    from .model.parallel import check_divisible, check_supported, shard_model
+
+    if "WORLD_SIZE" not in os.environ and not (dist.is_available() and dist.is_initialized()):
+        raise ParallelError("tensor_parallel=True needs a process group: run under torchrun (e.g. torchrun "
+                            "--nproc-per-node 2 -m lucidlm generate TEXT --tensor-parallel); one process holds "
+                            "the whole model without it")
+    world = setup()
+    if world.size > 1:  # before joining any collective: every rank raises the same error
+        check_supported(model)
+        check_divisible(model.config, world.size)
+        seed = torch.tensor([torch.seed() % 2 ** 62 if world.is_main else 0], device=world.device)
+        dist.broadcast(seed, 0)
+        torch.manual_seed(int(seed.item()))
+    return shard_model(model.to(world.device), world.rank, world.size)
 
 
 def shutdown(clean: bool = True) -> None:

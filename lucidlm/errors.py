@@ -15,6 +15,11 @@ class UnsupportedArchitectureError(ConfigError):
     """The checkpoint's architecture is not one lucidlm implements."""
 
 
+class ParallelError(ConfigError):
+    """A tensor-parallel model cannot be built: no process group (not under ``torchrun``), a head,
+    KV-group or hidden-size count the world size does not divide, or a part that is not sharded."""
+
+
 class CheckpointError(LucidError, ValueError):
     """A checkpoint file is missing, truncated, or holds tensors of the wrong name or shape."""
 

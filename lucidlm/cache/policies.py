@@ -93,6 +93,10 @@ class SlotLayerCache(LayerCache):
 
     policy = "window"  # the name error messages give
     slot_state: tuple[str, ...] = ()
+    #: under tensor parallelism (:mod:`lucidlm.model.parallel`) each process holds some of the KV
+    #: groups: this joins every process's groups (batch, groups, ...) so that the layer's one
+    #: decision, made on their mean, is the same on every process; None: all groups are here
+    gather_groups: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -145,6 +149,10 @@ class SlotLayerCache(LayerCache):
         the new tokens' keys, values (padding zeroed) and positions. Extends ``slot_state``."""
 
     # ---- helpers -----------------------------------------------------------------------------
+    def group_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-group score (batch, groups, slots) averaged over every KV group of the layer."""
+        return (x if self.gather_groups is None else self.gather_groups(x)).mean(1)
+
     def select(self, all_pos: torch.Tensor) -> torch.Tensor:
         """Indices (batch, capacity) of the slots to keep, in their old order."""
         rank = self.priority(all_pos).masked_fill(all_pos < 0, -torch.inf)  # empty slots go first
@@ -225,7 +233,7 @@ class H2OLayerCache(SlotLayerCache):
     def observe(self, scores, k, v, pos):
         total = torch.cat([self.score, torch.zeros(self.score.shape[0], k.shape[2], device=self.score.device)], 1)
         if scores is not None:  # NaN only from padding queries with nothing visible: worth nothing
-            total = total + self.instant(torch.nan_to_num(scores.float(), nan=0.0), pos).mean(1)
+            total = total + self.group_mean(self.instant(torch.nan_to_num(scores.float(), nan=0.0), pos))
         self.score = total
 
     def instant(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -293,7 +301,7 @@ class QuantH2OLayerCache(H2OLayerCache):
         self.q_error = self._empty_state()  # (batch, slots)
 
     def observe(self, scores, k, v, pos):
-        error = (self.store.error(k.detach()) + self.value_store.error(v.detach())).mean(1)
+        error = self.group_mean(self.store.error(k.detach()) + self.value_store.error(v.detach()))
         self.q_error = torch.cat([self.q_error, error], dim=1)
         super().observe(scores, k, v, pos)
 
@@ -345,7 +353,7 @@ class SnapKVLayerCache(SlotLayerCache):
         else:  # padding and empty slots score nothing, as SnapKV's zero padding of the pooling
             step = self._step.masked_fill((pos < 0)[:, None, :], 0.0)
         pool = F.avg_pool1d if self.pool == "avg" else F.max_pool1d
-        pooled = pool(step, self.kernel, stride=1, padding=self.kernel // 2).mean(1)
+        pooled = self.group_mean(pool(step, self.kernel, stride=1, padding=self.kernel // 2))
         return pooled.masked_fill(_protected(pos, self.window), torch.inf)
 
 
@@ -391,7 +399,7 @@ class KNormLayerCache(SlotLayerCache):
         self.k_norm = self._empty_state()  # (batch, slots)
 
     def observe(self, scores, k, v, pos):
-        self.k_norm = torch.cat([self.k_norm, k.detach().float().norm(dim=-1).mean(1)], dim=1)
+        self.k_norm = torch.cat([self.k_norm, self.group_mean(k.detach().float().norm(dim=-1))], dim=1)
 
     def priority(self, pos):
         return -self.k_norm

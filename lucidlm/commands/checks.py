@@ -15,6 +15,7 @@ lucidlm.commands.options.UsageError: the prompt is empty
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .options import Command, UsageError, missing_model
@@ -36,6 +37,9 @@ def check(args: argparse.Namespace, command: Command) -> list[str]:
     for flag, path in command.outputs(args):
         if path is not None and not Path(path).parent.is_dir():
             raise UsageError(f"argument {flag}: the directory {Path(path).parent} does not exist")
+    if getattr(args, "tensor_parallel", False) and "WORLD_SIZE" not in os.environ:
+        raise UsageError("--tensor-parallel needs the process group torchrun starts: run torchrun "
+                         "--nproc-per-node N -m lucidlm ... --tensor-parallel")
     notes = []
     if getattr(args, "cache_tokens", None) is not None and getattr(args, "kv_cache", "") is None:
         args.kv_cache = "window"

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import (Command, Paths, add_adapter, add_cache, add_device_map, add_model, add_target, cache_kwargs,
-                      hints_as_notes, load)
+from .options import (Command, Paths, add_adapter, add_cache, add_device_map, add_model, add_target,
+                      add_tensor_parallel, cache_kwargs, every_process, hints_as_notes, load)
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     add_cache(p)
+    add_tensor_parallel(p)
 
 
 def outputs(args: argparse.Namespace) -> Paths:
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     target = args.target_id if args.target_id is not None else args.target
-    explanation = _explain(llm, prompt, target, args)
+    with every_process(llm) as main:  # --tensor-parallel: every process explains, the first one writes
+        explanation = _explain(llm, prompt, target, args, main)
+    if not main:
+        return 0
     skip_first = not args.keep_first
     for path, save in ((args.html, explanation.save_html), (args.json, explanation.save_json)):
         if path is not None:
@@ -60,12 +64,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain(llm, prompt, target, args: argparse.Namespace):
-    """Explain and print the terminal heatmap; a hint about the target becomes a note on stderr after
-    it (:func:`hints_as_notes`)."""
+def _explain(llm, prompt, target, args: argparse.Namespace, main: bool = True):
+    """Explain and print the terminal heatmap (``main``: this process prints); a hint about the
+    target becomes a note on stderr after it (:func:`hints_as_notes`)."""
     with hints_as_notes():
         explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args))
-        print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
+        if main:
+            print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
     return explanation
 
 

@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..explain.dataset import DEFAULT_DIFF_METHOD, DEFAULT_METHOD, FORMATS, Item, check_diff_options, \
     explain_dataset, load_hf_dataset, read_items
 from ..methods import METHODS
-from .options import Command, Paths, add_cache, add_model, model_path, positive
+from .options import Command, Paths, add_cache, add_model, add_tensor_parallel, model_path, positive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "such as 0,5,-1 (default: none for explanations, all for diffs: about 2 MB a record for "
                         "SmolLM2-135M)")
     add_cache(p)
+    add_tensor_parallel(p)
 
 
 def layer_spec(text: str) -> str | list[int]:
@@ -80,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from ..api import LLM
     from ..distributed import closing_group
 
-    llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype, progress=True)
-    base = None if args.diff_against is None else LLM.load(args.diff_against, dtype=args.dtype, progress=True)
+    parallel = args.tensor_parallel  # the processes hold one model together, not one each
+    llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype, progress=True, tensor_parallel=parallel)
+    base = None if args.diff_against is None else LLM.load(args.diff_against, dtype=args.dtype, progress=True,
+                                                            tensor_parallel=parallel)
     method = args.method or (DEFAULT_METHOD if base is None else DEFAULT_DIFF_METHOD)
     with closing_group():
         result = explain_dataset(llm, items, args.out, method=method, batch_size=args.batch_size,

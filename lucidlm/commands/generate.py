@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
-from .options import Command, add_adapter, add_device_map, add_model, add_sampling, load, sampling_kwargs
+from .options import (Command, add_adapter, add_device_map, add_model, add_sampling, add_tensor_parallel,
+                      every_process, load, sampling_kwargs)
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
@@ -19,14 +21,17 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     add_adapter(p, "continue with this adapter attached to --model")
     add_device_map(p)
     add_sampling(p, 128)
+    add_tensor_parallel(p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     llm = load(args)
-    for piece in llm.generate(args.prompt, stream=True, **sampling_kwargs(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    with every_process(llm) as main:
+        out = sys.stdout if main else io.StringIO()  # every process decodes; the first one prints
+        for piece in llm.generate(args.prompt, stream=True, **sampling_kwargs(args)):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
     return 0
 
 

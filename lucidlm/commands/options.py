@@ -283,6 +283,13 @@ def add_device_map(p: argparse.ArgumentParser) -> None:
                         "'layers.0-11=cuda:0,layers.12-23=cuda:1' (default: the whole model on one device)")
 
 
+def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="under torchrun: each process holds its share of the attention heads and MLP columns "
+                        "(llama-like models whose heads, KV groups and MLP size the process count divides); "
+                        "the first process writes the output")
+
+
 def add_adapter(p: argparse.ArgumentParser, use: str = "attach this adapter to --model") -> None:
     """``--adapter DIR`` (whatever :meth:`lucidlm.LLM.load_adapter` reads: a PEFT LoRA directory ...)
     and ``--no-check-base``; the pre-load check (:func:`lucidlm.commands.checks.check`) makes sure
@@ -341,8 +348,24 @@ def load(args: argparse.Namespace):
     with cli_hints():
         llm = LLM.load(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, progress=True,
                        check_base=not getattr(args, "no_check_base", False),
-                       device_map=getattr(args, "device_map", None))
+                       device_map=getattr(args, "device_map", None),
+                       tensor_parallel=getattr(args, "tensor_parallel", False))
     return llm.compile() if getattr(args, "compile", False) else llm
+
+
+@contextlib.contextmanager
+def every_process(llm) -> Iterator[bool]:
+    """Run the block on every process of a ``--tensor-parallel`` model (they compute together) and
+    leave the process group after it; yields whether this process writes the output (the first)."""
+    from ..distributed import closing_group
+    from ..model.parallel import shard_of
+
+    shard = shard_of(llm.model)
+    if shard is None:
+        yield True
+        return
+    with closing_group():
+        yield shard.is_main
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from torch import nn
 from ..errors import ExplainError
 from ..methods import BASELINES, check_method
 from ..model.attention import recording_weights
+from ..model.parallel import gather_groups, shard_of
 from .core import Pass, Prompt, check_objective, explain_mode, logits_from, token_relevance, warn_target
 from .explanation import Explanation
 from .targets import Target, TargetSpec, is_int, text_ids
@@ -305,6 +306,8 @@ def attention_rollout(model: nn.Module, tokenizer, prompt: str | Sequence[int], 
         raise ExplainError(f"attention-rollout: recorded the attention weights of {len(weights)} of {n_layer} "
                            "layers; a custom attention must compute its weights through "
                            "CausalSelfAttention.attend for rollout to see them")
+    if shard_of(model) is not None:  # tensor parallel: every process's KV groups, so all heads are averaged
+        weights = [gather_groups(w) for w in weights]
     # (batch, groups, heads per group, queries, keys) -> averaged over all heads, (queries, keys)
     per_layer = [w[0].flatten(0, 1).to(torch.promote_types(w.dtype, torch.float32)).mean(0) for w in weights]
     n = prepared.problem.n_prompt

@@ -191,7 +191,10 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; the process group is joined
     here (gloo on CPU, nccl on CUDA) and left to the caller to close
-    (:func:`lucidlm.distributed.shutdown`). ``progress``: a records/s bar on stderr (rank 0).
+    (:func:`lucidlm.distributed.shutdown`). ``progress``: a records/s bar on stderr (rank 0). The
+    shards are spread over the processes, unless ``llm`` is tensor-parallel
+    (``LLM.load(..., tensor_parallel=True)``): then every process explains every shard together and
+    the first one writes them.
 
     >>> import tempfile
     >>> from lucidlm import LLM, Config, GPT
@@ -206,7 +209,8 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     >>> [(row["type"], len(row["relevance"])) for row in read_results(run.out)]
     [('ExplanationDiff', 3)]
     """
-    from ..distributed import all_sum, barrier, setup
+    from ..distributed import World, all_sum, barrier, setup
+    from ..model.parallel import shard_of
 
     method = method or (DEFAULT_METHOD if diff_against is None else DEFAULT_DIFF_METHOD)
     settings = _settings(llm, method, batch_size, target_field, kv_cache, cache_tokens, format, shard_size,
@@ -214,6 +218,9 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     items = list(data)[:limit] if _is_items(data) else read_items(data, target_field, limit)
     _check_ids(items, llm.config.vocab_size)
     world = setup()
+    # a tensor-parallel model is one model over every process: each explains every shard, the first writes
+    parallel = shard_of(llm.model) is not None
+    shards_world = World() if parallel else world
     if world.size > 1:
         for model in (llm, diff_against):
             if model is not None:
@@ -224,12 +231,13 @@ def explain_dataset(llm, data: str | Path | Iterable[dict] | Sequence[Item], out
     barrier(world)
     start = time.perf_counter()
     shards = _shards(items, shard_size)
-    mine = [s for s in range(len(shards)) if s % world.size == world.rank]
+    mine = [s for s in range(len(shards)) if s % shards_world.size == shards_world.rank]
     todo = [s for s in mine if not is_complete(_shard_path(out, s, format), len(shards[s]), format)]
     computed = _explain_shards(llm, [(s, shards[s]) for s in todo], out, settings, items,
-                               progress and world.is_main, diff_against)
+                               progress and world.is_main, diff_against,
+                               write=world.is_main or not parallel)
     barrier(world)
-    computed = int(all_sum(float(computed), world, world.device))
+    computed = int(all_sum(float(computed), shards_world, world.device))
     names = [_shard_path(out, s, format).name for s in range(len(shards))]
     if world.is_main:
         _write_manifest(out, settings, shards, names)
@@ -349,8 +357,9 @@ def _shard_path(out: Path, shard: int, fmt: str) -> Path:
 
 
 def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, settings: dict, items: Sequence[Item],
-                    show: bool, base=None) -> int:
-    """Explain (or diff against ``base``) and write each shard; returns the number of records done."""
+                    show: bool, base=None, write: bool = True) -> int:
+    """Explain (or diff against ``base``) and write each shard (``write``: this process writes);
+    returns the number of records done."""
     bar = _bar(sum(len(shard) for _, shard in todo), show)
     id_kind = "str" if any(isinstance(item.id, str) for item in items) else "int"
     try:
@@ -360,7 +369,8 @@ def _explain_shards(llm, todo: list[tuple[int, Sequence[Item]]], out: Path, sett
                                      settings["cache_tokens"], bar, settings["layers"])
             else:
                 rows = diff_shard(llm, base, shard, settings["method"], bar, settings["layers"])
-            write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
+            if write:
+                write_shard(_shard_path(out, s, settings["format"]), rows, settings["format"], id_kind)
     finally:
         bar.close()
     return sum(len(shard) for _, shard in todo)

@@ -111,7 +111,17 @@ class LatentRecorder:
                 out[r.key][r.part] += rel
             else:
                 out[r.key] += rel
-        return out
+        return _whole_model(self.model, out)
+
+
+def _whole_model(model: nn.Module, relevances: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tensor-parallel model's latent relevances hold this process's heads and neurons: every
+    process's, in rank order (the model's own order: each holds one contiguous slice)."""
+    from ..model.parallel import gather_units, shard_of
+
+    if shard_of(model) is None:
+        return relevances
+    return {key: gather_units(value) for key, value in relevances.items()}
 
 
 def select_layers(n_layer: int, layers: str | Sequence[int] | None) -> list[int]:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..kernels.build import KernelUnavailable, kernel_ready
 
-__all__ = ["KernelUnavailable", "Linear", "kernel_ready", "uses_kernel"]  # the kernel's two names: re-exported
+__all__ = ["KernelUnavailable", "Linear", "kernel_ready", "linear", "uses_kernel"]  # the kernel's two names: re-exported
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -46,7 +46,12 @@ class Linear(nn.Linear):
     lucidlm's CPU kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_kernel(x, self.weight):
-            out = torch.ops.lucidlm_kernels.gemv(x.reshape(1, -1), self.weight, self.bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, in the kernel where :func:`uses_kernel` says it is a drop-in."""
+    if uses_kernel(x, weight):
+        out = torch.ops.lucidlm_kernels.gemv(x.reshape(1, -1), weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
