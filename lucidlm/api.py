@@ -349,7 +349,7 @@ class LLM:
 
     def explain(self, prompt: str | Sequence[int], target: Any = None, method: str = "attnlrp",
                 layers: Any = None, kv_cache: str | None = None, cache_tokens: int | str | None = None,
-                context: Sequence[str] | None = None, options: dict | None = None):
+                context: Sequence[str] | None = None, options: dict | None = None, checkpointing: bool = False):
         """Relevance of every prompt token for the next-token prediction (one backward pass).
 
         ``target``: None (the top next token), a token id or string, a contrast ``(a, b)``, or a
@@ -364,17 +364,22 @@ class LLM:
         :mod:`lucidlm.explain.cached`). ``context``: documents to answer from; the prompt becomes
         ``"Document 1: ...\\n\\nDocument 2: ...\\n\\n" + prompt`` and ``Explanation.context()`` gives
         each document's relevance (see :func:`lucidlm.explain.aggregate.context_prompt`).
+        ``checkpointing``: keep only each block's input for the backward and recompute the block
+        there, under the same rules (memory linear in the prompt; the same relevances; see
+        :mod:`lucidlm.model.checkpointing`; not with ``kv_cache``, whose replay is not recomputed).
         Returns an :class:`~lucidlm.explain.explanation.Explanation`.
         """
         from .explain.explainer import explain
+        from .model.checkpointing import checkpointing as checkpointed
 
         segments = None
         if context is not None:
             from .explain.aggregate import context_prompt
 
             prompt, segments = context_prompt(context, prompt)
-        e = explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
-                    kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
+        with checkpointed(checkpointing):
+            e = explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
+                        kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
         e.segments = segments
         return e
 
@@ -397,11 +402,16 @@ class LLM:
         return explain_diff(self.model, self.tokenizer, base.model, base.tokenizer, prompt, target=target,
                             method=method, layers="all" if layers is None else layers, objective=objective)
 
-    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
-        """Generate greedily and explain every generated token over all earlier tokens."""
+    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp",
+                           checkpointing: bool = False):
+        """Generate greedily and explain every generated token over all earlier tokens
+        (``checkpointing``: as in :meth:`explain`)."""
         from .explain.explainer import explain_generation
+        from .model.checkpointing import checkpointing as checkpointed
 
-        return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, method=method)
+        with checkpointed(checkpointing):
+            return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                      method=method)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

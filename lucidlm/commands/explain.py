@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import Command, Paths, add_adapter, add_cache, add_model, add_target, cache_kwargs, hints_as_notes, load
+from .options import Command, Paths, add_adapter, add_cache, add_checkpointing, add_model, add_target, cache_kwargs, \
+    hints_as_notes, load
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     add_cache(p)
+    add_checkpointing(p)
 
 
 def outputs(args: argparse.Namespace) -> Paths:
@@ -62,7 +64,8 @@ def _explain(llm, prompt, target, args: argparse.Namespace):
     """Explain and print the terminal heatmap; a hint about the target becomes a note on stderr after
     it (:func:`hints_as_notes`)."""
     with hints_as_notes():
-        explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args))
+        explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args),
+                                  checkpointing=args.checkpointing)
         print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
     return explanation
 

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from ..cache.base import LayerCache
 from . import rules
+from .checkpointing import recomputing
 from .kernels import explicit_attention, position_mask
 from .latents import LatentSite, heads_of
 from .linear import Linear
@@ -172,7 +173,7 @@ class CausalSelfAttention(nn.Module):
             sinks = None if self.sinks is None else rules.sink_logits(self.sinks)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap, sinks=sinks)
             scores = self._scores(weights, q_pos, score_queries) if want_scores else None
-            if record is not None:
+            if record is not None and not recomputing():  # a checkpointed block's recompute: recorded already
                 record.append(weights.detach())
         else:
             # CP-LRP's constant softmax, in O(tokens) memory instead of the explicit kernel's O(tokens²)
