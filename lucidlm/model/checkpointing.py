@@ -99,6 +99,12 @@ def run_block(block: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     forward under ``no_grad`` keeps nothing anyway)."""
     if not (active() and torch.is_grad_enabled()):
         return block(*args)
+    return recomputed(block, *args)
+
+
+def recomputed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)`` with nothing of its inside kept for the backward: recomputed there under the
+    rules in force now (a block, or one chunk of an attention's queries)."""
     method = rules.current()
-    return checkpoint(block, *args, use_reentrant=False,
+    return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _Recompute(method)))
