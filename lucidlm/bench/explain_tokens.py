@@ -10,7 +10,7 @@ RSS it started from, **s** the time of that explanation (``--repeats N``: the me
 
 >>> r = {("attnlrp", 8, False): {"seconds": 2.0, "peak_mib": 30.0, "process_peak_mib": 500.0},
 ...      ("attnlrp", 8, True): {"seconds": 3.0, "peak_mib": 10.0, "process_peak_mib": 480.0}}
->>> format_row(r, "attnlrp", 8).split()
+>>> format_row(r, "attnlrp", 8).replace("|", "").split()
 ['attnlrp', '8', '2.0', '500', '30', '3.0', '480', '10', '0.33×', '1.50×']
 """
 
