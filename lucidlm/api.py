@@ -372,6 +372,9 @@ class LLM:
         from .explain.explainer import explain
         from .model.checkpointing import checkpointing as checkpointed
 
+        if checkpointing and kv_cache is not None:
+            raise ExplainError(f"checkpointing=True with kv_cache={kv_cache!r}: a cache's replay updates the cache "
+                               "as it goes and cannot be recomputed in the backward; drop one of them")
         segments = None
         if context is not None:
             from .explain.aggregate import context_prompt

@@ -218,3 +218,11 @@ def test_the_checkpointing_flag_reaches_llm_explain(monkeypatch, capsys):
 
     command._explain(FakeLLM(), "hi", None, build_parser().parse_args(["explain", "hi", "--checkpointing"]))
     assert seen["checkpointing"] is True and capsys.readouterr().out.strip() == "heatmap"
+
+
+def test_checkpointing_with_a_kv_cache_replay_is_refused():
+    from lucidlm.errors import ExplainError
+
+    llm = lucidlm.LLM.from_config("tiny-llama")
+    with pytest.raises(ExplainError, match="checkpointing=True with kv_cache='h2o'"):
+        llm.explain([1, 5, 7, 9], kv_cache="h2o", checkpointing=True)
