@@ -202,7 +202,8 @@ class LLM:
         The loss counts answer tokens only. Returns a :class:`~lucidlm.train.loop.TrainResult`
         (loss per step, validation losses); ``out`` receives the log, loss curve, checkpoints and
         the adapter (LoRA) or model (full). ``options``: see :class:`~lucidlm.train.loop.TrainConfig`
-        (``lora_r``, ``lora_alpha``, ``val_split``, ``resume``, ``precision``, ``seed`` ...)."""
+        (``lora_r``, ``lora_alpha``, ``val_split``, ``resume``, ``precision``, ``seed``,
+        ``checkpointing=True``: activation checkpointing, the same losses in less memory ...)."""
         from .train.finetune import finetune
 
         return finetune(self, data, method=method, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)

@@ -226,3 +226,29 @@ def test_checkpointing_with_a_kv_cache_replay_is_refused():
     llm = lucidlm.LLM.from_config("tiny-llama")
     with pytest.raises(ExplainError, match="checkpointing=True with kv_cache='h2o'"):
         llm.explain([1, 5, 7, 9], kv_cache="h2o", checkpointing=True)
+
+
+def test_checkpointed_training_backward_in_another_thread_equals_plain(hf_checkpoint, monkeypatch):
+    """A GPU's autograd runs the backward in threads of its own, which see none of the caller's
+    ContextVars: the recompute must re-enter the forward's checkpointing (the chunked attention of
+    a soft-capped model decides by it whether to keep its chunks)."""
+    import threading
+
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
+    model = load(hf_checkpoint, "gemma2", dtype=torch.float64).train()
+    ids = torch.tensor([prompt(model, 48)])
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = IGNORE
+
+    def grads(checkpointed: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with checkpointing(checkpointed):
+            loss = summed_loss(model, ids, labels)
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, saved = grads(False), grads(True)
+    for a, b in zip(saved, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)

@@ -75,18 +75,19 @@ def recomputing() -> bool:
 
 
 class _Recompute:
-    """What the recompute runs under: the rules the forward had, and :func:`recomputing` on.
-    Re-enterable: a graph kept for several backward passes (``retain_graph``, one backward per
+    """What the recompute runs under: the rules and the checkpointing the forward had (a chunked
+    attention inside a block decides by both whether to keep its chunks), and :func:`recomputing`
+    on. Re-enterable: a graph kept for several backward passes (``retain_graph``, one backward per
     generated token) recomputes a block once per backward, through the same context."""
 
-    def __init__(self, method: str | None) -> None:
-        self.method = method
+    def __init__(self, method: str | None, enabled: bool) -> None:
+        self.method, self.enabled = method, enabled
         self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
         stack = contextlib.ExitStack()
-        token = _recomputing.set(True)
-        stack.callback(_recomputing.reset, token)
+        for var, value in ((_recomputing, True), (_enabled, self.enabled)):
+            stack.callback(var.reset, var.set(value))
         stack.enter_context(rules.in_force(self.method))
         self._stack.append(stack)
 
@@ -105,6 +106,6 @@ def run_block(block: Callable[..., torch.Tensor], *args) -> torch.Tensor:
 def recomputed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """``fn(*args)`` with nothing of its inside kept for the backward: recomputed there under the
     rules in force now (a block, or one chunk of an attention's queries)."""
-    method = rules.current()
+    method, enabled = rules.current(), active()
     return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _Recompute(method)))
+                      context_fn=lambda: (contextlib.nullcontext(), _Recompute(method, enabled)))
