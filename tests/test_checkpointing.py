@@ -252,3 +252,27 @@ def test_checkpointed_training_backward_in_another_thread_equals_plain(hf_checkp
     plain, saved = grads(False), grads(True)
     for a, b in zip(saved, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_bench_explain_checkpointing_measures_each_cell_in_its_own_child(monkeypatch, capsys):
+    import argparse
+
+    from lucidlm.bench import explain as bench_explain
+
+    commands = []
+
+    def child(cmd, env=None):
+        commands.append(cmd)
+        checkpointed = "--checkpointing" in cmd
+        return {"seconds": 3.0 if checkpointed else 2.0, "peak_mib": 10.0 if checkpointed else 40.0,
+                "process_peak_mib": 900.0 if checkpointed else 930.0, "threads": 1}
+
+    monkeypatch.setattr(bench_explain, "run_child", child)
+    monkeypatch.setattr("lucidlm.bench.explain_tokens.prepare_model", lambda model: None)
+    parser = argparse.ArgumentParser()
+    bench_explain.add_arguments(parser)
+    args = parser.parse_args(["--checkpointing", "--lengths", "16,32", "--methods", "attnlrp", "--repeats", "0"])
+    assert bench_explain.run(args) == 0
+    assert ["--checkpointing" in c for c in commands] == [False, True, False, True]
+    rows = [line.replace("|", "").split() for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert rows == [["attnlrp", n, "2.0", "930", "40", "3.0", "900", "10", "0.25×", "1.50×"] for n in ("16", "32")]
