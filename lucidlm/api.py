@@ -231,7 +231,8 @@ class LLM:
         The loss counts answer tokens only. Returns a :class:`~lucidlm.train.loop.TrainResult`
         (loss per step, validation losses); ``out`` receives the log, loss curve, checkpoints and
         the adapter (LoRA) or model (full). ``options``: see :class:`~lucidlm.train.loop.TrainConfig`
-        (``lora_r``, ``lora_alpha``, ``val_split``, ``resume``, ``precision``, ``seed`` ...)."""
+        (``lora_r``, ``lora_alpha``, ``val_split``, ``resume``, ``precision``, ``seed``,
+        ``checkpointing=True``: activation checkpointing, the same losses in less memory ...)."""
         from .train.finetune import finetune
 
         return finetune(self, data, method=method, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
@@ -382,7 +383,7 @@ class LLM:
 
     def explain(self, prompt: str | Sequence[int], target: Any = None, method: str = "attnlrp",
                 layers: Any = None, kv_cache: str | None = None, cache_tokens: int | str | None = None,
-                context: Sequence[str] | None = None, options: dict | None = None):
+                context: Sequence[str] | None = None, options: dict | None = None, checkpointing: bool = False):
         """Relevance of every prompt token for the next-token prediction (one backward pass).
 
         ``target``: None (the top next token), a token id or string, a contrast ``(a, b)``, or a
@@ -397,17 +398,25 @@ class LLM:
         :mod:`lucidlm.explain.cached`). ``context``: documents to answer from; the prompt becomes
         ``"Document 1: ...\\n\\nDocument 2: ...\\n\\n" + prompt`` and ``Explanation.context()`` gives
         each document's relevance (see :func:`lucidlm.explain.aggregate.context_prompt`).
+        ``checkpointing``: keep only each block's input for the backward and recompute the block
+        there, under the same rules (memory linear in the prompt; the same relevances; see
+        :mod:`lucidlm.model.checkpointing`; not with ``kv_cache``, whose replay is not recomputed).
         Returns an :class:`~lucidlm.explain.explanation.Explanation`.
         """
         from .explain.explainer import explain
+        from .model.checkpointing import checkpointing as checkpointed
 
+        if checkpointing and kv_cache is not None:
+            raise ExplainError(f"checkpointing=True with kv_cache={kv_cache!r}: a cache's replay updates the cache "
+                               "as it goes and cannot be recomputed in the backward; drop one of them")
         segments = None
         if context is not None:
             from .explain.aggregate import context_prompt
 
             prompt, segments = context_prompt(context, prompt)
-        e = explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
-                    kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
+        with checkpointed(checkpointing):
+            e = explain(self.model, self.tokenizer, prompt, target=target, method=method, layers=layers,
+                        kv_cache=kv_cache, cache_tokens=cache_tokens, options=options)
         e.segments = segments
         return e
 
@@ -430,11 +439,16 @@ class LLM:
         return explain_diff(self.model, self.tokenizer, base.model, base.tokenizer, prompt, target=target,
                             method=method, layers="all" if layers is None else layers, objective=objective)
 
-    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
-        """Generate greedily and explain every generated token over all earlier tokens."""
+    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp",
+                           checkpointing: bool = False):
+        """Generate greedily and explain every generated token over all earlier tokens
+        (``checkpointing``: as in :meth:`explain`)."""
         from .explain.explainer import explain_generation
+        from .model.checkpointing import checkpointing as checkpointed
 
-        return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, method=method)
+        with checkpointed(checkpointing):
+            return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                      method=method)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

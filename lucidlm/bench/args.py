@@ -72,8 +72,12 @@ def add_explain(p: argparse.ArgumentParser) -> None:
                    help="explain_diff rows, measured with cp-lrp when --methods has it and reported as × one cp-lrp "
                         "explanation: comma-separated from lora (against a copy with a LoRA adapter: the adapter "
                         "split runs), full (against a plain copy: a full fine-tune), or none")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs after the memory run (median; 0: time the memory run itself)")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="instead: each method at each length plain and with activation checkpointing side by side, "
+                        "the whole process's peak RSS and the time (e.g. --lengths 1024,4096,8192 --repeats 0)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one row in this process
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
 

@@ -8,6 +8,9 @@ Rows, for each prompt length (default 256 and 1024 tokens):
   gradient-based explanation can cost;
 * ``attnlrp``, ``cp-lrp`` (the default ``--methods``): :func:`lucidlm.explain.explainer.explain`, i.e. the
   rules' forward + one backward + the bookkeeping around them;
+* ``--checkpointing``: a different table, each method plain and with activation checkpointing
+  side by side, the whole process's peak RSS against the prompt's length
+  (:mod:`lucidlm.bench.explain_tokens`);
 * ``diff lora``, ``diff full`` (``--diffs``, measured when ``--methods`` has cp-lrp):
   :meth:`lucidlm.LLM.explain_diff` with cp-lrp and its defaults (latent relevances of every layer,
   for ``components``), of a copy of the model against the model: ``lora`` with a LoRA adapter on
@@ -63,6 +66,10 @@ def run(args) -> int:
         print(json.dumps(measure(args, args.child, args.length)))
         return 0
     methods, diffs = method_list(args.methods, METHODS), diff_list(args.diffs)  # before any work
+    if args.checkpointing:
+        from . import explain_tokens
+
+        return explain_tokens.run(args, methods, [int(n) for n in args.lengths.split(",")], _child)
     import torch
 
     from . import emit, prepare_model, progress
@@ -94,9 +101,10 @@ def run(args) -> int:
     return 0
 
 
-def _child(args, row: str, length: int) -> dict:
+def _child(args, row: str, length: int, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, "-m", "lucidlm.bench.explain", "--child", row, "--length", str(length),
            "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    cmd += ["--checkpointing"] if checkpointing else []
     cmd += ["--model", str(args.model)] if args.model else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     # every block of 64 KiB or more gets its own mmap, returned to the OS when freed: otherwise glibc
@@ -108,26 +116,39 @@ def _child(args, row: str, length: int) -> dict:
 
 # ----------------------------------------------------------------------------- one measurement
 def measure(args, row: str, length: int) -> dict:
-    """Peak memory of one run and median time of ``args.repeats`` runs of ``row`` at ``length``."""
+    """Peak memory of one run and median time of ``args.repeats`` runs of ``row`` at ``length``
+    (none: that run's time); ``process_peak_mib``: the process's peak RSS over its whole life."""
     from ..api import LLM
+    from ..model.checkpointing import checkpointing
 
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM.load(args.model, dtype=args.dtype)
     llm.model.eval()
     ids = prompt_ids(llm.tokenizer, length, llm.config.vocab_size)
-    step = _step(llm, row)
+    plain = _step(llm, row)
+
+    def step(ids):
+        with checkpointing(args.checkpointing):
+            return plain(ids)
+
     step(ids[:16])  # warm-up: thread pools, first-call allocations
+    load_peak = _peak_kib()
     rss0 = _reset_peak()
+    t0 = time.perf_counter()
     step(ids)
+    times = [time.perf_counter() - t0]
     peak = _peak_kib()
-    times = []
+    if args.repeats > 0:
+        times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step(ids)
         times.append(time.perf_counter() - t0)
     mib = None if rss0 is None or peak is None else (peak - rss0) / 1024
-    return {"seconds": statistics.median(times), "peak_mib": mib, "threads": torch.get_num_threads()}
+    process = None if peak is None else max(peak, load_peak or 0) / 1024
+    return {"seconds": statistics.median(times), "peak_mib": mib, "process_peak_mib": process,
+            "threads": torch.get_num_threads()}
 
 
 def _step(llm, row: str):

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
-from .options import (Command, Paths, add_adapter, add_cache, add_device_map, add_model, add_target,
-                      add_tensor_parallel, cache_kwargs, every_process, hints_as_notes, load)
+from .options import (Command, Paths, add_adapter, add_cache, add_checkpointing, add_device_map, add_model,
+                      add_target, add_tensor_parallel, cache_kwargs, every_process, hints_as_notes, load)
 
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     add_cache(p)
     add_tensor_parallel(p)
+    add_checkpointing(p)
 
 
 def outputs(args: argparse.Namespace) -> Paths:
@@ -68,7 +69,8 @@ def _explain(llm, prompt, target, args: argparse.Namespace, main: bool = True):
     """Explain and print the terminal heatmap (``main``: this process prints); a hint about the
     target becomes a note on stderr after it (:func:`hints_as_notes`)."""
     with hints_as_notes():
-        explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args))
+        explanation = llm.explain(prompt, target=target, method=args.method, **cache_kwargs(args),
+                                  checkpointing=args.checkpointing)
         if main:
             print(explanation.to_terminal(skip_first=not args.keep_first))  # colour only on a terminal, NO_COLOR honoured
     return explanation

@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..explain.dataset import DEFAULT_DIFF_METHOD, DEFAULT_METHOD, FORMATS, Item, check_diff_options, \
     explain_dataset, load_hf_dataset, read_items
 from ..methods import METHODS
-from .options import Command, Paths, add_cache, add_model, add_tensor_parallel, model_path, positive
+from .options import Command, Paths, add_cache, add_checkpointing, add_model, add_tensor_parallel, model_path, positive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SmolLM2-135M)")
     add_cache(p)
     add_tensor_parallel(p)
+    add_checkpointing(p)
 
 
 def layer_spec(text: str) -> str | list[int]:
@@ -80,13 +81,14 @@ def run(args: argparse.Namespace) -> int:
         check_diff_options(args.format, args.kv_cache)
     from ..api import LLM
     from ..distributed import closing_group
+    from ..model.checkpointing import checkpointing
 
     parallel = args.tensor_parallel  # the processes hold one model together, not one each
     llm = LLM.load(args.model, adapter=args.adapter, dtype=args.dtype, progress=True, tensor_parallel=parallel)
     base = None if args.diff_against is None else LLM.load(args.diff_against, dtype=args.dtype, progress=True,
                                                             tensor_parallel=parallel)
     method = args.method or (DEFAULT_METHOD if base is None else DEFAULT_DIFF_METHOD)
-    with closing_group():
+    with closing_group(), checkpointing(args.checkpointing):
         result = explain_dataset(llm, items, args.out, method=method, batch_size=args.batch_size,
                                  target_field=args.target_field, kv_cache=args.kv_cache,
                                  cache_tokens=args.cache_tokens, format=args.format, shard_size=args.shard_size,

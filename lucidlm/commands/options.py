@@ -322,6 +322,12 @@ def add_cache(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_CACHE_TOKENS} for the evicting policies), or a share of each prompt such as 25%%")
 
 
+def add_checkpointing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing: keep only each block's input for the backward and recompute the "
+                        "block there (memory linear in tokens, about a third more time; same results)")
+
+
 def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--max-new-tokens", type=positive, default=max_new, help="most tokens to generate")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..train.names import PRECISIONS, PROMPT_STYLES, STRATEGIES, TRAIN_METHODS
-from .options import (Command, Paths, add_adapter, add_cache, add_dtype, add_model, cache_kwargs, fraction, load,
+from .options import (Command, Paths, add_adapter, add_cache, add_checkpointing, add_dtype, add_model, cache_kwargs,
+                      fraction, load,
                       non_negative_float, non_negative_int, positive, positive_float)
 
 
@@ -54,6 +55,7 @@ def add_training(p: argparse.ArgumentParser, lr: float | None) -> None:
                        help="start afresh in an --out that holds an earlier run (deletes its log, checkpoint and "
                             "adapter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_checkpointing(p)
 
 
 def add_finetune(p: argparse.ArgumentParser) -> None:
@@ -118,7 +120,7 @@ def _training_options(args: argparse.Namespace) -> dict:
                    grad_clip=args.grad_clip, max_seq_length=args.max_seq_length, precision=args.precision,
                    seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                    strategy=args.strategy, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, checkpointing=args.checkpointing)
     if args.val_split is not None:
         options["val_split"] = args.val_split
     return options

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ExplainError
+from ..model.checkpointing import recomputing
 from ..model.latents import LatentSite, block_latents
 
 _RECORDING: contextvars.ContextVar[LatentRecorder | None] = contextvars.ContextVar("lucidlm_recording", default=None)
@@ -85,7 +86,8 @@ class LatentRecorder:
 
     def _hook(self, module: nn.Module, key: str, site: LatentSite, part: int) -> None:
         def record(_module, args):
-            if _RECORDING.get() is self:
+            # a checkpointed block's recompute runs the hook again: its latent was recorded at the forward
+            if _RECORDING.get() is self and not recomputing():
                 self.records.append(_Record(key, args[0], site, part))
 
         self._handles.append(module.register_forward_pre_hook(record))

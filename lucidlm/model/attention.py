@@ -9,6 +9,11 @@ Two kernels compute the same thing:
 
 The LRP rules (uniform rule on q·kᵀ and A·V, stop-gradient on the softmax for CP-LRP) are applied
 at the kernel's inputs and outputs, so both kernels explain identically.
+
+Memory linear in tokens: a call that would hold a (queries x keys) tensor (the explicit kernel's
+weights, a sliding window's or sinks' mask, SDPA's math kernel for MLA's unequal head sizes) over
+more than :data:`QUERY_CHUNK` queries attends a chunk of queries at a time; where a backward will
+follow (an explanation, checkpointed training) each chunk is recomputed in it rather than kept.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from torch.nn import functional as F
 
 from ..cache.base import LayerCache
 from . import rules
+from .checkpointing import active as checkpointing_active
+from .checkpointing import recomputed, recomputing
 from .kernels import explicit_attention, position_mask
 from .latents import LatentSite, heads_of
 from .linear import Linear
@@ -167,18 +174,57 @@ class CausalSelfAttention(nn.Module):
         ``visible``: a cache's further restriction of the causal mask (see ``LayerCache.visibility``)."""
         q, k = rules.bilinear(q), rules.bilinear(k)
         record = _recording()
-        if want_scores or self.softcap is not None or _few_queries_on_cpu(q) or record is not None:
+        explicit = want_scores or self.softcap is not None or _few_queries_on_cpu(q) or record is not None
+        if not want_scores and record is None and self._square(q, v, q_pos, explicit, causal_prefill, visible):
+            out = self._in_query_chunks(q, k, v, q_pos, k_pos, explicit, causal_prefill, visible)
+            return rules.bilinear(out), None
+        if explicit:
             mask = self._mask(q_pos, k_pos, visible)
             sinks = None if self.sinks is None else rules.sink_logits(self.sinks)
             out, weights = explicit_attention(q, k, v, mask, self.scale, self.softcap, sinks=sinks)
             scores = self._scores(weights, q_pos, score_queries) if want_scores else None
-            if record is not None:
+            if record is not None and not recomputing():  # a checkpointed block's recompute: recorded already
                 record.append(weights.detach())
         else:
             # CP-LRP's constant softmax, in O(tokens) memory instead of the explicit kernel's O(tokens²)
             q, k = rules.query_key(q), rules.query_key(k)
             out, scores = self._fused(q, k, v, q_pos, k_pos, causal_prefill, visible), None
         return rules.bilinear(out), scores
+
+    def _square(self, q, v, q_pos, explicit: bool, causal_prefill: bool, visible) -> bool:
+        """Whether this call would make a (queries x keys) tensor per head or per row (weights, a
+        mask, SDPA's math kernel) over more than :data:`QUERY_CHUNK` queries: then it runs in
+        chunks of queries, so that memory grows linearly in tokens."""
+        if q.shape[2] <= QUERY_CHUNK:
+            return False
+        plain_causal = causal_prefill and visible is None and self.window is None and self.sinks is None
+        # SDPA's CPU flash kernel needs one head size for q, k and v; MLA's differ (math kernel)
+        return explicit or not plain_causal or q.shape[-1] != v.shape[-1] or not bool((q_pos >= 0).all())
+
+    def _in_query_chunks(self, q, k, v, q_pos, k_pos, explicit: bool, causal_prefill: bool, visible):
+        """The attention of :data:`QUERY_CHUNK` queries at a time: (heads, chunk, keys) at most in
+        memory. Where a backward will run (an explanation, or checkpointed training) each chunk is
+        recomputed there rather than keeping its weights (:func:`~lucidlm.model.checkpointing.recomputed`);
+        plain training keeps them, as the unchunked kernel would."""
+        keep_nothing = torch.is_grad_enabled() and (rules.current() is not None or checkpointing_active())
+        outs = []
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            end = start + QUERY_CHUNK
+            # a prompt's later keys are in every one of these queries' future (positions grow along a row)
+            keys = slice(None, end) if causal_prefill else slice(None)
+            args = (q[:, :, start:end], k[:, :, keys], v[:, :, keys], q_pos[:, start:end], k_pos[:, keys],
+                    _rows(visible, start, end, keys), explicit)
+            outs.append(recomputed(self._chunk, *args) if keep_nothing else self._chunk(*args))
+        return torch.cat(outs, dim=2)
+
+    def _chunk(self, q, k, v, q_pos, k_pos, visible, explicit: bool) -> torch.Tensor:
+        """One chunk of queries through the kernel the whole call would take (as :meth:`attend`)."""
+        if explicit:
+            sinks = None if self.sinks is None else rules.sink_logits(self.sinks)
+            return explicit_attention(q, k, v, self._mask(q_pos, k_pos, visible), self.scale, self.softcap,
+                                      sinks=sinks)[0]
+        q, k = rules.query_key(q), rules.query_key(k)
+        return self._fused(q, k, v, q_pos, k_pos, False, visible)
 
     def _mask(self, q_pos, k_pos, visible: torch.Tensor | None) -> torch.Tensor:
         mask = position_mask(q_pos, k_pos, self.window)
@@ -222,6 +268,13 @@ class CausalSelfAttention(nn.Module):
         return (weights.detach().float() * real[:, None, None, :, None]).sum(3).mean(2)
 
 
+def _rows(visible: torch.Tensor | None, start: int, end: int, keys: slice) -> torch.Tensor | None:
+    """A cache's visibility (..., queries or 1, keys) for the queries start:end and ``keys``."""
+    if visible is None:
+        return None
+    return (visible[..., start:end, :] if visible.shape[-2] > 1 else visible)[..., keys]
+
+
 def _few_queries_on_cpu(q: torch.Tensor) -> bool:
     """Decode steps on the CPU take the written-out kernel: SDPA's CPU flash kernel has a fixed cost
     per call (about 1.8 ms for one query over 256 keys on 2 cores, 45% of a SmolLM2-135M decode
@@ -231,3 +284,7 @@ def _few_queries_on_cpu(q: torch.Tensor) -> bool:
 
 #: queries per call up to which the CPU takes the explicit kernel (decode, speculative steps)
 _FEW_QUERIES = 8
+
+#: queries per chunk where attention would otherwise hold a (queries x keys) tensor: a Gemma-2-2B
+#: layer's 8 heads over 16k keys then hold 8 * 512 * 16k float32 = 256 MiB at a time
+QUERY_CHUNK = 512

@@ -18,6 +18,7 @@ from ..cache.base import KVCache
 from ..config import Config
 from . import rules
 from .attention import CausalSelfAttention
+from .checkpointing import run_block
 from .linear import Linear
 from .mla import MLAttention
 from .mlp import build_mlp
@@ -116,7 +117,10 @@ class GPT(nn.Module):
         x = self.embed_tokens(input_ids, positions) if inputs_embeds is None else inputs_embeds
         rope_memo: dict = {}  # cos/sin of these positions, computed once and shared by the layers
         for i, block in enumerate(self.layers):
-            x = block(x, positions, cache[i] if cache is not None else None, rope_memo)
+            if cache is None:  # checkpointed inside ``with checkpointing()`` (a cache's updates are not replayable)
+                x = run_block(block, x, positions, None, rope_memo)
+            else:
+                x = block(x, positions, cache[i], rope_memo)
         if cache is not None:
             cache.advance(positions)
         if last_only:

@@ -68,6 +68,23 @@ def explaining(method: str) -> Iterator[None]:
         _active.reset(token)
 
 
+@contextlib.contextmanager
+def in_force(method: str | None) -> Iterator[None]:
+    """Put ``method`` in force exactly as given, ``None`` (plain operations) included: the
+    recompute of a checkpointed block re-enters the forward's choice
+    (:mod:`lucidlm.model.checkpointing`), which was checked when it was first set.
+
+    >>> with explaining("cp-lrp"), in_force(None):
+    ...     current() is None
+    True
+    """
+    token = _active.set(method)
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
 class IdentityRule(torch.autograd.Function):
     """Identity rule for element-wise non-linearities y = f(x) (AttnLRP, Sec. 3, "element-wise
     non-linearities": relevance passes through unchanged, R_x = R_y).

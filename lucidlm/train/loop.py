@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from ..errors import TrainError
 from ..fileio import atomic_path
+from ..model.checkpointing import checkpointing
 from .chunked import DEFAULT_CHUNK_SIZE, ChunkedCache
 from .data import IGNORE, Example, collate
 from .distributed import World, all_sum, barrier, full_state, sync_gradients, wrap
@@ -80,9 +81,11 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     overwrite: bool = False  # start afresh in an out directory that holds an earlier run
+    checkpointing: bool = False  # recompute each block in the backward (lucidlm.model.checkpointing): less memory
 
     #: options that may change between a run and its resumption without changing its losses
-    VOLATILE = ("micro_batch_size", "eval_every", "save_every", "strategy", "progress", "resume", "overwrite")
+    VOLATILE = ("micro_batch_size", "eval_every", "save_every", "strategy", "progress", "resume", "overwrite",
+                "checkpointing")
 
     @classmethod
     def make(cls, **options: Any) -> "TrainConfig":
@@ -331,7 +334,7 @@ class Trainer:
         loss = 0.0
         for j, chunk in enumerate(chunks):
             ids, labels = (t.to(self.device) for t in collate([train[i] for i in chunk]))
-            with sync_gradients(self.wrapped, j == len(chunks) - 1):
+            with sync_gradients(self.wrapped, j == len(chunks) - 1), checkpointing(cfg.checkpointing):
                 summed = summed_loss(self.wrapped, ids, labels, self.bf16, self.chunked)
                 (summed * (world.size / n_targets)).backward()
             loss += summed.item() / n_targets
