@@ -397,11 +397,30 @@ class LLM:
         return explain_diff(self.model, self.tokenizer, base.model, base.tokenizer, prompt, target=target,
                             method=method, layers="all" if layers is None else layers, objective=objective)
 
-    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp"):
-        """Generate greedily and explain every generated token over all earlier tokens."""
+    def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp",
+                           batch_size: int | None = None):
+        """Generate greedily and explain every generated token over all earlier tokens: one forward
+        and one backward batched over the generated tokens (``batch_size`` tokens per backward;
+        ``None``: all, ``1``: one backward per token, the least memory)."""
         from .explain.explainer import explain_generation
 
-        return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, method=method)
+        return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, method=method,
+                                  batch_size=batch_size)
+
+    def explain_positions(self, prompt: str | Sequence[int], positions: Sequence[int] | None = None,
+                          targets: Sequence[Any] | None = None, method: str = "attnlrp", layers: Any = None,
+                          batch_size: int | None = None):
+        """Explain the prediction at several positions of one text, each over the tokens up to it,
+        from one forward and one batched backward: a list of
+        :class:`~lucidlm.explain.explanation.Explanation`, one per position, each equal to
+        ``explain(ids[:p + 1], target=...)``. ``positions``: token indices (``None``: all but the
+        last); ``targets``: one per position (``None``: the token that follows each in the text);
+        ``batch_size``: targets per backward (``None``: all; ``1``: one backward per target). See
+        :func:`lucidlm.explain.multi.explain_positions`."""
+        from .explain.multi import explain_positions
+
+        return explain_positions(self.model, self.tokenizer, prompt, positions=positions, targets=targets,
+                                 method=method, layers=layers, batch_size=batch_size)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

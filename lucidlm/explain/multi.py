@@ -1,0 +1,180 @@
+"""Many targets of one text, explained by one forward and one batched backward.
+
+:func:`explain_positions` explains the prediction at each of several positions of one text (by
+default the token that follows it there), and
+:func:`~lucidlm.explain.explainer.explain_generation` every generated token, the same way:
+
+1. one forward under the rules over the text, with logits only for the explained positions;
+2. one backward for all of their scores at once: ``torch.autograd.grad(scores, h0, grad_outputs=I,
+   is_grads_batched=True)``, a ``vmap`` over the backward whose row k seeds score k alone (the
+   rules of :mod:`lucidlm.model.rules` carry vmap rules for it);
+3. relevance of token t for target k = Σ_d h0[t, d] · ∂score_k/∂h0[t, d].
+
+Row k's backward is exactly the one-target backward, so each explanation is the one
+:func:`~lucidlm.explain.explainer.explain` gives for the text cut after that position (up to float
+rounding: a longer sequence and batched matmuls round differently). ``batch_size`` bounds memory:
+the batched backward holds ``batch_size`` gradients of every activation at once, so the targets
+go ``batch_size`` at a time (one backward per chunk, the forward's graph kept between them);
+``batch_size=1`` is the plain loop, one backward per target, the least memory.
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> from lucidlm.explain.explainer import explain
+>>> model = GPT(Config.from_name("tiny-llama")).eval()
+>>> ids = [1, 5, 7, 9, 11]
+>>> first, last = explain_positions(model, None, ids, positions=[1, 3])
+>>> first.token_ids, first.target_ids, last.token_ids, last.target_ids
+([1, 5], [7], [1, 5, 7, 9], [11])
+>>> alone = explain(model, None, [1, 5, 7, 9], target=11)
+>>> torch.allclose(last.relevance, alone.relevance, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ExplainError
+from ..methods import METHODS
+from .core import Pass, Prompt, check_explainable, explain_mode, prompt_ids, token_inputs, warn_target
+from .explanation import Explanation
+from .latent import LatentRecorder
+from .targets import Target, TargetSpec, is_int, resolve_target
+
+
+def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
+                      positions: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
+                      method: str = "attnlrp", layers: str | Sequence[int] | None = None,
+                      batch_size: int | None = None) -> list[Explanation]:
+    """One :class:`~lucidlm.explain.explanation.Explanation` per position of ``prompt``: why the
+    model predicts what follows it, over the tokens up to it. All from one forward and one batched
+    backward (see the module docstring); each equals ``explain(model, tokenizer, ids[:p + 1],
+    target=...)``.
+
+    ``positions``: token indices (negative count from the end; ``None``: every position but the
+    last). ``targets``: one per position, each a token id, a one-token string, a contrast pair
+    ``(a, b)`` or ``None`` (the model's top next token); ``None`` for all: the token that follows
+    each position in the text (the model's top token after the last one). ``method``: a rule
+    method (``"attnlrp"``, ``"cp-lrp"``, ``"inputxgrad"``). ``layers``: latent relevances too, per
+    target (:mod:`lucidlm.explain.latent`). ``batch_size``: targets per backward (``None``: all in
+    one; ``1``: one backward per target, the least memory).
+
+    >>> from lucidlm import Config, GPT
+    >>> model = GPT(Config.from_name("tiny-llama")).eval()
+    >>> [e.target_ids for e in explain_positions(model, None, [1, 5, 7], targets=[(2, 3), 4])]
+    [[2, 3], [4]]
+    """
+    check_explainable(method, METHODS)
+    ids = prompt_ids(tokenizer, prompt)
+    chosen = check_positions(positions, len(ids))
+    specs = position_targets(tokenizer, model.config.vocab_size, ids, chosen, targets)
+    given = [None] * len(chosen) if targets is None else list(targets)
+    rows = sorted(set(chosen))  # the logits rows, in the forward's order
+    x, pos = token_inputs(model, [ids[:rows[-1] + 1]])
+    recorder = LatentRecorder(model, layers)
+    with explain_mode(method), recorder:
+        h0 = model.embed_tokens(x, pos).detach().requires_grad_(True)
+        select = torch.zeros_like(pos, dtype=torch.bool)
+        select[0, rows] = True
+        run = Pass(h0, model(inputs_embeds=h0, positions=pos, select=select))
+        logits = [run.logits[rows.index(p)].unsqueeze(0) for p in chosen]
+        scored = [spec.score(row) for spec, row in zip(specs, logits)]
+        explanations = []
+        for k, grad, latent in batched_backward(run, [s for s, _ in scored], recorder.tensors(), batch_size):
+            p, (score, target_ids) = chosen[k], scored[k]
+            request = Prompt(ids[:p + 1], ids[:p + 1], given[k], specs[k])
+            warn_target(tokenizer, given[k], specs[k], logits[k][-1], stacklevel=3)
+            explanations.append(request.explanation(
+                tokenizer, target_ids, run.relevance(grad)[:p + 1], float(score.detach()), method, "logprob",
+                layers=recorder.relevances(latent) if layers is not None else None))
+    return explanations
+
+
+def batched_backward(run: Pass, scores: Sequence[torch.Tensor], watch: Sequence[torch.Tensor] = (),
+                     batch_size: int | None = None) -> Iterator[tuple[int, torch.Tensor | None, list]]:
+    """For each score k of ``run``'s forward, in order: ``(k, ∂score_k/∂h0, [∂score_k/∂w for w in
+    watch])``, from one backward per ``batch_size`` scores (``None``: one for all), each batched
+    over its scores with ``is_grads_batched``; ``batch_size=1``: a plain backward per score.
+    The graph is kept until the last chunk."""
+    n = len(scores)
+    size = check_batch_size(batch_size, n)
+    stacked = torch.stack(list(scores))
+    for start in range(0, n, size):
+        chunk = range(start, min(start + size, n))
+        last = chunk.stop == n
+        if size == 1:  # the loop: no batching, no one-hot seeds
+            grads = torch.autograd.grad(stacked[start], [run.h0, *watch], allow_unused=True, retain_graph=not last)
+            yield start, grads[0], list(grads[1:])
+            continue
+        seeds = torch.zeros(len(chunk), n, dtype=stacked.dtype, device=stacked.device)
+        seeds[torch.arange(len(chunk)), torch.tensor(list(chunk))] = 1
+        grads = torch.autograd.grad(stacked, [run.h0, *watch], seeds, allow_unused=True, retain_graph=not last,
+                                    is_grads_batched=True)
+        for j, k in enumerate(chunk):
+            yield k, _row(grads[0], j), [_row(g, j) for g in grads[1:]]
+        del grads
+
+
+def _row(grad: torch.Tensor | None, j: int) -> torch.Tensor | None:
+    return None if grad is None else grad[j]
+
+
+def check_batch_size(batch_size: object, n_targets: int) -> int:
+    """Targets per backward: ``batch_size``, or all ``n_targets`` for ``None``; an ExplainError
+    unless a positive integer.
+
+    >>> check_batch_size(None, 5), check_batch_size(2, 5), check_batch_size(9, 5)
+    (5, 2, 5)
+    """
+    if batch_size is None:
+        return max(n_targets, 1)
+    if not is_int(batch_size) or int(batch_size) < 1:
+        raise ExplainError(f"batch_size={batch_size!r}: expected a positive number of targets per backward, "
+                           "or None for all in one")
+    return min(int(batch_size), max(n_targets, 1))
+
+
+def check_positions(positions: Sequence[int] | None, n_tokens: int) -> list[int]:
+    """``positions`` as indices in ``range(n_tokens)`` (negative count from the end; ``None``:
+    every position but the last), in the given order; an ExplainError for anything else.
+
+    >>> check_positions(None, 4), check_positions([-1, 0], 4)
+    ([0, 1, 2], [3, 0])
+    """
+    if positions is None:
+        if n_tokens < 2:
+            raise ExplainError("positions=None explains every position that has a next token, but the text has "
+                               "one token: pass positions=[0] (and a target) to explain its prediction")
+        return list(range(n_tokens - 1))
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence | torch.Tensor):
+        raise ExplainError(f"positions={positions!r}: expected a list of token indices")
+    chosen = []
+    for p in (positions.tolist() if isinstance(positions, torch.Tensor) else positions):
+        if not is_int(p) or not -n_tokens <= int(p) < n_tokens:
+            raise ExplainError(f"positions: {p!r} is not a token index of this {n_tokens}-token text")
+        chosen.append(int(p) % n_tokens)
+    if not chosen:
+        raise ExplainError("positions=[]: expected at least one token index")
+    return chosen
+
+
+def position_targets(tokenizer, vocab_size: int, ids: list[int], positions: list[int],
+                     targets: Sequence[Target] | None) -> list[TargetSpec]:
+    """The target of each position: resolved from ``targets`` (one per position), or the text's
+    next token (the top token after the last one) when ``targets`` is None. A continuation
+    (several tokens) is an ExplainError: a position predicts one token."""
+    if targets is None:
+        return [TargetSpec(ids=[ids[p + 1]]) if p + 1 < len(ids) else TargetSpec() for p in positions]
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
+        raise ExplainError(f"targets={targets!r}: expected a list with one target per position")
+    if len(targets) != len(positions):
+        raise ExplainError(f"targets: expected one per position ({len(positions)}), got {len(targets)}")
+    specs = [resolve_target(tokenizer, t, vocab_size) for t in targets]
+    for t, spec in zip(targets, specs):
+        if spec.continuation:
+            raise ExplainError(f"target {t!r} is a continuation of {len(spec.continuation)} tokens: a position "
+                               "predicts one token (explain a continuation with explain(..., target=...))")
+    return specs
