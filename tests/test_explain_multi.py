@@ -3,8 +3,11 @@ each explanation equals the one-target explain() of the text cut after its posit
 reference), for every rule method, several families, latent relevances and every batch size; the
 rules' vmap rules equal the plain backward; and the backward really is batched."""
 
+import json
+
 import pytest
 import torch
+from cli_probe import probe
 
 import lucidlm
 from lucidlm import GPT, Config, rules
@@ -146,3 +149,59 @@ def test_the_real_model(converted):
     for p, e in zip([5, len(ids) - 2], got):
         assert_same(e, llm.explain(ids[:p + 1], target=ids[p + 1]))
     assert got[0].prompt is None and got[0].tokens == [llm.tokenizer.decode([i]) for i in ids[:6]]
+
+
+# --------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("args, needle", [
+    (["--generate", "3", "--target", " x"], "--generate explains the tokens it generates: drop --target"),
+    (["--positions", "all", "--target-id", "5"], "--positions explains the token that follows each position: drop "
+                                                 "--target-id"),
+    (["--generate", "3", "--kv-cache", "window"], "drop --kv-cache"),
+    (["--positions", "1", "--cache-tokens", "8"], "drop --cache-tokens"),
+    (["--generate", "3", "--method", "occlusion"], "takes a rule method (attnlrp, cp-lrp, inputxgrad)"),
+    (["--positions", "1", "--html", "{tmp}/e.html"], "--positions writes --json"),
+    (["--batch-size", "2"], "--batch-size applies to --generate or --positions"),
+    (["--generate", "3", "--positions", "1"], "not allowed with argument --generate"),
+    (["--generate", "0"], "--generate: expected a positive integer"),
+    (["--positions", "1,x"], "expected 'all' or comma-separated token indices, got '1,x'"),
+    (["--generate", "2", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+])
+def test_cli_refusals_exit_2_before_the_model_is_opened(args, needle, model_file, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result, stderr = probe("explain", "hi", *args, "--model", model_file, watched=model_file)
+    lines = stderr.strip().splitlines()
+    assert result["status"] == 2 and len(lines) == 1 and needle in lines[0], stderr
+    assert result["opened"] == [] and result["heavy"] == []
+
+
+def test_cli_runs_the_batched_path(converted, tmp_path, capsys, monkeypatch):
+    """``explain --generate`` / ``--positions`` write what explain_generation / explain_positions
+    give, and go through one batched backward."""
+    from lucidlm.cli import main
+    from lucidlm.explain.explanation import Explanation, GenerationExplanation
+
+    batched = []
+    real = multi.batched_backward
+
+    def spy(*args, **kwargs):
+        batched.append(kwargs.get("batch_size"))
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(multi, "batched_backward", spy)
+    monkeypatch.setattr("lucidlm.explain.explainer.batched_backward", spy)
+    out = tmp_path / "g.json"
+    assert main(["explain", "One, two, three,", "--model", str(converted), "--generate", "3", "--json", str(out),
+                 "--batch-size", "2"]) == 0
+    g = GenerationExplanation.from_json(out.read_text())
+    llm = lucidlm.LLM.load(converted)
+    expected = llm.explain_generation("One, two, three,", max_new_tokens=3)
+    assert g.generated_ids == expected.generated_ids
+    torch.testing.assert_close(g.matrix, expected.matrix, atol=1e-5, rtol=1e-4)
+    out = tmp_path / "p.json"
+    assert main(["explain", "One, two, three,", "--model", str(converted), "--positions=-2,1", "--json",
+                 str(out)]) == 0
+    got = [Explanation.from_dict(d) for d in json.loads(out.read_text())]
+    for e, alone in zip(got, llm.explain_positions("One, two, three,", positions=[-2, 1])):
+        assert_same(e, alone)
+    assert batched == [2, None, None, None]
+    assert "generated token(s)" in capsys.readouterr().out

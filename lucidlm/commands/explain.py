@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
+from .explain_many import add_many, check_many, run_many
 from .options import Command, Paths, add_adapter, add_cache, add_model, add_target, cache_kwargs, hints_as_notes, load
 
+EXPLAIN_MANY = ("--generate N explains every generated token and --positions LIST the token that follows each "
+                "listed position, all from one forward and one backward batched over the targets (--batch-size: "
+                "targets per backward).")
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
               "left, and a replay of exactly what each query saw is explained back to the input tokens. With "
@@ -34,9 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", type=Path, metavar="FILE", help="write a PNG heatmap (default: none)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the relevances as JSON (default: none)")
     add_cache(p)
+    add_many(p)
 
 
 def outputs(args: argparse.Namespace) -> Paths:
+    check_many(args)  # here: outputs are checked before anything loads
     return [("--html", args.html), ("--png", args.png), ("--json", args.json)]
 
 
@@ -45,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if args.generate is not None or args.positions is not None:
+        return run_many(llm, prompt, args)
     target = args.target_id if args.target_id is not None else args.target
     explanation = _explain(llm, prompt, target, args)
     skip_first = not args.keep_first
@@ -68,4 +76,4 @@ def _explain(llm, prompt, target, args: argparse.Namespace):
 
 
 EXPLAIN = Command("explain", "which prompt tokens made the model predict its next token", add_arguments, run,
-                  epilog=EXPLAIN_KV, outputs=outputs)
+                  epilog=EXPLAIN_KV + "\n\n" + EXPLAIN_MANY, outputs=outputs)
