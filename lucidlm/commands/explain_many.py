@@ -93,7 +93,8 @@ def run_many(llm, prompt, args: argparse.Namespace) -> int:
                 print(explanation.to_terminal(skip_first=skip_first))
     written = [(args.json, lambda path: _save_json(result, path))]
     if args.generate is not None:
-        written += [(args.html, result.save_html), (args.png, lambda path: result.save_png(path, skip_first=skip_first))]
+        written += [(args.html, result.save_html),
+                    (args.png, lambda path: result.save_png(path, skip_first=skip_first))]
     for path, save in written:
         if path is not None:
             save(path)

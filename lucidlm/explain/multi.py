@@ -33,6 +33,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -80,10 +81,12 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
         select = torch.zeros_like(pos, dtype=torch.bool)
         select[0, rows] = True
         run = Pass(h0, model(inputs_embeds=h0, positions=pos, select=select))
-        logits = [run.logits[rows.index(p)].unsqueeze(0) for p in chosen]
+        row_of = {p: i for i, p in enumerate(rows)}
+        logits = [run.logits[row_of[p]].detach().unsqueeze(0) for p in chosen]
         scored = [spec.score(row) for spec, row in zip(specs, logits)]
+        seeds = [Seed.of(row_of[p], ids_k, spec.contrast) for p, spec, (_, ids_k) in zip(chosen, specs, scored)]
         explanations = []
-        for k, grad, latent in batched_backward(run, [s for s, _ in scored], recorder.tensors(), batch_size):
+        for k, grad, latent in batched_backward(run, seeds, recorder.tensors(), batch_size):
             p, (score, target_ids) = chosen[k], scored[k]
             request = Prompt(ids[:p + 1], ids[:p + 1], given[k], specs[k])
             warn_target(tokenizer, given[k], specs[k], logits[k][-1], stacklevel=3)
@@ -93,26 +96,44 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     return explanations
 
 
-def batched_backward(run: Pass, scores: Sequence[torch.Tensor], watch: Sequence[torch.Tensor] = (),
+@dataclass(frozen=True)
+class Seed:
+    """What one target explains, as a linear function of ``run.logits``: ``Σ weight ·
+    logits[row, token]`` over ``terms`` (a logit: ``((t, 1.0),)``; a contrast: ``((a, 1.0), (b,
+    -1.0))``), ``row`` counting the logits' rows across their leading dimensions. The backward is
+    seeded with it at the logits, so no per-target indexing joins the graph."""
+
+    row: int
+    terms: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, row: int, target_ids: Sequence[int], contrast: bool) -> Seed:
+        return cls(row, ((target_ids[0], 1.0), (target_ids[1], -1.0)) if contrast else ((target_ids[0], 1.0),))
+
+
+def batched_backward(run: Pass, seeds: Sequence[Seed], watch: Sequence[torch.Tensor] = (),
                      batch_size: int | None = None) -> Iterator[tuple[int, torch.Tensor | None, list]]:
-    """For each score k of ``run``'s forward, in order: ``(k, ∂score_k/∂h0, [∂score_k/∂w for w in
-    watch])``, from one backward per ``batch_size`` scores (``None``: one for all), each batched
-    over its scores with ``is_grads_batched``; ``batch_size=1``: a plain backward per score.
-    The graph is kept until the last chunk."""
-    n = len(scores)
+    """For each target k of ``run``'s forward, in order: ``(k, ∂score_k/∂h0, [∂score_k/∂w for w
+    in watch])``, score k as ``seeds[k]`` says, from one backward per ``batch_size`` targets
+    (``None``: one for all), batched over them with ``is_grads_batched``; ``batch_size=1``: a
+    plain backward per target. The graph is kept until the last chunk."""
+    n, logits = len(seeds), run.logits
     size = check_batch_size(batch_size, n)
-    stacked = torch.stack(list(scores))
     for start in range(0, n, size):
         chunk = range(start, min(start + size, n))
-        last = chunk.stop == n
-        if size == 1:  # the loop: no batching, no one-hot seeds
-            grads = torch.autograd.grad(stacked[start], [run.h0, *watch], allow_unused=True, retain_graph=not last)
+        grad_out = torch.zeros(len(chunk), *logits.shape, dtype=logits.dtype, device=logits.device)
+        rows = grad_out.view(len(chunk), -1, logits.shape[-1])
+        for j, k in enumerate(chunk):
+            for token, weight in seeds[k].terms:
+                rows[j, seeds[k].row, token] += weight
+        keep = chunk.stop < n
+        if size == 1:  # the loop: one plain backward per target
+            grads = torch.autograd.grad(logits, [run.h0, *watch], grad_out[0], allow_unused=True, retain_graph=keep)
             yield start, grads[0], list(grads[1:])
             continue
-        seeds = torch.zeros(len(chunk), n, dtype=stacked.dtype, device=stacked.device)
-        seeds[torch.arange(len(chunk)), torch.tensor(list(chunk))] = 1
-        grads = torch.autograd.grad(stacked, [run.h0, *watch], seeds, allow_unused=True, retain_graph=not last,
+        grads = torch.autograd.grad(logits, [run.h0, *watch], grad_out, allow_unused=True, retain_graph=keep,
                                     is_grads_batched=True)
+        del grad_out, rows
         for j, k in enumerate(chunk):
             yield k, _row(grads[0], j), [_row(g, j) for g in grads[1:]]
         del grads
