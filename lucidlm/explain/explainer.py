@@ -34,7 +34,7 @@ from .cached import explain_cached
 from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, \
     prompt_ids, token_inputs, warn_target  # noqa: F401  (prompt_ids, warn_target: public here too)
 from .explanation import Explanation, GenerationExplanation
-from .multi import Seed, batched_backward, check_batch_size
+from .multi import HeadCut, Seed, batched_backward, check_batch_size
 from .targets import Target, TargetSpec, leading_space_hint, resolve_target, token_strings  # noqa: F401
 
 
@@ -122,10 +122,10 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     n_prompt, n_gen = len(ids), len(generated)
     matrix = torch.zeros(n_gen, n_prompt + n_gen)
     x, positions = token_inputs(model, [ids + generated[:-1]])
-    with explain_mode(method):  # one forward, one batched backward for every generated token
+    with explain_mode(method), HeadCut(model) as cut:  # one forward, one batched backward for every token
         run = Pass.forward(model, positions, ids=x, first_scored=n_prompt - 1)
         seeds = [Seed.of(i, [token], contrast=False) for i, token in enumerate(generated)]
-        for i, grad, _ in batched_backward(run, seeds, batch_size=batch_size):
+        for i, grad, _ in batched_backward(run, cut, seeds, batch_size=batch_size):
             matrix[i, : n_prompt + n_gen - 1] = run.relevance(grad)
     return GenerationExplanation(
         prompt_tokens=token_strings(tokenizer, ids), generated_tokens=token_strings(tokenizer, generated),

@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,8 +76,8 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     given = [None] * len(chosen) if targets is None else list(targets)
     rows = sorted(set(chosen))  # the logits rows, in the forward's order
     x, pos = token_inputs(model, [ids[:rows[-1] + 1]])
-    recorder = LatentRecorder(model, layers)
-    with explain_mode(method), recorder:
+    recorder, cut = LatentRecorder(model, layers), HeadCut(model)
+    with explain_mode(method), recorder, cut:
         h0 = model.embed_tokens(x, pos).detach().requires_grad_(True)
         select = torch.zeros_like(pos, dtype=torch.bool)
         select[0, rows] = True
@@ -86,7 +87,7 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
         scored = [spec.score(row) for spec, row in zip(specs, logits)]
         seeds = [Seed.of(row_of[p], ids_k, spec.contrast) for p, spec, (_, ids_k) in zip(chosen, specs, scored)]
         explanations = []
-        for k, grad, latent in batched_backward(run, seeds, recorder.tensors(), batch_size):
+        for k, grad, latent in batched_backward(run, cut, seeds, recorder.tensors(), batch_size):
             p, (score, target_ids) = chosen[k], scored[k]
             request = Prompt(ids[:p + 1], ids[:p + 1], given[k], specs[k])
             warn_target(tokenizer, given[k], specs[k], logits[k][-1], stacklevel=3)
@@ -98,10 +99,9 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
 
 @dataclass(frozen=True)
 class Seed:
-    """What one target explains, as a linear function of ``run.logits``: ``Σ weight ·
-    logits[row, token]`` over ``terms`` (a logit: ``((t, 1.0),)``; a contrast: ``((a, 1.0), (b,
-    -1.0))``), ``row`` counting the logits' rows across their leading dimensions. The backward is
-    seeded with it at the logits, so no per-target indexing joins the graph."""
+    """What one target explains, as a linear function of the logits: ``Σ weight · logits[row,
+    token]`` over ``terms`` (a logit: ``((t, 1.0),)``; a contrast: ``((a, 1.0), (b, -1.0))``),
+    ``row`` counting the logits' rows across their leading dimensions."""
 
     row: int
     terms: tuple[tuple[int, float], ...]
@@ -111,27 +111,90 @@ class Seed:
         return cls(row, ((target_ids[0], 1.0), (target_ids[1], -1.0)) if contrast else ((target_ids[0], 1.0),))
 
 
-def batched_backward(run: Pass, seeds: Sequence[Seed], watch: Sequence[torch.Tensor] = (),
+class HeadCut:
+    """Context manager: cuts the graph of the one forward run inside it at the input of
+    ``model.final_norm`` (the last hidden states of the scored rows), so that the backward of
+    many targets runs in two steps: through the head (norm, vocabulary projection, logit scale
+    and soft-cap: each row on its own) for all targets at once, then from the hidden states
+    (``d`` wide) through the blocks, batched over the targets. Seeding the batched backward at
+    the logits instead would hold ``targets × rows × vocabulary`` numbers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.body: torch.Tensor | None = None  # the blocks' output, in the graph from h0
+        self.leaf: torch.Tensor | None = None  # the same values, where the head's graph starts
+
+    def __enter__(self) -> HeadCut:
+        norm = getattr(self.model, "final_norm", None)
+        if not isinstance(norm, nn.Module):
+            raise ExplainError(f"{type(self.model).__name__} has no final_norm module: several targets in one "
+                               "backward need the model's last norm (explain them one at a time with explain())")
+        self._token = _CUTTING.set(self)
+        self._handle = norm.register_forward_pre_hook(self._cut)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _CUTTING.reset(self._token)
+        self._handle.remove()
+
+    def _cut(self, _module, args):
+        if _CUTTING.get() is not self or self.leaf is not None:  # another thread's forward, or a second one
+            return None
+        self.body, self.leaf = args[0], args[0].detach().requires_grad_(True)
+        return (self.leaf, *args[1:])
+
+    def head_gradients(self, logits: torch.Tensor, seeds: Sequence[Seed]) -> torch.Tensor:
+        """∂score_k/∂(hidden state of seeds[k].row), (targets, d): one backward through the head
+        for every target whose row no earlier target took (rows do not mix in the head), one more
+        for each repeat of a row."""
+        width = self.leaf.shape[-1]
+        out = self.leaf.new_zeros(len(seeds), width)
+        rounds: list[list[int]] = []
+        taken: dict[int, int] = {}
+        for k, seed in enumerate(seeds):
+            taken[seed.row] = taken.get(seed.row, -1) + 1
+            if taken[seed.row] == len(rounds):
+                rounds.append([])
+            rounds[taken[seed.row]].append(k)
+        for i, members in enumerate(rounds):
+            grad_out = torch.zeros_like(logits)
+            rows = grad_out.view(-1, logits.shape[-1])
+            for k in members:
+                for token, weight in seeds[k].terms:
+                    rows[seeds[k].row, token] += weight
+            (grad,) = torch.autograd.grad(logits, self.leaf, grad_out, retain_graph=i < len(rounds) - 1)
+            grad = grad.reshape(-1, width)
+            for k in members:
+                out[k] = grad[seeds[k].row]
+        return out
+
+
+_CUTTING: contextvars.ContextVar[HeadCut | None] = contextvars.ContextVar("lucidlm_head_cut", default=None)
+
+
+def batched_backward(run: Pass, cut: HeadCut, seeds: Sequence[Seed], watch: Sequence[torch.Tensor] = (),
                      batch_size: int | None = None) -> Iterator[tuple[int, torch.Tensor | None, list]]:
-    """For each target k of ``run``'s forward, in order: ``(k, ∂score_k/∂h0, [∂score_k/∂w for w
-    in watch])``, score k as ``seeds[k]`` says, from one backward per ``batch_size`` targets
-    (``None``: one for all), batched over them with ``is_grads_batched``; ``batch_size=1``: a
-    plain backward per target. The graph is kept until the last chunk."""
-    n, logits = len(seeds), run.logits
+    """For each target k of ``run``'s forward (run inside ``cut``), in order: ``(k, ∂score_k/∂h0,
+    [∂score_k/∂w for w in watch])``, score k as ``seeds[k]`` says: through the head for all
+    targets (:meth:`HeadCut.head_gradients`), then one backward through the blocks per
+    ``batch_size`` targets (``None``: one for all), batched over them with ``is_grads_batched``;
+    ``batch_size=1``: a plain backward per target. The graph is kept until the last chunk."""
+    n = len(seeds)
     size = check_batch_size(batch_size, n)
+    head = cut.head_gradients(run.logits, seeds)
+    body = cut.body
     for start in range(0, n, size):
         chunk = range(start, min(start + size, n))
-        grad_out = torch.zeros(len(chunk), *logits.shape, dtype=logits.dtype, device=logits.device)
-        rows = grad_out.view(len(chunk), -1, logits.shape[-1])
+        grad_out = body.new_zeros(len(chunk), *body.shape)
+        rows = grad_out.view(len(chunk), -1, body.shape[-1])
         for j, k in enumerate(chunk):
-            for token, weight in seeds[k].terms:
-                rows[j, seeds[k].row, token] += weight
+            rows[j, seeds[k].row] = head[k]
         keep = chunk.stop < n
         if size == 1:  # the loop: one plain backward per target
-            grads = torch.autograd.grad(logits, [run.h0, *watch], grad_out[0], allow_unused=True, retain_graph=keep)
+            grads = torch.autograd.grad(body, [run.h0, *watch], grad_out[0], allow_unused=True, retain_graph=keep)
             yield start, grads[0], list(grads[1:])
             continue
-        grads = torch.autograd.grad(logits, [run.h0, *watch], grad_out, allow_unused=True, retain_graph=keep,
+        grads = torch.autograd.grad(body, [run.h0, *watch], grad_out, allow_unused=True, retain_graph=keep,
                                     is_grads_batched=True)
         del grad_out, rows
         for j, k in enumerate(chunk):
