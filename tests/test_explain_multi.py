@@ -204,5 +204,5 @@ def test_cli_runs_the_batched_path(converted, tmp_path, capsys, monkeypatch):
     got = [Explanation.from_dict(d) for d in json.loads(out.read_text())]
     for e, alone in zip(got, llm.explain_positions("One, two, three,", positions=[-2, 1])):
         assert_same(e, alone)
-    assert batched == [2, None, None, None]
+    assert batched == [2, 8, 8, 8]  # --batch-size 2, then the default
     assert "generated token(s)" in capsys.readouterr().out

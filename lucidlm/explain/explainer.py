@@ -34,7 +34,7 @@ from .cached import explain_cached
 from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, \
     prompt_ids, token_inputs, warn_target  # noqa: F401  (prompt_ids, warn_target: public here too)
 from .explanation import Explanation, GenerationExplanation
-from .multi import HeadCut, Seed, batched_backward, check_batch_size
+from .multi import DEFAULT_BATCH_SIZE, HeadCut, Seed, batched_backward, check_batch_size
 from .targets import Target, TargetSpec, leading_space_hint, resolve_target, token_strings  # noqa: F401
 
 
@@ -96,14 +96,15 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
 
 
 def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20,
-                       method: str = "attnlrp", batch_size: int | None = None) -> GenerationExplanation:
+                       method: str = "attnlrp",
+                       batch_size: int | None = DEFAULT_BATCH_SIZE) -> GenerationExplanation:
     """Greedy-generate up to ``max_new_tokens`` tokens, then explain each generated token over every
     token before it (prompt and earlier generated tokens).
 
     One forward under the rules over prompt + generated tokens, then one backward for all the
     generated tokens at once, batched over them (:func:`lucidlm.explain.multi.batched_backward`;
-    ``batch_size``: tokens per backward, ``None`` all in one, ``1`` one backward per token, the
-    least memory). Row i of the matrix is the relevance for generated token i; by causality its
+    ``batch_size``: tokens per backward, default :data:`~lucidlm.explain.multi.DEFAULT_BATCH_SIZE`,
+    ``None`` all in one, ``1`` one backward per token, the least memory). Row i of the matrix is the relevance for generated token i; by causality its
     entries at and after column ``n_prompt + i`` are 0.
 
     >>> import torch

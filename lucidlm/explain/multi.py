@@ -4,17 +4,20 @@
 default the token that follows it there), and
 :func:`~lucidlm.explain.explainer.explain_generation` every generated token, the same way:
 
-1. one forward under the rules over the text, with logits only for the explained positions;
-2. one backward for all of their scores at once: ``torch.autograd.grad(scores, h0, grad_outputs=I,
-   is_grads_batched=True)``, a ``vmap`` over the backward whose row k seeds score k alone (the
-   rules of :mod:`lucidlm.model.rules` carry vmap rules for it);
-3. relevance of token t for target k = Σ_d h0[t, d] · ∂score_k/∂h0[t, d].
+1. one forward under the rules over the text, with logits only for the explained positions, its
+   graph cut at the last hidden states (:class:`HeadCut`);
+2. one backward through the head (norm, vocabulary projection) for all targets at once: the rows
+   do not mix there, so row p's gradient is its target's;
+3. one backward through the blocks for all targets at once: ``torch.autograd.grad(hidden, h0,
+   grad_outputs=seeds, is_grads_batched=True)``, a ``vmap`` over the backward whose seed k holds
+   target k's head gradient alone (the rules of :mod:`lucidlm.model.rules` carry vmap rules for it);
+4. relevance of token t for target k = Σ_d h0[t, d] · ∂score_k/∂h0[t, d].
 
-Row k's backward is exactly the one-target backward, so each explanation is the one
+Row k of the batched backward is exactly the one-target backward, so each explanation is the one
 :func:`~lucidlm.explain.explainer.explain` gives for the text cut after that position (up to float
-rounding: a longer sequence and batched matmuls round differently). ``batch_size`` bounds memory:
-the batched backward holds ``batch_size`` gradients of every activation at once, so the targets
-go ``batch_size`` at a time (one backward per chunk, the forward's graph kept between them);
+rounding: a longer sequence rounds differently). ``batch_size`` bounds memory: the batched
+backward holds ``batch_size`` gradients of every activation at once, so the targets go
+``batch_size`` at a time (one backward per chunk, the forward's graph kept between them);
 ``batch_size=1`` is the plain loop, one backward per target, the least memory.
 
 >>> import torch
@@ -46,11 +49,16 @@ from .explanation import Explanation
 from .latent import LatentRecorder
 from .targets import Target, TargetSpec, is_int, resolve_target
 
+#: targets per batched backward unless asked otherwise: on the CPU (256 tokens, 64 targets, the
+#: embedded model) 8 at a time was the fastest, ~1.8x the loop's speed for ~10% more peak memory,
+#: and one backward for all 64 was no faster than the loop (see scripts/multi_target_bench.py)
+DEFAULT_BATCH_SIZE = 8
+
 
 def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
                       positions: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
                       method: str = "attnlrp", layers: str | Sequence[int] | None = None,
-                      batch_size: int | None = None) -> list[Explanation]:
+                      batch_size: int | None = DEFAULT_BATCH_SIZE) -> list[Explanation]:
     """One :class:`~lucidlm.explain.explanation.Explanation` per position of ``prompt``: why the
     model predicts what follows it, over the tokens up to it. All from one forward and one batched
     backward (see the module docstring); each equals ``explain(model, tokenizer, ids[:p + 1],
@@ -61,8 +69,8 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     ``(a, b)`` or ``None`` (the model's top next token); ``None`` for all: the token that follows
     each position in the text (the model's top token after the last one). ``method``: a rule
     method (``"attnlrp"``, ``"cp-lrp"``, ``"inputxgrad"``). ``layers``: latent relevances too, per
-    target (:mod:`lucidlm.explain.latent`). ``batch_size``: targets per backward (``None``: all in
-    one; ``1``: one backward per target, the least memory).
+    target (:mod:`lucidlm.explain.latent`). ``batch_size``: targets per backward (default
+    :data:`DEFAULT_BATCH_SIZE`; ``None``: all in one; ``1``: one backward per target, the least memory).
 
     >>> from lucidlm import Config, GPT
     >>> model = GPT(Config.from_name("tiny-llama")).eval()
@@ -87,7 +95,7 @@ def explain_positions(model: nn.Module, tokenizer, prompt: str | Sequence[int],
         scored = [spec.score(row) for spec, row in zip(specs, logits)]
         seeds = [Seed.of(row_of[p], ids_k, spec.contrast) for p, spec, (_, ids_k) in zip(chosen, specs, scored)]
         explanations = []
-        for k, grad, latent in batched_backward(run, cut, seeds, recorder.tensors(), batch_size):
+        for k, grad, latent in batched_backward(run, cut, seeds, recorder.tensors(), batch_size=batch_size):
             p, (score, target_ids) = chosen[k], scored[k]
             request = Prompt(ids[:p + 1], ids[:p + 1], given[k], specs[k])
             warn_target(tokenizer, given[k], specs[k], logits[k][-1], stacklevel=3)
