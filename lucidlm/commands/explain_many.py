@@ -54,8 +54,8 @@ def add_many(p: argparse.ArgumentParser) -> None:
                            "the token that follows each position, all in one forward and one batched backward "
                            "(default: none, the prompt's next token only)")
     p.add_argument("--batch-size", type=positive, default=None, metavar="K",
-                   help="with --generate/--positions: targets per backward (default: 8, the fastest measured on "
-                        "the CPU; 1: one backward per target, the least memory)")
+                   help="with --generate/--positions: targets per backward (default: 8; 1: one backward per "
+                        "target, the least memory)")
 
 
 def check_many(args: argparse.Namespace) -> None:

@@ -49,9 +49,10 @@ from .explanation import Explanation
 from .latent import LatentRecorder
 from .targets import Target, TargetSpec, is_int, resolve_target
 
-#: targets per batched backward unless asked otherwise: on the CPU (256 tokens, 64 targets, the
-#: embedded model) 8 at a time was the fastest, ~1.8x the loop's speed for ~10% more peak memory,
-#: and one backward for all 64 was no faster than the loop (see scripts/multi_target_bench.py)
+#: targets per batched backward unless asked otherwise. On the CPU (embedded model, 64 targets over
+#: 256 tokens, scripts/multi_target_bench.py) 8 or 16 at a time took the loop's time for 10-17% more
+#: peak memory, and all 64 in one backward 24% longer for 34% more: the CPU does the same
+#: arithmetic either way; a GPU, which one small backward leaves mostly idle, is where batches pay
 DEFAULT_BATCH_SIZE = 8
 
 
