@@ -206,3 +206,10 @@ def test_cli_runs_the_batched_path(converted, tmp_path, capsys, monkeypatch):
         assert_same(e, alone)
     assert batched == [2, 8, 8, 8]  # --batch-size 2, then the default
     assert "generated token(s)" in capsys.readouterr().out
+
+
+def test_a_model_without_final_norm_is_refused():
+    model = GPT(Config.from_name("tiny-llama")).eval()
+    model.final_norm = None
+    with pytest.raises(ExplainError, match="GPT has no final_norm module"):
+        explain_positions(model, None, TEXT, positions=[3])
