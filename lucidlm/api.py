@@ -440,15 +440,33 @@ class LLM:
                             method=method, layers="all" if layers is None else layers, objective=objective)
 
     def explain_generation(self, prompt: str | Sequence[int], max_new_tokens: int = 20, method: str = "attnlrp",
-                           checkpointing: bool = False):
-        """Generate greedily and explain every generated token over all earlier tokens
-        (``checkpointing``: as in :meth:`explain`)."""
+                           checkpointing: bool = False, batch_size: int | None = 8):
+        """Generate greedily and explain every generated token over all earlier tokens: one forward
+        and one backward batched over the generated tokens (``batch_size`` tokens per backward,
+        default 8 (:data:`lucidlm.explain.multi.DEFAULT_BATCH_SIZE`); ``None``: all, ``1``: one
+        backward per token, the least memory). ``checkpointing``: as in :meth:`explain`."""
         from .explain.explainer import explain_generation
         from .model.checkpointing import checkpointing as checkpointed
 
         with checkpointed(checkpointing):
             return explain_generation(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                      method=method)
+                                      method=method, batch_size=batch_size)
+
+    def explain_positions(self, prompt: str | Sequence[int], positions: Sequence[int] | None = None,
+                          targets: Sequence[Any] | None = None, method: str = "attnlrp", layers: Any = None,
+                          batch_size: int | None = 8):
+        """Explain the prediction at several positions of one text, each over the tokens up to it,
+        from one forward and one batched backward: a list of
+        :class:`~lucidlm.explain.explanation.Explanation`, one per position, each equal to
+        ``explain(ids[:p + 1], target=...)``. ``positions``: token indices (``None``: all but the
+        last); ``targets``: one per position (``None``: the token that follows each in the text);
+        ``batch_size``: targets per backward (default 8; ``None``: all; ``1``: one backward per
+        target). See
+        :func:`lucidlm.explain.multi.explain_positions`."""
+        from .explain.multi import explain_positions
+
+        return explain_positions(self.model, self.tokenizer, prompt, positions=positions, targets=targets,
+                                 method=method, layers=layers, batch_size=batch_size)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

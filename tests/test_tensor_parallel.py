@@ -92,7 +92,8 @@ def test_every_process_keeps_the_tokens_one_process_keeps(tp_results, one_proces
 
 
 @needs_torchrun
-@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "attnlrp-h2o", "attention-rollout", "integrated-gradients"])
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "attnlrp-h2o", "attention-rollout", "integrated-gradients",
+                                    "generation"])
 def test_relevances_equal_one_process(tp_results, one_process, method):
     want = one_process[method]
     for found in tp_results:

@@ -34,6 +34,9 @@ def results(llm: LLM) -> dict:
     out["latent"] = {key: value.tolist() for key, value in latent.items()}
     cached = llm.explain(PROMPT, method="attnlrp", kv_cache="h2o", cache_tokens=8)
     out["attnlrp-h2o"] = {"target": cached.target_ids, "relevance": [float(r) for r in cached.relevance]}
+    # several targets in one forward (its batched backward runs one target at a time under tensor parallelism)
+    generation = llm.explain_generation(PROMPT, max_new_tokens=4)
+    out["generation"] = {"target": generation.generated_ids, "relevance": generation.matrix.flatten().tolist()}
     return out
 
 

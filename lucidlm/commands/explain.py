@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 from ..methods import EXPLAIN_METHODS
+from .explain_many import add_many, check_many, run_many
 from .options import (Command, Paths, add_adapter, add_cache, add_checkpointing, add_device_map, add_model,
                       add_target, add_tensor_parallel, cache_kwargs, every_process, hints_as_notes, load)
 
+EXPLAIN_MANY = ("--generate N explains every generated token and --positions LIST the token that follows each "
+                "listed position, all from one forward and one backward batched over the targets (--batch-size: "
+                "targets per backward).")
 EXPLAIN_KV = ("With --kv-cache the prediction made through that policy is explained: the prompt but its last "
               "token is prefilled (the policy evicting between chunks), the last token decoded over what is "
               "left, and a replay of exactly what each query saw is explained back to the input tokens. With "
@@ -38,9 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cache(p)
     add_tensor_parallel(p)
     add_checkpointing(p)
+    add_many(p)
 
 
 def outputs(args: argparse.Namespace) -> Paths:
+    check_many(args)  # here: outputs are checked before anything loads
     return [("--html", args.html), ("--png", args.png), ("--json", args.json)]
 
 
@@ -49,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if args.generate is not None or args.positions is not None:
+        return run_many(llm, prompt, args)
     target = args.target_id if args.target_id is not None else args.target
     with every_process(llm) as main:  # --tensor-parallel: every process explains, the first one writes
         explanation = _explain(llm, prompt, target, args, main)
@@ -77,4 +85,4 @@ def _explain(llm, prompt, target, args: argparse.Namespace, main: bool = True):
 
 
 EXPLAIN = Command("explain", "which prompt tokens made the model predict its next token", add_arguments, run,
-                  epilog=EXPLAIN_KV, outputs=outputs)
+                  epilog=EXPLAIN_KV + "\n\n" + EXPLAIN_MANY, outputs=outputs)

@@ -34,6 +34,7 @@ from .cached import explain_cached
 from .core import Pass, Prompt, check_explainable, check_objective, explain_mode, explain_prompts, \
     prompt_ids, token_inputs, warn_target  # noqa: F401  (prompt_ids, warn_target: public here too)
 from .explanation import Explanation, GenerationExplanation
+from .multi import DEFAULT_BATCH_SIZE, HeadCut, Seed, batched_backward, check_batch_size
 from .targets import Target, TargetSpec, leading_space_hint, resolve_target, token_strings  # noqa: F401
 
 
@@ -95,13 +96,16 @@ def explain(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Ta
 
 
 def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20,
-                       method: str = "attnlrp") -> GenerationExplanation:
+                       method: str = "attnlrp",
+                       batch_size: int | None = DEFAULT_BATCH_SIZE) -> GenerationExplanation:
     """Greedy-generate up to ``max_new_tokens`` tokens, then explain each generated token over every
     token before it (prompt and earlier generated tokens).
 
-    One forward under the rules over prompt + generated tokens, then one backward per generated
-    token (``retain_graph``): row i of the matrix is the relevance for generated token i; by
-    causality its entries at and after column ``n_prompt + i`` are 0.
+    One forward under the rules over prompt + generated tokens, then one backward for all the
+    generated tokens at once, batched over them (:func:`lucidlm.explain.multi.batched_backward`;
+    ``batch_size``: tokens per backward, default :data:`~lucidlm.explain.multi.DEFAULT_BATCH_SIZE`,
+    ``None`` all in one, ``1`` one backward per token, the least memory). Row i of the matrix is the relevance for generated token i; by causality its
+    entries at and after column ``n_prompt + i`` are 0.
 
     >>> import torch
     >>> from lucidlm import Config, GPT
@@ -113,22 +117,21 @@ def explain_generation(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     check_explainable(method, METHODS)
     if max_new_tokens < 1:
         raise ExplainError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+    check_batch_size(batch_size, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)
     generated = greedy(model, ids, max_new_tokens, stop_ids=getattr(tokenizer, "eos_ids", None) or ())
     n_prompt, n_gen = len(ids), len(generated)
     matrix = torch.zeros(n_gen, n_prompt + n_gen)
-    logits_out: list[float] = []
     x, positions = token_inputs(model, [ids + generated[:-1]])
-    with explain_mode(method):  # one forward, one backward per generated token
+    with explain_mode(method), HeadCut(model) as cut:  # one forward, one batched backward for every token
         run = Pass.forward(model, positions, ids=x, first_scored=n_prompt - 1)
-        for i, token in enumerate(generated):
-            score = run.logits[0, i, token]
-            grad, _ = run.gradients(score, retain=i < n_gen - 1)
+        seeds = [Seed.of(i, [token], contrast=False) for i, token in enumerate(generated)]
+        for i, grad, _ in batched_backward(run, cut, seeds, batch_size=batch_size):
             matrix[i, : n_prompt + n_gen - 1] = run.relevance(grad)
-            logits_out.append(float(score.detach()))
     return GenerationExplanation(
         prompt_tokens=token_strings(tokenizer, ids), generated_tokens=token_strings(tokenizer, generated),
-        matrix=matrix, method=method, prompt_ids=ids, generated_ids=generated, target_logits=logits_out,
+        matrix=matrix, method=method, prompt_ids=ids, generated_ids=generated,
+        target_logits=[float(run.logits[0, i, token].detach()) for i, token in enumerate(generated)],
         prompt=prompt if isinstance(prompt, str) else None)
 
 

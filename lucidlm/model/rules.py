@@ -18,6 +18,11 @@ The model calls the helpers at the end of this file (:func:`activation`, :func:`
 :func:`normalizer`, :func:`attention_weights` ...). With no explanation running (:func:`current`
 is ``None``) each helper is the plain operation.
 
+Each rule is an autograd Function in the ``setup_context`` form with ``generate_vmap_rule``, so
+that a backward can be batched over many scores at once (``torch.autograd.grad(...,
+is_grads_batched=True)``, i.e. ``vmap`` over the backward): :mod:`lucidlm.explain.multi` explains
+many targets of one forward that way.
+
 The method in force lives in a :class:`contextvars.ContextVar`, not a module global: each thread
 (and each asyncio task) sees only the method its own ``with explaining(...)`` set, so a server
 can explain in one thread while it generates in another.
@@ -95,11 +100,15 @@ class IdentityRule(torch.autograd.Function):
     whatever the ratio, so zero is exact, not an approximation.
     """
 
+    generate_vmap_rule = True  # see the module docstring: a batched backward vmaps over this one
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        y = fn(x)
-        ctx.save_for_backward(x, y)
-        return y
+    def forward(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -116,10 +125,15 @@ class DivideGradient(torch.autograd.Function):
     relevance. The forward is the identity; the backward divides the gradient by ``n``, applied to
     the product's output (so every factor's gradient is divided once)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
-        ctx.n = n
+    def forward(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.n = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -148,10 +162,15 @@ class SwitchedBranch(torch.autograd.Function):
     through at least one adapter branch, and the two parts add up to the tuned relevance exactly
     (the backward is linear in the gradient)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
-        ctx.switch = switch
+    def forward(x: torch.Tensor, switch: BranchSwitch) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.switch = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
