@@ -137,7 +137,15 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope:
             cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
-        if cache is not None:  # only through the contract of lucidlm.cache.base.LayerCache
+        out = self.attend_cached(q, k, v, pos, cache)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      cache: LayerCache | None) -> torch.Tensor:
+        """:meth:`attend` over the new keys and values appended to ``cache`` (if any), through the
+        contract of :class:`lucidlm.cache.base.LayerCache` only: extend, what each query may see, and
+        the attention scores a policy asked for handed back."""
+        if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
             visible = cache.visibility(pos, key_pos)
             want_scores, score_queries = cache.wants_scores, cache.score_queries
@@ -147,7 +155,7 @@ class CausalSelfAttention(nn.Module):
                                   score_queries=score_queries)
         if cache is not None:
             cache.settle(scores)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+        return out
 
     def latents(self) -> dict[str, LatentSite]:
         """The heads: the input of ``o_proj`` (:mod:`lucidlm.model.latents`)."""

@@ -117,15 +117,6 @@ class MoAttention(CausalSelfAttention):
         k, v = (t.view(B, T, self.n_groups, self.head_size).transpose(1, 2) for t in self.kv_proj(x).chunk(2, -1))
         cos, sin = self._cos_sin(pos, q.dtype, rope_memo if rope_memo is not None else {})
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
-        if cache is not None:  # the shared heads are what the cache keeps
-            k, v, key_pos = cache.extend(k, v, pos)
-            visible = cache.visibility(pos, key_pos)
-            want_scores, score_queries = cache.wants_scores, cache.score_queries
-        else:
-            key_pos, visible, want_scores, score_queries = pos, None, False, None
-        out, scores = self.attend(q, k, v, pos, key_pos, want_scores, causal_prefill=cache is None, visible=visible,
-                                  score_queries=score_queries)
-        if cache is not None:
-            cache.settle(scores)
+        out = self.attend_cached(q, k, v, pos, cache)  # the shared heads are what the cache keeps
         heads = out.transpose(1, 2).reshape(B, T, self.n_groups, self.k, self.head_size).transpose(2, 3)
         return self.experts.merge(heads.reshape(B * T, self.k, -1), chosen, weights).view(B, T, C)
