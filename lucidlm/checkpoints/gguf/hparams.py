@@ -101,8 +101,9 @@ def _head_dim(hf: dict[str, Any]) -> int:
     return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
-def _decoder(hf: dict[str, Any], llama3: bool = False) -> dict[str, Any]:
-    """The keys every RoPE decoder family writes alike (``TextModel.set_gguf_parameters``)."""
+def _decoder(hf: dict[str, Any], llama3: bool = False, rope_keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keys every RoPE decoder family writes alike (``TextModel.set_gguf_parameters``);
+    ``rope_keys``: a family's own ``rope.*`` keys instead of :func:`_rope_keys`' (gpt-oss's YaRN)."""
     heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
     return {
         "context_length": hf["max_position_embeddings"],
@@ -111,7 +112,7 @@ def _decoder(hf: dict[str, Any], llama3: bool = False) -> dict[str, Any]:
         "feed_forward_length": hf["intermediate_size"],
         "attention.head_count": heads,
         "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        **_rope_keys(_rope(hf), hf["model_type"], llama3),
+        **(_rope_keys(_rope(hf), hf["model_type"], llama3) if rope_keys is None else rope_keys),
     } | ({"attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"])} if "rms_norm_eps" in hf else {}) | (
         # the converter names the head size only where config.json does (else it is hidden / heads)
         {"attention.key_length": head_dim, "attention.value_length": head_dim} if hf.get("head_dim") else {})
@@ -366,22 +367,16 @@ def _gpt_oss(hf: dict[str, Any]) -> dict[str, Any]:
                           f"{hf['swiglu_alpha']} cannot be exported to GGUF: llama.cpp runs {SWIGLU_LIMIT} and "
                           f"{SWIGLU_ALPHA}")
     _check_layers(hf, layer_types(hf["num_hidden_layers"], every=2))
-    heads, head_dim = hf["num_attention_heads"], _head_dim(hf)
-    keys = {
-        "context_length": hf["max_position_embeddings"],
-        "embedding_length": hf["hidden_size"],
-        "block_count": hf["num_hidden_layers"],
-        "feed_forward_length": hf["intermediate_size"],
-        "attention.head_count": heads,
-        "attention.head_count_kv": hf.get("num_key_value_heads") or heads,
-        **_yarn_keys(_rope(hf)),
+    head_dim = _head_dim(hf)
+    return _decoder(hf, rope_keys=_yarn_keys(_rope(hf))) | {
         "attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"]),
         "expert_count": hf["num_local_experts"],
         "expert_used_count": hf["num_experts_per_tok"],
-        "attention.key_length": head_dim,
+        "attention.key_length": head_dim,  # always, where _decoder writes it only for a config's head_dim
         "attention.value_length": head_dim,
+        "attention.sliding_window": hf["sliding_window"],
+        "expert_feed_forward_length": hf["intermediate_size"],
     }
-    return keys | {"attention.sliding_window": hf["sliding_window"], "expert_feed_forward_length": hf["intermediate_size"]}
 
 
 def _yarn_keys(params: dict[str, Any]) -> dict[str, Any]:
