@@ -117,18 +117,18 @@ def oracle():
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def build_tiny_lm(directory, converted_dir, seed: int = 0):
-    """A tiny random Llama (2 layers, width 32) with the embedded model's real tokenizer, saved by
-    transformers: fast to train, and every path that needs text works on it."""
+def build_tiny_lm(directory, converted_dir, seed: int = 0, n_layer: int = 2, tied: bool = True):
+    """A tiny random Llama (``n_layer`` layers, width 32) with the embedded model's real tokenizer, saved
+    by transformers: fast to train, and every path that needs text works on it."""
     import torch
     import transformers as T
 
     from lucidlm.checkpoints.hf import copy_tokenizer_files
 
     torch.manual_seed(seed)
-    config = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                           tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     T.LlamaForCausalLM(config).save_pretrained(directory)
     copy_tokenizer_files(converted_dir, directory)
     return directory

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from lucidlm import LLM, Config
 from lucidlm.errors import ConfigError, DeviceMapError
+from conftest import build_tiny_lm
 from lucidlm.model.pipeline import (auto_device_map, dispatch, part_bytes, part_of, placement_of,
                                     resolve_device_map)
 
@@ -86,18 +87,7 @@ def _config() -> Config:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, converted):
     """A random 4-block Llama (untied lm_head) with the embedded model's tokenizer, saved by transformers."""
-    import transformers as T
-
-    from lucidlm.checkpoints.hf import copy_tokenizer_files
-
-    directory = tmp_path_factory.mktemp("four-blocks")
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYER,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    T.LlamaForCausalLM(config).save_pretrained(directory)
-    copy_tokenizer_files(converted, directory)
-    return directory
+    return build_tiny_lm(tmp_path_factory.mktemp("four-blocks"), converted, n_layer=N_LAYER, tied=False)
 
 
 @pytest.fixture(scope="module")

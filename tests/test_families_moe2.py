@@ -9,8 +9,6 @@ The tiny configs are ``tests/families.py``'s "dbrx" (head size 20, a clip that c
 norm) and "jetmoe" (3 attention and MLP experts top-2 over 2 shared heads of 24).
 """
 
-import copy
-
 import pytest
 import torch
 from transformers.models.dbrx import modeling_dbrx
@@ -22,20 +20,11 @@ from lucidlm.errors import ConfigError
 from lucidlm.explain.explainer import explain
 from lucidlm.generate import generate_ids
 from lucidlm.model.rope import inverse_frequencies
+from test_families_dense import hf_greedy
 
 FAMILIES = ["dbrx", "jetmoe"]
 PROMPT = [5, 17, 3, 42, 8, 11, 60, 23, 9]
 N_NEW = 12
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """transformers' greedy tokens, running past EOS as ``generate_ids`` does."""
-    config = copy.deepcopy(model.generation_config)
-    config.update(eos_token_id=[], max_new_tokens=n, do_sample=False, pad_token_id=0)
-    out = model.generate(torch.tensor([ids]), generation_config=config,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert out.shape[1] == len(ids) + n
-    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module")
