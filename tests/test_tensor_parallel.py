@@ -150,6 +150,12 @@ def test_load_without_a_process_group_is_a_typed_error(tmp_path, monkeypatch):
         LLM.load(hf_llama(tmp_path), tensor_parallel=True)
 
 
+def test_tensor_parallel_with_a_device_map_is_refused_before_loading(tmp_path):
+    missing = tmp_path / "not-read"  # the refusal comes before the checkpoint is looked at
+    with pytest.raises(ParallelError, match="tensor_parallel=True and device_map= are exclusive"):
+        LLM.load(missing, tensor_parallel=True, device_map={"layers": "cpu"})
+
+
 @pytest.mark.parametrize("command", [["generate", "hi"], ["explain", "hi"], ["explain-dataset", "d.jsonl", "--out", "o"]])
 def test_cli_without_torchrun_exits_2_with_one_line_before_torch(command):
     found, err = probe(*command, "--tensor-parallel", unset=("WORLD_SIZE",))
