@@ -317,7 +317,7 @@ def test_worker_refuses_beyond_its_queue():
 
         running = asyncio.ensure_future(worker.run(job))
         assert await asyncio.to_thread(started.wait, 600)  # the job runs on the model thread
-        assert worker.stats() == {"running": 1, "queued": 0, "max_queue": 1}
+        assert worker.stats() == {"running": 1, "queued": 0, "max_queue": 1, "batch": 0, "max_batch": 8}
         with pytest.raises(Busy):
             await worker.run(lambda: None)
         assert not running.done()

@@ -30,6 +30,8 @@ def add_serving(p: argparse.ArgumentParser) -> None:
                         "else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--max-queue", type=positive, default=16, help="requests running or waiting before 503")
+    p.add_argument("--max-batch", type=positive, default=8,
+                   help="sequences decoded together (continuous batching; --max-queue counts them too)")
     p.add_argument("--max-body-bytes", type=positive, default=1 << 20, help="larger request bodies get 413")
 
 
@@ -52,7 +54,8 @@ def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
 
         threading.Timer(1.5, webbrowser.open, [url]).start()
     serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=name, max_queue=args.max_queue,
-          max_body_bytes=args.max_body_bytes, base=_base_loader(args), **cache_kwargs(args))
+          max_body_bytes=args.max_body_bytes, base=_base_loader(args), max_batch=args.max_batch,
+          **cache_kwargs(args))
     return 0
 
 

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -21,12 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import LLM, Piece, stream_pieces
+from ..api import LLM, Piece
 from ..cache.spec import PolicySpec, parse_policy
 from ..errors import LucidError
-from ..generate import Sampling, generate_ids
+from ..generate import Sampling
 from .schemas import ChatRequest, CompletionRequest, ExplainRequest, Sampled
-from .worker import Busy, ModelWorker
+from .batching import BatchEngine, GenRequest
+from .worker import Busy, ModelWorker, text_pieces
 
 
 class APIError(Exception):
@@ -67,11 +68,14 @@ class BodyLimit:
 
 def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = None,
                cache_tokens: int | str | None = None, api_key: str | None = None, max_queue: int = 16,
-               max_body_bytes: int = 1 << 20, base: LLM | Callable[[], LLM] | None = None) -> FastAPI:
+               max_body_bytes: int = 1 << 20, base: LLM | Callable[[], LLM] | None = None,
+               max_batch: int = 8) -> FastAPI:
     """The server's app for ``llm``. ``kv_cache``/``cache_tokens``: the KV-cache policy every
     generation runs with (explanations too, when the request asks for it). ``api_key``: required
     as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests running or waiting
-    before new ones get 503. ``max_body_bytes``: larger bodies get 413.
+    before new ones get 503. ``max_body_bytes``: larger bodies get 413. ``max_batch``: the most
+    sequences decoded together (continuous batching, :mod:`lucidlm.serve.worker`; ``max_queue``
+    counts them too).
 
     ``base``: the model ``llm`` was tuned from (an ``LLM``, or a function that loads it: called
     once, on the model thread, at the first request that needs it). With it ``/v1/explain``
@@ -92,7 +96,7 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
 
         build_cache(llm.config, 1, policy, cache_tokens)
     name = model_name or llm.name
-    worker = ModelWorker(max_queue)
+    worker = ModelWorker(max_queue, max_batch, BatchEngine(llm.model, llm.tokenizer.eos_ids, policy, cache_tokens))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -154,8 +158,12 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
             server.check_diff()
             result = await worker.run(lambda: server.explain_diff(ids, target, body.method, layers))
             return explanation_json(result, name, "explanation.diff")
-        result = await worker.run(lambda: llm.explain(ids, target=target, method=body.method, layers=layers,
-                                                      kv_cache=body.kv_cache, cache_tokens=body.cache_tokens))
+        if layers is None and body.kv_cache is None:  # explanations waiting together: one explain_batch
+            result = await worker.run_grouped(("explain", body.method), (ids, target, body.method),
+                                               server.explain_together)
+        else:
+            result = await worker.run(lambda: llm.explain(ids, target=target, method=body.method, layers=layers,
+                                                          kv_cache=body.kv_cache, cache_tokens=body.cache_tokens))
         return explanation_json(result, name)
 
     return app
@@ -199,22 +207,22 @@ class _Server:
         return ids
 
     # ---- generation -------------------------------------------------------------------------
-    def pieces(self, ids: list[int], body: Sampled) -> Iterator[Piece]:
-        """Runs on the model thread: the reply's pieces, one per generated token."""
+    def pieces(self, ids: list[int], body: Sampled) -> AsyncIterator[Piece]:
+        """The reply's pieces, one per generated token, from the worker's decode batch; admission
+        (:class:`Busy`) happens here, before any response starts."""
         sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None, body.seed)
         max_new = body.max_tokens if body.max_tokens is not None else self.llm.config.block_size
-        steps = generate_ids(self.llm.model, [ids], max_new, sampling, self.llm.tokenizer.eos_ids,
-                             kv_cache=self.policy, cache_tokens=self.cache_tokens)
-        return stream_pieces(self.llm.tokenizer, (step[0] for step in steps), body.stop)
+        tokens = self.worker.generate(GenRequest(ids, max_new, sampling))
+        return text_pieces(self.llm.tokenizer, tokens, body.stop)
 
     async def respond(self, body: Sampled, ids: list[int], kind: str, request: Request):
+        items = self.pieces(ids, body)  # Busy (before the response): 503
         if body.stream:
-            items = self.worker.stream(lambda: self.pieces(ids, body))  # Busy (before the response): 503
             sse = _sse(_Reply(self, body, ids, kind).chunks(items, request))
             return StreamingResponse(sse, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        pieces = await self.worker.run(lambda: list(self.pieces(ids, body)))
-        return _Reply(self, body, ids, kind).whole(pieces)
+        async with contextlib.aclosing(items):  # a client gone mid-request frees the slot now
+            return _Reply(self, body, ids, kind).whole([piece async for piece in items])
 
     # ---- explanations -----------------------------------------------------------------------
     def explain_inputs(self, body: ExplainRequest) -> tuple[list[int], Any]:
@@ -237,6 +245,13 @@ class _Server:
             target = (target, body.contrast)
         return ids, target
 
+    def explain_together(self, items: list[tuple[list[int], Any, str]]) -> list[Any]:
+        """Runs on the model thread: explanations of one method that arrived together, in one
+        :func:`~lucidlm.explain.batch.explain_batch` call (each as ``LLM.explain`` gives it)."""
+        from ..explain.batch import explain_batch
+
+        return explain_batch(self.llm.model, self.llm.tokenizer, [ids for ids, _, _ in items],
+                             targets=[target for _, target, _ in items], method=items[0][2])
 
     # ---- diffs ------------------------------------------------------------------------------
     def check_diff(self) -> None:
