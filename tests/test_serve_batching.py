@@ -86,27 +86,48 @@ def test_mixed_sampling_each_follows_its_own_seed(model):
     worker.shutdown()
 
 
+class Pacer(Steps):
+    """``on_step`` that also holds the model thread after the decode steps numbered in ``stops``
+    until the test lets it go on: what the batch holds at those points is then certain."""
+
+    def __init__(self, *stops: int) -> None:
+        super().__init__()
+        self.reached = {n: threading.Event() for n in stops}
+        self.resume = {n: threading.Event() for n in stops}
+
+    def __call__(self, size: int) -> None:
+        self.append(size)
+        if len(self) in self.reached:
+            self.reached[len(self)].set()
+            assert self.resume[len(self)].wait(600), "the test never let the model go on"
+
+    async def at(self, n: int) -> None:
+        assert await asyncio.to_thread(self.reached[n].wait, 600)
+
+
 def test_a_request_joins_mid_batch_and_one_leaves_cancelled(model):
-    steps = Steps()
+    steps = Pacer(5, 8)
     worker = make_worker(model, steps)
     first, late, cancelled = GenRequest(PROMPTS[1], 40), GenRequest(PROMPTS[3], 12), GenRequest(PROMPTS[0], 40)
 
     async def scenario():
         stream_first, stream_cancelled = worker.generate(first), worker.generate(cancelled)
-        got_first = [await anext(stream_first) for _ in range(5)]
+        await steps.at(5)
         got_cancelled = [await anext(stream_cancelled) for _ in range(3)]
         await stream_cancelled.aclose()  # the client went away: its slot frees at the next step
-        got_late = [t async for t in worker.generate(late)]
-        got_first += [t async for t in stream_first]
-        return got_first, got_late, got_cancelled
+        steps.resume[5].set()
+        await steps.at(8)
+        stream_late = worker.generate(late)  # joins while the first one is decoding
+        steps.resume[8].set()
+        got_late = [t async for t in stream_late]
+        return [t async for t in stream_first], got_late, got_cancelled
 
     got_first, got_late, got_cancelled = asyncio.run(scenario())
     assert got_first == solo(model, first) and got_late == solo(model, late)
     assert got_cancelled == solo(model, cancelled)[:3]
-    assert steps[0] == 2  # the first two decoded together ...
-    two_to_one = steps.index(1)  # ... until the cancelled one left
-    assert two_to_one < 39 and 2 in steps[two_to_one:]  # ... and the late one joined a running batch
-    assert len(steps) < 39 + 12  # the cancelled one did not run its 40 tokens
+    # two decoding; the cancelled one gone at once; the late one joined the running batch
+    assert steps[:9] == [2, 2, 2, 2, 2, 1, 1, 1, 2]
+    assert len(steps) == 39  # the first one's 40 tokens: 39 decode steps, none for the cancelled one's rest
     assert worker.in_flight() == 0
     worker.shutdown()
 

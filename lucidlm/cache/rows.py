@@ -66,12 +66,66 @@ class RowsLayerCache(LayerCache):
         return _pad_positions([row.positions() for row in self.rows])
 
 
+class DenseRowsLayerCache(LayerCache):
+    """One layer of a batch of one-row dense caches, without a copy per step: the rows' buffers
+    move (once, here) into one batch buffer and each row keeps a one-row view of it, so a row's
+    own ``extend`` writes into the batch and the batch returns its buffers as they are (slots past
+    a row's end keep position -1). The rows stay usable alone, and in a later batch."""
+
+    def __init__(self, rows: Sequence[LayerCache]) -> None:
+        self.rows = list(rows)
+        first = self.rows[0]
+        self.capacity = max(row.capacity for row in self.rows)
+        shape = (len(self.rows), first.k.shape[1], self.capacity)
+        self.k = first.k.new_zeros(*shape, first.k.shape[3])
+        self.v = first.v.new_zeros(*shape, first.v.shape[3])
+        self.pos = torch.full(shape[::2], -1, dtype=torch.long, device=first.pos.device)
+        for i, row in enumerate(self.rows):
+            n = row.filled
+            self.k[i, :, :n], self.v[i, :, :n], self.pos[i, :n] = row.k[0, :, :n], row.v[0, :, :n], row.pos[0, :n]
+            row.k, row.v, row.pos = self.k[i:i + 1], self.v[i:i + 1], self.pos[i:i + 1]
+        self._stepped = False
+
+    def extend(self, k, v, pos):
+        self._stepped = k.shape[2] == 1 and all(row.filled < row.capacity for row in self.rows)
+        if self._stepped:  # a decode step: every row's token written at its own end, in one copy each
+            slots = torch.tensor([row.filled for row in self.rows], device=self.k.device)
+            rows = torch.arange(len(self.rows), device=self.k.device)
+            self.k[rows, :, slots], self.v[rows, :, slots], self.pos[rows, slots] = k[:, :, 0], v[:, :, 0], pos[:, 0]
+            for row in self.rows:
+                row.filled, row._last = row.filled + 1, 1
+        else:  # more tokens, or a full row (whose own extend raises its error)
+            for i, row in enumerate(self.rows):
+                row.extend(k[i:i + 1], v[i:i + 1], pos[i:i + 1])
+        end = max(row.filled for row in self.rows)
+        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
+
+    def settle(self, scores):
+        if not self._stepped:  # a decode step's token is never padding: nothing to zero
+            for row in self.rows:
+                row.settle(None)
+
+    def buffers(self):
+        return [self.k, self.v, self.pos]
+
+    def positions(self):
+        return self.pos[:, :max(row.filled for row in self.rows)]
+
+
 def stacked(caches: Sequence[KVCache]) -> KVCache:
     """One cache over one-row ``caches`` (same model, same policy) for a forward whose batch row i
-    is ``caches[i]``'s sequence. Pass the positions to the forward: each row has its own."""
+    is ``caches[i]``'s sequence. Pass the positions to the forward: each row has its own.
+
+    Keep it for as long as the rows stay the same: for dense rows, building it moves their slots
+    into one batch buffer (:class:`DenseRowsLayerCache`), after which a step copies nothing.
+    """
+    from .base import DenseLayerCache
+
     if not caches:
         raise ValueError("stacked: expected at least one cache")
-    return KVCache([RowsLayerCache(layers) for layers in zip(*(c.layers for c in caches))])
+    layers = list(zip(*(c.layers for c in caches)))
+    dense = all(type(row) is DenseLayerCache and row.cursor is None for rows in layers for row in rows)
+    return KVCache([(DenseRowsLayerCache if dense else RowsLayerCache)(rows) for rows in layers])
 
 
 def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -28,6 +28,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence as Seq
 
 import torch
@@ -60,7 +61,7 @@ class Sequence:
         self.cache = None
         self.logits: torch.Tensor | None = None  # (1, vocab)
         self.next_pos = len(request.ids)
-        self.produced, self.finished, self.last = 0, False, None
+        self.produced, self.finished, self.last, self.serial = 0, False, None, -1
         self.solo: Iterator[list[int | None]] | None = None  # generate_ids' steps, for length-dependent RoPE
 
 
@@ -82,6 +83,9 @@ class BatchEngine:
         self.solo = length_dependent(config.rope_scaling) or recompute_position(config.rope_scaling) is not None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self._rows: tuple[int, ...] = ()  # the sequences (by serial) that _stacked binds
+        self._serials = itertools.count()
+        self._stacked = None
 
     def max_new(self, request: GenRequest) -> int:
         """As generate_ids: never past the model's context length."""
@@ -96,6 +100,8 @@ class BatchEngine:
     def start(self, requests: Seq[GenRequest]) -> list[Sequence]:
         """New sequences, prefilled (together where the policy allows), ready to :meth:`sample`."""
         seqs = [Sequence(r, self.max_new(r), self.device) for r in requests]
+        for seq in seqs:
+            seq.serial = next(self._serials)  # never reused (an id() may be, once a sequence is gone)
         if self.solo:
             for seq in seqs:
                 seq.solo = generate_ids(self.model, [seq.request.ids], seq.max_new, seq.request.sampling,
@@ -148,8 +154,11 @@ class BatchEngine:
             return
         from ..cache.rows import stacked
 
+        rows = tuple(s.serial for s in batched)
+        if self._rows != rows:  # the batch changed: bind its rows anew (dense rows move into one buffer)
+            self._rows, self._stacked = rows, stacked([s.cache for s in batched])
         tokens = torch.tensor([[s.last] for s in batched], device=self.device)
         positions = torch.tensor([[s.next_pos] for s in batched], device=self.device)
-        logits = decode_step(tokens, positions, stacked([s.cache for s in batched]), self.model)
+        logits = decode_step(tokens, positions, self._stacked, self.model)
         for seq, row in zip(batched, logits):
             seq.logits, seq.next_pos = row[None], seq.next_pos + 1
