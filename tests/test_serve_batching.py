@@ -241,6 +241,31 @@ def test_server_kv_policy_per_request_equals_llm_generate(tiny):
     assert texts == [tiny.generate(t, max_new_tokens=10, kv_cache="window", cache_tokens=4) for t in TEXTS[:4]]
 
 
+def test_a_stop_string_ends_the_sequence_and_frees_its_slot(tiny):
+    """The consumer finds the stop string in the text and closes its token stream: the sequence
+    leaves the batch then, not after max_tokens (the forwards are paced so the model cannot run
+    far ahead of the reader)."""
+    prompt = "Once upon a time"
+    greedy = tiny.generate(prompt, max_new_tokens=12)
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 3]
+    assert stop.strip(), f"the tiny model's text {greedy!r} has no usable stop string"
+    forwards = []
+    hook = tiny.model.register_forward_pre_hook(lambda *_: forwards.append(threading.Event().wait(0.02)))
+    try:
+        with running_server(tiny) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            answer = client.completions.create(model=tiny.name, prompt=prompt, max_tokens=200, temperature=0,
+                                               stop=[stop])
+            assert wait_idle(url)["running"] == 0
+    finally:
+        hook.remove()
+    assert answer.choices[0].text == tiny.generate(prompt, max_new_tokens=200, stop=[stop])
+    assert answer.choices[0].finish_reason == "stop"
+    ids = tiny.tokenizer.encode(prompt)
+    alone = list(generate_ids(tiny.model, [ids], 200, stop_ids=tiny.tokenizer.eos_ids))
+    assert len(alone) > 100 and len(forwards) < 100  # it runs on without the stop string, and here it did not
+
+
 def test_concurrent_explanations_run_as_one_explain_batch(tiny, monkeypatch):
     import lucidlm.explain.batch as batch
 

@@ -247,12 +247,12 @@ class ModelWorker:
             active = self._drop(active, lambda g: g.seq.finished or g.cancelled.is_set())
             if active:
                 self.engine.forward([g.seq for g in active])
-        except Exception as exc:  # a failed step fails every sequence in it
+                if self.on_step is not None:
+                    self.on_step(len(active))
+        except Exception as exc:  # a failed step fails every sequence in it (and the thread goes on)
             for gen in active:
                 self._end(gen, exc)
             active = []
-        if active and self.on_step is not None:
-            self.on_step(len(active))
         return self._set_batch(active)
 
     def _set_batch(self, active: list[_Generation]) -> list[_Generation]:
