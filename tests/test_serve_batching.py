@@ -152,6 +152,23 @@ def test_kv_policy_applies_per_sequence(model, policy):
     worker.shutdown()
 
 
+def test_length_dependent_rope_runs_each_request_alone_interleaved():
+    """Dynamic NTK rotates by the sequence's length, which one shared decode step cannot give each
+    row: such a model runs every request through generate_ids alone, one token each per step."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(Config.from_name("tiny-llama"), rope_scaling={
+        "rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 8})
+    dynamic = GPT(config).eval()
+    steps = Steps()
+    worker = make_worker(dynamic, steps)
+    requests = [GenRequest(p, 10) for p in PROMPTS[:3]]
+    assert worker.engine.solo
+    assert run_all(worker, requests) == [solo(dynamic, r) for r in requests]
+    worker.shutdown()
+
+
 def test_full_queue_and_closed_admission_are_busy(model):
     worker = ModelWorker(max_queue=1, engine=BatchEngine(model))
     gate = threading.Event()
