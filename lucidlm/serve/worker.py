@@ -177,13 +177,17 @@ class ModelWorker:
             active = self._step(active)
 
     def _take_waiting(self, room: int) -> list[_Generation]:  # holds self._cond
-        joining = []
-        while self._waiting and len(joining) < room:
-            gen = self._waiting.popleft()
-            if gen.cancelled.is_set():  # gave up while waiting
+        """Up to ``room`` waiting requests, in order; those that gave up while waiting leave now
+        (even when the batch is full), freeing their place in the queue."""
+        joining, kept = [], collections.deque()
+        for gen in self._waiting:
+            if gen.cancelled.is_set():
                 self._finished()
-            else:
+            elif len(joining) < room:
                 joining.append(gen)
+            else:
+                kept.append(gen)
+        self._waiting = kept
         return joining
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
