@@ -205,7 +205,7 @@ def test_bad_request_gets_status_and_message_and_server_stays_up(url, model_id, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"], error
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/health").json()["status"] == "ready"
 
 
 def test_body_over_the_size_limit_gets_413(url, model_id):

@@ -60,11 +60,30 @@ def create_app(*args, **kwargs):
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info", **options) -> None:
-    """Run the server until interrupted. ``options``: see :func:`create_app` (``base``: the model
-    ``llm`` was tuned from, or a function loading it, for ``"diff": true``)."""
+          log_level: str = "info", drain_seconds: float = 30.0, on_ready=None, **options) -> None:
+    """Run the server until interrupted or sent SIGTERM. ``llm``: an ``LLM``, or a function that
+    loads one: the port is taken first (a port in use raises :class:`ServeError` before anything
+    loads), then the model loads in the background while ``/health`` says ``"loading"``; a load
+    that fails stops the server and raises its error here. On SIGTERM new requests get 503,
+    in-flight replies finish for up to ``drain_seconds``, and this returns. ``on_ready(app)``:
+    called once the model serves. ``options``: see :func:`create_app` (``base``: the model ``llm``
+    was tuned from, or a function loading it, for ``"diff": true``)."""
+    check_bind(host, api_key)  # first: a refusal imports and loads nothing
     import uvicorn
 
-    check_bind(host, api_key)
-    app = create_app(llm, api_key=api_key, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    from .startup import DrainingServer, LoadingApp, bind_socket
+
+    sock = bind_socket(host, port)
+    load = llm if callable(llm) and not hasattr(llm, "model") else (lambda: llm)
+    holder: list = []
+    loading = LoadingApp(load, lambda model: create_app(model, api_key=api_key, **options),
+                         on_failure=lambda: setattr(holder[0], "should_exit", True), on_ready=on_ready)
+    config = uvicorn.Config(loading, log_level=log_level, timeout_graceful_shutdown=drain_seconds)
+    server = DrainingServer(config, on_exit=loading.close_admission)
+    holder.append(server)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if loading.error is not None:
+        raise loading.error

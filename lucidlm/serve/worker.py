@@ -26,10 +26,12 @@ class Busy(Exception):
 
 
 class ModelWorker:
-    def __init__(self, max_queue: int = 16) -> None:
+    def __init__(self, max_queue: int = 16, on_step: Callable[[int], None] | None = None) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue}: expected at least 1")
         self.max_queue = max_queue
+        self.on_step = on_step  # called with the batch size of each decode step (here always 1)
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lucidlm-model")
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
@@ -39,10 +41,12 @@ class ModelWorker:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"running": self._running, "queued": self._admitted - self._running,
-                    "max_queue": self.max_queue}
+                    "max_queue": self.max_queue, "batch": self._running, "max_batch": 1}
 
     def _admit(self) -> None:
         with self._lock:
+            if self._closed:
+                raise Busy("the server is shutting down; retry on another replica")
             if self._admitted >= self.max_queue:
                 raise Busy(f"the server is busy ({self._admitted} requests running or queued, "
                            f"limit {self.max_queue}); retry shortly")
@@ -96,6 +100,8 @@ class ModelWorker:
                 for item in make():
                     if cancel.is_set():
                         break
+                    if self.on_step is not None:
+                        self.on_step(1)
                     put(item)
             except BaseException as exc:  # handed to the consumer, who raises it
                 put(exc)
@@ -124,3 +130,13 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close_admission(self) -> None:
+        """From now on every new request gets :class:`Busy` (503): the server is draining."""
+        with self._lock:
+            self._closed = True
+
+    def in_flight(self) -> int:
+        """Requests admitted and not finished."""
+        with self._lock:
+            return self._admitted
