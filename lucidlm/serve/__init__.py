@@ -20,11 +20,13 @@ is loaded at the first such request; ``lucidlm serve --model BASE --adapter DIR`
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
 from ..errors import LucidError
 
-__all__ = ["create_app", "is_loopback", "serve"]
+__all__ = ["bind_socket", "create_app", "is_loopback", "serve"]
 
 
 class ServeError(LucidError, ValueError):
@@ -52,6 +54,29 @@ def check_bind(host: str, api_key: str | None) -> None:
                          "(clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1")
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening (uvicorn serves on it later).
+
+    >>> sock = bind_socket("127.0.0.1", 0)
+    >>> bind_socket("127.0.0.1", sock.getsockname()[1])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lucidlm.serve.ServeError: --port ...: cannot listen on 127.0.0.1:... (Address already in use): another server ...
+    >>> sock.close()
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no obstacle
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # listening at once: no other process can take the port any more
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}): another server "
+                         "holds it; stop it or pick another --port" if exc.errno == errno.EADDRINUSE else
+                         f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from exc
+    return sock
+
+
 def create_app(*args, **kwargs):
     """See :func:`lucidlm.serve.app.create_app` (imported lazily: FastAPI loads only when serving)."""
     from .app import create_app as create
@@ -71,7 +96,7 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = 
     check_bind(host, api_key)  # first: a refusal imports and loads nothing
     import uvicorn
 
-    from .startup import DrainingServer, LoadingApp, bind_socket
+    from .startup import DrainingServer, LoadingApp
 
     sock = bind_socket(host, port)
     load = llm if callable(llm) and not hasattr(llm, "model") else (lambda: llm)

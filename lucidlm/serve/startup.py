@@ -1,7 +1,7 @@
 """Starting and stopping the server: the port first, the model in the background, a drain on SIGTERM.
 
-* :func:`bind_socket` takes the port before anything loads, so a port in use is one
-  :class:`~lucidlm.serve.ServeError` at once, not a failure after minutes of loading.
+* :func:`~lucidlm.serve.bind_socket` (first) takes the port before anything loads, so a port in
+  use is one :class:`~lucidlm.serve.ServeError` at once, not a failure after minutes of loading.
 * :class:`LoadingApp` answers at once: ``/health`` is ``{"status": "loading"}`` (503) and every
   other path a 503 until the model has loaded in a background thread; then it hands every request
   to the app :func:`~lucidlm.serve.app.create_app` built (``/health``: ``"ready"``, 200). A load
@@ -9,13 +9,6 @@
 * :class:`DrainingServer` (uvicorn's server): on SIGTERM it closes admission (new requests get
   503 "shutting down"), stops listening, lets in-flight replies finish for up to the drain
   time, and returns normally (exit 0) instead of re-raising the signal.
-
->>> sock = bind_socket("127.0.0.1", 0)
->>> bind_socket("127.0.0.1", sock.getsockname()[1])  # doctest: +ELLIPSIS
-Traceback (most recent call last):
-...
-lucidlm.serve.ServeError: --port ...: cannot listen on 127.0.0.1:... (Address already in use): another server ...
->>> sock.close()
 """
 
 from __future__ import annotations
@@ -23,32 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import json
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
-
-from . import ServeError
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (uvicorn listens on it later)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no obstacle
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)  # listening at once: no other process can take the port any more
-    except OSError as exc:
-        sock.close()
-        raise ServeError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}): another server "
-                         "holds it; stop it or pick another --port" if exc.errno == errno.EADDRINUSE else
-                         f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from exc
-    return sock
 
 
 async def _answer(send, status: int, body: dict[str, Any]) -> None:
@@ -145,4 +119,6 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit:
             self.on_exit()
         super().handle_exit(sig, frame)
-        self._captured_signals[:] = [s for s in self._captured_signals if s != signal.SIGTERM]
+        captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29 re-raises them after serving
+        if captured is not None:
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
