@@ -36,9 +36,10 @@ def add_serving(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: stop accepting, finish in-flight replies for up to this long, exit 0")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log (default: warning; info logs each request)")
-    p.epilog = ("Sampling defaults: a request without temperature/top_p/top_k gets the checkpoint's "
-                "generation_config.json values (as vLLM), else greedy (temperature 0, as the CLI); /v1/models "
-                "shows them. GET /health: 503 'loading', then 200 'ready'; GET /metrics: Prometheus text.")
+    p.epilog = ("sampling defaults: a request without temperature/top_p/top_k gets the checkpoint's\n"
+                "generation_config.json values (as vLLM does), else greedy (temperature 0, as the CLI);\n"
+                "GET /v1/models shows them.  GET /health: 503 \"loading\", then 200 \"ready\".\n"
+                "GET /metrics: Prometheus text.  The port is taken before the model loads.")
 
 
 def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
