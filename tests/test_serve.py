@@ -205,7 +205,7 @@ def test_bad_request_gets_status_and_message_and_server_stays_up(url, model_id, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"], error
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/health").json()["status"] == "ready"
 
 
 def test_body_over_the_size_limit_gets_413(url, model_id):
@@ -317,7 +317,8 @@ def test_worker_refuses_beyond_its_queue():
 
         running = asyncio.ensure_future(worker.run(job))
         assert await asyncio.to_thread(started.wait, 600)  # the job runs on the model thread
-        assert worker.stats() == {"running": 1, "queued": 0, "max_queue": 1, "batch": 0, "max_batch": 8}
+        stats = worker.stats()
+        assert (stats["running"], stats["queued"], stats["max_queue"]) == (1, 0, 1)
         with pytest.raises(Busy):
             await worker.run(lambda: None)
         assert not running.done()

@@ -146,9 +146,10 @@ def test_serve_command_attaches_the_adapter_and_loads_the_base_without_it(monkey
     monkeypatch.setattr(lucidlm.serve, "serve", lambda llm, **options: captured.update(llm=llm, **options))
     args = SERVE.parse(["--model", str(tiny_lm_dir), "--adapter", str(adapter), "--port", "8123"])
     assert SERVE.run(args) == 0
-    assert has_lora(captured["llm"].model)
+    tuned = captured["llm"]()  # serve() gets a loader: it takes the port before the model loads
+    assert has_lora(tuned.model) and captured["adapter"] == str(adapter)
     base = captured["base"]()
-    assert isinstance(base, LLM) and not has_lora(base.model) and base.directory == captured["llm"].directory
+    assert isinstance(base, LLM) and not has_lora(base.model) and base.directory == tuned.directory
     args = SERVE.parse(["--model", str(tiny_lm_dir), "--port", "8123"])
     assert SERVE.run(args) == 0 and captured["base"] is None
 

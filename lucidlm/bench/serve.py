@@ -159,7 +159,8 @@ def _free_port() -> int:
 
 
 def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300) -> str:
-    """The served model's id, once ``/health`` answers."""
+    """The served model's id, once ``/health`` says ``"ready"`` (while the model loads it answers
+    503 ``"loading"``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -169,7 +170,9 @@ def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300) -> st
             conn.request("GET", "/health")
             health = json.loads(conn.getresponse().read())
             conn.close()
-            return health["model"]
+            if health.get("status") == "ready":
+                return health["model"]
+            time.sleep(0.2)
         except (OSError, http.client.HTTPException, ValueError):
             time.sleep(0.2)
     raise RuntimeError(f"the server did not answer /health within {timeout:g} s")

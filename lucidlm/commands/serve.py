@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, port, positive
+from .options import (Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, port, positive,
+                      positive_float)
 
 
 def add_serving(p: argparse.ArgumentParser) -> None:
@@ -33,29 +34,37 @@ def add_serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive, default=8,
                    help="sequences decoded together (continuous batching; --max-queue counts them too)")
     p.add_argument("--max-body-bytes", type=positive, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--drain-seconds", type=positive_float, default=30.0,
+                   help="on SIGTERM: stop accepting, finish in-flight replies for up to this long, exit 0")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log (default: warning; info logs each request)")
+    p.epilog = ("sampling defaults: a request without temperature/top_p/top_k gets the checkpoint's\n"
+                "generation_config.json values (as vLLM does), else greedy (temperature 0, as the CLI);\n"
+                "GET /v1/models shows them.  GET /health: 503 \"loading\", then 200 \"ready\".\n"
+                "GET /metrics: Prometheus text.  The port is taken before the model loads.")
 
 
 def run_serve(args: argparse.Namespace, open_browser: bool = False) -> int:
+    import functools
     import os
 
-    from ..serve import check_bind
-
-    api_key = args.api_key or os.environ.get("LUCIDLM_API_KEY") or None
-    check_bind(args.host, api_key)  # before the model loads: a refusal costs nothing
     from ..serve import serve
 
-    llm = load(args)  # with --adapter attached
-    name = args.model_name or llm.name
+    api_key = args.api_key or os.environ.get("LUCIDLM_API_KEY") or None
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
-    print(f"lucidlm: serving {name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
-    if open_browser:
-        import threading
-        import webbrowser
 
-        threading.Timer(1.5, webbrowser.open, [url]).start()
-    serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=name, max_queue=args.max_queue,
+    def ready(app) -> None:  # only now does the server answer completions
+        print(f"lucidlm: serving {app.state.model_name} at {url} (OpenAI API at {url}v1)", file=sys.stderr)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    # serve() refuses a public bind without a key and takes the port before the model loads
+    serve(functools.partial(load, args), host=args.host, port=args.port, api_key=api_key, log_level=args.log_level,
+          drain_seconds=args.drain_seconds, on_ready=ready, model_name=args.model_name, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, base=_base_loader(args), max_batch=args.max_batch,
-          **cache_kwargs(args))
+          adapter=None if args.adapter is None else str(args.adapter), **cache_kwargs(args))
     return 0
 
 

@@ -20,11 +20,13 @@ is loaded at the first such request; ``lucidlm serve --model BASE --adapter DIR`
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
 from ..errors import LucidError
 
-__all__ = ["create_app", "is_loopback", "serve"]
+__all__ = ["bind_socket", "create_app", "is_loopback", "serve"]
 
 
 class ServeError(LucidError, ValueError):
@@ -52,6 +54,29 @@ def check_bind(host: str, api_key: str | None) -> None:
                          "(clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1")
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening (uvicorn serves on it later).
+
+    >>> sock = bind_socket("127.0.0.1", 0)
+    >>> bind_socket("127.0.0.1", sock.getsockname()[1])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lucidlm.serve.ServeError: --port ...: cannot listen on 127.0.0.1:... (Address already in use): another server ...
+    >>> sock.close()
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no obstacle
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # listening at once: no other process can take the port any more
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}): another server "
+                         "holds it; stop it or pick another --port" if exc.errno == errno.EADDRINUSE else
+                         f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from exc
+    return sock
+
+
 def create_app(*args, **kwargs):
     """See :func:`lucidlm.serve.app.create_app` (imported lazily: FastAPI loads only when serving)."""
     from .app import create_app as create
@@ -60,11 +85,30 @@ def create_app(*args, **kwargs):
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info", **options) -> None:
-    """Run the server until interrupted. ``options``: see :func:`create_app` (``base``: the model
-    ``llm`` was tuned from, or a function loading it, for ``"diff": true``)."""
+          log_level: str = "info", drain_seconds: float = 30.0, on_ready=None, **options) -> None:
+    """Run the server until interrupted or sent SIGTERM. ``llm``: an ``LLM``, or a function that
+    loads one: the port is taken first (a port in use raises :class:`ServeError` before anything
+    loads), then the model loads in the background while ``/health`` says ``"loading"``; a load
+    that fails stops the server and raises its error here. On SIGTERM new requests get 503,
+    in-flight replies finish for up to ``drain_seconds``, and this returns. ``on_ready(app)``:
+    called once the model serves. ``options``: see :func:`create_app` (``base``: the model ``llm``
+    was tuned from, or a function loading it, for ``"diff": true``)."""
+    check_bind(host, api_key)  # first: a refusal imports and loads nothing
     import uvicorn
 
-    check_bind(host, api_key)
-    app = create_app(llm, api_key=api_key, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    from .startup import DrainingServer, LoadingApp
+
+    sock = bind_socket(host, port)
+    load = llm if callable(llm) and not hasattr(llm, "model") else (lambda: llm)
+    holder: list = []
+    loading = LoadingApp(load, lambda model: create_app(model, api_key=api_key, **options),
+                         on_failure=lambda: setattr(holder[0], "should_exit", True), on_ready=on_ready)
+    config = uvicorn.Config(loading, log_level=log_level, timeout_graceful_shutdown=drain_seconds)
+    server = DrainingServer(config, on_exit=loading.close_admission)
+    holder.append(server)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if loading.error is not None:
+        raise loading.error

@@ -14,17 +14,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, Piece
 from ..cache.spec import PolicySpec, parse_policy
 from ..errors import LucidError
 from ..generate import Sampling
+from .defaults import SAMPLING_FIELDS, sampling_defaults
+from .metrics import CONTENT_TYPE, REQUEST_START, CountRequests, ServerMetrics
 from .schemas import ChatRequest, CompletionRequest, ExplainRequest, Sampled
 from .batching import BatchEngine, GenRequest
 from .worker import Busy, ModelWorker, text_pieces
@@ -69,7 +72,7 @@ class BodyLimit:
 def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = None,
                cache_tokens: int | str | None = None, api_key: str | None = None, max_queue: int = 16,
                max_body_bytes: int = 1 << 20, base: LLM | Callable[[], LLM] | None = None,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, adapter: str | None = None) -> FastAPI:
     """The server's app for ``llm``. ``kv_cache``/``cache_tokens``: the KV-cache policy every
     generation runs with (explanations too, when the request asks for it). ``api_key``: required
     as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests running or waiting
@@ -81,12 +84,17 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     once, on the model thread, at the first request that needs it). With it ``/v1/explain``
     answers ``"diff": true`` with the :class:`~lucidlm.explain.diff_result.ExplanationDiff` of
     ``llm`` against ``base``; ``lucidlm serve --model BASE --adapter DIR`` serves BASE+adapter with
-    BASE (loaded without the adapter) as ``base``.
+    BASE (loaded without the adapter) as ``base``. ``adapter``: the attached adapter's directory,
+    listed by ``/v1/models`` (as vLLM lists a LoRA module: its own card with ``root`` and ``parent``).
+
+    A request that leaves out ``temperature``/``top_p``/``top_k`` gets the checkpoint's
+    ``generation_config.json`` values, else greedy (:mod:`lucidlm.serve.defaults`; ``/v1/models``
+    says which). ``/metrics``: Prometheus text (:mod:`lucidlm.serve.metrics`).
 
     >>> from fastapi.testclient import TestClient     # doctest: +SKIP
     >>> client = TestClient(create_app(LLM.load()))    # doctest: +SKIP
     >>> client.get("/health").json()["status"]         # doctest: +SKIP
-    'ok'
+    'ready'
     """
     if llm.tokenizer is None:
         raise LucidError(f"{llm.source}: the checkpoint has no tokenizer, so it cannot be served")
@@ -96,7 +104,9 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
 
         build_cache(llm.config, 1, policy, cache_tokens)
     name = model_name or llm.name
-    worker = ModelWorker(max_queue, max_batch, BatchEngine(llm.model, llm.tokenizer.eos_ids, policy, cache_tokens))
+    metrics = ServerMetrics(lambda: worker.stats())
+    worker = ModelWorker(max_queue, max_batch, BatchEngine(llm.model, llm.tokenizer.eos_ids, policy, cache_tokens),
+                         on_step=metrics.step)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -106,16 +116,22 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
     app = FastAPI(title="lucidlm", description="OpenAI-compatible server with AttnLRP explanations",
                   docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.state.llm, app.state.worker = llm, worker
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.state.llm, app.state.worker, app.state.metrics, app.state.model_name = llm, worker, metrics, name
     _install_error_handlers(app)
     server = _Server(llm, name, worker, policy, cache_tokens, base)
+    server.metrics, server.adapter = metrics, adapter
     authorised = [Depends(_key_check(api_key))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "context_length": llm.config.block_size,
+        return {"status": "ready", "model": name, "context_length": llm.config.block_size,
                 "kv_cache": kv_cache, "cache_tokens": cache_tokens, "auth": api_key is not None,
                 "diff": base is not None, **worker.stats()}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)
     def viewer() -> str:
@@ -125,18 +141,18 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
 
     @app.get("/v1/models", dependencies=authorised)
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [server.model_card()]}
+        return {"object": "list", "data": server.model_cards()}
 
     @app.get("/v1/models/{model_id:path}", dependencies=authorised)
     def model(model_id: str) -> dict[str, Any]:
         server.check_model(model_id)
-        return server.model_card()
+        return next(card for card in server.model_cards() if card["id"] == model_id)
 
     @app.post("/v1/completions", dependencies=authorised)
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         ids = server.check_length(llm.tokenizer.encode(body.prompt), "prompt")
-        return await server.respond(body, ids, "text_completion", request)
+        return await server.respond(server.with_defaults(body), ids, "text_completion", request)
 
     @app.post("/v1/chat/completions", dependencies=authorised)
     async def chat_completions(body: ChatRequest, request: Request):
@@ -146,7 +162,7 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
         ids = server.check_length(llm.tokenizer.encode_chat(messages, add_generation_prompt=True), "messages")
-        return await server.respond(body, ids, "chat.completion", request)
+        return await server.respond(server.with_defaults(body), ids, "chat.completion", request)
 
     @app.post("/v1/explain", dependencies=authorised)
     async def explain(body: ExplainRequest) -> dict[str, Any]:
@@ -186,13 +202,35 @@ class _Server:
         self.policy, self.cache_tokens = policy, cache_tokens  # parsed once, by create_app
         self.base = base  # an LLM, or its loader until the first diff request calls it
         self.created = int(time.time())
+        self.defaults = sampling_defaults(llm.directory)
+        self.metrics: ServerMetrics | None = None  # set by create_app
+        self.adapter: str | None = None  # the attached adapter's directory, if any
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lucidlm",
-                "context_length": self.llm.config.block_size}
+    @property
+    def adapter_id(self) -> str | None:
+        return None if self.adapter is None else Path(self.adapter).name or str(self.adapter)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """``/v1/models``: the served model (``sampling_defaults``: what a request that leaves
+        them out gets), and with an adapter its card as vLLM writes a LoRA module's: ``root`` its
+        directory, ``parent`` the served model. Both ids answer with the adapter attached."""
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "lucidlm",
+                "root": self.llm.source, "parent": None, "context_length": self.llm.config.block_size,
+                "sampling_defaults": self.defaults}
+        if self.adapter is None:
+            return [card]
+        card["adapter"] = {"id": self.adapter_id, "path": str(self.adapter)}
+        return [card, {"id": self.adapter_id, "object": "model", "created": self.created, "owned_by": "lucidlm",
+                       "root": str(self.adapter), "parent": self.name,
+                       "context_length": self.llm.config.block_size, "sampling_defaults": self.defaults}]
+
+    def with_defaults(self, body: Sampled) -> Sampled:
+        """``body`` with the sampling fields it leaves out set to the server's defaults."""
+        missing = {k: self.defaults[k] for k in SAMPLING_FIELDS if getattr(body, k) is None}
+        return body.model_copy(update=missing) if missing else body
 
     def check_model(self, model: str) -> None:
-        if model != self.name:
+        if model not in (self.name, self.adapter_id):
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
                            code="model_not_found", param="model")
 
@@ -210,7 +248,7 @@ class _Server:
     def pieces(self, ids: list[int], body: Sampled) -> AsyncIterator[Piece]:
         """The reply's pieces, one per generated token, from the worker's decode batch; admission
         (:class:`Busy`) happens here, before any response starts."""
-        sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None, body.seed)
+        sampling = Sampling(body.temperature, body.top_k, body.top_p if body.top_p < 1 else None, body.seed)
         max_new = body.max_tokens if body.max_tokens is not None else self.llm.config.block_size
         tokens = self.worker.generate(GenRequest(ids, max_new, sampling))
         return text_pieces(self.llm.tokenizer, tokens, body.stop)
@@ -284,6 +322,13 @@ class _Reply:
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.chat = kind == "chat.completion"
+        self.start = REQUEST_START.get(None) or time.perf_counter()  # set by CountRequests
+
+    def _measured(self, generated: int, first_token: float | None) -> None:
+        if self.server.metrics is not None:
+            now = time.perf_counter()
+            ttft = None if first_token is None else first_token - self.start
+            self.server.metrics.reply(len(self.ids), generated, ttft, now - self.start)
 
     def _tokens(self, ids: list[int]) -> list[str]:
         from ..explain.targets import token_strings
@@ -313,6 +358,7 @@ class _Reply:
             choice["text"] = (self.body.prompt + text) if getattr(self.body, "echo", False) else text
         if self.body.return_token_ids:
             choice.update(self._ids_fields(self.ids, "prompt_") | self._ids_fields(generated))
+        self._measured(len(generated), time.perf_counter() if generated else None)
         return self._envelope([choice], chunk=False) | {"usage": self.usage(len(generated))}
 
     def _ids_fields(self, ids: list[int], prefix: str = "") -> dict[str, Any]:
@@ -330,10 +376,12 @@ class _Reply:
             first |= self._ids_fields(self.ids, "prompt_")
         if self.chat or self.body.return_token_ids:
             yield self._envelope([first], chunk=True)
-        n_tokens, last = 0, None
+        n_tokens, last, first_token = 0, None, None
         try:
             async for piece in pieces:
                 n_tokens += len(piece.tokens)
+                if first_token is None and piece.tokens:
+                    first_token = time.perf_counter()
                 last = piece
                 if piece.text or (self.body.return_token_ids and piece.tokens):
                     choice = self._delta(piece.text)
@@ -344,6 +392,7 @@ class _Reply:
                     return  # closing `pieces` stops the generation at its next token
         finally:
             await pieces.aclose()
+            self._measured(n_tokens, first_token)
         end = self._delta("") | {"finish_reason": "stop" if last is not None and last.stopped else "length"}
         if self.chat:
             end["delta"] = {}

@@ -24,8 +24,11 @@ class Sampled(BaseModel):
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0  # OpenAI's default and range
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    #: None: the server's default (the checkpoint's generation_config.json, else greedy; see
+    #: :mod:`lucidlm.serve.defaults`), filled in before the request reaches the model
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None  # OpenAI's range
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=1)] | None = None  # extension (as in vLLM)
     stop: Stop = Field(None, validate_default=True)
     seed: int | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request; ask again for more
