@@ -262,11 +262,12 @@ class ModelGate:
 
 @pytest.fixture(scope="module")
 def slow(tiny_lm_dir):
-    """A server with room for one request, whose model's forwards a :class:`ModelGate` watches."""
+    """A server with room for one request (one sequence in the batch, none waiting), whose model's
+    forwards a :class:`ModelGate` watches."""
     llm = LLM.load(tiny_lm_dir)
     gate = ModelGate()
     llm.model.register_forward_pre_hook(gate)
-    with running_server(llm, max_queue=1) as base:
+    with running_server(llm, max_queue=0, max_batch=1) as base:
         yield base, httpx.get(f"{base}/v1/models").json()["data"][0]["id"], gate
 
 
@@ -307,7 +308,7 @@ def test_worker_refuses_beyond_its_queue():
     import asyncio
 
     async def scenario():
-        worker = ModelWorker(max_queue=1)
+        worker = ModelWorker(max_queue=0)  # the running job, nothing waiting
         started, gate = threading.Event(), threading.Event()
 
         def job():
@@ -318,7 +319,7 @@ def test_worker_refuses_beyond_its_queue():
         running = asyncio.ensure_future(worker.run(job))
         assert await asyncio.to_thread(started.wait, 600)  # the job runs on the model thread
         stats = worker.stats()
-        assert (stats["running"], stats["queued"], stats["max_queue"]) == (1, 0, 1)
+        assert (stats["running"], stats["queued"], stats["max_queue"]) == (1, 0, 0)
         with pytest.raises(Busy):
             await worker.run(lambda: None)
         assert not running.done()

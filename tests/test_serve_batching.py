@@ -170,17 +170,20 @@ def test_length_dependent_rope_runs_each_request_alone_interleaved():
 
 
 def test_full_queue_and_closed_admission_are_busy(model):
-    worker = ModelWorker(max_queue=1, engine=BatchEngine(model))
+    worker = ModelWorker(max_queue=1, max_batch=1, engine=BatchEngine(model))
     gate = threading.Event()
 
     async def scenario():
         held = asyncio.ensure_future(worker.run(gate.wait))
         while worker.stats()["running"] == 0:
             await asyncio.sleep(0.01)
+        first = worker.generate(GenRequest([1, 2], 3))  # the batch's one slot
+        second = worker.generate(GenRequest([1, 2], 3))  # waits: the queue's one place
         with pytest.raises(Busy, match="busy"):
             worker.generate(GenRequest([1, 2], 3))
         gate.set()
         await held
+        assert [len([t async for t in it]) for it in (first, second)] == [3, 3]
         worker.close_admission()
         with pytest.raises(Busy, match="shutting down"):
             worker.generate(GenRequest([1, 2], 3))

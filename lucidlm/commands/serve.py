@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, port, positive,
-                      positive_float)
+from .options import (Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, non_negative_int, port,
+                      positive, positive_float)
 
 
 def add_serving(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,10 @@ def add_serving(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LUCIDLM_API_KEY if set, "
                         "else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
-    p.add_argument("--max-queue", type=positive, default=16, help="requests running or waiting before 503")
+    p.add_argument("--max-queue", type=non_negative_int, default=16,
+                   help="requests waiting beyond the --max-batch decoding ones before new ones get 503 (0: none waits)")
     p.add_argument("--max-batch", type=positive, default=8,
-                   help="sequences decoded together (continuous batching; --max-queue counts them too)")
+                   help="sequences decoded together (continuous batching)")
     p.add_argument("--max-body-bytes", type=positive, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--drain-seconds", type=positive_float, default=30.0,
                    help="on SIGTERM: stop accepting, finish in-flight replies for up to this long, exit 0")

@@ -75,10 +75,9 @@ def create_app(llm: LLM, model_name: str | None = None, kv_cache: str | None = N
                max_batch: int = 8, adapter: str | None = None) -> FastAPI:
     """The server's app for ``llm``. ``kv_cache``/``cache_tokens``: the KV-cache policy every
     generation runs with (explanations too, when the request asks for it). ``api_key``: required
-    as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests running or waiting
-    before new ones get 503. ``max_body_bytes``: larger bodies get 413. ``max_batch``: the most
-    sequences decoded together (continuous batching, :mod:`lucidlm.serve.worker`; ``max_queue``
-    counts them too).
+    as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_batch``: the most
+    sequences decoded together (continuous batching, :mod:`lucidlm.serve.worker`); ``max_queue``:
+    requests waiting beyond them before new ones get 503. ``max_body_bytes``: larger bodies get 413.
 
     ``base``: the model ``llm`` was tuned from (an ``LLM``, or a function that loads it: called
     once, on the model thread, at the first request that needs it). With it ``/v1/explain``

@@ -8,8 +8,9 @@ samples every active sequence's next token with its own settings and hands it to
 (5) drops the finished and the cancelled sequences at once, and (6) runs one decode forward over
 the rest (:mod:`lucidlm.serve.batching`).
 
-Admission is bounded: a request that finds ``max_queue`` others admitted (in the batch, running
-or waiting) is refused at once (:class:`Busy`, a 503) instead of piling up. A consumer that stops
+Admission is bounded: ``max_batch`` sequences decode together, and at most ``max_queue`` requests
+wait beyond them (generation requests that find no room in the batch, and other jobs); one more is
+refused at once (:class:`Busy`, a 503) instead of piling up. A consumer that stops
 reading (a client disconnect, a stop string) cancels its sequence: its slot frees at the next step.
 """
 
@@ -69,8 +70,8 @@ class ModelWorker:
 
     def __init__(self, max_queue: int = 16, max_batch: int = 8, engine: BatchEngine | None = None,
                  on_step: Callable[[int], None] | None = None) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue={max_queue}: expected at least 1")
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue}: expected at least 0 (0: no request waits)")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected at least 1")
         self.max_queue, self.max_batch, self.engine, self.on_step = max_queue, max_batch, engine, on_step
@@ -88,7 +89,9 @@ class ModelWorker:
     # ---- bookkeeping ------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         with self._cond:
-            running = self._batch + self._running_jobs
+            # a request is counted out (admitted) just before its end is handed over, the batch
+            # after the step: never report more running than admitted
+            running = min(self._admitted, self._batch + self._running_jobs)
             return {"running": running, "queued": self._admitted - running, "max_queue": self.max_queue,
                     "batch": self._batch, "max_batch": self.max_batch}
 
@@ -102,13 +105,24 @@ class ModelWorker:
         with self._cond:
             self._closed = True
 
-    def _admit(self) -> None:  # holds self._cond
+    def _admit(self, generation: bool = False) -> None:  # holds self._cond
+        """Count one more request in, unless it would make more than ``max_queue`` wait (see
+        :meth:`_waiting_with`)."""
         if self._closed:
             raise Busy("the server is shutting down")
-        if self._admitted >= self.max_queue:
-            raise Busy(f"the server is busy ({self._admitted} requests running or queued, "
-                       f"limit {self.max_queue}); retry shortly")
+        waiting = self._waiting_with(jobs=0, generations=0)
+        if self._waiting_with(jobs=int(not generation), generations=int(generation)) > self.max_queue:
+            raise Busy(f"the server is busy ({self._batch} sequences decoding, {waiting} requests waiting, "
+                       f"limits --max-batch {self.max_batch}, --max-queue {self.max_queue}); retry shortly")
         self._admitted += 1
+
+    def _waiting_with(self, jobs: int, generations: int) -> int:  # holds self._cond
+        """Requests that would wait with ``jobs``/``generations`` more: generations beyond the
+        batch's free room, and jobs beyond the one the model thread runs next."""
+        room = self.max_batch - self._batch
+        pending_jobs = len(self._jobs) + jobs
+        next_job = 0 if self._running_jobs else 1
+        return max(0, pending_jobs - next_job) + max(0, len(self._waiting) + generations - room)
 
     def _finished(self, n: int = 1) -> None:  # holds self._cond
         self._admitted -= n
@@ -137,7 +151,7 @@ class ModelWorker:
             raise RuntimeError("this worker has no generation engine")
         gen = _Generation(request, asyncio.get_running_loop())
         with self._cond:
-            self._admit()
+            self._admit(generation=True)
             self._waiting.append(gen)
             self._cond.notify()
         return self._consume(gen)
