@@ -413,3 +413,5 @@ def test_bench_serve_prints_a_table_with_no_failures(tiny_lm_dir):
     assert [r[0].strip() for r in rows[1:]] == ["1", "3"]
     for row in rows[1:]:
         assert int(row[1]) >= 1 and int(row[2]) == 0  # requests served, none failed
+    batch = [float(r[-1]) for r in rows[1:]]  # mean sequences per decode step, from the server's /metrics
+    assert batch[0] == 1.0 and 1.0 <= batch[1] <= 3.0

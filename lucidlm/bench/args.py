@@ -137,9 +137,10 @@ def add_longctx(p: argparse.ArgumentParser) -> None:
 
 def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrent client counts")
+    p.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrent client counts")
     p.add_argument("--seconds", type=float, default=10.0, help="how long each client count runs")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (sequences decoded together)")
     p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 

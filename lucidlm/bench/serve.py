@@ -2,16 +2,18 @@
 
 The server starts in a child process (``python -m lucidlm serve`` on a free loopback port). Then,
 for each client count N, N clients stream chat completions back to back for T seconds. Per row:
-requests finished, requests/s, time to first token (p50/p99), generated tokens/s, and failed
-requests (a non-200 answer, a broken stream, or a stream without ``[DONE]``).
+requests finished, requests/s, time to first token (p50/p99), generated tokens/s, the mean number
+of sequences per decode step (continuous batching: read from the server's ``/metrics``, the
+``lucidlm_step_batch_size`` histogram's sum and count over the row), and failed requests (a
+non-200 answer, a broken stream, or a stream without ``[DONE]``).
 
 The clients use the standard library's ``http.client``: the bench needs nothing the server does not.
 
 >>> print(format_table([dict(clients=4, requests=20, failed=0, seconds=10.0, rps=2.0, ttft_p50=0.41,
-...                          ttft_p99=1.9, tokens_per_s=31.5)]))
-| clients | requests | failed | req/s | TTFT p50 s | TTFT p99 s | tokens/s |
-|---:|---:|---:|---:|---:|---:|---:|
-| 4 | 20 | 0 | 2.00 | 0.410 | 1.900 | 31.5 |
+...                          ttft_p99=1.9, tokens_per_s=31.5, batch=3.62)]))
+| clients | requests | failed | req/s | TTFT p50 s | TTFT p99 s | tokens/s | batch |
+|---:|---:|---:|---:|---:|---:|---:|---:|
+| 4 | 20 | 0 | 2.00 | 0.410 | 1.900 | 31.5 | 3.62 |
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def run(args) -> int:
     prepare_model(args.model)  # a GGUF converts here, with progress, not silently in the server
     port = _free_port()
     command = [sys.executable, "-m", "lucidlm", "serve", "--port", str(port), "--dtype", args.dtype,
-               "--max-queue", str(max(counts) + 1)]
+               "--max-batch", str(args.max_batch), "--max-queue", str(max(counts))]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -71,6 +73,7 @@ def measure(port: int, model: str, clients: int, seconds: float, max_tokens: int
     counting seconds, advanced while they run)."""
     results: list[dict] = []
     lock = threading.Lock()
+    steps_before = decode_steps(port)
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -96,11 +99,29 @@ def measure(port: int, model: str, clients: int, seconds: float, max_tokens: int
     if bar is not None:
         bar.update(seconds - shown)
     elapsed = time.perf_counter() - start
+    (total, steps), (total_before, steps_before) = decode_steps(port), steps_before
     ok = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in ok)
     return dict(clients=clients, requests=len(ok), failed=len(results) - len(ok), seconds=elapsed,
                 rps=len(ok) / elapsed, ttft_p50=_quantile(ttft, 0.5), ttft_p99=_quantile(ttft, 0.99),
-                tokens_per_s=sum(r["tokens"] for r in ok) / elapsed)
+                tokens_per_s=sum(r["tokens"] for r in ok) / elapsed,
+                batch=(total - total_before) / (steps - steps_before) if steps > steps_before else float("nan"))
+
+
+def decode_steps(port: int) -> tuple[float, float]:
+    """(sequences summed over decode steps, decode steps) so far: the server's batch-size
+    histogram, from ``/metrics`` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name in ("lucidlm_step_batch_size_sum", "lucidlm_step_batch_size_count")}
+    return found.get("lucidlm_step_batch_size_sum", 0.0), found.get("lucidlm_step_batch_size_count", 0.0)
 
 
 def stream_once(port: int, model: str, question: str, max_tokens: int) -> dict:
@@ -133,15 +154,15 @@ def stream_once(port: int, model: str, question: str, max_tokens: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| clients | requests | failed | req/s | TTFT p50 s | TTFT p99 s | tokens/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| clients | requests | failed | req/s | TTFT p50 s | TTFT p99 s | tokens/s | batch |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     return "\n".join(lines + [format_row(r) for r in rows])
 
 
 def format_row(r: dict) -> str:
     """One row of :func:`format_table`."""
     return (f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['rps']:.2f} | "
-            f"{r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tokens_per_s']:.1f} |")
+            f"{r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tokens_per_s']:.1f} | {r['batch']:.2f} |")
 
 
 def _quantile(values: list[float], q: float) -> float:
