@@ -141,7 +141,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="how long each client count runs")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (sequences decoded together)")
-    p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
+    p.add_argument("--dtype", default="bfloat16", choices=MEASURED_DTYPES,
+                   help="the server's --dtype (default: bfloat16, whose prefill runs 3x faster than float32's on a CPU with "
+                        "AMX/AVX512-BF16)")
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
