@@ -136,17 +136,19 @@ def test_chunked_training_parses_its_policy_once(model, parses):
 def test_the_server_passes_its_parsed_policy_to_every_generation(model, monkeypatch, parses):
     from fastapi.testclient import TestClient
 
+    import lucidlm.cache as cache_module
     import lucidlm.serve.app as app_module
 
     given = []
-    real = app_module.generate_ids
+    real = cache_module.build_cache
 
-    def spy(*args, **kwargs):
-        given.append(kwargs["kv_cache"])
-        return real(*args, **kwargs)
+    def spy(config, batch, policy, *args, **kwargs):  # each sequence's own cache, built by the engine
+        given.append(policy)
+        return real(config, batch, policy, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "generate_ids", spy)
+    monkeypatch.setattr(cache_module, "build_cache", spy)
     app = app_module.create_app(LLM(model, Ids()), model_name="tiny", kv_cache=" h2o ", cache_tokens=8)
+    given.clear()  # create_app's own check of the budget
     with TestClient(app) as client:
         assert client.get("/health").json()["kv_cache"] == " h2o "  # as the operator gave it
         for _ in range(2):
