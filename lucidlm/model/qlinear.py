@@ -63,8 +63,7 @@ def uses_qkernel(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether a product with these activations runs in the kernel: a few rows, no gradient wanted,
     CPU tensors, float32 or bfloat16 activations, and the kernel built."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
-    return (not wants_grad and 0 < rows <= KERNEL_ROWS and x.dtype in _ACTIVATIONS and x.device.type == "cpu"
+    return (not _wants_grad(x, *weights) and 0 < rows <= KERNEL_ROWS and x.dtype in _ACTIVATIONS and x.device.type == "cpu"
             and all(t is None or t.device.type == "cpu" for t in weights) and _ops_ready())
 
 
@@ -76,8 +75,13 @@ def q8_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     if uses_qkernel(x, scales, bias):
         out = torch.ops.lucidlm_kernels.q8_gemv(x.reshape(-1, x.shape[-1]), qs, scales, bias)
         return out.reshape(*x.shape[:-1], qs.shape[0])
-    weight = dequantize_q8(qs, scales).to(x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if scales.shape[1] == 1 and not _wants_grad(x, scales, bias):
+        # one scale per channel, a prompt: x @ (q·s)ᵀ = (x @ qᵀ)·s saves a pass over the weight (measured:
+        # 512 rows within a few % of the float GEMM, where torch._weight_int8pack_mm is 10-80x slower)
+        out = F.linear(x, qs.to(x.dtype)).mul_(scales[:, 0].to(x.dtype))
+        return out if bias is None else out.add_(bias)
+    return F.linear(x, dequantize_q8(qs, scales).to(x.dtype), bias)
 
 
 def q4_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
@@ -90,6 +94,10 @@ def q4_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: tor
         return out.reshape(*x.shape[:-1], qs.shape[0])
     weight = dequantize_q4(qs, scales, mins).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _ops_ready() -> bool:
