@@ -47,6 +47,7 @@ class _Kernel:
 
     def __init__(self) -> None:
         self.ready: bool | None = None
+        self.reason = ""  # why it is not ready: "LUCIDLM_KERNELS=0", "no C++ compiler", a build error
         self._lock = threading.Lock()
 
     def load(self) -> bool:
@@ -57,12 +58,14 @@ class _Kernel:
 
     def _load(self) -> bool:
         if os.environ.get(ENV_VAR, "1") == "0":
+            self.reason = f"{ENV_VAR}=0"
             return False
         compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
         try:
             library = library_path()
             if not library.exists():
                 if compiler is None:
+                    self.reason = "no C++ compiler (g++, c++ or $CXX)"
                     return False  # no compiler: F.linear, silently (nothing is wrong, only slower)
                 _build(compiler, library)
             torch.ops.load_library(str(library))
@@ -72,6 +75,7 @@ class _Kernel:
                 torch.library.register_fake("lucidlm_kernels::q4_gemv")(_q4_shape)
         except Exception as exc:  # any build or load failure: F.linear computes the same
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.reason = reason
             warnings.warn(f"lucidlm's CPU kernel is unavailable, using F.linear: {reason}",
                           KernelUnavailable, stacklevel=4)
             return False
@@ -138,3 +142,8 @@ def _q4_shape(x, qs, scales, mins, bias):
 def kernel_ready() -> bool:
     """True once the kernel is loaded (building it on first use); False where it cannot be."""
     return _KERNEL.ready if _KERNEL.ready is not None else _KERNEL.load()
+
+
+def unavailable_reason() -> str:
+    """Why :func:`kernel_ready` is False ("" while it is True)."""
+    return "" if kernel_ready() else _KERNEL.reason

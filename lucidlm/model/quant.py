@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .qlinear import q8_linear
+from .qlinear import check_kernel, q8_linear
 
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the scales lucidlm's 8-bit kernel reads
 
@@ -87,6 +87,8 @@ def quantize_linears(model: nn.Module, names: set[str] | None = None, lm_head: b
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, Int8Linear.quantize(module))
             replaced += 1
+    if replaced:
+        check_kernel()  # a warning now, where decoding would be slow without the kernel
     return replaced
 
 
