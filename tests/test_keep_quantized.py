@@ -112,13 +112,16 @@ def test_buffers_are_the_blocks_and_no_float_weight_is_kept(tiny_gguf, kind):
 
 def test_bfloat16_keeps_the_scales_and_computes_in_bfloat16(tiny_gguf):
     make, cache = tiny_gguf
-    kept, dense = _pair(make("Q8_0"), cache, dtype=torch.bfloat16)
-    assert kept.model.layers[0].attn.q_proj.scales.dtype == torch.float16  # not rounded to bfloat16
-    ids = torch.tensor([[5, 9, 2, 7]])
+    kept = lucidlm.LLM.load(make("Q8_0"), keep_quantized=True, cache_dir=cache, dtype=torch.bfloat16)
+    exact = lucidlm.LLM.load(make("Q8_0"), cache_dir=cache)  # float32
+    layer = kept.model.layers[0].attn.q_proj
+    assert layer.scales.dtype == torch.float16  # not rounded to bfloat16
+    x = torch.randn(1, layer.in_features).bfloat16()
     with torch.no_grad():
-        out = kept.model(ids)
-        assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out, dense.model(ids), rtol=2e-2, atol=2e-2)
+        assert kept.model(torch.tensor([[5, 9, 2, 7]])).dtype == torch.bfloat16
+        out, reference = layer(x), exact.model.layers[0].attn.q_proj(x.float())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() <= 2**-7 * reference.abs().max()  # bfloat16's rounding only
 
 
 def test_another_block_type_is_dequantised_with_a_note_naming_it(tiny_gguf, tmp_path):
