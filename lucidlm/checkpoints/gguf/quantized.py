@@ -50,6 +50,7 @@ __all__ = ["KEPT_TYPES", "KeptFloatWarning", "load_keep_quantized", "split_block
 KEPT_TYPES = {"Q8_0": (34, False, 8), "Q4_0": (18, False, 4), "Q4_1": (20, True, 4)}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _BLOCK = 32
+_READ_BYTES = 4 << 20  # a kept tensor is read in slices of about this many bytes
 
 Blocks = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -105,12 +106,12 @@ def _read_tensors(infos: list[TensorInfo], path, family, hf_config: dict, config
         for info in infos:
             if info.name in family.ignored:
                 continue
-            raw = _read_bytes(handle, info.offset, info.nbytes)
             rows = _row_map(info.name, info.shape, family, hf_config, config) if info.kind in KEPT_TYPES else None
             if rows is not None:
-                blocks = split_blocks(raw, info.kind, info.shape[0], info.shape[1])
+                blocks = _read_blocks(handle, info)
                 kept.update({name: _gather(blocks, index) for name, index in rows.items()})
                 continue
+            raw = _read_bytes(handle, info.offset, info.nbytes)
             if info.kind not in _FLOAT_TYPES:
                 dequantised[info.kind] += 1
             values = ggml_dequantize(raw, GGMLQuantizationType[info.kind]).astype(np.float32, copy=False)
@@ -144,6 +145,27 @@ def _gather(blocks: Blocks, rows: torch.Tensor) -> Blocks:
     if torch.equal(rows, torch.arange(blocks[0].shape[0])):  # the common case: nothing to reorder, no copy
         return blocks
     return tuple(None if t is None else t[rows].contiguous() for t in blocks)  # type: ignore[return-value]
+
+
+def _read_blocks(handle, info: TensorInfo) -> Blocks:
+    """A kept tensor's blocks, read a slice of rows at a time into their final tensors (the raw bytes of
+    the whole tensor never exist beside them)."""
+    rows, cols = info.shape
+    row_bytes = info.nbytes // rows
+    step = max(1, _READ_BYTES // row_bytes)
+    out: list | None = None
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        part = split_blocks(_read_bytes(handle, info.offset + start * row_bytes, count * row_bytes), info.kind,
+                            count, cols)
+        if count == rows:
+            return part
+        if out is None:
+            out = [None if t is None else t.new_empty((rows, t.shape[1])) for t in part]
+        for whole, piece in zip(out, part):
+            if whole is not None:
+                whole[start:start + count] = piece
+    return tuple(out)  # type: ignore[arg-type, return-value]
 
 
 def _read_bytes(handle, offset: int, size: int) -> np.ndarray:
