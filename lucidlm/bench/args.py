@@ -49,17 +49,29 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 
+#: bench decode: lucidlm's rows (each also +compile); q8_0/q4_1/...: a GGUF file's blocks kept as they are
+DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_0", "q4_1", "q4_k")
+DEFAULT_DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_1")
+
+
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtypes", default="float32,bfloat16,int8,float32+compile,bfloat16+compile,int8+compile",
-                   help="comma-separated rows to measure (int8: lucidlm's weight-only int8 with bfloat16 activations; "
-                        "+compile: lucidlm's decode steps through torch.compile; "
-                        "transformers float32 always runs, as the reference)")
+    p.add_argument("--dtypes", default=",".join([*DEFAULT_DECODE_ROWS, *(f"{r}+compile" for r in DEFAULT_DECODE_ROWS)]),
+                   help="comma-separated lucidlm rows to measure, from " + ", ".join(DECODE_ROWS) + " (int8-X: "
+                        "lucidlm's weight-only int8 with X activations; q8_0, q4_1, ...: that GGUF file loaded with "
+                        "keep_quantized=True), each optionally +compile (decode steps through torch.compile); "
+                        "transformers float32 always runs, as the reference")
+    p.add_argument("--gguf", action="append", metavar="FILE",
+                   help="a GGUF file for the rows of its type and for llama-bench (repeatable; default: the model "
+                        "when it is a GGUF, and a Q8_0 export of the model made once into lucidlm's cache)")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="llama.cpp's llama-bench binary: its rows on each GGUF file, same prompt length, new tokens "
+                        "and threads (default threads 2)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (prefill)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")
-    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=(*ENGINES, "runtime"), help=argparse.SUPPRESS)
 
 
 def add_explain(p: argparse.ArgumentParser) -> None:
