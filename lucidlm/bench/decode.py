@@ -85,7 +85,7 @@ def run(args) -> int:
 def gguf_files(args) -> dict[str, Path]:
     """GGUF type -> file: ``--gguf`` files, the model when it is a GGUF, and (when a ``q8_0`` row or
     llama-bench wants one and none is given) lucidlm's own Q8_0 export of the model."""
-    from .llamacpp import gguf_type, q8_0_export
+    from .llamacpp import gguf_export, gguf_type
 
     source = model_file(args.model)
     named = [Path(f) for f in args.gguf or []] + ([source] if source else [])
@@ -94,13 +94,14 @@ def gguf_files(args) -> dict[str, Path]:
         files.setdefault(gguf_type(path), path)
     wanted = {r.partition("+")[0] for r in args.dtypes.split(",")}
     if "q8_0" not in files and ("q8_0" in wanted or args.llama_bench):
-        files["q8_0"] = q8_0_export(args.model)
+        files["q8_0"] = gguf_export(args.model, "q8_0")
     return files
 
 
 def plan_rows(args) -> list[tuple[str, str]]:
     """The rows in table order: runtime (when a GGUF file's row is measured), transformers float32,
-    llama.cpp per file, the ``float32@TYPE`` references, then ``--dtypes`` as given.
+    llama.cpp per file, the greedy references (``float32@TYPE``; lucidlm float32 for int8 rows and
+    the model's own file), then ``--dtypes`` as given.
 
     >>> from types import SimpleNamespace as N
     >>> plan_rows(N(dtypes="float32,q8_0+compile", llama_bench="llama-bench", files={"q8_0": "x.gguf"}, model=None))
@@ -118,6 +119,8 @@ def plan_rows(args) -> list[tuple[str, str]]:
     typed = sorted({r.partition("+")[0] for r in wanted} & set(FILE_TYPED))
     llama = [(LLAMA, t) for t in args.files] if args.llama_bench else []
     references = [("lucidlm", f"float32@{t}") for t in typed if t in args.files and not _is_model(args, t)]
+    if any(r.startswith("int8-") for r in wanted) or len(references) < len(typed):  # greedy references
+        references.append(("lucidlm", "float32"))
     rows = [REFERENCE, *llama, *references, *(("lucidlm", r) for r in wanted)]
     if llama or typed:
         rows.insert(0, RUNTIME)
@@ -431,7 +434,7 @@ def _summary_lines(rows: list[dict]) -> list[str]:
                          f"{ours['prefill_tps'] / theirs['prefill_tps']:.2f}x, batch "
                          f"{ours['batch_tps'] / theirs['batch_tps']:.2f}x transformers in the same dtype")
     llama = by.get((LLAMA, "q8_0"))
-    ours = [r for (engine, _), r in by.items() if engine == "lucidlm"]
+    ours = [r for (engine, dtype), r in by.items() if engine == "lucidlm" and "@" not in dtype]
     if llama and ours:
         best = max(ours, key=lambda r: r["decode_tps"])
         lines.append(f"fastest lucidlm decode: {best['dtype']}, {best['decode_tps'] / llama['decode_tps']:.2f}x "

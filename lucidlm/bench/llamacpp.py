@@ -88,10 +88,10 @@ def gguf_type(path: str | Path) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
-def q8_0_export(model: str | None) -> Path:
-    """A Q8_0 GGUF of ``model`` (None: the embedded default) written by lucidlm's own export
-    (:meth:`lucidlm.LLM.export_gguf`) into lucidlm's cache once, named by the source's fingerprint;
-    later calls find it there."""
+def gguf_export(model: str | None, kind: str = "q8_0") -> Path:
+    """A ``kind`` (q8_0, q4_0, ...) GGUF of ``model`` (None: the embedded default) written by
+    lucidlm's own export (:meth:`lucidlm.LLM.export_gguf`, from the float32 model) into lucidlm's
+    cache once, named by the source's fingerprint; later calls find it there."""
     from ..api import LLM
     from ..checkpoints import checkpoint_dir
     from ..checkpoints.conversion_cache import fingerprint
@@ -99,8 +99,8 @@ def q8_0_export(model: str | None) -> Path:
 
     source, _ = checkpoint_dir(model, progress=True)
     key = (fingerprint(source) if Path(source).is_file() else None) or hashlib.sha256(str(source).encode()).hexdigest()
-    target = cache_root() / "bench" / f"{Path(source).stem}-{key[:16]}-q8_0.gguf"
+    target = cache_root() / "bench" / f"{Path(source).stem}-{key[:16]}-{kind}.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        LLM.load(model, progress=True).export_gguf(target, type="q8_0", progress=True)  # written atomically
+        LLM.load(model, progress=True).export_gguf(target, type=kind, progress=True)  # written atomically
     return target
