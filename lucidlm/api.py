@@ -130,7 +130,7 @@ class LLM:
              dtype: torch.dtype | str | None = torch.float32, device: str = "cpu",
              cache_dir: str | Path | None = None, progress: bool | None = None, check_base: bool = True,
              quantize: str | None = None, device_map: str | dict | None = None,
-             tensor_parallel: bool = False) -> "LLM":
+             tensor_parallel: bool = False, keep_quantized: bool = False) -> "LLM":
         """Load a Hugging Face directory, a ``.gguf`` file, a hub repo id (``"org/name"``:
         downloaded once into the Hugging Face cache, safetensors only) or a catalogue name for one
         (``"Llama-3.2-1B"``, any case, as ``lucidlm models`` lists them; a local path of that name
@@ -138,6 +138,8 @@ class LLM:
         tokenizer files loads with ``tokenizer=None``.
 
         ``quantize="int8"``: weight-only int8 after loading (see :meth:`quantize`).
+        ``keep_quantized=True`` (a ``.gguf`` file only): its Q8_0/Q4_0/Q4_1 weights stay as blocks in
+        memory, read by the quantised kernels (see :mod:`lucidlm.checkpoints.gguf.quantized`).
         ``progress``: a bar on stderr for the one-off GGUF conversion or hub download (default:
         when stderr is a terminal).
 
@@ -171,7 +173,9 @@ class LLM:
 
             progress = sys.stderr is not None and sys.stderr.isatty()
         path, directory = checkpoint_dir(path, cache_dir=cache_dir, progress=progress)
-        if is_native(directory):
+        if keep_quantized:
+            model = _load_keep_quantized(path, directory, dtype, device, device_map, tensor_parallel, quantize)
+        elif is_native(directory):
             model = load_native(directory, dtype=dtype, device="cpu" if device_map is not None else device)
             if device_map is not None:  # read on the CPU, then each part to its device
                 from .model.pipeline import dispatch, placement_for
@@ -235,6 +239,7 @@ class LLM:
         ``checkpointing=True``: activation checkpointing, the same losses in less memory ...)."""
         from .train.finetune import finetune
 
+        self._refuse_kept_blocks("finetune")
         return finetune(self, data, method=method, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
 
     def pretrain(self, texts, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
@@ -243,6 +248,7 @@ class LLM:
         ``{"text"}`` records), packed into windows of ``max_seq_length`` tokens."""
         from .train.finetune import pretrain
 
+        self._refuse_kept_blocks("pretrain")
         return pretrain(self, texts, steps=steps, batch_size=batch_size, lr=lr, out=out, **options)
 
     def load_adapter(self, directory: str | Path, check_base: bool = True) -> dict:
@@ -253,11 +259,20 @@ class LLM:
         from .train.adapter_files import find_litgpt_adapter, load_litgpt_adapter
         from .train.lora import load_adapter
 
+        self._refuse_kept_blocks("load_adapter")
         if find_litgpt_adapter(directory) is not None:
             return load_litgpt_adapter(self.model, directory, check_base=check_base)
         names = [self.source, str(self.directory) if self.directory else None,
                  (self.config.hf_config or {}).get("_name_or_path"), self.hub_id]
         return load_adapter(self.model, directory, base_names=names if check_base else None)
+
+    def _refuse_kept_blocks(self, what: str) -> None:
+        from .errors import TrainError
+        from .model.qmodules import is_keep_quantized
+
+        if is_keep_quantized(self.model):  # the blocks are buffers: training would silently skip them
+            raise TrainError(f"{what}: the model was loaded with keep_quantized=True, whose weights are frozen "
+                             "GGUF blocks; load it without keep_quantized to train or attach adapters")
 
     def quantize(self, method: str = "int8", lm_head: bool = True) -> LLM:
         """Weight-only int8 in place: every ``nn.Linear`` (and ``lm_head``, as its own int8 copy:
@@ -517,6 +532,21 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def _load_keep_quantized(path: Path, directory: Path, dtype: torch.dtype, device: str, device_map,
+                         tensor_parallel: bool, quantize: str | None) -> GPT:
+    """``LLM.load(keep_quantized=True)``'s model; the options it cannot combine with are refused."""
+    from .checkpoints.gguf.quantized import load_keep_quantized
+
+    if directory == path:  # checkpoint_dir converted nothing: no GGUF
+        raise CheckpointError(f"keep_quantized=True: {path} is not a .gguf file (only GGUF blocks can be kept "
+                              "as they are; use quantize='int8' for other checkpoints)")
+    other = [name for name, value in (("device_map", device_map), ("tensor_parallel", tensor_parallel),
+                                      ("quantize", quantize)) if value]
+    if other:
+        raise ConfigError(f"keep_quantized=True cannot be combined with {', '.join(other)}")
+    return load_keep_quantized(path, directory, dtype, device)
 
 
 def _tokenizer_for(directory: Path):

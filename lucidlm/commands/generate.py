@@ -11,13 +11,14 @@ import argparse
 import io
 import sys
 
-from .options import (Command, add_adapter, add_device_map, add_model, add_sampling, add_tensor_parallel,
-                      every_process, load, sampling_kwargs)
+from .options import (Command, add_adapter, add_device_map, add_keep_quantized, add_model, add_sampling,
+                      add_tensor_parallel, every_process, load, sampling_kwargs)
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     add_model(p)
+    add_keep_quantized(p)
     add_adapter(p, "continue with this adapter attached to --model")
     add_device_map(p)
     add_sampling(p, 128)
@@ -38,6 +39,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (default: none)")
     add_model(p)
+    add_keep_quantized(p)
     add_adapter(p, "chat with this adapter attached to --model")
     add_device_map(p)
     add_sampling(p, 512)

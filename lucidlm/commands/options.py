@@ -255,6 +255,12 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p, "the weights' dtype in memory")
 
 
+def add_keep_quantized(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="a .gguf --model: keep its Q8_0/Q4_0/Q4_1 weights as blocks in memory (about the file's "
+                        "size), read by the quantised kernels; other block types are dequantised with a note")
+
+
 def device_map(text: str) -> str | dict[str, str | int]:
     """``--device-map``: ``auto``, or ``PART=DEVICE`` pairs separated by commas (a bare number is a
     CUDA index); which parts and devices exist is checked when the model loads
@@ -355,7 +361,8 @@ def load(args: argparse.Namespace):
         llm = LLM.load(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, progress=True,
                        check_base=not getattr(args, "no_check_base", False),
                        device_map=getattr(args, "device_map", None),
-                       tensor_parallel=getattr(args, "tensor_parallel", False))
+                       tensor_parallel=getattr(args, "tensor_parallel", False),
+                       keep_quantized=getattr(args, "keep_quantized", False))
     return llm.compile() if getattr(args, "compile", False) else llm
 
 

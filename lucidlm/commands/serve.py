@@ -14,12 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (Command, Paths, add_adapter, add_cache, add_model, cache_kwargs, load, non_negative_int, port,
-                      positive, positive_float)
+from .options import (Command, Paths, add_adapter, add_cache, add_keep_quantized, add_model, cache_kwargs, load,
+                      non_negative_int, port, positive, positive_float)
 
 
 def add_serving(p: argparse.ArgumentParser) -> None:
     add_model(p)
+    add_keep_quantized(p)
     add_adapter(p, "serve --model with this adapter attached; /v1/explain then also answers \"diff\": true (and "
                    "the viewer's diff mode) against --model without it")
     add_cache(p)

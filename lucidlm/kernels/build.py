@@ -29,6 +29,8 @@ import torch
 from ..fileio import cache_root
 
 SOURCE = pathlib.Path(__file__).with_name("gemv.cpp")
+#: every source of the one library: the float kernel and the quantised ones (``qgemv.cpp``)
+SOURCES = (SOURCE, SOURCE.with_name("qgemv.cpp"))
 ENV_VAR = "LUCIDLM_KERNELS"  # "0" turns the kernel off
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
           # x86 only: let GCC use the full AVX-512 width where the CPU has it (it prefers 256 bits)
@@ -66,6 +68,8 @@ class _Kernel:
                 _build(compiler, library)
             torch.ops.load_library(str(library))
             torch.library.register_fake("lucidlm_kernels::gemv")(_gemv_shape)
+            torch.library.register_fake("lucidlm_kernels::q8_gemv")(_q8_shape)
+            torch.library.register_fake("lucidlm_kernels::q4_gemv")(_q4_shape)
         except Exception as exc:  # any build or load failure: F.linear computes the same
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"lucidlm's CPU kernel is unavailable, using F.linear: {reason}",
@@ -86,7 +90,7 @@ def library_path() -> pathlib.Path:
         flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), cpu.encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), cpu.encode(),
                                      flags.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
     return cache_root() / "kernels" / f"gemv-{key}.so"
 
@@ -99,13 +103,14 @@ def _build(compiler: str, library: pathlib.Path) -> None:
     fd, temp = tempfile.mkstemp(dir=library.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", temp,
+           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", temp,
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or [""]
-            raise RuntimeError(f"{compiler} failed (exit {done.returncode}) on {SOURCE.name}: {errors[0].strip()}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"{compiler} failed (exit {done.returncode}) on {names}: {errors[0].strip()}")
         os.replace(temp, library)  # atomic: no process ever loads a half-written library
     finally:
         if os.path.exists(temp):
@@ -114,6 +119,14 @@ def _build(compiler: str, library: pathlib.Path) -> None:
 
 def _gemv_shape(x, weight, bias):  # the op's shape function, for torch.compile
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _q8_shape(x, qs, scales, bias):
+    return x.new_empty(x.shape[0], qs.shape[0])
+
+
+def _q4_shape(x, qs, scales, mins, bias):
+    return x.new_empty(x.shape[0], qs.shape[0])
 
 
 def kernel_ready() -> bool:
