@@ -63,6 +63,16 @@ def test_runs_the_binary_with_the_benchs_settings_and_measures_its_own_peak_rss(
     assert 300 < row["peak_rss_mb"] < 1000  # the child's 300 MiB, not this test process's
 
 
+def test_the_childs_peak_rss_is_not_this_processs(tmp_path):
+    import resource
+
+    import torch  # noqa: F401  (this process: hundreds of MB, as a bench parent)
+
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 150
+    binary = _fake_binary(tmp_path, f"print(pathlib.Path({str(SAMPLE)!r}).read_text())")
+    assert run_llama_bench(binary, "m.gguf", 2, 32, 8)["peak_rss_mb"] < 100  # a bare python: ~10-20 MB
+
+
 def test_a_failing_or_missing_binary_is_a_typed_error(tmp_path):
     binary = _fake_binary(tmp_path, "print('loading', file=sys.stderr)\nprint('error: no model', file=sys.stderr)\n"
                                     "sys.exit(3)")

@@ -12,7 +12,8 @@ cache when no Q8_0 file is given. A file other than the model also gets a ``floa
 lucidlm on its weights dequantised to float32, the greedy reference of its ``TYPE`` row. A row
 whose feature is missing, or that fails, says so in the table. Each row runs in its own
 subprocess (so peak RSS is its own and one row's allocations do not slow another), rounds
-alternate between rows and each cell is the median.
+alternate between rows and each cell is the median. Every child starts from a small launcher
+(:mod:`lucidlm.bench.rss`): one forked from this process would start at this process's peak RSS.
 
 Per row:
 
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 
 from . import run_child
+from .rss import fresh
 from .args import add_decode as add_arguments  # noqa: F401  (lucidlm bench decode's options)
 from .args import DECODE_ROWS
 
@@ -170,7 +172,7 @@ def _child(args, engine: str, dtype: str) -> dict:
         cmd += ["--model", str(model)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    row = {"engine": engine, "dtype": dtype, **run_child(cmd)}
+    row = {"engine": engine, "dtype": dtype, **run_child(fresh(cmd))}  # its peak RSS: its own
     if model and kind in FILE_TYPED:
         row["file_mb"] = Path(model).stat().st_size / 2**20
     return row

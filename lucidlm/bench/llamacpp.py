@@ -4,8 +4,8 @@ on a GGUF file and read its JSON report, and name the files the bench compares o
 ``llama-bench -m FILE -t THREADS -p PROMPT -n NEW -o json`` prints a JSON list with one entry per
 test: the prefill test (``n_prompt`` > 0, ``n_gen`` 0) and the decode test (``n_gen`` > 0,
 ``n_prompt`` 0); ``avg_ts`` is the mean tokens/s over its repetitions. llama-bench reports no
-memory: the peak RSS is the child's own, from :func:`os.wait4`'s resource usage of that one process
-(``RUSAGE_CHILDREN`` would be the largest of every child this process ever waited for).
+memory: its peak RSS is measured by a small launcher (:mod:`lucidlm.bench.rss`: a child started
+straight from this process would inherit this process's peak).
 
 >>> report = [{"model_type": "llama 256M Q8_0", "model_size": 143025408, "n_threads": 2,
 ...            "n_prompt": 512, "n_gen": 0, "avg_ts": 650.5},
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
+from .rss import fresh, peak_from_stderr
 
 
 def parse_llama_bench(text: str) -> dict:
@@ -62,17 +61,12 @@ def run_llama_bench(binary: str | Path, gguf: str | Path, threads: int, prompt_t
     if not Path(binary).is_file():
         raise ConfigError(f"--llama-bench {binary}: no such file (expected llama.cpp's llama-bench binary)")
     command = llama_bench_command(binary, gguf, threads, prompt_tokens, new_tokens, repetitions)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if child.returncode != 0:
+    done = subprocess.run(fresh(command), capture_output=True, text=True)
+    stderr, peak_mb = peak_from_stderr(done.stderr)
+    if done.returncode != 0:
         last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"llama-bench failed (exit {child.returncode}) on {gguf}: {last}")
-    return {**parse_llama_bench(stdout), "peak_rss_mb": usage.ru_maxrss / 1024}
+        raise ConfigError(f"llama-bench failed (exit {done.returncode}) on {gguf}: {last}")
+    return {**parse_llama_bench(done.stdout), "peak_rss_mb": peak_mb}
 
 
 def gguf_type(path: str | Path) -> str:
