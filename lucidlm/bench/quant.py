@@ -49,7 +49,7 @@ def run(args) -> int:
     text = args.text.read_text(encoding="utf-8")
     emit(f"quantisation benchmark: {args.model or 'embedded SmolLM2-135M-Instruct'}, perplexity of the first "
          f"{args.tokens} tokens of {args.text}, chunk {args.chunk_size}")
-    emit(f"{'row':<16}{'weights':<54}{'perplexity':>11}{'/ float32':>11}{'/ same file fp32':>18}  target")
+    emit(f"{'row':<16}{'weights':<66}{'perplexity':>11}{'/ float32':>11}{'/ same file fp32':>18}  target")
     ppl: dict[str, float] = {}
     ids: list[int] | None = None
     with progress(len(rows), "bench quant") as bar:
@@ -67,7 +67,7 @@ def run(args) -> int:
                 continue
             same = ppl.get(f"float32@{row}", ppl["float32"] if _is_model(args, row, files) else None)
             cells = ratio_cells(ppl[row], ppl["float32"], same if row in files else None, row)
-            emit(f"{row:<16}{_short(source):<54}{ppl[row]:>11.4f}{cells[0]:>11}{cells[1]:>18}  {cells[2]}")
+            emit(f"{row:<16}{_short(source):<66}{ppl[row]:>11.4f}{cells[0]:>11}{cells[1]:>18}  {cells[2]}")
             bar.update(1)
     return 0
 
