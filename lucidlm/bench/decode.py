@@ -342,11 +342,11 @@ def format_table(rows: list[dict], args) -> str:
     >>> args = N(model=None, prompt_tokens=512, new_tokens=3, threads=2, rounds=1, llama_bench=None)
     >>> print("\\n".join(format_table([runtime, ref, llama, f32, ours], args).splitlines()[3:]))
     ... # doctest: +NORMALIZE_WHITESPACE
-    runtime       torch+lucidlm             -             -          -         -         -          -       300      -                 -          -  (imported torch and lucidlm, loaded nothing)
-    transformers  float32               200.0          10.0      1.00x     0.50x     0.50x       40.0      1600      -                 -        0.5  same as transformers float32
-    llama.cpp     q8_0                  400.0          20.0      2.00x     1.00x     1.00x          -       200    138    200 <= 466 yes          -  -
-    lucidlm       float32@q8_0          200.0          10.0      1.00x     0.50x     0.50x       40.0      1600      -                 -        0.5  diverges at 2 from transformers float32
-    lucidlm       q8_0                  200.0          30.0      3.00x     1.50x     0.50x       40.0       450    138    450 <= 466 yes        0.5  diverges at 2 from lucidlm float32@q8_0
+    runtime       torch+lucidlm             -             -          -         -         -           -       300      -                 -          -  (imported torch and lucidlm, loaded nothing)
+    transformers  float32               200.0          10.0      1.00x     0.50x     0.50x        40.0      1600      -                 -        0.5  same as transformers float32
+    llama.cpp     q8_0                  400.0          20.0      2.00x     1.00x     1.00x           -       200    138    200 <= 466 yes          -  -
+    lucidlm       float32@q8_0          200.0          10.0      1.00x     0.50x     0.50x        40.0      1600      -                 -        0.5  diverges at 2 from transformers float32
+    lucidlm       q8_0                  200.0          30.0      3.00x     1.50x     0.50x        40.0       450    138    450 <= 466 yes        0.5  diverges at 2 from lucidlm float32@q8_0
     fastest lucidlm decode: q8_0, 1.50x llama.cpp Q8_0 (target >= 1.0x); prefill 0.50x (target >= 0.8x)
     """
     by = {(r["engine"], r["dtype"]): r for r in rows}
@@ -360,7 +360,7 @@ def _header_lines(args) -> list[str]:
             f"{BATCH_LENGTHS[-1]} tokens x {args.new_tokens // 2} new, threads "
             f"{args.threads or torch.get_num_threads()}, median of {max(1, args.rounds)} alternating rounds{llama}",
             f"{'engine':<14}{'weights':<14}{'prefill tok/s':>13}{'decode tok/s':>14}{'vs HF fp32':>11}"
-            f"{'dec/llama':>10}{'pf/llama':>10}{'batch tok/s':>11}{'peak RSS':>10}"
+            f"{'dec/llama':>10}{'pf/llama':>10}{'batch tok/s':>12}{'peak RSS':>10}"
             f"{'file':>7}{'RSS<=1.2file+rt':>18}{'warm-up s':>11}  greedy vs the float model of the same weights",
             "(dec/llama, pf/llama: decode, prefill tokens/s over llama.cpp's Q8_0 row; RSS and file in MiB; "
             "rt: the runtime row)"]
@@ -383,7 +383,7 @@ def format_row(r: dict, by: dict) -> str:
     llama = by.get((LLAMA, "q8_0"))
     return (f"{r['engine']:<14}{r['dtype']:<14}{_cell(r, 'prefill_tps', 13, '.1f')}{_cell(r, 'decode_tps', 14, '.1f')}"
             f"{_ratio(r, by.get(REFERENCE), 'decode_tps', 11)}{_ratio(r, llama, 'decode_tps', 10)}"
-            f"{_ratio(r, llama, 'prefill_tps', 10)}{_cell(r, 'batch_tps', 11, '.1f')}"
+            f"{_ratio(r, llama, 'prefill_tps', 10)}{_cell(r, 'batch_tps', 12, '.1f')}"
             f"{_cell(r, 'peak_rss_mb', 10, '.0f')}{_cell(r, 'file_mb', 7, '.0f')}{_rss_target(r, by.get(RUNTIME))}"
             f"{_cell(r, 'warm_up_s', 11, '.1f')}  {_agreement(r, by)}")
 
