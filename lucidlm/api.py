@@ -278,7 +278,8 @@ class LLM:
         """Weight-only int8 in place: every ``nn.Linear`` (and ``lm_head``, as its own int8 copy:
         the embedding table stays float) becomes int8 with one scale per output channel, a quarter
         of the float32 bytes that each decode step reads. Activations keep the model's dtype.
-        Generation runs PyTorch's int8 kernel; explanations dequantise, so their rules are exact
+        Decode steps run lucidlm's 8-bit kernel (``q8_gemv``, float32 or bfloat16 activations alike,
+        compiled or not); prompts one GEMM on the int8 values; explanations dequantise, so their rules are exact
         for the quantised model. See :mod:`lucidlm.model.quant`.
 
         >>> from lucidlm import Config, GPT

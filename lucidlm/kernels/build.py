@@ -29,8 +29,7 @@ import torch
 from ..fileio import cache_root
 
 SOURCE = pathlib.Path(__file__).with_name("gemv.cpp")
-#: every source of the one library: the float kernel and the quantised ones (``qgemv.cpp``)
-SOURCES = (SOURCE, SOURCE.with_name("qgemv.cpp"))
+QUANTISED_SOURCE = "qgemv.cpp"  # the 8-bit / 4-bit ops, beside SOURCE, compiled into the same library
 ENV_VAR = "LUCIDLM_KERNELS"  # "0" turns the kernel off
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
           # x86 only: let GCC use the full AVX-512 width where the CPU has it (it prefers 256 bits)
@@ -48,6 +47,7 @@ class _Kernel:
 
     def __init__(self) -> None:
         self.ready: bool | None = None
+        self.reason = ""  # why it is not ready: "LUCIDLM_KERNELS=0", "no C++ compiler", a build error
         self._lock = threading.Lock()
 
     def load(self) -> bool:
@@ -58,20 +58,24 @@ class _Kernel:
 
     def _load(self) -> bool:
         if os.environ.get(ENV_VAR, "1") == "0":
+            self.reason = f"{ENV_VAR}=0"
             return False
         compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
         try:
             library = library_path()
             if not library.exists():
                 if compiler is None:
+                    self.reason = "no C++ compiler (g++, c++ or $CXX)"
                     return False  # no compiler: F.linear, silently (nothing is wrong, only slower)
                 _build(compiler, library)
             torch.ops.load_library(str(library))
             torch.library.register_fake("lucidlm_kernels::gemv")(_gemv_shape)
-            torch.library.register_fake("lucidlm_kernels::q8_gemv")(_q8_shape)
-            torch.library.register_fake("lucidlm_kernels::q4_gemv")(_q4_shape)
+            if hasattr(torch.ops.lucidlm_kernels, "q8_gemv"):
+                torch.library.register_fake("lucidlm_kernels::q8_gemv")(_q8_shape)
+                torch.library.register_fake("lucidlm_kernels::q4_gemv")(_q4_shape)
         except Exception as exc:  # any build or load failure: F.linear computes the same
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.reason = reason
             warnings.warn(f"lucidlm's CPU kernel is unavailable, using F.linear: {reason}",
                           KernelUnavailable, stacklevel=4)
             return False
@@ -82,6 +86,12 @@ class _Kernel:
 _KERNEL = _Kernel()
 
 
+def sources() -> list[pathlib.Path]:
+    """The C++ files of the one library: the float kernel and, where present, the quantised ops."""
+    quantised = SOURCE.with_name(QUANTISED_SOURCE)
+    return [SOURCE, *([quantised] if quantised.exists() else [])]
+
+
 def library_path() -> pathlib.Path:
     """Where the compiled kernel lives: keyed by its source, torch's version and this CPU (it is
     built with ``-march=native``)."""
@@ -90,7 +100,7 @@ def library_path() -> pathlib.Path:
         flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), cpu.encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in sources()), torch.__version__.encode(), cpu.encode(),
                                      flags.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
     return cache_root() / "kernels" / f"gemv-{key}.so"
 
@@ -103,13 +113,13 @@ def _build(compiler: str, library: pathlib.Path) -> None:
     fd, temp = tempfile.mkstemp(dir=library.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", temp,
+           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, sources()), "-o", temp,
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or [""]
-            names = ", ".join(source.name for source in SOURCES)
+            names = ", ".join(source.name for source in sources())
             raise RuntimeError(f"{compiler} failed (exit {done.returncode}) on {names}: {errors[0].strip()}")
         os.replace(temp, library)  # atomic: no process ever loads a half-written library
     finally:
@@ -132,3 +142,8 @@ def _q4_shape(x, qs, scales, mins, bias):
 def kernel_ready() -> bool:
     """True once the kernel is loaded (building it on first use); False where it cannot be."""
     return _KERNEL.ready if _KERNEL.ready is not None else _KERNEL.load()
+
+
+def unavailable_reason() -> str:
+    """Why :func:`kernel_ready` is False ("" while it is True)."""
+    return "" if kernel_ready() else _KERNEL.reason

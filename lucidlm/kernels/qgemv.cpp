@@ -68,7 +68,12 @@ void row_scales(const at::Tensor& scales, int64_t row, int64_t count, float* out
   switch (scales.scalar_type()) {
     case at::kHalf: {
       const uint16_t* s = static_cast<const uint16_t*>(base) + row * count;
-      for (int64_t b = 0; b < count; ++b) out[b] = half_to_float(s[b]);
+      int64_t b = 0;
+#ifdef LUCIDLM_AVX512
+      for (; b + 16 <= count; b += 16)
+        _mm512_storeu_ps(out + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b))));
+#endif
+      for (; b < count; ++b) out[b] = half_to_float(s[b]);
       break;
     }
     case at::kBFloat16: {
@@ -145,53 +150,83 @@ inline __m512 load_q8_as_float(const int8_t* q, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q)));
 }
 
-// 8-bit weights, float activations, any block size B: per block a vector partial sum (16-lane chunks, a
-// masked tail), folded into the row's accumulator with the block's scale; two accumulators per x row take
-// alternate blocks so the folds do not wait on each other.
+// 8-bit weights, float activations, B a multiple of 32 (Q8_0; per-channel int8 with k % 32 == 0): per 32
+// weights a vector partial sum, folded into one of four accumulators (per x row) with its block's scale, so
+// no fold waits on the previous one's latency.
 template <int M>
 void q8_rows_avx512(const float* x, const int8_t* q, const float* s, float* acc, int64_t k, int64_t B) {
-  __m512 total[M][2];
-  for (int r = 0; r < M; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
-  int parity = 0;
-  for (int64_t b0 = 0; b0 < k; b0 += B, parity ^= 1) {
+  __m512 total[M][4];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < 4; ++c) total[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0, b = 0; j < k; j += 32, ++b) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j + 16))));
+    const __m512 scale = _mm512_set1_ps(s[j / B]);
+    for (int r = 0; r < M; ++r) {
+      const __m512 part = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * k + j + 16),
+                                          _mm512_mul_ps(w0, _mm512_loadu_ps(x + r * k + j)));
+      total[r][b & 3] = _mm512_fmadd_ps(part, scale, total[r][b & 3]);
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total[r][0], total[r][1]),
+                                                _mm512_add_ps(total[r][2], total[r][3])));
+}
+
+// Any other block size (per-channel int8 with k not a multiple of 32): 16-lane chunks with a masked tail.
+template <int M>
+void q8_rows_avx512_any(const float* x, const int8_t* q, const float* s, float* acc, int64_t k, int64_t B) {
+  __m512 total[M];
+  for (int r = 0; r < M; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < k; b0 += B) {
     __m512 part[M];
     for (int r = 0; r < M; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b0 + B; j += 16) {
       const int64_t left = b0 + B - j;
       const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-      const __m512 w = load_q8_as_float(q + j, mask);
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + j)));
       for (int r = 0; r < M; ++r) part[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + r * k + j), part[r]);
     }
     const __m512 scale = _mm512_set1_ps(s[b0 / B]);
-    for (int r = 0; r < M; ++r) total[r][parity] = _mm512_fmadd_ps(part[r], scale, total[r][parity]);
+    for (int r = 0; r < M; ++r) total[r] = _mm512_fmadd_ps(part[r], scale, total[r]);
   }
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1]));
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_reduce_add_ps(total[r]);
 }
 
 // 4-bit weights, float activations: the 16 bytes of a block widened to 16 int32 lanes, low and high nibbles
-// split, each multiplied by its 16 activations; the -8 (Q4_0) or m (Q4_1) term through the block's Σx.
+// split, each multiplied by its 16 activations, folded into one of four accumulators with the block's d;
+// the -8 (Q4_0) or m (Q4_1) term is Σ_b offset_b · Σx_b, one dot product over the blocks afterwards.
 template <int M>
 void q4_rows_avx512(const float* x, const float* xsum, const uint8_t* q, const float* d, const float* mn,
                     float* acc, int64_t k) {
   const int64_t blocks = k / kQ4Block;
   const __m512i low = _mm512_set1_epi32(0x0f);
-  __m512 total[M][2];
-  float offsets[M] = {};
-  for (int r = 0; r < M; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
+  __m512 total[M][4];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < 4; ++c) total[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
     const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
     const __m512 scale = _mm512_set1_ps(d[b]);
-    const float offset = mn ? mn[b] : -8.f * d[b];
     for (int r = 0; r < M; ++r) {
       const float* xb = x + r * k + b * kQ4Block;
       const __m512 part = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
-      total[r][b & 1] = _mm512_fmadd_ps(part, scale, total[r][b & 1]);
-      offsets[r] += offset * xsum[r * blocks + b];
+      total[r][b & 3] = _mm512_fmadd_ps(part, scale, total[r][b & 3]);
     }
   }
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1])) + offsets[r];
+  for (int r = 0; r < M; ++r) {
+    const float* xs = xsum + r * blocks;
+    float offset = 0.f;
+    if (mn) {
+      for (int64_t b = 0; b < blocks; ++b) offset += mn[b] * xs[b];
+    } else {
+      for (int64_t b = 0; b < blocks; ++b) offset -= 8.f * d[b] * xs[b];
+    }
+    acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total[r][0], total[r][1]),
+                                                _mm512_add_ps(total[r][2], total[r][3]))) + offset;
+  }
 }
 
 // 8-bit weights, int8 activations (x quantised per 32-block: xq, dx), VNNI: two 32-weight blocks per
@@ -318,7 +353,12 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
     row_scales(s, row, count, sc);
 #ifdef LUCIDLM_AVX512
     if (wide) {
-      by_rows(rows, [&](auto M) { q8_rows_avx512<decltype(M)::value>(xp + r0 * k, qp + row * k, sc, acc, k, B); });
+      by_rows(rows, [&](auto M) {
+        if (B % 32 == 0)
+          q8_rows_avx512<decltype(M)::value>(xp + r0 * k, qp + row * k, sc, acc, k, B);
+        else
+          q8_rows_avx512_any<decltype(M)::value>(xp + r0 * k, qp + row * k, sc, acc, k, B);
+      });
       return;
     }
 #endif

@@ -32,9 +32,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qlinear import dequantize_q4, dequantize_q8, q4_linear, q8_linear
+from .qlinear import dequantize_q4, dequantize_q8, q4_linear, q8_linear, uses_qkernel
 
 __all__ = ["QuantEmbedding", "QuantLinear", "is_keep_quantized"]
+
+#: weights dequantised at once outside the kernel (prompts, gradients): 4 Mi values, 16 MB in float32
+_CHUNK = 4 * 1024 * 1024
 
 
 class _Blocks(nn.Module):
@@ -84,9 +87,17 @@ class QuantLinear(_Blocks):
         return cls(embedding.qs, embedding.scales, embedding.mins, bias, embedding.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features * self.in_features <= _CHUNK or uses_qkernel(x, self.scales, self.mins, self.bias):
+            return self._product(x, slice(None))
+        # dequantised in slices of output rows: a large matrix (the vocabulary's) never exists in float whole
+        step = max(1, _CHUNK // self.in_features)
+        return torch.cat([self._product(x, slice(i, i + step)) for i in range(0, self.out_features, step)], dim=-1)
+
+    def _product(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias[rows]
         if self.bits == 8:
-            return q8_linear(x, self.qs, self.scales, self.bias)
-        return q4_linear(x, self.qs, self.scales, self.mins, self.bias)
+            return q8_linear(x, self.qs[rows], self.scales[rows], bias)
+        return q4_linear(x, self.qs[rows], self.scales[rows], self.mins[rows] if self.mins is not None else None, bias)
 
     def extra_repr(self) -> str:
         kind = "q8" if self.bits == 8 else ("q4_1" if self.mins is not None else "q4_0")

@@ -3,9 +3,11 @@
 Symmetric absmax per output channel (``scale = max|w_row| / 127``): a quarter of the float32 bytes,
 which is what decoding on a CPU is bound by (every step reads every weight once). Used twice:
 
-* **inference** (:meth:`lucidlm.LLM.quantize`): without gradients the product runs in PyTorch's
-  int8 weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast uses on the CPU), which
-  reads the int8 weights directly;
+* **inference** (:meth:`lucidlm.LLM.quantize`): without gradients a decode step (a few rows, float32
+  or bfloat16 activations alike) runs in lucidlm's 8-bit kernel (``q8_gemv``, :func:`q8_linear`),
+  which reads the int8 weights directly at the memory roofline; a prompt runs one float GEMM on the
+  int8 values and scales its output per channel (``torch._weight_int8pack_mm`` measured 10-80x
+  slower for prompts, and slower than float32 for float32 activations);
 * **QLoRA-style fine-tuning** (``finetune(..., quantize=True)``): a frozen int8 base under float
   LoRA adapters.
 
@@ -29,7 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .qlinear import check_kernel, q8_linear
+
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the scales lucidlm's 8-bit kernel reads
 
 
 class Int8Linear(nn.Module):
@@ -55,18 +59,11 @@ class Int8Linear(nn.Module):
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._kernel_applies(x):
-            flat = x.reshape(-1, self.in_features)
-            out = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale.to(x.dtype))
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if bias is None else out + bias
-        return F.linear(x, self.weight.to(x.dtype), bias)
-
-    def _kernel_applies(self, x: torch.Tensor) -> bool:
-        # no gradient wanted (the kernel has no backward), a CPU tensor, a dtype the kernel takes
-        no_grad = not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad))
-        return no_grad and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.numel() > 0
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)
+        if wants_grad or self.scale.dtype not in _SCALE_DTYPES:
+            # the LRP rules and autograd see exactly the dequantised weight the kernel uses
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return q8_linear(x, self.qweight, self.scale[:, None], self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A float ``nn.Linear`` with the dequantised weights (for merging an adapter)."""
@@ -90,6 +87,8 @@ def quantize_linears(model: nn.Module, names: set[str] | None = None, lm_head: b
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, Int8Linear.quantize(module))
             replaced += 1
+    if replaced:
+        check_kernel()  # a warning now, where decoding would be slow without the kernel
     return replaced
 
 

@@ -41,7 +41,7 @@ from ...errors import CheckpointError
 from ...model import GPT
 from ...model.qmodules import QuantEmbedding, QuantLinear
 from ..layouts import hf_to_ours
-from .reader import dequantize, field, open_reader
+from .header import TensorInfo, tensor_infos
 from .tensors import GGUF_FAMILIES, _hf_name, _restore
 
 __all__ = ["KEPT_TYPES", "KeptFloatWarning", "load_keep_quantized", "split_blocks"]
@@ -50,6 +50,7 @@ __all__ = ["KEPT_TYPES", "KeptFloatWarning", "load_keep_quantized", "split_block
 KEPT_TYPES = {"Q8_0": (34, False, 8), "Q4_0": (18, False, 4), "Q4_1": (20, True, 4)}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _BLOCK = 32
+_READ_BYTES = 4 << 20  # a kept tensor is read in slices of about this many bytes
 
 Blocks = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -80,14 +81,12 @@ def load_keep_quantized(path: pathlib.Path, directory: pathlib.Path, dtype: torc
     """
     hf_config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     config = Config.from_hf(hf_config)
-    reader = open_reader(path)
-    arch = field(reader, "general.architecture")
-    family = GGUF_FAMILIES[arch].for_names(t.name for t in reader.tensors)
+    arch, infos = tensor_infos(path)
+    family = GGUF_FAMILIES[arch].for_names(info.name for info in infos)
     if family.regroup is not None:
         raise CheckpointError(f"{path}: keep_quantized=True does not support {arch!r} models (their tensors are "
                               "regrouped on loading); load without keep_quantized")
-    kept, floats, dequantised = _read_tensors(reader, path, family, hf_config, config, dtype)
-    del reader  # drops the memory map: only the copies below stay
+    kept, floats, dequantised = _read_tensors(infos, path, family, hf_config, config, dtype)
     if dequantised:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(dequantised.items()))
         warnings.warn(f"keep_quantized: {path.name}: {counts} tensor(s) dequantised to float "
@@ -95,26 +94,29 @@ def load_keep_quantized(path: pathlib.Path, directory: pathlib.Path, dtype: torc
     return _build(config, kept, floats, dtype, device, path)
 
 
-def _read_tensors(reader, path, family, hf_config: dict, config: Config, dtype: torch.dtype):
+def _read_tensors(infos: list[TensorInfo], path, family, hf_config: dict, config: Config, dtype: torch.dtype):
     """(kept blocks by our name, float tensors by our name, dequantised block types counted)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as ggml_dequantize
+
     kept: dict[str, Blocks] = {}
     hf_floats: dict[str, torch.Tensor] = {}
     dequantised: Counter[str] = Counter()
     with open(path, "rb") as handle:
-        for tensor in reader.tensors:
-            if tensor.name in family.ignored:
+        for info in infos:
+            if info.name in family.ignored:
                 continue
-            kind, shape = tensor.tensor_type.name, [int(d) for d in reversed(tensor.shape)]
-            rows = _row_map(tensor.name, shape, family, hf_config, config) if kind in KEPT_TYPES else None
+            rows = _row_map(info.name, info.shape, family, hf_config, config) if info.kind in KEPT_TYPES else None
             if rows is not None:
-                raw = _read_bytes(handle, int(tensor.data_offset), int(tensor.n_bytes))
-                blocks = split_blocks(raw, kind, shape[0], shape[1])
+                blocks = _read_blocks(handle, info)
                 kept.update({name: _gather(blocks, index) for name, index in rows.items()})
                 continue
-            if kind not in _FLOAT_TYPES:
-                dequantised[kind] += 1
-            value = _restore(torch.from_numpy(dequantize(tensor)), tensor.name, family, hf_config)
-            name = _hf_name(tensor.name, family)
+            raw = _read_bytes(handle, info.offset, info.nbytes)
+            if info.kind not in _FLOAT_TYPES:
+                dequantised[info.kind] += 1
+            values = ggml_dequantize(raw, GGMLQuantizationType[info.kind]).astype(np.float32, copy=False)
+            value = _restore(torch.from_numpy(values.reshape(info.shape)), info.name, family, hf_config)
+            name = _hf_name(info.name, family)
             if "{}" in name:  # one stacked tensor -> one per expert (or head)
                 hf_floats.update({name.format(i): part.to(dtype).contiguous() for i, part in enumerate(value)})
             else:
@@ -143,6 +145,27 @@ def _gather(blocks: Blocks, rows: torch.Tensor) -> Blocks:
     if torch.equal(rows, torch.arange(blocks[0].shape[0])):  # the common case: nothing to reorder, no copy
         return blocks
     return tuple(None if t is None else t[rows].contiguous() for t in blocks)  # type: ignore[return-value]
+
+
+def _read_blocks(handle, info: TensorInfo) -> Blocks:
+    """A kept tensor's blocks, read a slice of rows at a time into their final tensors (the raw bytes of
+    the whole tensor never exist beside them)."""
+    rows, cols = info.shape
+    row_bytes = info.nbytes // rows
+    step = max(1, _READ_BYTES // row_bytes)
+    out: list | None = None
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        part = split_blocks(_read_bytes(handle, info.offset + start * row_bytes, count * row_bytes), info.kind,
+                            count, cols)
+        if count == rows:
+            return part
+        if out is None:
+            out = [None if t is None else t.new_empty((rows, t.shape[1])) for t in part]
+        for whole, piece in zip(out, part):
+            if whole is not None:
+                whole[start:start + count] = piece
+    return tuple(out)  # type: ignore[arg-type, return-value]
 
 
 def _read_bytes(handle, offset: int, size: int) -> np.ndarray:
