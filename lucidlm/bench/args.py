@@ -49,17 +49,48 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 
+#: bench decode: lucidlm's rows (each also +compile); q8_0/q4_1/...: a GGUF file's blocks kept as they are
+DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_0", "q4_1", "q4_k")
+DEFAULT_DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_1")
+
+
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtypes", default="float32,bfloat16,int8,float32+compile,bfloat16+compile,int8+compile",
-                   help="comma-separated rows to measure (int8: lucidlm's weight-only int8 with bfloat16 activations; "
-                        "+compile: lucidlm's decode steps through torch.compile; "
-                        "transformers float32 always runs, as the reference)")
+    p.add_argument("--dtypes", default=",".join([*DEFAULT_DECODE_ROWS, *(f"{r}+compile" for r in DEFAULT_DECODE_ROWS)]),
+                   help="comma-separated lucidlm rows to measure, from " + ", ".join(DECODE_ROWS) + " (int8-X: "
+                        "lucidlm's weight-only int8 with X activations; q8_0, q4_1, ...: that GGUF file loaded with "
+                        "keep_quantized=True), each optionally +compile (decode steps through torch.compile); "
+                        "transformers float32 always runs, as the reference")
+    p.add_argument("--gguf", action="append", metavar="FILE",
+                   help="a GGUF file for the rows of its type and for llama-bench (repeatable; default: the model "
+                        "when it is a GGUF, and a Q8_0 export of the model made once into lucidlm's cache)")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="llama.cpp's llama-bench binary: its rows on each GGUF file, same prompt length, new tokens "
+                        "and threads (default threads 2)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (prefill)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--rounds", type=int, default=3, help="alternating runs per engine (median reported)")
-    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=(*ENGINES, "runtime"), help=argparse.SUPPRESS)
+
+
+#: bench quant: the default rows (float32@TYPE: that GGUF file dequantised, beside its kept blocks)
+QUANT_ROWS = "float32,bfloat16,int8-float32,int8-bfloat16,float32@q8_0,q8_0,q4_1,float32@q4_0,q4_0"
+
+
+def add_quant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--rows", default=QUANT_ROWS,
+                   help="comma-separated rows: float32, bfloat16, int8-float32, int8-bfloat16 (weight-only int8, "
+                        "those activations), TYPE (a GGUF file of that type, q8_0, q4_0, q4_1, ..., loaded with "
+                        "keep_quantized=True), float32@TYPE (that file dequantised to float32)")
+    p.add_argument("--gguf", action="append", metavar="FILE",
+                   help="a GGUF file for the rows of its type (repeatable; default: the model when it is a GGUF, "
+                        "and lucidlm's export of the model for q8_0/q4_0, made once into lucidlm's cache)")
+    p.add_argument("--text", type=Path, default=LICENSES / "Apache-2.0", help="text file (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of the text scored")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
 
 
 def add_explain(p: argparse.ArgumentParser) -> None:
@@ -219,6 +250,8 @@ def method_list(text: str, allowed: Sequence[str], option: str = "--methods") ->
 BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "decode": ("lucidlm.bench.decode", "decode speed and memory: lucidlm vs transformers on one checkpoint",
                add_decode),
+    "quant": ("lucidlm.bench.quant", "perplexity of int8 and GGUF-native (keep_quantized) weights vs float32",
+              add_quant),
     "explain": ("lucidlm.bench.explain", "what an explanation costs next to a forward and a forward+backward",
                 add_explain),
     "export": ("lucidlm.bench.export", "GGUF export per type: file size, time, same greedy text after reloading",
