@@ -83,7 +83,8 @@ def test_kept_blocks_generate_and_explain_as_the_dequantised_model(tiny_gguf, ki
     kept, dense = _pair(make(kind, tied), cache)
     ids = torch.tensor([[5, 9, 2, 7, 100, 3]])
     with torch.no_grad():
-        torch.testing.assert_close(kept.model(ids), dense.model(ids), rtol=1e-5, atol=1e-5)
+        # the same weights; products summed in another order (the kept model's GEMMs run on slices)
+        torch.testing.assert_close(kept.model(ids), dense.model(ids), rtol=1e-4, atol=1e-4)
     for prompt in PROMPTS:
         assert kept.generate(prompt, max_new_tokens=8) == dense.generate(prompt, max_new_tokens=8)
         ours, theirs = kept.explain(prompt), dense.explain(prompt)
