@@ -237,38 +237,44 @@ void q8_rows_avx512_any(const float* x, const int8_t* q, const float* s, float* 
   for (int r = 0; r < M; ++r) acc[r] = _mm512_reduce_add_ps(total[r]);
 }
 
-// 4-bit weights, float activations: the 16 bytes of a block widened to 16 int32 lanes, low and high nibbles
-// split, each multiplied by its 16 activations, folded into one of four accumulators with the block's d;
-// the -8 (Q4_0) or m (Q4_1) term is Σ_b offset_b · Σx_b, one dot product over the blocks afterwards.
-template <int M>
+// 4-bit weights, float activations, R consecutive weight rows (q, d, mn with strides k / 2, k / 32, k / 32)
+// against M rows of x: the 16 bytes of a block widened to 16 int32 lanes, low and high nibbles split, each
+// multiplied by its 16 activations, folded into the row's accumulator with the block's d; the -8 (Q4_0) or
+// m (Q4_1) term is Σ_b offset_b · Σx_b, one dot product over the blocks afterwards. out[r * R + i].
+template <int M, int R>
 void q4_rows_avx512(const float* x, const float* xsum, const uint8_t* q, const float* d, const float* mn,
-                    float* acc, int64_t k) {
+                    float* out, int64_t k) {
   const int64_t blocks = k / kQ4Block;
   const __m512i low = _mm512_set1_epi32(0x0f);
-  __m512 total[M][4];
+  __m512 total[M][R];
   for (int r = 0; r < M; ++r)
-    for (int c = 0; c < 4; ++c) total[r][c] = _mm512_setzero_ps();
+    for (int i = 0; i < R; ++i) total[r][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-    const __m512 scale = _mm512_set1_ps(d[b]);
-    for (int r = 0; r < M; ++r) {
-      const float* xb = x + r * k + b * kQ4Block;
-      const __m512 part = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
-      total[r][b & 3] = _mm512_fmadd_ps(part, scale, total[r][b & 3]);
+    __m512 x0[M], x1[M];
+    for (int r = 0; r < M; ++r)
+      x0[r] = _mm512_loadu_ps(x + r * k + b * kQ4Block), x1[r] = _mm512_loadu_ps(x + r * k + b * kQ4Block + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512i bytes =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * (k / 2) + b * 16)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+      const __m512 scale = _mm512_set1_ps(d[i * blocks + b]);
+      for (int r = 0; r < M; ++r)
+        total[r][i] = _mm512_fmadd_ps(_mm512_fmadd_ps(hi, x1[r], _mm512_mul_ps(lo, x0[r])), scale, total[r][i]);
     }
   }
   for (int r = 0; r < M; ++r) {
     const float* xs = xsum + r * blocks;
-    float offset = 0.f;
-    if (mn) {
-      for (int64_t b = 0; b < blocks; ++b) offset += mn[b] * xs[b];
-    } else {
-      for (int64_t b = 0; b < blocks; ++b) offset -= 8.f * d[b] * xs[b];
+    for (int i = 0; i < R; ++i) {
+      const float* di = d + i * blocks;
+      float offset = 0.f;
+      if (mn) {
+        for (int64_t b = 0; b < blocks; ++b) offset += mn[i * blocks + b] * xs[b];
+      } else {
+        for (int64_t b = 0; b < blocks; ++b) offset -= 8.f * di[b] * xs[b];
+      }
+      out[r * R + i] = _mm512_reduce_add_ps(total[r][i]) + offset;
     }
-    acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total[r][0], total[r][1]),
-                                                _mm512_add_ps(total[r][2], total[r][3]))) + offset;
   }
 }
 
@@ -412,6 +418,45 @@ void q8_gemv_avx512(const float* x, const int8_t* q, const at::Tensor& scales, c
 }
 #endif
 
+#ifdef LUCIDLM_AVX512
+// The AVX-512 4-bit product: as q8_gemv_avx512, kRowTile weight rows at a time (scales and mins converted
+// once per tile), with every group of up to kMaxRows rows of x.
+void q4_gemv_avx512(const float* x, const float* xsum, const uint8_t* q, const at::Tensor& scales,
+                    const at::Tensor& mins, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
+  const int64_t blocks = k / kQ4Block, row_bytes = k / 2;
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(kRowTile * blocks), mn(mins.defined() ? kRowTile * blocks : 0);
+    const uint8_t* stop = q + end * row_bytes;
+    float out[kMaxRows * kRowTile];
+    prefetch(q + begin * row_bytes, kPrefetchBytes, stop);
+    for (int64_t row = begin; row < end; row += kRowTile) {
+      const int64_t rows = std::min(kRowTile, end - row);
+      prefetch(q + row * row_bytes + kPrefetchBytes, rows * row_bytes, stop);
+      scales_to_float(scales.data_ptr(), at::kHalf, row * blocks, rows * blocks, d.data());
+      if (mins.defined()) scales_to_float(mins.data_ptr(), at::kHalf, row * blocks, rows * blocks, mn.data());
+      for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+        const float* xr = x + r0 * k;
+        const float* xs = xsum + r0 * blocks;
+        by_rows(std::min(kMaxRows, m - r0), [&](auto Mc) {
+          constexpr int M = decltype(Mc)::value;
+          for (int64_t i = 0; i < rows; i += (rows == kRowTile ? kRowTile : 1)) {
+            const int R = rows == kRowTile ? kRowTile : 1;
+            const float* mi = mins.defined() ? mn.data() + i * blocks : nullptr;
+            if (R == kRowTile)
+              q4_rows_avx512<M, kRowTile>(xr, xs, q + row * row_bytes, d.data(), mi, out, k);
+            else
+              q4_rows_avx512<M, 1>(xr, xs, q + (row + i) * row_bytes, d.data() + i * blocks, mi, out, k);
+            for (int r = 0; r < M; ++r)
+              for (int j = 0; j < R; ++j)
+                y[(r0 + r) * n + row + i + j] = out[r * R + j] + (bias ? bias[row + i + j] : 0.f);
+          }
+        });
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                    const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar, "lucidlm q8_gemv: qs int8 (n, k) expected, got ",
@@ -497,19 +542,17 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const bool wide = use_avx512(), has_mins = mn.defined();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+#ifdef LUCIDLM_AVX512
+  if (wide) {
+    q4_gemv_avx512(xp, xsum.data(), qp, s, mn, bp, y.data_ptr<float>(), m, n, k);
+    return finish(y, x);
+  }
+#endif
   for_each_row(m, n, blocks, y.data_ptr<float>(), bp, qp, k / 2, [&](int64_t r0, int64_t rows, int64_t row, float* sc, float* acc) {
     row_scales(s, row, blocks, sc);
     float* mrow = has_mins ? sc + blocks : nullptr;
     if (has_mins) row_scales(mn, row, blocks, mrow);
     const float* xs = xsum.data() + r0 * blocks;
-#ifdef LUCIDLM_AVX512
-    if (wide) {
-      by_rows(rows, [&](auto M) {
-        q4_rows_avx512<decltype(M)::value>(xp + r0 * k, xs, qp + row * (k / 2), sc, mrow, acc, k);
-      });
-      return;
-    }
-#endif
     q4_rows_portable(xp + r0 * k, xs, qp + row * (k / 2), sc, mrow, acc, rows, k);
   });
   (void)wide;
