@@ -35,7 +35,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..kernels.build import ENV_VAR, KernelUnavailable, kernel_ready, unavailable_reason
 
-__all__ = ["KERNEL_ROWS", "VNNI_VAR", "check_kernel", "dequantize_q4", "dequantize_q8", "q4_linear", "q8_linear", "uses_qkernel"]
+__all__ = ["KERNEL_ROWS", "VNNI_VAR", "check_kernel", "dequantize_q4", "dequantize_q8", "q4_linear", "q8_linear",
+           "uses_qkernel", "wants_grad"]
 
 #: up to this many rows (tokens) a product runs in the kernel; more is a GEMM (prefill), where one
 #: dequantised matrix product is faster than re-reading the blocks per row
@@ -69,7 +70,7 @@ def uses_qkernel(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether a product with these activations runs in the kernel: a few rows, no gradient wanted,
     CPU tensors, float32 or bfloat16 activations, and the kernel built."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (not _wants_grad(x, *weights) and 0 < rows <= KERNEL_ROWS and x.dtype in _ACTIVATIONS and x.device.type == "cpu"
+    return (not wants_grad(x, *weights) and 0 < rows <= KERNEL_ROWS and x.dtype in _ACTIVATIONS and x.device.type == "cpu"
             and all(t is None or t.device.type == "cpu" for t in weights) and _ops_ready())
 
 
@@ -82,7 +83,7 @@ def q8_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
         out = torch.ops.lucidlm_kernels.q8_gemv(x.reshape(-1, x.shape[-1]), qs, scales, bias)
         return out.reshape(*x.shape[:-1], qs.shape[0])
     bias = None if bias is None else bias.to(x.dtype)
-    if scales.shape[1] == 1 and not _wants_grad(x, scales, bias):
+    if scales.shape[1] == 1 and not wants_grad(x, scales, bias):
         # one scale per channel, a prompt: x @ (q·s)ᵀ = (x @ qᵀ)·s saves a pass over the weight (measured:
         # 512 rows within a few % of the float GEMM, where torch._weight_int8pack_mm is 10-80x slower)
         out = F.linear(x, qs.to(x.dtype)).mul_(scales[:, 0].to(x.dtype))
@@ -124,7 +125,9 @@ def check_kernel() -> str | None:
     return path
 
 
-def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want a gradient through any of ``tensors`` (then no kernel may run: the
+    kernels have no backward, and the LRP rules must see the dequantised weight)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

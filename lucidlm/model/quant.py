@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .qlinear import check_kernel, q8_linear
+from .qlinear import check_kernel, q8_linear, wants_grad
 
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the scales lucidlm's 8-bit kernel reads
 
@@ -59,8 +59,7 @@ class Int8Linear(nn.Module):
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)
-        if wants_grad or self.scale.dtype not in _SCALE_DTYPES:
+        if wants_grad(x, self.scale) or self.scale.dtype not in _SCALE_DTYPES:
             # the LRP rules and autograd see exactly the dequantised weight the kernel uses
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return q8_linear(x, self.qweight, self.scale[:, None], self.bias)
