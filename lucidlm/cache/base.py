@@ -29,6 +29,8 @@ any of them by name.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -42,12 +44,24 @@ class LayerCache:
     score_queries: int | None = None
     #: the most slots kept between steps; None: unbounded
     capacity: int | None = None
+    #: keeps every token while a prompt streams through and evicts once, at :meth:`end_prompt`
+    #: (kvpress's "compress after prefill"); the prompt then goes through in one chunk
+    holds_prompt: bool = False
+    #: whether attention hands the step's rotated queries to :meth:`see_queries`
+    wants_queries: bool = False
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         raise NotImplementedError
 
     def settle(self, scores: torch.Tensor | None) -> None:
         """Called once after every ``extend``; evicting policies drop slots here."""
+
+    def see_queries(self, q: torch.Tensor, pos: torch.Tensor) -> None:
+        """The step's rotated queries (batch, heads, tokens, head_size) at ``pos`` (batch, tokens),
+        after ``extend`` and before ``settle`` (only when ``wants_queries``)."""
+
+    def end_prompt(self, end: PromptEnd) -> None:
+        """The prompt has been read (only when ``holds_prompt``): evict down to ``capacity``."""
 
     def visibility(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """Which of the keys ``extend`` returned each query may see, beyond the causal mask:
@@ -65,6 +79,24 @@ class LayerCache:
     def positions(self) -> torch.Tensor:
         """(batch, slots) true positions of the kept tokens (-1: empty or padding)."""
         return self.pos
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEnd:
+    """What a layer learns when a prompt ends (:meth:`KVCache.end_prompt`): the model, the prompt
+    chunk just read (``input_ids``, ``positions`` (batch, tokens), -1 on left padding), how many of
+    its trailing tokens are the question (None: not marked) and the layer's index."""
+
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    question: int | None
+    layer: int
+
+    @property
+    def attention(self) -> torch.nn.Module:
+        """This layer's attention module (its scale, RoPE)."""
+        return self.model.layers[self.layer].attn
 
 
 class VisibleKeys(LayerCache):
@@ -105,6 +137,23 @@ class KVCache:
     def advance(self, positions: torch.Tensor) -> None:
         """Record that tokens at ``positions`` (batch, tokens) were appended (padding is -1)."""
         self.next_position = positions.max(dim=1).values + 1
+
+    @property
+    def holds_prompt(self) -> bool:
+        """Whether a prompt must be read whole and then :meth:`end_prompt` called (kvpress presses)."""
+        return any(layer.holds_prompt for layer in self.layers)
+
+    def end_prompt(self, model, input_ids: torch.Tensor, positions: torch.Tensor, question: int | None = None) -> None:
+        """Tell every layer that the prompt ``input_ids`` at ``positions`` (batch, tokens) has been
+        read, its last ``question`` tokens the question (None: no question marked): a holding
+        policy scores its slots now, after any pass over the model it needs (kvzip's reconstruction,
+        run here once for all layers), and evicts down to its budget."""
+        model = getattr(model, "model", model)  # an LLM or the GPT itself
+        passes = {type(layer).prompt_pass for layer in self.layers if getattr(layer, "prompt_pass", None)}
+        for run in passes:
+            run(self, model, input_ids, positions, question)
+        for i, layer in enumerate(self.layers):
+            layer.end_prompt(PromptEnd(model, input_ids, positions, question, i))
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]

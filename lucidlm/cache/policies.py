@@ -453,6 +453,16 @@ EVICTION_CLASSES: dict[str, type[SlotLayerCache]] = {
 }
 
 
+def _eviction_class(name: str) -> type[SlotLayerCache]:  # TEMPORARY until slots.py (helper A) breaks the circle
+    if name not in EVICTION_CLASSES:
+        from .kvzip import KVzipLayerCache
+        from .presses import ExpectedAttentionLayerCache, QuestionSnapKVLayerCache
+
+        EVICTION_CLASSES.update({"expected-attention": ExpectedAttentionLayerCache, "kvzip": KVzipLayerCache,
+                                 "snapkv-q": QuestionSnapKVLayerCache})
+    return EVICTION_CLASSES[name]
+
+
 def _capacities(spec: PolicySpec, n_layer: int, cache_tokens: int) -> tuple[list[int], dict]:
     """Each layer's capacity and the keyword arguments of its class."""
     params = dict(spec.params)
@@ -482,7 +492,7 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
         return dense_cache(config, batch, cache_tokens, dtype, device)
     store = STORES[spec.quant] if spec.quant else FloatStore
     capacities, params = _capacities(spec, config.n_layer, cache_tokens)
-    cls = EVICTION_CLASSES[spec.eviction]
+    cls = _eviction_class(spec.eviction)
     groups, key_size, value_size = config.kv_slot_sizes()
     if value_size == 0 and cls is VLengthH2OLayerCache:
         raise CacheError(f"policy {str(spec)!r} ranks tokens by their values' norms, and this model's cache holds no "

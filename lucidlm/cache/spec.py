@@ -95,6 +95,24 @@ _WINDOW = Param("window", int, None, "observation window: the step's last querie
 _KERNEL = Param("kernel", int, 5, "pooling kernel along the keys (odd)", low=1, odd=True)
 _POOL = Param("pool", str, "avg", "pooling of the window's scores along the keys", choices=("avg", "max"))
 
+#: policies that hold the prompt and compress at its end (:mod:`lucidlm.cache.presses`)
+PRESSES = (
+    Policy("expected-attention", "Expected Attention (Devoto et al., 2025; kvpress): keys scored by the "
+                                 "attention future queries are expected to pay, from the prompt's query statistics",
+           (Param("n_future_positions", int, 512, "future positions whose mean rotation the query statistics "
+                  "take", low=1),
+            Param("n_sink", int, 4, "first positions kept, and left out of the statistics", low=0),
+            Param("use_covariance", int, 1, "1: the queries' covariance term, 0: the mean only", low=0, high=1),
+            Param("use_vnorm", int, 1, "1: scores times the value norm", low=0, high=1),
+            Param("epsilon", float, 0.0, "added to the scores before the value norm", low=0),
+            Param("n_queries", int, 512, "the prompt's last queries the statistics are taken over", low=1))),
+    Policy("kvzip", "KVzip (Kim et al., 2025; kvpress): max attention each key receives when the model "
+                    "re-reads the prompt after itself (prefill about 2x)",
+           (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1),)),
+    Policy("snapkv-q", "question-aware SnapKV (Li et al., 2024; kvpress): the observation window is the "
+                       "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL)),
+)
+
 #: every eviction policy, in the order error messages and help list them
 TABLE: dict[str, Policy] = {p.name: p for p in (
     Policy("dense", "keep every token; fails when cache_tokens is full"),
@@ -116,6 +134,7 @@ TABLE: dict[str, Policy] = {p.name: p for p in (
                    "plain H2O without +int8/+int4",
            (_RECENT, _H2O_SINK, Param("weight", float, 0.5, "weight of the H2O score against the "
                                       "quantisation error", low=0, high=1))),
+    *PRESSES,
 )}
 #: eviction policies: how a bounded cache chooses which keys to drop
 EVICTIONS = tuple(TABLE)

@@ -147,6 +147,8 @@ class CausalSelfAttention(nn.Module):
         the attention scores a policy asked for handed back."""
         if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
+            if cache.wants_queries:  # a policy scoring keys by the queries' statistics (expected attention)
+                cache.see_queries(q, pos)
             visible = cache.visibility(pos, key_pos)
             want_scores, score_queries = cache.wants_scores, cache.score_queries
         else:
@@ -165,6 +167,20 @@ class CausalSelfAttention(nn.Module):
         """Queries, keys and values, (batch, tokens, heads * head_size) each: the place a custom
         attention changes what it attends with (see docs/custom-models.md)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def rotation(self, pos: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """cos, sin of this layer's RoPE at ``pos`` (batch, tokens), without YaRN's attention factor
+        (None without RoPE): for :meth:`rotate`, which KV-cache policies use (they cannot import
+        the model) to move queries between positions."""
+        if not self.use_rope:
+            return None
+        return rope_cos_sin(self.rotary.frequencies(pos), pos, dtype, self.rope_interleaved)
+
+    def rotate(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
+        """``x`` (batch, heads, tokens, head_size) rotated by ``cos_sin`` from :meth:`rotation` (as
+        it is when None). Linear in cos and sin: their means over positions rotate by the mean
+        rotation (expected attention); ``(cos, -sin)`` undoes a rotation."""
+        return x if cos_sin is None else apply_rope(x, *cos_sin, self.rope_interleaved)
 
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
         key = self._rope_key
