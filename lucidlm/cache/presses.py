@@ -122,9 +122,9 @@ class PromptPressLayerCache(SlotLayerCache):
         self.score = torch.cat([self.score, new], dim=-1)
 
     def see_queries(self, q, pos):
-        if not self.holding:
+        if not self.holding or not self.query_limit:
             return
-        q, pos = q.detach().float(), pos
+        q = q.detach().float()
         if self.queries is not None:
             q, pos = torch.cat([self.queries, q], dim=2), torch.cat([self.query_pos, pos], dim=1)
         self.queries, self.query_pos = q[:, :, -self.query_limit:], pos[:, -self.query_limit:]

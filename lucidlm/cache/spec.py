@@ -111,6 +111,13 @@ PRESSES = (
            (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1),)),
     Policy("snapkv-q", "question-aware SnapKV (Li et al., 2024; kvpress): the observation window is the "
                        "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL)),
+    Policy("duo", "DuoAttention (Xiao et al., 2025): retrieval heads keep the prompt, streaming heads sinks + "
+                  "a recent window; heads from lucidlm calibrate-heads",
+           (Param("heads_file", str, None, "the head-score file of lucidlm calibrate-heads MODEL --out FILE "
+                  "(default: each layer ranks its heads on the prompt's last queries)"),
+            Param("n_sink", int, 4, "first positions a streaming head keeps", low=0),
+            Param("window", int, None, "recent tokens a streaming head keeps (default: min(32, cache_tokens // 2))",
+                  low=1))),
 )
 
 #: every eviction policy, in the order error messages and help list them
