@@ -88,12 +88,20 @@ class Policy:
         raise CacheError(f"policy {self.name!r}: unknown parameter {name!r}; {self.name} {takes}")
 
 
+#: the ``heads`` settings of a scored policy (:mod:`lucidlm.cache.slots`)
+HEADS = ("shared", "each", "adaptive")
 _RECENT = Param("recent", int, None, "most recent tokens never evicted (default: cache_tokens // 2)", low=1)
 _H2O_SINK = Param("n_sink", int, 0, "first positions never evicted", low=0)
 _WINDOW = Param("window", int, None, "observation window: the step's last queries score the keys, and the "
                 "newest tokens are kept (default: min(32, cache_tokens // 2))", low=1)
 _KERNEL = Param("kernel", int, 5, "pooling kernel along the keys (odd)", low=1, odd=True)
 _POOL = Param("pool", str, "avg", "pooling of the window's scores along the keys", choices=("avg", "max"))
+#: where a scored policy decides (:mod:`lucidlm.cache.slots`): one set of positions for all KV heads of a
+#: layer, each head its own, or each its own with the layer's budget shared out by score (AdaKV)
+_HEADS = Param("heads", str, "shared", "per KV head: shared (one decision per layer on the heads' mean), each "
+               "(every head keeps its own cache_tokens best), adaptive (AdaKV, Feng et al. 2024: the layer's "
+               "heads x cache_tokens slots go to the best scores of all heads, each head keeping its best 20%)",
+               choices=HEADS)
 
 #: every eviction policy, in the order error messages and help list them
 TABLE: dict[str, Policy] = {p.name: p for p in (
@@ -102,20 +110,22 @@ TABLE: dict[str, Policy] = {p.name: p for p in (
     Policy("sink", "StreamingLLM (Xiao et al., ICLR 2024): the first tokens forever, plus the most recent",
            (Param("n_sink", int, 4, "first positions never evicted", low=1),)),
     Policy("h2o", "heavy hitters (Zhang et al., NeurIPS 2023): highest accumulated attention, plus the "
-                  "most recent", (_RECENT, _H2O_SINK)),
+                  "most recent", (_RECENT, _H2O_SINK, _HEADS)),
     Policy("snapkv", "SnapKV (Li et al., 2024): attention of the step's last `window` queries, pooled "
-                     "along the keys", (_WINDOW, _KERNEL, _POOL)),
-    Policy("tova", "TOVA (Oren et al., 2024): lowest attention from the newest query, averaged over heads"),
-    Policy("knorm", "key norm (Devoto et al., EMNLP 2024): evict the keys of largest L2 norm"),
+                     "along the keys", (_WINDOW, _KERNEL, _POOL, _HEADS)),
+    Policy("tova", "TOVA (Oren et al., 2024): lowest attention from the newest query, averaged over heads",
+           (_HEADS,)),
+    Policy("knorm", "key norm (Devoto et al., EMNLP 2024): evict the keys of largest L2 norm", (_HEADS,)),
     Policy("pyramidkv", "PyramidKV (Cai et al., 2024): SnapKV with budgets shrinking with depth "
                         "(same total)", (_WINDOW, _KERNEL, _POOL,
                                          Param("beta", int, 20, "steepness: last layer's share is 1/beta of "
-                                               "the mean", low=1))),
-    Policy("h2o-vlen", "H2O scoring attention times value norm (keys_values, Amazon)", (_RECENT, _H2O_SINK)),
+                                               "the mean", low=1), _HEADS)),
+    Policy("h2o-vlen", "H2O scoring attention times value norm (keys_values, Amazon)",
+           (_RECENT, _H2O_SINK, _HEADS)),
     Policy("qh2o", "H2O minus quantisation error (keys_values after Q-Hitter, Zhang et al., MLSys 2024); "
                    "plain H2O without +int8/+int4",
            (_RECENT, _H2O_SINK, Param("weight", float, 0.5, "weight of the H2O score against the "
-                                      "quantisation error", low=0, high=1))),
+                                      "quantisation error", low=0, high=1), _HEADS)),
 )}
 #: eviction policies: how a bounded cache chooses which keys to drop
 EVICTIONS = tuple(TABLE)
@@ -357,6 +367,7 @@ __all__ = [
     "DEFAULT_CACHE_TOKENS",
     "EVICTIONS",
     "GRAMMAR",
+    "HEADS",
     "POLICY_NAMES",
     "QUANTS",
     "TABLE",
