@@ -34,7 +34,8 @@ from torch.nn import functional as F
 
 from ..errors import CacheError
 from .base import PromptEnd
-from .policies import SlotLayerCache, default_window
+from .slots import SlotLayerCache
+from .spec import default_window
 
 
 def question_rows(question: int | list[int] | tuple[int, ...] | None, batch: int,
@@ -150,10 +151,6 @@ class PromptPressLayerCache(SlotLayerCache):
 
     def priority(self, pos):
         return self.per_group(self.score)
-
-    def per_group(self, x: torch.Tensor) -> torch.Tensor:
-        """A per-group score as the layer's slots need it: averaged over the groups (shared slots)."""
-        return self.group_mean(x)
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The held keys and values (batch, groups, slots, d), dequantised, and the slots' positions

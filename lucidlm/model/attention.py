@@ -30,7 +30,7 @@ from ..cache.base import LayerCache
 from . import rules
 from .checkpointing import active as checkpointing_active
 from .checkpointing import recomputed, recomputing
-from .kernels import explicit_attention, position_mask
+from .kernels import explicit_attention, heads_mask, position_mask
 from .latents import LatentSite, heads_of
 from .linear import Linear
 from .norm import HeadWeightsLayerNorm, LayerNorm, PerHeadNorm, RMSNorm
@@ -236,7 +236,7 @@ class CausalSelfAttention(nn.Module):
             end = start + QUERY_CHUNK
             # a prompt's later keys are in every one of these queries' future (positions grow along a row)
             keys = slice(None, end) if causal_prefill else slice(None)
-            args = (q[:, :, start:end], k[:, :, keys], v[:, :, keys], q_pos[:, start:end], k_pos[:, keys],
+            args = (q[:, :, start:end], k[:, :, keys], v[:, :, keys], q_pos[:, start:end], k_pos[..., keys],
                     _rows(visible, start, end, keys), explicit)
             outs.append(recomputed(self._chunk, *args) if keep_nothing else self._chunk(*args))
         return torch.cat(outs, dim=2)
@@ -251,8 +251,10 @@ class CausalSelfAttention(nn.Module):
         return self._fused(q, k, v, q_pos, k_pos, False, visible)
 
     def _mask(self, q_pos, k_pos, visible: torch.Tensor | None) -> torch.Tensor:
-        mask = position_mask(q_pos, k_pos, self.window)
-        return mask if visible is None else mask & visible
+        """(batch, 1 | heads, queries, keys): positions (per group for a per-head cache's keys) and
+        the cache's visibility (1, groups or heads of them), repeated for a group's heads."""
+        mask = heads_mask(position_mask(q_pos, k_pos, self.window), self.n_head)
+        return mask if visible is None else mask & heads_mask(visible, self.n_head)
 
     def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool, visible: torch.Tensor | None = None):
         if self.sinks is not None:
