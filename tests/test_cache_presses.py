@@ -177,10 +177,10 @@ def test_evicts_the_lowest_scores_and_keeps_generated_tokens():
     assert layer.pos.shape[-1] == 6  # held until the prompt ends
     layer.prompt_scores = lambda end: torch.tensor([[[0.1, 0.9, 0.2, 0.8, 0.0, 0.3]]])
     layer.end_prompt(None)
-    assert layer.pos.tolist() == [[1, 3, 5]]
+    assert layer.pos.tolist() == [[[1, 3, 5]]]
     layer.extend(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.tensor([[6]]))
     layer.settle(None)
-    assert layer.pos.tolist() == [[1, 3, 6]]
+    assert layer.pos.tolist() == [[[1, 3, 6]]]
 
 
 # ---- the question's path and bad input ---------------------------------------------------------
@@ -222,3 +222,75 @@ def test_bad_question_and_too_long_kvzip_are_typed_errors(model):
     long = ids_for(model.config.block_size // 2 + 1)
     with pytest.raises(CacheError, match="kvzip"):
         prefill(model, long, build_cache(model.config, 1, "kvzip", 8))
+
+
+# ---- per head (helper A's slots): each head its own slots, duo's split, explanations ------------------
+def test_presses_decide_per_head_by_default_and_pick_each_heads_best():
+    assert all(build_cache(Config.from_name("tiny-llama"), 1, p, 8).layers[0].heads == "each" for p in PRESSES)
+    layer = QuestionSnapKVLayerCache(batch=1, groups=2, head_size=2, capacity=2, kernel=1, window=1, heads="each")
+    kv = torch.zeros(1, 2, 5, 2)
+    layer.extend(kv, kv, torch.arange(5)[None])
+    layer.settle(None)
+    layer.prompt_scores = lambda end: torch.tensor([[[0.9, 0.1, 0.8, 0.2, 0.0], [0.0, 0.7, 0.1, 0.9, 0.2]]])
+    layer.end_prompt(None)
+    assert layer.pos.tolist() == [[[0, 2], [1, 3]]]  # head 0: its two best, head 1: its own two
+    adaptive = QuestionSnapKVLayerCache(batch=1, groups=2, head_size=2, capacity=2, heads="adaptive", alpha=0.5)
+    adaptive.extend(kv, kv, torch.arange(5)[None])
+    adaptive.settle(None)
+    adaptive.prompt_scores = lambda end: torch.tensor([[[0.9, 0.8, 0.7, 0.2, 0.0], [0.0, 0.1, 0.1, 0.3, 0.2]]])
+    adaptive.end_prompt(None)
+    # 4 slots for the layer, each head at least 1: the peaked head takes 3
+    assert adaptive.pos.tolist() == [[[0, 1, 2], [3, -1, -1]]]
+
+
+@pytest.fixture
+def heads_file(tmp_path, model):
+    from lucidlm.cache.heads import HeadScores, model_identity, write_head_scores
+
+    return write_head_scores(tmp_path / "heads.json", HeadScores(model_identity(model.config), [[0.9, 0.1], [0.2, 0.8]]))
+
+
+def test_duo_keeps_the_prompt_in_retrieval_heads_and_sinks_plus_window_in_streaming_heads(model, heads_file):
+    # 40 tokens, sinks 2 + window 6 = 8, 24 slots per head on average: 2 (24 - 8) // (40 - 8) = 1 retrieval head
+    cache = build_cache(model.config, 1, f"duo(heads_file={heads_file},n_sink=2,window=6)", 24)
+    with torch.no_grad():
+        prefill(model, ids_for(40), cache)
+    streaming = {0, 1, *range(34, 40)}
+    assert cache.kept_by_head(0) == [[set(range(40)), streaming], [streaming, set(range(40))]]
+    assert all(layer.positions().shape[-1] == 40 for layer in cache.layers)  # width: the retrieval head's
+
+
+def test_duo_without_a_file_ranks_heads_on_the_prompt_and_refuses_another_models_file(model, heads_file):
+    cache = build_cache(model.config, 1, "duo(n_sink=2,window=6)", 24)
+    with torch.no_grad():
+        prefill(model, ids_for(40), cache)
+    for kept in cache.kept_by_head(0):
+        assert sorted(map(len, kept)) == [8, 40]
+    other = Config.from_name("tiny-llama")
+    other.n_layer = 3
+    with pytest.raises(CacheError, match="heads.json: head scores of model 'tiny-llama'"):
+        build_cache(other, 1, f"duo(heads_file={heads_file})", 24)
+    with pytest.raises(CacheError, match="missing.json: no such file"):
+        build_cache(model.config, 1, f"duo(heads_file={heads_file.parent / 'missing.json'})", 24)
+
+
+@pytest.mark.parametrize("policy", [*PRESSES, "duo"])
+def test_explanations_equal_dense_when_nothing_is_evicted_and_mark_heads_when_something_is(model, policy):
+    from lucidlm.explain.cached import explain_cached
+
+    ids = ids_for(30)[0].tolist()
+    dense = explain_cached(model, None, ids, kv_cache="dense")
+    roomy = explain_cached(model, None, ids, kv_cache=policy, cache_tokens=40)
+    torch.testing.assert_close(roomy.relevance, dense.relevance, atol=1e-6, rtol=1e-5)
+    assert roomy.kept_heads.all() and not roomy.evicted.any()
+    # duo: sinks 4 + window 4 = 8 of 20 slots per head on average: one of the 2 heads keeps all 29
+    tight = explain_cached(model, None, ids, kv_cache=f"{policy}(window=4)" if policy == "duo" else policy,
+                           cache_tokens=20 if policy == "duo" else 10)
+    held = tight.kept_heads  # (layers, groups, tokens): what each head held for the last prediction
+    assert held.shape == (model.config.n_layer, model.config.n_query_groups, 30) and held[..., -1].all()
+    if policy == "duo":
+        assert sorted(held.sum(-1).flatten().tolist()) == [12, 12, 30, 30]  # 8 + 3 left over, + the last token
+    else:
+        assert (held.sum(-1) == 11).all()  # 10 slots per head, plus the last token itself
+    assert not torch.equal(held[:, 0], held[:, 1])  # the heads keep different tokens
+    assert torch.equal(tight.evicted, ~held.flatten(0, 1).any(0))

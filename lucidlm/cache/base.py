@@ -163,7 +163,7 @@ class KVCache:
         policy scores its slots now, after any pass over the model it needs (kvzip's reconstruction,
         run here once for all layers), and evicts down to its budget."""
         model = getattr(model, "model", model)  # an LLM or the GPT itself
-        passes = {type(layer).prompt_pass for layer in self.layers if getattr(layer, "prompt_pass", None)}
+        passes = {layer.prompt_pass for layer in self.layers if getattr(layer, "prompt_pass", None)}
         for run in passes:
             run(self, model, input_ids, positions, question)
         for i, layer in enumerate(self.layers):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CacheError
+from .base import KVCache
 from .presses import PromptPressLayerCache, attention_weights
 
 
@@ -104,16 +105,17 @@ class KVzipLayerCache(PromptPressLayerCache):
             raise CacheError(f"policy 'kvzip' repeats the prompt after itself: position {int(repeat.max())} is beyond "
                              f"the context length block_size={model.config.block_size} of {model.config.name}; "
                              "use a prompt of at most half the context length, or another policy")
-        layers = [(i, layer) for i, layer in enumerate(cache.layers) if isinstance(layer, KVzipLayerCache)]
-        next_position = cache.next_position
+        # the policy's own layers (an explanation's recording wraps each as ``inner``): the pass is
+        # not part of the stream, so it neither counts positions nor is recorded
+        policy = KVCache([getattr(layer, "inner", layer) for layer in cache.layers])
+        layers = [(i, layer) for i, layer in enumerate(policy.layers) if isinstance(layer, KVzipLayerCache)]
         for i, layer in layers:
             layer.attention, layer.max_weight = model.layers[i].attn, None
         try:
             chunk = min(layer.chunk for _, layer in layers)
             for ids, pos in _row_chunks(input_ids, repeat, chunk):
-                model(ids, positions=pos, cache=cache, last_only=True)
+                model(ids, positions=pos, cache=policy, last_only=True)
         finally:
-            cache.next_position = next_position  # the pass is not part of the stream
             for _, layer in layers:
                 layer.attention, layer._step = None, None
 

@@ -96,6 +96,7 @@ class PromptPressLayerCache(SlotLayerCache):
     query_limit = 512
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("heads", "each")  # kvpress's presses score each KV head
         super().__init__(*args, **kwargs)
         self.score = self._empty_state(self.k[0].shape[1])  # (batch, groups, slots)
         self.holding = True

@@ -59,6 +59,8 @@ class Recording(LayerCache):
         self.wants_scores, self.wants_queries = inner.wants_scores, inner.wants_queries
         self.score_queries = inner.score_queries  # SnapKV's observation window (None for the rest)
         self.capacity, self.groups = inner.capacity, inner.groups
+        # a press (cache.presses) holds the prompt and compresses at its end, after a pass of its own
+        self.holds_prompt, self.prompt_pass = inner.holds_prompt, getattr(inner, "prompt_pass", None)
         self.seen = torch.zeros(n_tokens, n_tokens, dtype=torch.bool)  # seen[query, key]
 
     def extend(self, k, v, pos):
@@ -79,6 +81,9 @@ class Recording(LayerCache):
 
     def settle(self, scores):
         self.inner.settle(scores)
+
+    def end_prompt(self, end):
+        self.inner.end_prompt(end)
 
 
 def explain_cached(model: nn.Module, tokenizer, prompt: str | Sequence[int], target: Target = None,
