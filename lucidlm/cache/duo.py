@@ -39,9 +39,9 @@ class DuoLayerCache(PromptPressLayerCache):
         kwargs.update(heads="adaptive", alpha=0.0)  # per head, the layer's budget shared out by the split
         super().__init__(*args, **kwargs)
         self.n_sink = n_sink
-        self.window = default_window(self.capacity) if window is None else window
-        if self.capacity <= self.n_sink + self.window:
-            raise CacheError(f"cache_tokens={self.capacity} must exceed the streaming heads' {self.n_sink} sink "
+        self.window = default_window(self.capacity - n_sink) if window is None else window
+        if self.capacity < self.n_sink + self.window:
+            raise CacheError(f"cache_tokens={self.capacity} must hold the streaming heads' {self.n_sink} sink "
                              f"tokens plus window ({self.window}) of policy 'duo'")
         self.head_scores = None if head_scores is None else torch.tensor(head_scores, dtype=torch.float)
         self.query_limit = self.window if head_scores is None else 0

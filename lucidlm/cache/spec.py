@@ -138,8 +138,8 @@ PRESSES = (
            (Param("heads_file", str, None, "the head-score file of lucidlm calibrate-heads MODEL --out FILE "
                   "(default: each layer ranks its heads on the prompt's last queries)"),
             Param("n_sink", int, 4, "first positions a streaming head keeps", low=0),
-            Param("window", int, None, "recent tokens a streaming head keeps (default: min(32, cache_tokens // 2))",
-                  low=1))),
+            Param("window", int, None, "recent tokens a streaming head keeps (default: min(32, (cache_tokens - "
+                  "n_sink) // 2))", low=1))),
 )
 
 #: every eviction policy, in the order error messages and help list them
