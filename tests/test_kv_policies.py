@@ -304,9 +304,11 @@ def test_parser_accepts_the_old_names_unchanged():
 def _value(param):
     if param.choices:
         return st.sampled_from(param.choices)
+    if param.kind is str:  # a free text such as duo's heads_file: a path without spaces, commas or '='
+        return st.from_regex(r"[A-Za-z0-9_./-]{1,24}", fullmatch=True)
     if param.kind is float:
         return st.floats(param.low, param.high, allow_nan=False)
-    values = st.integers(int(param.low), 10_000)
+    values = st.integers(int(param.low), 10_000 if param.high is None else int(param.high))
     return values.map(lambda n: n | 1) if param.odd else values
 
 
