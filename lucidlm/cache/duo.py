@@ -15,6 +15,15 @@ The slots are per head with the layer's budget shared out (``heads="adaptive"``,
 Without ``heads_file`` each layer ranks its heads on the prompt itself, by the same signal the
 calibration measures: the attention weight the prompt's last ``window`` queries put outside the
 streaming heads' sinks and window (a head that looks far back is a retrieval head).
+
+>>> import torch
+>>> from lucidlm import Config, GPT
+>>> from lucidlm.cache import build_cache, prefill
+>>> model = GPT(Config.from_name("tiny-llama")).eval()  # 2 KV heads per layer
+>>> cache = build_cache(model.config, 1, "duo(n_sink=2,window=6)", cache_tokens=24)
+>>> _ = prefill(model, torch.randint(0, 256, (1, 40)), cache)
+>>> sorted(len(kept) for kept in cache.kept_by_head(0)[0])  # 2 (24 - 8) // (40 - 8) = 1 retrieval head
+[8, 40]
 """
 
 from __future__ import annotations
