@@ -294,3 +294,22 @@ def test_explanations_equal_dense_when_nothing_is_evicted_and_mark_heads_when_so
         assert (held.sum(-1) == 11).all()  # 10 slots per head, plus the last token itself
     assert not torch.equal(held[:, 0], held[:, 1])  # the heads keep different tokens
     assert torch.equal(tight.evicted, ~held.flatten(0, 1).any(0))
+
+
+@pytest.mark.parametrize("policy", [*PRESSES, "duo"])
+def test_server_rows_decode_each_sequence_as_alone(model, policy):
+    from lucidlm.cache.rows import stacked
+
+    prompts = [ids_for(20, seed=5), ids_for(31, seed=6)]
+    caches, alone = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            for into in (caches, alone):
+                into.append(build_cache(model.config, 1, policy, 12))
+                last = prefill(model, ids, into[-1])
+        token, pos = torch.tensor([[9], [9]]), torch.tensor([[20], [31]])
+        together = model(token, positions=pos, cache=stacked(caches), last_only=True)[:, -1]
+        for row in range(2):
+            solo = decode_step(token[row:row + 1], pos[row:row + 1], alone[row], model)
+            torch.testing.assert_close(together[row:row + 1], solo, atol=1e-5, rtol=1e-5)
+            assert caches[row].kept_by_head(0) == alone[row].kept_by_head(0)
