@@ -313,3 +313,11 @@ def test_server_rows_decode_each_sequence_as_alone(model, policy):
             solo = decode_step(token[row:row + 1], pos[row:row + 1], alone[row], model)
             torch.testing.assert_close(together[row:row + 1], solo, atol=1e-5, rtol=1e-5)
             assert caches[row].kept_by_head(0) == alone[row].kept_by_head(0)
+
+
+@pytest.mark.parametrize("policy", ["expected-attention", "kvzip", "duo"])
+def test_a_marked_question_is_never_evicted(model, policy):
+    cache = build_cache(model.config, 1, policy, 12)
+    with torch.no_grad():
+        prefill(model, ids_for(40, seed=8), cache, question=7)
+    assert all(set(range(33, 40)) <= kept for layer in cache.kept_by_head(0) for kept in layer)

@@ -3,9 +3,10 @@ prefill"), and the question-aware and query-statistics scorers that need it.
 
 A press keeps every token while a prompt streams through (``holds_prompt``); when the prompt ends
 (:meth:`~lucidlm.cache.base.KVCache.end_prompt`, called by :func:`~lucidlm.cache.prefill.stream`)
-it scores every held slot per KV head and evicts down to its budget. Decode steps after that
-evict at once: a generated token is kept (it is the model's own output) and the lowest-scored
-prompt token goes, so a generation never holds more than the budget + 1.
+it scores every held slot per KV head and evicts down to its budget; a question the caller marks
+(``question_tokens``) is kept, as kvpress appends it after compressing the context. Decode steps
+after that evict at once: a generated token is kept (it is the model's own output) and the
+lowest-scored prompt token goes, so a generation never holds more than the budget + 1.
 
 * :class:`ExpectedAttentionLayerCache` (``expected-attention``): keys scored by the attention
   future queries are expected to pay, from the prompt's query statistics (Devoto et al. 2025).
@@ -132,9 +133,20 @@ class PromptPressLayerCache(SlotLayerCache):
         self.queries, self.query_pos = q[:, :, -self.query_limit:], pos[:, -self.query_limit:]
 
     def end_prompt(self, end: PromptEnd) -> None:
-        self.score = self.prompt_scores(end).float().nan_to_num(nan=0.0)
+        score = self.prompt_scores(end).float().nan_to_num(nan=0.0)
+        self.score = self.keep_question(score, end.question if end is not None else None)
         self.holding, self.queries, self.query_pos = False, None, None
         self.evict()
+
+    def keep_question(self, score: torch.Tensor, question) -> torch.Tensor:
+        """``score`` with the marked question's tokens kept: kvpress compresses the context and
+        appends the question after, so a question is never evicted (it counts in the budget)."""
+        pos = by_group(self.pos, score.shape[1])
+        rows = question_rows(question, pos.shape[0], pos.device)
+        if rows is None:
+            return score
+        newest = pos.amax(-1, keepdim=True)
+        return score.masked_fill((pos > newest - rows[:, None, None]) & (pos >= 0), torch.inf)
 
     def evict(self) -> None:
         """Evict down to ``capacity`` now (an empty step through the policy's own settle)."""
