@@ -3,7 +3,8 @@
 A policy is a spec (:mod:`lucidlm.cache.spec`, the one table and parser): an eviction name with
 optional parameters and quantised buffers, ``NAME[(key=value, ...)][+int8|+int4]`` — ``dense``,
 ``window``, ``sink``, ``h2o``, ``snapkv``, ``tova``, ``knorm``, ``pyramidkv``, ``h2o-vlen``,
-``qh2o``; ``int8`` alone means ``dense+int8``. ``cache_tokens`` is the number of slots each layer
+``qh2o``, and the presses that compress once at the prompt's end (:mod:`lucidlm.cache.presses`):
+``expected-attention``, ``kvzip``, ``snapkv-q``, ``duo``; ``int8`` alone means ``dense+int8``. ``cache_tokens`` is the number of slots each layer
 keeps between steps (``pyramidkv``: on average over the layers). A user's text is parsed once, where
 it enters (:meth:`LLM.generate <lucidlm.api.LLM.generate>`, :func:`~lucidlm.generate.generate_ids`,
 :func:`~lucidlm.perplexity.perplexity`, the server, chunked training), into a :class:`PolicySpec`
@@ -43,6 +44,9 @@ _LAZY: dict[str, tuple[str, str]] = {
         "VLengthH2OLayerCache", "QuantH2OLayerCache", "SnapKVLayerCache", "TOVALayerCache", "KNormLayerCache",
         "DenseSlotLayerCache", "pyramid_budgets")},
     "_EVICTION": ("policies", "EVICTION_CLASSES"),
+    **{name: ("presses", name) for name in ("ExpectedAttentionLayerCache", "QuestionSnapKVLayerCache")},
+    "KVzipLayerCache": ("kvzip", "KVzipLayerCache"),
+    "DuoLayerCache": ("duo", "DuoLayerCache"),
     **{name: ("prefill", name) for name in ("prefill", "stream", "check_context")},
     **{name: ("quant", name) for name in ("FloatStore", "Int8Store", "Int4Store")},
 }
@@ -76,15 +80,19 @@ __all__ = [
     "CacheError",
     "DenseLayerCache",
     "DenseSlotLayerCache",
+    "DuoLayerCache",
+    "ExpectedAttentionLayerCache",
     "FloatStore",
     "H2OLayerCache",
     "Int4Store",
     "Int8Store",
     "KNormLayerCache",
     "KVCache",
+    "KVzipLayerCache",
     "LayerCache",
     "PolicySpec",
     "QuantH2OLayerCache",
+    "QuestionSnapKVLayerCache",
     "SinkLayerCache",
     "SlotLayerCache",
     "SnapKVLayerCache",
