@@ -250,14 +250,21 @@ def heads_file(tmp_path, model):
     return write_head_scores(tmp_path / "heads.json", HeadScores(model_identity(model.config), [[0.9, 0.1], [0.2, 0.8]]))
 
 
-def test_duo_keeps_the_prompt_in_retrieval_heads_and_sinks_plus_window_in_streaming_heads(model, heads_file):
-    # 40 tokens, sinks 2 + window 6 = 8, 24 slots per head on average: 2 (24 - 8) // (40 - 8) = 1 retrieval head
-    cache = build_cache(model.config, 1, f"duo(heads_file={heads_file},n_sink=2,window=6)", 24)
+def test_duo_keeps_the_prompt_in_retrieval_heads_and_sinks_plus_window_in_streaming_heads(model, tmp_path):
+    from lucidlm.cache.heads import HeadScores, model_identity, write_head_scores
+
+    path = write_head_scores(tmp_path / "h.json", HeadScores(model_identity(model.config), [[0.7, 0.9], [0.2, 0.1]]))
+    # 40 tokens, sinks 2 + window 6 = 8, 24 slots per head on average: 4 (24 - 8) // (40 - 8) = 2 retrieval
+    # heads in the whole model, the two best: both of layer 0 (DuoAttention's one threshold over all layers)
+    cache = build_cache(model.config, 1, f"duo(heads_file={path},n_sink=2,window=6)", 24)
     with torch.no_grad():
-        prefill(model, ids_for(40), cache)
-    streaming = {0, 1, *range(34, 40)}
-    assert cache.kept_by_head(0) == [[set(range(40)), streaming], [streaming, set(range(40))]]
-    assert all(layer.positions().shape[-1] == 40 for layer in cache.layers)  # width: the retrieval head's
+        last = prefill(model, ids_for(40), cache)
+        streaming = {0, 1, *range(34, 40)}
+        assert cache.kept_by_head(0) == [[set(range(40))] * 2, [streaming] * 2]
+        assert [layer.capacity for layer in cache.layers] == [40, 8]  # 96 slots in all = 4 heads x 24
+        decode_step(last.argmax(-1, keepdim=True), torch.tensor([[40]]), cache, model)
+    assert [sum(map(len, layer)) for layer in cache.kept_by_head(0)] == [80, 16]  # bounds kept while decoding
+    assert all(40 in kept for layer in cache.kept_by_head(0) for kept in layer)
 
 
 def test_duo_without_a_file_ranks_heads_on_the_prompt_and_refuses_another_models_file(model, heads_file):
@@ -289,7 +296,7 @@ def test_explanations_equal_dense_when_nothing_is_evicted_and_mark_heads_when_so
     held = tight.kept_heads  # (layers, groups, tokens): what each head held for the last prediction
     assert held.shape == (model.config.n_layer, model.config.n_query_groups, 30) and held[..., -1].all()
     if policy == "duo":
-        assert sorted(held.sum(-1).flatten().tolist()) == [12, 12, 30, 30]  # 8 + 3 left over, + the last token
+        assert sorted(held.sum(-1).flatten().tolist()) == [9, 9, 30, 30]  # 8, or the prompt; + the last token
     else:
         assert (held.sum(-1) == 11).all()  # 10 slots per head, plus the last token itself
     assert not torch.equal(held[:, 0], held[:, 1])  # the heads keep different tokens

@@ -4,17 +4,20 @@ the whole prompt, streaming heads keep the attention sinks plus a recent window.
 
 Which heads retrieve comes from a head-score file written by ``lucidlm calibrate-heads MODEL --out
 FILE`` (:mod:`lucidlm.cache.heads`), given as ``duo(heads_file=FILE)``. How many of them there are
-follows from the budget: ``cache_tokens`` (tokens, or a share such as ``25%``) is the layer's
-average per KV head, so a layer of ``g`` heads holds ``g * cache_tokens`` slots; at the prompt's
-end, with ``L`` prompt tokens and ``S = n_sink + window``, its ``r = floor(g (cache_tokens - S) /
-(L - S))`` best-scored heads keep all ``L`` and the others ``S`` (``r L + (g - r) S <= g
-cache_tokens``); slots left over lengthen the streaming heads' windows. DuoAttention sets one
-threshold over all layers; the budget here is per layer, so each layer takes its own best heads.
-The slots are per head with the layer's budget shared out (``heads="adaptive"``, no floor).
+follows from the budget: ``cache_tokens`` (tokens, or a share such as ``25%``) is what a KV head
+keeps on average, so the model's ``H`` KV heads hold ``H * cache_tokens`` slots; at the prompt's end,
+with ``L`` prompt tokens and ``S = n_sink + window``, the ``R = floor(H (cache_tokens - S) / (L - S))``
+best-scored heads of the whole model keep all ``L`` tokens and the others exactly ``S``
+(``R L + (H - R) S <= H cache_tokens``), as DuoAttention's one threshold over all layers; each
+layer's bound becomes what its heads then hold (a layer of streaming heads holds less than the
+budget, one of retrieval heads more; in a batch, the longest row's). The slots are per head with a
+layer's bound shared out among its heads (``heads="adaptive"``, no floor).
 
-Without ``heads_file`` each layer ranks its heads on the prompt itself, by the same signal the
-calibration measures: the attention weight the prompt's last ``window`` queries put outside the
-streaming heads' sinks and window (a head that looks far back is a retrieval head).
+Without ``heads_file`` each layer ranks its own heads on the prompt, by the signal the calibration
+measures: the attention weight the prompt's last ``window`` queries put outside the sinks and the
+window (a head that looks far back is a retrieval head); then the split is per layer, ``floor(g
+(cache_tokens - S) / (L - S))`` of its ``g`` heads retrieving, and the layer's bound stays
+``cache_tokens`` per head.
 
 >>> import torch
 >>> from lucidlm import Config, GPT
@@ -54,6 +57,8 @@ class DuoLayerCache(PromptPressLayerCache):
                              f"tokens plus window ({self.window}) of policy 'duo'")
         self.head_scores = None if head_scores is None else torch.tensor(head_scores, dtype=torch.float)
         self.query_limit = self.window if head_scores is None else 0
+        self.budget = self.capacity  # per head on average; with a head file the layer's bound moves
+        self.retrieval: torch.Tensor | None = None  # (batch, groups): set for the prompt's end
 
     @classmethod
     def layer_params(cls, config, params: dict) -> list[dict]:
@@ -81,17 +86,38 @@ class DuoLayerCache(PromptPressLayerCache):
         newest = pos.amax(-1, keepdim=True)
         return ((pos >= 0) & (pos < self.n_sink)) | (pos > newest - self.window)
 
-    def retrieval_heads(self, held: torch.Tensor) -> torch.Tensor:
-        """How many heads of each row (batch,) keep everything, for ``held`` (batch,) prompt tokens."""
+    def retrieval_heads(self, held: torch.Tensor, heads: int) -> torch.Tensor:
+        """How many of ``heads`` KV heads keep everything (batch,), for ``held`` (batch,) prompt tokens
+        and this budget: ``floor(heads (budget - S) / (L - S))``, all of them when the prompt fits."""
         streaming = self.n_sink + self.window
-        room = self.groups * (self.capacity - streaming)
-        share = torch.div(room, (held - streaming).clamp_min(1), rounding_mode="floor")
-        return torch.where(held <= self.capacity, self.groups, share.clamp(0, self.groups))
+        share = torch.div(heads * (self.budget - streaming), (held - streaming).clamp_min(1), rounding_mode="floor")
+        return torch.where(held <= self.budget, heads, share.clamp(0, heads))
+
+    @staticmethod
+    def prompt_pass(cache, model, input_ids, positions, question) -> None:
+        """With head files: choose the retrieval heads of the whole model (the best-scored ones the
+        budget pays for) and set each layer's bound to what its heads will hold."""
+        layers = [getattr(layer, "inner", layer) for layer in cache.layers]  # an explanation wraps them
+        duo = [layer for layer in layers if isinstance(layer, DuoLayerCache)]
+        if not duo or any(layer.head_scores is None for layer in duo):
+            return
+        pos = duo[0].held()[2]
+        groups, streaming = pos.shape[1], duo[0].n_sink + duo[0].window
+        held = (pos >= 0).sum(-1).amax(-1)  # (batch,) prompt tokens of each row
+        scores = torch.cat([layer.head_scores for layer in duo]).to(pos.device)
+        rank = scores.argsort(descending=True, stable=True).argsort()  # over every head of the model
+        retrieval = rank[None] < duo[0].retrieval_heads(held, len(scores))[:, None]  # (batch, heads)
+        for i, layer in enumerate(duo):
+            chosen = retrieval[:, i * groups:(i + 1) * groups]
+            need = chosen.sum(1) * held + (~chosen).sum(1) * torch.clamp(held, max=streaming)
+            layer.retrieval, layer.capacity = chosen, max(1, -(-int(need.max()) // groups))
 
     def prompt_scores(self, end):
         keys, _, pos = self.held()  # (batch, groups, slots)
-        held = (pos >= 0).sum(-1).amax(-1)
-        retrieval = self.head_ranks(end, keys, pos) < self.retrieval_heads(held)[:, None]  # (batch, groups)
-        recency = (pos.float() + 1) / (pos.amax(-1, keepdim=True).float() + 2)  # in (0, 1): leftovers to the newest
-        streaming = torch.where(self.streamed(pos), 2.0, recency)
+        retrieval, self.retrieval = self.retrieval, None
+        if retrieval is None:  # no head file: this layer's own split
+            held = (pos >= 0).sum(-1).amax(-1)
+            retrieval = self.head_ranks(end, keys, pos) < self.retrieval_heads(held, self.groups)[:, None]
+        recency = (pos.float() + 1) / (pos.amax(-1, keepdim=True).float() + 2)  # in (0, 1): the oldest go first
+        streaming = torch.where(self.streamed(pos), 2.0 + recency, -torch.inf)  # the rest: evicted at once
         return torch.where(retrieval[..., None], 3.0 + recency, streaming)

@@ -133,7 +133,8 @@ class PromptPressLayerCache(SlotLayerCache):
         self.queries, self.query_pos = q[:, :, -self.query_limit:], pos[:, -self.query_limit:]
 
     def end_prompt(self, end: PromptEnd) -> None:
-        score = self.prompt_scores(end).float().nan_to_num(nan=0.0)
+        score = self.prompt_scores(end).float()
+        score = score.masked_fill(score.isnan(), 0.0)  # (not nan_to_num: +-inf mean kept / evicted)
         self.score = self.keep_question(score, end.question if end is not None else None)
         self.holding, self.queries, self.query_pos = False, None, None
         self.evict()
