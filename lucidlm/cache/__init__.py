@@ -4,7 +4,9 @@ A policy is a spec (:mod:`lucidlm.cache.spec`, the one table and parser): an evi
 optional parameters and quantised buffers, ``NAME[(key=value, ...)][+int8|+int4]`` — ``dense``,
 ``window``, ``sink``, ``h2o``, ``snapkv``, ``tova``, ``knorm``, ``pyramidkv``, ``h2o-vlen``,
 ``qh2o``; ``int8`` alone means ``dense+int8``. ``cache_tokens`` is the number of slots each layer
-keeps between steps (``pyramidkv``: on average over the layers). A user's text is parsed once, where
+keeps between steps (``pyramidkv``: on average over the layers). The scored policies take
+``heads=shared|each|adaptive``: one decision per layer, one per KV head, or per head with the
+layer's budget shared out by score (AdaKV; :mod:`lucidlm.cache.slots`). A user's text is parsed once, where
 it enters (:meth:`LLM.generate <lucidlm.api.LLM.generate>`, :func:`~lucidlm.generate.generate_ids`,
 :func:`~lucidlm.perplexity.perplexity`, the server, chunked training), into a :class:`PolicySpec`
 that is passed down: every function here takes the text or the spec, and a spec is never parsed again.
