@@ -280,3 +280,120 @@ def test_one_token_decode_over_per_group_keys(monkeypatch, fast):
         k_pos = k_pos.clamp_min(0)
     out, _ = attn.attend(q, k, v, q_pos, k_pos)
     torch.testing.assert_close(out, _reference(q, k, v, q_pos, k_pos, attn.scale)[0], rtol=1e-10, atol=1e-12)
+
+
+# ---- server rows: one-row per-head caches stacked into one batch --------------------------------
+@pytest.mark.parametrize("policy", ["h2o(heads=adaptive)", "snapkv(window=2,heads=each)+int8"])
+def test_stacked_per_head_rows_equal_each_row_alone(tiny, policy):
+    from lucidlm.cache.rows import stacked
+
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 256, (1, n), generator=gen) for n in (17, 11)]
+    steps = torch.randint(3, 256, (2, 4), generator=gen)
+
+    def rows():
+        caches = [build_cache(tiny.config, 1, policy, 6) for _ in prompts]
+        for cache, ids in zip(caches, prompts):
+            prefill(tiny, ids, cache, chunk_size=5)
+        return caches
+
+    together, alone = rows(), rows()
+    batch = stacked(together)
+    with torch.no_grad():
+        for t in range(steps.shape[1]):
+            positions = torch.tensor([[p.shape[1] + t] for p in prompts])
+            both = tiny(steps[:, t:t + 1], positions=positions, cache=batch)[:, -1]
+            for r, cache in enumerate(alone):
+                solo = tiny(steps[r:r + 1, t:t + 1], positions=positions[r:r + 1], cache=cache)[0, -1]
+                torch.testing.assert_close(both[r], solo, atol=1e-5, rtol=1e-5)
+    for row, solo in zip(together, alone):
+        assert row.kept_by_head() == solo.kept_by_head()
+    assert batch.layers[0].positions().shape[:2] == (2, 2)
+    assert batch.kept_by_head(1) == alone[1].kept_by_head()
+
+
+# ---- explanations: the replay restricts every head to what it saw -------------------------------
+PROMPT = [5, 9, 17, 23, 4, 31, 40, 8, 12, 55, 61, 7, 3, 19, 27, 33]
+
+
+def _hf_model(tmp_path_factory, family):
+    import lucidlm
+    from families import build_hf_model
+
+    directory = tmp_path_factory.mktemp(f"{family}-heads")
+    build_hf_model(family).save_pretrained(directory)
+    return lucidlm.LLM.load(directory, dtype=torch.float64).model
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    return _hf_model(tmp_path_factory, "llama3")  # 4 query heads in 2 KV groups, 3 layers
+
+
+@pytest.mark.parametrize("policy", ["h2o(heads=each)", "snapkv(window=2,heads=adaptive)", "knorm(heads=each)+int8"])
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+def test_nothing_evicted_equals_the_dense_explanation(llama64, policy, method):
+    from lucidlm.explain.cached import explain_cached
+    from lucidlm.explain.explainer import explain
+
+    dense = explain(llama64, None, PROMPT, target=11, method=method)
+    cached = explain_cached(llama64, None, PROMPT, target=11, method=method, kv_cache=policy,
+                            cache_tokens=len(PROMPT), chunk_size=5)
+    assert not cached.evicted.any() and cached.kept_heads.shape == (3, 2, len(PROMPT)) and cached.kept_heads.all()
+    torch.testing.assert_close(cached.relevance, dense.relevance, rtol=1e-5, atol=1e-7)
+    assert cached.target_logit == pytest.approx(dense.target_logit, rel=1e-9)
+    assert dense.kept_heads is None
+
+
+#: (family, policy, budget, chunk): mistral and gemma2 have sliding windows (gemma2 soft-caps too); left
+#: out: where every head keeps the same tokens (llama3's h2o: the first tokens accumulate the most in
+#: every head; mistral's snapkv: its last query sees only its window of 5)
+REPLAYS = [(family, *case) for family in ("llama3", "mistral", "gemma2")
+           for case in [("h2o(recent=1,heads=each)", 5, 3), ("knorm(heads=adaptive)", 4, 4),
+                        ("snapkv(window=1,heads=adaptive)", 6, 16), ("tova(heads=each)", 4, 1)]
+           if (family, case[0][:3]) not in {("llama3", "h2o"), ("mistral", "sna")}]
+
+
+@pytest.mark.parametrize("family, policy, budget, chunk", REPLAYS)
+def test_per_head_eviction_replayed_head_by_head(tmp_path_factory, llama64, family, policy, budget, chunk):
+    """The replay (every head restricted to the keys its group was shown) predicts exactly as the
+    cached run; ``kept_heads`` is what each head held for the last query, from an independent run
+    of the cache; CP-LRP's decomposition stays exact."""
+    from lucidlm.cache.base import KVCache, VisibleKeys
+    from lucidlm.explain.cached import cached_run, explain_cached
+
+    model = llama64 if family == "llama3" else _hf_model(tmp_path_factory, family)
+    seen, logits = cached_run(model, PROMPT, policy, budget, chunk)
+    assert all(s.shape == (2, len(PROMPT), len(PROMPT)) for s in seen)
+    with torch.no_grad():
+        replayed = model(torch.tensor([PROMPT]), positions=torch.arange(len(PROMPT))[None],
+                         cache=KVCache([VisibleKeys(s) for s in seen]), last_only=True)[0, -1]
+    torch.testing.assert_close(replayed, logits, rtol=1e-9, atol=1e-9)
+
+    e = explain_cached(model, None, PROMPT, target=11, method="cp-lrp", kv_cache=policy, cache_tokens=budget,
+                       chunk_size=chunk)
+    assert e.target_logit == pytest.approx(float(logits[11]), rel=1e-9)
+    # as exact as the dense explanation's (these models' biases and norm epsilons leak ~1e-8)
+    assert e.relevance.double().sum().item() == pytest.approx(e.target_logit, rel=1e-6, abs=1e-6)
+    cache = build_cache(model.config, 1, policy, budget, dtype=torch.float64)
+    prefill(model, torch.tensor([PROMPT[:-1]]), cache, chunk_size=chunk)
+    held = [[sorted(head | {len(PROMPT) - 1}) for head in layer] for layer in cache.kept_by_head()]
+    assert [[torch.nonzero(h).flatten().tolist() for h in layer] for layer in e.kept_heads] == held
+    assert any(not torch.equal(s[0], s[1]) for s in seen)  # the heads really were shown different keys
+    assert e.evicted.tolist() == (~e.kept_heads.flatten(0, 1).any(0)).tolist() and e.evicted.any()
+
+
+def test_kept_heads_is_validated_and_round_trips_through_json():
+    from lucidlm.errors import ExplainError
+    from lucidlm.explain.explanation import Explanation
+
+    fields = dict(tokens=["a", "b", "c"], token_ids=[1, 2, 3], relevance=torch.tensor([0.5, 0.25, 1.0]),
+                  target="d", target_ids=[4], target_logit=1.75, method="cp-lrp")
+    kept = torch.tensor([[[True, False, True], [False, True, True]]])
+    e = Explanation(**fields, evicted=torch.tensor([False, False, False]), kept_heads=kept)
+    assert Explanation.from_json(e.to_json()) == e and torch.equal(Explanation.from_json(e.to_json()).kept_heads, kept)
+    assert "kept_heads" not in Explanation(**fields).to_dict()  # only explanations under a policy carry it
+    with pytest.raises(ExplainError, match=r"kept_heads: expected shape \(layers, groups, 3\)"):
+        Explanation(**fields, kept_heads=kept[..., :2])
+    with pytest.raises(ExplainError, match="kept_heads: expected a 3-D tensor"):
+        Explanation(**fields, kept_heads=kept[0])

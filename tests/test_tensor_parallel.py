@@ -92,6 +92,16 @@ def test_every_process_keeps_the_tokens_one_process_keeps(tp_results, one_proces
 
 
 @needs_torchrun
+def test_per_head_policies_decide_for_each_process_own_groups(tp_results, one_process):
+    """heads=each: every process keeps, for its own KV groups, what one process keeps for them."""
+    for policy, whole in one_process["kept_by_head"].items():
+        for layer, heads in enumerate(whole):
+            assert [h for found in tp_results for h in found["kept_by_head"][policy][layer]] == heads
+            assert all(len(h) == 8 for h in heads)  # it evicted
+    assert any(layer[0] != layer[1] for layer in one_process["kept_by_head"]["knorm(heads=each)"])
+
+
+@needs_torchrun
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "attnlrp-h2o", "attention-rollout", "integrated-gradients",
                                     "generation"])
 def test_relevances_equal_one_process(tp_results, one_process, method):

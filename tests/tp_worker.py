@@ -21,12 +21,17 @@ from lucidlm.distributed import closing_group
 PROMPT = "The quick brown fox jumps over the lazy dog because it wanted to see the river"
 #: policies whose choice averages over all KV groups (every process must keep the same tokens)
 POLICIES = (("dense", None), ("h2o", 8), ("snapkv", 8), ("knorm", 8), ("h2o-vlen", 8))
+#: per-head policies: every process decides for its own KV groups, as one process decides for them
+PER_HEAD = (("h2o(heads=each)", 8), ("knorm(heads=each)", 8))
 
 
 def results(llm: LLM) -> dict:
     """Greedy generations through each cache policy and explanations with both LRP methods."""
-    out = {"generate": {p: llm.generate(PROMPT, max_new_tokens=12, kv_cache=p, cache_tokens=n) for p, n in POLICIES},
-           "kept": {p: kept_positions(llm, p, n) for p, n in POLICIES[1:]}}
+    out = {"generate": {p: llm.generate(PROMPT, max_new_tokens=12, kv_cache=p, cache_tokens=n)
+                        for p, n in POLICIES + PER_HEAD},
+           "kept": {p: kept_positions(llm, p, n) for p, n in POLICIES[1:]},
+           "kept_by_head": {p: [[sorted(h) for h in layer] for layer in streamed(llm, p, n).kept_by_head()]
+                            for p, n in PER_HEAD}}
     for method in ("attnlrp", "cp-lrp", "attention-rollout", "integrated-gradients"):
         e = llm.explain(PROMPT, method=method, options={"steps": 32} if method == "integrated-gradients" else None)
         out[method] = {"target": e.target_ids, "relevance": [float(r) for r in e.relevance]}
@@ -41,14 +46,19 @@ def results(llm: LLM) -> dict:
 
 
 def kept_positions(llm: LLM, policy: str, cache_tokens: int) -> list[list[int]]:
-    """Per layer, the positions a cache of ``policy`` keeps after the prompt streamed through it in
-    chunks of 3 tokens (each chunk's scores decide what the next one evicts)."""
+    """Per layer, the positions a cache of ``policy`` keeps after the prompt streamed through it."""
+    return [sorted(kept) for kept in streamed(llm, policy, cache_tokens).kept_positions()]
+
+
+def streamed(llm: LLM, policy: str, cache_tokens: int):
+    """A cache of ``policy`` after the prompt streamed through it in chunks of 3 tokens (each
+    chunk's scores decide what the next one evicts)."""
     ids = torch.tensor([llm.tokenizer.encode(PROMPT)])
     cache = build_cache(llm.config, 1, policy, cache_tokens)
     with torch.no_grad():
         for chunk in ids.split(3, dim=1):
             llm.model(chunk, cache=cache)
-    return [sorted(kept) for kept in cache.kept_positions()]
+    return cache
 
 
 def main(checkpoint: str, out: str) -> None:

@@ -4,8 +4,11 @@ A policy is a spec (:mod:`lucidlm.cache.spec`, the one table and parser): an evi
 optional parameters and quantised buffers, ``NAME[(key=value, ...)][+int8|+int4]`` — ``dense``,
 ``window``, ``sink``, ``h2o``, ``snapkv``, ``tova``, ``knorm``, ``pyramidkv``, ``h2o-vlen``,
 ``qh2o``, and the presses that compress once at the prompt's end (:mod:`lucidlm.cache.presses`):
-``expected-attention``, ``kvzip``, ``snapkv-q``, ``duo``; ``int8`` alone means ``dense+int8``. ``cache_tokens`` is the number of slots each layer
-keeps between steps (``pyramidkv``: on average over the layers). A user's text is parsed once, where
+``expected-attention``, ``kvzip``, ``snapkv-q``, ``duo``; ``int8`` alone means ``dense+int8``.
+``cache_tokens`` is the number of slots each layer keeps between steps (``pyramidkv``: on average
+over the layers). The scored policies take ``heads=shared|each|adaptive``: one decision per layer,
+one per KV head, or per head with the layer's budget shared out by score (AdaKV;
+:mod:`lucidlm.cache.slots`); the presses decide per head by default. A user's text is parsed once, where
 it enters (:meth:`LLM.generate <lucidlm.api.LLM.generate>`, :func:`~lucidlm.generate.generate_ids`,
 :func:`~lucidlm.perplexity.perplexity`, the server, chunked training), into a :class:`PolicySpec`
 that is passed down: every function here takes the text or the spec, and a spec is never parsed again.

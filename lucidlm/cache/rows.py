@@ -41,7 +41,7 @@ class RowsLayerCache(LayerCache):
 
     def extend(self, k, v, pos):
         outs = [row.extend(k[i:i + 1], v[i:i + 1], pos[i:i + 1]) for i, row in enumerate(self.rows)]
-        self._lengths = [out[2].shape[1] for out in outs]
+        self._lengths = [out[2].shape[-1] for out in outs]
         if len(outs) == 1:
             return outs[0]
         return _pad_stack([o[0] for o in outs]), _pad_stack([o[1] for o in outs]), _pad_positions([o[2] for o in outs])
