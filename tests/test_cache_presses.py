@@ -72,9 +72,10 @@ def test_quantised_presses_compress_to_the_budget(model, policy):
     cache = build_cache(model.config, 1, policy, 10)
     with torch.no_grad():
         logits = prefill(model, ids_for(40), cache, chunk_size=16)
-        assert all(layer.positions().shape[-1] == 10 for layer in cache.layers)
+        held = [sum(map(len, layer)) for layer in cache.kept_by_head(0)]  # 2 KV heads x 10 (adaptive: shared out)
+        assert held == [20, 20]
         decode_step(logits.argmax(-1, keepdim=True), torch.tensor([[40]]), cache, model)
-    assert all(layer.positions().shape[-1] == 10 for layer in cache.layers)  # budget + 1, then evicted
+    assert [sum(map(len, layer)) for layer in cache.kept_by_head(0)] == held  # budget + 1, then evicted
     assert all(40 in kept for kept in cache.kept_positions())  # the generated token stays
 
 
@@ -226,7 +227,8 @@ def test_bad_question_and_too_long_kvzip_are_typed_errors(model):
 
 # ---- per head (helper A's slots): each head its own slots, duo's split, explanations ------------------
 def test_presses_decide_per_head_by_default_and_pick_each_heads_best():
-    assert all(build_cache(Config.from_name("tiny-llama"), 1, p, 8).layers[0].heads == "each" for p in PRESSES)
+    heads = {p: build_cache(Config.from_name("tiny-llama"), 1, p, 8).layers[0].heads for p in PRESSES}
+    assert heads == {"expected-attention": "each", "kvzip": "adaptive", "snapkv-q": "each"}
     layer = QuestionSnapKVLayerCache(batch=1, groups=2, head_size=2, capacity=2, kernel=1, window=1, heads="each")
     kv = torch.zeros(1, 2, 5, 2)
     layer.extend(kv, kv, torch.arange(5)[None])
@@ -297,8 +299,8 @@ def test_explanations_equal_dense_when_nothing_is_evicted_and_mark_heads_when_so
     assert held.shape == (model.config.n_layer, model.config.n_query_groups, 30) and held[..., -1].all()
     if policy == "duo":
         assert sorted(held.sum(-1).flatten().tolist()) == [9, 9, 30, 30]  # 8, or the prompt; + the last token
-    else:
-        assert (held.sum(-1) == 11).all()  # 10 slots per head, plus the last token itself
+    else:  # 10 slots per head (kvzip: 20 shared out between the 2 heads), plus the last token itself
+        assert (held.sum(-1).sum(-1) == 22).all()
     assert not torch.equal(held[:, 0], held[:, 1])  # the heads keep different tokens
     assert torch.equal(tight.evicted, ~held.flatten(0, 1).any(0))
 

@@ -8,7 +8,9 @@ that pass (over the group's query heads); the pass's own keys and values are att
 softmax runs over the held cache plus the repeated tokens so far, causally) but never stored.
 Long prompts are repeated in chunks of ``chunk`` tokens, each over the held cache plus itself (as
 KVzip's chunked scoring), so the pass's attention holds (chunk, prompt + chunk) weights per head.
-Prefill costs about 2x. KVzip puts an instruction ("Repeat the previous context:") before the
+Prefill costs about 2x. As KVzip ranks the pairs of all heads together (a non-uniform budget per
+head), the default is ``heads=adaptive``: a layer's ``groups * cache_tokens`` slots go to its best
+pairs over all its heads (AdaKV's pool, each head keeping at least 20%). KVzip puts an instruction ("Repeat the previous context:") before the
 repetition; a cache has no tokenizer, so here the prompt's tokens alone are repeated.
 
 >>> import torch
@@ -60,6 +62,7 @@ class KVzipLayerCache(PromptPressLayerCache):
     query_limit = 0
 
     def __init__(self, *args, chunk: int = 512, **kwargs) -> None:
+        kwargs.setdefault("heads", "adaptive")  # KVzip ranks the pairs of all heads together
         super().__init__(*args, **kwargs)
         self.chunk = chunk
         self.attention = None  # this layer's attention module while reconstructing, else None

@@ -105,6 +105,8 @@ _HEADS = Param("heads", str, "shared", "per KV head: shared (one decision per la
 
 #: the presses decide per KV head unless told otherwise (kvpress's presses score each head)
 _HEADS_EACH = dataclasses.replace(_HEADS, default="each")
+#: KVzip ranks KV pairs of all heads together (a non-uniform budget per head): AdaKV's pool of a layer
+_HEADS_ADAPTIVE = dataclasses.replace(_HEADS, default="adaptive")
 
 
 def default_window(cache_tokens: int) -> int:
@@ -130,7 +132,7 @@ PRESSES = (
             _HEADS_EACH)),
     Policy("kvzip", "KVzip (Kim et al., 2025; kvpress): max attention each key receives when the model "
                     "re-reads the prompt after itself (prefill about 2x)",
-           (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1), _HEADS_EACH)),
+           (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1), _HEADS_ADAPTIVE)),
     Policy("snapkv-q", "question-aware SnapKV (Li et al., 2024; kvpress): the observation window is the "
                        "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL, _HEADS_EACH)),
     Policy("duo", "DuoAttention (Xiao et al., 2025): retrieval heads keep the prompt, streaming heads sinks + "
