@@ -254,13 +254,16 @@ class QuestionSnapKVLayerCache(PromptPressLayerCache):
     At the prompt's end the window's queries (at most the last 512) attend to every held key; a
     key's score per KV head is the weight summed over the window's queries and averaged over the
     group's query heads, pooled along the keys (``pool`` over ``kernel`` neighbours); the window's
-    own tokens are kept.
+    own tokens are kept. One decision per layer by default (``heads=shared``, the scores averaged
+    over the KV heads): on the embedded model's 1k-token passkey prompts at 25% it kept the key 4
+    times in 5 (as dense), per head (``each``) 2, ``adaptive`` 1.
     """
 
     policy = "snapkv-q"
     wants_queries = True
 
     def __init__(self, *args, window: int | None = None, kernel: int = 5, pool: str = "avg", **kwargs) -> None:
+        kwargs.setdefault("heads", "shared")  # as SnapKV's mean over heads: found the passkey most often here
         super().__init__(*args, **kwargs)
         self.window = default_window(self.capacity) if window is None else window
         self.kernel, self.pool = kernel, pool

@@ -134,7 +134,7 @@ PRESSES = (
                     "re-reads the prompt after itself (prefill about 2x)",
            (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1), _HEADS_ADAPTIVE)),
     Policy("snapkv-q", "question-aware SnapKV (Li et al., 2024; kvpress): the observation window is the "
-                       "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL, _HEADS_EACH)),
+                       "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL, _HEADS)),
     Policy("duo", "DuoAttention (Xiao et al., 2025): retrieval heads keep the prompt, streaming heads sinks + "
                   "a recent window; heads from lucidlm calibrate-heads",
            (Param("heads_file", str, None, "the head-score file of lucidlm calibrate-heads MODEL --out FILE "
