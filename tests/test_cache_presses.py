@@ -348,3 +348,12 @@ def test_the_replay_of_what_each_head_saw_gives_the_cached_runs_logits(model, po
     with torch.no_grad():
         replay = model(torch.tensor([ids]), cache=KVCache([VisibleKeys(s) for s in seen]))[0, -1]
     torch.testing.assert_close(replay, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [*PRESSES, "duo"])
+def test_chunked_training_refuses_a_press(policy):
+    from lucidlm.errors import TrainError
+    from lucidlm.train.chunked import ChunkedCache
+
+    with pytest.raises(TrainError, match=f"kv_cache='{policy}': {policy} compresses a prompt once"):
+        ChunkedCache(policy)

@@ -62,6 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..cache import KVCache, PolicySpec, parse_policy
+from ..cache.spec import PRESSES
 from ..errors import TrainError
 from .data import IGNORE
 
@@ -99,6 +100,9 @@ class ChunkedCache:
             plain = dataclasses.replace(spec, quant=None)
             raise TrainError(f"kv_cache={self.policy!r}: quantised buffers hold integer codes, which carry no "
                              f"gradient; train with the unquantised policy {str(plain)!r}")
+        if spec.eviction in {press.name for press in PRESSES}:
+            raise TrainError(f"kv_cache={self.policy!r}: {spec.eviction} compresses a prompt once it has been read "
+                             "whole (a kvpress press), not a stream of training chunks; train with snapkv, h2o or window")
         if not _positive_int(self.chunk_size):
             raise TrainError(f"chunk_size={self.chunk_size!r}: expected a positive integer (tokens per chunk)")
         if self.cache_tokens is not None and not _positive_int(self.cache_tokens):
