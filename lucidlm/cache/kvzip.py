@@ -19,8 +19,8 @@ repetition; a cache has no tokenizer, so here the prompt's tokens alone are repe
 >>> model = GPT(Config.from_name("tiny-llama")).eval()
 >>> cache = build_cache(model.config, batch=1, policy="kvzip(chunk=16)+int8", cache_tokens=12)
 >>> _ = prefill(model, torch.randint(0, 256, (1, 40)), cache)
->>> cache.layers[0].positions().shape[-1], int(cache.next_position[0])  # the pass leaves no trace
-(12, 40)
+>>> sum(map(len, cache.kept_by_head(0)[0])), int(cache.next_position[0])  # 2 heads x 12; the pass left no trace
+(24, 40)
 """
 
 from __future__ import annotations
