@@ -69,6 +69,8 @@ def plan(model: nn.Module) -> NativePlan:
     """The model's :class:`NativePlan`; ``reason`` says why the native step does not apply (then "")."""
     if not kernel_ready() or not hasattr(torch.ops.lucidlm_kernels, "native_decode"):
         return NativePlan(reason="lucidlm's CPU kernels are unavailable")
+    if torch.ops.lucidlm_kernels.q8_path() == "vnni":
+        return NativePlan(reason="LUCIDLM_VNNI=1: the native step has no VNNI path")
     try:
         return _plan(model)
     except _Unsupported as exc:
@@ -145,15 +147,16 @@ def _linear(layer: nn.Module) -> list[torch.Tensor]:
                        "float32, int8 or GGUF blocks")
 
 
-def fits(cache, batch: int) -> bool:
+def fits(cache, batch: int | None = None) -> bool:
     """Whether ``cache`` is one the op writes into: dense float32 layers on the CPU with fixed shapes
-    off, all filled to the same slot, with room for one more token, of ``batch`` rows."""
+    off, all filled to the same slot, with room for one more token, of ``batch`` rows (default: any)."""
     from ..cache.base import DenseLayerCache
 
     layers = getattr(cache, "layers", [])
     if not layers or not all(type(layer) is DenseLayerCache for layer in layers):
         return False
     first = layers[0]
+    batch = first.k.shape[0] if batch is None else batch
     return all(layer.cursor is None and layer.filled == first.filled and layer.k.dtype == torch.float32
                and layer.v.dtype == torch.float32 and layer.k.device.type == "cpu" and layer.k.is_contiguous()
                and layer.v.is_contiguous() and layer.pos.is_contiguous() and layer.k.shape[0] == batch
