@@ -110,6 +110,7 @@ ROPES = {
                                    "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
                                    "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]}),
     "partial": dict(rotary_fraction=0.5),
+    "interleaved": dict(rope_interleaved=True, rotary_fraction=0.75),
     "tied": dict(tie_embeddings=True),
     "biases": dict(attn_bias=True, attn_out_bias=True, mlp_bias=True),
     "mha": dict(n_query_groups=4),

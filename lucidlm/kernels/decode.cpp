@@ -135,18 +135,16 @@ void rms_norm(const float* x, const float* w, double eps, float* out, float* xsu
   if (n % 32 == 0) lucidlm_native::q4_sums(out, rows, n, xsum);
 }
 
-// Rotates the first `dims` values of every head of each row in place: halves (rotate_half) or adjacent pairs.
-void rope(float* t, int64_t rows, int64_t heads, int64_t head_size, int64_t dims, bool interleaved,
-          const float* cos, const float* sin) {
-  std::vector<float> rotated(dims);
+// Rotates the first `dims` values of one head in place: pairs (i, i + dims / 2) (rotate_half) or adjacent pairs
+// (interleaved), as apply_rope: v * cos + rotated(v) * sin.
+void rope(float* v, int64_t dims, bool interleaved, const float* cos, const float* sin) {
   const int64_t half = dims / 2;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = t + (r * heads + h) * head_size;
-      for (int64_t i = 0; i < dims; ++i)
-        rotated[i] = interleaved ? (i % 2 == 0 ? -v[i + 1] : v[i - 1]) : (i < half ? -v[i + half] : v[i - half]);
-      for (int64_t i = 0; i < dims; ++i) v[i] = v[i] * cos[r * dims + i] + rotated[i] * sin[r * dims + i];
-    }
+  for (int64_t j = 0; j < half; ++j) {
+    const int64_t i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
+    const float a = v[i0], b = v[i1];
+    v[i0] = a * cos[i0] - b * sin[i0];
+    v[i1] = b * cos[i1] + a * sin[i1];
+  }
 }
 
 // Softmax attention of query head h of row r over the first `keys` slots of its group's cache; a slot is
@@ -227,6 +225,8 @@ at::Tensor native_decode(const at::Tensor& x, at::TensorList params, at::IntArra
   const int64_t* qpos = positions.data_ptr<int64_t>();
   const float scale = static_cast<float>(floats[0]);
   const int64_t keys = slot + 1, per_group = H / G;
+  for (const Layer& L : net)  // the new token's position, before any thread attends to its slot
+    for (int64_t r = 0; r < M; ++r) L.pc[r * cap + slot] = qpos[r];
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> a(M * E), xs(M * std::max({E, I, H * D}) / 32 + 1), w(keys), part(M * I);
@@ -234,24 +234,21 @@ at::Tensor native_decode(const at::Tensor& x, at::TensorList params, at::IntArra
       rms_norm(hp, L.attn_norm, L.attn_eps, a.data(), xs.data(), M, E);
       products({{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}}, a.data(), xs.data(), M);
 #pragma omp barrier
-#pragma omp single
-      {
-        rope(q.data(), M, H, D, dims, interleaved, cp, sp);
-        rope(k.data(), M, G, D, dims, interleaved, cp, sp);
-        for (int64_t r = 0; r < M; ++r) {
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t into = ((r * G + g) * cap + slot) * D, from = (r * G + g) * D;
-            std::copy(k.data() + from, k.data() + from + D, L.kc + into);
-            std::copy(v.data() + from, v.data() + from + D, L.vc + into);
-          }
-          L.pc[r * cap + slot] = qpos[r];
+      // by (row, KV group): the group's keys rotated and written into the cache, then its query heads
+      // rotated and attending; no other thread touches this group's slots, so no barrier in between
+      const auto [gb, ge] = share(M * G, 1);
+      for (int64_t job = gb; job < ge; ++job) {
+        const int64_t r = job / G, g = job % G, at = (r * G + g) * cap * D;
+        float* key = k.data() + job * D;
+        rope(key, dims, interleaved, cp + r * dims, sp + r * dims);
+        std::copy(key, key + D, L.kc + at + slot * D);
+        std::copy(v.data() + job * D, v.data() + (job + 1) * D, L.vc + at + slot * D);
+        for (int64_t h = g * per_group; h < (g + 1) * per_group; ++h) {
+          float* query = q.data() + (r * H + h) * D;
+          rope(query, dims, interleaved, cp + r * dims, sp + r * dims);
+          attend(query, L.kc + at, L.vc + at, L.pc + r * cap, qpos[r], keys, D, scale, w.data(),
+                 att.data() + (r * H + h) * D);
         }
-      }  // implicit barrier
-      const auto [hb, he] = share(M * H, 1);
-      for (int64_t job = hb; job < he; ++job) {
-        const int64_t r = job / H, g = job % H / per_group;
-        attend(q.data() + job * D, L.kc + (r * G + g) * cap * D, L.vc + (r * G + g) * cap * D, L.pc + r * cap,
-               qpos[r], keys, D, scale, w.data(), att.data() + job * D);
       }
 #pragma omp barrier
       {  // o: this thread's rows, added into the residual (no other thread reads or writes them now)
