@@ -68,6 +68,8 @@ Linear describe(const at::Tensor* p, int64_t k, const char* name) {
       out.kind = Linear::kQ8, out.k = a.size(1), out.scales = b.data_ptr(), out.stype = b.scalar_type();
       TORCH_CHECK(b.dim() == 2 && b.size(0) == out.n && b.is_contiguous() && out.k % b.size(1) == 0,
                   "lucidlm native_decode: ", name, ": scales (n, k / B) expected");
+      TORCH_CHECK(out.stype == at::kHalf || out.stype == at::kBFloat16 || out.stype == at::kFloat,
+                  "lucidlm native_decode: ", name, ": float16, bfloat16 or float32 scales expected");
       out.B = out.k / b.size(1);
       break;
     case at::kByte:
@@ -229,7 +231,7 @@ at::Tensor native_decode(const at::Tensor& x, at::TensorList params, at::IntArra
     for (int64_t r = 0; r < M; ++r) L.pc[r * cap + slot] = qpos[r];
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> a(M * E), xs(M * std::max({E, I, H * D}) / 32 + 1), w(keys), part(M * I);
+    std::vector<float> a(M * E), xs(M * std::max({E, I, H * D}) / 32 + 1), w(keys), part(M * E);
     for (const Layer& L : net) {
       rms_norm(hp, L.attn_norm, L.attn_eps, a.data(), xs.data(), M, E);
       products({{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}}, a.data(), xs.data(), M);
