@@ -22,6 +22,10 @@ cannot run (no C++ compiler on the CPU, an unsupported op, any compiler error) a
 Only inference is compiled: explanations and training always run eagerly (the LRP rules read a
 ``ContextVar``, which :func:`lucidlm.model.rules.current` reports as ``None`` inside a compiled graph).
 
+:class:`NativeDecoder` (``llm.compile(backend="native")``) is the other way to a fast step, with nothing
+to compile: for the Llama family it runs each whole decode step in one C++ call
+(:mod:`lucidlm.model.native`), and any other model eagerly.
+
 >>> from lucidlm import Config, GPT
 >>> decoder = CompiledDecoder(GPT(Config.from_name("tiny-llama")))
 >>> decoder.capacity(300, block_size=2048)

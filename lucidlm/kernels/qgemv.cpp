@@ -418,7 +418,7 @@ void q8_span_avx512(const float* x, const int8_t* q, const void* sbase, at::Scal
 #endif
 
 #ifdef LUCIDLM_AVX512
-// The AVX-512 4-bit product: as q8_gemv_avx512, kRowTile weight rows at a time (scales and mins converted
+// The AVX-512 4-bit product: as q8_span_avx512, kRowTile weight rows at a time (scales and mins converted
 // once per tile), with every group of up to kMaxRows rows of x.
 void q4_span_avx512(const float* x, const float* xsum, const uint8_t* q, const void* scales, const void* mins,
                     const float* bias, float* y, int64_t m, int64_t n, int64_t k, int64_t begin, int64_t end) {
