@@ -163,6 +163,7 @@ def fits(cache, batch: int | None = None) -> bool:
                and layer.v.shape[-1] == layer.k.shape[-1] for layer in layers) and first.filled < first.capacity
 
 
+@torch.no_grad()  # inference only: the op has no backward
 def step(native: NativePlan, token: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """Last logits (batch, vocab) for ``token`` (batch, 1) at ``positions`` (batch, 1), appended to
     ``cache`` (the caller checked :func:`fits`): what the eager decode step computes, in one call."""
