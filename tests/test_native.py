@@ -8,6 +8,7 @@ Python dequantiser); the eager step for settings whose eager path is proven agai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -31,23 +32,18 @@ pytestmark = pytest.mark.skipif(not kernel_ready(), reason="lucidlm's CPU kernel
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-class _NoPythonForward:
-    """Makes the model's Python forward raise: decode steps must then run in the native op."""
+@contextlib.contextmanager
+def no_python_forward(model):
+    """The model's Python forward raises inside the block: decode steps must run in the native op."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the decode step ran the Python forward, not the native op")
 
-    def __init__(self, model, monkeypatch):
-        self.model, self.monkeypatch = model, monkeypatch
-
-    def __enter__(self):
-        def refuse(*args, **kwargs):
-            raise AssertionError("the decode step ran the Python forward, not the native op")
-
-        self.monkeypatch.setattr(self.model, "forward", refuse)
-
-    def __exit__(self, *exc):
-        self.monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "forward", refuse)
+        yield
 
 
-def native_logits(model, ids: torch.Tensor, prompt: int, monkeypatch) -> torch.Tensor:
+def native_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits (batch, steps, vocab) of the native steps over ids[:, prompt:], after an eager prefill."""
     decoder = NativeDecoder(model)
     with torch.inference_mode():
@@ -55,7 +51,7 @@ def native_logits(model, ids: torch.Tensor, prompt: int, monkeypatch) -> torch.T
         model(ids[:, :prompt], cache=cache)
         assert decoder.prepare(cache), decoder.reason
         out = []
-        with _NoPythonForward(model, monkeypatch):
+        with no_python_forward(model):
             for t in range(prompt, ids.shape[1]):
                 positions = torch.full((ids.shape[0], 1), t)
                 out.append(decoder(ids[:, t:t + 1], positions, cache))
@@ -75,14 +71,14 @@ def _ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.T
 
 # ---------------------------------------------------------------- against transformers
 @pytest.mark.parametrize("family", ["llama2", "llama3", "smollm2", "qwen2"])
-def test_native_steps_equal_transformers_forward(family, hf_checkpoint, monkeypatch):
+def test_native_steps_equal_transformers_forward(family, hf_checkpoint):
     """MHA (llama2, untied), Llama-3 RoPE scaling, GQA 4:1 (smollm2, tied), q/k/v biases (qwen2)."""
     hf_model, directory = hf_checkpoint(family)
     model = lucidlm.LLM.load(directory).model.eval()
     ids = _ids(model.config.vocab_size)
     with torch.no_grad():
         expected = hf_model(ids).logits[:, 5:]
-    torch.testing.assert_close(native_logits(model, ids, 5, monkeypatch), expected, **TOL)
+    torch.testing.assert_close(native_logits(model, ids, 5), expected, **TOL)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma", "phi2", "gpt2", "olmo"])
@@ -119,22 +115,35 @@ ROPES = {
 
 
 @pytest.mark.parametrize("variant", sorted(ROPES))
-def test_native_steps_equal_eager_steps(variant, monkeypatch):
+def test_native_steps_equal_eager_steps(variant):
     model = _tiny(**ROPES[variant])
     if variant == "biases":  # nn.Linear's biases start at random values; the norms' weights too
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
     ids = _ids(model.config.vocab_size, length=14)  # past longrope's original length: its long factors
-    torch.testing.assert_close(native_logits(model, ids, 4, monkeypatch), eager_logits(model, ids, 4), **TOL)
+    torch.testing.assert_close(native_logits(model, ids, 4), eager_logits(model, ids, 4), **TOL)
 
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["float-head", "int8-head"])
-def test_int8_weights(lm_head, monkeypatch):
+def test_int8_weights(lm_head):
     model = _tiny()
     quantize_linears(model, lm_head=lm_head)
     ids = _ids(model.config.vocab_size)
-    torch.testing.assert_close(native_logits(model, ids, 5, monkeypatch), eager_logits(model, ids, 5), **TOL)
+    torch.testing.assert_close(native_logits(model, ids, 5), eager_logits(model, ids, 5), **TOL)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
+def test_int8_odd_widths_and_the_portable_kernels(portable, monkeypatch):
+    """k = 48 and 72 (not multiples of 32): per-channel int8 takes the any-block-size path; the portable
+    C++ path (forced) takes every product on CPUs without AVX-512."""
+    if portable:
+        monkeypatch.setenv("LUCIDLM_KERNEL_PORTABLE", "1")
+        assert torch.ops.lucidlm_kernels.q8_path() == "portable"
+    model = _tiny(n_embd=48, intermediate_size=72)
+    quantize_linears(model, lm_head=True)
+    ids = _ids(model.config.vocab_size)
+    torch.testing.assert_close(native_logits(model, ids, 5), eager_logits(model, ids, 5), **TOL)
 
 
 # ---------------------------------------------------------------- GGUF blocks kept as they are
@@ -156,6 +165,8 @@ def tiny_gguf(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
 def test_kept_blocks_equal_the_dequantised_model(tiny_gguf, kind, tied, monkeypatch):
     kept, dense = tiny_gguf(kind, tied)
+    if tied:  # the portable path on these blocks too (CPUs without AVX-512)
+        monkeypatch.setenv("LUCIDLM_KERNEL_PORTABLE", "1")
     ids = _ids(kept.config.vocab_size)
     with torch.no_grad():
         expected = dense.model(ids)[:, 5:]
@@ -163,7 +174,7 @@ def test_kept_blocks_equal_the_dequantised_model(tiny_gguf, kind, tied, monkeypa
     tolerance = TOL if kind == "Q8_0" else dict(rtol=1e-3, atol=1e-3)
     eager = eager_logits(kept.model, ids, 5)
     torch.testing.assert_close(eager, expected, **tolerance)  # the eager steps' own rounding: the same bound
-    torch.testing.assert_close(native_logits(kept.model, ids, 5, monkeypatch), expected, **tolerance)
+    torch.testing.assert_close(native_logits(kept.model, ids, 5), expected, **tolerance)
     prompt = "he th"
     assert kept.compile(backend="native").generate(prompt, max_new_tokens=8) == dense.generate(prompt, max_new_tokens=8)
 
