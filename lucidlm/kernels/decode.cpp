@@ -29,6 +29,10 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -149,31 +153,79 @@ void rope(float* v, int64_t dims, bool interleaved, const float* cos, const floa
   }
 }
 
-// Softmax attention of query head h of row r over the first `keys` slots of its group's cache; a slot is
-// visible when its position is >= 0 (filled, not left padding) and not after the query's.
-void attend(const float* qh, const float* kg, const float* vg, const int64_t* kpos, int64_t qpos, int64_t keys,
-            int64_t D, float scale, float* w, float* out) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < keys; ++t) {
-    w[t] = -std::numeric_limits<float>::infinity();
-    if (kpos[t] < 0 || kpos[t] > qpos) continue;
-    const float* kt = kg + t * D;
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < D; ++i) dot += qh[i] * kt[i];
-    w[t] = dot * scale;
-    top = std::max(top, w[t]);
-  }
+#ifdef __AVX512F__
+// e^x for 16 lanes, x <= 0 (a softmax's shifted logits): Cephes' expf (range reduction by ln 2, a degree-5
+// polynomial on [-ln2/2, ln2/2], 2^n by vscalefps), within 2 ulp of std::exp; the scalar exp per key cost
+// more than the rest of a decode step's attention.
+inline __m512 exp_le0(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));  // e^-103 underflows to 0 in float32 either way
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// w[t] = e^(w[t] - top), 0 where w[t] is -inf (a masked key); returns their sum.
+float exp_shifted(float* w, int64_t keys, float top) {
   float total = 0.f;
-  for (int64_t t = 0; t < keys; ++t) total += (w[t] = std::isinf(w[t]) ? 0.f : std::exp(w[t] - top));
-  std::fill(out, out + D, 0.f);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  int64_t t = 0;
+#ifdef __AVX512F__
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(top), minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; t < keys; t += 16) {
+    const __mmask16 lanes = keys - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (keys - t)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(lanes, w + t);
+    const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, s, minus_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(kept, exp_le0(_mm512_sub_ps(s, shift)));
+    _mm512_mask_storeu_ps(w + t, lanes, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; t < keys; ++t) total += (w[t] = std::isinf(w[t]) ? 0.f : std::exp(w[t] - top));
+  return total;
+}
+
+// Softmax attention of the `heads` query heads of one KV group (q, out: heads x D, consecutive) over the first
+// `keys` slots of the group's cache, each key and value read once for all of them; a slot is visible when its
+// position is >= 0 (filled, not left padding) and not after the query's. w: heads x keys scratch.
+void attend(const float* q, const float* kg, const float* vg, const int64_t* kpos, int64_t qpos, int64_t keys,
+            int64_t heads, int64_t D, float scale, float* w, float* out) {
+  std::vector<float> top(heads, -std::numeric_limits<float>::infinity()), inv(heads);
   for (int64_t t = 0; t < keys; ++t) {
-    if (w[t] == 0.f) continue;
-    const float p = w[t] * inv;
+    const bool visible = kpos[t] >= 0 && kpos[t] <= qpos;
+    const float* kt = kg + t * D;
+    for (int64_t j = 0; j < heads; ++j) {
+      float dot = 0.f;
+      if (visible) {
+        const float* qj = q + j * D;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; ++i) dot += qj[i] * kt[i];
+      }
+      w[j * keys + t] = visible ? dot * scale : -std::numeric_limits<float>::infinity();
+      top[j] = std::max(top[j], w[j * keys + t]);
+    }
+  }
+  for (int64_t j = 0; j < heads; ++j) {
+    const float total = exp_shifted(w + j * keys, keys, top[j]);
+    inv[j] = total > 0.f ? 1.f / total : 0.f;
+  }
+  std::fill(out, out + heads * D, 0.f);
+  for (int64_t t = 0; t < keys; ++t) {
     const float* vt = vg + t * D;
+    for (int64_t j = 0; j < heads; ++j) {
+      const float p = w[j * keys + t] * inv[j];
+      if (p == 0.f) continue;
+      float* oj = out + j * D;
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) out[i] += p * vt[i];
+      for (int64_t i = 0; i < D; ++i) oj[i] += p * vt[i];
+    }
   }
 }
 
@@ -231,7 +283,7 @@ at::Tensor native_decode(const at::Tensor& x, at::TensorList params, at::IntArra
     for (int64_t r = 0; r < M; ++r) L.pc[r * cap + slot] = qpos[r];
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> a(M * E), xs(M * std::max({E, I, H * D}) / 32 + 1), w(keys), part(M * E);
+    std::vector<float> a(M * E), xs(M * std::max({E, I, H * D}) / 32 + 1), w(per_group * keys), part(M * E);
     for (const Layer& L : net) {
       rms_norm(hp, L.attn_norm, L.attn_eps, a.data(), xs.data(), M, E);
       products({{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}}, a.data(), xs.data(), M);
@@ -245,12 +297,10 @@ at::Tensor native_decode(const at::Tensor& x, at::TensorList params, at::IntArra
         rope(key, dims, interleaved, cp + r * dims, sp + r * dims);
         std::copy(key, key + D, L.kc + at + slot * D);
         std::copy(v.data() + job * D, v.data() + (job + 1) * D, L.vc + at + slot * D);
-        for (int64_t h = g * per_group; h < (g + 1) * per_group; ++h) {
-          float* query = q.data() + (r * H + h) * D;
-          rope(query, dims, interleaved, cp + r * dims, sp + r * dims);
-          attend(query, L.kc + at, L.vc + at, L.pc + r * cap, qpos[r], keys, D, scale, w.data(),
-                 att.data() + (r * H + h) * D);
-        }
+        float* queries = q.data() + (r * H + g * per_group) * D;
+        for (int64_t h = 0; h < per_group; ++h) rope(queries + h * D, dims, interleaved, cp + r * dims, sp + r * dims);
+        attend(queries, L.kc + at, L.vc + at, L.pc + r * cap, qpos[r], keys, per_group, D, scale, w.data(),
+               att.data() + (r * H + g * per_group) * D);
       }
 #pragma omp barrier
       {  // o: this thread's rows, added into the residual (no other thread reads or writes them now)
