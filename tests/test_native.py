@@ -236,6 +236,16 @@ def test_other_caches_decode_eagerly(policy):
         torch.testing.assert_close(ours, model(token, positions=positions, cache=caches[1])[:, -1], rtol=0, atol=0)
 
 
+def test_without_the_kernels_it_decodes_eagerly(monkeypatch):
+    """No C++ compiler (or LUCIDLM_KERNELS=0): the plan says so and the steps are the eager ones."""
+    monkeypatch.setattr(native, "kernel_ready", lambda: False)
+    model = _tiny()
+    decoder = NativeDecoder(model)
+    ours = list(generate_ids(model, [[5, 9, 2, 7]], max_new_tokens=8, decoder=decoder))
+    assert decoder.reason == "lucidlm's CPU kernels are unavailable"
+    assert ours == list(generate_ids(model, [[5, 9, 2, 7]], max_new_tokens=8))
+
+
 def test_compile_refuses_an_unknown_backend():
     llm = lucidlm.LLM(_tiny())
     with pytest.raises(ConfigError, match="backend='tvm'"):

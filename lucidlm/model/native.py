@@ -18,8 +18,6 @@ windows, soft-capping, q/k norms, MoE, LoRA or other hooks, bfloat16, another ca
 :func:`plan` return a reason instead, and the caller decodes as before.
 
 >>> from lucidlm import Config, GPT
->>> plan(GPT(Config.from_name("tiny-llama"))).reason
-''
 >>> plan(GPT(Config.from_name("tiny-llama")).to(torch.bfloat16)).reason
 'activations are torch.bfloat16, not float32'
 """
@@ -67,14 +65,15 @@ class _Unsupported(Exception):
 
 def plan(model: nn.Module) -> NativePlan:
     """The model's :class:`NativePlan`; ``reason`` says why the native step does not apply (then "")."""
+    try:
+        ready = _plan(model)
+    except _Unsupported as exc:
+        return NativePlan(reason=str(exc))
     if not kernel_ready() or not hasattr(torch.ops.lucidlm_kernels, "native_decode"):
         return NativePlan(reason="lucidlm's CPU kernels are unavailable")
     if torch.ops.lucidlm_kernels.q8_path() == "vnni":
         return NativePlan(reason="LUCIDLM_VNNI=1: the native step has no VNNI path")
-    try:
-        return _plan(model)
-    except _Unsupported as exc:
-        return NativePlan(reason=str(exc))
+    return ready
 
 
 def _require(condition: bool, reason: str) -> None:
