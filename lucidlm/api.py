@@ -294,24 +294,30 @@ class LLM:
         quantize_linears(self.model, lm_head=lm_head)
         return self
 
-    def compile(self) -> LLM:
+    def compile(self, backend: str = "inductor") -> LLM:
         """Decode through ``torch.compile`` from now on (dense KV cache; other policies, prefill,
         explanations and training stay eager). The first generation compiles (about a minute for
         SmolLM2-135M on 2 CPU cores); later ones reuse the graphs. Without a C++ compiler (CPU) or
         Triton (GPU) a :class:`~lucidlm.compiled.CompileFallback` warning says so and decoding stays
         eager. The graphs hold frozen copies of the weights; when the weights change (fine-tuning,
         :meth:`quantize`) the next generation compiles again. See :mod:`lucidlm.compiled`.
+        ``backend="native"``: no graph; each decode step is one C++ call (:class:`~lucidlm.compiled.NativeDecoder`:
+        the Llama family in float32 activations with float32, int8 or GGUF Q8_0/Q4 weights; any other
+        model decodes eagerly, with the same tokens).
 
         >>> from lucidlm import Config, GPT
         >>> llm = LLM(GPT(Config.from_name("tiny-llama"))).compile()  # compiles at the first generation
         """
-        from .compiled import CompiledDecoder
+        from .compiled import CompiledDecoder, NativeDecoder
         from .model.pipeline import placement_of
+
+        if backend not in ("inductor", "native"):
+            raise ConfigError(f"compile(backend={backend!r}): expected 'inductor' (torch.compile) or 'native'")
 
         if len(set((placement_of(self.model) or {}).values())) > 1:
             raise ConfigError("compile(): the model is split across devices (device_map); its decode steps "
                               "run eagerly: load it without device_map to compile")
-        self._decoder = CompiledDecoder(self.model)
+        self._decoder = NativeDecoder(self.model) if backend == "native" else CompiledDecoder(self.model)
         return self
 
     def merge_adapter(self) -> "LLM":

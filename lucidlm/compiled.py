@@ -22,6 +22,10 @@ cannot run (no C++ compiler on the CPU, an unsupported op, any compiler error) a
 Only inference is compiled: explanations and training always run eagerly (the LRP rules read a
 ``ContextVar``, which :func:`lucidlm.model.rules.current` reports as ``None`` inside a compiled graph).
 
+:class:`NativeDecoder` (``llm.compile(backend="native")``) is the other way to a fast step, with nothing
+to compile: for the Llama family it runs each whole decode step in one C++ call
+(:mod:`lucidlm.model.native`), and any other model eagerly.
+
 >>> from lucidlm import Config, GPT
 >>> decoder = CompiledDecoder(GPT(Config.from_name("tiny-llama")))
 >>> decoder.capacity(300, block_size=2048)
@@ -62,6 +66,12 @@ def missing_compiler(device: torch.device) -> str | None:
     return None
 
 
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Storage, dtype and in-place version counter of every parameter and buffer (int8 and GGUF
+    weights are buffers): equal as long as no weight changed."""
+    return tuple((t.data_ptr(), t.dtype, t._version) for t in [*model.parameters(), *model.buffers()])
+
+
 class CompiledDecoder:
     """One-token decode steps of ``model`` through ``torch.compile``, over a static dense cache."""
 
@@ -78,12 +88,8 @@ class CompiledDecoder:
         self._weights: tuple | None = None  # fingerprint of the weights the graphs were compiled with
         self._compiled = None
 
-    def _weights_fingerprint(self) -> tuple:
-        tensors = [*self.model.parameters(), *self.model.buffers()]  # int8 weights are buffers
-        return tuple((t.data_ptr(), t.dtype, t._version) for t in tensors)
-
     def _compile_for_current_weights(self) -> None:
-        weights = self._weights_fingerprint()
+        weights = weights_fingerprint(self.model)
         if weights != self._weights:
             if self._compiled is not None:
                 torch.compiler.reset()  # graphs hold frozen copies of the old weights
@@ -137,4 +143,53 @@ class CompiledDecoder:
                 self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 warnings.warn(f"torch.compile failed, decoding eagerly: {self.fallback_reason}",
                               CompileFallback, stacklevel=2)
+        return decode_step(token, positions, cache, self.model)
+
+
+class NativeDecoder:
+    """Decode steps in lucidlm's native decoder (:mod:`lucidlm.model.native`): the whole step in one
+    C++ call per token, no graph to compile. It covers the Llama family (SmolLM2, Llama, Mistral
+    without a window, Qwen2) in float32 activations with float32, int8 or GGUF Q8_0/Q4_0/Q4_1 weights
+    over a dense cache; any other model, cache or setting decodes eagerly, silently, with the same
+    tokens (:attr:`reason` says why the last generation did).
+
+    >>> from lucidlm import Config, GPT
+    >>> from lucidlm.generate import generate_ids
+    >>> model = GPT(Config.from_name("tiny-llama")).eval()
+    >>> decoder = NativeDecoder(model)
+    >>> steps = list(generate_ids(model, [[1, 2, 3]], max_new_tokens=4, decoder=decoder))
+    >>> steps == list(generate_ids(model, [[1, 2, 3]], max_new_tokens=4))
+    True
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.reason = ""  # why the last prepare() left the steps to the eager path ("": native)
+        self._plan = None
+        self._weights: tuple | None = None  # fingerprint of the weights the plan holds
+        self._cache = None  # the cache prepare() accepted
+
+    def capacity(self, needed: int, block_size: int) -> int:
+        """The dense cache size for ``needed`` tokens (exactly that: no shapes are fixed)."""
+        return min(block_size, needed)
+
+    def prepare(self, cache: KVCache) -> bool:
+        """Whether the steps on this prefilled ``cache`` run natively (else eagerly, :attr:`reason`)."""
+        from .model import native
+
+        weights = weights_fingerprint(self.model)
+        if weights != self._weights:  # new or changed weights (fine-tuning, quantize()): plan again
+            self._plan, self._weights = native.plan(self.model), weights
+        fits = native.fits(cache)
+        self.reason = self._plan.reason or ("" if fits else "the cache is not a dense float32 one on the CPU")
+        self._cache = cache if not self.reason else None
+        return not self.reason
+
+    def __call__(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model=None) -> torch.Tensor:
+        """Last logits (batch, vocab), as the eager :func:`~lucidlm.generate.decode_step`."""
+        from .model import native
+
+        first = cache.layers[0] if cache is self._cache else None
+        if first is not None and first.filled < first.capacity and token.shape[0] == first.k.shape[0]:
+            return native.step(self._plan, token, positions, cache)
         return decode_step(token, positions, cache, self.model)

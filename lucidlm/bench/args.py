@@ -49,17 +49,20 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=MEASURED_DTYPES, help=_DTYPE_HELP)
 
 
-#: bench decode: lucidlm's rows (each also +compile); q8_0/q4_1/...: a GGUF file's blocks kept as they are
+#: bench decode: lucidlm's rows (each also +compile or +native); q8_0/q4_1/...: a GGUF file's blocks kept as they are
 DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_0", "q4_1", "q4_k")
 DEFAULT_DECODE_ROWS = ("float32", "bfloat16", "int8-float32", "int8-bfloat16", "q8_0", "q4_1")
+NATIVE_DECODE_ROWS = ("float32", "int8-float32", "q8_0", "q4_1")  # the native decoder's: float32 activations
 
 
 def add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--dtypes", default=",".join([*DEFAULT_DECODE_ROWS, *(f"{r}+compile" for r in DEFAULT_DECODE_ROWS)]),
+    p.add_argument("--dtypes", default=",".join([*DEFAULT_DECODE_ROWS, *(f"{r}+compile" for r in DEFAULT_DECODE_ROWS),
+                                                 *(f"{r}+native" for r in NATIVE_DECODE_ROWS)]),
                    help="comma-separated lucidlm rows to measure, from " + ", ".join(DECODE_ROWS) + " (int8-X: "
                         "lucidlm's weight-only int8 with X activations; q8_0, q4_1, ...: that GGUF file loaded with "
-                        "keep_quantized=True), each optionally +compile (decode steps through torch.compile); "
+                        "keep_quantized=True), each optionally +compile (decode steps through torch.compile) or +native "
+                        "(one C++ call per decode step); "
                         "transformers float32 always runs, as the reference")
     p.add_argument("--gguf", action="append", metavar="FILE",
                    help="a GGUF file for the rows of its type and for llama-bench (repeatable; default: the model "

@@ -6,8 +6,9 @@ bfloat16, weight-only int8 with float32 or bfloat16 activations (``int8-float32`
 ``int8-bfloat16``) and each GGUF file's blocks kept as they are (``q8_0``, ``q4_1``:
 ``LLM.load(file, keep_quantized=True)``), each also with decode steps through ``torch.compile``
 (``+compile``, see :mod:`lucidlm.compiled`; the compilation is a warm-up, reported in its own
-column). The GGUF files: ``--gguf FILE`` (repeatable), the model itself when it is one (the
-embedded Q4_1 by default), and a Q8_0 export of the model made by lucidlm's own export into the
+column) or in lucidlm's native decoder (``+native``: one C++ call per step, see
+:class:`~lucidlm.compiled.NativeDecoder`). The GGUF files: ``--gguf FILE`` (repeatable), the model
+itself when it is one (the embedded Q4_1 by default), and a Q8_0 export of the model made by lucidlm's own export into the
 cache when no Q8_0 file is given. A file other than the model also gets a ``float32@TYPE`` row:
 lucidlm on its weights dequantised to float32, the greedy reference of its ``TYPE`` row. A row
 whose feature is missing, or that fails, says so in the table. Each row runs in its own
@@ -113,11 +114,11 @@ def plan_rows(args) -> list[tuple[str, str]]:
     """
     wanted = [r.strip() for r in args.dtypes.split(",") if r.strip()]
     for row in wanted:
-        if row.partition("+")[0] not in DECODE_ROWS or row.partition("+")[2] not in ("", "compile"):
+        if row.partition("+")[0] not in DECODE_ROWS or row.partition("+")[2] not in ("", "compile", "native"):
             from ..errors import ConfigError
 
             raise ConfigError(f"--dtypes: {row!r}: expected rows from {', '.join(DECODE_ROWS)}, each optionally "
-                              "+compile")
+                              "+compile or +native")
     typed = sorted({r.partition("+")[0] for r in wanted} & set(FILE_TYPED))
     llama = [(LLAMA, t) for t in args.files] if args.llama_bench else []
     references = [("lucidlm", f"float32@{t}") for t in typed if t in args.files and not _is_model(args, t)]
@@ -250,7 +251,7 @@ def _load(args):
 
 class _Lucidlm:
     def __init__(self, llm, dtype: str, tokens: int) -> None:
-        from ..compiled import CompiledDecoder
+        from ..compiled import CompiledDecoder, NativeDecoder
         from ..generate import decode_step
 
         dtype, _, compile_ = dtype.partition("+")
@@ -262,7 +263,8 @@ class _Lucidlm:
             llm.model.to(getattr(torch, dtype))
         self.model, self.cache = llm.model, None
         self.dtype = next((p.dtype for p in llm.model.parameters() if p.is_floating_point()), torch.float32)
-        self.decoder = CompiledDecoder(self.model) if compile_ else None
+        decoders = {"compile": CompiledDecoder, "native": NativeDecoder}
+        self.decoder = decoders[compile_](self.model) if compile_ else None
         self.step_fn = self.decoder or decode_step
         # one cache size for the warm-up and the timed run (a compiled graph is per capacity)
         self.capacity = self.decoder.capacity(tokens, self.model.config.block_size) if self.decoder else tokens + 1024

@@ -348,6 +348,9 @@ def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (dense cache; compiles for about a minute first, "
                         "falls back to eager with a warning where no compiler is installed)")
+    p.add_argument("--native", action="store_true",
+                   help="decode each token in one C++ call instead (no compilation; the Llama family in float32 "
+                        "with float32, int8 or GGUF Q8_0/Q4 weights, other models decode eagerly)")
     add_cache(p)
 
 
@@ -363,6 +366,8 @@ def load(args: argparse.Namespace):
                        device_map=getattr(args, "device_map", None),
                        tensor_parallel=getattr(args, "tensor_parallel", False),
                        keep_quantized=getattr(args, "keep_quantized", False))
+    if getattr(args, "native", False):
+        return llm.compile(backend="native")
     return llm.compile() if getattr(args, "compile", False) else llm
 
 

@@ -30,6 +30,8 @@ from ..fileio import cache_root
 
 SOURCE = pathlib.Path(__file__).with_name("gemv.cpp")
 QUANTISED_SOURCE = "qgemv.cpp"  # the 8-bit / 4-bit ops, beside SOURCE, compiled into the same library
+NATIVE_SOURCE = "decode.cpp"  # the whole decode step (lucidlm.model.native), calling the ops of both
+HEADERS = ("native.h",)  # included by the sources: part of the library's key
 ENV_VAR = "LUCIDLM_KERNELS"  # "0" turns the kernel off
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
           # x86 only: let GCC use the full AVX-512 width where the CPU has it (it prefers 256 bits)
@@ -87,9 +89,10 @@ _KERNEL = _Kernel()
 
 
 def sources() -> list[pathlib.Path]:
-    """The C++ files of the one library: the float kernel and, where present, the quantised ops."""
-    quantised = SOURCE.with_name(QUANTISED_SOURCE)
-    return [SOURCE, *([quantised] if quantised.exists() else [])]
+    """The C++ files of the one library: the float kernel and, where present, the quantised ops and
+    the native decode step."""
+    extra = [SOURCE.with_name(name) for name in (QUANTISED_SOURCE, NATIVE_SOURCE)]
+    return [SOURCE, *(path for path in extra if path.exists())]
 
 
 def library_path() -> pathlib.Path:
@@ -100,7 +103,9 @@ def library_path() -> pathlib.Path:
         flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in sources()), torch.__version__.encode(), cpu.encode(),
+    headers = [path for path in (SOURCE.with_name(name) for name in HEADERS) if path.exists()]
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in [*sources(), *headers]),
+                                     torch.__version__.encode(), cpu.encode(),
                                      flags.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
     return cache_root() / "kernels" / f"gemv-{key}.so"
 
@@ -113,6 +118,7 @@ def _build(compiler: str, library: pathlib.Path) -> None:
     fd, temp = tempfile.mkstemp(dir=library.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           f"-I{pathlib.Path(__file__).parent}",  # native.h, even for a SOURCE elsewhere (tests)
            *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, sources()), "-o", temp,
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     try:

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "native.h"
+
 namespace {
 
 inline float bf16_to_float(uint16_t h) {
@@ -42,14 +44,19 @@ inline float dot(const float* x, const W* w, int64_t k) {
   return s;
 }
 
+// Weight rows [begin, end) on the calling thread.
+template <typename W>
+void span(const float* x, const W* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k, int64_t begin,
+          int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float b = bias ? bias[row] : 0.f;
+    for (int64_t r = 0; r < m; ++r) y[r * n + row] = dot(x + r * k, w + row * k, k) + b;
+  }
+}
+
 template <typename W>
 void rows_times_x(const float* x, const W* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float b = bias ? bias[row] : 0.f;
-      for (int64_t r = 0; r < m; ++r) y[r * n + row] = dot(x + r * k, w + row * k, k) + b;
-    }
-  });
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { span(x, w, bias, y, m, n, k, begin, end); });
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -76,6 +83,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 }
 
 }  // namespace
+
+// decode.cpp's native step (native.h): float32 weight rows [begin, end) on the calling thread.
+void lucidlm_native::f32_span(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n,
+                              int64_t k, int64_t begin, int64_t end) {
+  span(x, w, bias, y, m, n, k, begin, end);
+}
 
 TORCH_LIBRARY(lucidlm_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

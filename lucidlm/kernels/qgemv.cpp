@@ -24,6 +24,8 @@
 #include <cstring>
 #include <vector>
 
+#include "native.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #include <immintrin.h>
 #define LUCIDLM_AVX512 1
@@ -392,68 +394,63 @@ void q8_tile(const float* x, const int8_t* q, const float* s, const float* bias,
   }
 }
 
-void q8_gemv_avx512(const float* x, const int8_t* q, const at::Tensor& scales, const float* bias, float* y,
-                    int64_t m, int64_t n, int64_t k, int64_t B) {
+// Rows [begin, end) of one thread (the callers split the rows: the op below, decode.cpp's native step).
+void q8_span_avx512(const float* x, const int8_t* q, const void* sbase, at::ScalarType stype, const float* bias,
+                    float* y, int64_t m, int64_t n, int64_t k, int64_t B, int64_t begin, int64_t end) {
   const int64_t count = k / B;
-  const void* sbase = scales.data_ptr();
-  const at::ScalarType stype = scales.scalar_type();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(kRowTile * count);
-    const int8_t* stop = q + end * k;
-    prefetch(q + begin * k, kPrefetchBytes, stop);
-    for (int64_t row = begin; row < end; row += kRowTile) {
-      const int64_t rows = std::min(kRowTile, end - row);
-      prefetch(q + row * k + kPrefetchBytes, rows * k, stop);
-      scales_to_float(sbase, stype, row * count, rows * count, sc.data());
-      for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-        const float* xr = x + r0 * k;
-        float* yr = y + r0 * n + row;
-        const float* br = bias ? bias + row : nullptr;
-        by_rows(std::min(kMaxRows, m - r0), [&](auto M) {
-          q8_tile<decltype(M)::value>(xr, q + row * k, sc.data(), br, yr, rows, n, k, B);
-        });
-      }
+  std::vector<float> sc(kRowTile * count);
+  const int8_t* stop = q + end * k;
+  prefetch(q + begin * k, kPrefetchBytes, stop);
+  for (int64_t row = begin; row < end; row += kRowTile) {
+    const int64_t rows = std::min(kRowTile, end - row);
+    prefetch(q + row * k + kPrefetchBytes, rows * k, stop);
+    scales_to_float(sbase, stype, row * count, rows * count, sc.data());
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const float* xr = x + r0 * k;
+      float* yr = y + r0 * n + row;
+      const float* br = bias ? bias + row : nullptr;
+      by_rows(std::min(kMaxRows, m - r0), [&](auto M) {
+        q8_tile<decltype(M)::value>(xr, q + row * k, sc.data(), br, yr, rows, n, k, B);
+      });
     }
-  });
+  }
 }
 #endif
 
 #ifdef LUCIDLM_AVX512
-// The AVX-512 4-bit product: as q8_gemv_avx512, kRowTile weight rows at a time (scales and mins converted
+// The AVX-512 4-bit product: as q8_span_avx512, kRowTile weight rows at a time (scales and mins converted
 // once per tile), with every group of up to kMaxRows rows of x.
-void q4_gemv_avx512(const float* x, const float* xsum, const uint8_t* q, const at::Tensor& scales,
-                    const at::Tensor& mins, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
+void q4_span_avx512(const float* x, const float* xsum, const uint8_t* q, const void* scales, const void* mins,
+                    const float* bias, float* y, int64_t m, int64_t n, int64_t k, int64_t begin, int64_t end) {
   const int64_t blocks = k / kQ4Block, row_bytes = k / 2;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(kRowTile * blocks), mn(mins.defined() ? kRowTile * blocks : 0);
-    const uint8_t* stop = q + end * row_bytes;
-    float out[kMaxRows * kRowTile];
-    prefetch(q + begin * row_bytes, kPrefetchBytes, stop);
-    for (int64_t row = begin; row < end; row += kRowTile) {
-      const int64_t rows = std::min(kRowTile, end - row);
-      prefetch(q + row * row_bytes + kPrefetchBytes, rows * row_bytes, stop);
-      scales_to_float(scales.data_ptr(), at::kHalf, row * blocks, rows * blocks, d.data());
-      if (mins.defined()) scales_to_float(mins.data_ptr(), at::kHalf, row * blocks, rows * blocks, mn.data());
-      for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-        const float* xr = x + r0 * k;
-        const float* xs = xsum + r0 * blocks;
-        by_rows(std::min(kMaxRows, m - r0), [&](auto Mc) {
-          constexpr int M = decltype(Mc)::value;
-          for (int64_t i = 0; i < rows; i += (rows == kRowTile ? kRowTile : 1)) {
-            const int R = rows == kRowTile ? kRowTile : 1;
-            const float* mi = mins.defined() ? mn.data() + i * blocks : nullptr;
-            if (R == kRowTile)
-              q4_rows_avx512<M, kRowTile>(xr, xs, q + row * row_bytes, d.data(), mi, out, k);
-            else
-              q4_rows_avx512<M, 1>(xr, xs, q + (row + i) * row_bytes, d.data() + i * blocks, mi, out, k);
-            for (int r = 0; r < M; ++r)
-              for (int j = 0; j < R; ++j)
-                y[(r0 + r) * n + row + i + j] = out[r * R + j] + (bias ? bias[row + i + j] : 0.f);
-          }
-        });
-      }
+  std::vector<float> d(kRowTile * blocks), mn(mins ? kRowTile * blocks : 0);
+  const uint8_t* stop = q + end * row_bytes;
+  float out[kMaxRows * kRowTile];
+  prefetch(q + begin * row_bytes, kPrefetchBytes, stop);
+  for (int64_t row = begin; row < end; row += kRowTile) {
+    const int64_t rows = std::min(kRowTile, end - row);
+    prefetch(q + row * row_bytes + kPrefetchBytes, rows * row_bytes, stop);
+    scales_to_float(scales, at::kHalf, row * blocks, rows * blocks, d.data());
+    if (mins) scales_to_float(mins, at::kHalf, row * blocks, rows * blocks, mn.data());
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const float* xr = x + r0 * k;
+      const float* xs = xsum + r0 * blocks;
+      by_rows(std::min(kMaxRows, m - r0), [&](auto Mc) {
+        constexpr int M = decltype(Mc)::value;
+        for (int64_t i = 0; i < rows; i += (rows == kRowTile ? kRowTile : 1)) {
+          const int R = rows == kRowTile ? kRowTile : 1;
+          const float* mi = mins ? mn.data() + i * blocks : nullptr;
+          if (R == kRowTile)
+            q4_rows_avx512<M, kRowTile>(xr, xs, q + row * row_bytes, d.data(), mi, out, k);
+          else
+            q4_rows_avx512<M, 1>(xr, xs, q + (row + i) * row_bytes, d.data() + i * blocks, mi, out, k);
+          for (int r = 0; r < M; ++r)
+            for (int j = 0; j < R; ++j)
+              y[(r0 + r) * n + row + i + j] = out[r * R + j] + (bias ? bias[row + i + j] : 0.f);
+        }
+      });
     }
-  });
+  }
 }
 #endif
 
@@ -490,26 +487,9 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
     return finish(y, x);
 #endif
   }
-  const bool wide = use_avx512();
-#ifdef LUCIDLM_AVX512
-  if (wide && B % 32 == 0) {
-    q8_gemv_avx512(xp, qp, s, bp, yp, m, n, k, B);
-    return finish(y, x);
-  }
-#endif
-  for_each_row(m, n, count, yp, bp, qp, k, [&](int64_t r0, int64_t rows, int64_t row, float* sc, float* acc) {
-    row_scales(s, row, count, sc);
-#ifdef LUCIDLM_AVX512
-    if (wide) {
-      by_rows(rows, [&](auto M) {
-        q8_rows_avx512_any<decltype(M)::value>(xp + r0 * k, qp + row * k, sc, acc, k, B);
-      });
-      return;
-    }
-#endif
-    q8_rows_portable(xp + r0 * k, qp + row * k, sc, acc, rows, k, B);
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    lucidlm_native::q8_span(xp, qp, s.data_ptr(), s.scalar_type(), bp, yp, m, n, k, B, begin, end);
   });
-  (void)wide;
   return finish(y, x);
 }
 
@@ -533,29 +513,14 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   std::vector<float> xsum(m * blocks);  // Σx per 32-block: carries Q4_0's -8 and Q4_1's m
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t b = 0; b < blocks; ++b) {
-      float t = 0.f;
-      for (int64_t j = 0; j < kQ4Block; ++j) t += xp[r * k + b * kQ4Block + j];
-      xsum[r * blocks + b] = t;
-    }
+  lucidlm_native::q4_sums(xp, m, k, xsum.data());
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const bool wide = use_avx512(), has_mins = mn.defined();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-#ifdef LUCIDLM_AVX512
-  if (wide) {
-    q4_gemv_avx512(xp, xsum.data(), qp, s, mn, bp, y.data_ptr<float>(), m, n, k);
-    return finish(y, x);
-  }
-#endif
-  for_each_row(m, n, blocks, y.data_ptr<float>(), bp, qp, k / 2, [&](int64_t r0, int64_t rows, int64_t row, float* sc, float* acc) {
-    row_scales(s, row, blocks, sc);
-    float* mrow = has_mins ? sc + blocks : nullptr;
-    if (has_mins) row_scales(mn, row, blocks, mrow);
-    const float* xs = xsum.data() + r0 * blocks;
-    q4_rows_portable(xp + r0 * k, xs, qp + row * (k / 2), sc, mrow, acc, rows, k);
+  const void* mp = mn.defined() ? mn.data_ptr() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    lucidlm_native::q4_span(xp, xsum.data(), qp, s.data_ptr(), mp, bp, yp, m, n, k, begin, end);
   });
-  (void)wide;
   return finish(y, x);
 }
 
@@ -566,6 +531,59 @@ std::string q8_path() {
 }
 
 }  // namespace
+
+// The row spans of decode.cpp's native step (native.h): the ops' paths on the calling thread only.
+namespace lucidlm_native {
+
+void q4_sums(const float* x, int64_t m, int64_t k, float* xsum) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < k / kQ4Block; ++b) {
+      float t = 0.f;
+      for (int64_t j = 0; j < kQ4Block; ++j) t += x[r * k + b * kQ4Block + j];
+      xsum[r * (k / kQ4Block) + b] = t;
+    }
+}
+
+void q8_span(const float* x, const int8_t* q, const void* scales, at::ScalarType stype, const float* bias, float* y,
+             int64_t m, int64_t n, int64_t k, int64_t B, int64_t begin, int64_t end) {
+#ifdef LUCIDLM_AVX512
+  if (use_avx512() && B % 32 == 0) return q8_span_avx512(x, q, scales, stype, bias, y, m, n, k, B, begin, end);
+#endif
+  std::vector<float> sc(k / B);
+  float acc[kMaxRows];
+  for (int64_t row = begin; row < end; ++row) {
+    scales_to_float(scales, stype, row * (k / B), k / B, sc.data());
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, m - r0);
+#ifdef LUCIDLM_AVX512
+      if (use_avx512())
+        by_rows(rows, [&](auto M) {
+          q8_rows_avx512_any<decltype(M)::value>(x + r0 * k, q + row * k, sc.data(), acc, k, B);
+        });
+      else
+#endif
+        q8_rows_portable(x + r0 * k, q + row * k, sc.data(), acc, rows, k, B);
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + row] = acc[r] + (bias ? bias[row] : 0.f);
+    }
+  }
+}
+
+void q4_span(const float* x, const float* xsum, const uint8_t* q, const void* scales, const void* mins,
+             const float* bias, float* y, int64_t m, int64_t n, int64_t k, int64_t begin, int64_t end) {
+#ifdef LUCIDLM_AVX512
+  if (use_avx512()) return q4_span_avx512(x, xsum, q, scales, mins, bias, y, m, n, k, begin, end);
+#endif
+  const int64_t blocks = k / kQ4Block;
+  std::vector<float> d(blocks), mn(mins ? blocks : 0), acc(m);
+  for (int64_t row = begin; row < end; ++row) {
+    scales_to_float(scales, at::kHalf, row * blocks, blocks, d.data());
+    if (mins) scales_to_float(mins, at::kHalf, row * blocks, blocks, mn.data());
+    q4_rows_portable(x, xsum, q + row * (k / 2), d.data(), mins ? mn.data() : nullptr, acc.data(), m, k);
+    for (int64_t r = 0; r < m; ++r) y[r * n + row] = acc[r] + (bias ? bias[row] : 0.f);
+  }
+}
+
+}  // namespace lucidlm_native
 
 TORCH_LIBRARY_FRAGMENT(lucidlm_kernels, m) {
   m.def("q8_gemv(Tensor x, Tensor qs, Tensor scales, Tensor? bias) -> Tensor");
