@@ -66,10 +66,6 @@ class LayerCache:
     def settle(self, scores: torch.Tensor | None) -> None:
         """Called once after every ``extend``; evicting policies drop slots here."""
 
-    def see_queries(self, q: torch.Tensor, pos: torch.Tensor) -> None:
-        """The step's rotated queries (batch, heads, tokens, head_size) at ``pos`` (batch, tokens),
-        after ``extend`` and before ``settle`` (only when ``wants_queries``)."""
-
     def end_prompt(self, end: PromptEnd) -> None:
         """The prompt has been read (only when ``holds_prompt``): evict down to ``capacity``."""
 

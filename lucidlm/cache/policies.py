@@ -53,7 +53,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import CacheError
-from .base import KVCache, LayerCache, dense_cache, layer_devices
+from .base import KVCache, dense_cache, layer_devices
 from .duo import DuoLayerCache
 from .kvzip import KVzipLayerCache
 from .presses import ExpectedAttentionLayerCache, QuestionSnapKVLayerCache
