@@ -328,21 +328,27 @@ class LLM:
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, stream: bool = False,
-                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None):
+                 kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None,
+                 question: str | None = None):
         """Continue raw text (no chat template). Greedy when ``temperature == 0``.
 
         ``prompt`` a string returns a string (an iterator of text pieces with ``stream=True``); a list
         of strings is generated as one batch and returns a list. Generation stops at the checkpoint's
         stop tokens, at any string in ``stop`` (not included in the output), or after
         ``max_new_tokens``. ``kv_cache``/``cache_tokens`` pick the KV-cache policy and its budget (tokens
-        per layer, or a share of the longest prompt such as ``"25%"``).
+        per layer, or a share of the longest prompt such as ``"25%"``). ``question``: text appended to
+        every prompt and marked as its question (the prompt is then the context), for the policies
+        that compress knowing it (``snapkv-q``, as kvpress's query-aware setting).
         """
         tok = self._require_tokenizer("generate")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [tok.encode(p) for p in prompts]
+        asked = None if question is None else tok.encode(question, add_special_tokens=False)
+        if asked is not None:
+            ids = [p + asked for p in ids]
         return self._generate_from_ids(ids, isinstance(prompt, str), max_new_tokens,
                                        Sampling(temperature, top_k, top_p, seed), stop, stream,
-                                       kv_cache, cache_tokens)
+                                       kv_cache, cache_tokens, None if asked is None else len(asked))
 
     def chat(self, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -360,11 +366,12 @@ class LLM:
                                        stop, stream, kv_cache, cache_tokens)
 
     def _generate_from_ids(self, ids, single: bool, max_new_tokens: int, sampling: Sampling, stop, stream: bool,
-                           kv_cache: str | PolicySpec, cache_tokens: int | str | None):
+                           kv_cache: str | PolicySpec, cache_tokens: int | str | None, question: int | None = None):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         policy = parse_policy(kv_cache)  # now, not at the first step of the lazy generation
         steps = generate_ids(self.model, ids, max_new_tokens, sampling, self.tokenizer.eos_ids,
-                             kv_cache=policy, cache_tokens=cache_tokens, decoder=self._decoder)
+                             kv_cache=policy, cache_tokens=cache_tokens, decoder=self._decoder,
+                             question_tokens=question)
         if stream:
             if not single:
                 raise GenerationError("stream=True needs a single prompt (got a list): generate a batch without stream")

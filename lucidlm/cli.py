@@ -1,6 +1,7 @@
 """The ``lucidlm`` command line: generate, chat, explain, explain-dataset, diff, diff-report, convert,
-models, download, finetune, pretrain, merge, export, serve, view, evaluate, bench, cache. This module is the
-parser and ``main`` only; each command lives in :mod:`lucidlm.commands`.
+models, download, finetune, pretrain, merge, export, serve, view, evaluate, bench, cache,
+calibrate-heads. This module is the parser and ``main`` only; each command lives in
+:mod:`lucidlm.commands`.
 
 Instant start-up: this module imports neither torch nor a model, so ``--help``, ``lucidlm models``
 and every argument mistake answer at once. Every argument is checked before anything loads: bad
@@ -21,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, cache, convert, diff, diff_report, evaluate, explain, explain_dataset, export, \
-    faithfulness, generate, models, serve, train
+from .commands import bench, cache, calibrate_heads, convert, diff, diff_report, evaluate, explain, explain_dataset, \
+    export, faithfulness, generate, models, serve, train
 from .commands.checks import check
 from .commands.options import Command, Parser, UsageError
 from .errors import LucidError
@@ -38,7 +39,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     generate.GENERATE, generate.CHAT, explain.EXPLAIN, diff.DIFF, explain_dataset.EXPLAIN_DATASET,
     diff_report.DIFF_REPORT, convert.CONVERT, models.MODELS, convert.DOWNLOAD, train.FINETUNE, train.PRETRAIN,
     convert.MERGE, export.EXPORT, serve.SERVE, serve.VIEW, evaluate.EVALUATE, faithfulness.FAITHFULNESS, bench.BENCH,
-    cache.CACHE)}
+    cache.CACHE, calibrate_heads.CALIBRATE_HEADS)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,13 +82,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
                  kv_cache: str | PolicySpec = "dense", cache_tokens: int | str | None = None,
-                 chunk_size: int = 256, decoder=None) -> Iterator[list[int | None]]:
+                 chunk_size: int = 256, decoder=None,
+                 question_tokens: int | Sequence[int] | None = None) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (``None`` once that sequence has stopped).
 
     A sequence stops at a token in ``stop_ids`` (which is yielded), after ``max_new_tokens``, or at
     the model's context length. ``kv_cache``: a policy spec, text or a parsed
     :class:`~lucidlm.cache.spec.PolicySpec`. ``decoder``: a :class:`~lucidlm.compiled.CompiledDecoder`
     for the decode steps (plain dense cache only; other policies decode eagerly).
+    ``question_tokens``: how many trailing tokens of each prompt are the question (one number, or
+    one per prompt), for the policies that compress the prompt knowing its question (``snapkv-q``;
+    kvpress's query-aware setting); None: not marked.
     """
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: expected >= 0")
@@ -112,7 +116,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         # one forward, as transformers: its length picks the frequencies (a bounded policy keeps its
         # chunks, and so its memory bound: each chunk then rotates by its own length)
         chunk_size = max(chunk_size, needed)
-    cache, logits = _prefill(model, prompts, ids, pos, spec, cache_tokens, chunk_size, dtype, device)
+    cache, logits = _prefill(model, prompts, ids, pos, spec, cache_tokens, chunk_size, dtype, device,
+                             question_tokens)
     next_pos = pos.max(dim=1).values.to(device) + 1
     step_fn = decoder if compiled and decoder.prepare(cache) else decode_step
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -138,7 +143,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
 
 
 def _prefill(model, prompts: Sequence[Sequence[int]], ids: torch.Tensor, pos: torch.Tensor, spec: PolicySpec,
-             cache_tokens: int, chunk_size: int, dtype: torch.dtype, device: torch.device):
+             cache_tokens: int, chunk_size: int, dtype: torch.dtype, device: torch.device,
+             question: int | Sequence[int] | None = None):
     """The prompts' cache and last logits (batch, vocab): packed into one sequence when a plain
     dense batch is short enough, else left-padded (``ids``, ``pos``) and prefilled in chunks."""
     from .cache import build_cache, prefill
@@ -147,7 +153,8 @@ def _prefill(model, prompts: Sequence[Sequence[int]], ids: torch.Tensor, pos: to
         return prefill_packed(model, prompts, cache_tokens, dtype, device)
     cache = build_cache(model.config, len(prompts), spec, cache_tokens, dtype=dtype,
                         device=cache_devices(model, device))  # split by device_map: each layer's with its block
-    return cache, prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device))
+    return cache, prefill(model, ids.to(device), cache, chunk_size=chunk_size, positions=pos.to(device),
+                          question=question)
 
 
 def decode_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache, model) -> torch.Tensor:

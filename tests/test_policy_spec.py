@@ -22,7 +22,7 @@ PROMPTS = [[5, 17, 3, 99, 42, 8], [7, 7, 120, 4]]
 #: spellings of the plain dense policy that the grammar accepts (blanks and empty parentheses)
 DENSE_SPELLINGS = ["dense", "dense()", " dense ", " dense ( ) ", PolicySpec("dense")]
 #: what attention may read of a layer cache (lucidlm.cache.base's contract)
-CONTRACT = {"extend", "settle", "visibility", "wants_scores", "score_queries"}
+CONTRACT = {"extend", "settle", "visibility", "wants_scores", "score_queries", "wants_queries", "see_queries"}
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,13 @@ value size): keys and values per KV group for most models; multi-head latent att
 zero-width values, so every policy keeps and evicts latent slots.
 
 Because positions travel with the slots, a policy may keep any subset of tokens (gaps are fine).
-Besides these two steps, attention reads three attributes, which every layer cache has (the base
+``key_pos`` is (batch, keys) when every KV group holds the same tokens, or (batch, groups, keys)
+when each group keeps its own (per-head eviction, :mod:`lucidlm.cache.slots`): slot j of group g
+then holds the token at ``key_pos[b, g, j]``, and attention masks each group with its own positions.
+Besides these two steps, attention reads four members, which every layer cache has (the base
 class gives their defaults): ``wants_scores``, ``score_queries`` (which of a step's queries the
-``scores`` sum over) and ``visibility`` (a restriction of the causal mask). ``capacity`` is the
+``scores`` sum over), ``visibility`` (a restriction of the causal mask) and ``wants_queries``
+(then it hands the step's rotated queries to ``see_queries`` before ``settle``). ``capacity`` is the
 most slots a layer keeps between steps (None: unbounded). Nothing else of a cache is read by the
 model: a policy says what it needs through these members, never through members of its own.
 :mod:`lucidlm.cache.policies` holds the evicting policies, :func:`lucidlm.cache.build_cache` builds
@@ -28,6 +32,8 @@ any of them by name.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -42,17 +48,36 @@ class LayerCache:
     score_queries: int | None = None
     #: the most slots kept between steps; None: unbounded
     capacity: int | None = None
+    #: keeps every token while a prompt streams through and evicts once, at :meth:`end_prompt`
+    #: (kvpress's "compress after prefill"); the prompt then goes through in one chunk
+    holds_prompt: bool = False
+    #: whether attention hands the step's queries to :meth:`see_queries` (after ``extend``)
+    wants_queries: bool = False
+    #: KV groups of the slots (None: not said)
+    groups: int | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         raise NotImplementedError
 
+    def see_queries(self, q: torch.Tensor, pos: torch.Tensor) -> None:
+        """The step's queries (batch, heads, tokens, head_size), rotated at their positions ``pos``
+        (batch, tokens); called between ``extend`` and ``settle`` when ``wants_queries``."""
+
     def settle(self, scores: torch.Tensor | None) -> None:
         """Called once after every ``extend``; evicting policies drop slots here."""
 
+    def see_queries(self, q: torch.Tensor, pos: torch.Tensor) -> None:
+        """The step's rotated queries (batch, heads, tokens, head_size) at ``pos`` (batch, tokens),
+        after ``extend`` and before ``settle`` (only when ``wants_queries``)."""
+
+    def end_prompt(self, end: PromptEnd) -> None:
+        """The prompt has been read (only when ``holds_prompt``): evict down to ``capacity``."""
+
     def visibility(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """Which of the keys ``extend`` returned each query may see, beyond the causal mask:
-        (batch, 1, queries, keys) bool, or None (all of them: every policy that evicts does so
-        by dropping slots). A replay of a policy's history (``explain.cached``) restricts it."""
+        (batch, 1 | groups | heads, queries, keys) bool (attention repeats a per-group one for the
+        group's query heads), or None (all of them: every policy that evicts does so by dropping
+        slots). A replay of a policy's history (``explain.cached``) restricts it."""
         return None
 
     def memory_bytes(self) -> int:
@@ -63,13 +88,33 @@ class LayerCache:
         return []
 
     def positions(self) -> torch.Tensor:
-        """(batch, slots) true positions of the kept tokens (-1: empty or padding)."""
+        """(batch, slots) true positions of the kept tokens (-1: empty or padding); (batch, groups,
+        slots) for a cache whose KV groups keep their own slots."""
         return self.pos
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEnd:
+    """What a layer learns when a prompt ends (:meth:`KVCache.end_prompt`): the model, the prompt
+    chunk just read (``input_ids``, ``positions`` (batch, tokens), -1 on left padding), how many of
+    its trailing tokens are the question (None: not marked) and the layer's index."""
+
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    question: int | None
+    layer: int
+
+    @property
+    def attention(self) -> torch.nn.Module:
+        """This layer's attention module (its scale, RoPE)."""
+        return self.model.layers[self.layer].attn
 
 
 class VisibleKeys(LayerCache):
     """One layer for a forward over a whole sequence in which query i may see key j only where
-    ``visible[i, j]`` (tokens, tokens) is true, on top of the causal mask. Stores nothing between
+    ``visible[i, j]`` (tokens, tokens) is true, on top of the causal mask; per KV group where
+    ``visible[g, i, j]`` (groups, tokens, tokens) is (a per-head policy's replay). Stores nothing between
     forwards; keeps the keys and values of the last one (``k``, ``v``). Replays a policy's history
     (:mod:`lucidlm.explain.cached`) and prefills prompts packed into one sequence
     (:func:`lucidlm.generate.prefill_packed`)."""
@@ -83,7 +128,8 @@ class VisibleKeys(LayerCache):
         return k, v, pos
 
     def visibility(self, q_pos, k_pos):
-        return self.visible.to(q_pos.device)[None, None]
+        visible = self.visible.to(q_pos.device)
+        return visible[None] if visible.dim() == 3 else visible[None, None]
 
 
 class KVCache:
@@ -106,6 +152,23 @@ class KVCache:
         """Record that tokens at ``positions`` (batch, tokens) were appended (padding is -1)."""
         self.next_position = positions.max(dim=1).values + 1
 
+    @property
+    def holds_prompt(self) -> bool:
+        """Whether a prompt must be read whole and then :meth:`end_prompt` called (kvpress presses)."""
+        return any(layer.holds_prompt for layer in self.layers)
+
+    def end_prompt(self, model, input_ids: torch.Tensor, positions: torch.Tensor, question: int | None = None) -> None:
+        """Tell every layer that the prompt ``input_ids`` at ``positions`` (batch, tokens) has been
+        read, its last ``question`` tokens the question (None: no question marked): a holding
+        policy scores its slots now, after any pass over the model it needs (kvzip's reconstruction,
+        run here once for all layers), and evicts down to its budget."""
+        model = getattr(model, "model", model)  # an LLM or the GPT itself
+        passes = {layer.prompt_pass for layer in self.layers if getattr(layer, "prompt_pass", None)}
+        for run in passes:
+            run(self, model, input_ids, positions, question)
+        for i, layer in enumerate(self.layers):
+            layer.end_prompt(PromptEnd(model, input_ids, positions, question, i))
+
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
 
@@ -119,14 +182,30 @@ class KVCache:
         """Per layer, the positions of ``sequence`` still in the cache (what the model still sees).
 
         Window and sink keep the same tokens in every layer; H2O decides per layer, so a token can be
-        gone from some layers only. An explanation shows tokens in no layer's set as evicted.
+        gone from some layers only. A per-head layer (``heads="each"``/``"adaptive"``) reports the
+        positions any of its heads still holds (:meth:`kept_by_head`: each head's). An explanation
+        shows tokens in no layer's set as evicted.
         """
-        return [{p for p in layer.positions()[sequence].tolist() if p >= 0} for layer in self.layers]
+        return [set().union(*heads) for heads in self.kept_by_head(sequence)]
+
+    def kept_by_head(self, sequence: int = 0) -> list[list[set[int]]]:
+        """Per layer, per KV group, the positions of ``sequence`` that group still holds; a layer
+        whose groups share their slots gives the one set for each of its groups (one set when the
+        layer does not say how many groups it has)."""
+        return [_kept_by_group(layer, sequence) for layer in self.layers]
 
     @property
     def capacity(self) -> int | None:
         """Most tokens a layer keeps between steps (None: unbounded)."""
         return self.layers[0].capacity
+
+
+def _kept_by_group(layer: LayerCache, sequence: int) -> list[set[int]]:
+    pos = layer.positions()[sequence]
+    if pos.dim() == 2:  # per head: (groups, slots)
+        return [{p for p in row if p >= 0} for row in pos.tolist()]
+    kept = {p for p in pos.tolist() if p >= 0}
+    return [set(kept) for _ in range(layer.groups or 1)]
 
 
 class DenseLayerCache(LayerCache):
@@ -138,7 +217,7 @@ class DenseLayerCache(LayerCache):
         value_size = head_size if value_size is None else value_size  # 0: a layer that caches keys only
         self.v = torch.zeros(batch, groups, capacity, value_size, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
-        self.capacity, self.filled, self._last = capacity, 0, 0
+        self.capacity, self.filled, self._last, self.groups = capacity, 0, 0, groups
         self.cursor: torch.Tensor | None = None  # set by make_static
 
     def make_static(self) -> None:

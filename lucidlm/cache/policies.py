@@ -22,18 +22,15 @@ current step are attended at full precision and quantised in ``settle``. Decisio
 sequence of the batch; a left-padded sequence evicts exactly as it would alone (padding slots go
 first and count as nothing).
 
-**One decision per layer, shared by its KV groups (no per-head eviction).** SnapKV, PyramidKV,
-key-norm and keys_values' H2O variants score each KV head and may keep different tokens per head.
-Here a slot holds the key and value of every group at one position: positions are
-(batch, slots), attention's mask is one (batch, 1, queries, keys) for all heads, and what a layer
-keeps is one set of positions, which :meth:`~lucidlm.cache.base.KVCache.kept_positions` reports
-and an explanation's replay (:mod:`lucidlm.explain.cached`) reproduces as one visibility matrix
-per layer. So every per-head score is averaged over the groups (SnapKV already averages over the
-heads of a group) and the layer keeps the best slots on average. Per-head slots would need
-positions and masks per group ((batch, groups, slots), a (batch, heads, queries, keys) mask that
-no fused kernel shares across heads), gathers per group in every store, and per-head visibility
-in the replay, for a gain the papers report mostly at very small budgets. We chose the shared
-layout.
+**Shared or per-head slots** (:mod:`lucidlm.cache.slots`). SnapKV, PyramidKV, key-norm and
+keys_values' H2O variants score each KV head. The scored policies take ``heads``: ``shared``
+(default) makes one decision per layer on the groups' mean score, and every group keeps the same
+positions (batch, slots); ``each`` lets every KV group keep its own ``capacity`` best slots;
+``adaptive`` shares the layer's ``groups * capacity`` slots out among the groups by score (AdaKV,
+with its floor). Per-head positions are (batch, groups, slots); attention masks each group with
+its own, :meth:`~lucidlm.cache.base.KVCache.kept_positions` reports the union over a layer's
+heads and :meth:`~lucidlm.cache.base.KVCache.kept_by_head` each head's, and an explanation's
+replay (:mod:`lucidlm.explain.cached`) restricts each head to what it saw.
 
 >>> import torch
 >>> layer = WindowLayerCache(batch=1, groups=1, head_size=4, capacity=3)
@@ -57,118 +54,12 @@ from torch.nn import functional as F
 
 from ..errors import CacheError
 from .base import KVCache, LayerCache, dense_cache, layer_devices
+from .duo import DuoLayerCache
+from .kvzip import KVzipLayerCache
+from .presses import ExpectedAttentionLayerCache, QuestionSnapKVLayerCache
 from .quant import STORES, FloatStore
-from .spec import POLICY_NAMES, PolicySpec, parse_policy
-
-
-def _take(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``t`` (batch, ..., slots) at the slots ``keep`` (batch, kept)."""
-    index = keep.view(keep.shape[0], *[1] * (t.dim() - 2), keep.shape[1])
-    return t.gather(-1, index.expand(*t.shape[:-1], keep.shape[1]))
-
-
-def _protected(pos: torch.Tensor, recent: int, n_sink: int = 0) -> torch.Tensor:
-    """(batch, slots) bool: the ``recent`` newest positions of each row and positions below ``n_sink``."""
-    protected = (pos >= 0) & (pos < n_sink)
-    if recent:
-        newest = pos.topk(min(recent, pos.shape[1]), dim=1).values[:, -1:]
-        protected |= (pos >= newest) & (pos >= 0)
-    return protected
-
-
-def _minmax(x: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-    """``x`` (batch, slots) scaled to [0, 1] by the min and max over the slots ``among`` of each row
-    (0 where the row's range is empty or zero)."""
-    low = x.masked_fill(~among, torch.inf).amin(1, keepdim=True)
-    span = x.masked_fill(~among, -torch.inf).amax(1, keepdim=True) - low
-    return torch.where(span > 0, (x - low) / span, torch.zeros_like(x))
-
-
-class SlotLayerCache(LayerCache):
-    """Keeps at most ``capacity`` slots between steps; subclasses rank the slots.
-
-    ``slot_state`` names per-slot tensors (batch, [groups,] slots) that follow the slots through
-    eviction: :meth:`observe` extends them to every slot of the step, ``settle`` keeps the survivors.
-    """
-
-    policy = "window"  # the name error messages give
-    slot_state: tuple[str, ...] = ()
-    #: under tensor parallelism (:mod:`lucidlm.model.parallel`) each process holds some of the KV
-    #: groups: this joins every process's groups (batch, groups, ...) so that the layer's one
-    #: decision, made on their mean, is the same on every process; None: all groups are here
-    gather_groups: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def __init__(self, batch: int, groups: int, head_size: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 store: type[FloatStore] = FloatStore, value_size: int | None = None) -> None:
-        self.capacity = capacity
-        value_size = head_size if value_size is None else value_size
-        self.store = store(head_size, dtype)
-        # no values (0: a layer that caches keys only, MLA's latent) are nothing to quantise
-        self.value_store = store(value_size, dtype) if value_size else FloatStore(0, dtype)
-        self.k = self.store.encode(torch.zeros(batch, groups, 0, head_size, dtype=dtype, device=device))
-        self.v = self.value_store.encode(torch.zeros(batch, groups, 0, value_size, dtype=dtype, device=device))
-        self.pos = torch.full((batch, 0), -1, dtype=torch.long, device=device)
-        self._new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    # ---- the contract ------------------------------------------------------------------------
-    def extend(self, k, v, pos):
-        self._new = (k, v, pos)
-        keys = torch.cat([self.store.decode(self.k), k.to(self.store.dtype)], dim=2)
-        values = torch.cat([self.value_store.decode(self.v), v.to(self.value_store.dtype)], dim=2)
-        return keys, values, torch.cat([self.pos, pos], dim=1)
-
-    def settle(self, scores):
-        if self._new is None:
-            raise CacheError("settle() called without a preceding extend()")
-        k, v, pos = self._new
-        self._new = None
-        if bool((pos < 0).any()):  # padding may hold NaN (a query with no visible key): store zeros
-            pad = (pos < 0)[:, None, :, None]
-            k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-        all_pos = torch.cat([self.pos, pos], dim=1)
-        self.observe(scores, k, v, pos)
-        keep = self.select(all_pos) if all_pos.shape[1] > self.capacity else None
-        self.k = self._merge(self.k, self.store.encode(k), keep)
-        self.v = self._merge(self.v, self.value_store.encode(v), keep)
-        self.pos = all_pos if keep is None else all_pos.gather(1, keep)
-        if keep is not None:
-            for name in self.slot_state:
-                setattr(self, name, _take(getattr(self, name), keep))
-
-    def buffers(self):
-        return [*self.k, *self.v, self.pos, *(getattr(self, name) for name in self.slot_state)]
-
-    # ---- policy hooks ------------------------------------------------------------------------
-    def priority(self, pos: torch.Tensor) -> torch.Tensor:
-        """(batch, slots) float: the ``capacity`` highest survive. Default: the most recent."""
-        return pos.float()
-
-    def observe(self, scores: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """See this step: attention ``scores`` (policies with ``wants_scores`` only; else None) and
-        the new tokens' keys, values (padding zeroed) and positions. Extends ``slot_state``."""
-
-    # ---- helpers -----------------------------------------------------------------------------
-    def group_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """A per-group score (batch, groups, slots) averaged over every KV group of the layer."""
-        return (x if self.gather_groups is None else self.gather_groups(x)).mean(1)
-
-    def select(self, all_pos: torch.Tensor) -> torch.Tensor:
-        """Indices (batch, capacity) of the slots to keep, in their old order."""
-        rank = self.priority(all_pos).masked_fill(all_pos < 0, -torch.inf)  # empty slots go first
-        return rank.topk(self.capacity, dim=1).indices.sort(dim=1).values
-
-    @staticmethod
-    def _merge(old: list[torch.Tensor], new: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tensor]:
-        parts = [torch.cat([o, n], dim=2) for o, n in zip(old, new)]
-        if keep is None:
-            return parts
-        return [p.gather(2, keep[:, None, :, None].expand(p.shape[0], p.shape[1], -1, p.shape[3]))
-                for p in parts]
-
-    def _empty_state(self, *shape: int) -> torch.Tensor:
-        """A float32 per-slot state with no slots yet: (batch, *shape, 0)."""
-        return torch.zeros(self.pos.shape[0], *shape, 0, device=self.pos.device)
+from .slots import SlotLayerCache, _minmax, _protected, grown
+from .spec import POLICY_NAMES, PolicySpec, default_window, parse_policy
 
 
 class WindowLayerCache(SlotLayerCache):
@@ -228,12 +119,12 @@ class H2OLayerCache(SlotLayerCache):
             raise CacheError(f"cache_tokens={self.capacity} must exceed the protected recent window "
                              f"({self.recent}) plus sinks ({n_sink}) of policy {self.policy!r}")
         self.n_sink = n_sink
-        self.score = self._empty_state()  # (batch, slots) float32
+        self.score = self._empty_score()  # (batch, [groups,] slots) float32
 
     def observe(self, scores, k, v, pos):
-        total = torch.cat([self.score, torch.zeros(self.score.shape[0], k.shape[2], device=self.score.device)], 1)
+        total = grown(self.score, k.shape[2])
         if scores is not None:  # NaN only from padding queries with nothing visible: worth nothing
-            total = total + self.group_mean(self.instant(torch.nan_to_num(scores.float(), nan=0.0), pos))
+            total = total + self.per_group(self.instant(torch.nan_to_num(scores.float(), nan=0.0), pos))
         self.score = total
 
     def instant(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -298,11 +189,11 @@ class QuantH2OLayerCache(H2OLayerCache):
     def __init__(self, *args, weight: float = 0.5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight = weight
-        self.q_error = self._empty_state()  # (batch, slots)
+        self.q_error = self._empty_score()  # (batch, [groups,] slots)
 
     def observe(self, scores, k, v, pos):
-        error = self.group_mean(self.store.error(k.detach()) + self.value_store.error(v.detach()))
-        self.q_error = torch.cat([self.q_error, error], dim=1)
+        error = self.per_group(self.store.error(k.detach()) + self.value_store.error(v.detach()))
+        self.q_error = torch.cat([self.q_error, error], dim=-1)
         super().observe(scores, k, v, pos)
 
     def priority(self, pos):
@@ -349,11 +240,11 @@ class SnapKVLayerCache(SlotLayerCache):
 
     def priority(self, pos):
         if self._step is None:
-            step = torch.zeros(pos.shape[0], 1, pos.shape[1], device=pos.device)
+            step = torch.zeros(pos.shape[0], pos.shape[1] if self.per_head else 1, pos.shape[-1], device=pos.device)
         else:  # padding and empty slots score nothing, as SnapKV's zero padding of the pooling
-            step = self._step.masked_fill((pos < 0)[:, None, :], 0.0)
+            step = self._step.masked_fill(pos < 0 if self.per_head else (pos < 0)[:, None, :], 0.0)
         pool = F.avg_pool1d if self.pool == "avg" else F.max_pool1d
-        pooled = self.group_mean(pool(step, self.kernel, stride=1, padding=self.kernel // 2))
+        pooled = self.per_group(pool(step, self.kernel, stride=1, padding=self.kernel // 2))
         return pooled.masked_fill(_protected(pos, self.window), torch.inf)
 
 
@@ -396,10 +287,10 @@ class KNormLayerCache(SlotLayerCache):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.k_norm = self._empty_state()  # (batch, slots)
+        self.k_norm = self._empty_score()  # (batch, [groups,] slots)
 
     def observe(self, scores, k, v, pos):
-        self.k_norm = torch.cat([self.k_norm, self.group_mean(k.detach().float().norm(dim=-1))], dim=1)
+        self.k_norm = torch.cat([self.k_norm, self.per_group(k.detach().float().norm(dim=-1))], dim=-1)
 
     def priority(self, pos):
         return -self.k_norm
@@ -411,15 +302,10 @@ class DenseSlotLayerCache(SlotLayerCache):
     policy = "dense"
 
     def extend(self, k, v, pos):
-        if self.pos.shape[1] + pos.shape[1] > self.capacity:
-            raise CacheError(f"dense cache full: {self.pos.shape[1] + pos.shape[1]} tokens > "
+        if self.pos.shape[-1] + pos.shape[-1] > self.capacity:
+            raise CacheError(f"dense cache full: {self.pos.shape[-1] + pos.shape[-1]} tokens > "
                              f"cache_tokens={self.capacity}; use an evicting policy or a larger budget")
         return super().extend(k, v, pos)
-
-
-def default_window(cache_tokens: int) -> int:
-    """SnapKV's observation window when none is given: 32 (the paper's), at most half the budget."""
-    return max(1, min(32, cache_tokens // 2))
 
 
 def pyramid_budgets(cache_tokens: int, n_layer: int, window: int, beta: int = 20) -> list[int]:
@@ -450,6 +336,9 @@ EVICTION_CLASSES: dict[str, type[SlotLayerCache]] = {
     "dense": DenseSlotLayerCache, "window": WindowLayerCache, "sink": SinkLayerCache, "h2o": H2OLayerCache,
     "snapkv": SnapKVLayerCache, "tova": TOVALayerCache, "knorm": KNormLayerCache, "pyramidkv": SnapKVLayerCache,
     "h2o-vlen": VLengthH2OLayerCache, "qh2o": QuantH2OLayerCache,
+    # presses: hold the prompt, compress at its end (presses.py, kvzip.py, duo.py)
+    "expected-attention": ExpectedAttentionLayerCache, "kvzip": KVzipLayerCache, "snapkv-q": QuestionSnapKVLayerCache,
+    "duo": DuoLayerCache,
 }
 
 
@@ -488,8 +377,11 @@ def build_cache(config, batch: int, policy: str | PolicySpec = "dense", cache_to
         raise CacheError(f"policy {str(spec)!r} ranks tokens by their values' norms, and this model's cache holds no "
                          "values (multi-head latent attention caches the latent); use h2o")
     devices = layer_devices(device, config.n_layer)
-    return KVCache([cls(batch, groups, key_size, c, dtype, d, store=store, value_size=value_size, **params)
-                    for c, d in zip(capacities, devices)])
+    # a class may set each layer's arguments itself (duo: its heads' scores from a file)
+    layer_params = getattr(cls, "layer_params", None)
+    per_layer = layer_params(config, params) if layer_params else [params] * config.n_layer
+    return KVCache([cls(batch, groups, key_size, c, dtype, d, store=store, value_size=value_size, **p)
+                    for c, d, p in zip(capacities, devices, per_layer)])
 
 
 def _factory(spec: PolicySpec, config, batch: int, cache_tokens: int | None = None, **kwargs) -> KVCache:

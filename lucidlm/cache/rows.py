@@ -36,25 +36,32 @@ class RowsLayerCache(LayerCache):
         first = self.rows[0]
         # one policy for every row: the first one speaks for all
         self.wants_scores, self.score_queries, self.capacity = first.wants_scores, first.score_queries, first.capacity
+        self.wants_queries, self.groups = first.wants_queries, first.groups
         self._lengths: list[int] = []
 
     def extend(self, k, v, pos):
         outs = [row.extend(k[i:i + 1], v[i:i + 1], pos[i:i + 1]) for i, row in enumerate(self.rows)]
-        self._lengths = [out[2].shape[1] for out in outs]
+        self._lengths = [out[2].shape[-1] for out in outs]
         if len(outs) == 1:
             return outs[0]
         return _pad_stack([o[0] for o in outs]), _pad_stack([o[1] for o in outs]), _pad_positions([o[2] for o in outs])
+
+    def see_queries(self, q, pos):
+        for i, row in enumerate(self.rows):
+            row.see_queries(q[i:i + 1], pos[i:i + 1])
 
     def settle(self, scores):
         for i, (row, n) in enumerate(zip(self.rows, self._lengths)):
             row.settle(None if scores is None else scores[i:i + 1, :, :n])
 
     def visibility(self, q_pos, k_pos):
-        seen = [row.visibility(q_pos[i:i + 1], k_pos[i:i + 1, :n])
+        seen = [row.visibility(q_pos[i:i + 1], k_pos[i:i + 1, ..., :n])
                 for i, (row, n) in enumerate(zip(self.rows, self._lengths))]
         if all(s is None for s in seen):
             return None
-        visible = torch.zeros(len(seen), 1, q_pos.shape[1], k_pos.shape[1], dtype=torch.bool, device=q_pos.device)
+        heads = max(1 if s is None else s.shape[1] for s in seen)  # 1, groups or heads: the same for all rows
+        visible = torch.zeros(len(seen), heads, q_pos.shape[1], k_pos.shape[-1], dtype=torch.bool,
+                              device=q_pos.device)
         for i, (s, n) in enumerate(zip(seen, self._lengths)):
             visible[i, :, :, :n] = True if s is None else s[0]
         return visible
@@ -75,7 +82,7 @@ class DenseRowsLayerCache(LayerCache):
     def __init__(self, rows: Sequence[LayerCache]) -> None:
         self.rows = list(rows)
         first = self.rows[0]
-        self.capacity = max(row.capacity for row in self.rows)
+        self.capacity, self.groups = max(row.capacity for row in self.rows), first.groups
         shape = (len(self.rows), first.k.shape[1], self.capacity)
         self.k = first.k.new_zeros(*shape, first.k.shape[3])
         self.v = first.v.new_zeros(*shape, first.v.shape[3])
@@ -138,10 +145,11 @@ def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _pad_positions(parts: list[torch.Tensor]) -> torch.Tensor:
-    longest = max(p.shape[1] for p in parts)
-    out = torch.full((len(parts), longest), -1, dtype=torch.long, device=parts[0].device)
+    """(1, [groups,] n_i) positions -> (rows, [groups,] longest), -1 after each row's (and group's) n_i."""
+    longest = max(p.shape[-1] for p in parts)
+    out = torch.full((len(parts), *parts[0].shape[1:-1], longest), -1, dtype=torch.long, device=parts[0].device)
     for i, p in enumerate(parts):
-        out[i, :p.shape[1]] = p[0]
+        out[i, ..., :p.shape[-1]] = p[0]
     return out
 
 

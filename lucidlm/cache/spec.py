@@ -88,12 +88,59 @@ class Policy:
         raise CacheError(f"policy {self.name!r}: unknown parameter {name!r}; {self.name} {takes}")
 
 
+#: the ``heads`` settings of a scored policy (:mod:`lucidlm.cache.slots`)
+HEADS = ("shared", "each", "adaptive")
 _RECENT = Param("recent", int, None, "most recent tokens never evicted (default: cache_tokens // 2)", low=1)
 _H2O_SINK = Param("n_sink", int, 0, "first positions never evicted", low=0)
 _WINDOW = Param("window", int, None, "observation window: the step's last queries score the keys, and the "
                 "newest tokens are kept (default: min(32, cache_tokens // 2))", low=1)
 _KERNEL = Param("kernel", int, 5, "pooling kernel along the keys (odd)", low=1, odd=True)
 _POOL = Param("pool", str, "avg", "pooling of the window's scores along the keys", choices=("avg", "max"))
+#: where a scored policy decides (:mod:`lucidlm.cache.slots`): one set of positions for all KV heads of a
+#: layer, each head its own, or each its own with the layer's budget shared out by score (AdaKV)
+_HEADS = Param("heads", str, "shared", "per KV head: shared (one decision per layer on the heads' mean), each "
+               "(every head keeps its own cache_tokens best), adaptive (AdaKV, Feng et al. 2024: the layer's "
+               "heads x cache_tokens slots go to the best scores of all heads, each head keeping its best 20%)",
+               choices=HEADS)
+
+#: the presses decide per KV head unless told otherwise (kvpress's presses score each head)
+_HEADS_EACH = dataclasses.replace(_HEADS, default="each")
+
+
+def default_window(cache_tokens: int) -> int:
+    """SnapKV's observation window when none is given: 32 (the paper's), at most half the budget.
+
+    >>> default_window(512), default_window(10)
+    (32, 5)
+    """
+    return max(1, min(32, cache_tokens // 2))
+
+
+#: policies that hold the prompt and compress at its end (:mod:`lucidlm.cache.presses`)
+PRESSES = (
+    Policy("expected-attention", "Expected Attention (Devoto et al., 2025; kvpress): keys scored by the "
+                                 "attention future queries are expected to pay, from the prompt's query statistics",
+           (Param("n_future_positions", int, 512, "future positions whose mean rotation the query statistics "
+                  "take", low=1),
+            Param("n_sink", int, 4, "first positions kept, and left out of the statistics", low=0),
+            Param("use_covariance", int, 1, "1: the queries' covariance term, 0: the mean only", low=0, high=1),
+            Param("use_vnorm", int, 1, "1: scores times the value norm", low=0, high=1),
+            Param("epsilon", float, 0.0, "added to the scores before the value norm", low=0),
+            Param("n_queries", int, 512, "the prompt's last queries the statistics are taken over", low=1),
+            _HEADS_EACH)),
+    Policy("kvzip", "KVzip (Kim et al., 2025; kvpress): max attention each key receives when the model "
+                    "re-reads the prompt after itself (prefill about 2x)",
+           (Param("chunk", int, 512, "tokens per chunk of the re-reading pass", low=1), _HEADS_EACH)),
+    Policy("snapkv-q", "question-aware SnapKV (Li et al., 2024; kvpress): the observation window is the "
+                       "question when marked, compressed once at the prompt's end", (_WINDOW, _KERNEL, _POOL, _HEADS_EACH)),
+    Policy("duo", "DuoAttention (Xiao et al., 2025): retrieval heads keep the prompt, streaming heads sinks + "
+                  "a recent window; heads from lucidlm calibrate-heads",
+           (Param("heads_file", str, None, "the head-score file of lucidlm calibrate-heads MODEL --out FILE "
+                  "(default: each layer ranks its heads on the prompt's last queries)"),
+            Param("n_sink", int, 4, "first positions a streaming head keeps", low=0),
+            Param("window", int, None, "recent tokens a streaming head keeps (default: min(32, cache_tokens // 2))",
+                  low=1))),
+)
 
 #: every eviction policy, in the order error messages and help list them
 TABLE: dict[str, Policy] = {p.name: p for p in (
@@ -102,20 +149,23 @@ TABLE: dict[str, Policy] = {p.name: p for p in (
     Policy("sink", "StreamingLLM (Xiao et al., ICLR 2024): the first tokens forever, plus the most recent",
            (Param("n_sink", int, 4, "first positions never evicted", low=1),)),
     Policy("h2o", "heavy hitters (Zhang et al., NeurIPS 2023): highest accumulated attention, plus the "
-                  "most recent", (_RECENT, _H2O_SINK)),
+                  "most recent", (_RECENT, _H2O_SINK, _HEADS)),
     Policy("snapkv", "SnapKV (Li et al., 2024): attention of the step's last `window` queries, pooled "
-                     "along the keys", (_WINDOW, _KERNEL, _POOL)),
-    Policy("tova", "TOVA (Oren et al., 2024): lowest attention from the newest query, averaged over heads"),
-    Policy("knorm", "key norm (Devoto et al., EMNLP 2024): evict the keys of largest L2 norm"),
+                     "along the keys", (_WINDOW, _KERNEL, _POOL, _HEADS)),
+    Policy("tova", "TOVA (Oren et al., 2024): lowest attention from the newest query, averaged over heads",
+           (_HEADS,)),
+    Policy("knorm", "key norm (Devoto et al., EMNLP 2024): evict the keys of largest L2 norm", (_HEADS,)),
     Policy("pyramidkv", "PyramidKV (Cai et al., 2024): SnapKV with budgets shrinking with depth "
                         "(same total)", (_WINDOW, _KERNEL, _POOL,
                                          Param("beta", int, 20, "steepness: last layer's share is 1/beta of "
-                                               "the mean", low=1))),
-    Policy("h2o-vlen", "H2O scoring attention times value norm (keys_values, Amazon)", (_RECENT, _H2O_SINK)),
+                                               "the mean", low=1), _HEADS)),
+    Policy("h2o-vlen", "H2O scoring attention times value norm (keys_values, Amazon)",
+           (_RECENT, _H2O_SINK, _HEADS)),
     Policy("qh2o", "H2O minus quantisation error (keys_values after Q-Hitter, Zhang et al., MLSys 2024); "
                    "plain H2O without +int8/+int4",
            (_RECENT, _H2O_SINK, Param("weight", float, 0.5, "weight of the H2O score against the "
-                                      "quantisation error", low=0, high=1))),
+                                      "quantisation error", low=0, high=1), _HEADS)),
+    *PRESSES,
 )}
 #: eviction policies: how a bounded cache chooses which keys to drop
 EVICTIONS = tuple(TABLE)
@@ -357,6 +407,7 @@ __all__ = [
     "DEFAULT_CACHE_TOKENS",
     "EVICTIONS",
     "GRAMMAR",
+    "HEADS",
     "POLICY_NAMES",
     "QUANTS",
     "TABLE",

@@ -192,7 +192,9 @@ class Explanation(Result):
 
     ``evicted`` (bool per token) marks tokens a KV-cache policy dropped, so the model never saw
     them for this prediction: they have relevance 0 and every rendering greys and strikes them
-    through. ``layers`` holds latent relevances, e.g. ``"layers.3.attn"`` -> ``(n_heads,)``.
+    through. ``kept_heads`` (layers, KV groups, tokens) bool, under an evicting policy, says which
+    tokens each head still held for the prediction (a per-head policy keeps different ones per
+    head; ``evicted`` marks those no head of any layer held). ``layers`` holds latent relevances, e.g. ``"layers.3.attn"`` -> ``(n_heads,)``.
     ``token_ids`` may be empty when the ids are unknown. ``segments`` (optional) names character
     ranges of :attr:`text`, ``[{"label": "Document 1", "start": 12, "end": 80}, ...]``: set by
     ``LLM.explain(..., context=[...])`` and :meth:`spans`, read by :meth:`context`.
@@ -230,6 +232,9 @@ class Explanation(Result):
     #: labelled character ranges of :attr:`text` (documents of a RAG prompt, user spans), or None;
     #: JSON without it (older files) reads as None.
     segments: list[dict[str, Any]] | None = None
+    #: (layers, KV groups, tokens) bool: what each head held for the prediction (an explanation
+    #: under an evicting KV-cache policy), or None; JSON carries it only when set.
+    kept_heads: torch.Tensor | None = None
 
     _NUMBERS: ClassVar[tuple[str, ...]] = ("relevance", "target_logit", "layers")
 
@@ -252,6 +257,17 @@ class Explanation(Result):
             self.layers = {str(k): torch.as_tensor(v).detach().cpu() for k, v in self.layers.items()}
         if self.segments is not None:
             self.segments = [_segment(i, s) for i, s in enumerate(self.segments)]
+        if self.kept_heads is not None:
+            self.kept_heads = _tensor(self.kept_heads, torch.bool, "kept_heads", 3, (0, 0, n))
+            if self.kept_heads.shape[-1] != n:
+                raise ExplainError(f"kept_heads: expected shape (layers, groups, {n}), got "
+                                   f"{tuple(self.kept_heads.shape)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.kept_heads is None:  # only explanations under a KV-cache policy carry it
+            del data["kept_heads"]
+        return data
 
     # ------------------------------------------------------------------ aggregation
 
@@ -345,8 +361,10 @@ class Explanation(Result):
         relevance = aggregate.aggregate(self.relevance, groups, agg)
         evicted = None if self.evicted is None else \
             torch.tensor([bool(self.evicted[g].all()) for g in groups], dtype=torch.bool)
+        kept_heads = None if self.kept_heads is None else \
+            torch.stack([self.kept_heads[..., g].any(-1) for g in groups], dim=-1)  # a head holds a word by a token
         return replace(self, tokens=["".join(a.pieces[i] for i in g) for g in groups], token_ids=[],
-                       relevance=relevance, evicted=evicted, layers=None, segments=segments)
+                       relevance=relevance, evicted=evicted, layers=None, segments=segments, kept_heads=kept_heads)
 
     def top(self, k: int = 5, skip_first: bool = False) -> list[tuple[int, str, float]]:
         """The ``k`` most positively relevant tokens as ``(index, token, relevance)``, highest first.

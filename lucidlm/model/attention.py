@@ -30,7 +30,7 @@ from ..cache.base import LayerCache
 from . import rules
 from .checkpointing import active as checkpointing_active
 from .checkpointing import recomputed, recomputing
-from .kernels import explicit_attention, position_mask
+from .kernels import explicit_attention, heads_mask, position_mask
 from .latents import LatentSite, heads_of
 from .linear import Linear
 from .norm import HeadWeightsLayerNorm, LayerNorm, PerHeadNorm, RMSNorm
@@ -147,6 +147,8 @@ class CausalSelfAttention(nn.Module):
         the attention scores a policy asked for handed back."""
         if cache is not None:
             k, v, key_pos = cache.extend(k, v, pos)
+            if cache.wants_queries:  # a policy scoring keys by the queries' statistics (expected attention)
+                cache.see_queries(q, pos)
             visible = cache.visibility(pos, key_pos)
             want_scores, score_queries = cache.wants_scores, cache.score_queries
         else:
@@ -165,6 +167,20 @@ class CausalSelfAttention(nn.Module):
         """Queries, keys and values, (batch, tokens, heads * head_size) each: the place a custom
         attention changes what it attends with (see docs/custom-models.md)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def rotation(self, pos: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """cos, sin of this layer's RoPE at ``pos`` (batch, tokens), without YaRN's attention factor
+        (None without RoPE): for :meth:`rotate`, which KV-cache policies use (they cannot import
+        the model) to move queries between positions."""
+        if not self.use_rope:
+            return None
+        return rope_cos_sin(self.rotary.frequencies(pos), pos, dtype, self.rope_interleaved)
+
+    def rotate(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
+        """``x`` (batch, heads, tokens, head_size) rotated by ``cos_sin`` from :meth:`rotation` (as
+        it is when None). Linear in cos and sin: their means over positions rotate by the mean
+        rotation (expected attention); ``(cos, -sin)`` undoes a rotation."""
+        return x if cos_sin is None else apply_rope(x, *cos_sin, self.rope_interleaved)
 
     def _cos_sin(self, pos: torch.Tensor, dtype: torch.dtype, memo: dict):
         key = self._rope_key
@@ -220,7 +236,7 @@ class CausalSelfAttention(nn.Module):
             end = start + QUERY_CHUNK
             # a prompt's later keys are in every one of these queries' future (positions grow along a row)
             keys = slice(None, end) if causal_prefill else slice(None)
-            args = (q[:, :, start:end], k[:, :, keys], v[:, :, keys], q_pos[:, start:end], k_pos[:, keys],
+            args = (q[:, :, start:end], k[:, :, keys], v[:, :, keys], q_pos[:, start:end], k_pos[..., keys],
                     _rows(visible, start, end, keys), explicit)
             outs.append(recomputed(self._chunk, *args) if keep_nothing else self._chunk(*args))
         return torch.cat(outs, dim=2)
@@ -235,8 +251,10 @@ class CausalSelfAttention(nn.Module):
         return self._fused(q, k, v, q_pos, k_pos, False, visible)
 
     def _mask(self, q_pos, k_pos, visible: torch.Tensor | None) -> torch.Tensor:
-        mask = position_mask(q_pos, k_pos, self.window)
-        return mask if visible is None else mask & visible
+        """(batch, 1 | heads, queries, keys): positions (per group for a per-head cache's keys) and
+        the cache's visibility (1, groups or heads of them), repeated for a group's heads."""
+        mask = heads_mask(position_mask(q_pos, k_pos, self.window), self.n_head)
+        return mask if visible is None else mask & heads_mask(visible, self.n_head)
 
     def _fused(self, q, k, v, q_pos, k_pos, causal_prefill: bool, visible: torch.Tensor | None = None):
         if self.sinks is not None:

@@ -26,15 +26,34 @@ from . import rules
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """(batch, 1, queries, keys) bool, SDPA's *may attend*: the key is filled (position >= 0), not
     in the future, and inside the sliding ``window``. With ``arange`` positions it is SDPA's
-    top-left aligned ``is_causal`` mask."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    top-left aligned ``is_causal`` mask. ``k_pos`` (batch, groups, keys), the keys of a per-head
+    KV cache (each group its own positions), gives one mask per group: (batch, groups, queries, keys)
+    (:func:`heads_mask` repeats it for the query heads)."""
+    if k_pos.dim() == 3:
+        qp, kp = q_pos[:, None, :, None], k_pos[:, :, None, :]
+    else:
+        qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     allowed = (kp <= qp) & (kp >= 0)
     if window is not None:
         allowed &= qp - kp < window
     # padding queries (position -1) see every filled key: their output is never used, and a
     # row with no allowed key would turn into NaN inside softmax
     allowed |= (qp < 0) & (kp >= 0)
-    return allowed[:, None]
+    return allowed if k_pos.dim() == 3 else allowed[:, None]
+
+
+def heads_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """A mask (batch, 1 | groups | heads, queries, keys) broadcastable to (batch, heads, queries, keys):
+    a per-group one repeated for each group's query heads (a group's heads are consecutive, the
+    layout of :func:`explicit_attention`).
+
+    >>> heads_mask(torch.tensor([True, False]).view(1, 2, 1, 1), 4).flatten().tolist()
+    [True, True, False, False]
+    """
+    groups = mask.shape[-3]
+    if groups in (1, heads):
+        return mask
+    return mask.repeat_interleave(heads // groups, dim=-3)
 
 
 def _grouped(mask: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
