@@ -16,9 +16,17 @@ HAYSTACK = ("Permission is hereby granted, free of charge, to any person obtaini
             "and associated documentation files, to deal in the Software without restriction.\n") * 60
 
 
-def test_one_prompt_against_generate_and_a_full_forward(tiny_lm_dir):
+def test_one_prompt_against_generate_and_a_full_forward(tiny_lm_dir, monkeypatch):
     import lucidlm
+    from lucidlm.cache.base import KVCache
     from lucidlm.generate import generate_ids
+
+    told, end_prompt = [], KVCache.end_prompt
+    def spy(self, model, input_ids, positions, question=None):  # what the cache is told at the prompt's end
+        told.append((input_ids.shape[1], question))
+        return end_prompt(self, model, input_ids, positions, question)
+
+    monkeypatch.setattr(KVCache, "end_prompt", spy)
 
     llm = lucidlm.LLM.load(tiny_lm_dir)
     sample = longctx.make_samples(llm.tokenizer, HAYSTACK, ["passkey"], [120], [0.5], seed=1)[0]
@@ -35,7 +43,14 @@ def test_one_prompt_against_generate_and_a_full_forward(tiny_lm_dir):
     ref = [t[0] for t in generate_ids(llm.model, [sample.ids], max_new_tokens=new, kv_cache="h2o",
                                       cache_tokens=30, chunk_size=32)]
     assert evicting["text"] == llm.tokenizer.decode(ref)  # the same policy, the same greedy answer
-    assert evicting["memory_bytes"] < one["memory_bytes"]
+    assert evicting["memory_bytes"] < one["memory_bytes"] and not evicting["holds"]
+    # a press reads the prompt whole and is told its question, as generate() tells it
+    press = longctx.run_one(llm.model, llm.tokenizer, sample, "snapkv-q", 30, chunk_size=32)
+    ref = [t[0] for t in generate_ids(llm.model, [sample.ids], max_new_tokens=new, kv_cache="snapkv-q",
+                                      cache_tokens=30, chunk_size=32, question_tokens=sample.question_tokens)]
+    assert press["holds"] and press["text"] == llm.tokenizer.decode(ref)
+    assert told == [(120, sample.question_tokens)] * 2  # once per run: the whole prompt, its question marked
+    assert press["nll"] == pytest.approx(nll, rel=1e-4)  # the prompt read whole: dense's perplexity
 
 
 def _args(argv: list[str]) -> argparse.Namespace:

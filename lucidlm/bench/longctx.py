@@ -33,19 +33,25 @@ from .ruler import TASKS, Sample, make_samples, new_tokens, string_match  # noqa
 
 
 def run_one(model, tokenizer, sample: Sample, policy: str, budget: int, chunk_size: int = 256) -> dict:
-    """Stream ``sample`` through a fresh ``policy`` cache of ``budget`` slots (scoring it: perplexity;
-    a question-aware policy is told the question's length), then decode the answer greedily on that
-    cache; ``score`` is the output's string match."""
+    """Stream ``sample`` through a fresh ``policy`` cache of ``budget`` slots (scoring it: perplexity),
+    then decode the answer greedily on that cache; ``score`` is the output's string match.
+
+    A policy that compresses once after the prompt (``holds_prompt``: kvpress's presses) reads the
+    prompt whole, as :func:`~lucidlm.cache.prefill.prefill` and ``generate`` give it, and is told how
+    many trailing tokens are the question: the prompt's perplexity is then dense's by construction
+    (``holds`` in the result says so)."""
     import torch
 
     from lucidlm.cache import build_cache
+    from lucidlm.perplexity import score
 
     param = next(model.parameters())
     new = new_tokens(tokenizer, sample)
     cache = build_cache(model.config, 1, policy, budget, dtype=param.dtype, device=param.device)
+    holds = cache.holds_prompt
     with torch.no_grad():
-        result, last = _score(model, torch.tensor([sample.ids], device=param.device), cache, chunk_size,
-                              sample.question_tokens)
+        result, last = score(model, torch.tensor([sample.ids], device=param.device), cache,
+                             len(sample.ids) if holds else chunk_size, question=sample.question_tokens)
         token, out = last.argmax(-1, keepdim=True), []
         start = time.perf_counter()
         for _ in range(new):
@@ -57,13 +63,7 @@ def run_one(model, tokenizer, sample: Sample, policy: str, budget: int, chunk_si
     text = tokenizer.decode(out)
     return {"score": string_match(text, sample.answers), "text": text, "nll": result.nll * result.n_tokens,
             "n_tokens": result.n_tokens, "memory_bytes": max(result.cache_memory_bytes, cache.memory_bytes()),
-            "decoded": new - 1, "seconds": seconds, "new": new, "slots": budget}
-
-
-def _score(model, ids, cache, chunk_size: int, question: int):
-    from lucidlm.perplexity import score
-
-    return score(model, ids, cache, chunk_size)
+            "decoded": new - 1, "seconds": seconds, "new": new, "slots": budget, "holds": holds}
 
 
 def _sync(device) -> None:
@@ -125,6 +125,7 @@ def _add(row: dict, sample: Sample, one: dict) -> None:
     for key in ("nll", "n_tokens", "decoded", "seconds"):
         row[key] += one[key]
     row["memory_bytes"] = max(row["memory_bytes"], one["memory_bytes"])
+    row["holds"] = one["holds"]
     row["predictions"].append((sample, one))
 
 
@@ -152,9 +153,15 @@ def format_row(r: dict, lengths: Sequence[int], tasks: Sequence[str]) -> str:
              *(_pct(*r["by_task"].get(t, (0, 0))) for t in tasks),
              *(_pct(*r["by_length"].get(n, (0, 0))) for n in lengths),
              "-" if r["worst"] is None else f"{r['worst']:.2f}",
-             f"{r['perplexity']:.2f}", f"{r['delta']:+.1%}", f"{r['memory_bytes'] / 2 ** 20:.1f}",
+             f"{r['perplexity']:.2f}" + HOLDS_MARK * bool(r.get("holds")), f"{r['delta']:+.1%}", f"{r['memory_bytes'] / 2 ** 20:.1f}",
              f"{r['decoded'] / r['seconds']:.1f}" if r["seconds"] > 0 else "-"]
     return "| " + " | ".join(cells) + " |"
+
+
+#: marks the perplexity of a policy that reads the prompt whole and compresses after it (= dense's)
+HOLDS_MARK = "†"
+HOLDS_NOTE = (f"{HOLDS_MARK} compresses once after reading the prompt whole (kvpress's presses): the prompt's "
+              "perplexity is dense's by construction; lucidlm bench kv streams text through it in chunks instead")
 
 
 def format_detail(rows: list[dict], tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float]) -> str:
@@ -340,6 +347,8 @@ def run(args) -> int:
             write_row(args.results, row, llm, args)
 
     rows = measure(llm.model, llm.tokenizer, samples, policies, budgets, args.chunk_size, on_row=done)
+    if any(r.get("holds") for r in rows):
+        emit(HOLDS_NOTE)
     emit()
     for line in format_detail(rows, tasks, lengths, depths).splitlines():
         emit(line)
