@@ -65,16 +65,18 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, kv_cache: str | Polic
 
 @torch.no_grad()
 def score(model, ids: torch.Tensor, cache: KVCache, chunk_size: int = 256,
-          progress: bool = False) -> tuple[PerplexityResult, torch.Tensor]:
+          progress: bool = False, question: int | None = None) -> tuple[PerplexityResult, torch.Tensor]:
     """Stream ``ids`` (1, tokens) through an empty ``cache``; the result and the last logits (1, vocab).
 
     The cache stays filled, so a caller can go on decoding (``lucidlm bench kv`` times that).
+    ``question``: how many trailing tokens are a question, for a cache that compresses knowing it
+    (:func:`~lucidlm.cache.prefill.stream`).
     """
     total, peak, last = 0.0, 0, None
     bar = _progress(ids.shape[1], progress)
     start = time.perf_counter()
     offset = 0
-    for logits in stream(model, ids, cache, chunk_size):
+    for logits in stream(model, ids, cache, chunk_size, question=question):
         n = logits.shape[1]
         # predecessors: the previous chunk's last logits, then this chunk's all but its last
         preds = logits[:, :-1] if last is None else torch.cat([last[:, None], logits[:, :-1]], dim=1)

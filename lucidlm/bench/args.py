@@ -20,6 +20,7 @@ from ..dtypes import GGUF_EXPORT_TYPES, MODEL_DTYPES
 from ..errors import ExplainError
 from ..methods import EXPLAIN_METHODS, METHODS, check_method
 from ..train.names import PRECISIONS
+from .ruler import TASKS as RULER_TASKS
 
 #: the two engines the decode and train benches compare
 ENGINES = ("lucidlm", "transformers")
@@ -153,16 +154,24 @@ def add_kv(p: argparse.ArgumentParser) -> None:
 
 def add_longctx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
-    p.add_argument("--tasks", default="passkey,needle", help="comma-separated: passkey, needle")
+    p.add_argument("--tasks", default="passkey,niah_single",
+                   help="comma-separated RULER-style tasks, from " + ", ".join(RULER_TASKS))
     p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
-                   help="where the fact sits in the haystack (0: its start, 1: just before the question)")
+    p.add_argument("--depths", default="0,25,50,75,100",
+                   help="where the fact sits in the haystack, in percent (0: its start, 100: just before the question)")
     # every eviction policy of lucidlm.cache.spec; qh2o with the int8 buffers its score is made for
     p.add_argument("--policies", default="window,sink,h2o,snapkv,tova,knorm,pyramidkv,h2o-vlen,qh2o+int8",
                    help="comma-separated specs; dense always runs")
-    p.add_argument("--fractions", default="0.125,0.25,0.5", help="cache budgets as fractions of the prompt")
+    p.add_argument("--cache-tokens", default="50%,25%", metavar="B1,B2",
+                   help="cache budgets: shares of each prompt kept (25%%: kvpress's compression ratio 0.75) or "
+                        "token counts (default: %(default)s)")
     p.add_argument("--trials", type=int, default=1, help="prompts per task, length and depth")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--text", type=Path, action="append", default=None, metavar="FILE",
+                   help=f"haystack text (repeatable; default: the files in {LICENSES})")
+    p.add_argument("--results", type=Path, default=None, metavar="DIR",
+                   help="also write kvpress's evaluation folders (predictions.csv, metrics.json, config.yaml) under "
+                        "DIR, one per policy, budget and length (default: none)")
     p.add_argument("--heatmap", type=Path, default=None, metavar="FILE.png",
                    help="also draw accuracy by depth and length, one panel per policy and budget (default: no heatmap)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys, needles and haystack windows")
@@ -266,7 +275,7 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
     "kv-bytes": ("lucidlm.bench.kv_bytes",
                  "KV-cache bytes per token of real configs: lucidlm, transformers, full keys and values",
                  add_kv_bytes),
-    "longctx": ("lucidlm.bench.longctx", "long-context retrieval (passkey, needle) under each KV-cache policy",
+    "longctx": ("lucidlm.bench.longctx", "RULER-style long-context retrieval under each KV-cache policy",
                 add_longctx),
     "train": ("lucidlm.bench.train", "training steps: lucidlm vs transformers+peft on one checkpoint and data",
               add_train),
