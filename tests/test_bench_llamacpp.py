@@ -18,6 +18,8 @@ from lucidlm.bench.llamacpp import gguf_type, parse_llama_bench, run_llama_bench
 from lucidlm.errors import ConfigError
 
 SAMPLE = pathlib.Path(__file__).parent / "data" / "llama_bench_q8_0.json"
+#: a real report of ``-p 512 -n 64 -d 0,512`` (llama.cpp 10630, SmolLM2-135M Q8_0, 2 threads)
+DEPTH_SAMPLE = pathlib.Path(__file__).parent / "data" / "llama_bench_q8_0_depth.json"
 
 
 def _args(module, argv: list[str]) -> argparse.Namespace:
@@ -32,6 +34,15 @@ def test_parses_the_recorded_report():
     assert report == {"prefill_tps": raw[0]["avg_ts"], "decode_tps": raw[1]["avg_ts"],
                       "model_type": "llama 256M Q8_0", "threads": 2}
     assert report["prefill_tps"] == pytest.approx(163.172295) and report["decode_tps"] == pytest.approx(18.673847)
+
+
+def test_decode_is_read_after_the_prompt_and_prefill_from_an_empty_context():
+    raw = json.loads(DEPTH_SAMPLE.read_text())
+    by_test = {(t["n_prompt"], t["n_gen"], t["n_depth"]): t["avg_ts"] for t in raw}
+    report = parse_llama_bench(DEPTH_SAMPLE.read_text(), decode_depth=512)
+    assert report["prefill_tps"] == by_test[(512, 0, 0)] and report["decode_tps"] == by_test[(0, 64, 512)]
+    # the decode from an empty context is the other, faster number
+    assert parse_llama_bench(DEPTH_SAMPLE.read_text())["decode_tps"] == by_test[(0, 64, 0)] > report["decode_tps"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -57,8 +68,8 @@ def test_runs_the_binary_with_the_benchs_settings_and_measures_its_own_peak_rss(
                                     f"len(block[::4096])\npathlib.Path({str(argv)!r}).write_text(json.dumps("
                                     f"sys.argv[1:]))\nprint(pathlib.Path({str(SAMPLE)!r}).read_text())")
     row = run_llama_bench(binary, "model.gguf", threads=2, prompt_tokens=512, new_tokens=64)
-    assert json.loads(argv.read_text()) == ["-m", "model.gguf", "-t", "2", "-p", "512", "-n", "64", "-r", "1",
-                                            "-o", "json"]
+    assert json.loads(argv.read_text()) == ["-m", "model.gguf", "-t", "2", "-p", "512", "-n", "64", "-d", "0,512",
+                                            "-r", "1", "-o", "json"]
     assert row["decode_tps"] == pytest.approx(18.673847)
     assert 300 < row["peak_rss_mb"] < 1000  # the child's 300 MiB, not this test process's
 
