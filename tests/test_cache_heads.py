@@ -12,9 +12,10 @@ from lucidlm.cache import H2OLayerCache, KNormLayerCache, SnapKVLayerCache, buil
 from lucidlm.cache.quant import Int8Store
 from lucidlm.cache.slots import adaptive_keep
 from lucidlm.errors import CacheError
-from lucidlm.generate import left_pad
 from lucidlm.model import attention
 from lucidlm.model.attention import CausalSelfAttention
+
+from cache_util import feed, keys_with_norms, padded_and_alone
 
 HEADS = ["each", "adaptive"]
 
@@ -25,36 +26,20 @@ def tiny():
     return GPT(Config.from_name("tiny-llama")).eval()  # 2 layers, 4 heads in 2 KV groups, head_size 16
 
 
-def _feed(layer, positions, scores=None, k=None, v=None):
-    """One step straight into a layer cache: new tokens at ``positions`` (batch, tokens)."""
-    pos = torch.tensor(positions)
-    shape = (pos.shape[0], layer.groups, pos.shape[1], 4)
-    k = torch.randn(shape) if k is None else k
-    layer.extend(k, torch.randn(shape) if v is None else v, pos)
-    layer.settle(scores)
-
-
-def _norm_keys(norms):
-    """Keys (batch, groups, tokens, 4) whose vectors have the given L2 norms."""
-    k = torch.zeros(*torch.tensor(norms).shape, 4)
-    k[..., 0] = torch.tensor(norms, dtype=torch.float)
-    return k
-
-
 # ---- eviction order, head by head ---------------------------------------------------------------
 def test_h2o_each_head_keeps_its_own_heavy_hitters():
     scores = torch.tensor([[[0.5, 0.1, 0.3, 0.0, 0.0], [0.0, 0.4, 0.1, 0.2, 0.0]]])
     layer = H2OLayerCache(batch=1, groups=2, head_size=4, capacity=3, recent=1, heads="each")
-    _feed(layer, [[0, 1, 2, 3, 4]], scores)  # 4 is recent in both heads
+    feed(layer, [[0, 1, 2, 3, 4]], scores)  # 4 is recent in both heads
     assert layer.pos.tolist() == [[[0, 2, 4], [1, 3, 4]]]
     # the state follows each head's slots
     torch.testing.assert_close(layer.score, torch.tensor([[[0.5, 0.3, 0.0], [0.4, 0.2, 0.0]]]))
     # the next step accumulates per head: head 0's 4 (0 + .6) overtakes 2 (.3 + .1); head 1 keeps 1
     # (.4 + 0) and 3 (.2 + .3) over 4 (0 + .35)
-    _feed(layer, [[5]], torch.tensor([[[0.0, 0.1, 0.6, 0.0], [0.0, 0.3, 0.35, 0.0]]]))
+    feed(layer, [[5]], torch.tensor([[[0.0, 0.1, 0.6, 0.0], [0.0, 0.3, 0.35, 0.0]]]))
     assert layer.pos.tolist() == [[[0, 4, 5], [1, 3, 5]]]
     shared = H2OLayerCache(batch=1, groups=2, head_size=4, capacity=3, recent=1)
-    _feed(shared, [[0, 1, 2, 3, 4]], scores)  # group means .25 .25 .2 .1: one set for both heads
+    feed(shared, [[0, 1, 2, 3, 4]], scores)  # group means .25 .25 .2 .1: one set for both heads
     assert shared.pos.tolist() == [[0, 1, 4]]
 
 
@@ -63,14 +48,14 @@ def test_snapkv_each_pools_and_ranks_within_each_head():
     s[0, 0, :6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3])
     s[0, 1, :6] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0])
     layer = SnapKVLayerCache(batch=1, groups=2, head_size=4, capacity=3, window=2, kernel=1, heads="each")
-    _feed(layer, [list(range(8))], s)  # the window 6, 7 in both, then each head's best
+    feed(layer, [list(range(8))], s)  # the window 6, 7 in both, then each head's best
     assert layer.pos.tolist() == [[[1, 6, 7], [4, 6, 7]]]
 
 
 def test_knorm_each_keeps_each_heads_smallest_keys_never_padding():
     layer = KNormLayerCache(batch=2, groups=2, head_size=4, capacity=2, heads="each")
-    k = torch.stack([_norm_keys([[1, 6, 2, 4], [5, 0.5, 3, 4]]), _norm_keys([[9, 3, 1, 2], [9, 1, 1, 4]])])
-    _feed(layer, [[0, 1, 2, 3], [-1, 0, 1, 2]], k=k)  # row 1 is left-padded: its padding never stays
+    k = torch.stack([keys_with_norms([[1, 6, 2, 4], [5, 0.5, 3, 4]]), keys_with_norms([[9, 3, 1, 2], [9, 1, 1, 4]])])
+    feed(layer, [[0, 1, 2, 3], [-1, 0, 1, 2]], k=k)  # row 1 is left-padded: its padding never stays
     assert layer.pos.tolist() == [[[0, 2], [1, 2]], [[1, 2], [0, 1]]]
 
 
@@ -79,22 +64,22 @@ def test_adaptive_gives_the_slots_of_a_flat_head_to_a_peaked_one():
     # the newest (5) is protected in both, the other 4 slots all go to head 0's peaks
     scores = torch.tensor([[[0.5, 0.4, 0.3, 0.2, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]])
     layer = H2OLayerCache(batch=1, groups=2, head_size=4, capacity=3, recent=1, heads="adaptive", alpha=0)
-    _feed(layer, [list(range(6))], scores)
+    feed(layer, [list(range(6))], scores)
     assert layer.pos.tolist() == [[[0, 1, 2, 3, 5], [5, -1, -1, -1, -1]]]
     each = H2OLayerCache(batch=1, groups=2, head_size=4, capacity=3, recent=1, heads="each")
-    _feed(each, [list(range(6))], scores)  # the same budget split evenly: 3 slots per head
+    feed(each, [list(range(6))], scores)  # the same budget split evenly: 3 slots per head
     assert [len([p for p in g if p >= 0]) for g in each.pos[0].tolist()] == [3, 3]
 
 
 def test_adakv_floor_guarantees_each_head_its_best():
     # keys' norms: head 0's are all smaller (knorm keeps small norms), so without a floor head 0
     # takes the whole budget of 2 x 2 slots; alpha = .5 guarantees each head its best floor(.5 * 2) = 1
-    k = _norm_keys([[[1, 2, 3, 4], [5, 6, 7, 8]]])
+    k = keys_with_norms([[[1, 2, 3, 4], [5, 6, 7, 8]]])
     bare = KNormLayerCache(batch=1, groups=2, head_size=4, capacity=2, heads="adaptive", alpha=0)
-    _feed(bare, [[0, 1, 2, 3]], k=k)
+    feed(bare, [[0, 1, 2, 3]], k=k)
     assert bare.pos.tolist() == [[[0, 1, 2, 3], [-1, -1, -1, -1]]]
     floored = KNormLayerCache(batch=1, groups=2, head_size=4, capacity=2, heads="adaptive", alpha=0.5)
-    _feed(floored, [[0, 1, 2, 3]], k=k)
+    feed(floored, [[0, 1, 2, 3]], k=k)
     assert floored.pos.tolist() == [[[0, 1, 2], [0, -1, -1]]]
     keys = floored.store.decode(floored.k)
     assert keys[0, 1, 0, 0] == 5 and not keys[0, 1, 1:].any()  # padding slots hold zeros
@@ -164,23 +149,8 @@ def test_a_budget_holding_everything_equals_dense(tiny, policy):
 def test_left_padded_batch_equals_each_prompt_alone(tiny, policy):
     """Prompts of 20 and 13 tokens prefilled together, then 5 decode steps, through a budget of 8
     per head: each row's logits and each head's kept positions equal that prompt's run alone."""
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (20, 13)]
-    steps = torch.randint(3, 256, (2, 5), generator=gen)
-
-    def run(rows):
-        ids, pos = left_pad([prompts[r] for r in rows])
-        cache = build_cache(tiny.config, len(rows), policy, 8)
-        out = [prefill(tiny, ids, cache, chunk_size=32, positions=pos)]
-        nxt = pos.max(1).values + 1
-        with torch.no_grad():
-            for t in range(steps.shape[1]):
-                out.append(tiny(steps[rows, t:t + 1], positions=(nxt + t)[:, None], cache=cache)[:, -1])
-        return torch.stack(out, 1), cache
-
-    together, cache = run([0, 1])
-    for r in (0, 1):
-        alone, single = run([r])
+    together, cache, alone_runs = padded_and_alone(tiny, policy, 8)
+    for r, (alone, single) in enumerate(alone_runs):
         torch.testing.assert_close(together[r], alone[0], atol=1e-5, rtol=1e-5)
         assert cache.kept_by_head(r) == single.kept_by_head(0)
         assert cache.kept_positions(r) == single.kept_positions(0)

@@ -19,30 +19,15 @@ from lucidlm.cache.policies import H2OLayerCache
 from lucidlm.cache.quant import Int8Store
 from lucidlm.cache.spec import EVICTIONS, TABLE, PolicySpec, parse_policy, split_policies
 from lucidlm.errors import CacheError
-from lucidlm.generate import left_pad
 from lucidlm.model.attention import CausalSelfAttention
+
+from cache_util import feed, keys_with_norms, padded_and_alone
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     return GPT(Config.from_name("tiny-llama")).eval()  # 2 layers, 4 heads in 2 KV groups, head_size 16
-
-
-def _feed(layer, positions, scores=None, k=None, v=None):
-    """One step straight into a layer cache: new tokens at ``positions`` (batch, tokens)."""
-    pos = torch.tensor(positions)
-    shape = (pos.shape[0], layer.k[0].shape[1], pos.shape[1], 4)
-    k = torch.randn(shape) if k is None else k
-    layer.extend(k, torch.randn(shape) if v is None else v, pos)
-    layer.settle(scores)
-
-
-def _keys(norms):
-    """Keys (batch, groups, tokens, 4) whose vectors have the given L2 norms."""
-    k = torch.zeros(*torch.tensor(norms).shape, 4)
-    k[..., 0] = torch.tensor(norms, dtype=torch.float)
-    return k
 
 
 # ---- eviction order on hand-made inputs ---------------------------------------------------------
@@ -52,17 +37,17 @@ def test_snapkv_pools_the_window_scores_and_protects_the_window():
     # neighbour 1 stay, although 5 alone scores more than 1
     s = torch.tensor([[[0.0, 0.3, 0.9, 0.1, 0.0, 0.5, 0.2, 0.2]]])
     layer = SnapKVLayerCache(batch=1, groups=1, head_size=4, capacity=4, window=2, kernel=3, pool="avg")
-    _feed(layer, [list(range(8))], s)
+    feed(layer, [list(range(8))], s)
     assert layer.pos.tolist() == [[1, 2, 6, 7]]
     layer = SnapKVLayerCache(batch=1, groups=1, head_size=4, capacity=4, window=2, kernel=1, pool="max")
-    _feed(layer, [list(range(8))], s)  # kernel 1: the raw scores
+    feed(layer, [list(range(8))], s)  # kernel 1: the raw scores
     assert layer.pos.tolist() == [[2, 5, 6, 7]]
     # two groups are averaged: g0 = [0, .6, 0, 0, 0, .3], g1 = [0, 0, 0, 0, .9, 0]
     s = torch.zeros(1, 2, 8)
     s[0, 0, :6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3])
     s[0, 1, :6] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0])
     layer = SnapKVLayerCache(batch=1, groups=2, head_size=4, capacity=3, window=2, kernel=1)
-    _feed(layer, [list(range(8))], s)  # group means .3 (1), .45 (4), .15 (5): 4 stays
+    feed(layer, [list(range(8))], s)  # group means .3 (1), .45 (4), .15 (5): 4 stays
     assert layer.pos.tolist() == [[4, 6, 7]]
 
 
@@ -89,13 +74,13 @@ def test_snapkv_matches_a_plain_python_reference_and_does_not_accumulate(pool):
     layer = SnapKVLayerCache(batch=2, groups=2, head_size=4, capacity=6, window=2, kernel=3, pool=pool)
     first = [list(range(10)), [-1, -1, -1] + list(range(7))]  # the second row is left-padded
     s = torch.rand(2, 2, 10, generator=gen)
-    _feed(layer, first, s)
+    feed(layer, first, s)
     for row in range(2):
         assert sorted(layer.pos[row].tolist()) == _snapkv_reference(s[row].tolist(), first[row], 6, 2, 3, pool)
     # a decode step: only its own scores count (the slots kept so far, then the new token)
     before = layer.pos.tolist()
     s = torch.rand(2, 2, 7, generator=gen)
-    _feed(layer, [[10], [7]], s)
+    feed(layer, [[10], [7]], s)
     for row in range(2):
         slots = before[row] + [[10], [7]][row]
         assert sorted(layer.pos[row].tolist()) == _snapkv_reference(s[row].tolist(), slots, 6, 2, 3, pool)
@@ -104,10 +89,10 @@ def test_snapkv_matches_a_plain_python_reference_and_does_not_accumulate(pool):
 def test_tova_keeps_what_the_newest_query_attends_to_and_forgets_the_past():
     layer = TOVALayerCache(batch=1, groups=2, head_size=4, capacity=3)
     # group means of the newest query's weights: 0: .45, 1: .05, 2: .2, 3: (newest, kept)
-    _feed(layer, [[0, 1, 2, 3]], torch.tensor([[[0.8, 0.0, 0.1, 0.1], [0.1, 0.1, 0.3, 0.5]]]))
+    feed(layer, [[0, 1, 2, 3]], torch.tensor([[[0.8, 0.0, 0.1, 0.1], [0.1, 0.1, 0.3, 0.5]]]))
     assert layer.pos.tolist() == [[0, 2, 3]]
     # next step: the new query ignores 0 although it was heavy before (no accumulation): 0 goes
-    _feed(layer, [[4]], torch.tensor([[[0.0, 0.3, 0.3, 0.4], [0.1, 0.2, 0.2, 0.5]]]))
+    feed(layer, [[4]], torch.tensor([[[0.0, 0.3, 0.3, 0.4], [0.1, 0.2, 0.2, 0.5]]]))
     assert layer.pos.tolist() == [[2, 3, 4]]
 
 
@@ -115,22 +100,22 @@ def test_knorm_evicts_the_largest_key_norms_never_keeps_padding():
     layer = KNormLayerCache(batch=2, groups=2, head_size=4, capacity=2)
     # row 0 mean norms over the groups: .5, 3, 2.5, 3.5 -> keep 0 and 2. Row 1: padding (norm 0
     # once zeroed) must not win; real means 2, 1, 3 -> keep positions 0 and 1
-    k = torch.stack([_keys([[1, 6, 2, 4], [0, 0, 3, 3]]), _keys([[9, 3, 1, 2], [9, 1, 1, 4]])])
-    _feed(layer, [[0, 1, 2, 3], [-1, 0, 1, 2]], k=k)
+    k = torch.stack([keys_with_norms([[1, 6, 2, 4], [0, 0, 3, 3]]), keys_with_norms([[9, 3, 1, 2], [9, 1, 1, 4]])])
+    feed(layer, [[0, 1, 2, 3], [-1, 0, 1, 2]], k=k)
     assert layer.pos.tolist() == [[0, 2], [0, 1]]
     assert not layer.wants_scores
 
 
 def test_h2o_vlen_weighs_attention_by_value_norm_and_accumulates():
     layer = VLengthH2OLayerCache(batch=1, groups=1, head_size=4, capacity=3, recent=1)
-    v = _keys([[[4, 1, 1, 1]]])
+    v = keys_with_norms([[[4, 1, 1, 1]]])
     # step 1, 4 queries: m·|v| = .8, .5, .3, 0 (sum 1.6) -> S = 4·(.5, .3125, .1875, 0) = 2, 1.25, .75, 0
-    _feed(layer, [[0, 1, 2, 3]], torch.tensor([[[0.2, 0.5, 0.3, 0.0]]]), v=v)
+    feed(layer, [[0, 1, 2, 3]], torch.tensor([[[0.2, 0.5, 0.3, 0.0]]]), v=v)
     assert layer.pos.tolist() == [[0, 1, 3]]  # plain H2O would keep 1 and 2
     torch.testing.assert_close(layer.score, torch.tensor([[2.0, 1.25, 0.0]]))
     # step 2, one query, |v| of slots 0, 1, 3, new: 4, 1, 1, 2; m = .1, .6, .3, 0 -> m|v| = .4, .6, .3, 0
     # (sum 1.3): S = .3077, .4615, .2308, 0 -> totals 2.3077, 1.7115, .2308 (3 no longer protected)
-    _feed(layer, [[4]], torch.tensor([[[0.1, 0.6, 0.3, 0.0]]]), v=_keys([[[2]]]))
+    feed(layer, [[4]], torch.tensor([[[0.1, 0.6, 0.3, 0.0]]]), v=keys_with_norms([[[2]]]))
     assert layer.pos.tolist() == [[0, 1, 4]]
     torch.testing.assert_close(layer.score, torch.tensor([[2.0 + 0.4 / 1.3, 1.25 + 0.6 / 1.3, 0.0]]))
 
@@ -147,13 +132,13 @@ def test_qh2o_trades_attention_against_quantisation_error():
     # among slots 0..3 (4 is recent): mm(score) = 0, 1, .75, .25; mm(error) = 0, 1, 0, .2222;
     # weight .2: .2·mm(score) - .4·mm(error) = 0, -.2, .15, -.0389 -> keep 2 and 0
     layer = QuantH2OLayerCache(batch=1, groups=1, head_size=4, capacity=3, recent=1, weight=0.2, store=Int8Store)
-    _feed(layer, [[0, 1, 2, 3, 4]], s, k=k, v=v)
+    feed(layer, [[0, 1, 2, 3, 4]], s, k=k, v=v)
     assert layer.pos.tolist() == [[0, 2, 4]]
     torch.testing.assert_close(layer.q_error, torch.tensor([[0.0, 0.0, 0.0]]))
     # unquantised, every error is 0: the heavy hitters 1 and 2 stay, as with h2o
     for cls, kwargs in ((QuantH2OLayerCache, {"weight": 0.2}), (H2OLayerCache, {})):
         layer = cls(batch=1, groups=1, head_size=4, capacity=3, recent=1, **kwargs)
-        _feed(layer, [[0, 1, 2, 3, 4]], s, k=k, v=v)
+        feed(layer, [[0, 1, 2, 3, 4]], s, k=k, v=v)
         assert layer.pos.tolist() == [[1, 2, 4]]
 
 
@@ -229,23 +214,8 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny, policy):
     """Prompts of 20 and 13 tokens prefilled together (one chunk), then 5 decode steps, through a
     budget of 8 that forces eviction: each row's logits equal that prompt's run alone."""
     budget = None if policy.startswith("dense") else 8
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (20, 13)]
-    steps = torch.randint(3, 256, (2, 5), generator=gen)
-
-    def run(rows):
-        ids, pos = left_pad([prompts[r] for r in rows])
-        cache = build_cache(tiny.config, len(rows), policy, budget)
-        out = [prefill(tiny, ids, cache, chunk_size=32, positions=pos)]
-        nxt = pos.max(1).values + 1
-        with torch.no_grad():
-            for t in range(steps.shape[1]):
-                out.append(tiny(steps[rows, t:t + 1], positions=(nxt + t)[:, None], cache=cache)[:, -1])
-        return torch.stack(out, 1), cache
-
-    together, cache = run([0, 1])
-    for r in (0, 1):
-        alone, single = run([r])
+    together, cache, alone_runs = padded_and_alone(tiny, policy, budget)
+    for r, (alone, single) in enumerate(alone_runs):
         torch.testing.assert_close(together[r], alone[0], atol=1e-5, rtol=1e-5)
         assert cache.kept_positions(r) == single.kept_positions(0)
     if budget:
