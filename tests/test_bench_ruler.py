@@ -1,4 +1,4 @@
-"""The RULER-style task generator (lucidlm.bench.ruler) and kvpress's results folders
+"""The RULER-style task generator (lucidlm.ruler) and kvpress's results folders
 (lucidlm.bench.kvpress_results): exact lengths, depth placement, each fact present once, determinism
 under a seed, RULER's string-match scoring against hand examples, bad input, and the folder format
 read back by independent readers (csv, PyYAML, json)."""
@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from lucidlm.bench import kvpress_results, ruler
+from lucidlm import ruler
+from lucidlm.bench import kvpress_results
 from lucidlm.errors import CacheError
 
 HAYSTACK = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "

@@ -8,9 +8,10 @@ import torch
 
 from cli_probe import probe
 from lucidlm import GPT, Config
-from lucidlm.cache.heads import (HeadScores, calibrate_heads, model_identity, needle_prompts, read_head_scores,
-                                 write_head_scores)
-from lucidlm.errors import CacheError, DataError
+from lucidlm.cache.heads import HeadScores, model_identity, read_head_scores, write_head_scores
+from lucidlm.calibrate import calibrate_heads, needle_prompts
+from lucidlm.errors import CacheError
+from lucidlm.ruler import Haystack, make_samples
 from lucidlm.model.attention import recording_weights
 
 
@@ -19,6 +20,9 @@ class _Tokenizer:
 
     def encode(self, text, add_special_tokens=True):
         return ([1] if add_special_tokens else []) + [3 + ord(c) % 250 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +38,26 @@ def texts(tmp_path):
     return [path]
 
 
-def test_needle_prompts_are_deterministic_and_place_the_needle_by_depth(texts):
-    text = texts[0].read_text()
-    a, b = needle_prompts(_Tokenizer(), text, 3, 200, seed=1), needle_prompts(_Tokenizer(), text, 3, 200, seed=1)
-    assert a == b and a != needle_prompts(_Tokenizer(), text, 3, 200, seed=2)
-    assert all(len(p.ids) == 200 for p in a)
-    question = len(" What is the pass key? The pass key is")
-    assert a[0].needle[0] == 1 and a[2].needle[1] == a[2].answer_queries[0] + 1 - question  # depths 0%, 100%
-    with pytest.raises(DataError, match="length=50"):
-        needle_prompts(_Tokenizer(), text, 1, 50)
+def test_needle_prompts_are_the_ruler_passkey_task_with_its_answer_at_spread_depths(texts):
+    text, tok = texts[0].read_text(), _Tokenizer()
+    a, b = needle_prompts(tok, text, 3, 300, seed=1), needle_prompts(tok, text, 3, 300, seed=1)
+    assert a == b and a != needle_prompts(tok, text, 3, 300, seed=2)
+    samples = make_samples(tok, Haystack(tok, text), ["passkey"], [300], [0.0, 0.5, 1.0], seed=1)
+    for prompt, sample in zip(a, samples):  # the bench's own prompt, then the answer teacher-forced
+        answer = tok.encode(" " + sample.answers[0], add_special_tokens=False)
+        assert prompt.ids == sample.ids + answer and len(prompt.ids) == 300 + len(answer)
+        start, size = sample.spans[0]
+        assert prompt.needle == (start, start + size) and prompt.answer_queries == (299, 299 + len(answer))
+    assert a[0].needle[0] < a[1].needle[0] < a[2].needle[0]  # depths 0%, 50%, 100%
+    with pytest.raises(CacheError, match="--length 50: a passkey prompt needs more than"):
+        needle_prompts(tok, text, 1, 50)
 
 
 def test_scores_are_the_needle_attention_of_the_answer_queries(model, texts):
-    heads = calibrate_heads(model, _Tokenizer(), texts, samples=2, length=120, seed=0)
+    heads = calibrate_heads(model, _Tokenizer(), texts, samples=2, length=300, seed=0)
     assert heads.model == model_identity(model.config) and len(heads.scores) == model.config.n_layer
     want = torch.zeros(model.config.n_layer, model.config.n_query_groups)
-    for prompt in needle_prompts(_Tokenizer(), texts[0].read_text(), 2, 120, seed=0):
+    for prompt in needle_prompts(_Tokenizer(), texts[0].read_text(), 2, 300, seed=0):
         with torch.no_grad(), recording_weights() as weights:  # the oracle: a forward without any cache
             model(torch.tensor([prompt.ids]))
         (q0, q1), (n0, n1) = prompt.answer_queries, prompt.needle

@@ -19,15 +19,15 @@ from pathlib import Path
 from ..dtypes import GGUF_EXPORT_TYPES, MODEL_DTYPES
 from ..errors import ExplainError
 from ..methods import EXPLAIN_METHODS, METHODS, check_method
+from ..texts import LICENSES
 from ..train.names import PRECISIONS
-from .ruler import TASKS as RULER_TASKS
+from ..ruler import TASKS as RULER_TASKS
 
 #: the two engines the decode and train benches compare
 ENGINES = ("lucidlm", "transformers")
 #: bench train: lucidlm's default learning rate per method, used by both engines
 LR = {"lora": 2e-4, "full": 2e-5}
 #: bench kv: the default texts, and the policies measured beside dense
-LICENSES = Path("/usr/share/common-licenses")
 DEFAULT_POLICIES = "window,sink,h2o,h2o+int8,h2o+int4"
 #: bench explain: the diff rows (``explain_diff`` of the model against a copy of itself): ``lora``
 #: with a LoRA adapter on the copy (the adapter split runs), ``full`` a copy as a full fine-tune

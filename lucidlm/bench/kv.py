@@ -90,15 +90,11 @@ def run_tasks(args) -> int:
 
 
 def load_text(paths: list[Path] | None = None) -> str:
-    """The texts of ``paths``, or of every license file in /usr/share/common-licenses, concatenated."""
-    from lucidlm.errors import LucidError
+    """The texts of ``paths``, or of every license file in /usr/share/common-licenses, concatenated
+    (:func:`lucidlm.texts.read_texts`)."""
+    from lucidlm.texts import read_texts
 
-    if not paths:
-        if not LICENSES.is_dir():
-            raise LucidError(f"{LICENSES} does not exist on this machine: pass a text with --text FILE")
-        # the directory has symlinks (GPL -> GPL-3): read each real file once, in a fixed order
-        paths = sorted({p.resolve() for p in LICENSES.iterdir() if p.is_file()})
-    return "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
+    return read_texts(paths or ())
 
 
 def token_ids(llm, text: str, n: int) -> list[int]:

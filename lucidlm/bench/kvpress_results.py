@@ -8,7 +8,7 @@ named ``{dataset}__{data_dir}__{model with / as --}__{press_name}__{compression_
   ``answer_prefix``, ``answer`` — the list of expected strings, as pandas writes a list —, ``task``,
   ``max_new_tokens``), the model's ``predicted_answer`` and the run's ``compression_ratio``;
 * ``metrics.json``: for RULER ``{task: {"string_match": percent}}``
-  (:func:`lucidlm.bench.ruler.task_scores`);
+  (:func:`lucidlm.ruler.task_scores`);
 * ``config.yaml``: the run's configuration (``dataset``, ``data_dir``, ``model``, ``press_name``,
   ``compression_ratio``, ``query_aware``, ``seed``, ...).
 
@@ -41,7 +41,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .ruler import string_match, task_scores
+from ..ruler import string_match, task_scores
 
 #: predictions.csv: kvpress's columns (the context left out, as kvpress leaves it out), then lucidlm's
 COLUMNS = ("question", "answer_prefix", "answer", "task", "max_new_tokens", "predicted_answer", "compression_ratio",

@@ -1,6 +1,6 @@
 """``lucidlm bench longctx``: can the model still find a fact in a long prompt under each KV-cache policy?
 
-RULER-style retrieval with nothing to download (:mod:`lucidlm.bench.ruler`): facts hidden at depths
+RULER-style retrieval with nothing to download (:mod:`lucidlm.ruler`): facts hidden at depths
 0-100% of a haystack of local text (the license files in ``/usr/share/common-licenses``, or
 ``--text FILE``), asked for at the end of the prompt. Tasks: ``passkey``, ``needle``, ``niah_single``,
 ``niah_multikey``, ``niah_multivalue``, ``vt`` (variable tracking), ``cwe`` (common words). Every
@@ -10,7 +10,7 @@ a cache of ``--cache-tokens`` of the prompt (``50%,25%``: the share kept, kvpres
 ratio 0.5 and 0.75; dense once, with room for it all). The same prompts go through every policy.
 
 Per row (a policy at a budget, over all lengths, depths, trials and tasks): accuracy (RULER's string
-match, :func:`~lucidlm.bench.ruler.string_match`: the share of the expected answers found in the
+match, :func:`~lucidlm.ruler.string_match`: the share of the expected answers found in the
 greedy output), per task and per length; the worst (task, length) accuracy as a multiple of dense's;
 perplexity of the prompts through the same cache, and its change against dense; the cache's peak
 MiB; decode tokens/s of the answer tokens. ``--results DIR`` also writes kvpress's evaluation folders
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .args import add_longctx as add_arguments  # noqa: F401  (lucidlm bench longctx's options)
-from .ruler import TASKS, Sample, make_samples, new_tokens, string_match  # noqa: F401  (the tasks' one copy)
+from ..ruler import TASKS, Sample, make_samples, new_tokens, string_match  # noqa: F401  (the tasks' one copy)
 
 
 def run_one(model, tokenizer, sample: Sample, policy: str, budget: int, chunk_size: int = 256) -> dict:
@@ -296,7 +296,7 @@ def _options(args) -> tuple[list[str], list[int], list[float], list[str | int], 
     from lucidlm.cache.spec import check_policy, split_policies
     from lucidlm.errors import CacheError
 
-    from .ruler import check_tasks
+    from ..ruler import check_tasks
 
     tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     if args.trials < 1:
@@ -327,7 +327,7 @@ def run(args) -> int:
 
     from . import emit
     from .kv import load_text
-    from .ruler import Haystack
+    from ..ruler import Haystack
 
     llm = LLM.load(args.model, dtype=args.dtype, device=args.device, progress=True)
     if max(lengths) + 64 > llm.config.block_size:
@@ -337,7 +337,7 @@ def run(args) -> int:
     samples = make_samples(llm.tokenizer, hay, tasks, lengths, depths, args.trials, args.seed)
     emit(f"{llm.source}: {len(samples)} prompts per row ({', '.join(tasks)} x {len(lengths)} lengths x "
          f"{len(depths)} depths x {args.trials} trial(s), seed {args.seed}), chunk {args.chunk_size}, "
-         f"{args.device} {args.dtype}; accuracy = RULER's string match (lucidlm.bench.ruler.string_match)")
+         f"{args.device} {args.dtype}; accuracy = RULER's string match (lucidlm.ruler.string_match)")
     for line in format_table([], lengths, tasks).splitlines():  # the header now, each row as measured
         emit(line)
 
@@ -378,7 +378,7 @@ def write_row(root, row: dict, llm, args) -> list:
         extra = {"cache_tokens": row["budget"], "slots": pairs[0][1]["slots"], "device": args.device,
                  "dtype": args.dtype, "chunk_size": args.chunk_size, "trials": args.trials,
                  "haystack": [str(p) for p in args.text] if args.text else "/usr/share/common-licenses",
-                 "generator": "lucidlm.bench.ruler (RULER-style, offline)"}
+                 "generator": "lucidlm.ruler (RULER-style, offline)"}
         folders.append(write_results(root, model=model, policy=row["policy"], compression_ratio=ratio,
                                      data_dir=str(length), rows=records, seed=args.seed, extra=extra))
     return folders

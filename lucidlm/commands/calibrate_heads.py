@@ -1,5 +1,5 @@
 """``lucidlm calibrate-heads MODEL --out FILE``: score every KV head of MODEL as a retrieval or a
-streaming head (:mod:`lucidlm.cache.heads`) on synthetic passkey prompts built from local text,
+streaming head (:mod:`lucidlm.calibrate`) on synthetic passkey prompts built from local text,
 and write the scores (JSON, atomically) for the ``duo`` KV-cache policy:
 ``--kv-cache "duo(heads_file=FILE)"``.
 
@@ -37,7 +37,8 @@ def _outputs(args: argparse.Namespace) -> Paths:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache.heads import calibrate_heads, write_head_scores
+    from ..cache.heads import write_head_scores
+    from ..calibrate import calibrate_heads
 
     llm = load(args)
     heads = calibrate_heads(llm, llm.tokenizer, args.texts, args.samples, args.length, args.seed)

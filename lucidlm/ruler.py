@@ -227,16 +227,18 @@ class Haystack:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
-def make_sample(hay: Haystack, task: str, length: int, depth: float, rng: random.Random, trial: int = 0) -> Sample:
-    """A prompt of exactly ``length`` tokens for ``task`` with its fact(s) at ``depth`` in [0, 1]."""
+def make_sample(hay: Haystack, task: str, length: int, depth: float, rng: random.Random, trial: int = 0,
+                flag: str = "--lengths") -> Sample:
+    """A prompt of exactly ``length`` tokens for ``task`` with its fact(s) at ``depth`` in [0, 1]; a
+    length too short (or a haystack too small) is a :class:`~lucidlm.errors.CacheError` naming ``flag``."""
     if task == "cwe":
-        return _cwe(hay, length, depth, rng, trial)
+        return _cwe(hay, length, depth, rng, trial, flag)
     spec = _task(task, depth, rng)
     intro = hay.tokenizer.encode(spec.intro)  # the checkpoint's own BOS handling
     pieces = [hay.encode(f"\n\n{text}\n\n") for text, _ in spec.pieces]
     ask = hay.encode(f"\n\n{spec.question}")
     n = length - len(intro) - sum(map(len, pieces)) - len(ask)
-    _check_room(task, length, n, len(hay.ids))
+    _check_room(task, length, n, len(hay.ids), flag)
     start = rng.randrange(len(hay.ids) - n + 1)
     window = list(hay.ids[start:start + n])
     cuts = [_snap(hay.tokenizer, window, round(d * n)) for _, d in spec.pieces]
@@ -252,11 +254,11 @@ def make_sample(hay: Haystack, task: str, length: int, depth: float, rng: random
     return Sample(task, length, depth, trial, ids, spec.answers, tuple(spans), len(ask))
 
 
-def _check_room(task: str, length: int, n: int, available: int) -> None:
+def _check_room(task: str, length: int, n: int, available: int, flag: str) -> None:
     from lucidlm.errors import CacheError
 
     if n < 1 or n >= available:
-        raise CacheError(f"--lengths {length}: a {task} prompt needs more than {length - n} tokens and the "
+        raise CacheError(f"{flag} {length}: a {task} prompt needs more than {length - n} tokens and the "
                          f"haystack has {available}: choose lengths in ({length - n}, {available})")
 
 
@@ -269,7 +271,7 @@ def _snap(tokenizer, hay: list[int], cut: int) -> int:
     return cut
 
 
-def _cwe(hay: Haystack, length: int, depth: float, rng: random.Random, trial: int) -> Sample:
+def _cwe(hay: Haystack, length: int, depth: float, rng: random.Random, trial: int, flag: str) -> Sample:
     """A numbered list ``1. word 2. word ...`` filling the prompt: :data:`N_COMMON` words about a third
     of the entries, the others :data:`UNCOMMON_FREQ` times each (then once each to fill up); newlines
     pad the last few tokens. Entry ids are concatenated, so the length is exact by arithmetic."""
@@ -289,7 +291,7 @@ def _cwe(hay: Haystack, length: int, depth: float, rng: random.Random, trial: in
     entries = [w for w in common for _ in range(freq)]
     used = sum(number(i + 1) for i in range(len(entries))) + sum(cost[w] for w in entries)
     if used > room or len(hay.words) < N_COMMON + 1:
-        raise CacheError(f"--lengths {length}: a cwe prompt needs more than {length - room + used} tokens "
+        raise CacheError(f"{flag} {length}: a cwe prompt needs more than {length - room + used} tokens "
                          f"and {N_COMMON + 1} distinct words in the text")
     for copies in (UNCOMMON_FREQ, 1):  # uncommon words while a group fits, then single ones
         while spare and used + sum(number(len(entries) + k + 1) + cost[spare[0]] for k in range(copies)) <= room:
@@ -302,12 +304,12 @@ def _cwe(hay: Haystack, length: int, depth: float, rng: random.Random, trial: in
 
 
 def make_samples(tokenizer, text: str | Haystack, tasks: Sequence[str], lengths: Sequence[int],
-                 depths: Sequence[float], trials: int = 1, seed: int = 0) -> list[Sample]:
+                 depths: Sequence[float], trials: int = 1, seed: int = 0, flag: str = "--lengths") -> list[Sample]:
     """Every (length, depth, trial, task) prompt from one generator seeded with ``seed``: the same
     arguments give the same samples. ``text``: the haystack (a string, or a :class:`Haystack` made once)."""
     hay = text if isinstance(text, Haystack) else Haystack(tokenizer, text)
     rng = random.Random(seed)
-    return [make_sample(hay, task, length, depth, rng, trial)
+    return [make_sample(hay, task, length, depth, rng, trial, flag)
             for length in lengths for depth in depths for trial in range(trials) for task in check_tasks(tasks)]
 
 
