@@ -15,11 +15,12 @@ MAX_LINES = 600
 #: floor -> module prefixes (the longest prefix decides: lucidlm.train.names is floor 1, lucidlm.train 5)
 FLOORS: dict[int, tuple[str, ...]] = {
     1: ("lucidlm.errors", "lucidlm.fileio", "lucidlm.registry", "lucidlm.methods", "lucidlm.dtypes",
-        "lucidlm.train.names", "lucidlm.catalogue"),
+        "lucidlm.train.names", "lucidlm.catalogue", "lucidlm.texts"),
     2: ("lucidlm.families", "lucidlm.config", "lucidlm.cache"),
     3: ("lucidlm.kernels", "lucidlm.model"),
     4: ("lucidlm.tokenizer", "lucidlm.chat", "lucidlm.checkpoints", "lucidlm.generate", "lucidlm.compiled",
-        "lucidlm.perplexity", "lucidlm.records", "lucidlm.distributed", "lucidlm.progress"),
+        "lucidlm.perplexity", "lucidlm.records", "lucidlm.distributed", "lucidlm.progress", "lucidlm.ruler",
+        "lucidlm.calibrate"),
     5: ("lucidlm.train", "lucidlm.explain", "lucidlm.render"),
     6: ("lucidlm.api", "lucidlm.hf", "lucidlm.evaluate"),
     7: ("lucidlm.serve", "lucidlm.repl", "lucidlm.bench", "lucidlm.commands", "lucidlm.cli", "lucidlm.__main__"),

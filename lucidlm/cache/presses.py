@@ -256,7 +256,10 @@ class QuestionSnapKVLayerCache(PromptPressLayerCache):
     group's query heads, pooled along the keys (``pool`` over ``kernel`` neighbours); the window's
     own tokens are kept. One decision per layer by default (``heads=shared``, the scores averaged
     over the KV heads): on the embedded model's 1k-token passkey prompts at 25% it kept the key 4
-    times in 5 (as dense), per head (``each``) 2, ``adaptive`` 1.
+    times in 5 (as dense), per head (``each``) 2, ``adaptive`` 1. ``kernel`` defaults to SnapKV's 5;
+    a tokenizer that writes numbers one digit per token (SmolLM2, Llama) needs a pool as wide as
+    the facts asked for: ``kernel=21`` kept every 5-7 digit value at 25% of 1k-4k-token prompts
+    where 5 lost the later digits (the README's long-context table).
     """
 
     policy = "snapkv-q"
