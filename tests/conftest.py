@@ -1,5 +1,6 @@
 import os
 import pathlib
+import signal
 import sys
 
 import pytest
@@ -26,6 +27,10 @@ def pytest_configure(config):
     """CI (``.ci/run``) sets $LUCIDLM_STRICT_SKIPS: a skip for a missing dependency or tool is then an
     error (see ``tests/strict_skips.py``)."""
     strict_skips.register(config)
+    # the Ctrl-C tests (test_repl, test_train_interrupt) need SIGINT delivered: a suite started in the
+    # background by a non-interactive shell (`cmd &`) inherits it ignored, and so would every process it starts
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
